@@ -1,0 +1,208 @@
+//! The one module that knows both protobuf (`crate::pb`) and domain types, and converts between
+//! them (rust-analyzer's `to_proto` / `from_proto` style). Free functions only.
+
+use bytes::Bytes;
+use prost::Message;
+use quire_projection_api::{AuthorKey, Authors, Kind, Policy, ScribeId, StreamId};
+
+use crate::log::store::StoredEntry;
+use crate::log::StreamState;
+use crate::pb;
+use crate::scribe::{Scribe, HARD_MAX_PAYLOAD_BYTES};
+
+/// Content type of a `stream.create` payload.
+pub const GENESIS_CONTENT_TYPE: &str = "application/vnd.quire.genesis+protobuf";
+
+/// What a genesis says, with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Genesis {
+    /// Human name.
+    pub name: String,
+    /// Owner key.
+    pub owner: AuthorKey,
+    /// Effective policy.
+    pub policy: Policy,
+}
+
+/// Decodes a `stream.create` payload; `author` is the owner when the payload names none.
+pub fn genesis_from_payload(payload: &[u8], author: AuthorKey) -> Result<Genesis, String> {
+    let genesis = pb::StreamGenesis::decode(payload)
+        .map_err(|error| format!("payload is not a quire.v1.StreamGenesis: {error}"))?;
+    let owner = if genesis.owner.is_empty() {
+        author
+    } else {
+        AuthorKey::from_slice(&genesis.owner).map_err(|_| {
+            format!(
+                "owner must be a 32-byte key, got {} bytes",
+                genesis.owner.len()
+            )
+        })?
+    };
+    let policy = policy_from_proto(genesis.policy.unwrap_or_default())?;
+    if genesis.name.len() > 256 {
+        return Err(format!(
+            "name is {} bytes, at most 256 allowed",
+            genesis.name.len()
+        ));
+    }
+    Ok(Genesis {
+        name: genesis.name,
+        owner,
+        policy,
+    })
+}
+
+/// Encodes a genesis payload. `salt` makes two streams of the same name and clock differ.
+pub fn genesis_payload(
+    name: &str,
+    owner: Option<AuthorKey>,
+    policy: Option<pb::Policy>,
+    salt: [u8; 16],
+) -> Vec<u8> {
+    pb::StreamGenesis {
+        name: name.to_string(),
+        owner: owner
+            .map(|key| Bytes::copy_from_slice(key.as_bytes()))
+            .unwrap_or_default(),
+        policy,
+        salt: Bytes::copy_from_slice(&salt),
+    }
+    .encode_to_vec()
+}
+
+/// Turns a wire policy (zeros meaning defaults) into an explicit one, refusing nonsense.
+pub fn policy_from_proto(policy: pb::Policy) -> Result<Policy, String> {
+    let defaults = Policy::default();
+    let mut rules = Vec::with_capacity(policy.rules.len());
+    for rule in policy.rules {
+        let kind: Kind = rule
+            .kind
+            .parse()
+            .map_err(|error| format!("policy rule: {error}"))?;
+        if kind == Kind::StreamCreate {
+            return Err("policy rule for stream.create: a stream has exactly one genesis".into());
+        }
+        if rules.iter().any(|(existing, _)| *existing == rule.kind) {
+            return Err(format!("policy has two rules for {}", rule.kind));
+        }
+        let authors = rule.authors.unwrap_or_default();
+        let keys = authors
+            .keys
+            .iter()
+            .map(|key| {
+                AuthorKey::from_slice(key)
+                    .map_err(|_| format!("policy rule for {}: keys must be 32 bytes", rule.kind))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.push((
+            rule.kind,
+            Authors {
+                anyone: authors.anyone,
+                owner: authors.owner,
+                keys,
+            },
+        ));
+    }
+    let or_default = |value: u64, default: u64| if value == 0 { default } else { value };
+    let max_file_bytes = or_default(policy.max_file_bytes, defaults.max_file_bytes);
+    if max_file_bytes > HARD_MAX_PAYLOAD_BYTES {
+        return Err(format!(
+            "max_file_bytes {max_file_bytes} is over the hard limit of {HARD_MAX_PAYLOAD_BYTES}"
+        ));
+    }
+    if policy.work_bits > Policy::MAX_WORK_BITS {
+        return Err(format!(
+            "work_bits {} is over the most allowed, {}",
+            policy.work_bits,
+            Policy::MAX_WORK_BITS
+        ));
+    }
+    Ok(Policy {
+        rules,
+        max_file_bytes,
+        max_stream_bytes: or_default(policy.max_stream_bytes, defaults.max_stream_bytes),
+        leasing: !policy.leasing_disabled,
+        lease_ms: or_default(policy.lease_ms, defaults.lease_ms),
+        work_bits: policy.work_bits,
+    })
+}
+
+/// The explicit wire form of a policy.
+pub fn policy_to_proto(policy: &Policy) -> pb::Policy {
+    pb::Policy {
+        rules: policy
+            .rules
+            .iter()
+            .map(|(kind, authors)| pb::KindRule {
+                kind: kind.clone(),
+                authors: Some(pb::Authors {
+                    anyone: authors.anyone,
+                    owner: authors.owner,
+                    keys: authors
+                        .keys
+                        .iter()
+                        .map(|key| Bytes::copy_from_slice(key.as_bytes()))
+                        .collect(),
+                }),
+            })
+            .collect(),
+        max_file_bytes: policy.max_file_bytes,
+        max_stream_bytes: policy.max_stream_bytes,
+        leasing_disabled: !policy.leasing,
+        lease_ms: policy.lease_ms,
+        work_bits: policy.work_bits,
+    }
+}
+
+/// A stream's state as the API shows it.
+pub fn stream_info(state: &StreamState) -> pb::StreamInfo {
+    pb::StreamInfo {
+        stream: Bytes::copy_from_slice(state.id.as_bytes()),
+        name: state.name.clone(),
+        owner: Bytes::copy_from_slice(state.owner.as_bytes()),
+        policy: Some(policy_to_proto(&state.policy)),
+        genesis_seq: state.record.genesis_seq,
+        head_seq: state.record.head_seq,
+        scribes: state.record.scribes,
+        bytes: state.record.bytes,
+    }
+}
+
+/// A stored scribe as the API shows it: the exact bytes plus fields decoded from them.
+pub fn entry(stored: StoredEntry) -> pb::Entry {
+    let decoded = Scribe::decode_unverified(stored.bytes.clone())
+        .ok()
+        .map(|(scribe, _)| scribe);
+    pb::Entry {
+        seq: stored.seq,
+        id: Bytes::copy_from_slice(stored.id.as_bytes()),
+        stream: decoded
+            .as_ref()
+            .map(|scribe| Bytes::copy_from_slice(scribe.stream_id().as_bytes()))
+            .unwrap_or_default(),
+        author: decoded
+            .as_ref()
+            .map(|scribe| Bytes::copy_from_slice(scribe.body.author.as_bytes()))
+            .unwrap_or_default(),
+        hlc: decoded.as_ref().map_or(0, |scribe| scribe.body.hlc),
+        kind: decoded
+            .map(|scribe| scribe.body.kind.as_str().to_string())
+            .unwrap_or_default(),
+        scribe: stored.bytes,
+    }
+}
+
+/// A 32-byte id field of a request, with a message naming the field when it is not one.
+pub fn id_field(bytes: &[u8], field: &str) -> Result<ScribeId, String> {
+    ScribeId::from_slice(bytes)
+        .map_err(|_| format!("{field} must be a 32-byte id, got {} bytes", bytes.len()))
+}
+
+/// An optional stream field: empty means "every stream".
+pub fn optional_stream(bytes: &[u8]) -> Result<Option<StreamId>, String> {
+    if bytes.is_empty() {
+        Ok(None)
+    } else {
+        id_field(bytes, "stream").map(Some)
+    }
+}

@@ -1,0 +1,30 @@
+//! quire: a replicated, content-addressed event log with pluggable projections.
+//!
+//! This crate is the daemon: the local log in RocksDB, the client API over gRPC, the CLI. The plain
+//! scribe types it shares with projectors live in the `quire-projection-api` crate.
+//!
+//! # Layout
+//! - [`scribe`]: the bytes of a scribe — encode, sign, decode, verify. Never re-encodes to hash.
+//! - [`hlc`]: the node's hybrid logical clock.
+//! - [`identity`]: the node's Ed25519 key file.
+//! - [`log`]: validation, group commit and gapless local seqs ([`log::store`]: RocksDB layout;
+//!   [`log::subscribe`]: catch-up-then-live subscriptions).
+//! - [`convert`]: the one place that knows both protobuf and domain types.
+//! - [`pb`]: generated protobuf and gRPC code for `proto/quire/v1`.
+//! - [`server`]: the gRPC client API (thin service impls, one error-to-status mapping).
+//! - [`node`]: a whole node: open, serve until a shutdown future completes, close.
+//! - [`verify`]: offline verification of a data directory.
+//! - [`cli`]: the `quire` command line.
+
+pub mod cli;
+pub mod convert;
+pub mod hlc;
+pub mod identity;
+pub mod log;
+pub mod node;
+pub mod pb;
+pub mod scribe;
+pub mod server;
+pub mod verify;
+
+pub use quire_projection_api as api;

@@ -1,0 +1,482 @@
+//! RocksDB storage of the log: the only module that knows key layouts and column families.
+//!
+//! Column families (keys and values are documented byte for byte in `docs/protocol.md`):
+//! - `scribes`:   scribe id (32) → local seq (u64 BE) ‖ exact scribe bytes
+//! - `log`:       local seq (u64 BE) → scribe id (32)
+//! - `by_stream`: stream id (32) ‖ local seq (u64 BE) → scribe id (32)
+//! - `streams`:   stream id (32) → [`StreamRecord`] (4 × u64 BE)
+//! - `default`:   metadata: `format`, `epoch`, `head`, `hlc`
+//!
+//! Contract: [`Store::commit`] writes a whole [`Commit`] in one RocksDB write batch (all or
+//! nothing), so the log, its indexes, the stream records, the head and the clock high-water mark can
+//! never disagree after a crash. Reads never see a seq above the head passed in by the caller, so
+//! readers only ever see a committed, contiguous prefix. Validation is not done here (see
+//! `log::Log`): this module stores what it is given.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use quire_projection_api::{ScribeId, StreamId};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
+};
+
+const CF_SCRIBES: &str = "scribes";
+const CF_LOG: &str = "log";
+const CF_BY_STREAM: &str = "by_stream";
+const CF_STREAMS: &str = "streams";
+const COLUMN_FAMILIES: [&str; 4] = [CF_SCRIBES, CF_LOG, CF_BY_STREAM, CF_STREAMS];
+
+const META_FORMAT: &[u8] = b"format";
+const META_EPOCH: &[u8] = b"epoch";
+const META_HEAD: &[u8] = b"head";
+const META_HLC: &[u8] = b"hlc";
+
+/// The storage format this version writes; a data directory with another is refused.
+pub const STORE_FORMAT: u64 = 1;
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// RocksDB said no.
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// The data directory was written by another storage format.
+    #[error("data directory has storage format {found}, this quire reads format {STORE_FORMAT}; use a matching quire version")]
+    Format {
+        /// What the directory says.
+        found: u64,
+    },
+    /// A stored value has the wrong shape: the store is damaged.
+    #[error("damaged store: {0}; run `quire verify -d <data dir>` for a full report")]
+    Damaged(String),
+}
+
+/// Per-stream counters kept beside the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamRecord {
+    /// Local seq of the genesis scribe.
+    pub genesis_seq: u64,
+    /// Local seq of the newest scribe of the stream.
+    pub head_seq: u64,
+    /// Scribes held, genesis included.
+    pub scribes: u64,
+    /// Their total encoded size.
+    pub bytes: u64,
+}
+
+impl StreamRecord {
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[0..8].copy_from_slice(&self.genesis_seq.to_be_bytes());
+        out[8..16].copy_from_slice(&self.head_seq.to_be_bytes());
+        out[16..24].copy_from_slice(&self.scribes.to_be_bytes());
+        out[24..32].copy_from_slice(&self.bytes.to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<StreamRecord, StoreError> {
+        if bytes.len() != 32 {
+            return Err(StoreError::Damaged(format!(
+                "stream record of {} bytes",
+                bytes.len()
+            )));
+        }
+        let field =
+            |index: usize| u64::from_be_bytes(bytes[index * 8..index * 8 + 8].try_into().unwrap());
+        Ok(StreamRecord {
+            genesis_seq: field(0),
+            head_seq: field(1),
+            scribes: field(2),
+            bytes: field(3),
+        })
+    }
+}
+
+/// Everything one group commit writes.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// New scribes with their seqs, in seq order, starting at the old head + 1.
+    pub scribes: Vec<NewEntry>,
+    /// The new records of every stream these scribes touch.
+    pub streams: Vec<(StreamId, StreamRecord)>,
+    /// The new head (the last seq in `scribes`).
+    pub head: u64,
+    /// The clock high-water mark to persist.
+    pub hlc: u64,
+}
+
+/// One scribe to store.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    /// Its local seq.
+    pub seq: u64,
+    /// Its id.
+    pub id: ScribeId,
+    /// Its stream.
+    pub stream: StreamId,
+    /// Its exact bytes.
+    pub bytes: Bytes,
+}
+
+/// A stored scribe with its local seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// Local seq.
+    pub seq: u64,
+    /// Scribe id (the key it is stored under).
+    pub id: ScribeId,
+    /// The exact stored bytes.
+    pub bytes: Bytes,
+}
+
+/// The RocksDB store of one data directory.
+pub struct Store {
+    db: DB,
+    write_options: WriteOptions,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .finish()
+    }
+}
+
+fn db_options() -> Options {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    options.increase_parallelism(2);
+    options
+}
+
+fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    COLUMN_FAMILIES
+        .iter()
+        .map(|name| {
+            let mut options = Options::default();
+            options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            if *name == CF_SCRIBES {
+                // Point lookups by id on every append (the duplicate check): bloom filters help.
+                let mut table = rocksdb::BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                options.set_block_based_table_factory(&table);
+            }
+            ColumnFamilyDescriptor::new(*name, options)
+        })
+        .collect()
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`. With `sync`, every commit is fsynced
+    /// before it is acknowledged (survives power loss); without, it survives a process crash.
+    pub fn open(path: &Path, sync: bool) -> Result<Store, StoreError> {
+        let db = DB::open_cf_descriptors(&db_options(), path, descriptors())?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(sync);
+        let store = Store { db, write_options };
+        store.initialise()?;
+        Ok(store)
+    }
+
+    /// Opens the store at `path` read-only (works while a node is running on it).
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let db = DB::open_cf_descriptors_read_only(&db_options(), path, descriptors(), false)?;
+        let store = Store {
+            db,
+            write_options: WriteOptions::default(),
+        };
+        match store.meta_u64(META_FORMAT)? {
+            Some(STORE_FORMAT) => Ok(store),
+            Some(found) => Err(StoreError::Format { found }),
+            None => Err(StoreError::Damaged("no storage format recorded".into())),
+        }
+    }
+
+    fn initialise(&self) -> Result<(), StoreError> {
+        match self.meta_u64(META_FORMAT)? {
+            Some(STORE_FORMAT) => Ok(()),
+            Some(found) => Err(StoreError::Format { found }),
+            None => {
+                let mut batch = WriteBatch::default();
+                batch.put(META_FORMAT, STORE_FORMAT.to_be_bytes());
+                let epoch: [u8; 16] = rand::random();
+                batch.put(META_EPOCH, epoch);
+                batch.put(META_HEAD, 0u64.to_be_bytes());
+                batch.put(META_HLC, 0u64.to_be_bytes());
+                let mut sync = WriteOptions::default();
+                sync.set_sync(true);
+                self.db.write_opt(batch, &sync)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column family opened at start")
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        match self.db.get_pinned(key)? {
+            Some(value) => Ok(Some(u64::from_be_bytes(
+                value
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Damaged(format!("meta {key:?}")))?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// The random id of this data directory, made when it was created.
+    pub fn epoch(&self) -> Result<[u8; 16], StoreError> {
+        let value = self
+            .db
+            .get_pinned(META_EPOCH)?
+            .ok_or_else(|| StoreError::Damaged("no epoch".into()))?;
+        value
+            .as_ref()
+            .try_into()
+            .map_err(|_| StoreError::Damaged("epoch is not 16 bytes".into()))
+    }
+
+    /// The last committed local seq (0 for an empty log).
+    pub fn head(&self) -> Result<u64, StoreError> {
+        Ok(self.meta_u64(META_HEAD)?.unwrap_or(0))
+    }
+
+    /// The persisted clock high-water mark.
+    pub fn hlc_high_water(&self) -> Result<u64, StoreError> {
+        Ok(self.meta_u64(META_HLC)?.unwrap_or(0))
+    }
+
+    /// Writes a whole commit in one write batch.
+    pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let (scribes, log, by_stream, streams) = (
+            self.cf(CF_SCRIBES),
+            self.cf(CF_LOG),
+            self.cf(CF_BY_STREAM),
+            self.cf(CF_STREAMS),
+        );
+        let mut value = Vec::new();
+        for entry in &commit.scribes {
+            value.clear();
+            value.extend_from_slice(&entry.seq.to_be_bytes());
+            value.extend_from_slice(&entry.bytes);
+            batch.put_cf(scribes, entry.id.as_bytes(), &value);
+            batch.put_cf(log, entry.seq.to_be_bytes(), entry.id.as_bytes());
+            batch.put_cf(
+                by_stream,
+                stream_key(&entry.stream, entry.seq),
+                entry.id.as_bytes(),
+            );
+        }
+        for (stream, record) in &commit.streams {
+            batch.put_cf(streams, stream.as_bytes(), record.encode());
+        }
+        batch.put(META_HEAD, commit.head.to_be_bytes());
+        batch.put(META_HLC, commit.hlc.to_be_bytes());
+        self.db.write_opt(batch, &self.write_options)?;
+        Ok(())
+    }
+
+    /// The local seq of a stored scribe.
+    pub fn seq_of(&self, id: &ScribeId) -> Result<Option<u64>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_SCRIBES), id.as_bytes())? {
+            Some(value) if value.len() >= 8 => {
+                Ok(Some(u64::from_be_bytes(value[..8].try_into().unwrap())))
+            }
+            Some(_) => Err(StoreError::Damaged(format!(
+                "scribe {id} has a value under 8 bytes"
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// A stored scribe by id.
+    pub fn get(&self, id: &ScribeId) -> Result<Option<StoredEntry>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_SCRIBES), id.as_bytes())? {
+            Some(value) if value.len() >= 8 => Ok(Some(StoredEntry {
+                seq: u64::from_be_bytes(value[..8].try_into().unwrap()),
+                id: *id,
+                bytes: Bytes::copy_from_slice(&value[8..]),
+            })),
+            Some(_) => Err(StoreError::Damaged(format!(
+                "scribe {id} has a value under 8 bytes"
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    fn ids_to_entries(&self, ids: Vec<(u64, ScribeId)>) -> Result<Vec<StoredEntry>, StoreError> {
+        let cf = self.cf(CF_SCRIBES);
+        let values =
+            self.db
+                .batched_multi_get_cf(cf, ids.iter().map(|(_, id)| id.as_bytes()), false);
+        ids.into_iter()
+            .zip(values)
+            .map(|((seq, id), value)| match value? {
+                Some(value) if value.len() >= 8 => Ok(StoredEntry {
+                    seq,
+                    id,
+                    bytes: Bytes::copy_from_slice(&value[8..]),
+                }),
+                _ => Err(StoreError::Damaged(format!(
+                    "seq {seq} names scribe {id}, which is not stored"
+                ))),
+            })
+            .collect()
+    }
+
+    /// Scribes of the whole log with `from <= seq <= to`, at most `limit`, in seq order.
+    pub fn read_log(
+        &self,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        if from > to || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_upper_bound((to + 1).to_be_bytes().to_vec());
+        let start = from.to_be_bytes();
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_LOG),
+            read_options,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut ids = Vec::new();
+        for item in iter.take(limit) {
+            let (key, value) = item?;
+            let seq = u64::from_be_bytes(
+                key.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Damaged("log key".into()))?,
+            );
+            let id = ScribeId::from_slice(&value)
+                .map_err(|_| StoreError::Damaged(format!("log value at seq {seq}")))?;
+            ids.push((seq, id));
+        }
+        self.ids_to_entries(ids)
+    }
+
+    /// Scribes of one stream with `from <= seq <= to`, at most `limit`, in seq order.
+    pub fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        if from > to || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_upper_bound(stream_key(stream, to.saturating_add(1)).to_vec());
+        if to == u64::MAX {
+            read_options = ReadOptions::default();
+        }
+        let start = stream_key(stream, from);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_BY_STREAM),
+            read_options,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut ids = Vec::new();
+        for item in iter.take(limit) {
+            let (key, value) = item?;
+            if key.len() != 40 || &key[..32] != stream.as_bytes() {
+                break;
+            }
+            let seq = u64::from_be_bytes(key[32..].try_into().unwrap());
+            if seq > to {
+                break;
+            }
+            let id = ScribeId::from_slice(&value)
+                .map_err(|_| StoreError::Damaged(format!("stream index value at seq {seq}")))?;
+            ids.push((seq, id));
+        }
+        self.ids_to_entries(ids)
+    }
+
+    /// Every stream record.
+    pub fn streams(&self) -> Result<Vec<(StreamId, StreamRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_STREAMS), IteratorMode::Start)
+        {
+            let (key, value) = item?;
+            let stream =
+                StreamId::from_slice(&key).map_err(|_| StoreError::Damaged("stream key".into()))?;
+            out.push((stream, StreamRecord::decode(&value)?));
+        }
+        Ok(out)
+    }
+
+    /// Every (seq, id) of the `log` column family, in order, for verification.
+    pub fn log_ids(&self) -> impl Iterator<Item = Result<(u64, ScribeId), StoreError>> + '_ {
+        self.db
+            .iterator_cf(self.cf(CF_LOG), IteratorMode::Start)
+            .map(|item| {
+                let (key, value) = item?;
+                let seq = u64::from_be_bytes(
+                    key.as_ref()
+                        .try_into()
+                        .map_err(|_| StoreError::Damaged("log key is not 8 bytes".into()))?,
+                );
+                let id = ScribeId::from_slice(&value).map_err(|_| {
+                    StoreError::Damaged(format!("log value at seq {seq} is not 32 bytes"))
+                })?;
+                Ok((seq, id))
+            })
+    }
+
+    /// Number of entries in the `scribes` and `by_stream` column families (for verification).
+    pub fn index_counts(&self) -> Result<(u64, u64), StoreError> {
+        let count = |cf| -> Result<u64, StoreError> {
+            let mut n = 0;
+            for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+                item?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        Ok((count(self.cf(CF_SCRIBES))?, count(self.cf(CF_BY_STREAM))?))
+    }
+
+    /// The stream-index entry for `stream` at `seq`, if any (for verification).
+    pub fn stream_index_at(
+        &self,
+        stream: &StreamId,
+        seq: u64,
+    ) -> Result<Option<ScribeId>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_BY_STREAM), stream_key(stream, seq))?
+        {
+            Some(value) => {
+                Ok(Some(ScribeId::from_slice(&value).map_err(|_| {
+                    StoreError::Damaged("stream index value".into())
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn stream_key(stream: &StreamId, seq: u64) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..32].copy_from_slice(stream.as_bytes());
+    key[32..].copy_from_slice(&seq.to_be_bytes());
+    key
+}

@@ -1,0 +1,16 @@
+//! The generated protobuf messages and gRPC services of package `quire.v1` (see `proto/`).
+//!
+//! Nothing outside `convert`, `server` and the CLI should need these types: domain code works with
+//! `quire::scribe` and `quire_projection_api` types, and [`crate::convert`] turns one into the other.
+
+#![allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    missing_debug_implementations
+)]
+
+tonic::include_proto!("quire.v1");
+
+/// The encoded `FileDescriptorSet` of every quire proto file, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quire_descriptor");

@@ -1,0 +1,531 @@
+//! The client API end to end: appends, refusals with the right status (and nothing changed),
+//! idempotence, restart with gapless seqs.
+
+use bytes::Bytes;
+use prost::Message;
+use quire::api::{AuthorKey, ScribeId, StreamId};
+use quire::pb;
+use quire::scribe::{Body, Scribe};
+use tonic::Code;
+
+use crate::common::*;
+
+/// Everything a refusal must leave alone: head and every stored entry.
+async fn snapshot(clients: &mut Clients) -> (u64, Vec<pb::Entry>) {
+    (head(clients).await, read_all(clients).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_append_get_read_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "blog", None).await;
+    let first = append_note(&mut clients, &stream, "hello").await;
+    let second = append_note(&mut clients, &stream, "world").await;
+    assert_eq!((first.seq, second.seq), (2, 3), "the genesis is seq 1");
+    assert!(!first.duplicate);
+
+    let entry = clients
+        .log
+        .get(pb::GetScribeRequest {
+            id: first.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(entry.seq, 2);
+    assert_eq!(entry.kind, "x.note");
+    assert_eq!(entry.stream, bytes_of(&stream));
+    // The exact stored bytes come back, and they hash to the id.
+    assert_eq!(
+        quire::scribe::hash(&entry.scribe).as_bytes().as_slice(),
+        first.id.as_ref()
+    );
+    let scribe = Scribe::decode(entry.scribe).unwrap();
+    assert_eq!(&scribe.body.payload[..], b"hello");
+
+    let info = clients
+        .streams
+        .get(pb::GetStreamRequest {
+            stream: bytes_of(&stream),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            info.name.as_str(),
+            info.scribes,
+            info.head_seq,
+            info.genesis_seq
+        ),
+        ("blog", 3, 3, 1)
+    );
+    let policy = info.policy.unwrap();
+    assert_eq!(policy.max_file_bytes, 10 << 20);
+    assert_eq!(policy.max_stream_bytes, 100 << 20);
+    assert_eq!(policy.lease_ms, 3_600_000);
+    assert!(!policy.leasing_disabled);
+
+    let status = clients
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.head_seq, 3);
+    assert_eq!(status.node_id, node.log.node_key().to_hex());
+    assert_eq!(status.streams.len(), 1);
+    assert_eq!(status.listeners[0].addr, node.url());
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_appends_get_the_right_status_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let small = pb::Policy {
+        max_file_bytes: 1024,
+        ..Default::default()
+    };
+    let stream = create_stream(&mut clients, "refusals", Some(small)).await;
+    append_note(&mut clients, &stream, "before").await;
+    let client = client_key(7);
+    let hlc = node.log.clock().now();
+
+    // Each case: a request and the code it must get.
+    let mut cases: Vec<(&str, pb::AppendSignedRequest, Code)> = Vec::new();
+    let good = client_scribe(&client, &stream, "x.note", b"fine", hlc);
+
+    let mut forged = good.bytes.to_vec();
+    let last = forged.len() - 1;
+    forged[last] ^= 0x01; // the last byte is inside the signature
+    cases.push(("forged signature", signed(forged), Code::InvalidArgument));
+
+    // Claims to be by key 8, signed by key 7.
+    let impostor = client_key(8);
+    let mut body = good.body.clone();
+    body.author = AuthorKey(impostor.verifying_key().to_bytes());
+    let wrong_author = sign_as(&body, &client);
+    cases.push((
+        "wrong author key",
+        signed(wrong_author),
+        Code::InvalidArgument,
+    ));
+
+    let unknown = client_scribe(&client, &ScribeId([9; 32]), "x.note", b"lost", hlc);
+    cases.push((
+        "unknown stream",
+        signed(unknown.bytes.to_vec()),
+        Code::NotFound,
+    ));
+
+    let not_owner = client_scribe(&client, &stream, "file.put", b"<html>", hlc);
+    cases.push((
+        "non-owner file.put",
+        signed(not_owner.bytes.to_vec()),
+        Code::PermissionDenied,
+    ));
+
+    let oversize = client_scribe(&client, &stream, "x.note", &[0u8; 2048], hlc);
+    cases.push((
+        "oversize payload",
+        signed(oversize.bytes.to_vec()),
+        Code::ResourceExhausted,
+    ));
+
+    cases.push((
+        "garbage bytes",
+        signed(b"\xff\xfe not a scribe at all".to_vec()),
+        Code::InvalidArgument,
+    ));
+
+    let mut bad_hash = signed(good.bytes.to_vec());
+    bad_hash.id = Bytes::copy_from_slice(&[1u8; 32]);
+    cases.push(("bad hash", bad_hash, Code::InvalidArgument));
+
+    let mut not_canonical = good.bytes.to_vec();
+    not_canonical.extend_from_slice(&[0x20, 0x01]); // field 4 (unknown), varint 1
+    cases.push((
+        "non-canonical envelope",
+        signed(not_canonical),
+        Code::InvalidArgument,
+    ));
+
+    let mut orphan_body = good.body.clone();
+    orphan_body.parents = vec![ScribeId([3; 32])];
+    cases.push((
+        "unknown parent",
+        signed(Scribe::sign(orphan_body, &client).bytes.to_vec()),
+        Code::NotFound,
+    ));
+
+    let before = snapshot(&mut clients).await;
+    for (name, request, code) in cases {
+        let status = clients.log.append_signed(request).await.expect_err(name);
+        assert_eq!(status.code(), code, "{name}: {}", status.message());
+        assert!(!status.message().is_empty());
+        assert_eq!(
+            snapshot(&mut clients).await,
+            before,
+            "{name} changed the log"
+        );
+    }
+
+    // Node-signed refusals too.
+    let status = clients
+        .log
+        .append(pb::AppendRequest {
+            stream: bytes_of(&stream),
+            kind: "x.big".into(),
+            payload: Bytes::from(vec![0u8; 4096]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("1024"),
+        "the message names the limit: {}",
+        status.message()
+    );
+    let status = clients
+        .log
+        .append(pb::AppendRequest {
+            stream: bytes_of(&stream),
+            kind: "note".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("x.<name>"),
+        "{}",
+        status.message()
+    );
+    let status = clients
+        .log
+        .append(pb::AppendRequest {
+            stream: Bytes::from_static(b"short"),
+            kind: "x.a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // A batch with one bad item stores nothing at all.
+    let batch = pb::AppendBatchRequest {
+        appends: vec![pb::AppendRequest {
+            stream: bytes_of(&stream),
+            kind: "x.ok".into(),
+            ..Default::default()
+        }],
+        signed: vec![signed(not_owner_bytes(&client, &stream, hlc))],
+    };
+    let status = clients.log.append_batch(batch).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("item 1"), "{}", status.message());
+    assert_eq!(
+        snapshot(&mut clients).await,
+        before,
+        "a refused batch changed the log"
+    );
+
+    // And the stream still takes good scribes afterwards.
+    let reply = clients
+        .log
+        .append_signed(signed(good.bytes.to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.seq, before.0 + 1);
+    node.stop().await.unwrap();
+}
+
+fn not_owner_bytes(key: &ed25519_dalek::SigningKey, stream: &StreamId, hlc: u64) -> Vec<u8> {
+    client_scribe(key, stream, "file.delete", b"", hlc)
+        .bytes
+        .to_vec()
+}
+
+fn signed(bytes: Vec<u8>) -> pb::AppendSignedRequest {
+    pb::AppendSignedRequest {
+        scribe: Bytes::from(bytes),
+        id: Bytes::new(),
+    }
+}
+
+/// Signs `body` with `key` whatever author the body claims (to forge).
+fn sign_as(body: &Body, key: &ed25519_dalek::SigningKey) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    let body_bytes = body.encode();
+    let mut message = quire::scribe::SIGNING_PREFIX.to_vec();
+    message.extend_from_slice(&body_bytes);
+    let signature = key.sign(&message);
+    pb::Scribe {
+        format: 1,
+        body: Bytes::from(body_bytes),
+        signature: Bytes::copy_from_slice(&signature.to_bytes()),
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_appends_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "dups", None).await;
+    let scribe = client_scribe(
+        &client_key(1),
+        &stream,
+        "record.add",
+        br#"{"_table":"t"}"#,
+        node.log.clock().now(),
+    );
+    let first = clients
+        .log
+        .append_signed(signed(scribe.bytes.to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.duplicate);
+    let before = snapshot(&mut clients).await;
+    for _ in 0..3 {
+        let again = clients
+            .log
+            .append_signed(pb::AppendSignedRequest {
+                scribe: scribe.bytes.clone(),
+                id: bytes_of(&scribe.id),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (again.id.clone(), again.seq, again.duplicate),
+            (first.id.clone(), first.seq, true)
+        );
+    }
+    // Twice in one batch, plus once already stored: one copy.
+    let batch = pb::AppendBatchRequest {
+        appends: vec![],
+        signed: vec![signed(scribe.bytes.to_vec()), signed(scribe.bytes.to_vec())],
+    };
+    let results = clients
+        .log
+        .append_batch(batch)
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(results
+        .iter()
+        .all(|result| result.duplicate && result.seq == first.seq));
+    assert_eq!(snapshot(&mut clients).await, before);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_every_scribe_and_seqs_continue_without_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "restart", None).await;
+    for index in 0..50 {
+        append_note(&mut clients, &stream, &format!("note {index}")).await;
+    }
+    let before = read_all(&mut clients).await;
+    let node_id = node.log.node_key();
+    let last_hlc = node.log.clock().peek();
+    node.stop().await.unwrap();
+
+    let node = start_node(dir.path()).await;
+    assert_eq!(node.log.node_key(), node_id, "the node keeps its identity");
+    assert!(
+        node.log.clock().now() > last_hlc,
+        "the clock never goes backwards across a restart"
+    );
+    let mut clients = crate::common::clients(&node.url()).await;
+    assert_eq!(read_all(&mut clients).await, before);
+    let next = append_note(&mut clients, &stream, "after").await;
+    assert_eq!(next.seq, before.len() as u64 + 1);
+    let seqs: Vec<u64> = read_all(&mut clients)
+        .await
+        .iter()
+        .map(|entry| entry.seq)
+        .collect();
+    assert_eq!(seqs, (1..=before.len() as u64 + 1).collect::<Vec<_>>());
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_get_gapless_unique_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "concurrent", None).await;
+    let mut tasks = Vec::new();
+    for writer in 0..8 {
+        let mut clients = crate::common::clients(&node.url()).await;
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for index in 0..100 {
+                seqs.push(
+                    append_note(&mut clients, &stream, &format!("{writer}/{index}"))
+                        .await
+                        .seq,
+                );
+            }
+            seqs
+        }));
+    }
+    let mut seqs = Vec::new();
+    for task in tasks {
+        let mine = task.await.unwrap();
+        assert!(
+            mine.windows(2).all(|pair| pair[0] < pair[1]),
+            "one writer's appends commit in order"
+        );
+        seqs.extend(mine);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (2..=801).collect::<Vec<u64>>());
+    // Node-signed scribes are stored in the order of their clocks.
+    let entries = read_all(&mut clients).await;
+    assert!(entries.windows(2).all(|pair| pair[0].hlc < pair[1].hlc));
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_and_work_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let client = client_key(5);
+    let policy = pb::Policy {
+        work_bits: 8,
+        rules: vec![pb::KindRule {
+            kind: "file.put".into(),
+            authors: Some(pb::Authors {
+                owner: true,
+                keys: vec![Bytes::copy_from_slice(&client.verifying_key().to_bytes())],
+                anyone: false,
+            }),
+        }],
+        ..Default::default()
+    };
+    let stream = create_stream(&mut clients, "work", Some(policy)).await;
+    let hlc = node.log.clock().now();
+    // The listed key may put files now.
+    let put = client_scribe(&client, &stream, "file.put", b"x", hlc);
+    clients
+        .log
+        .append_signed(signed(put.bytes.to_vec()))
+        .await
+        .unwrap();
+    // A record without enough work is refused...
+    let mut nonce = 0;
+    let lazy = loop {
+        let scribe = work_scribe(&client, &stream, hlc, nonce);
+        if quire::scribe::leading_zero_bits(&scribe.body_hash) < 8 {
+            break scribe;
+        }
+        nonce += 1;
+    };
+    let status = clients
+        .log
+        .append_signed(signed(lazy.bytes.to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("8 zero bits"),
+        "{}",
+        status.message()
+    );
+    // ...one with it is taken, and the node does the work when it signs.
+    let worked = Scribe::sign_with_work(lazy.body.clone(), &client, 8);
+    clients
+        .log
+        .append_signed(signed(worked.bytes.to_vec()))
+        .await
+        .unwrap();
+    let reply = clients
+        .log
+        .append(pb::AppendRequest {
+            stream: bytes_of(&stream),
+            kind: "record.add".into(),
+            payload: Bytes::from_static(b"{}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = clients
+        .log
+        .get(pb::GetScribeRequest { id: reply.id })
+        .await
+        .unwrap()
+        .into_inner();
+    let scribe = Scribe::decode(entry.scribe).unwrap();
+    assert!(quire::scribe::leading_zero_bits(&scribe.body_hash) >= 8);
+    // A bad policy is refused when the stream is created.
+    let status = clients
+        .streams
+        .create(pb::CreateStreamRequest {
+            name: "bad".into(),
+            policy: Some(pb::Policy {
+                work_bits: 99,
+                ..Default::default()
+            }),
+            owner: Bytes::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    node.stop().await.unwrap();
+}
+
+fn work_scribe(key: &ed25519_dalek::SigningKey, stream: &StreamId, hlc: u64, nonce: u64) -> Scribe {
+    let mut body = client_scribe(key, stream, "record.add", b"{}", hlc).body;
+    body.nonce = nonce;
+    Scribe::sign(body, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let channel = tonic::transport::Channel::from_shared(node.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "quire.v1.Log".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reply.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    node.stop().await.unwrap();
+}

@@ -1,0 +1,171 @@
+//! Shared test helpers: start nodes in-process, gRPC clients, signing as a client, waiting on
+//! conditions.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use quire::api::{AuthorKey, Kind, ScribeId, StreamId};
+use quire::node::{NodeConfig, RunningNode};
+use quire::pb;
+use quire::scribe::{Body, Scribe};
+use tonic::transport::Channel;
+
+/// Starts a node on `dir` with its API on a free loopback port.
+pub async fn start_node(dir: &Path) -> RunningNode {
+    RunningNode::start(NodeConfig::new(dir), "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("node starts")
+}
+
+/// gRPC clients of one node.
+pub struct Clients {
+    pub log: pb::log_client::LogClient<Channel>,
+    pub streams: pb::streams_client::StreamsClient<Channel>,
+    pub admin: pb::admin_client::AdminClient<Channel>,
+}
+
+pub async fn clients(url: &str) -> Clients {
+    let channel = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to node");
+    Clients {
+        log: pb::log_client::LogClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+        streams: pb::streams_client::StreamsClient::new(channel.clone()),
+        admin: pb::admin_client::AdminClient::new(channel),
+    }
+}
+
+pub fn bytes_of(id: &ScribeId) -> Bytes {
+    Bytes::copy_from_slice(id.as_bytes())
+}
+
+/// Creates a stream with `policy` (None: defaults) and returns its id.
+pub async fn create_stream(
+    clients: &mut Clients,
+    name: &str,
+    policy: Option<pb::Policy>,
+) -> StreamId {
+    let info = clients
+        .streams
+        .create(pb::CreateStreamRequest {
+            name: name.into(),
+            policy,
+            owner: Bytes::new(),
+        })
+        .await
+        .expect("create stream")
+        .into_inner();
+    StreamId::from_slice(&info.stream).unwrap()
+}
+
+/// Node-signed append of an `x.note`.
+pub async fn append_note(clients: &mut Clients, stream: &StreamId, text: &str) -> pb::AppendReply {
+    clients
+        .log
+        .append(pb::AppendRequest {
+            stream: bytes_of(stream),
+            kind: "x.note".into(),
+            content_type: "text/plain".into(),
+            payload: Bytes::from(text.to_string()),
+            parents: vec![],
+        })
+        .await
+        .expect("append")
+        .into_inner()
+}
+
+/// A client key, deterministic from `seed`.
+pub fn client_key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+/// A scribe signed by `key` into `stream`.
+pub fn client_scribe(
+    key: &SigningKey,
+    stream: &StreamId,
+    kind: &str,
+    payload: &[u8],
+    hlc: u64,
+) -> Scribe {
+    Scribe::sign(
+        Body {
+            stream: Some(*stream),
+            author: AuthorKey(key.verifying_key().to_bytes()),
+            hlc,
+            kind: kind.parse::<Kind>().unwrap(),
+            content_type: "application/octet-stream".into(),
+            payload: Bytes::copy_from_slice(payload),
+            parents: vec![],
+            nonce: 0,
+        },
+        key,
+    )
+}
+
+/// Every entry of the whole log, via `Log.Read`.
+pub async fn read_all(clients: &mut Clients) -> Vec<pb::Entry> {
+    let mut entries = Vec::new();
+    let mut from = 1;
+    loop {
+        let mut stream = clients
+            .log
+            .read(pb::ReadRequest {
+                stream: Bytes::new(),
+                from_seq: from,
+                limit: 100_000,
+            })
+            .await
+            .expect("read")
+            .into_inner();
+        let before = entries.len();
+        while let Some(entry) = stream.message().await.expect("read stream") {
+            from = entry.seq + 1;
+            entries.push(entry);
+        }
+        if entries.len() == before {
+            return entries;
+        }
+    }
+}
+
+pub async fn head(clients: &mut Clients) -> u64 {
+    clients
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .head_seq
+}
+
+/// Polls `condition` until it holds, failing the test after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub fn quire_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_quire")
+}

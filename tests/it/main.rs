@@ -1,0 +1,11 @@
+//! quire's integration tests: one binary, real RocksDB, real nodes on `127.0.0.1:0`, real child
+//! processes where a crash must be real. `common` starts nodes and waits on conditions; nothing here
+//! sleeps to synchronise.
+
+mod api;
+mod common;
+mod crash;
+mod python;
+mod scribe;
+mod subscribe;
+mod verify;

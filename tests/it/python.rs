@@ -1,0 +1,55 @@
+//! A Python client generated from `proto/` with grpcio-tools at test time creates a stream,
+//! appends and subscribes: the API works with no Rust. Needs `pip install grpcio grpcio-tools`
+//! (the README's test command and `.ci/run` install them).
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_generated_from_the_protos_works() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stubs = tempfile::tempdir().unwrap();
+    let protos: Vec<_> = ["quire/v1/scribe.proto", "quire/v1/api.proto"]
+        .iter()
+        .map(|file| root.join("proto").join(file))
+        .collect();
+    let output = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(root.join("proto"))
+        .arg(format!("--python_out={}", stubs.path().display()))
+        .arg(format!("--grpc_python_out={}", stubs.path().display()))
+        .args(&protos)
+        .output()
+        .expect("python3 is installed");
+    assert!(
+        output.status.success(),
+        "generating Python stubs failed (run `pip install grpcio grpcio-tools`): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let address = node.api_addr.to_string();
+    let script = root.join("tests/python/client.py");
+    let stub_path = stubs.path().to_path_buf();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .arg(address)
+            .env("PYTHONPATH", stub_path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "python client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("python client ok: 5 scribes"), "{stdout}");
+    node.stop().await.unwrap();
+}

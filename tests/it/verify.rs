@@ -1,0 +1,57 @@
+//! `quire verify`: a clean data directory verifies; one flipped byte in a stored scribe is reported.
+
+use std::process::Command;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_clean_data_and_reports_a_flipped_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "verify", None).await;
+    let mut last = None;
+    for index in 0..20 {
+        last = Some(append_note(&mut clients, &stream, &format!("note {index}")).await);
+    }
+    // It works beside a running node.
+    let output = Command::new(quire_bin())
+        .args(["verify", "-d"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("checked 21 scribes in 1 streams up to seq 21: no damage"),
+        "{text}"
+    );
+    node.stop().await.unwrap();
+
+    // Flip one byte of one stored scribe, behind quire's back.
+    let id = last.unwrap().id;
+    {
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(false);
+        let db = rocksdb::DB::open_cf(
+            &options,
+            dir.path().join("db"),
+            ["scribes", "log", "by_stream", "streams"],
+        )
+        .unwrap();
+        let cf = db.cf_handle("scribes").unwrap();
+        let mut value = db.get_cf(cf, &id).unwrap().unwrap();
+        let middle = value.len() / 2;
+        value[middle] ^= 0x40;
+        db.put_cf(cf, &id, value).unwrap();
+    }
+    let output = Command::new(quire_bin())
+        .args(["verify", "-d"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("DAMAGE seq 21"), "{text}");
+    assert!(text.contains("stored bytes hash to"), "{text}");
+}
