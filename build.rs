@@ -5,7 +5,11 @@
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/quire/v1/scribe.proto", "proto/quire/v1/api.proto"];
+    let files = [
+        "proto/quire/v1/scribe.proto",
+        "proto/quire/v1/api.proto",
+        "proto/quire/v1/peer.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -38,6 +38,7 @@ fn main() {
         .block_on(RunningNode::start(
             NodeConfig::new(dir.path()),
             "127.0.0.1:0".parse().unwrap(),
+            None,
         ))
         .unwrap();
     let url = node.url();

@@ -18,6 +18,8 @@ use crate::server::MAX_MESSAGE_BYTES;
 
 /// Default client API address.
 pub const DEFAULT_API: &str = "127.0.0.1:8000";
+/// Default peer listener address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7000";
 
 /// quire: a replicated, content-addressed event log with pluggable projections.
 ///
@@ -52,8 +54,14 @@ pub enum Command {
     Get(GetArgs),
     /// Print a stream's scribes (or the whole log's, with `all`), then "caught up at seq N".
     Log(LogArgs),
-    /// Show the node's id, data directory, streams, heads and listeners.
+    /// Show the node's id, data directory, streams, heads, listeners and peers (cursor, lag,
+    /// sent, received, refused, last error).
     Status,
+    /// Start replicating a stream this node does not hold, from connected peers.
+    Join(JoinArgs),
+    /// Manage peers.
+    #[command(subcommand)]
+    Peer(PeerCommand),
     /// Re-hash and re-verify every scribe stored in a data directory; exit status 1 on damage.
     Verify(VerifyArgs),
 }
@@ -70,6 +78,40 @@ pub struct ServeArgs {
     /// fsync every group commit, so acknowledged appends survive power loss (not only a crash).
     #[arg(long)]
     pub sync: bool,
+    /// Address of the peer listener, which serves replication and nothing else. On loopback by
+    /// default, so a node is not reachable from the network until you say so: use 0.0.0.0:7000
+    /// to let peers dial in. A node can replicate without it by dialing out (--peer).
+    #[arg(long, env = "QUIRE_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Do not open a peer listener at all (the node only dials out).
+    #[arg(long, conflicts_with = "listen")]
+    pub no_listen: bool,
+    /// A peer to dial (host:port of its peer listener); repeatable; remembered in the data
+    /// directory like `quire peer add`.
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub peers: Vec<String>,
+}
+
+/// `quire join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Stream id (64 hex characters).
+    pub stream: ScribeId,
+    /// Seconds to wait for a peer to send the stream's genesis (the join stays pending after).
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+/// `quire peer ...`.
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Remember a peer (host:port of its peer listener) and start dialing it.
+    Add {
+        /// host:port (port 7000 if omitted).
+        addr: String,
+    },
+    /// List peers with their connection state and per-stream counters.
+    List,
 }
 
 /// `quire stream ...`.
@@ -199,6 +241,28 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Get(args) => get(&node_url, args).await?,
         Command::Log(args) => log(&node_url, args).await?,
         Command::Status => status(&node_url).await?,
+        Command::Join(args) => join(&node_url, args).await?,
+        Command::Peer(PeerCommand::Add { addr }) => {
+            let mut client = pb::admin_client::AdminClient::new(channel(&node_url).await?);
+            let reply = client
+                .add_peer(pb::AddPeerRequest { addr })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "peer {} added; it is dialed now and after every restart",
+                reply.addr
+            );
+        }
+        Command::Peer(PeerCommand::List) => {
+            let mut client = pb::admin_client::AdminClient::new(channel(&node_url).await?);
+            let status = client
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_peers(&status.peers);
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -210,12 +274,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let data_dir = args.data_dir.unwrap_or_else(node::default_data_dir);
     let config = NodeConfig {
         data_dir: data_dir.clone(),
         sync: args.sync,
         wall: None,
+        peers: args.peers.clone(),
     };
     let log = node::open_log(&config)
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;
@@ -228,9 +294,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
+    let peer_listener = if args.no_listen {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("cannot listen for peers on {}; pick another address with --listen (or --no-listen)", args.listen))?,
+        )
+    };
     println!("quire node {}", log.node_key());
     println!("data directory {}", data_dir.display());
     println!("client API listening on http://{addr}");
+    if let Some(peer_listener) = &peer_listener {
+        println!("peer listener on {}", peer_listener.local_addr()?);
+    }
     std::io::stdout().flush()?;
     let shutdown = async {
         let mut terminate =
@@ -241,7 +319,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         tracing::info!("shutting down");
     };
-    node::serve(&config, log, listener, shutdown).await?;
+    node::serve(&config, log, listener, peer_listener, shutdown).await?;
     Ok(())
 }
 
@@ -349,7 +427,7 @@ async fn stream(url: &str, command: StreamCommand) -> Result<()> {
                 max_file_bytes: args.max_file_bytes.unwrap_or(0),
                 max_stream_bytes: args.max_stream_bytes.unwrap_or(0),
                 leasing_disabled: args.no_leasing,
-                lease_ms: args.lease_secs.map_or(0, |secs| secs * 1000),
+                lease_ms: args.lease_secs.map_or(0, |secs| secs.saturating_mul(1000)),
                 work_bits: args.work_bits,
             };
             let info = client
@@ -590,6 +668,66 @@ async fn log(url: &str, args: LogArgs) -> Result<()> {
     Ok(())
 }
 
+async fn join(url: &str, args: JoinArgs) -> Result<()> {
+    let mut client = streams_client(url).await?;
+    let info = client
+        .join(pb::JoinStreamRequest {
+            stream: Bytes::copy_from_slice(args.stream.as_bytes()),
+            timeout_ms: args.timeout.saturating_mul(1000),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "joined {} ({}); catching up from peers — `quire status` shows progress",
+        hex::encode(&info.stream),
+        info.name
+    );
+    Ok(())
+}
+
+fn print_peers(peers: &[pb::PeerStatus]) {
+    if peers.is_empty() {
+        println!("no peers; add one with `quire peer add HOST:PORT`");
+    }
+    for peer in peers {
+        println!(
+            "peer {:<22} {} {}{}",
+            peer.addr,
+            if peer.connected {
+                "connected   "
+            } else {
+                "disconnected"
+            },
+            if peer.node_id.is_empty() {
+                "node ?".to_string()
+            } else {
+                format!("node {}", &peer.node_id[..16])
+            },
+            if peer.dialed { "" } else { " (dialed in)" },
+        );
+        if peer.refused > 0 {
+            println!("    refused {} invalid scribes", peer.refused);
+        }
+        if !peer.last_error.is_empty() {
+            println!("    last error: {}", peer.last_error);
+        }
+        for stream in &peer.streams {
+            println!(
+                "    stream {}  cursor {}  lag {}  sent {}  received {}  duplicates {}  refused {}{}",
+                hex::encode(&stream.stream),
+                stream.cursor,
+                stream.lag,
+                stream.sent,
+                stream.received,
+                stream.duplicates,
+                stream.refused,
+                if stream.caught_up { "  caught up" } else { "" }
+            );
+        }
+    }
+}
+
 async fn status(url: &str) -> Result<()> {
     let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
     let status = client
@@ -623,5 +761,6 @@ async fn status(url: &str) -> Result<()> {
             info.head_seq
         );
     }
+    print_peers(&status.peers);
     Ok(())
 }

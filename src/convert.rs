@@ -206,3 +206,170 @@ pub fn optional_stream(bytes: &[u8]) -> Result<Option<StreamId>, String> {
         id_field(bytes, "stream").map(Some)
     }
 }
+
+/// A peer-protocol message to its wire form.
+pub fn peer_message_to_proto(message: &crate::replication::session::Message) -> pb::PeerMessage {
+    use crate::replication::session::Message;
+    use pb::peer_message::Message as Wire;
+    let id = |id: &ScribeId| Bytes::copy_from_slice(id.as_bytes());
+    let wire = match message {
+        Message::Hello { node, epoch, nonce } => Wire::Hello(pb::PeerHello {
+            node_id: Bytes::copy_from_slice(node.as_bytes()),
+            epoch: Bytes::copy_from_slice(epoch),
+            nonce: Bytes::copy_from_slice(nonce),
+            protocol: crate::replication::session::PROTOCOL_VERSION,
+        }),
+        Message::Proof(signature) => Wire::Proof(pb::PeerProof {
+            signature: Bytes::copy_from_slice(&signature.to_bytes()),
+        }),
+        Message::Streams(streams) => Wire::Streams(pb::PeerStreams {
+            streams: streams.iter().map(id).collect(),
+        }),
+        Message::Want { stream, after } => Wire::Want(pb::PeerWant {
+            stream: id(stream),
+            after_seq: *after,
+        }),
+        Message::Batch {
+            stream,
+            scribes,
+            through,
+            head,
+        } => Wire::Batch(pb::PeerBatch {
+            stream: id(stream),
+            scribes: scribes
+                .iter()
+                .map(|scribe| pb::PeerScribe {
+                    seq: scribe.seq,
+                    scribe: scribe.bytes.clone(),
+                    id: id(&scribe.id),
+                })
+                .collect(),
+            through_seq: *through,
+            head_seq: *head,
+        }),
+        Message::CaughtUp { stream, seq } => Wire::CaughtUp(pb::PeerCaughtUp {
+            stream: id(stream),
+            seq: *seq,
+        }),
+        Message::GenesisRequest(stream) => {
+            Wire::GenesisRequest(pb::PeerGenesisRequest { stream: id(stream) })
+        }
+        Message::Genesis { stream, scribe } => Wire::Genesis(pb::PeerGenesis {
+            stream: id(stream),
+            scribe: scribe.clone().unwrap_or_default(),
+        }),
+        Message::Error(reason) => Wire::Error(pb::PeerError {
+            message: reason.clone(),
+        }),
+    };
+    pb::PeerMessage {
+        message: Some(wire),
+    }
+}
+
+/// A peer-protocol message from its wire form; the error says what was wrong with it.
+pub fn peer_message_from_proto(
+    message: pb::PeerMessage,
+) -> Result<crate::replication::session::Message, String> {
+    use crate::replication::session::{Message, WireScribe};
+    use pb::peer_message::Message as Wire;
+    let fixed = |bytes: &[u8], field: &str| -> Result<[u8; 32], String> {
+        bytes
+            .try_into()
+            .map_err(|_| format!("{field} must be 32 bytes, got {}", bytes.len()))
+    };
+    Ok(match message.message.ok_or("empty peer message")? {
+        Wire::Hello(hello) => {
+            if hello.protocol != crate::replication::session::PROTOCOL_VERSION {
+                return Err(format!(
+                    "peer speaks protocol {}, this node speaks {}; upgrade the older node",
+                    hello.protocol,
+                    crate::replication::session::PROTOCOL_VERSION
+                ));
+            }
+            Message::Hello {
+                node: AuthorKey(fixed(&hello.node_id, "node_id")?),
+                epoch: hello
+                    .epoch
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| "epoch must be 16 bytes".to_string())?,
+                nonce: fixed(&hello.nonce, "nonce")?,
+            }
+        }
+        Wire::Proof(proof) => Message::Proof(
+            ed25519_dalek::Signature::from_slice(&proof.signature)
+                .map_err(|_| "proof signature must be 64 bytes".to_string())?,
+        ),
+        Wire::Streams(streams) => Message::Streams(
+            streams
+                .streams
+                .iter()
+                .map(|stream| fixed(stream, "stream").map(StreamId::from))
+                .collect::<Result<_, _>>()?,
+        ),
+        Wire::Want(want) => Message::Want {
+            stream: StreamId::from(fixed(&want.stream, "stream")?),
+            after: want.after_seq,
+        },
+        Wire::Batch(batch) => Message::Batch {
+            stream: StreamId::from(fixed(&batch.stream, "stream")?),
+            scribes: batch
+                .scribes
+                .into_iter()
+                .map(|scribe| {
+                    Ok(WireScribe {
+                        seq: scribe.seq,
+                        id: ScribeId(fixed(&scribe.id, "scribe id")?),
+                        bytes: scribe.scribe,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+            through: batch.through_seq,
+            head: batch.head_seq,
+        },
+        Wire::CaughtUp(caught_up) => Message::CaughtUp {
+            stream: StreamId::from(fixed(&caught_up.stream, "stream")?),
+            seq: caught_up.seq,
+        },
+        Wire::GenesisRequest(request) => {
+            Message::GenesisRequest(StreamId::from(fixed(&request.stream, "stream")?))
+        }
+        Wire::Genesis(genesis) => Message::Genesis {
+            stream: StreamId::from(fixed(&genesis.stream, "stream")?),
+            scribe: if genesis.scribe.is_empty() {
+                None
+            } else {
+                Some(genesis.scribe)
+            },
+        },
+        Wire::Error(error) => Message::Error(error.message),
+    })
+}
+
+/// A peer's state as `Admin.Status` shows it.
+pub fn peer_status(state: &crate::replication::PeerState) -> pb::PeerStatus {
+    pb::PeerStatus {
+        addr: state.addr.clone(),
+        node_id: state.node.map(|node| node.to_hex()).unwrap_or_default(),
+        connected: state.connected,
+        dialed: state.dialed,
+        connects: state.connects,
+        last_error: state.last_error.clone().unwrap_or_default(),
+        refused: state.refused,
+        streams: state
+            .streams
+            .iter()
+            .map(|(stream, counters)| pb::PeerStreamStatus {
+                stream: Bytes::copy_from_slice(stream.as_bytes()),
+                cursor: counters.cursor,
+                lag: counters.peer_head.saturating_sub(counters.cursor),
+                sent: counters.sent,
+                received: counters.received,
+                duplicates: counters.duplicates,
+                refused: counters.refused,
+                caught_up: counters.caught_up,
+            })
+            .collect(),
+    }
+}

@@ -52,15 +52,24 @@ pub fn load_or_create(path: &Path) -> Result<SigningKey, IdentityError> {
             Ok(SigningKey::from_bytes(&seed))
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            // Write a temporary file, fsync, then rename: a crash never leaves a half-written key.
             let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let temporary = path.with_extension("key.tmp");
+            let _ = std::fs::remove_file(&temporary);
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(path)
+                .open(&temporary)
                 .map_err(io)?;
             writeln!(file, "{}", hex::encode(key.to_bytes())).map_err(io)?;
             file.sync_all().map_err(io)?;
+            std::fs::rename(&temporary, path).map_err(io)?;
+            if let Some(parent) = path.parent() {
+                if let Ok(directory) = std::fs::File::open(parent) {
+                    let _ = directory.sync_all();
+                }
+            }
             Ok(key)
         }
         Err(error) => Err(io(error)),

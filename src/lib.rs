@@ -11,6 +11,8 @@
 //!   [`log::subscribe`]: catch-up-then-live subscriptions).
 //! - [`convert`]: the one place that knows both protobuf and domain types.
 //! - [`pb`]: generated protobuf and gRPC code for `proto/quire/v1`.
+//! - [`replication`]: peers exchange scribes (sans-IO [`replication::session`], its tonic
+//!   driver [`replication::connection`], dial loops and joins).
 //! - [`server`]: the gRPC client API (thin service impls, one error-to-status mapping).
 //! - [`node`]: a whole node: open, serve until a shutdown future completes, close.
 //! - [`verify`]: offline verification of a data directory.
@@ -23,6 +25,7 @@ pub mod identity;
 pub mod log;
 pub mod node;
 pub mod pb;
+pub mod replication;
 pub mod scribe;
 pub mod server;
 pub mod verify;

@@ -8,11 +8,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::hlc::WallClock;
 use crate::log::{Log, LogOptions, OpenError};
+use crate::replication::{ReplicationError, Replicator};
 use crate::server::{Api, NodeFacts};
 
 /// Name of the file in the data directory that holds the client API address while a node runs.
@@ -27,6 +28,8 @@ pub struct NodeConfig {
     pub sync: bool,
     /// The wall clock (tests inject one).
     pub wall: Option<WallClock>,
+    /// Peers to dial (host:port), remembered in the data directory like `quire peer add`.
+    pub peers: Vec<String>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -34,6 +37,7 @@ impl std::fmt::Debug for NodeConfig {
         f.debug_struct("NodeConfig")
             .field("data_dir", &self.data_dir)
             .field("sync", &self.sync)
+            .field("peers", &self.peers)
             .finish()
     }
 }
@@ -45,6 +49,7 @@ impl NodeConfig {
             data_dir: data_dir.into(),
             sync: false,
             wall: None,
+            peers: Vec::new(),
         }
     }
 }
@@ -62,6 +67,9 @@ pub enum NodeError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Peers could not be set up.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
 }
 
 /// Opens the node's log.
@@ -76,36 +84,91 @@ pub fn open_log(config: &NodeConfig) -> Result<Log, OpenError> {
     Log::open(&config.data_dir, options)
 }
 
-/// Serves the client API of `log` on `listener` until `shutdown` completes, then closes the log.
+/// How long servers may take to finish open streams once shutdown begins.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the client API of `log` on `api` and replication on `peer` (if given) until
+/// `shutdown` completes, then closes the log. The peer listener serves the replication service
+/// and nothing else (invariant 9).
 pub async fn serve(
     config: &NodeConfig,
     log: Log,
-    listener: TcpListener,
+    api: TcpListener,
+    peer: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let addr = listener.local_addr()?;
+    let api_addr = api.local_addr()?;
+    let peer_addr = match &peer {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let addr_file = config.data_dir.join(API_ADDR_FILE);
-    std::fs::write(&addr_file, format!("http://{addr}\n"))?;
+    std::fs::write(&addr_file, format!("http://{api_addr}\n"))?;
+    let mut listeners = vec![("api".to_string(), format!("http://{api_addr}"))];
+    if let Some(peer_addr) = peer_addr {
+        listeners.push(("peer".to_string(), peer_addr.to_string()));
+    }
     let facts = NodeFacts {
         data_dir: config.data_dir.display().to_string(),
-        listeners: vec![("api".to_string(), format!("http://{addr}"))],
+        listeners,
         sync_writes: config.sync,
     };
-    tracing::info!(node = %log.node_key(), %addr, data_dir = %config.data_dir.display(), "client API listening");
-    let closer = log.clone();
-    let shutdown = async move {
-        shutdown.await;
-        // End subscriptions first: the server waits for open response streams before it returns.
-        closer.signal_closing();
+    let replicator = Replicator::new(log.clone());
+    replicator.start(&config.peers)?;
+    tracing::info!(node = %log.node_key(), api = %api_addr, peer = ?peer_addr, data_dir = %config.data_dir.display(), "node serving");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    {
+        let log = log.clone();
+        let replicator = replicator.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            // End connections and subscriptions first: servers wait for open streams.
+            replicator.shutdown();
+            log.signal_closing();
+            let _ = stop_tx.send(true);
+        });
+    }
+    let stopped = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
     };
-    let result = Api::new(log.clone(), facts)
+    let api_server = Api::new(log.clone(), replicator.clone(), facts)
         .router()
         .await
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(api), stopped(stop_rx.clone()));
+    let peer_server = async {
+        match peer {
+            Some(listener) => {
+                tonic::transport::Server::builder()
+                    .add_service(replicator.service())
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(listener),
+                        stopped(stop_rx.clone()),
+                    )
+                    .await
+            }
+            None => {
+                stopped(stop_rx.clone()).await;
+                Ok(())
+            }
+        }
+    };
+    let servers = async { tokio::join!(api_server, peer_server) };
+    let grace = async {
+        stopped(stop_rx.clone()).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let result = tokio::select! {
+        (api_result, peer_result) = servers => api_result.and(peer_result).map_err(NodeError::from),
+        () = grace => {
+            tracing::warn!("clients kept streams open {SHUTDOWN_GRACE:?} after shutdown began; closing anyway");
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(&addr_file);
+    drop(replicator);
     log.close().await;
-    result.map_err(NodeError::from)
+    result
 }
 
 /// A node running in this process (for tests and embedding).
@@ -113,6 +176,8 @@ pub async fn serve(
 pub struct RunningNode {
     /// The client API address.
     pub api_addr: SocketAddr,
+    /// The peer listener address, if it has one.
+    pub peer_addr: Option<SocketAddr>,
     /// The node's log.
     pub log: Log,
     /// Its data directory.
@@ -122,17 +187,30 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Starts a node on `config` with its client API on `api` (use `127.0.0.1:0` in tests).
-    pub async fn start(config: NodeConfig, api: SocketAddr) -> Result<RunningNode, NodeError> {
+    /// Starts a node on `config` with its client API on `api` and, if given, a peer listener on
+    /// `peer` (use `127.0.0.1:0` for both in tests).
+    pub async fn start(
+        config: NodeConfig,
+        api: SocketAddr,
+        peer: Option<SocketAddr>,
+    ) -> Result<RunningNode, NodeError> {
         let log = open_log(&config)?;
-        let listener = TcpListener::bind(api).await?;
-        let api_addr = listener.local_addr()?;
+        let api_listener = TcpListener::bind(api).await?;
+        let api_addr = api_listener.local_addr()?;
+        let peer_listener = match peer {
+            Some(peer) => Some(TcpListener::bind(peer).await?),
+            None => None,
+        };
+        let peer_addr = match &peer_listener {
+            Some(listener) => Some(listener.local_addr()?),
+            None => None,
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let data_dir = config.data_dir.clone();
         let task = tokio::spawn({
             let log = log.clone();
             async move {
-                serve(&config, log, listener, async move {
+                serve(&config, log, api_listener, peer_listener, async move {
                     let _ = stopped.await;
                 })
                 .await
@@ -140,6 +218,7 @@ impl RunningNode {
         });
         Ok(RunningNode {
             api_addr,
+            peer_addr,
             log,
             data_dir,
             stop: Some(stop),

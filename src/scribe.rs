@@ -148,24 +148,13 @@ impl Body {
             }
             _ => {}
         }
+        check_shape(&body.content_type, body.parents.len(), body.payload.len())?;
         let author = AuthorKey::from_slice(&body.author).map_err(|_| {
             ScribeError::Malformed(format!(
                 "author must be a 32-byte Ed25519 key, got {} bytes",
                 body.author.len()
             ))
         })?;
-        if body.content_type.len() > MAX_CONTENT_TYPE_BYTES {
-            return Err(ScribeError::Malformed(format!(
-                "content_type is {} bytes, at most {MAX_CONTENT_TYPE_BYTES} allowed",
-                body.content_type.len()
-            )));
-        }
-        if body.parents.len() > MAX_PARENTS {
-            return Err(ScribeError::Malformed(format!(
-                "{} parents named, at most {MAX_PARENTS} allowed",
-                body.parents.len()
-            )));
-        }
         let parents = body
             .parents
             .iter()
@@ -189,6 +178,27 @@ impl Body {
             nonce: body.nonce,
         })
     }
+}
+
+/// The size rules every body obeys, checked when decoding and before the node signs anything:
+/// a content type of at most [`MAX_CONTENT_TYPE_BYTES`], at most [`MAX_PARENTS`] parents and a
+/// payload of at most [`HARD_MAX_PAYLOAD_BYTES`].
+pub fn check_shape(content_type: &str, parents: usize, payload: usize) -> Result<(), ScribeError> {
+    if content_type.len() > MAX_CONTENT_TYPE_BYTES {
+        return Err(ScribeError::Malformed(format!(
+            "content_type is {} bytes, at most {MAX_CONTENT_TYPE_BYTES} allowed",
+            content_type.len()
+        )));
+    }
+    if parents > MAX_PARENTS {
+        return Err(ScribeError::Malformed(format!(
+            "{parents} parents named, at most {MAX_PARENTS} allowed"
+        )));
+    }
+    if payload as u64 > HARD_MAX_PAYLOAD_BYTES {
+        return Err(ScribeError::TooLarge(payload));
+    }
+    Ok(())
 }
 
 /// A decoded scribe: its exact bytes, its id, and its body's fields.
@@ -240,15 +250,33 @@ impl Scribe {
         if work_bits == 0 {
             return Self::sign(body, key);
         }
+        // `nonce` is the body's last field, so the encoding is `prefix ‖ 0x40 ‖ varint(nonce)`
+        // (nothing at all for nonce 0): hash the prefix once and only the nonce per try.
+        body.nonce = 0;
+        let prefix = body.encode();
+        let mut prefix_hash = Sha256::new();
+        prefix_hash.update(&prefix);
+        let mut suffix = Vec::with_capacity(11);
+        let mut nonce: u64 = 0;
         loop {
-            let body_bytes = body.encode();
-            let body_hash: [u8; 32] = Sha256::digest(&body_bytes).into();
-            if leading_zero_bits(&body_hash) >= work_bits {
+            suffix.clear();
+            if nonce != 0 {
+                suffix.push(0x40);
+                prost::encoding::encode_varint(nonce, &mut suffix);
+            }
+            let mut hasher = prefix_hash.clone();
+            hasher.update(&suffix);
+            let hash: [u8; 32] = hasher.finalize().into();
+            if leading_zero_bits(&hash) >= work_bits {
+                body.nonce = nonce;
+                let mut body_bytes = prefix;
+                body_bytes.extend_from_slice(&suffix);
+                debug_assert_eq!(body_bytes, body.encode());
                 let body_bytes = Bytes::from(body_bytes);
                 let signature = key.sign(&signing_message(&body_bytes));
                 return Self::seal(body, body_bytes, signature);
             }
-            body.nonce = body.nonce.wrapping_add(1);
+            nonce = nonce.wrapping_add(1);
         }
     }
 

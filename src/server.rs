@@ -5,6 +5,9 @@
 //! This listener is the *client* API (invariant 9: it binds to loopback by default); the peer
 //! listener of the replication issue serves replication and nothing else.
 
+// Handlers return `tonic::Status` by design; boxing it would only move the allocation.
+#![allow(clippy::result_large_err)]
+
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -21,6 +24,7 @@ use crate::log::store::StoreError;
 use crate::log::subscribe::LogEvent;
 use crate::log::{AppendError, Appended, Draft, Log, NewScribe, Origin};
 use crate::pb;
+use crate::replication::{ReplicationError, Replicator};
 
 /// Largest gRPC message either way: room for a maximal scribe, or a batch of many small ones.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -35,7 +39,10 @@ pub const SUBSCRIBE_BUFFER: usize = 256;
 pub fn append_status(error: &AppendError) -> Status {
     use tonic::Code;
     let code = match error.root() {
-        AppendError::Scribe(_) | AppendError::BadGenesis(_) => Code::InvalidArgument,
+        AppendError::Scribe(crate::scribe::ScribeError::TooLarge(_)) => Code::ResourceExhausted,
+        AppendError::Scribe(_)
+        | AppendError::BadGenesis(_)
+        | AppendError::ParentInOtherStream { .. } => Code::InvalidArgument,
         AppendError::UnknownStream(_) | AppendError::UnknownParent { .. } => Code::NotFound,
         AppendError::PermissionDenied { .. } | AppendError::MissingWork { .. } => {
             Code::PermissionDenied
@@ -51,7 +58,10 @@ pub fn append_status(error: &AppendError) -> Status {
 
 /// Maps a storage failure to its status.
 pub fn store_status(error: &StoreError) -> Status {
-    Status::internal(error.to_string())
+    match error {
+        StoreError::Closed => Status::unavailable(error.to_string()),
+        other => Status::internal(other.to_string()),
+    }
 }
 
 fn invalid(message: String) -> Status {
@@ -78,6 +88,12 @@ fn new_scribe(request: pb::AppendRequest) -> Result<Draft, Status> {
             "stream.create scribes are made by Streams.Create, not appended".into(),
         ));
     }
+    crate::scribe::check_shape(
+        &request.content_type,
+        request.parents.len(),
+        request.payload.len(),
+    )
+    .map_err(|error| append_status(&AppendError::Scribe(error)))?;
     let parents = request
         .parents
         .iter()
@@ -125,14 +141,16 @@ pub struct NodeFacts {
 #[derive(Debug, Clone)]
 pub struct Api {
     log: Log,
+    replicator: Replicator,
     facts: Arc<NodeFacts>,
 }
 
 impl Api {
     /// An API over `log`.
-    pub fn new(log: Log, facts: NodeFacts) -> Api {
+    pub fn new(log: Log, replicator: Replicator, facts: NodeFacts) -> Api {
         Api {
             log,
+            replicator,
             facts: Arc::new(facts),
         }
     }
@@ -230,6 +248,30 @@ impl pb::streams_server::Streams for Api {
         let state = self.log.stream(&stream).ok_or_else(|| {
             Status::not_found(format!("stream {stream} is not held by this node"))
         })?;
+        Ok(Response::new(convert::stream_info(&state)))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinStreamRequest>,
+    ) -> Result<Response<pb::StreamInfo>, Status> {
+        let request = request.into_inner();
+        let stream = convert::id_field(&request.stream, "stream").map_err(invalid)?;
+        let timeout = match request.timeout_ms {
+            0 => std::time::Duration::from_secs(10),
+            ms => std::time::Duration::from_millis(ms),
+        };
+        match self.replicator.join(stream, timeout).await {
+            Ok(()) => {}
+            Err(error @ ReplicationError::JoinPending(_)) => {
+                return Err(Status::deadline_exceeded(error.to_string()))
+            }
+            Err(error) => return Err(Status::internal(error.to_string())),
+        }
+        let state = self
+            .log
+            .stream(&stream)
+            .ok_or_else(|| Status::internal("stream vanished after joining"))?;
         Ok(Response::new(convert::stream_info(&state)))
     }
 
@@ -432,6 +474,26 @@ impl pb::admin_server::Admin for Api {
             version: env!("CARGO_PKG_VERSION").to_string(),
             hlc: self.log.clock().peek(),
             sync_writes: self.facts.sync_writes,
+            peers: self
+                .replicator
+                .peers()
+                .iter()
+                .map(convert::peer_status)
+                .collect(),
         }))
+    }
+
+    async fn add_peer(
+        &self,
+        request: Request<pb::AddPeerRequest>,
+    ) -> Result<Response<pb::AddPeerReply>, Status> {
+        let addr = self
+            .replicator
+            .add_peer(&request.into_inner().addr)
+            .map_err(|error| match error {
+                ReplicationError::BadAddress(_) => Status::invalid_argument(error.to_string()),
+                other => Status::internal(other.to_string()),
+            })?;
+        Ok(Response::new(pb::AddPeerReply { addr }))
     }
 }

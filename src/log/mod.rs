@@ -42,7 +42,9 @@ use crate::convert;
 use crate::hlc::{Clock, WallClock};
 use crate::identity;
 use crate::scribe::{leading_zero_bits, Body, Scribe, ScribeError};
-use store::{Commit, NewEntry, Store, StoreError, StoredEntry, StreamRecord};
+use store::{
+    Commit, CursorUpdate, NewEntry, PeerOrigin, Store, StoreError, StoredEntry, StreamRecord,
+};
 
 /// Most drafts the signer gathers into one group.
 const MAX_GROUP_DRAFTS: usize = 8192;
@@ -66,6 +68,16 @@ pub enum AppendError {
     UnknownParent {
         /// The missing parent.
         parent: ScribeId,
+        /// The scribe's stream.
+        stream: StreamId,
+    },
+    /// A parent named by the scribe belongs to another stream.
+    #[error("parent {parent} belongs to stream {parent_stream}, not to {stream}: parents must be scribes of the same stream")]
+    ParentInOtherStream {
+        /// The parent.
+        parent: ScribeId,
+        /// The parent's stream.
+        parent_stream: StreamId,
         /// The scribe's stream.
         stream: StreamId,
     },
@@ -121,7 +133,7 @@ pub enum AppendError {
     #[error("bad stream genesis: {0}")]
     BadGenesis(String),
     /// One draft of a multi-draft job was refused; the whole job was.
-    #[error("item {index} of the batch: {source} (nothing of the batch was stored)")]
+    #[error("item {index} of the batch (counting `appends` first, then `signed`): {source} (nothing of the batch was stored)")]
     InBatch {
         /// Position of the refused draft in the job.
         index: usize,
@@ -208,14 +220,18 @@ pub struct Appended {
     pub hlc: u64,
 }
 
-/// Where a job came from: local appends are held to the stream's total size limit.
+/// Where a job came from: local appends are held to the stream's total size limit; scribes from a
+/// peer remember the peer, so they are never sent back to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// A client of this node.
     Local,
-    /// Replication from a peer.
-    Peer,
+    /// Replication from this peer (in this log epoch of it).
+    Peer(PeerOrigin),
 }
+
+/// The outcome of each scribe of a replicated batch.
+pub type EachOutcome = Vec<Result<Appended, AppendError>>;
 
 /// A stream held by this node: what its genesis says, and its counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,13 +277,21 @@ impl Default for LogOptions {
 struct Job {
     drafts: Vec<Draft>,
     origin: Origin,
-    reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+    cursor: Option<CursorUpdate>,
+    reply: Reply,
+}
+
+/// All-or-nothing jobs (client appends) and each-on-its-own jobs (replicated batches).
+enum Reply {
+    Atomic(oneshot::Sender<Result<Vec<Appended>, AppendError>>),
+    Each(oneshot::Sender<Result<EachOutcome, AppendError>>),
 }
 
 struct PreparedJob {
-    scribes: Result<Vec<Scribe>, AppendError>,
+    scribes: Vec<Result<Scribe, AppendError>>,
     origin: Origin,
-    reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+    cursor: Option<CursorUpdate>,
+    reply: Reply,
 }
 
 pub(crate) struct Shared {
@@ -275,6 +299,7 @@ pub(crate) struct Shared {
     streams: RwLock<HashMap<StreamId, StreamState>>,
     head: AtomicU64,
     pub(crate) head_tx: watch::Sender<u64>,
+    streams_tx: watch::Sender<usize>,
     pub(crate) closing: watch::Sender<bool>,
     clock: Clock,
     key: SigningKey,
@@ -331,11 +356,13 @@ impl Log {
         }
         let (head_tx, _) = watch::channel(head);
         let (closing, _) = watch::channel(false);
+        let (streams_tx, _) = watch::channel(streams.len());
         let shared = Arc::new(Shared {
             store,
             streams: RwLock::new(streams),
             head: AtomicU64::new(head),
             head_tx,
+            streams_tx,
             closing,
             clock,
             key,
@@ -374,6 +401,7 @@ impl Log {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
+        let reply = Reply::Atomic(reply);
         let submit = self
             .submit
             .read()
@@ -384,11 +412,78 @@ impl Log {
             .send(Job {
                 drafts,
                 origin,
+                cursor: None,
                 reply,
             })
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
+    /// Stores a batch of scribes received from `peer`: each is validated exactly like an append and
+    /// stored or refused on its own; `cursor` (if any) is written in the same write batch as the
+    /// scribes it covers (invariant 6), even when every scribe was a duplicate or refused.
+    pub async fn replicate(
+        &self,
+        peer: PeerOrigin,
+        scribes: Vec<(Bytes, Option<ScribeId>)>,
+        cursor: Option<CursorUpdate>,
+    ) -> Result<EachOutcome, AppendError> {
+        if scribes.is_empty() && cursor.is_none() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        let submit = self
+            .submit
+            .read()
+            .expect("submit lock")
+            .clone()
+            .ok_or(AppendError::ShuttingDown)?;
+        let drafts = scribes
+            .into_iter()
+            .map(|(bytes, claimed_id)| Draft::Signed { bytes, claimed_id })
+            .collect();
+        submit
+            .send(Job {
+                drafts,
+                origin: Origin::Peer(peer),
+                cursor,
+                reply: Reply::Each(reply),
+            })
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?;
+        answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
+    /// Replication cursors on `peer`.
+    pub fn cursors(&self, peer: &AuthorKey) -> Result<Vec<(StreamId, store::Cursor)>, StoreError> {
+        self.shared.store.cursors(peer)
+    }
+
+    /// A receiver that changes whenever the set of streams held changes (create or join).
+    pub fn watch_streams(&self) -> watch::Receiver<usize> {
+        self.shared.streams_tx.subscribe()
+    }
+
+    /// Ids of the streams held.
+    pub fn stream_ids(&self) -> Vec<StreamId> {
+        self.shared
+            .streams
+            .read()
+            .expect("streams lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// The store (for replication's storage reads and peer bookkeeping).
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// The node's signing key (the replication handshake proves it).
+    pub(crate) fn signing_key(&self) -> SigningKey {
+        self.shared.key.clone()
     }
 
     /// Appends a single draft from a local client.
@@ -538,7 +633,6 @@ fn signer_loop(
         // Clocks are handed out here, in arrival order, one thread: the committer commits groups
         // in the same order, so node-signed scribes are stored in the order of their clocks.
         let author = identity::author_key(&shared.key);
-        let draft_counts: Vec<usize> = jobs.iter().map(|job| job.drafts.len()).collect();
         let mut work: Vec<(usize, usize, Prepared)> = Vec::with_capacity(drafts_in_group);
         for (job_index, job) in jobs.iter_mut().enumerate() {
             for (draft_index, draft) in std::mem::take(&mut job.drafts).into_iter().enumerate() {
@@ -587,23 +681,12 @@ fn signer_loop(
                 (job_index, draft_index, result)
             })
             .collect();
-        let mut per_job: Vec<Result<Vec<Scribe>, AppendError>> =
-            jobs.iter().map(|_| Ok(Vec::new())).collect();
-        for (job_index, draft_index, result) in results {
-            match (&mut per_job[job_index], result) {
-                (Ok(scribes), Ok(scribe)) => scribes.push(scribe),
-                (slot @ Ok(_), Err(error)) => {
-                    *slot = Err(if draft_counts[job_index] > 1 {
-                        AppendError::InBatch {
-                            index: draft_index,
-                            source: Box::new(error),
-                        }
-                    } else {
-                        error
-                    })
-                }
-                (Err(_), _) => {}
-            }
+        let mut per_job: Vec<Vec<Result<Scribe, AppendError>>> = jobs
+            .iter()
+            .map(|job| Vec::with_capacity(job.drafts.len()))
+            .collect();
+        for (job_index, _draft_index, result) in results {
+            per_job[job_index].push(result);
         }
         let group: Vec<PreparedJob> = jobs
             .into_iter()
@@ -611,6 +694,7 @@ fn signer_loop(
             .map(|(job, scribes)| PreparedJob {
                 scribes,
                 origin: job.origin,
+                cursor: job.cursor,
                 reply: job.reply,
             })
             .collect();
@@ -640,6 +724,8 @@ struct Overlay {
     ids: HashMap<ScribeId, (u64, StreamId, u64)>,
     streams: HashMap<StreamId, StreamState>,
     entries: Vec<NewEntry>,
+    cursors: HashMap<(AuthorKey, StreamId), CursorUpdate>,
+    new_streams: usize,
 }
 
 impl Overlay {
@@ -647,57 +733,94 @@ impl Overlay {
         self.ids.extend(job.ids);
         self.streams.extend(job.streams);
         self.entries.extend(job.entries);
+        self.new_streams += job.new_streams;
+        for (key, cursor) in job.cursors {
+            self.add_cursor_at(key, cursor);
+        }
     }
+
+    fn add_cursor_at(&mut self, key: (AuthorKey, StreamId), cursor: CursorUpdate) {
+        match self.cursors.get(&key) {
+            // Never move a cursor backwards within an epoch (a late duplicate batch).
+            Some(existing) if existing.epoch == cursor.epoch && existing.seq >= cursor.seq => {}
+            _ => {
+                self.cursors.insert(key, cursor);
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Atomic(
+        oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+        Result<Vec<Appended>, AppendError>,
+    ),
+    Each(
+        oneshot::Sender<Result<EachOutcome, AppendError>>,
+        EachOutcome,
+    ),
 }
 
 fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
     let head = shared.head.load(Ordering::Acquire);
     let mut overlay = Overlay::default();
-    let mut outcomes: Vec<(
-        oneshot::Sender<Result<Vec<Appended>, AppendError>>,
-        Result<Vec<Appended>, AppendError>,
-        bool,
-    )> = Vec::with_capacity(group.len());
+    // (outcome, whether the job wrote anything)
+    let mut outcomes: Vec<(Outcome, bool)> = Vec::with_capacity(group.len());
     for job in group {
-        let scribes = match job.scribes {
-            Ok(scribes) => scribes,
-            Err(error) => {
-                outcomes.push((job.reply, Err(error), false));
-                continue;
-            }
-        };
-        let multi = scribes.len() > 1;
+        let multi = job.scribes.len() > 1;
         let next_seq = head + overlay.entries.len() as u64 + 1;
         let mut job_overlay = Overlay::default();
-        let mut results = Vec::with_capacity(scribes.len());
-        let mut failure = None;
-        for (index, scribe) in scribes.into_iter().enumerate() {
-            let seq = next_seq + job_overlay.entries.len() as u64;
-            match admit(shared, &overlay, &mut job_overlay, scribe, seq, job.origin) {
-                Ok(appended) => results.push(appended),
-                Err(error) => {
-                    failure = Some(if multi {
-                        AppendError::InBatch {
-                            index,
-                            source: Box::new(error),
-                        }
-                    } else {
-                        error
+        match job.reply {
+            Reply::Atomic(reply) => {
+                let mut results = Vec::with_capacity(job.scribes.len());
+                let mut failure = None;
+                for (index, scribe) in job.scribes.into_iter().enumerate() {
+                    let seq = next_seq + job_overlay.entries.len() as u64;
+                    let admitted = scribe.and_then(|scribe| {
+                        admit(shared, &overlay, &mut job_overlay, scribe, seq, job.origin)
                     });
-                    break;
+                    match admitted {
+                        Ok(appended) => results.push(appended),
+                        Err(error) => {
+                            failure = Some(if multi {
+                                AppendError::InBatch {
+                                    index,
+                                    source: Box::new(error),
+                                }
+                            } else {
+                                error
+                            });
+                            break;
+                        }
+                    }
+                }
+                match failure {
+                    Some(error) => outcomes.push((Outcome::Atomic(reply, Err(error)), false)),
+                    None => {
+                        let wrote = !job_overlay.entries.is_empty();
+                        overlay.absorb(job_overlay);
+                        outcomes.push((Outcome::Atomic(reply, Ok(results)), wrote));
+                    }
                 }
             }
-        }
-        match failure {
-            Some(error) => outcomes.push((job.reply, Err(error), false)),
-            None => {
-                let wrote = !job_overlay.entries.is_empty();
+            Reply::Each(reply) => {
+                let mut results = Vec::with_capacity(job.scribes.len());
+                for scribe in job.scribes {
+                    let seq = next_seq + job_overlay.entries.len() as u64;
+                    results.push(scribe.and_then(|scribe| {
+                        admit(shared, &overlay, &mut job_overlay, scribe, seq, job.origin)
+                    }));
+                }
+                if let Some(cursor) = job.cursor {
+                    job_overlay.add_cursor_at((cursor.peer, cursor.stream), cursor);
+                }
+                let wrote = !job_overlay.entries.is_empty() || !job_overlay.cursors.is_empty();
                 overlay.absorb(job_overlay);
-                outcomes.push((job.reply, Ok(results), wrote));
+                outcomes.push((Outcome::Each(reply, results), wrote));
             }
         }
     }
-    if !overlay.entries.is_empty() {
+    if !overlay.entries.is_empty() || !overlay.cursors.is_empty() {
         let new_head = head + overlay.entries.len() as u64;
         let commit = Commit {
             streams: overlay
@@ -708,27 +831,37 @@ fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
             scribes: std::mem::take(&mut overlay.entries),
             head: new_head,
             hlc: shared.clock.peek(),
+            cursors: overlay.cursors.values().copied().collect(),
         };
         if let Err(error) = shared.store.commit(&commit) {
             tracing::error!(%error, "group commit failed; nothing of it was stored");
-            for (reply, result, wrote) in outcomes {
-                let _ = reply.send(if wrote {
-                    Err(AppendError::Storage(error.to_string()))
-                } else {
-                    result
-                });
+            let failed = || AppendError::Storage(error.to_string());
+            // Every job that would have succeeded fails: even a "duplicate" answer may point at a
+            // seq of this group, which was never written.
+            for (outcome, _) in outcomes {
+                match outcome {
+                    Outcome::Atomic(reply, Ok(_)) => drop(reply.send(Err(failed()))),
+                    Outcome::Atomic(reply, Err(error)) => drop(reply.send(Err(error))),
+                    Outcome::Each(reply, _) => drop(reply.send(Err(failed()))),
+                }
             }
             return;
         }
         {
             let mut streams = shared.streams.write().expect("streams lock");
             streams.extend(overlay.streams);
+            if overlay.new_streams > 0 {
+                shared.streams_tx.send_replace(streams.len());
+            }
         }
         shared.head.store(new_head, Ordering::Release);
         shared.head_tx.send_replace(new_head);
     }
-    for (reply, result, _) in outcomes {
-        let _ = reply.send(result);
+    for (outcome, _) in outcomes {
+        match outcome {
+            Outcome::Atomic(reply, result) => drop(reply.send(result)),
+            Outcome::Each(reply, results) => drop(reply.send(Ok(results))),
+        }
     }
 }
 
@@ -839,11 +972,21 @@ fn admit(
                 Some((_, parent_stream, _)) => Some(*parent_stream),
                 None => stored_stream_of(shared, parent)?,
             };
-            if parent_stream != Some(stream_id) {
-                return Err(AppendError::UnknownParent {
-                    parent: *parent,
-                    stream: stream_id,
-                });
+            match parent_stream {
+                Some(parent_stream) if parent_stream == stream_id => {}
+                Some(parent_stream) => {
+                    return Err(AppendError::ParentInOtherStream {
+                        parent: *parent,
+                        parent_stream,
+                        stream: stream_id,
+                    })
+                }
+                None => {
+                    return Err(AppendError::UnknownParent {
+                        parent: *parent,
+                        stream: stream_id,
+                    })
+                }
             }
         }
         state.record.head_seq = seq;
@@ -854,11 +997,18 @@ fn admit(
     shared.clock.observe(hlc);
     job.ids.insert(scribe.id, (seq, stream_id, hlc));
     job.streams.insert(stream_id, state);
+    if scribe.body.kind == Kind::StreamCreate {
+        job.new_streams += 1;
+    }
     job.entries.push(NewEntry {
         seq,
         id: scribe.id,
         stream: stream_id,
         bytes: scribe.bytes,
+        origin: match origin {
+            Origin::Peer(peer) => Some(peer),
+            Origin::Local => None,
+        },
     });
     Ok(Appended {
         id: scribe.id,

@@ -3,8 +3,12 @@
 //! Column families (keys and values are documented byte for byte in `docs/protocol.md`):
 //! - `scribes`:   scribe id (32) → local seq (u64 BE) ‖ exact scribe bytes
 //! - `log`:       local seq (u64 BE) → scribe id (32)
-//! - `by_stream`: stream id (32) ‖ local seq (u64 BE) → scribe id (32)
+//! - `by_stream`: stream id (32) ‖ local seq (u64 BE) → scribe id (32) ‖ for scribes received from
+//!   a peer: its node id (32) ‖ its log epoch (16), so they are never sent back to it
 //! - `streams`:   stream id (32) → [`StreamRecord`] (4 × u64 BE)
+//! - `cursors`:   peer node id (32) ‖ stream id (32) → peer log epoch (16) ‖ last peer seq taken (u64 BE)
+//! - `peers`:     peer address (UTF-8) → empty (peers to dial, remembered across restarts)
+//! - `joins`:     stream id (32) → empty (joins waiting for a peer that has the genesis)
 //! - `default`:   metadata: `format`, `epoch`, `head`, `hlc`
 //!
 //! Contract: [`Store::commit`] writes a whole [`Commit`] in one RocksDB write batch (all or
@@ -16,7 +20,7 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use quire_projection_api::{ScribeId, StreamId};
+use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
     WriteOptions, DB,
@@ -26,7 +30,18 @@ const CF_SCRIBES: &str = "scribes";
 const CF_LOG: &str = "log";
 const CF_BY_STREAM: &str = "by_stream";
 const CF_STREAMS: &str = "streams";
-const COLUMN_FAMILIES: [&str; 4] = [CF_SCRIBES, CF_LOG, CF_BY_STREAM, CF_STREAMS];
+const CF_CURSORS: &str = "cursors";
+const CF_PEERS: &str = "peers";
+const CF_JOINS: &str = "joins";
+const COLUMN_FAMILIES: [&str; 7] = [
+    CF_SCRIBES,
+    CF_LOG,
+    CF_BY_STREAM,
+    CF_STREAMS,
+    CF_CURSORS,
+    CF_PEERS,
+    CF_JOINS,
+];
 
 const META_FORMAT: &[u8] = b"format";
 const META_EPOCH: &[u8] = b"epoch";
@@ -49,6 +64,11 @@ pub enum StoreError {
         /// What the directory says.
         found: u64,
     },
+    /// The log is closing (the node is shutting down).
+    #[error(
+        "the node is shutting down; reconnect to a running node and resume from the last seq seen"
+    )]
+    Closed,
     /// A stored value has the wrong shape: the store is damaged.
     #[error("damaged store: {0}; run `quire verify -d <data dir>` for a full report")]
     Damaged(String),
@@ -106,6 +126,40 @@ pub struct Commit {
     pub head: u64,
     /// The clock high-water mark to persist.
     pub hlc: u64,
+    /// Replication cursors covered by this commit (written in the same batch: invariant 6).
+    pub cursors: Vec<CursorUpdate>,
+}
+
+/// Where a replicated scribe came from: the peer and the log epoch it had then. A scribe is never
+/// sent back to the same peer *in the same epoch*; a peer whose log was wiped gets it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerOrigin {
+    /// The peer's node id.
+    pub peer: AuthorKey,
+    /// The peer's log epoch.
+    pub epoch: [u8; 16],
+}
+
+/// "Everything of `stream` up to the peer's local seq `seq` (in log epoch `epoch`) has been taken."
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorUpdate {
+    /// The peer's node id.
+    pub peer: AuthorKey,
+    /// The stream.
+    pub stream: StreamId,
+    /// The peer's log epoch the seq belongs to.
+    pub epoch: [u8; 16],
+    /// The last peer seq taken.
+    pub seq: u64,
+}
+
+/// A stored replication cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// The peer's log epoch.
+    pub epoch: [u8; 16],
+    /// The last peer seq taken.
+    pub seq: u64,
 }
 
 /// One scribe to store.
@@ -119,6 +173,8 @@ pub struct NewEntry {
     pub stream: StreamId,
     /// Its exact bytes.
     pub bytes: Bytes,
+    /// The peer it was received from, if any.
+    pub origin: Option<PeerOrigin>,
 }
 
 /// A stored scribe with its local seq.
@@ -130,6 +186,8 @@ pub struct StoredEntry {
     pub id: ScribeId,
     /// The exact stored bytes.
     pub bytes: Bytes,
+    /// The peer it was received from (known on stream reads only).
+    pub origin: Option<PeerOrigin>,
 }
 
 /// The RocksDB store of one data directory.
@@ -260,11 +318,12 @@ impl Store {
     /// Writes a whole commit in one write batch.
     pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        let (scribes, log, by_stream, streams) = (
+        let (scribes, log, by_stream, streams, cursors) = (
             self.cf(CF_SCRIBES),
             self.cf(CF_LOG),
             self.cf(CF_BY_STREAM),
             self.cf(CF_STREAMS),
+            self.cf(CF_CURSORS),
         );
         let mut value = Vec::new();
         for entry in &commit.scribes {
@@ -273,14 +332,20 @@ impl Store {
             value.extend_from_slice(&entry.bytes);
             batch.put_cf(scribes, entry.id.as_bytes(), &value);
             batch.put_cf(log, entry.seq.to_be_bytes(), entry.id.as_bytes());
-            batch.put_cf(
-                by_stream,
-                stream_key(&entry.stream, entry.seq),
-                entry.id.as_bytes(),
-            );
+            let mut index_value = entry.id.as_bytes().to_vec();
+            if let Some(origin) = entry.origin {
+                index_value.extend_from_slice(origin.peer.as_bytes());
+                index_value.extend_from_slice(&origin.epoch);
+            }
+            batch.put_cf(by_stream, stream_key(&entry.stream, entry.seq), index_value);
         }
         for (stream, record) in &commit.streams {
             batch.put_cf(streams, stream.as_bytes(), record.encode());
+        }
+        for cursor in &commit.cursors {
+            let mut value = cursor.epoch.to_vec();
+            value.extend_from_slice(&cursor.seq.to_be_bytes());
+            batch.put_cf(cursors, cursor_key(&cursor.peer, &cursor.stream), value);
         }
         batch.put(META_HEAD, commit.head.to_be_bytes());
         batch.put(META_HLC, commit.hlc.to_be_bytes());
@@ -308,6 +373,7 @@ impl Store {
                 seq: u64::from_be_bytes(value[..8].try_into().unwrap()),
                 id: *id,
                 bytes: Bytes::copy_from_slice(&value[8..]),
+                origin: None,
             })),
             Some(_) => Err(StoreError::Damaged(format!(
                 "scribe {id} has a value under 8 bytes"
@@ -316,18 +382,22 @@ impl Store {
         }
     }
 
-    fn ids_to_entries(&self, ids: Vec<(u64, ScribeId)>) -> Result<Vec<StoredEntry>, StoreError> {
+    fn ids_to_entries(
+        &self,
+        ids: Vec<(u64, ScribeId, Option<PeerOrigin>)>,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
         let cf = self.cf(CF_SCRIBES);
         let values =
             self.db
-                .batched_multi_get_cf(cf, ids.iter().map(|(_, id)| id.as_bytes()), false);
+                .batched_multi_get_cf(cf, ids.iter().map(|(_, id, _)| id.as_bytes()), false);
         ids.into_iter()
             .zip(values)
-            .map(|((seq, id), value)| match value? {
+            .map(|((seq, id, origin), value)| match value? {
                 Some(value) if value.len() >= 8 => Ok(StoredEntry {
                     seq,
                     id,
                     bytes: Bytes::copy_from_slice(&value[8..]),
+                    origin,
                 }),
                 _ => Err(StoreError::Damaged(format!(
                     "seq {seq} names scribe {id}, which is not stored"
@@ -364,7 +434,7 @@ impl Store {
             );
             let id = ScribeId::from_slice(&value)
                 .map_err(|_| StoreError::Damaged(format!("log value at seq {seq}")))?;
-            ids.push((seq, id));
+            ids.push((seq, id, None));
         }
         self.ids_to_entries(ids)
     }
@@ -401,9 +471,9 @@ impl Store {
             if seq > to {
                 break;
             }
-            let id = ScribeId::from_slice(&value)
-                .map_err(|_| StoreError::Damaged(format!("stream index value at seq {seq}")))?;
-            ids.push((seq, id));
+            let (id, origin) = decode_index_value(&value)
+                .ok_or_else(|| StoreError::Damaged(format!("stream index value at seq {seq}")))?;
+            ids.push((seq, id, origin));
         }
         self.ids_to_entries(ids)
     }
@@ -464,13 +534,77 @@ impl Store {
             .db
             .get_pinned_cf(self.cf(CF_BY_STREAM), stream_key(stream, seq))?
         {
-            Some(value) => {
-                Ok(Some(ScribeId::from_slice(&value).map_err(|_| {
-                    StoreError::Damaged("stream index value".into())
-                })?))
-            }
+            Some(value) => Ok(Some(
+                decode_index_value(&value)
+                    .ok_or_else(|| StoreError::Damaged("stream index value".into()))?
+                    .0,
+            )),
             None => Ok(None),
         }
+    }
+
+    /// Every replication cursor on `peer`, by stream.
+    pub fn cursors(&self, peer: &AuthorKey) -> Result<Vec<(StreamId, Cursor)>, StoreError> {
+        let mut out = Vec::new();
+        let start = cursor_key(peer, &StreamId::default());
+        for item in self.db.iterator_cf(
+            self.cf(CF_CURSORS),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (key, value) = item?;
+            if key.len() != 64 || &key[..32] != peer.as_bytes() {
+                break;
+            }
+            if value.len() != 24 {
+                return Err(StoreError::Damaged("cursor value is not 24 bytes".into()));
+            }
+            let stream = StreamId::from_slice(&key[32..]).expect("32 bytes");
+            let epoch: [u8; 16] = value[..16].try_into().expect("16 bytes");
+            let seq = u64::from_be_bytes(value[16..].try_into().expect("8 bytes"));
+            out.push((stream, Cursor { epoch, seq }));
+        }
+        Ok(out)
+    }
+
+    /// Remembers a peer address to dial (synced: it is configuration).
+    pub fn add_peer(&self, addr: &str) -> Result<(), StoreError> {
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_PEERS), addr.as_bytes(), b"", &sync)?;
+        Ok(())
+    }
+
+    /// Every remembered peer address.
+    pub fn peers(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_PEERS), IteratorMode::Start) {
+            let (key, _) = item?;
+            out.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Records (`pending` true) or clears a join waiting for its genesis.
+    pub fn set_join_pending(&self, stream: &StreamId, pending: bool) -> Result<(), StoreError> {
+        if pending {
+            self.db.put_cf(self.cf(CF_JOINS), stream.as_bytes(), b"")?;
+        } else {
+            self.db.delete_cf(self.cf(CF_JOINS), stream.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Joins waiting for a genesis.
+    pub fn pending_joins(&self) -> Result<Vec<StreamId>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_JOINS), IteratorMode::Start) {
+            let (key, _) = item?;
+            out.push(
+                StreamId::from_slice(&key).map_err(|_| StoreError::Damaged("join key".into()))?,
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -478,5 +612,26 @@ fn stream_key(stream: &StreamId, seq: u64) -> [u8; 40] {
     let mut key = [0u8; 40];
     key[..32].copy_from_slice(stream.as_bytes());
     key[32..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn decode_index_value(value: &[u8]) -> Option<(ScribeId, Option<PeerOrigin>)> {
+    match value.len() {
+        32 => Some((ScribeId::from_slice(value).ok()?, None)),
+        80 => Some((
+            ScribeId::from_slice(&value[..32]).ok()?,
+            Some(PeerOrigin {
+                peer: AuthorKey::from_slice(&value[32..64]).ok()?,
+                epoch: value[64..].try_into().ok()?,
+            }),
+        )),
+        _ => None,
+    }
+}
+
+fn cursor_key(peer: &AuthorKey, stream: &StreamId) -> [u8; 64] {
+    let mut key = [0u8; 64];
+    key[..32].copy_from_slice(peer.as_bytes());
+    key[32..].copy_from_slice(stream.as_bytes());
     key
 }

@@ -54,10 +54,22 @@ async fn run(
 ) {
     let mut heads = shared.head_tx.subscribe();
     let mut closing = shared.closing.subscribe();
-    let mut caught_up = false;
+    // CaughtUp is due once everything up to the head at the start has been delivered, even if
+    // writes keep the head moving (the subscriber would otherwise chase it forever).
+    let mut caught_up_at = Some(*heads.borrow_and_update());
     loop {
         if *closing.borrow() {
+            let _ = events.try_send(Err(StoreError::Closed));
             return;
+        }
+        if let Some(target) = caught_up_at {
+            if next > target {
+                caught_up_at = None;
+                if events.send(Ok(LogEvent::CaughtUp(next - 1))).await.is_err() {
+                    return;
+                }
+                continue;
+            }
         }
         let head = *heads.borrow_and_update();
         if next <= head {
@@ -82,22 +94,18 @@ async fn run(
             for entry in entries {
                 tokio::select! {
                     sent = events.send(Ok(LogEvent::Entry(entry))) => if sent.is_err() { return },
-                    _ = closing.changed() => return,
+                    _ = closing.changed() => {
+                        let _ = events.try_send(Err(StoreError::Closed));
+                        return;
+                    }
                 }
-            }
-            continue;
-        }
-        if !caught_up {
-            caught_up = true;
-            if events.send(Ok(LogEvent::CaughtUp(head))).await.is_err() {
-                return;
             }
             continue;
         }
         tokio::select! {
             changed = heads.changed() => if changed.is_err() { return },
             _ = events.closed() => return,
-            _ = closing.changed() => return,
+            _ = closing.changed() => {}
         }
     }
 }

@@ -221,6 +221,35 @@ async fn refused_appends_get_the_right_status_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    // Shape rules apply to what the node signs too: nothing it could not decode is ever stored.
+    let status = clients
+        .log
+        .append(pb::AppendRequest {
+            stream: bytes_of(&stream),
+            kind: "x.a".into(),
+            content_type: "t".repeat(300),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("content_type"),
+        "{}",
+        status.message()
+    );
+    let status = clients
+        .log
+        .append(pb::AppendRequest {
+            stream: bytes_of(&stream),
+            kind: "x.a".into(),
+            parents: vec![bytes_of(&stream); 65],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("parents"), "{}", status.message());
 
     // A batch with one bad item stores nothing at all.
     let batch = pb::AppendBatchRequest {
@@ -337,7 +366,14 @@ async fn duplicate_appends_are_idempotent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_every_scribe_and_seqs_continue_without_a_gap() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start_node(dir.path()).await;
+    // The first run's wall clock is a day ahead; the second's is back to now: the node's clock
+    // must still not go backwards.
+    let ahead = quire::hlc::system_wall_clock()() + 86_400_000;
+    let mut config = quire::node::NodeConfig::new(dir.path());
+    config.wall = Some(std::sync::Arc::new(move || ahead));
+    let node = quire::node::RunningNode::start(config, "127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
     let mut clients = clients(&node.url()).await;
     let stream = create_stream(&mut clients, "restart", None).await;
     for index in 0..50 {
@@ -348,6 +384,10 @@ async fn restart_keeps_every_scribe_and_seqs_continue_without_a_gap() {
     let last_hlc = node.log.clock().peek();
     node.stop().await.unwrap();
 
+    assert!(
+        last_hlc >> 16 >= ahead,
+        "the first run used the clock a day ahead"
+    );
     let node = start_node(dir.path()).await;
     assert_eq!(node.log.node_key(), node_id, "the node keeps its identity");
     assert!(

@@ -17,9 +17,13 @@ use tonic::transport::Channel;
 
 /// Starts a node on `dir` with its API on a free loopback port.
 pub async fn start_node(dir: &Path) -> RunningNode {
-    RunningNode::start(NodeConfig::new(dir), "127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("node starts")
+    RunningNode::start(
+        NodeConfig::new(dir),
+        "127.0.0.1:0".parse().unwrap(),
+        Some("127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .expect("node starts")
 }
 
 /// gRPC clients of one node.

@@ -16,8 +16,17 @@ use crate::common::*;
 
 /// Starts `quire serve` on `dir` with a free port; returns the child and its API URL.
 pub async fn spawn_serve(dir: &Path) -> (Child, String) {
+    let (child, url, _) = spawn_serve_with(dir, &[]).await;
+    (child, url)
+}
+
+/// Starts `quire serve` on `dir` with free ports and `extra` arguments; returns the child, its API
+/// URL and its peer listener address.
+pub async fn spawn_serve_with(dir: &Path, extra: &[&str]) -> (Child, String, String) {
     let mut child = Command::new(quire_bin())
-        .args(["serve", "--api", "127.0.0.1:0", "-d"])
+        .args(["serve", "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .arg("-d")
         .arg(dir)
         .env("QUIRE_LOG", "warn")
         .stdout(Stdio::piped())
@@ -26,12 +35,16 @@ pub async fn spawn_serve(dir: &Path) -> (Child, String) {
         .spawn()
         .expect("spawn quire serve");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut url = None;
     while let Some(line) = lines.next_line().await.unwrap() {
-        if let Some(url) = line.strip_prefix("client API listening on ") {
-            let url = url.trim().to_string();
+        if let Some(api) = line.strip_prefix("client API listening on ") {
+            url = Some(api.trim().to_string());
+        }
+        if let Some(peer) = line.strip_prefix("peer listener on ") {
+            let peer = peer.trim().to_string();
             // Keep draining stdout so the child never blocks on a full pipe.
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return (child, url);
+            return (child, url.expect("the API line comes first"), peer);
         }
     }
     panic!("quire serve exited before listening");
@@ -143,4 +156,128 @@ async fn acknowledged_appends_survive_sigkill() {
         url = next_url;
     }
     child.kill().await.unwrap();
+}
+
+async fn held(url: &str, stream: &quire::api::StreamId) -> u64 {
+    let mut clients = crate::common::clients(url).await;
+    match clients
+        .streams
+        .get(pb::GetStreamRequest {
+            stream: bytes_of(stream),
+        })
+        .await
+    {
+        Ok(info) => info.into_inner().scribes,
+        Err(_) => 0,
+    }
+}
+
+async fn verify_clean(dir: &Path) {
+    let output = std::process::Command::new(quire_bin())
+        .args(["verify", "-d"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text.contains("no damage"),
+        "verify found damage:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_catch_up_and_live_replication_loses_and_duplicates_nothing() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut child_a, url_a, peer_a) = spawn_serve_with(dir_a.path(), &[]).await;
+    let mut clients_a = crate::common::clients(&url_a).await;
+    let stream = create_stream(&mut clients_a, "replicated crash", None).await;
+    for batch in 0..20 {
+        let appends = (0..1000)
+            .map(|index| pb::AppendRequest {
+                stream: bytes_of(&stream),
+                kind: "x.bulk".into(),
+                payload: Bytes::from(format!("{batch}/{index}")),
+                ..Default::default()
+            })
+            .collect();
+        clients_a
+            .log
+            .append_batch(pb::AppendBatchRequest {
+                appends,
+                signed: vec![],
+            })
+            .await
+            .unwrap();
+    }
+
+    // B dials A, joins, and is killed in the middle of the catch-up.
+    let (mut child_b, url_b, _) = spawn_serve_with(dir_b.path(), &["--peer", &peer_a]).await;
+    let mut clients_b = crate::common::clients(&url_b).await;
+    clients_b
+        .streams
+        .join(pb::JoinStreamRequest {
+            stream: bytes_of(&stream),
+            timeout_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    let timeout = std::time::Duration::from_secs(120);
+    wait_until(timeout, "B part way through the catch-up", || {
+        let url_b = url_b.clone();
+        async move { held(&url_b, &stream).await >= 2_000 }
+    })
+    .await;
+    child_b.kill().await.unwrap();
+    let (next_b, url_b, _) = spawn_serve_with(dir_b.path(), &[]).await;
+    child_b = next_b;
+    wait_until(timeout, "B to catch up after the crash", || {
+        let url_b = url_b.clone();
+        async move { held(&url_b, &stream).await >= 20_001 }
+    })
+    .await;
+
+    // Live: A keeps appending while B is killed again.
+    let writer = {
+        let url_a = url_a.clone();
+        tokio::spawn(async move {
+            let mut clients = crate::common::clients(&url_a).await;
+            for index in 0..600 {
+                append_note(&mut clients, &stream, &format!("live {index}")).await;
+            }
+        })
+    };
+    wait_until(timeout, "B to receive live scribes", || {
+        let url_b = url_b.clone();
+        async move { held(&url_b, &stream).await >= 20_101 }
+    })
+    .await;
+    child_b.kill().await.unwrap();
+    writer.await.unwrap();
+    let (next_b, url_b, _) = spawn_serve_with(dir_b.path(), &[]).await;
+    child_b = next_b;
+    wait_until(timeout, "B to converge after the second crash", || {
+        let url_b = url_b.clone();
+        async move { held(&url_b, &stream).await >= 20_601 }
+    })
+    .await;
+
+    // Same set on both, each stored once, nothing damaged.
+    let mut clients_b = crate::common::clients(&url_b).await;
+    let ids = |entries: Vec<pb::Entry>| {
+        entries
+            .into_iter()
+            .map(|entry| entry.id)
+            .collect::<Vec<_>>()
+    };
+    let on_a = ids(read_all(&mut clients_a).await);
+    let on_b = ids(read_all(&mut clients_b).await);
+    assert_eq!(on_b.len(), on_a.len(), "nothing lost, nothing duplicated");
+    assert_eq!(
+        on_a.iter().collect::<std::collections::HashSet<_>>(),
+        on_b.iter().collect::<std::collections::HashSet<_>>()
+    );
+    child_a.kill().await.unwrap();
+    child_b.kill().await.unwrap();
+    verify_clean(dir_a.path()).await;
+    verify_clean(dir_b.path()).await;
 }

@@ -5,7 +5,10 @@
 mod api;
 mod common;
 mod crash;
+mod malicious;
 mod python;
+mod replication;
 mod scribe;
+mod simulation;
 mod subscribe;
 mod verify;

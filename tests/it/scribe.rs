@@ -101,6 +101,46 @@ fn a_genesis_has_no_stream_and_everything_else_has_one() {
 }
 
 #[test]
+fn a_non_canonical_body_is_refused_even_when_correctly_signed() {
+    use ed25519_dalek::Signer;
+    use prost::Message;
+    let key = SigningKey::from_bytes(&[4; 32]);
+    let good = crate::common::client_scribe(&key, &ScribeId([1; 32]), "x.a", b"p", 1);
+    // The same fields with an unknown field appended, signed properly by the author.
+    let mut body = good.body_bytes.to_vec();
+    body.extend_from_slice(&[0x78, 0x01]); // field 15, varint 1
+    let mut message = quire::scribe::SIGNING_PREFIX.to_vec();
+    message.extend_from_slice(&body);
+    let signature = key.sign(&message);
+    let bytes = pb::Scribe {
+        format: 1,
+        body: Bytes::from(body),
+        signature: Bytes::copy_from_slice(&signature.to_bytes()),
+    }
+    .encode_to_vec();
+    let error = Scribe::decode(Bytes::from(bytes)).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("body is not canonically encoded"),
+        "{error}"
+    );
+}
+
+#[test]
+fn work_tokens_computed_by_the_signer_verify() {
+    let key = SigningKey::from_bytes(&[4; 32]);
+    for bits in [1, 8, 12] {
+        let body =
+            crate::common::client_scribe(&key, &ScribeId([1; 32]), "record.add", b"{}", 1).body;
+        let scribe = Scribe::sign_with_work(body, &key, bits);
+        let decoded = Scribe::decode(scribe.bytes.clone()).unwrap();
+        assert!(quire::scribe::leading_zero_bits(&decoded.body_hash) >= bits);
+        assert_eq!(decoded.id, scribe.id);
+    }
+}
+
+#[test]
 fn other_formats_are_refused_with_a_clear_error() {
     use prost::Message;
     let key = SigningKey::from_bytes(&[4; 32]);

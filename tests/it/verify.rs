@@ -36,7 +36,15 @@ async fn verify_passes_clean_data_and_reports_a_flipped_byte() {
         let db = rocksdb::DB::open_cf(
             &options,
             dir.path().join("db"),
-            ["scribes", "log", "by_stream", "streams"],
+            [
+                "scribes",
+                "log",
+                "by_stream",
+                "streams",
+                "cursors",
+                "peers",
+                "joins",
+            ],
         )
         .unwrap();
         let cf = db.cf_handle("scribes").unwrap();

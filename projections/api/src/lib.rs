@@ -60,6 +60,12 @@ macro_rules! thirty_two_bytes {
             }
         }
 
+        impl From<[u8; 32]> for $name {
+            fn from(bytes: [u8; 32]) -> Self {
+                Self(bytes)
+            }
+        }
+
         impl FromStr for $name {
             type Err = ParseError;
             fn from_str(text: &str) -> Result<Self, ParseError> {
@@ -260,8 +266,9 @@ impl Policy {
     pub const DEFAULT_MAX_STREAM_BYTES: u64 = 100 * 1024 * 1024;
     /// One hour.
     pub const DEFAULT_LEASE_MS: u64 = 3_600_000;
-    /// The most work bits a policy may ask for (each bit doubles the cost of an append).
-    pub const MAX_WORK_BITS: u32 = 32;
+    /// The most work bits a policy may ask for (each bit doubles the cost of an append; 24 bits
+    /// is about 16 million hashes, a few seconds of one core).
+    pub const MAX_WORK_BITS: u32 = 24;
 
     /// Who may author `kind` when the policy has no rule for it: `file.*` the owner only;
     /// `record.*`, `kv.*` and `x.*` anyone; `stream.create` nobody (a stream has one genesis).

@@ -1,0 +1,498 @@
+//! The driver of one peer connection: moves a [`Session`]'s messages over a tonic stream.
+//!
+//! It listens to four things at once — the peer's messages, room in the outbound queue, the local
+//! head, and the set of local streams — and never blocks on one while another could deadlock it:
+//! every message, control or data, is sent through a permit taken in the same `select!` that
+//! reads the peer, so two peers pushing backlogs at each other keep reading each other too. Scribes
+//! are read from storage only when there is room to send them (flow control: memory does not grow
+//! with the backlog). Received batches are stored with their cursor before the next message is
+//! read (back-pressure to the sender through HTTP/2 flow control).
+//!
+//! Also here: the dial loop with exponential backoff and jitter.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use quire_projection_api::{AuthorKey, ScribeId, StreamId};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::session::{Action, Message, ReadPlan, Session, Step};
+use super::{Command, Inner, FIRST_BACKOFF, MAX_BACKOFF, MAX_PEER_MESSAGE_BYTES, OUTBOUND_QUEUE};
+use crate::convert;
+use crate::log::store::{CursorUpdate, PeerOrigin};
+use crate::pb;
+use crate::scribe;
+
+/// Most scribes read into one batch.
+pub const BATCH_SCRIBES: usize = 512;
+/// A batch is cut once it holds this many bytes (it always holds at least one scribe).
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Invalid scribes a peer may send on one connection before it is disconnected (and banned for a
+/// while, doubling each time).
+pub const MAX_REFUSED_PER_CONNECTION: u64 = 64;
+
+/// Runs one connection to its end. `dialed`: this side dialed (the peer is at `addr`).
+pub(crate) async fn run<S>(
+    inner: Arc<Inner>,
+    incoming: S,
+    outgoing: mpsc::Sender<pb::PeerMessage>,
+    dialed: bool,
+    addr: String,
+) -> Result<(), String>
+where
+    S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin + Send,
+{
+    let (commands_tx, commands) = mpsc::unbounded_channel();
+    let id = inner.register(commands_tx);
+    let mut driver = Driver {
+        inner: inner.clone(),
+        session: None,
+        control: VecDeque::new(),
+        peer: None,
+        epoch: [0; 16],
+        dialed,
+        addr,
+        refused_here: 0,
+        id,
+    };
+    let result = driver.drive(incoming, &outgoing, commands).await;
+    // Best effort: tell the peer why.
+    if let Err(reason) = &result {
+        let _ = outgoing.try_send(convert::peer_message_to_proto(&Message::Error(
+            reason.clone(),
+        )));
+    }
+    inner.unregister(id);
+    let key = driver.state_key();
+    inner.with_peer(&key, |state| {
+        state.connected = inner
+            .live
+            .lock()
+            .expect("live lock")
+            .values()
+            .any(|live| live.peer.is_some() && live.peer == driver.peer);
+        if let Err(reason) = &result {
+            state.last_error = Some(reason.clone());
+        }
+    });
+    result
+}
+
+struct Driver {
+    inner: Arc<Inner>,
+    session: Option<Session>,
+    control: VecDeque<Message>,
+    peer: Option<AuthorKey>,
+    epoch: [u8; 16],
+    dialed: bool,
+    addr: String,
+    refused_here: u64,
+    id: u64,
+}
+
+impl Driver {
+    /// Dialed peers are kept under their address, accepted ones under their node id.
+    fn state_key(&self) -> String {
+        match (self.dialed, self.peer) {
+            (true, _) | (false, None) => self.addr.clone(),
+            (false, Some(peer)) => peer.to_hex(),
+        }
+    }
+
+    async fn drive<S>(
+        &mut self,
+        mut incoming: S,
+        outgoing: &mpsc::Sender<pb::PeerMessage>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Result<(), String>
+    where
+        S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin + Send,
+    {
+        let log = self.inner.log.clone();
+        let (session, actions) = Session::new(self.inner.key.clone(), log.epoch(), rand::random());
+        self.session = Some(session);
+        self.execute(actions).await?;
+        let mut heads = log.watch_head();
+        let mut streams = log.watch_streams();
+        let mut closing = self.inner.closing.clone();
+        let mut maybe_more = true;
+        loop {
+            if *closing.borrow() {
+                return Err("this node is shutting down".into());
+            }
+            let started = self.session().is_started();
+            let want_room = !self.control.is_empty() || (started && maybe_more);
+            tokio::select! {
+                permit = outgoing.reserve(), if want_room => {
+                    let permit = permit.map_err(|_| "the peer went away".to_string())?;
+                    if let Some(message) = self.control.pop_front() {
+                        permit.send(convert::peer_message_to_proto(&message));
+                        continue;
+                    }
+                    let step = self.session_mut().next_step(|stream| log.stream(stream).map_or(0, |state| state.record.head_seq));
+                    match step {
+                        None => maybe_more = false,
+                        Some(Step::Send(message)) => permit.send(convert::peer_message_to_proto(&message)),
+                        Some(Step::Read(plan)) => {
+                            if let Some(batch) = self.read(plan).await? {
+                                if let Message::Batch { stream, scribes, .. } = &batch {
+                                    let sent = scribes.len() as u64;
+                                    let stream = *stream;
+                                    self.counters(stream, |counters| counters.sent += sent);
+                                }
+                                permit.send(convert::peer_message_to_proto(&batch));
+                            }
+                        }
+                    }
+                }
+                message = incoming.next() => {
+                    let message = match message {
+                        None => return Err("the peer closed the connection".into()),
+                        Some(Err(status)) => return Err(format!("the peer's stream failed: {}", status.message())),
+                        Some(Ok(message)) => convert::peer_message_from_proto(message).map_err(|error| format!("malformed peer message: {error}"))?,
+                    };
+                    let actions = self.session_mut().handle(message);
+                    self.execute(actions).await?;
+                    maybe_more = true;
+                }
+                changed = heads.changed() => {
+                    if changed.is_err() { return Err("the log closed".into()); }
+                    maybe_more = true;
+                }
+                changed = streams.changed() => {
+                    if changed.is_err() { return Err("the log closed".into()); }
+                    let ids = log.stream_ids();
+                    let actions = self.session_mut().set_local_streams(ids);
+                    self.execute(actions).await?;
+                    maybe_more = true;
+                }
+                command = commands.recv() => match command {
+                    Some(Command::RequestGenesis(stream)) => {
+                        let actions = self.session().request_genesis(stream);
+                        self.execute(actions).await?;
+                    }
+                    Some(Command::Close(reason)) => return Err(reason),
+                    None => return Err("the connection registry closed".into()),
+                },
+                _ = closing.changed() => return Err("this node is shutting down".into()),
+            }
+        }
+    }
+
+    fn session(&self) -> &Session {
+        self.session.as_ref().expect("session made at start")
+    }
+
+    fn session_mut(&mut self) -> &mut Session {
+        self.session.as_mut().expect("session made at start")
+    }
+
+    fn counters(&self, stream: StreamId, update: impl FnOnce(&mut super::StreamCounters)) {
+        let key = self.state_key();
+        self.inner.with_peer(&key, |state| {
+            update(state.streams.entry(stream).or_default())
+        });
+    }
+
+    async fn read(&mut self, plan: ReadPlan) -> Result<Option<Message>, String> {
+        let log = self.inner.log.clone();
+        let entries = tokio::task::spawn_blocking(move || {
+            log.store()
+                .read_stream(&plan.stream, plan.from, plan.to, BATCH_SCRIBES)
+        })
+        .await
+        .map_err(|error| format!("read task failed: {error}"))?
+        .map_err(|error| format!("reading stream {}: {error}", plan.stream))?;
+        let mut limit = BATCH_SCRIBES;
+        let mut bytes = 0;
+        let mut kept = Vec::with_capacity(entries.len());
+        for entry in entries {
+            if !kept.is_empty() && bytes + entry.bytes.len() > BATCH_BYTES {
+                limit = kept.len();
+                break;
+            }
+            bytes += entry.bytes.len();
+            kept.push((entry.seq, entry.id, entry.bytes, entry.origin));
+        }
+        Ok(self.session_mut().read_done(plan, kept, limit))
+    }
+
+    async fn execute(&mut self, actions: Vec<Action>) -> Result<(), String> {
+        for action in actions {
+            match action {
+                Action::Send(message) => self.control.push_back(message),
+                Action::Close(reason) => return Err(reason),
+                Action::Ready { peer, epoch } => self.ready(peer, epoch).await?,
+                Action::Store {
+                    stream,
+                    scribes,
+                    through,
+                    head,
+                } => self.store(stream, scribes, through, head).await?,
+                Action::CaughtUp { stream, seq } => {
+                    tracing::debug!(peer = %self.peer.map(|peer| peer.short()).unwrap_or_default(), %stream, seq, "caught up");
+                    self.counters(stream, |counters| counters.caught_up = true);
+                }
+                Action::ServeGenesis(stream) => {
+                    let log = self.inner.log.clone();
+                    let genesis = tokio::task::spawn_blocking(move || log.get(&stream))
+                        .await
+                        .map_err(|error| error.to_string())?
+                        .map_err(|error| error.to_string())?;
+                    self.control.push_back(Message::Genesis {
+                        stream,
+                        scribe: genesis.map(|entry| entry.bytes),
+                    });
+                }
+                Action::GenesisReceived { stream, scribe } => self.genesis(stream, scribe).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn ready(&mut self, peer: AuthorKey, epoch: [u8; 16]) -> Result<(), String> {
+        self.peer = Some(peer);
+        self.epoch = epoch;
+        if let Some(left) = self.inner.banned(&peer) {
+            return Err(format!(
+                "node {peer} sent too many invalid scribes; refused for another {} s",
+                left.as_secs() + 1
+            ));
+        }
+        let local = self.inner.log.node_key();
+        let dialer = if self.dialed { local } else { peer };
+        if !self.inner.claim(self.id, peer, dialer) {
+            return Err("a connection with this peer is already up (the one dialed by the lower node id is kept)".into());
+        }
+        let key = self.state_key();
+        let addr = self.addr.clone();
+        self.inner.with_peer(&key, |state| {
+            state.node = Some(peer);
+            state.connected = true;
+            state.connects += 1;
+            if state.addr.is_empty() {
+                state.addr = addr;
+            }
+        });
+        tracing::info!(peer = %peer.short(), addr = %self.addr, dialed = self.dialed, "peer connected");
+        let log = self.inner.log.clone();
+        let cursors = tokio::task::spawn_blocking(move || log.cursors(&peer))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| format!("loading cursors: {error}"))?;
+        let streams = self.inner.log.stream_ids();
+        let actions = self.session_mut().start(cursors, streams);
+        Box::pin(self.execute(actions)).await?;
+        let pending: Vec<StreamId> = self
+            .inner
+            .pending_joins
+            .lock()
+            .expect("joins lock")
+            .iter()
+            .copied()
+            .collect();
+        for stream in pending {
+            let actions = self.session().request_genesis(stream);
+            Box::pin(self.execute(actions)).await?;
+        }
+        Ok(())
+    }
+
+    async fn store(
+        &mut self,
+        stream: StreamId,
+        scribes: Vec<super::session::WireScribe>,
+        through: u64,
+        head: u64,
+    ) -> Result<(), String> {
+        let peer = self.peer.ok_or("store before the handshake")?;
+        let cursor = CursorUpdate {
+            peer,
+            stream,
+            epoch: self.epoch,
+            seq: through,
+        };
+        let drafts: Vec<(bytes::Bytes, Option<ScribeId>)> = scribes
+            .into_iter()
+            .map(|scribe| (scribe.bytes, Some(scribe.id)))
+            .collect();
+        let origin = PeerOrigin {
+            peer,
+            epoch: self.epoch,
+        };
+        let outcomes = self
+            .inner
+            .log
+            .replicate(origin, drafts, Some(cursor))
+            .await
+            .map_err(|error| format!("storing scribes from the peer failed: {error}"))?;
+        let (mut received, mut duplicates, mut refused) = (0, 0, 0);
+        for outcome in &outcomes {
+            match outcome {
+                Ok(appended) if appended.duplicate => duplicates += 1,
+                Ok(_) => received += 1,
+                Err(error) => {
+                    refused += 1;
+                    tracing::warn!(peer = %peer.short(), %stream, %error, "refused a scribe from a peer");
+                }
+            }
+        }
+        let cursor_now = self.session().cursor(&stream);
+        self.counters(stream, |counters| {
+            counters.received += received;
+            counters.duplicates += duplicates;
+            counters.refused += refused;
+            counters.cursor = cursor_now;
+            counters.peer_head = counters.peer_head.max(head);
+        });
+        if refused > 0 {
+            let key = self.state_key();
+            self.inner.with_peer(&key, |state| state.refused += refused);
+            self.refused_here += refused;
+            if self.refused_here > MAX_REFUSED_PER_CONNECTION {
+                let ban = self.inner.ban(peer);
+                return Err(format!(
+                    "peer sent {} invalid scribes on this connection; disconnected and refused for {} s",
+                    self.refused_here,
+                    ban.as_secs()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn genesis(&mut self, stream: StreamId, scribe: bytes::Bytes) -> Result<(), String> {
+        let peer = self.peer.ok_or("genesis before the handshake")?;
+        if !self
+            .inner
+            .pending_joins
+            .lock()
+            .expect("joins lock")
+            .contains(&stream)
+        {
+            return Ok(()); // not asked for, or already joined through another peer
+        }
+        if scribe::hash(&scribe) != stream {
+            tracing::warn!(peer = %peer.short(), %stream, "a peer sent a genesis that does not hash to the stream id; ignored");
+            let key = self.state_key();
+            self.inner.with_peer(&key, |state| state.refused += 1);
+            return Ok(());
+        }
+        let origin = PeerOrigin {
+            peer,
+            epoch: self.epoch,
+        };
+        let outcome = self
+            .inner
+            .log
+            .replicate(origin, vec![(scribe, Some(stream))], None)
+            .await
+            .map_err(|error| error.to_string())?;
+        match outcome.first() {
+            Some(Ok(_)) => {
+                self.inner
+                    .pending_joins
+                    .lock()
+                    .expect("joins lock")
+                    .remove(&stream);
+                let log = self.inner.log.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    log.store().set_join_pending(&stream, false)
+                })
+                .await;
+                tracing::info!(%stream, peer = %peer.short(), "joined stream");
+            }
+            Some(Err(error)) => {
+                tracing::warn!(peer = %peer.short(), %stream, %error, "a peer sent an invalid genesis")
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// Dials `addr` again and again, with exponential backoff and jitter between failures, until the
+/// node shuts down.
+pub(crate) async fn dial_loop(inner: Arc<Inner>, addr: String) {
+    let mut failures: u32 = 0;
+    let mut closing = inner.closing.clone();
+    loop {
+        if *closing.borrow() {
+            return;
+        }
+        let connects_before = inner.with_peer(&addr, |state| state.connects);
+        let result = tokio::select! {
+            result = dial_once(inner.clone(), &addr) => result,
+            _ = closing.changed() => return,
+        };
+        let connected = inner.with_peer(&addr, |state| {
+            if let Err(error) = &result {
+                state.last_error = Some(error.clone());
+            }
+            state.connected = false;
+            state.connects > connects_before
+        });
+        failures = if connected {
+            0
+        } else {
+            failures.saturating_add(1)
+        };
+        let delay = backoff(failures);
+        if let Err(error) = &result {
+            tracing::debug!(peer = %addr, %error, retry_in_ms = delay.as_millis() as u64, "peer connection ended");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = closing.changed() => return,
+        }
+    }
+}
+
+/// Exponential backoff with ±50% jitter: 0 after a connection that worked.
+pub fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::from_millis(rand::thread_rng().gen_range(50..150));
+    }
+    let base = FIRST_BACKOFF
+        .saturating_mul(1 << failures.min(10).saturating_sub(1))
+        .min(MAX_BACKOFF);
+    let jitter = rand::thread_rng().gen_range(0.5..1.5);
+    base.mul_f64(jitter).min(MAX_BACKOFF)
+}
+
+async fn dial_once(inner: Arc<Inner>, addr: &str) -> Result<(), String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|error| format!("bad peer address {addr}: {error}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|error| format!("cannot connect to peer {addr}: {error}"))?;
+    let mut client = pb::peer_client::PeerClient::new(channel)
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let (outgoing, receiver) = mpsc::channel(OUTBOUND_QUEUE);
+    let response = client
+        .replicate(ReceiverStream::new(receiver))
+        .await
+        .map_err(|status| {
+            format!(
+                "peer {addr} refused the replication stream: {}",
+                status.message()
+            )
+        })?;
+    run(
+        inner,
+        response.into_inner(),
+        outgoing,
+        true,
+        addr.to_string(),
+    )
+    .await
+}

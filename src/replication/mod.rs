@@ -1,0 +1,390 @@
+//! Replication: peers exchange scribes by since-last-sync catch-up and a live tail over gRPC.
+//!
+//! - [`session`]: the protocol as a sans-IO state machine (handshake, wants, what to send next).
+//! - [`connection`]: the driver that moves a session's messages over one tonic stream, reads
+//!   from the store when there is room to send, and stores what arrives with its cursor.
+//! - this module: the [`Replicator`] — the peer service (accepting side), the dial loops with
+//!   backoff (dialing side), joins, and the counters `quire status` shows.
+//!
+//! **Architecture invariant:** every scribe received from a peer goes through `Log::replicate`,
+//! the same validation as a client append; invalid scribes are refused, counted and never stored,
+//! so they are never relayed either.
+//!
+//! **Architecture invariant:** the cursor on a peer is written in the same RocksDB write batch as
+//! the scribes it covers (`Log::replicate`), so a crash can lose neither nor apply anything twice.
+
+pub mod connection;
+pub mod session;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use quire_projection_api::{AuthorKey, StreamId};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::log::Log;
+use crate::pb;
+
+/// Largest peer message (a batch is cut at [`connection::BATCH_BYTES`], plus one maximal scribe).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Messages queued towards one peer before the connection stops reading from storage.
+pub const OUTBOUND_QUEUE: usize = 8;
+/// Longest wait between two dial attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// First wait after a failed dial.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Counters of one stream with one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamCounters {
+    /// Last peer seq taken (the cursor).
+    pub cursor: u64,
+    /// The peer's newest seq of the stream, as last heard.
+    pub peer_head: u64,
+    /// Scribes sent to the peer.
+    pub sent: u64,
+    /// New scribes stored from the peer.
+    pub received: u64,
+    /// Scribes from the peer that were already stored.
+    pub duplicates: u64,
+    /// Scribes from the peer refused as invalid.
+    pub refused: u64,
+    /// Whether the peer said `CaughtUp` on this connection.
+    pub caught_up: bool,
+}
+
+/// What this node knows of one peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerState {
+    /// The address dialed, or the remote address of an accepted connection.
+    pub addr: String,
+    /// The peer's node id, once a handshake succeeded.
+    pub node: Option<AuthorKey>,
+    /// Whether a connection is up.
+    pub connected: bool,
+    /// Whether this node dials it (a remembered peer).
+    pub dialed: bool,
+    /// Connections that completed a handshake.
+    pub connects: u64,
+    /// Why the last connection ended or failed.
+    pub last_error: Option<String>,
+    /// Invalid scribes refused from it, all streams.
+    pub refused: u64,
+    /// Per stream.
+    pub streams: BTreeMap<StreamId, StreamCounters>,
+}
+
+pub(crate) enum Command {
+    RequestGenesis(StreamId),
+    Close(String),
+}
+
+pub(crate) struct Live {
+    peer: Option<AuthorKey>,
+    dialer: Option<AuthorKey>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) log: Log,
+    pub(crate) key: ed25519_dalek::SigningKey,
+    /// Connections by id.
+    pub(crate) live: Mutex<HashMap<u64, Live>>,
+    /// Peer states: dialed ones by address, accepted ones by node id (hex).
+    pub(crate) peers: Mutex<BTreeMap<String, PeerState>>,
+    pub(crate) pending_joins: Mutex<HashSet<StreamId>>,
+    pub(crate) bans: Mutex<HashMap<AuthorKey, (tokio::time::Instant, u32)>>,
+    pub(crate) closing: watch::Receiver<bool>,
+    closer: watch::Sender<bool>,
+    next_connection: AtomicU64,
+}
+
+/// The replication side of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Replicator {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Replicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator").finish()
+    }
+}
+
+/// Errors of peer management and joins.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicationError {
+    /// The peer address is not `host:port`.
+    #[error("peer address {0:?} is not host:port (for example 127.0.0.1:7001)")]
+    BadAddress(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] crate::log::store::StoreError),
+    /// No connected peer had the stream within the time given; the join stays pending.
+    #[error("no connected peer has sent the genesis of stream {0} yet; the join stays pending and completes when a peer that holds it connects (add one with `quire peer add`)")]
+    JoinPending(StreamId),
+}
+
+impl Replicator {
+    /// A replicator over `log`; call [`Replicator::start`] to dial remembered peers.
+    pub fn new(log: Log) -> Replicator {
+        let (closer, closing) = watch::channel(false);
+        let key = log.signing_key();
+        Replicator {
+            inner: Arc::new(Inner {
+                log,
+                key,
+                live: Mutex::new(HashMap::new()),
+                peers: Mutex::new(BTreeMap::new()),
+                pending_joins: Mutex::new(HashSet::new()),
+                bans: Mutex::new(HashMap::new()),
+                closing,
+                closer,
+                next_connection: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Starts dialing every remembered peer and `extra_peers` (which are remembered too), and
+    /// reloads pending joins.
+    pub fn start(&self, extra_peers: &[String]) -> Result<(), ReplicationError> {
+        for addr in extra_peers {
+            self.inner.log.store().add_peer(&normalise_addr(addr)?)?;
+        }
+        for stream in self.inner.log.store().pending_joins()? {
+            self.inner
+                .pending_joins
+                .lock()
+                .expect("joins lock")
+                .insert(stream);
+        }
+        for addr in self.inner.log.store().peers()? {
+            self.spawn_dialer(addr);
+        }
+        Ok(())
+    }
+
+    /// Remembers `addr` and starts dialing it (no-op if already known).
+    pub fn add_peer(&self, addr: &str) -> Result<String, ReplicationError> {
+        let addr = normalise_addr(addr)?;
+        let known = self
+            .inner
+            .peers
+            .lock()
+            .expect("peers lock")
+            .get(&addr)
+            .is_some_and(|state| state.dialed);
+        self.inner.log.store().add_peer(&addr)?;
+        if !known {
+            self.spawn_dialer(addr.clone());
+        }
+        Ok(addr)
+    }
+
+    fn spawn_dialer(&self, addr: String) {
+        {
+            let mut peers = self.inner.peers.lock().expect("peers lock");
+            let state = peers.entry(addr.clone()).or_default();
+            if state.dialed {
+                return;
+            }
+            state.dialed = true;
+            state.addr = addr.clone();
+        }
+        tokio::spawn(connection::dial_loop(self.inner.clone(), addr));
+    }
+
+    /// Joins `stream`: asks every connected peer for its genesis, checks that it hashes to the
+    /// stream id, stores it, and from then on the stream replicates like any other. Waits up to
+    /// `timeout` for the genesis; if none came, the join stays pending (also across restarts).
+    pub async fn join(&self, stream: StreamId, timeout: Duration) -> Result<(), ReplicationError> {
+        if self.inner.log.stream(&stream).is_some() {
+            return Ok(());
+        }
+        let mut streams = self.inner.log.watch_streams();
+        self.inner.log.store().set_join_pending(&stream, true)?;
+        self.inner
+            .pending_joins
+            .lock()
+            .expect("joins lock")
+            .insert(stream);
+        for live in self.inner.live.lock().expect("live lock").values() {
+            let _ = live.commands.send(Command::RequestGenesis(stream));
+        }
+        let wait = async {
+            while self.inner.log.stream(&stream).is_none() {
+                if streams.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(()) if self.inner.log.stream(&stream).is_some() => Ok(()),
+            _ => Err(ReplicationError::JoinPending(stream)),
+        }
+    }
+
+    /// Every peer's state, dialed ones first.
+    pub fn peers(&self) -> Vec<PeerState> {
+        let mut peers: Vec<PeerState> = self
+            .inner
+            .peers
+            .lock()
+            .expect("peers lock")
+            .values()
+            .cloned()
+            .collect();
+        peers.sort_by_key(|peer| (!peer.dialed, peer.addr.clone()));
+        peers
+    }
+
+    /// Ends every connection and dial loop.
+    pub fn shutdown(&self) {
+        let _ = self.inner.closer.send(true);
+    }
+
+    /// The gRPC service of the peer listener.
+    pub fn service(&self) -> pb::peer_server::PeerServer<PeerService> {
+        pb::peer_server::PeerServer::new(PeerService {
+            inner: self.inner.clone(),
+        })
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
+    }
+}
+
+impl Inner {
+    pub(crate) fn register(&self, commands: mpsc::UnboundedSender<Command>) -> u64 {
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        self.live.lock().expect("live lock").insert(
+            id,
+            Live {
+                peer: None,
+                dialer: None,
+                commands,
+            },
+        );
+        id
+    }
+
+    pub(crate) fn unregister(&self, id: u64) {
+        self.live.lock().expect("live lock").remove(&id);
+    }
+
+    /// Marks connection `id` as talking to `peer`. If another connection to the same peer is up,
+    /// one of the two is closed: both sides keep the one dialed by the lower node id, so a pair
+    /// of peers ends with exactly one connection. Returns false if `id` itself must close.
+    pub(crate) fn claim(&self, id: u64, peer: AuthorKey, dialer: AuthorKey) -> bool {
+        let mut live = self.live.lock().expect("live lock");
+        let rival = live
+            .iter()
+            .find(|(other, state)| **other != id && state.peer == Some(peer))
+            .map(|(other, state)| (*other, state.dialer));
+        if let Some((rival_id, Some(rival_dialer))) = rival {
+            if rival_dialer <= dialer {
+                return false;
+            }
+            if let Some(rival) = live.get(&rival_id) {
+                let _ = rival.commands.send(Command::Close(
+                    "replaced by the connection dialed by the lower node id".into(),
+                ));
+            }
+        }
+        if let Some(state) = live.get_mut(&id) {
+            state.peer = Some(peer);
+            state.dialer = Some(dialer);
+        }
+        true
+    }
+
+    pub(crate) fn with_peer<R>(&self, key: &str, update: impl FnOnce(&mut PeerState) -> R) -> R {
+        let mut peers = self.peers.lock().expect("peers lock");
+        update(peers.entry(key.to_string()).or_default())
+    }
+
+    pub(crate) fn banned(&self, peer: &AuthorKey) -> Option<Duration> {
+        let bans = self.bans.lock().expect("bans lock");
+        let (until, _) = bans.get(peer)?;
+        until.checked_duration_since(tokio::time::Instant::now())
+    }
+
+    pub(crate) fn ban(&self, peer: AuthorKey) -> Duration {
+        let mut bans = self.bans.lock().expect("bans lock");
+        let entry = bans.entry(peer).or_insert((tokio::time::Instant::now(), 0));
+        entry.1 += 1;
+        let duration = Duration::from_secs(30u64.saturating_mul(1 << entry.1.min(5)) / 2)
+            .min(Duration::from_secs(600));
+        entry.0 = tokio::time::Instant::now() + duration;
+        duration
+    }
+}
+
+/// `host:port`, with a default port of 7000 and no scheme.
+pub fn normalise_addr(addr: &str) -> Result<String, ReplicationError> {
+    let trimmed = addr
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    if trimmed.is_empty() || trimmed.contains('/') || trimmed.contains(' ') {
+        return Err(ReplicationError::BadAddress(addr.to_string()));
+    }
+    let with_port = if trimmed
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        trimmed.to_string()
+    } else if trimmed.contains(':') && !trimmed.starts_with('[') {
+        return Err(ReplicationError::BadAddress(addr.to_string()));
+    } else {
+        format!("{trimmed}:7000")
+    };
+    Ok(with_port)
+}
+
+/// The peer listener's only service.
+#[derive(Clone)]
+pub struct PeerService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PeerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerService").finish()
+    }
+}
+
+type PeerStream = Pin<Box<dyn Stream<Item = Result<pb::PeerMessage, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    type ReplicateStream = PeerStream;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<pb::PeerMessage>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let addr = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
+        let incoming = request.into_inner();
+        let (outgoing, receiver) = mpsc::channel(OUTBOUND_QUEUE);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let result = connection::run(inner, incoming, outgoing, false, addr.clone()).await;
+            if let Err(error) = result {
+                tracing::info!(peer = %addr, %error, "accepted peer connection ended");
+            }
+        });
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(receiver).map(Ok),
+        )))
+    }
+}

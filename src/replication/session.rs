@@ -1,0 +1,529 @@
+//! The peer protocol as a sans-IO state machine: one [`Session`] per connection, on both sides.
+//!
+//! The session takes what arrives ([`Session::handle`]) and local events
+//! ([`Session::start`], [`Session::set_local_streams`]), and returns [`Action`]s for its driver to
+//! carry out: send a message, store a batch with its cursor, serve a genesis, close. What to send
+//! next is asked with [`Session::next_step`] whenever the driver has room to send, so a slow peer
+//! simply makes the driver ask less often: the session never buffers scribes, and the driver reads
+//! them from storage only when they can be sent (bounded memory, whatever the backlog).
+//!
+//! The session does no IO at all: the tonic driver (`connection.rs`) and the deterministic
+//! simulated network of the tests drive the very same code.
+//!
+//! # The conversation
+//! 1. Both sides send `Hello {node id, log epoch, nonce}`; each answers the other's with
+//!    `Proof`, an Ed25519 signature over `PROOF_PREFIX ‖ their nonce ‖ my id ‖ their id`. A bad
+//!    proof closes the connection.
+//! 2. Both send `Streams` (what they hold), and for each stream both hold, `Want {stream,
+//!    after_seq}` where `after_seq` is the cursor on that peer (0 if none, or if the peer's epoch
+//!    changed: its log was wiped).
+//! 3. For each `Want`, the other side sends `Batch`es of the stream in its local order, skipping
+//!    scribes it received from this very peer, then one `CaughtUp`, then live batches.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bytes::Bytes;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use quire_projection_api::{AuthorKey, ScribeId, StreamId};
+
+use crate::log::store::{Cursor, PeerOrigin};
+
+/// Domain separation of the handshake proof.
+pub const PROOF_PREFIX: &[u8; 14] = b"quire.peer.v1\0";
+/// Protocol version spoken.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A scribe on the wire: the sender's seq, the claimed id, the exact bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireScribe {
+    /// The sender's local seq.
+    pub seq: u64,
+    /// The id the sender claims.
+    pub id: ScribeId,
+    /// The exact bytes.
+    pub bytes: Bytes,
+}
+
+/// A peer-protocol message (see `proto/quire/v1/peer.proto`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Node id, log epoch, nonce.
+    Hello {
+        /// The sender's node id.
+        node: AuthorKey,
+        /// The sender's log epoch.
+        epoch: [u8; 16],
+        /// What the receiver must sign.
+        nonce: [u8; 32],
+    },
+    /// The signature proving the sender's node key.
+    Proof(Signature),
+    /// The streams the sender holds.
+    Streams(Vec<StreamId>),
+    /// Send `stream` after the sender's... after the receiver's seq `after`.
+    Want {
+        /// The stream.
+        stream: StreamId,
+        /// The receiver's last seq already taken.
+        after: u64,
+    },
+    /// Scribes of a stream.
+    Batch {
+        /// The stream.
+        stream: StreamId,
+        /// In the sender's local order.
+        scribes: Vec<WireScribe>,
+        /// Everything up to here has been sent.
+        through: u64,
+        /// The sender's head of the stream when read.
+        head: u64,
+    },
+    /// The backlog of a stream is done up to `seq`.
+    CaughtUp {
+        /// The stream.
+        stream: StreamId,
+        /// The sender's seq.
+        seq: u64,
+    },
+    /// Asks for a stream's genesis.
+    GenesisRequest(StreamId),
+    /// A stream's genesis bytes, or `None` if the sender does not hold it.
+    Genesis {
+        /// The stream.
+        stream: StreamId,
+        /// The genesis scribe.
+        scribe: Option<Bytes>,
+    },
+    /// The sender is closing because of this.
+    Error(String),
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send this message.
+    Send(Message),
+    /// The handshake is done: load the cursors on `peer` and call [`Session::start`].
+    Ready {
+        /// The peer's node id (proven).
+        peer: AuthorKey,
+        /// The peer's log epoch.
+        epoch: [u8; 16],
+    },
+    /// Store these scribes (each validated on its own) and, in the same write batch, the cursor
+    /// `(peer, stream, peer epoch, through)`.
+    Store {
+        /// The stream.
+        stream: StreamId,
+        /// The scribes.
+        scribes: Vec<WireScribe>,
+        /// The cursor to write.
+        through: u64,
+        /// The peer's head of the stream (for lag).
+        head: u64,
+    },
+    /// The peer finished sending the backlog of `stream` (for status).
+    CaughtUp {
+        /// The stream.
+        stream: StreamId,
+        /// At this peer seq.
+        seq: u64,
+    },
+    /// Read the genesis of `stream` and send it as [`Message::Genesis`].
+    ServeGenesis(StreamId),
+    /// A peer sent the genesis of a stream we asked for (check its hash, then store it).
+    GenesisReceived {
+        /// The stream.
+        stream: StreamId,
+        /// The bytes.
+        scribe: Bytes,
+    },
+    /// Close the connection with this reason (after sending `Message::Error` with it).
+    Close(String),
+}
+
+/// A range of a stream to read and send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPlan {
+    /// The stream.
+    pub stream: StreamId,
+    /// First local seq.
+    pub from: u64,
+    /// Last local seq (the stream's head when planned).
+    pub to: u64,
+}
+
+/// What to send next, when there is room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Read this range and pass it to [`Session::read_done`].
+    Read(ReadPlan),
+    /// Send this.
+    Send(Message),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Serving {
+    next: u64,
+    caught_up_sent: bool,
+}
+
+/// One side of one peer connection.
+pub struct Session {
+    key: SigningKey,
+    local: AuthorKey,
+    nonce: [u8; 32],
+    peer: Option<(AuthorKey, [u8; 16])>,
+    proven: bool,
+    started: bool,
+    local_streams: BTreeSet<StreamId>,
+    peer_streams: BTreeSet<StreamId>,
+    cursors: HashMap<StreamId, u64>,
+    wanted: BTreeSet<StreamId>,
+    serving: BTreeMap<StreamId, Serving>,
+    last_served: Option<StreamId>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("local", &self.local)
+            .field("peer", &self.peer.map(|(peer, _)| peer))
+            .field("started", &self.started)
+            .finish()
+    }
+}
+
+impl Session {
+    /// A new session; the returned actions send our `Hello`.
+    pub fn new(key: SigningKey, local_epoch: [u8; 16], nonce: [u8; 32]) -> (Session, Vec<Action>) {
+        let local = AuthorKey(key.verifying_key().to_bytes());
+        let session = Session {
+            key,
+            local,
+            nonce,
+            peer: None,
+            proven: false,
+            started: false,
+            local_streams: BTreeSet::new(),
+            peer_streams: BTreeSet::new(),
+            cursors: HashMap::new(),
+            wanted: BTreeSet::new(),
+            serving: BTreeMap::new(),
+            last_served: None,
+        };
+        let hello = Message::Hello {
+            node: local,
+            epoch: local_epoch,
+            nonce,
+        };
+        (session, vec![Action::Send(hello)])
+    }
+
+    /// The proven peer, once the handshake is done.
+    pub fn peer(&self) -> Option<AuthorKey> {
+        self.peer.filter(|_| self.proven).map(|(peer, _)| peer)
+    }
+
+    /// The peer's log epoch, once known.
+    pub fn peer_epoch(&self) -> Option<[u8; 16]> {
+        self.peer.map(|(_, epoch)| epoch)
+    }
+
+    /// Whether [`Session::start`] has run.
+    pub fn is_started(&self) -> bool {
+        self.started
+    }
+
+    fn proof_message(nonce: &[u8; 32], prover: &AuthorKey, verifier: &AuthorKey) -> Vec<u8> {
+        let mut message = PROOF_PREFIX.to_vec();
+        message.extend_from_slice(nonce);
+        message.extend_from_slice(prover.as_bytes());
+        message.extend_from_slice(verifier.as_bytes());
+        message
+    }
+
+    /// Handles one message from the peer.
+    pub fn handle(&mut self, message: Message) -> Vec<Action> {
+        match message {
+            Message::Hello { node, epoch, nonce } => {
+                if self.peer.is_some() {
+                    return close("protocol error: a second Hello");
+                }
+                if node == self.local {
+                    return close(
+                        "connected to itself (this address is this node's own peer listener)",
+                    );
+                }
+                self.peer = Some((node, epoch));
+                let signature = self
+                    .key
+                    .sign(&Self::proof_message(&nonce, &self.local, &node));
+                vec![Action::Send(Message::Proof(signature))]
+            }
+            Message::Proof(signature) => {
+                let Some((peer, epoch)) = self.peer else {
+                    return close("protocol error: Proof before Hello");
+                };
+                if self.proven {
+                    return close("protocol error: a second Proof");
+                }
+                let valid = VerifyingKey::from_bytes(&peer.0)
+                    .and_then(|key| {
+                        key.verify_strict(
+                            &Self::proof_message(&self.nonce, &peer, &self.local),
+                            &signature,
+                        )
+                    })
+                    .is_ok();
+                if !valid {
+                    return close(&format!("peer failed to prove it holds the key of node {peer}: bad handshake signature"));
+                }
+                self.proven = true;
+                vec![Action::Ready { peer, epoch }]
+            }
+            Message::Error(reason) => vec![Action::Close(format!(
+                "peer closed the connection: {reason}"
+            ))],
+            other if !self.started => close(&format!(
+                "protocol error: {} before the handshake finished",
+                name(&other)
+            )),
+            Message::Streams(streams) => {
+                self.peer_streams = streams.into_iter().collect();
+                self.wants()
+            }
+            Message::Want { stream, after } => {
+                if self.local_streams.contains(&stream) {
+                    self.serving.insert(
+                        stream,
+                        Serving {
+                            next: after.saturating_add(1),
+                            caught_up_sent: false,
+                        },
+                    );
+                }
+                Vec::new()
+            }
+            Message::Batch {
+                stream,
+                scribes,
+                through,
+                head,
+            } => {
+                if !self.wanted.contains(&stream) {
+                    return close(&format!(
+                        "protocol error: a batch of stream {stream}, which was not asked for"
+                    ));
+                }
+                if scribes.windows(2).any(|pair| pair[0].seq >= pair[1].seq)
+                    || scribes.last().is_some_and(|last| last.seq > through)
+                {
+                    return close("protocol error: a batch out of order");
+                }
+                let cursor = self.cursors.entry(stream).or_insert(0);
+                *cursor = (*cursor).max(through);
+                vec![Action::Store {
+                    stream,
+                    scribes,
+                    through,
+                    head,
+                }]
+            }
+            Message::CaughtUp { stream, seq } => {
+                if !self.wanted.contains(&stream) {
+                    return close(&format!(
+                        "protocol error: CaughtUp for stream {stream}, which was not asked for"
+                    ));
+                }
+                let cursor = self.cursors.entry(stream).or_insert(0);
+                *cursor = (*cursor).max(seq);
+                vec![
+                    Action::Store {
+                        stream,
+                        scribes: Vec::new(),
+                        through: seq,
+                        head: seq,
+                    },
+                    Action::CaughtUp { stream, seq },
+                ]
+            }
+            Message::GenesisRequest(stream) => {
+                if self.local_streams.contains(&stream) {
+                    vec![Action::ServeGenesis(stream)]
+                } else {
+                    vec![Action::Send(Message::Genesis {
+                        stream,
+                        scribe: None,
+                    })]
+                }
+            }
+            Message::Genesis { stream, scribe } => match scribe {
+                Some(scribe) => vec![Action::GenesisReceived { stream, scribe }],
+                None => Vec::new(),
+            },
+        }
+    }
+
+    /// After [`Action::Ready`]: the stored cursors on this peer and the streams held locally.
+    /// Cursors of another epoch of the peer are ignored (its log was wiped: start over).
+    pub fn start(
+        &mut self,
+        cursors: Vec<(StreamId, Cursor)>,
+        local_streams: Vec<StreamId>,
+    ) -> Vec<Action> {
+        let epoch = self.peer_epoch().expect("start after Ready");
+        self.cursors = cursors
+            .into_iter()
+            .filter(|(_, cursor)| cursor.epoch == epoch)
+            .map(|(stream, cursor)| (stream, cursor.seq))
+            .collect();
+        self.started = true;
+        self.local_streams = local_streams.into_iter().collect();
+        let mut actions = vec![Action::Send(Message::Streams(
+            self.local_streams.iter().copied().collect(),
+        ))];
+        actions.extend(self.wants());
+        actions
+    }
+
+    /// The set of local streams changed (a stream was created or joined).
+    pub fn set_local_streams(&mut self, local_streams: Vec<StreamId>) -> Vec<Action> {
+        let local_streams: BTreeSet<StreamId> = local_streams.into_iter().collect();
+        if !self.started || local_streams == self.local_streams {
+            self.local_streams = local_streams;
+            return Vec::new();
+        }
+        self.local_streams = local_streams;
+        let mut actions = vec![Action::Send(Message::Streams(
+            self.local_streams.iter().copied().collect(),
+        ))];
+        actions.extend(self.wants());
+        actions
+    }
+
+    /// Asks the peer for a stream's genesis (to join it).
+    pub fn request_genesis(&self, stream: StreamId) -> Vec<Action> {
+        if self.started {
+            vec![Action::Send(Message::GenesisRequest(stream))]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn wants(&mut self) -> Vec<Action> {
+        let common: Vec<StreamId> = self
+            .local_streams
+            .intersection(&self.peer_streams)
+            .filter(|stream| !self.wanted.contains(*stream))
+            .copied()
+            .collect();
+        common
+            .into_iter()
+            .map(|stream| {
+                self.wanted.insert(stream);
+                let after = self.cursors.get(&stream).copied().unwrap_or(0);
+                Action::Send(Message::Want { stream, after })
+            })
+            .collect()
+    }
+
+    /// The last peer seq taken of `stream` on this connection.
+    pub fn cursor(&self, stream: &StreamId) -> u64 {
+        self.cursors.get(stream).copied().unwrap_or(0)
+    }
+
+    /// What to send next, given each stream's local head; `None` when there is nothing to send.
+    /// Streams take turns, so one long backlog does not starve the others' live scribes.
+    pub fn next_step(&mut self, stream_head: impl Fn(&StreamId) -> u64) -> Option<Step> {
+        let order: Vec<StreamId> = match self.last_served {
+            Some(last) => self
+                .serving
+                .range((std::ops::Bound::Excluded(last), std::ops::Bound::Unbounded))
+                .chain(self.serving.range(..=last))
+                .map(|(stream, _)| *stream)
+                .collect(),
+            None => self.serving.keys().copied().collect(),
+        };
+        for stream in order {
+            let head = stream_head(&stream);
+            let serving = self.serving.get_mut(&stream).expect("listed above");
+            if serving.next <= head {
+                self.last_served = Some(stream);
+                return Some(Step::Read(ReadPlan {
+                    stream,
+                    from: serving.next,
+                    to: head,
+                }));
+            }
+            if !serving.caught_up_sent {
+                serving.caught_up_sent = true;
+                self.last_served = Some(stream);
+                return Some(Step::Send(Message::CaughtUp {
+                    stream,
+                    seq: serving.next - 1,
+                }));
+            }
+        }
+        None
+    }
+
+    /// The result of a [`Step::Read`]: `entries` (seq, id, bytes, origin) read from `plan.from`,
+    /// at most `limit`. Returns the batch to send, if any: scribes that came from this peer are
+    /// never sent back to it.
+    pub fn read_done(
+        &mut self,
+        plan: ReadPlan,
+        entries: Vec<(u64, ScribeId, Bytes, Option<PeerOrigin>)>,
+        limit: usize,
+    ) -> Option<Message> {
+        let serving = self.serving.get_mut(&plan.stream)?;
+        if serving.next != plan.from {
+            return None; // the peer re-sent Want meanwhile; this read is stale
+        }
+        serving.next = match entries.last() {
+            Some((seq, ..)) if entries.len() >= limit => seq + 1,
+            _ => plan.to + 1,
+        };
+        let through = serving.next - 1;
+        let peer = self
+            .peer
+            .filter(|_| self.proven)
+            .map(|(peer, epoch)| PeerOrigin { peer, epoch });
+        let scribes: Vec<WireScribe> = entries
+            .into_iter()
+            .filter(|(_, _, _, origin)| origin.is_none() || *origin != peer)
+            .map(|(seq, id, bytes, _)| WireScribe { seq, id, bytes })
+            .collect();
+        if scribes.is_empty() {
+            return None;
+        }
+        Some(Message::Batch {
+            stream: plan.stream,
+            scribes,
+            through,
+            head: plan.to,
+        })
+    }
+}
+
+fn close(reason: &str) -> Vec<Action> {
+    vec![
+        Action::Send(Message::Error(reason.to_string())),
+        Action::Close(reason.to_string()),
+    ]
+}
+
+fn name(message: &Message) -> &'static str {
+    match message {
+        Message::Hello { .. } => "Hello",
+        Message::Proof(_) => "Proof",
+        Message::Streams(_) => "Streams",
+        Message::Want { .. } => "Want",
+        Message::Batch { .. } => "Batch",
+        Message::CaughtUp { .. } => "CaughtUp",
+        Message::GenesisRequest(_) => "GenesisRequest",
+        Message::Genesis { .. } => "Genesis",
+        Message::Error(_) => "Error",
+    }
+}
