@@ -101,9 +101,15 @@ fn payload(index: usize) -> Bytes {
 
 async fn fill(node: &RunningNode, name: &str, count: usize) -> StreamId {
     let (mut log, mut streams) = client(&node.url()).await;
+    // A million scribes are far over the default 100 MiB per stream.
+    let policy = pb::Policy {
+        max_stream_bytes: 1 << 40,
+        ..Default::default()
+    };
     let info = streams
         .create(pb::CreateStreamRequest {
             name: name.into(),
+            policy: Some(policy),
             ..Default::default()
         })
         .await

@@ -41,6 +41,7 @@ pub fn append_status(error: &AppendError) -> Status {
     let code = match error.root() {
         AppendError::Scribe(crate::scribe::ScribeError::TooLarge(_)) => Code::ResourceExhausted,
         AppendError::Scribe(_)
+        | AppendError::WrongStream { .. }
         | AppendError::BadGenesis(_)
         | AppendError::ParentInOtherStream { .. } => Code::InvalidArgument,
         AppendError::UnknownStream(_) | AppendError::UnknownParent { .. } => Code::NotFound,

@@ -71,6 +71,14 @@ pub enum AppendError {
         /// The scribe's stream.
         stream: StreamId,
     },
+    /// A replicated batch of one stream carried a scribe of another (or another genesis).
+    #[error("a batch of stream {expected} carried a scribe of stream {actual}")]
+    WrongStream {
+        /// The batch's stream.
+        expected: StreamId,
+        /// The scribe's stream.
+        actual: StreamId,
+    },
     /// A parent named by the scribe belongs to another stream.
     #[error("parent {parent} belongs to stream {parent_stream}, not to {stream}: parents must be scribes of the same stream")]
     ParentInOtherStream {
@@ -278,6 +286,9 @@ struct Job {
     drafts: Vec<Draft>,
     origin: Origin,
     cursor: Option<CursorUpdate>,
+    /// Replicated batches: every scribe must belong to this stream (a genesis only if it is the
+    /// stream's own).
+    expect_stream: Option<StreamId>,
     reply: Reply,
 }
 
@@ -288,9 +299,11 @@ enum Reply {
 }
 
 struct PreparedJob {
-    scribes: Vec<Result<Scribe, AppendError>>,
+    /// Each scribe, and whether the node signed it just now (so it cannot be stored already).
+    scribes: Vec<(Result<Scribe, AppendError>, bool)>,
     origin: Origin,
     cursor: Option<CursorUpdate>,
+    expect_stream: Option<StreamId>,
     reply: Reply,
 }
 
@@ -413,6 +426,7 @@ impl Log {
                 drafts,
                 origin,
                 cursor: None,
+                expect_stream: None,
                 reply,
             })
             .await
@@ -426,6 +440,7 @@ impl Log {
     pub async fn replicate(
         &self,
         peer: PeerOrigin,
+        stream: StreamId,
         scribes: Vec<(Bytes, Option<ScribeId>)>,
         cursor: Option<CursorUpdate>,
     ) -> Result<EachOutcome, AppendError> {
@@ -448,6 +463,7 @@ impl Log {
                 drafts,
                 origin: Origin::Peer(peer),
                 cursor,
+                expect_stream: Some(stream),
                 reply: Reply::Each(reply),
             })
             .await
@@ -664,9 +680,10 @@ fn signer_loop(
                 work.push((job_index, draft_index, prepared));
             }
         }
-        let results: Vec<(usize, usize, Result<Scribe, AppendError>)> = work
+        let results: Vec<(usize, Result<Scribe, AppendError>, bool)> = work
             .into_par_iter()
-            .map(|(job_index, draft_index, prepared)| {
+            .map(|(job_index, _draft_index, prepared)| {
+                let fresh = matches!(prepared, Prepared::Sign(..));
                 let result = match prepared {
                     Prepared::Sign(body, work_bits) => {
                         Ok(Scribe::sign_with_work(body, &shared.key, work_bits))
@@ -678,15 +695,15 @@ fn signer_loop(
                         Scribe::decode(bytes).map_err(AppendError::from)
                     }
                 };
-                (job_index, draft_index, result)
+                (job_index, result, fresh)
             })
             .collect();
-        let mut per_job: Vec<Vec<Result<Scribe, AppendError>>> = jobs
+        let mut per_job: Vec<Vec<(Result<Scribe, AppendError>, bool)>> = jobs
             .iter()
             .map(|job| Vec::with_capacity(job.drafts.len()))
             .collect();
-        for (job_index, _draft_index, result) in results {
-            per_job[job_index].push(result);
+        for (job_index, result, fresh) in results {
+            per_job[job_index].push((result, fresh));
         }
         let group: Vec<PreparedJob> = jobs
             .into_iter()
@@ -695,6 +712,7 @@ fn signer_loop(
                 scribes,
                 origin: job.origin,
                 cursor: job.cursor,
+                expect_stream: job.expect_stream,
                 reply: job.reply,
             })
             .collect();
@@ -774,10 +792,18 @@ fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
             Reply::Atomic(reply) => {
                 let mut results = Vec::with_capacity(job.scribes.len());
                 let mut failure = None;
-                for (index, scribe) in job.scribes.into_iter().enumerate() {
+                for (index, (scribe, fresh)) in job.scribes.into_iter().enumerate() {
                     let seq = next_seq + job_overlay.entries.len() as u64;
                     let admitted = scribe.and_then(|scribe| {
-                        admit(shared, &overlay, &mut job_overlay, scribe, seq, job.origin)
+                        admit(
+                            shared,
+                            &overlay,
+                            &mut job_overlay,
+                            scribe,
+                            seq,
+                            job.origin,
+                            fresh,
+                        )
                     });
                     match admitted {
                         Ok(appended) => results.push(appended),
@@ -805,10 +831,27 @@ fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
             }
             Reply::Each(reply) => {
                 let mut results = Vec::with_capacity(job.scribes.len());
-                for scribe in job.scribes {
+                for (scribe, fresh) in job.scribes {
                     let seq = next_seq + job_overlay.entries.len() as u64;
+                    let scribe = scribe.and_then(|scribe| match job.expect_stream {
+                        Some(expected) if scribe.stream_id() != expected => {
+                            Err(AppendError::WrongStream {
+                                expected,
+                                actual: scribe.stream_id(),
+                            })
+                        }
+                        _ => Ok(scribe),
+                    });
                     results.push(scribe.and_then(|scribe| {
-                        admit(shared, &overlay, &mut job_overlay, scribe, seq, job.origin)
+                        admit(
+                            shared,
+                            &overlay,
+                            &mut job_overlay,
+                            scribe,
+                            seq,
+                            job.origin,
+                            fresh,
+                        )
                     }));
                 }
                 if let Some(cursor) = job.cursor {
@@ -873,32 +916,37 @@ fn admit(
     scribe: Scribe,
     seq: u64,
     origin: Origin,
+    fresh: bool,
 ) -> Result<Appended, AppendError> {
     let hlc = scribe.body.hlc;
-    // Idempotence: a scribe already stored (or earlier in this group) changes nothing.
-    if let Some((seq, _, hlc)) = job
-        .ids
-        .get(&scribe.id)
-        .or_else(|| group.ids.get(&scribe.id))
-    {
-        return Ok(Appended {
-            id: scribe.id,
-            seq: *seq,
-            duplicate: true,
-            hlc: *hlc,
-        });
-    }
-    if let Some(seq) = shared
-        .store
-        .seq_of(&scribe.id)
-        .map_err(|error| AppendError::Storage(error.to_string()))?
-    {
-        return Ok(Appended {
-            id: scribe.id,
-            seq,
-            duplicate: true,
-            hlc,
-        });
+    // Idempotence: a scribe already stored (or earlier in this group) changes nothing. A scribe
+    // the node has just signed cannot be stored already (its clock value is new), so the lookups
+    // are skipped for it: one RocksDB read less per node-signed append.
+    if !fresh {
+        let earlier = job
+            .ids
+            .get(&scribe.id)
+            .or_else(|| group.ids.get(&scribe.id));
+        if let Some((seq, _, hlc)) = earlier {
+            return Ok(Appended {
+                id: scribe.id,
+                seq: *seq,
+                duplicate: true,
+                hlc: *hlc,
+            });
+        }
+        let stored = shared
+            .store
+            .seq_of(&scribe.id)
+            .map_err(|error| AppendError::Storage(error.to_string()))?;
+        if let Some(seq) = stored {
+            return Ok(Appended {
+                id: scribe.id,
+                seq,
+                duplicate: true,
+                hlc,
+            });
+        }
     }
     let size = scribe.bytes.len() as u64;
     let stream_id = scribe.stream_id();

@@ -204,27 +204,41 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Memory the store may use, whatever the size of the log: memtables of all column families
+/// together, and one block cache shared by all of them. A node's memory must not grow with the
+/// log (a node catching up a million scribes uses what one catching up a hundred thousand does).
+const MEMTABLE_BUDGET: usize = 32 * 1024 * 1024;
+const WRITE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+const BLOCK_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 fn db_options() -> Options {
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
     options.increase_parallelism(2);
+    options.set_db_write_buffer_size(MEMTABLE_BUDGET);
+    // Small memtables also keep the write-ahead log short, so a restart replays little.
+    options.set_max_total_wal_size(4 * MEMTABLE_BUDGET as u64);
     options
 }
 
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
     COLUMN_FAMILIES
         .iter()
         .map(|name| {
             let mut options = Options::default();
             options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            options.set_write_buffer_size(WRITE_BUFFER_BYTES);
+            options.set_max_write_buffer_number(2);
+            let mut table = rocksdb::BlockBasedOptions::default();
+            table.set_block_cache(&cache);
             if *name == CF_SCRIBES {
-                // Point lookups by id on every append (the duplicate check): bloom filters help.
-                let mut table = rocksdb::BlockBasedOptions::default();
+                // Point lookups by id on every replicated scribe (the duplicate check).
                 table.set_bloom_filter(10.0, false);
-                options.set_block_based_table_factory(&table);
             }
+            options.set_block_based_table_factory(&table);
             ColumnFamilyDescriptor::new(*name, options)
         })
         .collect()

@@ -31,6 +31,13 @@ use crate::scribe;
 pub const BATCH_SCRIBES: usize = 512;
 /// A batch is cut once it holds this many bytes (it always holds at least one scribe).
 pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Time allowed for the handshake (Hello and Proof both ways).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control messages queued towards a peer before its messages stop being read.
+pub const MAX_CONTROL_QUEUE: usize = 64;
+/// A connection that lasted less than this counts as a failed attempt for the backoff.
+pub const MIN_HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
+
 /// Invalid scribes a peer may send on one connection before it is disconnected (and banned for a
 /// while, doubling each time).
 pub const MAX_REFUSED_PER_CONNECTION: u64 = 64;
@@ -67,6 +74,11 @@ where
         )));
     }
     inner.unregister(id);
+    if !driver.dialed && driver.peer.is_none() {
+        // An inbound connection that never completed the handshake leaves no trace in the
+        // peer table (scanners and self-dials would otherwise fill it).
+        return result;
+    }
     let key = driver.state_key();
     inner.with_peer(&key, |state| {
         state.connected = inner
@@ -120,13 +132,20 @@ impl Driver {
         let mut streams = log.watch_streams();
         let mut closing = self.inner.closing.clone();
         let mut maybe_more = true;
+        let handshake_deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
         loop {
             if *closing.borrow() {
                 return Err("this node is shutting down".into());
             }
             let started = self.session().is_started();
             let want_room = !self.control.is_empty() || (started && maybe_more);
+            // A peer that asks for more than it reads stops being read until it catches up:
+            // the control queue stays small.
+            let room_to_read = self.control.len() < MAX_CONTROL_QUEUE;
             tokio::select! {
+                () = tokio::time::sleep_until(handshake_deadline), if !started => {
+                    return Err(format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()));
+                }
                 permit = outgoing.reserve(), if want_room => {
                     let permit = permit.map_err(|_| "the peer went away".to_string())?;
                     if let Some(message) = self.control.pop_front() {
@@ -149,14 +168,26 @@ impl Driver {
                         }
                     }
                 }
-                message = incoming.next() => {
+                message = incoming.next(), if room_to_read => {
                     let message = match message {
                         None => return Err("the peer closed the connection".into()),
                         Some(Err(status)) => return Err(format!("the peer's stream failed: {}", status.message())),
                         Some(Ok(message)) => convert::peer_message_from_proto(message).map_err(|error| format!("malformed peer message: {error}"))?,
                     };
+                    // A peer that now holds a stream we are waiting to join: ask it for the genesis.
+                    let joinable: Vec<StreamId> = match &message {
+                        Message::Streams(streams) => {
+                            let pending = self.inner.pending_joins.lock().expect("joins lock");
+                            streams.iter().filter(|stream| pending.contains(*stream)).copied().collect()
+                        }
+                        _ => Vec::new(),
+                    };
                     let actions = self.session_mut().handle(message);
                     self.execute(actions).await?;
+                    for stream in joinable {
+                        let actions = self.session().request_genesis(stream);
+                        self.execute(actions).await?;
+                    }
                     maybe_more = true;
                 }
                 changed = heads.changed() => {
@@ -274,6 +305,9 @@ impl Driver {
             state.node = Some(peer);
             state.connected = true;
             state.connects += 1;
+            for counters in state.streams.values_mut() {
+                counters.caught_up = false;
+            }
             if state.addr.is_empty() {
                 state.addr = addr;
             }
@@ -327,7 +361,7 @@ impl Driver {
         let outcomes = self
             .inner
             .log
-            .replicate(origin, drafts, Some(cursor))
+            .replicate(origin, stream, drafts, Some(cursor))
             .await
             .map_err(|error| format!("storing scribes from the peer failed: {error}"))?;
         let (mut received, mut duplicates, mut refused) = (0, 0, 0);
@@ -389,7 +423,7 @@ impl Driver {
         let outcome = self
             .inner
             .log
-            .replicate(origin, vec![(scribe, Some(stream))], None)
+            .replicate(origin, stream, vec![(scribe, Some(stream))], None)
             .await
             .map_err(|error| error.to_string())?;
         match outcome.first() {
@@ -425,6 +459,7 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, addr: String) {
             return;
         }
         let connects_before = inner.with_peer(&addr, |state| state.connects);
+        let started = tokio::time::Instant::now();
         let result = tokio::select! {
             result = dial_once(inner.clone(), &addr) => result,
             _ = closing.changed() => return,
@@ -434,7 +469,9 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, addr: String) {
                 state.last_error = Some(error.clone());
             }
             state.connected = false;
-            state.connects > connects_before
+            // Only a connection that did its handshake and then lasted resets the backoff (a peer
+            // that bans us completes the handshake and then hangs up at once).
+            state.connects > connects_before && started.elapsed() >= MIN_HEALTHY_CONNECTION
         });
         failures = if connected {
             0

@@ -219,10 +219,12 @@ impl Replicator {
         for live in self.inner.live.lock().expect("live lock").values() {
             let _ = live.commands.send(Command::RequestGenesis(stream));
         }
+        let mut closing = self.inner.closing.clone();
         let wait = async {
             while self.inner.log.stream(&stream).is_none() {
-                if streams.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = streams.changed() => if changed.is_err() { return },
+                    _ = closing.changed() => return,
                 }
             }
         };
@@ -289,7 +291,9 @@ impl Inner {
             .find(|(other, state)| **other != id && state.peer == Some(peer))
             .map(|(other, state)| (*other, state.dialer));
         if let Some((rival_id, Some(rival_dialer))) = rival {
-            if rival_dialer <= dialer {
+            // The lower dialer wins; between two connections dialed by the same side, the newer
+            // one wins (the older may be half-open: that side has already given up on it).
+            if rival_dialer < dialer {
                 return false;
             }
             if let Some(rival) = live.get(&rival_id) {

@@ -495,9 +495,8 @@ impl Session {
             .filter(|(_, _, _, origin)| origin.is_none() || *origin != peer)
             .map(|(seq, id, bytes, _)| WireScribe { seq, id, bytes })
             .collect();
-        if scribes.is_empty() {
-            return None;
-        }
+        // Sent even when empty (everything read came from this peer): the peer's cursor moves
+        // past what was held back, so a reconnect never reads it again.
         Some(Message::Batch {
             stream: plan.stream,
             scribes,

@@ -95,6 +95,8 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 struct Network {
+    /// Scribes a node received back although it wrote them itself.
+    echoes: usize,
     nodes: Vec<SimNode>,
     links: Vec<Option<Link>>,
     stream: StreamId,
@@ -133,6 +135,7 @@ impl Network {
             node.store(genesis.bytes.clone(), genesis.id, None, stream);
         }
         Network {
+            echoes: 0,
             nodes,
             links: vec![None, None, None],
             stream,
@@ -283,7 +286,13 @@ impl Network {
                     let peer = connection.ends[end].peer().unwrap();
                     let epoch = connection.ends[end].peer_epoch().unwrap();
                     let node = &mut self.nodes[node_index];
+                    let mut echoes = 0;
                     for scribe in scribes {
+                        if let Some(seq) = node.ids.get(&scribe.id) {
+                            if node.log[*seq as usize - 1].origin.is_none() && *seq > 1 {
+                                echoes += 1;
+                            }
+                        }
                         node.store(
                             scribe.bytes,
                             scribe.id,
@@ -299,6 +308,7 @@ impl Network {
                             seq: through,
                         };
                     }
+                    self.echoes += echoes;
                 }
                 Action::CaughtUp { .. }
                 | Action::ServeGenesis(_)
@@ -447,4 +457,8 @@ fn a_chain_relays_without_echoing() {
     assert_eq!(sets[0].len(), 11);
     assert_eq!(sets[0], sets[2]);
     assert_eq!(sets[0], sets[1]);
+    assert_eq!(
+        network.echoes, 0,
+        "a scribe went back to the node that wrote it"
+    );
 }
