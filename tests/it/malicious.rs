@@ -100,6 +100,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     connect(&third, &node).await;
     join(&third, &stream).await;
     wait_for_count(&[&third], &stream, 2).await;
+    let other_stream = create_stream(&mut clients_node, "other", None).await;
     let before_node = stream_ids(&node, &stream).await;
 
     let key = client_key(66);
@@ -133,18 +134,37 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
         scribe: Bytes::from(bytes),
         id: Bytes::copy_from_slice(id.as_bytes()),
     };
+    // Well signed, but of another stream the node holds, and a genesis of a stream of its own:
+    // neither belongs in a batch of `stream` (no unasked-for joins through a batch).
+    let elsewhere = client_scribe(&key, &other_stream, "x.note", b"wrong stream", hlc);
+    let foreign_genesis = quire::scribe::Scribe::sign(
+        quire::scribe::Body {
+            stream: None,
+            author: AuthorKey(key.verifying_key().to_bytes()),
+            hlc,
+            kind: quire::api::Kind::StreamCreate,
+            content_type: String::new(),
+            payload: Bytes::new(),
+            parents: vec![],
+            nonce: 0,
+        },
+        &key,
+    );
     let scribes = vec![
         wire(1, forged.clone(), quire::scribe::hash(&forged)),
         wire(2, tampered.clone(), quire::scribe::hash(&tampered)),
         wire(3, policy_breaking.bytes.to_vec(), policy_breaking.id),
         wire(4, good.bytes.to_vec(), ScribeId([7; 32])), // bad hash: claims another id
+        wire(5, elsewhere.bytes.to_vec(), elsewhere.id),
+        wire(6, foreign_genesis.bytes.to_vec(), foreign_genesis.id),
     ];
+    let streams_before = node.log.stream_ids().len();
     intruder
         .send(Wire::Batch(pb::PeerBatch {
             stream: bytes_of(&stream),
             scribes,
-            through_seq: 4,
-            head_seq: 4,
+            through_seq: 6,
+            head_seq: 6,
         }))
         .await;
     intruder
@@ -171,7 +191,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
                 status
                     .peers
                     .iter()
-                    .any(|peer| peer.node_id == intruder_id && peer.refused == 4)
+                    .any(|peer| peer.node_id == intruder_id && peer.refused == 6)
             }
         },
     )
@@ -186,7 +206,13 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
         .iter()
         .find(|peer| peer.node_id == intruder_id)
         .unwrap();
-    assert_eq!(peer.streams[0].refused, 4);
+    assert_eq!(peer.streams[0].refused, 6);
+    assert_eq!(
+        node.log.stream_ids().len(),
+        streams_before,
+        "no stream appeared"
+    );
+    assert!(node.log.stream(&foreign_genesis.id).is_none());
     assert_eq!(peer.streams[0].received, 0);
     // Nothing stored on the node, nothing relayed to the third node.
     assert_eq!(stream_ids(&node, &stream).await, before_node);
