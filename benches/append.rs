@@ -6,7 +6,8 @@
 //! - ceiling (b): raw RocksDB write batches of the same keys and values;
 //! - single `Append` latency p50 / p99 with nothing else running.
 //!
-//! `cargo bench --bench append -- --test` runs a tiny version (CI keeps it compiling and working).
+//! `cargo bench --bench append -- --test` runs a tiny version (CI keeps it compiling and working);
+//! `-- --quire-only` measures quire alone, for profiling.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,8 @@ const PAYLOAD: usize = 256;
 
 fn main() {
     let test_mode = std::env::args().any(|arg| arg == "--test");
+    // `--quire-only`: measure quire alone (to profile it: perf record -g … -- --quire-only).
+    let quire_only = std::env::args().any(|arg| arg == "--quire-only");
     let (batches, clients, latency_samples) = if test_mode {
         (2, 2, 20)
     } else {
@@ -100,6 +103,11 @@ fn main() {
         }
     });
     let quire_rate = total as f64 / started.elapsed().as_secs_f64();
+    if quire_only {
+        println!("quire AppendBatch (node-signed): {quire_rate:.0} scribes/s");
+        runtime.block_on(node.stop()).unwrap();
+        return;
+    }
 
     // Ceiling (a): sign and hash the same bodies on every core, nothing else.
     let key = SigningKey::from_bytes(&[3; 32]);

@@ -234,9 +234,6 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
             options.set_max_write_buffer_number(2);
             let mut table = rocksdb::BlockBasedOptions::default();
             table.set_block_cache(&cache);
-            // Index and filter blocks live in the same budget instead of growing with every file.
-            table.set_cache_index_and_filter_blocks(true);
-            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
             if *name == CF_SCRIBES {
                 // Point lookups by id on every replicated scribe (the duplicate check).
                 table.set_bloom_filter(10.0, false);
