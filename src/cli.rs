@@ -369,6 +369,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         Code::ResourceExhausted => "too large",
         Code::FailedPrecondition => "failed precondition",
         Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "not yet",
         _ => "failed",
     }
 }

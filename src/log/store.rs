@@ -207,9 +207,9 @@ impl std::fmt::Debug for Store {
 /// Memory the store may use, whatever the size of the log: memtables of all column families
 /// together, and one block cache shared by all of them. A node's memory must not grow with the
 /// log (a node catching up a million scribes uses what one catching up a hundred thousand does).
-const MEMTABLE_BUDGET: usize = 32 * 1024 * 1024;
-const WRITE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
-const BLOCK_CACHE_BYTES: usize = 32 * 1024 * 1024;
+const MEMTABLE_BUDGET: usize = 16 * 1024 * 1024;
+const WRITE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+const BLOCK_CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 fn db_options() -> Options {
     let mut options = Options::default();

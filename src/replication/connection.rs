@@ -305,6 +305,7 @@ impl Driver {
             state.node = Some(peer);
             state.connected = true;
             state.connects += 1;
+            state.last_error = None;
             for counters in state.streams.values_mut() {
                 counters.caught_up = false;
             }

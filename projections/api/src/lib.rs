@@ -12,6 +12,22 @@
 //! - [`Kind`]: the built-in scribe kinds and custom `x.<name>` kinds.
 //! - [`Policy`], [`Authors`]: what a stream's genesis says about who may write and how much.
 //! - [`Scribe`]: a decoded, verified scribe as a projector will receive it.
+//!
+//! # Example
+//! ```
+//! use quire_projection_api::{AuthorKey, Kind, Policy, ScribeId};
+//!
+//! let owner = AuthorKey([1; 32]);
+//! let visitor = AuthorKey([2; 32]);
+//! let policy = Policy::default();
+//! // Anyone may add records; only the owner may publish files.
+//! assert!(policy.authors_for(&"record.add".parse::<Kind>()?).contains(&visitor, &owner));
+//! assert!(!policy.authors_for(&Kind::FilePut).contains(&visitor, &owner));
+//! // Ids are 64 hex characters everywhere.
+//! let id: ScribeId = "ab".repeat(32).parse()?;
+//! assert_eq!(id.to_hex(), "ab".repeat(32));
+//! # Ok::<(), quire_projection_api::ParseError>(())
+//! ```
 
 use std::fmt;
 use std::str::FromStr;
