@@ -290,13 +290,8 @@ impl pb::streams_server::Streams for Api {
     }
 }
 
-#[tonic::async_trait]
-impl pb::log_server::Log for Api {
-    async fn append(
-        &self,
-        request: Request<pb::AppendRequest>,
-    ) -> Result<Response<pb::AppendReply>, Status> {
-        let draft = new_scribe(request.into_inner())?;
+impl Api {
+    async fn append_draft(&self, draft: Draft) -> Result<Response<pb::AppendReply>, Status> {
         let appended = self
             .log
             .append_one(draft)
@@ -304,18 +299,22 @@ impl pb::log_server::Log for Api {
             .map_err(|error| append_status(&error))?;
         Ok(Response::new(reply(appended)))
     }
+}
+
+#[tonic::async_trait]
+impl pb::log_server::Log for Api {
+    async fn append(
+        &self,
+        request: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendReply>, Status> {
+        self.append_draft(new_scribe(request.into_inner())?).await
+    }
 
     async fn append_signed(
         &self,
         request: Request<pb::AppendSignedRequest>,
     ) -> Result<Response<pb::AppendReply>, Status> {
-        let draft = signed(request.into_inner())?;
-        let appended = self
-            .log
-            .append_one(draft)
-            .await
-            .map_err(|error| append_status(&error))?;
-        Ok(Response::new(reply(appended)))
+        self.append_draft(signed(request.into_inner())?).await
     }
 
     async fn append_batch(

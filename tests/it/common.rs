@@ -115,6 +115,28 @@ pub fn client_scribe(
     )
 }
 
+/// Appends `count` node-signed `x.bulk` scribes in batches of 1000.
+pub async fn append_bulk(clients: &mut Clients, stream: &StreamId, count: usize) {
+    for batch in 0..count.div_ceil(1000) {
+        let appends = (batch * 1000..((batch + 1) * 1000).min(count))
+            .map(|index| pb::AppendRequest {
+                stream: bytes_of(stream),
+                kind: "x.bulk".into(),
+                payload: Bytes::from(format!("bulk {index}")),
+                ..Default::default()
+            })
+            .collect();
+        clients
+            .log
+            .append_batch(pb::AppendBatchRequest {
+                appends,
+                signed: vec![],
+            })
+            .await
+            .expect("bulk append");
+    }
+}
+
 /// Every entry of the whole log, via `Log.Read`.
 pub async fn read_all(clients: &mut Clients) -> Vec<pb::Entry> {
     let mut entries = Vec::new();

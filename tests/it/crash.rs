@@ -191,24 +191,7 @@ async fn sigkill_during_catch_up_and_live_replication_loses_and_duplicates_nothi
     let (mut child_a, url_a, peer_a) = spawn_serve_with(dir_a.path(), &[]).await;
     let mut clients_a = crate::common::clients(&url_a).await;
     let stream = create_stream(&mut clients_a, "replicated crash", None).await;
-    for batch in 0..20 {
-        let appends = (0..1000)
-            .map(|index| pb::AppendRequest {
-                stream: bytes_of(&stream),
-                kind: "x.bulk".into(),
-                payload: Bytes::from(format!("{batch}/{index}")),
-                ..Default::default()
-            })
-            .collect();
-        clients_a
-            .log
-            .append_batch(pb::AppendBatchRequest {
-                appends,
-                signed: vec![],
-            })
-            .await
-            .unwrap();
-    }
+    append_bulk(&mut clients_a, &stream, 20_000).await;
 
     // B dials A, joins, and is killed in the middle of the catch-up.
     let (mut child_b, url_b, _) = spawn_serve_with(dir_b.path(), &["--peer", &peer_a]).await;

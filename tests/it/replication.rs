@@ -193,25 +193,7 @@ async fn a_late_joiner_catches_up_100k_then_receives_live_scribes() {
     let a = start_node(dir_a.path()).await;
     let mut clients_a = clients(&a.url()).await;
     let stream = create_stream(&mut clients_a, "late", None).await;
-    for batch in 0..100 {
-        let appends = (0..1000)
-            .map(|index| pb::AppendRequest {
-                stream: bytes_of(&stream),
-                kind: "x.bulk".into(),
-                content_type: String::new(),
-                payload: Bytes::from(format!("{batch}/{index}")),
-                parents: vec![],
-            })
-            .collect();
-        clients_a
-            .log
-            .append_batch(pb::AppendBatchRequest {
-                appends,
-                signed: vec![],
-            })
-            .await
-            .unwrap();
-    }
+    append_bulk(&mut clients_a, &stream, 100_000).await;
     let b = start_node(dir_b.path()).await;
     connect(&b, &a).await;
     join(&b, &stream).await;
@@ -268,24 +250,7 @@ async fn a_node_restarted_mid_catch_up_resumes_from_its_cursor() {
     let a = start_node(dir_a.path()).await;
     let mut clients_a = clients(&a.url()).await;
     let stream = create_stream(&mut clients_a, "resume", None).await;
-    for batch in 0..30 {
-        let appends = (0..1000)
-            .map(|index| pb::AppendRequest {
-                stream: bytes_of(&stream),
-                kind: "x.bulk".into(),
-                payload: Bytes::from(format!("{batch}/{index}")),
-                ..Default::default()
-            })
-            .collect();
-        clients_a
-            .log
-            .append_batch(pb::AppendBatchRequest {
-                appends,
-                signed: vec![],
-            })
-            .await
-            .unwrap();
-    }
+    append_bulk(&mut clients_a, &stream, 30_000).await;
     let a_addr = a.peer_addr.unwrap().to_string();
     let b = start_node(dir_b.path()).await;
     connect(&b, &a).await;
