@@ -752,6 +752,15 @@ async fn status(url: &str) -> Result<()> {
     for listener in &status.listeners {
         println!("listener    {:<6} {}", listener.name, listener.addr);
     }
+    if let Some(memory) = &status.store_memory {
+        println!(
+            "store memory {} KiB memtables, {} KiB table readers, {} KiB block cache ({} KiB pinned)",
+            memory.memtables / 1024,
+            memory.table_readers / 1024,
+            memory.block_cache / 1024,
+            memory.pinned / 1024
+        );
+    }
     println!("streams     {}", status.streams.len());
     for info in &status.streams {
         println!(

@@ -474,6 +474,15 @@ impl pb::admin_server::Admin for Api {
             version: env!("CARGO_PKG_VERSION").to_string(),
             hlc: self.log.clock().peek(),
             sync_writes: self.facts.sync_writes,
+            store_memory: Some({
+                let (memtables, table_readers, block_cache, pinned) = self.log.store().memory();
+                pb::StoreMemory {
+                    memtables,
+                    table_readers,
+                    block_cache,
+                    pinned,
+                }
+            }),
             peers: self
                 .replicator
                 .peers()

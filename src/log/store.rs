@@ -525,6 +525,30 @@ impl Store {
             })
     }
 
+    /// Memory RocksDB holds now: (memtables, table readers, block cache, pinned blocks), in bytes.
+    pub fn memory(&self) -> (u64, u64, u64, u64) {
+        let mut memtables = 0;
+        let mut table_readers = 0;
+        let mut block_cache = 0;
+        let mut pinned = 0;
+        for name in COLUMN_FAMILIES {
+            let cf = self.cf(name);
+            let property = |key: &str| {
+                self.db
+                    .property_int_value_cf(cf, key)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            };
+            memtables += property("rocksdb.cur-size-all-mem-tables");
+            table_readers += property("rocksdb.estimate-table-readers-mem");
+            // One cache is shared by every column family: count it once.
+            block_cache = block_cache.max(property("rocksdb.block-cache-usage"));
+            pinned = pinned.max(property("rocksdb.block-cache-pinned-usage"));
+        }
+        (memtables, table_readers, block_cache, pinned)
+    }
+
     /// Number of entries in the `scribes` and `by_stream` column families (for verification).
     pub fn index_counts(&self) -> Result<(u64, u64), StoreError> {
         let count = |cf| -> Result<u64, StoreError> {

@@ -77,6 +77,8 @@ async fn create_append_get_read_and_status() {
     assert_eq!(status.head_seq, 3);
     assert_eq!(status.node_id, node.log.node_key().to_hex());
     assert_eq!(status.streams.len(), 1);
+    let memory = status.store_memory.expect("store memory is reported");
+    assert!(memory.memtables > 0, "three scribes sit in the memtables");
     assert_eq!(status.listeners[0].addr, node.url());
     node.stop().await.unwrap();
 }
