@@ -788,6 +788,10 @@ fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
         let multi = job.scribes.len() > 1;
         let next_seq = head + overlay.entries.len() as u64 + 1;
         let mut job_overlay = Overlay::default();
+        let rules = JobRules {
+            origin: job.origin,
+            expect_stream: job.expect_stream,
+        };
         match job.reply {
             Reply::Atomic(reply) => {
                 let mut results = Vec::with_capacity(job.scribes.len());
@@ -801,7 +805,7 @@ fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
                             &mut job_overlay,
                             scribe,
                             seq,
-                            job.origin,
+                            &rules,
                             fresh,
                         )
                     });
@@ -833,15 +837,6 @@ fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
                 let mut results = Vec::with_capacity(job.scribes.len());
                 for (scribe, fresh) in job.scribes {
                     let seq = next_seq + job_overlay.entries.len() as u64;
-                    let scribe = scribe.and_then(|scribe| match job.expect_stream {
-                        Some(expected) if scribe.stream_id() != expected => {
-                            Err(AppendError::WrongStream {
-                                expected,
-                                actual: scribe.stream_id(),
-                            })
-                        }
-                        _ => Ok(scribe),
-                    });
                     results.push(scribe.and_then(|scribe| {
                         admit(
                             shared,
@@ -849,7 +844,7 @@ fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
                             &mut job_overlay,
                             scribe,
                             seq,
-                            job.origin,
+                            &rules,
                             fresh,
                         )
                     }));
@@ -909,15 +904,31 @@ fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
 }
 
 /// Checks one scribe against the store, the group and the job so far; records it in `job` if new.
+/// What a job asks of each of its scribes beyond validity.
+struct JobRules {
+    origin: Origin,
+    /// Replicated batches: the stream every scribe must belong to.
+    expect_stream: Option<StreamId>,
+}
+
 fn admit(
     shared: &Shared,
     group: &Overlay,
     job: &mut Overlay,
     scribe: Scribe,
     seq: u64,
-    origin: Origin,
+    rules: &JobRules,
     fresh: bool,
 ) -> Result<Appended, AppendError> {
+    let origin = rules.origin;
+    if let Some(expected) = rules.expect_stream {
+        if scribe.stream_id() != expected {
+            return Err(AppendError::WrongStream {
+                expected,
+                actual: scribe.stream_id(),
+            });
+        }
+    }
     let hlc = scribe.body.hlc;
     // Idempotence: a scribe already stored (or earlier in this group) changes nothing. A scribe
     // the node has just signed cannot be stored already (its clock value is new), so the lookups
