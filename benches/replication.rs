@@ -287,6 +287,7 @@ async fn live_latency(a: &RunningNode, peer_a: &str, count: usize) -> (Duration,
         .subscribe(pb::SubscribeRequest {
             stream: info.stream.clone(),
             from_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -373,3 +373,60 @@ pub fn peer_status(state: &crate::replication::PeerState) -> pb::PeerStatus {
             .collect(),
     }
 }
+
+fn optional_stream_bytes(stream: Option<&StreamId>) -> Bytes {
+    stream
+        .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+        .unwrap_or_default()
+}
+
+/// A projection's or consumer's status.
+pub fn projection_status(status: &crate::projection::ProjectionStatus) -> pb::ProjectionStatus {
+    pb::ProjectionStatus {
+        name: status.name.clone(),
+        stream: optional_stream_bytes(status.stream.as_ref()),
+        kind: status.kind.to_string(),
+        fingerprint: status.fingerprint.clone(),
+        generation: status.generation,
+        checkpoint: status.checkpoint,
+        target: status.target,
+        lag: status.lag(),
+        quarantined: status.quarantined,
+        digest: status
+            .digest
+            .map(|d| Bytes::copy_from_slice(&d))
+            .unwrap_or_default(),
+        rebuild: status
+            .rebuild
+            .as_ref()
+            .map(
+                |(generation, fingerprint, checkpoint)| pb::RebuildProgress {
+                    generation: *generation,
+                    fingerprint: fingerprint.clone(),
+                    checkpoint: *checkpoint,
+                    target: status.target,
+                },
+            ),
+        halted: status
+            .halted
+            .as_ref()
+            .map(|(_, reason)| reason.clone())
+            .unwrap_or_default(),
+        halted_seq: status.halted.as_ref().map(|(seq, _)| *seq).unwrap_or(0),
+        error: status.error.clone().unwrap_or_default(),
+    }
+}
+
+/// A parked scribe.
+pub fn quarantine_entry(parked: &crate::projection::Parked) -> pb::QuarantineEntry {
+    pb::QuarantineEntry {
+        name: parked.name.clone(),
+        stream: optional_stream_bytes(parked.stream.as_ref()),
+        seq: parked.seq,
+        id: Bytes::copy_from_slice(parked.id.as_bytes()),
+        kind: parked.kind.clone(),
+        error: parked.error.clone(),
+        state: parked.state.clone(),
+        at_ms: parked.at_ms,
+    }
+}

@@ -11,6 +11,8 @@
 //!   [`log::subscribe`]: catch-up-then-live subscriptions).
 //! - [`convert`]: the one place that knows both protobuf and domain types.
 //! - [`pb`]: generated protobuf and gRPC code for `proto/quire/v1`.
+//! - [`projection`]: the projection runner (plugins, live and shadow copies, quarantine, durable
+//!   consumers) and the offline rebuild and replay.
 //! - [`replication`]: peers exchange scribes (sans-IO [`replication::session`], its tonic
 //!   driver [`replication::connection`], dial loops and joins).
 //! - [`server`]: the gRPC client API (thin service impls, one error-to-status mapping).
@@ -25,6 +27,7 @@ pub mod identity;
 pub mod log;
 pub mod node;
 pub mod pb;
+pub mod projection;
 pub mod replication;
 pub mod scribe;
 pub mod server;

@@ -13,6 +13,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::hlc::WallClock;
 use crate::log::{Log, LogOptions, OpenError};
+use crate::projection::{Projections, ProjectionsError, Registry};
 use crate::replication::{ReplicationError, Replicator};
 use crate::server::{Api, NodeFacts};
 
@@ -30,6 +31,8 @@ pub struct NodeConfig {
     pub wall: Option<WallClock>,
     /// Peers to dial (host:port), remembered in the data directory like `quire peer add`.
     pub peers: Vec<String>,
+    /// The projectors to run.
+    pub registry: Registry,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -38,6 +41,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("data_dir", &self.data_dir)
             .field("sync", &self.sync)
             .field("peers", &self.peers)
+            .field("registry", &self.registry)
             .finish()
     }
 }
@@ -50,6 +54,7 @@ impl NodeConfig {
             sync: false,
             wall: None,
             peers: Vec::new(),
+            registry: Registry::builtin(),
         }
     }
 }
@@ -70,6 +75,9 @@ pub enum NodeError {
     /// Peers could not be set up.
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    /// Projections could not be opened.
+    #[error("projections: {0}")]
+    Projections(#[from] ProjectionsError),
 }
 
 /// Opens the node's log.
@@ -115,6 +123,7 @@ pub async fn serve(
     };
     let replicator = Replicator::new(log.clone());
     replicator.start(&config.peers)?;
+    let projections = Projections::start(log.clone(), config.registry.clone(), &config.data_dir)?;
     tracing::info!(node = %log.node_key(), api = %api_addr, peer = ?peer_addr, data_dir = %config.data_dir.display(), "node serving");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -132,7 +141,7 @@ pub async fn serve(
     let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
-    let api_server = Api::new(log.clone(), replicator.clone(), facts)
+    let api_server = Api::new(log.clone(), replicator.clone(), projections.clone(), facts)
         .router()
         .await
         .serve_with_incoming_shutdown(no_delay(api), stopped(stop_rx.clone()));
@@ -167,6 +176,7 @@ pub async fn serve(
     };
     let _ = std::fs::remove_file(&addr_file);
     drop(replicator);
+    drop(projections);
     log.close().await;
     result
 }

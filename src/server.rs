@@ -24,6 +24,7 @@ use crate::log::store::StoreError;
 use crate::log::subscribe::LogEvent;
 use crate::log::{AppendError, Appended, Draft, Log, NewScribe, Origin};
 use crate::pb;
+use crate::projection::{Projections, ProjectionsError};
 use crate::replication::{ReplicationError, Replicator};
 
 /// Largest gRPC message either way: room for a maximal scribe, or a batch of many small ones.
@@ -62,6 +63,21 @@ pub fn store_status(error: &StoreError) -> Status {
     match error {
         StoreError::Closed => Status::unavailable(error.to_string()),
         other => Status::internal(other.to_string()),
+    }
+}
+
+/// The status for a projection error.
+pub fn projections_status(error: &ProjectionsError) -> Status {
+    match error {
+        ProjectionsError::Unknown { .. } | ProjectionsError::NotParked(_) => {
+            Status::not_found(error.to_string())
+        }
+        ProjectionsError::Stream(_) | ProjectionsError::Consumer(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        ProjectionsError::StillFails { .. } => Status::failed_precondition(error.to_string()),
+        ProjectionsError::Store(store) => store_status(store),
+        _ => Status::internal(error.to_string()),
     }
 }
 
@@ -143,15 +159,22 @@ pub struct NodeFacts {
 pub struct Api {
     log: Log,
     replicator: Replicator,
+    projections: Projections,
     facts: Arc<NodeFacts>,
 }
 
 impl Api {
     /// An API over `log`.
-    pub fn new(log: Log, replicator: Replicator, facts: NodeFacts) -> Api {
+    pub fn new(
+        log: Log,
+        replicator: Replicator,
+        projections: Projections,
+        facts: NodeFacts,
+    ) -> Api {
         Api {
             log,
             replicator,
+            projections,
             facts: Arc::new(facts),
         }
     }
@@ -167,6 +190,9 @@ impl Api {
             .await;
         reporter
             .set_serving::<pb::admin_server::AdminServer<Api>>()
+            .await;
+        reporter
+            .set_serving::<pb::projections_server::ProjectionsServer<Api>>()
             .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -192,6 +218,7 @@ impl Api {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
+            .add_service(pb::projections_server::ProjectionsServer::new(self.clone()))
             .add_service(
                 pb::admin_server::AdminServer::new(self)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -429,9 +456,25 @@ impl pb::log_server::Log for Api {
                 )));
             }
         }
-        let events = self
-            .log
-            .subscribe(stream, request.from_seq, SUBSCRIBE_BUFFER);
+        let from = if request.consumer.is_empty() {
+            request.from_seq
+        } else {
+            if request.from_seq != 0 {
+                return Err(invalid(format!(
+                    "consumer {:?} resumes after its last ack; leave from_seq at 0 (or use `quire rebuild {}` to start it over)",
+                    request.consumer, request.consumer
+                )));
+            }
+            let projections = self.projections.clone();
+            let consumer = request.consumer.clone();
+            tokio::task::spawn_blocking(move || {
+                projections.consumer_start(&consumer, stream.as_ref())
+            })
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?
+            .map_err(|error| projections_status(&error))?
+        };
+        let events = self.log.subscribe(stream, from, SUBSCRIBE_BUFFER);
         let events = ReceiverStream::new(events).map(|event| match event {
             Ok(LogEvent::Entry(entry)) => Ok(pb::SubscribeEvent {
                 event: Some(pb::subscribe_event::Event::Scribe(convert::entry(entry))),
@@ -443,6 +486,124 @@ impl pb::log_server::Log for Api {
         });
         Ok(Response::new(Box::pin(events)))
     }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckReply>, Status> {
+        let request = request.into_inner();
+        let projections = self.projections.clone();
+        let consumer = blocking(move || projections.ack(&request.consumer, request.seq)).await?;
+        Ok(Response::new(pb::AckReply {
+            acked: consumer.acked,
+        }))
+    }
+}
+
+/// Runs a projection operation (which may take file locks and fsync) off the executor.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ProjectionsError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Status::unavailable("the node is shutting down"))?
+        .map_err(|error| projections_status(&error))
+}
+
+fn projection_name(name: &str) -> Result<&str, Status> {
+    if name.is_empty() {
+        return Err(invalid(
+            "name the projection (see `quire projections` for the names)".into(),
+        ));
+    }
+    Ok(name)
+}
+
+#[tonic::async_trait]
+impl pb::projections_server::Projections for Api {
+    async fn list(
+        &self,
+        _request: Request<pb::ListProjectionsRequest>,
+    ) -> Result<Response<pb::ListProjectionsReply>, Status> {
+        let projections = self.projections.clone();
+        let list = blocking(move || projections.list()).await?;
+        Ok(Response::new(pb::ListProjectionsReply {
+            projections: list.iter().map(convert::projection_status).collect(),
+        }))
+    }
+
+    async fn rebuild(
+        &self,
+        request: Request<pb::RebuildRequest>,
+    ) -> Result<Response<pb::ListProjectionsReply>, Status> {
+        let request = request.into_inner();
+        projection_name(&request.name)?;
+        let stream = convert::optional_stream(&request.stream).map_err(invalid)?;
+        let projections = self.projections.clone();
+        let started = blocking(move || projections.rebuild(&request.name, stream.as_ref())).await?;
+        Ok(Response::new(pb::ListProjectionsReply {
+            projections: started.iter().map(convert::projection_status).collect(),
+        }))
+    }
+
+    async fn digest(
+        &self,
+        request: Request<pb::DigestRequest>,
+    ) -> Result<Response<pb::DigestReply>, Status> {
+        let request = request.into_inner();
+        projection_name(&request.name)?;
+        let stream = convert::optional_stream(&request.stream).map_err(invalid)?;
+        let projections = self.projections.clone();
+        let (digest, checkpoint) =
+            blocking(move || projections.digest(&request.name, stream.as_ref())).await?;
+        Ok(Response::new(pb::DigestReply {
+            digest: Bytes::copy_from_slice(&digest),
+            checkpoint,
+        }))
+    }
+
+    async fn quarantined(
+        &self,
+        _request: Request<pb::QuarantinedRequest>,
+    ) -> Result<Response<pb::QuarantinedReply>, Status> {
+        let projections = self.projections.clone();
+        let entries = blocking(move || projections.quarantined()).await?;
+        Ok(Response::new(pb::QuarantinedReply {
+            entries: entries.iter().map(convert::quarantine_entry).collect(),
+        }))
+    }
+
+    async fn retry(
+        &self,
+        request: Request<pb::QuarantineActionRequest>,
+    ) -> Result<Response<pb::QuarantinedReply>, Status> {
+        let (id, name) = quarantine_action(request.into_inner())?;
+        let projections = self.projections.clone();
+        let entries = blocking(move || projections.retry(&id, name.as_deref())).await?;
+        Ok(Response::new(pb::QuarantinedReply {
+            entries: entries.iter().map(convert::quarantine_entry).collect(),
+        }))
+    }
+
+    async fn skip(
+        &self,
+        request: Request<pb::QuarantineActionRequest>,
+    ) -> Result<Response<pb::QuarantinedReply>, Status> {
+        let (id, name) = quarantine_action(request.into_inner())?;
+        let projections = self.projections.clone();
+        let entries = blocking(move || projections.skip(&id, name.as_deref())).await?;
+        Ok(Response::new(pb::QuarantinedReply {
+            entries: entries.iter().map(convert::quarantine_entry).collect(),
+        }))
+    }
+}
+
+fn quarantine_action(
+    request: pb::QuarantineActionRequest,
+) -> Result<(quire_projection_api::ScribeId, Option<String>), Status> {
+    let id = convert::id_field(&request.id, "id").map_err(invalid)?;
+    let name = (!request.name.is_empty()).then_some(request.name);
+    Ok((id, name))
 }
 
 #[tonic::async_trait]
@@ -451,7 +612,10 @@ impl pb::admin_server::Admin for Api {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        let projections = self.projections.clone();
+        let projections = blocking(move || projections.list()).await?;
         Ok(Response::new(pb::StatusReply {
+            projections: projections.iter().map(convert::projection_status).collect(),
             node_id: self.log.node_key().to_hex(),
             data_dir: self.facts.data_dir.clone(),
             log_epoch: Bytes::copy_from_slice(&self.log.epoch()),

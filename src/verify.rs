@@ -34,7 +34,7 @@ const CHUNK: usize = 4096;
 
 /// Verifies the store of the data directory `data_dir`.
 pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
-    let store = Store::open_read_only(&data_dir.join("db"))?;
+    let store = Store::open_read_only(&crate::log::store_path(data_dir))?;
     let head = store.head()?;
     let mut report = VerifyReport {
         head,

@@ -341,7 +341,7 @@ impl Log {
             source,
         })?;
         let key = identity::load_or_create(&data_dir.join(identity::KEY_FILE))?;
-        let store = Store::open(&data_dir.join("db"), options.sync)?;
+        let store = Store::open(&store_path(data_dir), options.sync)?;
         let head = store.head()?;
         let clock = Clock::new(store.hlc_high_water()?, options.wall.clone());
         let epoch = store.epoch()?;
@@ -580,6 +580,11 @@ impl Log {
         &self.shared
     }
 
+    /// A receiver that turns `true` when the log starts closing (background tasks end then).
+    pub fn watch_closing(&self) -> watch::Receiver<bool> {
+        self.shared.closing.subscribe()
+    }
+
     /// Ends every subscription (their streams finish) without closing the log.
     pub fn signal_closing(&self) {
         let _ = self.shared.closing.send(true);
@@ -614,6 +619,11 @@ impl Log {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
+}
+
+/// Where a data directory keeps its RocksDB store.
+pub fn store_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("db")
 }
 
 pub(crate) fn read_range(

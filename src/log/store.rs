@@ -9,6 +9,8 @@
 //! - `cursors`:   peer node id (32) ‖ stream id (32) → peer log epoch (16) ‖ last peer seq taken (u64 BE)
 //! - `peers`:     peer address (UTF-8) → empty (peers to dial, remembered across restarts)
 //! - `joins`:     stream id (32) → empty (joins waiting for a peer that has the genesis)
+//! - `projections`: the projection runner's own records (live and shadow generations, quarantine,
+//!   durable consumers' acks), laid out by `crate::projection`; this module only stores them
 //! - `default`:   metadata: `format`, `epoch`, `head`, `hlc`
 //!
 //! Contract: [`Store::commit`] writes a whole [`Commit`] in one RocksDB write batch (all or
@@ -33,7 +35,8 @@ const CF_STREAMS: &str = "streams";
 const CF_CURSORS: &str = "cursors";
 const CF_PEERS: &str = "peers";
 const CF_JOINS: &str = "joins";
-const COLUMN_FAMILIES: [&str; 7] = [
+const CF_PROJECTIONS: &str = "projections";
+const COLUMN_FAMILIES: [&str; 8] = [
     CF_SCRIBES,
     CF_LOG,
     CF_BY_STREAM,
@@ -41,6 +44,7 @@ const COLUMN_FAMILIES: [&str; 7] = [
     CF_CURSORS,
     CF_PEERS,
     CF_JOINS,
+    CF_PROJECTIONS,
 ];
 
 const META_FORMAT: &[u8] = b"format";
@@ -73,6 +77,9 @@ pub enum StoreError {
     #[error("damaged store: {0}; run `quire verify -d <data dir>` for a full report")]
     Damaged(String),
 }
+
+/// A raw key and value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// Per-stream counters kept beside the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -643,6 +650,59 @@ impl Store {
             );
         }
         Ok(out)
+    }
+
+    /// A record of the projection runner (`projections` column family).
+    pub fn projection_record(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_PROJECTIONS), key)?)
+    }
+
+    /// Writes (`Some`) or deletes (`None`) records of the projection runner in one write batch,
+    /// fsynced: they are rare and must be durable before a projector's checkpoint moves past them.
+    pub fn put_projection_records(
+        &self,
+        records: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(CF_PROJECTIONS);
+        let mut batch = WriteBatch::default();
+        for (key, value) in records {
+            match value {
+                Some(value) => batch.put_cf(cf, key, value),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync)?;
+        Ok(())
+    }
+
+    /// Every record of the projection runner whose key starts with `prefix`, in key order.
+    pub fn projection_records(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_PROJECTIONS),
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The record of one stream, if this node holds it.
+    pub fn stream_record(&self, stream: &StreamId) -> Result<Option<StreamRecord>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_STREAMS), stream.as_bytes())?
+        {
+            Some(value) => Ok(Some(StreamRecord::decode(&value)?)),
+            None => Ok(None),
+        }
     }
 }
 

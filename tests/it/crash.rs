@@ -23,12 +23,24 @@ pub async fn spawn_serve(dir: &Path) -> (Child, String) {
 /// Starts `quire serve` on `dir` with free ports and `extra` arguments; returns the child, its API
 /// URL and its peer listener address.
 pub async fn spawn_serve_with(dir: &Path, extra: &[&str]) -> (Child, String, String) {
-    let mut child = Command::new(quire_bin())
+    spawn_binary(Path::new(quire_bin()), dir, extra, &[]).await
+}
+
+/// Starts `<binary> serve` (quire, or a binary built on `quire::cli::main_with`) on `dir` with
+/// free ports, `extra` arguments and `env`; returns the child, its API URL and peer address.
+pub async fn spawn_binary(
+    binary: &Path,
+    dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, String, String) {
+    let mut child = Command::new(binary)
         .args(["serve", "--api", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
         .args(extra)
         .arg("-d")
         .arg(dir)
         .env("QUIRE_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

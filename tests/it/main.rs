@@ -6,6 +6,7 @@ mod api;
 mod common;
 mod crash;
 mod malicious;
+mod projections;
 mod python;
 mod replication;
 mod scribe;

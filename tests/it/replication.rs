@@ -205,6 +205,7 @@ async fn a_late_joiner_catches_up_100k_then_receives_live_scribes() {
         .subscribe(pb::SubscribeRequest {
             stream: bytes_of(&stream),
             from_seq: b.log.head() + 1,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -21,6 +21,7 @@ async fn an_empty_stream_says_caught_up_at_once() {
         .subscribe(pb::SubscribeRequest {
             stream: Bytes::new(),
             from_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -39,6 +40,7 @@ async fn an_empty_stream_says_caught_up_at_once() {
         .subscribe(pb::SubscribeRequest {
             stream: bytes_of(&stream),
             from_seq: 2,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -68,6 +70,7 @@ async fn an_empty_stream_says_caught_up_at_once() {
         .subscribe(pb::SubscribeRequest {
             stream: Bytes::from(vec![7u8; 32]),
             from_seq: 1,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -88,6 +91,7 @@ async fn a_slow_subscriber_receives_every_scribe_exactly_once_in_order() {
         .subscribe(pb::SubscribeRequest {
             stream: bytes_of(&stream),
             from_seq: 1,
+            ..Default::default()
         })
         .await
         .unwrap()

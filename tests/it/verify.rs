@@ -33,20 +33,9 @@ async fn verify_passes_clean_data_and_reports_a_flipped_byte() {
     {
         let mut options = rocksdb::Options::default();
         options.create_if_missing(false);
-        let db = rocksdb::DB::open_cf(
-            &options,
-            dir.path().join("db"),
-            [
-                "scribes",
-                "log",
-                "by_stream",
-                "streams",
-                "cursors",
-                "peers",
-                "joins",
-            ],
-        )
-        .unwrap();
+        let path = dir.path().join("db");
+        let families = rocksdb::DB::list_cf(&options, &path).unwrap();
+        let db = rocksdb::DB::open_cf(&options, &path, families).unwrap();
         let cf = db.cf_handle("scribes").unwrap();
         let mut value = db.get_cf(cf, &id).unwrap().unwrap();
         let middle = value.len() / 2;

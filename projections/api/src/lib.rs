@@ -12,6 +12,8 @@
 //! - [`Kind`]: the built-in scribe kinds and custom `x.<name>` kinds.
 //! - [`Policy`], [`Authors`]: what a stream's genesis says about who may write and how much.
 //! - [`Scribe`]: a decoded, verified scribe as a projector will receive it.
+//! - [`Plugin`], [`Projector`]: what a projector implements (see the [`projector`] module).
+//! - `testing` (feature `testing`): the conformance suite every projector runs.
 //!
 //! # Example
 //! ```
@@ -31,6 +33,12 @@
 
 use std::fmt;
 use std::str::FromStr;
+
+pub mod projector;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use projector::{ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope};
 
 /// Errors from parsing the plain types of this crate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -14,7 +14,11 @@ use tonic::transport::Channel;
 
 use crate::node::{self, NodeConfig};
 use crate::pb;
+use crate::projection::Registry;
+
+mod projections;
 use crate::server::MAX_MESSAGE_BYTES;
+use projections::{DigestArgs, QuarantineCommand, RebuildArgs, ReplayArgs};
 
 /// Default client API address.
 pub const DEFAULT_API: &str = "127.0.0.1:8000";
@@ -64,6 +68,22 @@ pub enum Command {
     Peer(PeerCommand),
     /// Re-hash and re-verify every scribe stored in a data directory; exit status 1 on damage.
     Verify(VerifyArgs),
+    /// Show each projection (projector per scope, and durable consumer): checkpoint, lag,
+    /// quarantined scribes, rebuild progress and state digest.
+    Projections,
+    /// Rebuild a projection blue/green: a fresh copy is built beside the live one, which keeps
+    /// answering, and swapped in when it reaches the head. For a durable consumer: start it over
+    /// from seq 1.
+    Rebuild(RebuildArgs),
+    /// Replay a range of local seqs into scratch copies of projectors, to inspect them (the node's
+    /// own projections are not touched; works while the node runs).
+    Replay(ReplayArgs),
+    /// Print the SHA-256 digest of a projection's live state: equal scribe sets give equal
+    /// digests on every node.
+    Digest(DigestArgs),
+    /// Scribes a projector could not apply: list them, retry one after a fix, or skip it.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
 }
 
 /// `quire serve`.
@@ -209,8 +229,14 @@ pub struct VerifyArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Parses the command line and runs it.
+/// Parses the command line and runs it, with quire's built-in projectors.
 pub fn main() -> std::process::ExitCode {
+    main_with(Registry::builtin())
+}
+
+/// Parses the command line and runs it with the projectors of `registry`: the entry point of a
+/// binary that adds its own projectors (see `docs/plugins.md`).
+pub fn main_with(registry: Registry) -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -222,7 +248,7 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, registry)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -231,10 +257,15 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
     let node_url = cli.node.clone();
     match cli.command {
-        Command::Serve(args) => serve(args).await?,
+        Command::Serve(args) => serve(args, registry).await?,
+        Command::Projections => projections::list(&node_url).await?,
+        Command::Rebuild(args) => projections::rebuild(&node_url, args, &registry).await?,
+        Command::Replay(args) => projections::replay(args, &registry)?,
+        Command::Digest(args) => projections::digest(&node_url, args).await?,
+        Command::Quarantine(command) => projections::quarantine(&node_url, command).await?,
         Command::Verify(args) => return verify(args),
         Command::Stream(command) => stream(&node_url, command).await?,
         Command::Append(args) => append(&node_url, args).await?,
@@ -267,7 +298,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+async fn serve(args: ServeArgs, registry: Registry) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("QUIRE_LOG")
@@ -282,6 +313,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         sync: args.sync,
         wall: None,
         peers: args.peers.clone(),
+        registry,
     };
     let log = node::open_log(&config)
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;
@@ -348,7 +380,7 @@ fn verify(args: VerifyArgs) -> Result<std::process::ExitCode> {
     })
 }
 
-async fn channel(url: &str) -> Result<Channel> {
+pub(crate) async fn channel(url: &str) -> Result<Channel> {
     Channel::from_shared(url.to_string())
         .with_context(|| format!("--node {url:?} is not a URL like http://127.0.0.1:8000"))?
         .connect()
@@ -356,7 +388,7 @@ async fn channel(url: &str) -> Result<Channel> {
         .with_context(|| format!("cannot reach a quire node at {url}: is `quire serve` running there? (set --node or QUIRE_NODE)"))
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
 }
 
@@ -626,6 +658,7 @@ async fn log(url: &str, args: LogArgs) -> Result<()> {
         .subscribe(pb::SubscribeRequest {
             stream,
             from_seq: args.from,
+            consumer: String::new(),
         })
         .await
         .map_err(status_error)?

@@ -1,0 +1,342 @@
+//! The projection conformance suite (feature `testing`): properties every projector must keep.
+//!
+//! Run it from a projector crate's tests with a strategy that makes scribes your projector cares
+//! about (kinds, payloads, authors, clocks); the suite renumbers their local seqs itself:
+//!
+//! ```ignore
+//! #[test]
+//! fn conformance() {
+//!     let scribes = proptest::collection::vec(my_scribe_strategy(), 0..40);
+//!     quire_projection_api::testing::check_all(&MyPlugin::default(), scribes, 64).unwrap();
+//! }
+//! ```
+//!
+//! The properties (each [`check_all`] case runs all four on one generated set of scribes):
+//! 1. [`check_order_and_duplicates`]: any permutation of the scribes, with any of them delivered
+//!    twice and cut into batches anywhere, gives the digest of applying them once in order.
+//! 2. [`check_crash_and_resume`]: dropping the instance after any batch (a crash: nothing is closed
+//!    cleanly), reopening its directory and going on from its checkpoint applies nothing twice and
+//!    skips nothing.
+//! 3. [`check_rebuild_equals_incremental`]: many small batches give the digest of one big batch
+//!    applied to a reset instance.
+//! 4. [`check_reset_empties`]: after `reset` the checkpoint is 0 and the digest is that of a new,
+//!    empty instance.
+//!
+//! A failing property comes back as `Err` with proptest's smallest failing case, so a suite run
+//! against a deliberately order-sensitive projector fails (the daemon's tests do exactly that).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proptest::strategy::Strategy;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use sha2::{Digest, Sha256};
+
+use crate::{AuthorKey, Kind, Place, Plugin, Projector, Scope, Scribe, ScribeId, StreamId};
+
+/// A scribe for tests, with an id derived from its fields (so equal fields give equal ids) and
+/// local seq 0 (the suite assigns seqs).
+pub fn scribe(
+    stream: StreamId,
+    author: AuthorKey,
+    hlc: u64,
+    kind: Kind,
+    content_type: &str,
+    payload: Vec<u8>,
+) -> Scribe {
+    let mut hasher = Sha256::new();
+    hasher.update(stream.0);
+    hasher.update(author.0);
+    hasher.update(hlc.to_be_bytes());
+    hasher.update(kind.as_str().as_bytes());
+    hasher.update([0]);
+    hasher.update(content_type.as_bytes());
+    hasher.update([0]);
+    hasher.update(&payload);
+    Scribe {
+        id: ScribeId(hasher.finalize().into()),
+        stream,
+        author,
+        hlc,
+        kind,
+        content_type: content_type.to_string(),
+        payload,
+        parents: Vec::new(),
+        local_seq: 0,
+    }
+}
+
+/// Runs the four properties over `cases` sets of scribes drawn from `scribes`.
+pub fn check_all<S>(plugin: &dyn Plugin, scribes: S, cases: u32) -> Result<(), String>
+where
+    S: Strategy<Value = Vec<Scribe>>,
+{
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&(scribes, proptest::num::u64::ANY), |(scribes, seed)| {
+            let fail = |error: String| TestCaseError::fail(error);
+            check_order_and_duplicates(plugin, &scribes, seed).map_err(fail)?;
+            check_crash_and_resume(plugin, &scribes, seed).map_err(fail)?;
+            check_rebuild_equals_incremental(plugin, &scribes, seed).map_err(fail)?;
+            check_reset_empties(plugin, &scribes).map_err(fail)?;
+            Ok(())
+        })
+        .map_err(|error| format!("{} failed the conformance suite: {error}", plugin.name()))
+}
+
+/// Property 1: permutations, duplicates and batch cuts do not change the digest.
+pub fn check_order_and_duplicates(
+    plugin: &dyn Plugin,
+    scribes: &[Scribe],
+    seed: u64,
+) -> Result<(), String> {
+    let mut rng = Rng(seed | 1);
+    let expected = {
+        let mut fresh = Instance::open(plugin, scribes)?;
+        fresh.feed(scribes, &mut Rng(1), usize::MAX)?;
+        fresh.digest()?
+    };
+    let mut shuffled: Vec<Scribe> = scribes.to_vec();
+    for i in (1..shuffled.len()).rev() {
+        shuffled.swap(i, rng.below(i + 1));
+    }
+    let twice: Vec<Scribe> = shuffled
+        .iter()
+        .filter(|_| rng.below(4) == 0)
+        .cloned()
+        .collect();
+    for again in twice {
+        let at = rng.below(shuffled.len() + 1);
+        shuffled.insert(at, again);
+    }
+    let mut other = Instance::open(plugin, scribes)?;
+    other.feed(&shuffled, &mut rng, usize::MAX)?;
+    let actual = other.digest()?;
+    if actual != expected {
+        return Err(format!(
+            "order or duplicates changed the digest: in order {}, shuffled with duplicates {}",
+            hex::encode(expected),
+            hex::encode(actual)
+        ));
+    }
+    Ok(())
+}
+
+/// Property 2: a crash after any committed batch, then a resume from the checkpoint, gives the
+/// digest of an uninterrupted run.
+pub fn check_crash_and_resume(
+    plugin: &dyn Plugin,
+    scribes: &[Scribe],
+    seed: u64,
+) -> Result<(), String> {
+    let mut rng = Rng(seed.rotate_left(17) | 1);
+    let expected = {
+        let mut clean = Instance::open(plugin, scribes)?;
+        clean.feed(scribes, &mut Rng(1), usize::MAX)?;
+        clean.digest()?
+    };
+    let mut crashing = Instance::open(plugin, scribes)?;
+    let batches = rng.below(4);
+    crashing.feed(scribes, &mut rng, batches)?;
+    let before = crashing.checkpoint()?;
+    crashing.crash_and_reopen(plugin)?;
+    let after = crashing.checkpoint()?;
+    if after != before {
+        return Err(format!(
+            "checkpoint {before} was committed, but the reopened instance says {after}"
+        ));
+    }
+    let rest: Vec<Scribe> = scribes
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| seq_of(*index) > after)
+        .map(|(_, scribe)| scribe.clone())
+        .collect();
+    crashing.feed_from(after, &rest, &mut rng, usize::MAX)?;
+    let actual = crashing.digest()?;
+    if actual != expected {
+        return Err(format!(
+            "resuming from checkpoint {after} after a crash gave digest {}, an uninterrupted run {}",
+            hex::encode(actual),
+            hex::encode(expected)
+        ));
+    }
+    Ok(())
+}
+
+/// Property 3: incremental application equals a rebuild from scratch.
+pub fn check_rebuild_equals_incremental(
+    plugin: &dyn Plugin,
+    scribes: &[Scribe],
+    seed: u64,
+) -> Result<(), String> {
+    let mut incremental = Instance::open(plugin, scribes)?;
+    incremental.feed(scribes, &mut Rng(seed.rotate_left(31) | 1), usize::MAX)?;
+    let expected = incremental.digest()?;
+    incremental.reset()?;
+    incremental.feed(scribes, &mut Rng(0), usize::MAX)?;
+    let actual = incremental.digest()?;
+    if actual != expected {
+        return Err(format!(
+            "reset then one batch gave digest {}, small batches {}",
+            hex::encode(actual),
+            hex::encode(expected)
+        ));
+    }
+    Ok(())
+}
+
+/// Property 4: reset gives back an empty instance.
+pub fn check_reset_empties(plugin: &dyn Plugin, scribes: &[Scribe]) -> Result<(), String> {
+    let empty = Instance::open(plugin, scribes)?.digest()?;
+    let mut used = Instance::open(plugin, scribes)?;
+    used.feed(scribes, &mut Rng(7), usize::MAX)?;
+    used.reset()?;
+    let checkpoint = used.checkpoint()?;
+    if checkpoint != 0 {
+        return Err(format!("checkpoint after reset is {checkpoint}, not 0"));
+    }
+    let digest = used.digest()?;
+    if digest != empty {
+        return Err(format!(
+            "digest after reset is {}, an empty instance's is {}",
+            hex::encode(digest),
+            hex::encode(empty)
+        ));
+    }
+    Ok(())
+}
+
+/// The local seq the suite gives the scribe at `index` of the generated list.
+fn seq_of(index: usize) -> u64 {
+    index as u64 + 1
+}
+
+/// A small deterministic generator (xorshift), so a failing seed reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, bound: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        if bound == 0 {
+            0
+        } else {
+            (self.0 % bound as u64) as usize
+        }
+    }
+}
+
+/// One instance in its own scratch directory, removed on drop.
+struct Instance {
+    place: Place,
+    projector: Option<Box<dyn Projector>>,
+}
+
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+impl Instance {
+    fn open(plugin: &dyn Plugin, scribes: &[Scribe]) -> Result<Instance, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "quire-conformance-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+        let stream = match plugin.scope() {
+            Scope::Log => None,
+            Scope::Stream => Some(scribes.first().map(|s| s.stream).unwrap_or_default()),
+        };
+        let place = Place { dir, stream };
+        let projector = plugin
+            .open(&place)
+            .map_err(|error| format!("open: {error}"))?;
+        Ok(Instance {
+            place,
+            projector: Some(projector),
+        })
+    }
+
+    fn projector(&mut self) -> &mut Box<dyn Projector> {
+        self.projector.as_mut().expect("instance is open")
+    }
+
+    /// Applies `scribes` (numbered from seq 1 in the order given) in random batches; stops after
+    /// `max_batches` batches.
+    fn feed(
+        &mut self,
+        scribes: &[Scribe],
+        rng: &mut Rng,
+        max_batches: usize,
+    ) -> Result<(), String> {
+        self.feed_from(0, scribes, rng, max_batches)
+    }
+
+    fn feed_from(
+        &mut self,
+        after: u64,
+        scribes: &[Scribe],
+        rng: &mut Rng,
+        max_batches: usize,
+    ) -> Result<(), String> {
+        let mut numbered: Vec<Scribe> = scribes.to_vec();
+        for (index, scribe) in numbered.iter_mut().enumerate() {
+            scribe.local_seq = after + index as u64 + 1;
+        }
+        let mut rest = &numbered[..];
+        let mut batches = 0;
+        while !rest.is_empty() && batches < max_batches {
+            let size = 1 + rng.below(rest.len());
+            let (batch, tail) = rest.split_at(size);
+            let checkpoint = batch.last().map(|s| s.local_seq).unwrap_or(after);
+            self.projector()
+                .apply(batch, checkpoint)
+                .map_err(|error| format!("apply: {error}"))?;
+            rest = tail;
+            batches += 1;
+        }
+        Ok(())
+    }
+
+    fn crash_and_reopen(&mut self, plugin: &dyn Plugin) -> Result<(), String> {
+        // Dropping without any clean-up call is what a killed process leaves behind: whatever
+        // `apply` committed, and nothing else.
+        self.projector = None;
+        self.projector = Some(
+            plugin
+                .open(&self.place)
+                .map_err(|error| format!("reopen: {error}"))?,
+        );
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> Result<u64, String> {
+        self.projector()
+            .checkpoint()
+            .map_err(|error| format!("checkpoint: {error}"))
+    }
+
+    fn digest(&mut self) -> Result<[u8; 32], String> {
+        self.projector()
+            .digest()
+            .map_err(|error| format!("digest: {error}"))
+    }
+
+    fn reset(&mut self) -> Result<(), String> {
+        self.projector()
+            .reset()
+            .map_err(|error| format!("reset: {error}"))
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.projector = None;
+        let _ = std::fs::remove_dir_all(&self.place.dir);
+    }
+}

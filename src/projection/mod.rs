@@ -1,0 +1,686 @@
+//! The projection runner: turns the log into read models, keeps them caught up, rebuilds them
+//! blue/green, parks scribes they cannot apply, and keeps durable consumers' checkpoints.
+//!
+//! - [`Registry`]: the plugins a node runs (built-in and the embedding binary's own).
+//! - [`Projections`]: the running set: one task per slot (a plugin in one scope: the whole log,
+//!   or one stream), catching up from its checkpoint in batches and then following the head.
+//! - `slot`: a slot's live and shadow copies, the quarantine, the swap (synchronous code).
+//! - `consumers`: checkpoints of out-of-process consumers (`Log.Subscribe` with a name, `Log.Ack`).
+//!
+//! Invariant 6 (checkpoint with the work) holds because every batch commits inside the projector
+//! together with its checkpoint, and the runner always resumes from the checkpoint the projector
+//! reports after it is opened.
+
+mod consumers;
+mod slot;
+mod view;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quire_projection_api::{Plugin, Scope, ScribeId, StreamId};
+use tokio::sync::Notify;
+
+pub use consumers::Consumer;
+pub use slot::{scope_dir, Parked, Replayed};
+
+use crate::log::store::{Store, StoreError};
+use crate::log::Log;
+use slot::Slot;
+
+/// The directory under a node's data directory that holds every projection.
+pub const PROJECTIONS_DIR: &str = "projections";
+
+/// Errors of the projection runner and its admin operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionsError {
+    /// No projector or consumer has this name.
+    #[error("no projection named {name:?}; this node has: {known}")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The names it has.
+        known: String,
+    },
+    /// A per-stream projector needs a stream, or the stream is not held.
+    #[error("{0}")]
+    Stream(String),
+    /// Nothing is parked under this id.
+    #[error("nothing parked in the quarantine for {0}; `quire quarantine list` shows what is")]
+    NotParked(String),
+    /// A retried scribe failed again; it stays parked.
+    #[error("scribe {id} still fails: {reason}; it stays in the quarantine")]
+    StillFails {
+        /// The scribe.
+        id: ScribeId,
+        /// What the projector said.
+        reason: String,
+    },
+    /// A consumer request is wrong (bad name, ack beyond the head, other stream).
+    #[error("{0}")]
+    Consumer(String),
+    /// The projector failed as a whole.
+    #[error("projector: {0}")]
+    Projection(String),
+    /// A record of the runner has the wrong shape.
+    #[error("damaged projection record: {0}")]
+    Damaged(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The plugins a node runs. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Registry {
+    plugins: Vec<Arc<dyn Plugin>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.plugins.iter().map(|p| p.name().to_string()))
+            .finish()
+    }
+}
+
+impl Registry {
+    /// The projectors built into quire.
+    pub fn builtin() -> Registry {
+        Registry::default()
+    }
+
+    /// Adds `plugin`.
+    ///
+    /// # Panics
+    /// If its name is not `[a-z0-9-]{1,64}` or is already taken: a programming error of the
+    /// binary that registers it, caught the first time it starts.
+    pub fn with(mut self, plugin: impl Plugin) -> Registry {
+        let name = plugin.name();
+        assert!(
+            valid_name(name),
+            "projector name {name:?} must be 1-64 characters of a-z, 0-9 and -"
+        );
+        assert!(
+            self.get(name).is_none(),
+            "two projectors are named {name:?}"
+        );
+        self.plugins.push(Arc::new(plugin));
+        self
+    }
+
+    /// The plugin named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Plugin>> {
+        self.plugins.iter().find(|plugin| plugin.name() == name)
+    }
+
+    /// Every plugin, in registration order.
+    pub fn plugins(&self) -> &[Arc<dyn Plugin>] {
+        &self.plugins
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.plugins.iter().map(|p| p.name().to_string()).collect()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// What `quire projections` shows of one projection or consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionStatus {
+    /// Its name.
+    pub name: String,
+    /// Its stream, for a per-stream projector or a consumer of one stream.
+    pub stream: Option<StreamId>,
+    /// `projector` or `consumer`.
+    pub kind: &'static str,
+    /// The fingerprint of the live copy (empty for a consumer).
+    pub fingerprint: String,
+    /// Generation of the live copy (0 for a consumer).
+    pub generation: u64,
+    /// Last local seq applied (or acknowledged).
+    pub checkpoint: u64,
+    /// The seq it is working towards: the head, or its stream's last seq.
+    pub target: u64,
+    /// Parked scribes (not counting skipped ones).
+    pub quarantined: u64,
+    /// Digest of the live copy's state (projectors only).
+    pub digest: Option<[u8; 32]>,
+    /// A rebuild under way: (generation, fingerprint, checkpoint).
+    pub rebuild: Option<(u64, String, u64)>,
+    /// Halted at a scribe: (seq, reason).
+    pub halted: Option<(u64, String)>,
+    /// The last error, if the projection is failing.
+    pub error: Option<String>,
+}
+
+impl ProjectionStatus {
+    /// Local seqs between the checkpoint and the target.
+    pub fn lag(&self) -> u64 {
+        self.target.saturating_sub(self.checkpoint)
+    }
+}
+
+#[derive(Clone)]
+struct SlotTask {
+    slot: Arc<Slot>,
+    wake: Arc<Notify>,
+}
+
+struct Inner {
+    log: Log,
+    registry: Registry,
+    root: PathBuf,
+    slots: Mutex<BTreeMap<String, SlotTask>>,
+}
+
+/// The projections of a running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Projections {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Projections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projections")
+            .field("registry", &self.inner.registry)
+            .finish()
+    }
+}
+
+impl Projections {
+    /// Opens every slot of `registry` over `log` (data under `<data_dir>/projections`) and starts
+    /// their tasks; per-stream slots follow as streams are created or joined. Tasks end when the
+    /// log closes.
+    pub fn start(
+        log: Log,
+        registry: Registry,
+        data_dir: &Path,
+    ) -> Result<Projections, ProjectionsError> {
+        let projections = Projections {
+            inner: Arc::new(Inner {
+                log: log.clone(),
+                registry,
+                root: data_dir.join(PROJECTIONS_DIR),
+                slots: Mutex::new(BTreeMap::new()),
+            }),
+        };
+        projections.open_missing_slots()?;
+        if projections
+            .inner
+            .registry
+            .plugins()
+            .iter()
+            .any(|p| p.scope() == Scope::Stream)
+        {
+            let weak = Arc::downgrade(&projections.inner);
+            let mut streams = log.watch_streams();
+            let mut closing = log.watch_closing();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        changed = streams.changed() => if changed.is_err() { return },
+                        _ = closing.wait_for(|closing| *closing) => return,
+                    }
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Err(error) = (Projections { inner }).open_missing_slots() {
+                        tracing::error!(%error, "could not open projections of a new stream");
+                    }
+                }
+            });
+        }
+        Ok(projections)
+    }
+
+    fn open_missing_slots(&self) -> Result<(), ProjectionsError> {
+        let inner = &self.inner;
+        let streams = inner.log.stream_ids();
+        for plugin in inner.registry.plugins() {
+            let scopes: Vec<Option<StreamId>> = match plugin.scope() {
+                Scope::Log => vec![None],
+                Scope::Stream => streams.iter().copied().map(Some).collect(),
+            };
+            for stream in scopes {
+                let key = format!(
+                    "{}/{}",
+                    plugin.name(),
+                    stream.map(|s| s.to_hex()).unwrap_or_else(|| "log".into())
+                );
+                if lock(&inner.slots).contains_key(&key) {
+                    continue;
+                }
+                let slot = Arc::new(Slot::open(
+                    inner.log.store(),
+                    plugin.clone(),
+                    stream,
+                    &inner.root,
+                )?);
+                let wake = Arc::new(Notify::new());
+                tokio::spawn(run_slot(inner.log.clone(), slot.clone(), wake.clone()));
+                lock(&inner.slots).insert(key, SlotTask { slot, wake });
+            }
+        }
+        Ok(())
+    }
+
+    /// The slots of `name` (one stream's, or all of them with `stream` `None`).
+    fn slots_of(
+        &self,
+        name: &str,
+        stream: Option<&StreamId>,
+    ) -> Result<Vec<SlotTask>, ProjectionsError> {
+        let Some(plugin) = self.inner.registry.get(name) else {
+            return Err(self.unknown(name));
+        };
+        if plugin.scope() == Scope::Log && stream.is_some() {
+            return Err(ProjectionsError::Stream(format!(
+                "projection {name} covers the whole log; drop --stream"
+            )));
+        }
+        if let Some(stream) = stream {
+            if self.inner.log.stream(stream).is_none() {
+                return Err(ProjectionsError::Stream(format!(
+                    "stream {stream} is not held by this node"
+                )));
+            }
+        }
+        let slots = lock(&self.inner.slots);
+        Ok(slots
+            .values()
+            .filter(|task| task.slot.plugin.name() == name)
+            .filter(|task| stream.is_none() || task.slot.stream.as_ref() == stream)
+            .cloned()
+            .collect())
+    }
+
+    fn unknown(&self, name: &str) -> ProjectionsError {
+        let mut known = self.inner.registry.names();
+        if let Ok(consumers) = consumers::list(self.inner.log.store()) {
+            known.extend(
+                consumers
+                    .into_iter()
+                    .map(|c| format!("{} (consumer)", c.name)),
+            );
+        }
+        ProjectionsError::Unknown {
+            name: name.to_string(),
+            known: if known.is_empty() {
+                "no projections".into()
+            } else {
+                known.join(", ")
+            },
+        }
+    }
+
+    /// Every projection slot and durable consumer.
+    pub fn list(&self) -> Result<Vec<ProjectionStatus>, ProjectionsError> {
+        let store = self.inner.log.store();
+        let head = self.inner.log.head();
+        let slots: Vec<Arc<Slot>> = lock(&self.inner.slots)
+            .values()
+            .map(|task| task.slot.clone())
+            .collect();
+        let mut out = Vec::new();
+        for slot in slots {
+            out.push(self.slot_status(&slot, store, head)?);
+        }
+        for consumer in consumers::list(store)? {
+            let target = match &consumer.stream {
+                Some(stream) => slot_target(store, Some(stream), head)?,
+                None => head,
+            };
+            out.push(ProjectionStatus {
+                name: consumer.name,
+                stream: consumer.stream,
+                kind: "consumer",
+                fingerprint: String::new(),
+                generation: 0,
+                checkpoint: consumer.acked.min(target),
+                target,
+                quarantined: 0,
+                digest: None,
+                rebuild: None,
+                halted: None,
+                error: None,
+            });
+        }
+        Ok(out)
+    }
+
+    fn slot_status(
+        &self,
+        slot: &Slot,
+        store: &Store,
+        head: u64,
+    ) -> Result<ProjectionStatus, ProjectionsError> {
+        let (live, shadow) = slot.copies();
+        let target = slot.target(store, head)?;
+        let flags = slot.flags.lock().map(|f| f.clone()).unwrap_or_default();
+        let quarantined = slot
+            .parked(store)?
+            .iter()
+            .filter(|p| p.state == "parked")
+            .count() as u64;
+        let digest = match slot.digest() {
+            Ok((digest, _)) => Some(digest),
+            Err(_) => None,
+        };
+        Ok(ProjectionStatus {
+            name: slot.plugin.name().to_string(),
+            stream: slot.stream,
+            kind: "projector",
+            fingerprint: live.fingerprint,
+            generation: live.generation,
+            checkpoint: live.checkpoint.min(target),
+            target,
+            quarantined,
+            digest,
+            rebuild: shadow.map(|s| (s.generation, s.fingerprint, s.checkpoint.min(target))),
+            halted: flags.halted,
+            error: flags.error,
+        })
+    }
+
+    /// Starts a blue/green rebuild of `name` (every stream's copy, or one stream's); for a
+    /// durable consumer, resets its checkpoint to 0. Returns the status of what was started.
+    pub fn rebuild(
+        &self,
+        name: &str,
+        stream: Option<&StreamId>,
+    ) -> Result<Vec<ProjectionStatus>, ProjectionsError> {
+        let store = self.inner.log.store();
+        if self.inner.registry.get(name).is_none() {
+            if consumers::get(store, name)?.is_some() {
+                consumers::reset(store, name)?;
+                return Ok(self
+                    .list()?
+                    .into_iter()
+                    .filter(|status| status.kind == "consumer" && status.name == name)
+                    .collect());
+            }
+            return Err(self.unknown(name));
+        }
+        let slots = self.slots_of(name, stream)?;
+        let head = self.inner.log.head();
+        let mut out = Vec::new();
+        for task in slots {
+            task.slot.start_rebuild(store)?;
+            task.wake.notify_one();
+            out.push(self.slot_status(&task.slot, store, head)?);
+        }
+        Ok(out)
+    }
+
+    /// The live copy's digest and checkpoint.
+    pub fn digest(
+        &self,
+        name: &str,
+        stream: Option<&StreamId>,
+    ) -> Result<([u8; 32], u64), ProjectionsError> {
+        let plugin = self
+            .inner
+            .registry
+            .get(name)
+            .ok_or_else(|| self.unknown(name))?;
+        if plugin.scope() == Scope::Stream && stream.is_none() {
+            return Err(ProjectionsError::Stream(format!(
+                "projection {name} keeps one state per stream; pass --stream <id>"
+            )));
+        }
+        let slots = self.slots_of(name, stream)?;
+        let task = slots.first().ok_or_else(|| {
+            ProjectionsError::Stream(format!("projection {name} has no copy for that stream yet"))
+        })?;
+        task.slot.digest()
+    }
+
+    /// Every parked and skipped scribe.
+    pub fn quarantined(&self) -> Result<Vec<Parked>, ProjectionsError> {
+        let store = self.inner.log.store();
+        let slots: Vec<Arc<Slot>> = lock(&self.inner.slots)
+            .values()
+            .map(|task| task.slot.clone())
+            .collect();
+        let mut out = Vec::new();
+        for slot in slots {
+            out.extend(slot.parked(store)?);
+        }
+        Ok(out)
+    }
+
+    /// Re-applies the parked scribe `id` (in every projection that parked it, or only `name`).
+    pub fn retry(
+        &self,
+        id: &ScribeId,
+        name: Option<&str>,
+    ) -> Result<Vec<Parked>, ProjectionsError> {
+        self.decide(id, name, |slot, store, seq| slot.retry(store, seq))
+    }
+
+    /// Records the decision to skip the parked scribe `id`.
+    pub fn skip(&self, id: &ScribeId, name: Option<&str>) -> Result<Vec<Parked>, ProjectionsError> {
+        self.decide(id, name, |slot, store, seq| slot.skip(store, seq))
+    }
+
+    fn decide(
+        &self,
+        id: &ScribeId,
+        name: Option<&str>,
+        action: impl Fn(&Slot, &Store, u64) -> Result<Parked, ProjectionsError>,
+    ) -> Result<Vec<Parked>, ProjectionsError> {
+        let store = self.inner.log.store();
+        let tasks: Vec<SlotTask> = lock(&self.inner.slots)
+            .values()
+            .filter(|task| name.is_none_or(|name| task.slot.plugin.name() == name))
+            .cloned()
+            .collect();
+        let mut done = Vec::new();
+        for task in tasks {
+            for parked in task.slot.parked(store)? {
+                if parked.id == *id {
+                    done.push(action(&task.slot, store, parked.seq)?);
+                    task.wake.notify_one();
+                }
+            }
+        }
+        if done.is_empty() {
+            return Err(ProjectionsError::NotParked(id.to_hex()));
+        }
+        Ok(done)
+    }
+
+    /// Durable consumers: where `name` resumes (the seq after its last ack). Creates the consumer
+    /// on first use; a consumer follows one scope (a stream, or the whole log) for life.
+    pub fn consumer_start(
+        &self,
+        name: &str,
+        stream: Option<&StreamId>,
+    ) -> Result<u64, ProjectionsError> {
+        if self.inner.registry.get(name).is_some() {
+            return Err(ProjectionsError::Consumer(format!(
+                "{name:?} is the name of a projector of this node; pick another consumer name"
+            )));
+        }
+        consumers::start(self.inner.log.store(), name, stream)
+    }
+
+    /// Records that consumer `name` has processed everything up to `seq`.
+    pub fn ack(&self, name: &str, seq: u64) -> Result<Consumer, ProjectionsError> {
+        consumers::ack(self.inner.log.store(), name, seq, self.inner.log.head())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) fn slot_target(
+    store: &Store,
+    stream: Option<&StreamId>,
+    head: u64,
+) -> Result<u64, StoreError> {
+    Ok(match stream {
+        None => head,
+        Some(stream) => store
+            .stream_record(stream)?
+            .map(|record| record.head_seq.min(head))
+            .unwrap_or(0),
+    })
+}
+
+/// The scopes an offline command covers: the whole log, one stream, or every stream held.
+fn scopes(
+    store: &Store,
+    plugin: &dyn Plugin,
+    stream: Option<StreamId>,
+) -> Result<Vec<Option<StreamId>>, ProjectionsError> {
+    Ok(match (plugin.scope(), stream) {
+        (Scope::Log, None) => vec![None],
+        (Scope::Log, Some(_)) => {
+            return Err(ProjectionsError::Stream(format!(
+                "projection {} covers the whole log; drop --stream",
+                plugin.name()
+            )))
+        }
+        (Scope::Stream, Some(stream)) => vec![Some(stream)],
+        (Scope::Stream, None) => store
+            .streams()?
+            .into_iter()
+            .map(|(id, _)| Some(id))
+            .collect(),
+    })
+}
+
+/// How long a failing projection waits before trying again (doubling up to the cap).
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// The task of one slot: work while there is work, then wait for a new head, a command or the
+/// log closing.
+async fn run_slot(log: Log, slot: Arc<Slot>, wake: Arc<Notify>) {
+    let mut heads = log.watch_head();
+    let mut closing = log.watch_closing();
+    let mut backoff = RETRY_FIRST;
+    loop {
+        if *closing.borrow() {
+            return;
+        }
+        let head = *heads.borrow_and_update();
+        let worker = slot.clone();
+        let store_log = log.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let store = store_log.store();
+            let target = worker.target(store, head)?;
+            worker.work(store, target)
+        })
+        .await;
+        match result {
+            Ok(Ok(worked)) => {
+                backoff = RETRY_FIRST;
+                if worked.more || worked.swapped {
+                    continue;
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::error!(slot = %slot.key(), %error, "projection failed; retrying");
+                lock(&slot.flags).error = Some(error.to_string());
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = wake.notified() => {}
+                    _ = closing.wait_for(|closing| *closing) => return,
+                }
+                backoff = (backoff * 2).min(RETRY_CAP);
+                continue;
+            }
+            Err(_) => return,
+        }
+        tokio::select! {
+            changed = heads.changed() => if changed.is_err() { return },
+            () = wake.notified() => {}
+            _ = closing.wait_for(|closing| *closing) => return,
+        }
+    }
+}
+
+/// A copy rebuilt offline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// The stream, for a per-stream projection.
+    pub stream: Option<StreamId>,
+    /// The new copy's digest.
+    pub digest: [u8; 32],
+}
+
+/// Rebuilds `name` on a stopped node's store (every stream's copy, or one stream's), calling
+/// `progress(done, total)` as it goes, and swaps each rebuilt copy in. Returns the new digests.
+pub fn rebuild_offline(
+    store: &Store,
+    data_dir: &Path,
+    plugin: Arc<dyn Plugin>,
+    stream: Option<StreamId>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Vec<Rebuilt>, ProjectionsError> {
+    let root = data_dir.join(PROJECTIONS_DIR);
+    let head = store.head()?;
+    let scopes = scopes(store, plugin.as_ref(), stream)?;
+    let mut out = Vec::new();
+    for scope in scopes {
+        let slot = Slot::open(store, plugin.clone(), scope, &root)?;
+        slot.start_rebuild(store)?;
+        let target = slot.target(store, head)?;
+        loop {
+            let worked = slot.work(store, target)?;
+            let (_, shadow) = slot.copies();
+            progress(shadow.map(|s| s.checkpoint).unwrap_or(target), target);
+            if worked.swapped || !worked.more && slot.copies().1.is_none() {
+                break;
+            }
+        }
+        out.push(Rebuilt {
+            stream: scope,
+            digest: slot.digest()?.0,
+        });
+    }
+    Ok(out)
+}
+
+/// Replays seqs `from..=to` into fresh copies of `plugin` under `into` (nothing of the node is
+/// changed), one per scope.
+pub fn replay(
+    store: &Store,
+    plugin: &dyn Plugin,
+    stream: Option<StreamId>,
+    into: &Path,
+    from: u64,
+    to: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<Vec<Replayed>, ProjectionsError> {
+    let to = to.min(store.head()?);
+    let scopes = scopes(store, plugin, stream)?;
+    let mut out = Vec::new();
+    for scope in scopes {
+        let dir = scope_dir(into, plugin.name(), scope.as_ref());
+        out.push(slot::replay(
+            store,
+            plugin,
+            scope,
+            &dir,
+            from,
+            to,
+            &mut progress,
+        )?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,739 @@
+//! One projection slot: a plugin's state for the whole log or for one stream, as a live copy and,
+//! during a rebuild, a shadow copy beside it. Everything here is synchronous (the async runner in
+//! `super::runner` calls it off the executor, and the offline commands call it directly).
+//!
+//! Records in the store's `projections` column family (JSON values):
+//! - `s/<name>/<scope>` → `{"live": {"generation", "fingerprint"}, "shadow": {…} | null, "next": n}`
+//! - `q/<name>/<scope>/<seq u64 BE>` → a parked scribe: `{"id", "kind", "error", "state", "at_ms"}`
+//!
+//! `<scope>` is `log` or the stream id in hex. Instances live in
+//! `<data>/projections/<name>/<scope>/<generation>/`.
+//!
+//! Crash safety, step by step:
+//! - a batch and its checkpoint commit together inside the projector (its contract);
+//! - a parked scribe's quarantine record is written (fsynced) *before* the checkpoint moves past it,
+//!   so a crash in between re-applies it on restart instead of losing it;
+//! - a swap writes the slot record (fsynced) first and removes the old generation's directory
+//!   after; directories that no record names are removed when the slot is opened.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use quire_projection_api::{
+    ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scribe as View, ScribeId,
+    StreamId,
+};
+use serde_json::{json, Value};
+
+use super::view::to_view;
+use super::ProjectionsError;
+use crate::log::read_range;
+use crate::log::store::{Store, StoredEntry};
+
+/// Scribes read and applied per batch.
+pub(crate) const BATCH: usize = 2048;
+
+/// One copy of the state.
+pub(crate) struct Instance {
+    pub(crate) generation: u64,
+    pub(crate) fingerprint: String,
+    projector: Box<dyn Projector>,
+    /// The committed checkpoint.
+    pub(crate) checkpoint: u64,
+    /// How far the log has been read for it (≥ checkpoint: a per-stream instance skips other
+    /// streams' seqs without committing a checkpoint for them).
+    pub(crate) scanned: u64,
+}
+
+impl Instance {
+    fn state(&self) -> CopyState {
+        CopyState {
+            generation: self.generation,
+            fingerprint: self.fingerprint.clone(),
+            checkpoint: self.checkpoint.max(self.scanned),
+        }
+    }
+}
+
+/// Flags of a slot that are not state.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Flags {
+    /// Halted at this seq with this reason (policy [`OnFailure::Halt`]).
+    pub(crate) halted: Option<(u64, String)>,
+    /// The last storage error, cleared by the next successful batch.
+    pub(crate) error: Option<String>,
+}
+
+/// What one step of work did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Worked {
+    /// Scribes applied (or parked).
+    pub(crate) applied: usize,
+    /// Whether more is left to do now.
+    pub(crate) more: bool,
+    /// Whether the shadow was swapped in.
+    pub(crate) swapped: bool,
+}
+
+/// Whether applying a batch stopped at a scribe (policy [`OnFailure::Halt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Halted {
+    Yes,
+    No,
+}
+
+/// A parked scribe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    /// Projection name.
+    pub name: String,
+    /// Its stream scope, if per stream.
+    pub stream: Option<StreamId>,
+    /// Local seq of the scribe.
+    pub seq: u64,
+    /// The scribe.
+    pub id: ScribeId,
+    /// Its kind.
+    pub kind: String,
+    /// What the projector said.
+    pub error: String,
+    /// `parked` or `skipped`.
+    pub state: String,
+    /// When it was parked (unix ms).
+    pub at_ms: u64,
+}
+
+/// A plugin's state in one scope.
+pub(crate) struct Slot {
+    pub(crate) plugin: Arc<dyn Plugin>,
+    pub(crate) stream: Option<StreamId>,
+    /// `<name>/<scope>`.
+    key: String,
+    /// `<data>/projections/<name>/<scope>`.
+    dir: PathBuf,
+    live: Mutex<Instance>,
+    shadow: Mutex<Option<Instance>>,
+    /// The next generation number to hand out.
+    next: Mutex<u64>,
+    /// What status reports show of the live and shadow copies, refreshed after every step, so a
+    /// status never waits for a batch being applied.
+    shown: Mutex<(CopyState, Option<CopyState>)>,
+    pub(crate) flags: Mutex<Flags>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn scope_name(stream: Option<&StreamId>) -> String {
+    stream.map(|s| s.to_hex()).unwrap_or_else(|| "log".into())
+}
+
+fn projection_error(error: ProjectionError) -> ProjectionsError {
+    ProjectionsError::Projection(error.0)
+}
+
+impl Slot {
+    /// Opens (creating if new) the slot of `plugin` in `stream`'s scope under `root`
+    /// (`<data>/projections`). Resumes a rebuild under way, and starts one if the plugin's
+    /// fingerprint differs from the live copy's.
+    pub(crate) fn open(
+        store: &Store,
+        plugin: Arc<dyn Plugin>,
+        stream: Option<StreamId>,
+        root: &Path,
+    ) -> Result<Slot, ProjectionsError> {
+        let name = plugin.name().to_string();
+        let scope = scope_name(stream.as_ref());
+        let key = format!("{name}/{scope}");
+        let dir = root.join(&name).join(&scope);
+        let fingerprint = plugin.fingerprint();
+        let record = match store.projection_record(record_key(&key).as_bytes())? {
+            Some(bytes) => serde_json::from_slice::<Value>(&bytes)
+                .map_err(|error| ProjectionsError::Damaged(format!("slot {key}: {error}")))?,
+            None => {
+                let record = json!({
+                    "live": {"generation": 1, "fingerprint": fingerprint},
+                    "shadow": null,
+                    "next": 2,
+                });
+                store.put_projection_records(&[(
+                    record_key(&key).into_bytes(),
+                    Some(record.to_string().into_bytes()),
+                )])?;
+                record
+            }
+        };
+        let generation_of = |part: &Value| -> Option<(u64, String)> {
+            Some((
+                part.get("generation")?.as_u64()?,
+                part.get("fingerprint")?.as_str()?.to_string(),
+            ))
+        };
+        let (live_generation, live_fingerprint) = generation_of(&record["live"])
+            .ok_or_else(|| ProjectionsError::Damaged(format!("slot {key}: no live generation")))?;
+        let shadow = generation_of(&record["shadow"]);
+        let next = record["next"].as_u64().unwrap_or(live_generation + 1);
+        remove_unnamed_generations(&dir, live_generation, shadow.as_ref().map(|s| s.0));
+        let live = open_instance(&*plugin, &dir, stream, live_generation, live_fingerprint)?;
+        let shadow = match shadow {
+            Some((generation, fingerprint)) => Some(open_instance(
+                &*plugin,
+                &dir,
+                stream,
+                generation,
+                fingerprint,
+            )?),
+            None => None,
+        };
+        let shown = (live.state(), shadow.as_ref().map(Instance::state));
+        let slot = Slot {
+            plugin,
+            stream,
+            key,
+            dir,
+            shown: Mutex::new(shown),
+            live: Mutex::new(live),
+            shadow: Mutex::new(shadow),
+            next: Mutex::new(next),
+            flags: Mutex::new(Flags::default()),
+        };
+        let stale = {
+            let live = lock(&slot.live);
+            let shadow = lock(&slot.shadow);
+            live.fingerprint != fingerprint
+                && shadow.as_ref().is_none_or(|s| s.fingerprint != fingerprint)
+        };
+        if stale {
+            tracing::info!(slot = %slot.key, %fingerprint, "projector fingerprint changed: rebuilding blue/green");
+            slot.start_rebuild(store)?;
+        }
+        Ok(slot)
+    }
+
+    /// `<name>/<scope>`.
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The local seq this slot is working towards: the log's head, or its stream's last seq.
+    pub(crate) fn target(&self, store: &Store, head: u64) -> Result<u64, ProjectionsError> {
+        Ok(super::slot_target(store, self.stream.as_ref(), head)?)
+    }
+
+    /// Starts a rebuild into a new generation (a no-op if one is under way). Returns its
+    /// generation.
+    pub(crate) fn start_rebuild(&self, store: &Store) -> Result<u64, ProjectionsError> {
+        // Lock order everywhere: live, shadow, next, shown.
+        let live = lock(&self.live);
+        let mut shadow = lock(&self.shadow);
+        if let Some(existing) = shadow.as_ref() {
+            return Ok(existing.generation);
+        }
+        let mut next = lock(&self.next);
+        let generation = *next;
+        let fingerprint = self.plugin.fingerprint();
+        let generation_dir = self.dir.join(generation.to_string());
+        let _ = std::fs::remove_dir_all(&generation_dir);
+        let instance = open_instance(
+            &*self.plugin,
+            &self.dir,
+            self.stream,
+            generation,
+            fingerprint,
+        )?;
+        self.write_record(store, &live, Some(&instance), generation + 1)?;
+        *next = generation + 1;
+        lock(&self.shown).1 = Some(instance.state());
+        *shadow = Some(instance);
+        Ok(generation)
+    }
+
+    fn write_record(
+        &self,
+        store: &Store,
+        live: &Instance,
+        shadow: Option<&Instance>,
+        next: u64,
+    ) -> Result<(), ProjectionsError> {
+        let part = |instance: &Instance| json!({"generation": instance.generation, "fingerprint": instance.fingerprint});
+        let record = json!({
+            "live": part(live),
+            "shadow": shadow.map(part),
+            "next": next,
+        });
+        store.put_projection_records(&[(
+            record_key(&self.key).into_bytes(),
+            Some(record.to_string().into_bytes()),
+        )])?;
+        Ok(())
+    }
+
+    /// One step: a batch for the live copy (unless halted), a batch for the shadow copy, and the
+    /// swap once the shadow has reached `target`.
+    pub(crate) fn work(&self, store: &Store, target: u64) -> Result<Worked, ProjectionsError> {
+        let mut worked = Worked::default();
+        let halted = lock(&self.flags).halted.is_some();
+        if !halted {
+            let mut live = lock(&self.live);
+            let step = self.step(store, &mut live, target, true);
+            lock(&self.shown).0 = live.state();
+            let step = step?;
+            worked.applied += step.applied;
+            worked.more |= step.more;
+        }
+        let shadow_done = {
+            let mut shadow = lock(&self.shadow);
+            match shadow.as_mut() {
+                Some(instance) => {
+                    let step = self.step(store, instance, target, false);
+                    lock(&self.shown).1 = Some(instance.state());
+                    let step = step?;
+                    worked.applied += step.applied;
+                    worked.more |= step.more;
+                    !step.more
+                }
+                None => false,
+            }
+        };
+        if shadow_done {
+            self.swap(store)?;
+            worked.swapped = true;
+        }
+        lock(&self.flags).error = None;
+        Ok(worked)
+    }
+
+    /// Reads the next batch for `instance` up to `target` and applies it, parking scribes the
+    /// projector refuses.
+    fn step(
+        &self,
+        store: &Store,
+        instance: &mut Instance,
+        target: u64,
+        live: bool,
+    ) -> Result<Worked, ProjectionsError> {
+        let from = instance.scanned.max(instance.checkpoint) + 1;
+        if from > target {
+            return Ok(Worked::default());
+        }
+        let entries = read_range(store, self.stream.as_ref(), from, target, BATCH)?;
+        let full = entries.len() == BATCH;
+        let scanned_to = match entries.last() {
+            Some(last) if full => last.seq,
+            _ => target,
+        };
+        let applied = entries.len();
+        if !entries.is_empty() {
+            let views = views(&entries)?;
+            if self.apply_parking(store, instance, &views, live)? == Halted::Yes {
+                instance.scanned = instance.checkpoint;
+                return Ok(Worked::default());
+            }
+        }
+        instance.scanned = scanned_to;
+        Ok(Worked {
+            applied,
+            more: full,
+            swapped: false,
+        })
+    }
+
+    /// Applies `batch`; a scribe the projector refuses is parked (and, by policy, halts the live
+    /// copy at it) while the rest is applied around it.
+    fn apply_parking(
+        &self,
+        store: &Store,
+        instance: &mut Instance,
+        batch: &[View],
+        live: bool,
+    ) -> Result<Halted, ProjectionsError> {
+        let mut start = 0;
+        let mut end = batch.len();
+        while start < batch.len() {
+            let part = &batch[start..end];
+            let checkpoint = part.last().expect("non-empty part").local_seq;
+            match instance.projector.apply(part, checkpoint) {
+                Ok(()) => {
+                    instance.checkpoint = checkpoint;
+                    start = end;
+                    end = batch.len();
+                }
+                Err(ApplyError::Scribe { index, reason }) if index < part.len() => {
+                    if index > 0 {
+                        // Commit what comes before the refused scribe, then come back to it.
+                        end = start + index;
+                        continue;
+                    }
+                    let bad = &part[0];
+                    let skipped = self.park(store, bad, &reason)?;
+                    if !skipped && live && self.plugin.on_failure() == OnFailure::Halt {
+                        tracing::warn!(slot = %self.key, seq = bad.local_seq, id = %bad.id, %reason, "projection halted at a scribe it cannot apply");
+                        lock(&self.flags).halted = Some((bad.local_seq, reason));
+                        return Ok(Halted::Yes);
+                    }
+                    tracing::warn!(slot = %self.key, seq = bad.local_seq, id = %bad.id, %reason, "scribe parked in the quarantine");
+                    self.move_checkpoint(instance, bad.local_seq)?;
+                    start += 1;
+                    end = batch.len();
+                }
+                Err(ApplyError::Scribe { index, .. }) => {
+                    return Err(ProjectionsError::Projection(format!(
+                        "projector {} refused scribe {index} of a batch of {}",
+                        self.plugin.name(),
+                        part.len()
+                    )))
+                }
+                Err(ApplyError::Storage(message)) => {
+                    return Err(ProjectionsError::Projection(message))
+                }
+            }
+        }
+        Ok(Halted::No)
+    }
+
+    fn move_checkpoint(&self, instance: &mut Instance, seq: u64) -> Result<(), ProjectionsError> {
+        match instance.projector.apply(&[], seq) {
+            Ok(()) => {
+                instance.checkpoint = seq;
+                Ok(())
+            }
+            Err(error) => Err(ProjectionsError::Projection(error.to_string())),
+        }
+    }
+
+    /// Records `scribe` as parked (durably, before the checkpoint moves past it). Returns whether
+    /// an operator had already decided to skip it.
+    fn park(&self, store: &Store, scribe: &View, reason: &str) -> Result<bool, ProjectionsError> {
+        let key = parked_key(&self.key, scribe.local_seq);
+        if let Some(existing) = store.projection_record(&key)? {
+            let existing: Value = serde_json::from_slice(&existing).unwrap_or(Value::Null);
+            if existing["state"] == "skipped" {
+                return Ok(true);
+            }
+        }
+        let value = json!({
+            "id": scribe.id.to_hex(),
+            "kind": scribe.kind.as_str(),
+            "error": reason,
+            "state": "parked",
+            "at_ms": now_ms(),
+        });
+        store.put_projection_records(&[(key, Some(value.to_string().into_bytes()))])?;
+        Ok(false)
+    }
+
+    /// Makes the shadow copy live and removes the old one.
+    fn swap(&self, store: &Store) -> Result<(), ProjectionsError> {
+        let mut live = lock(&self.live);
+        let mut shadow = lock(&self.shadow);
+        let Some(new) = shadow.take() else {
+            return Ok(());
+        };
+        let next = *lock(&self.next);
+        self.write_record(store, &new, None, next)?;
+        *lock(&self.shown) = (new.state(), None);
+        let old = std::mem::replace(&mut *live, new);
+        let old_dir = self.dir.join(old.generation.to_string());
+        drop(old);
+        if let Err(error) = std::fs::remove_dir_all(&old_dir) {
+            tracing::warn!(dir = %old_dir.display(), %error, "could not remove a retired projection copy");
+        }
+        tracing::info!(slot = %self.key, generation = live.generation, "rebuilt copy swapped in");
+        Ok(())
+    }
+
+    /// Re-applies a parked scribe to the live copy (and to a shadow that has passed it).
+    pub(crate) fn retry(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
+        let parked = self.parked_at(store, seq)?;
+        let halted_here = matches!(&lock(&self.flags).halted, Some((at, _)) if *at == seq);
+        if halted_here {
+            // The runner re-applies it in order when it resumes; it parks it again if it fails.
+            store.put_projection_records(&[(parked_key(&self.key, seq), None)])?;
+            lock(&self.flags).halted = None;
+            return Ok(parked);
+        }
+        let view = self.load(store, &parked)?;
+        self.retry_on(store, &mut lock(&self.live), &view, &parked)?;
+        if let Some(shadow) = lock(&self.shadow).as_mut().filter(|s| s.checkpoint >= seq) {
+            self.retry_on(store, shadow, &view, &parked)?;
+        }
+        store.put_projection_records(&[(parked_key(&self.key, seq), None)])?;
+        Ok(parked)
+    }
+
+    fn retry_on(
+        &self,
+        store: &Store,
+        instance: &mut Instance,
+        view: &View,
+        parked: &Parked,
+    ) -> Result<(), ProjectionsError> {
+        let checkpoint = instance.checkpoint;
+        match instance
+            .projector
+            .apply(std::slice::from_ref(view), checkpoint)
+        {
+            Ok(()) => Ok(()),
+            Err(ApplyError::Scribe { reason, .. }) => {
+                self.park(store, view, &reason)?;
+                Err(ProjectionsError::StillFails {
+                    id: parked.id,
+                    reason,
+                })
+            }
+            Err(ApplyError::Storage(message)) => Err(ProjectionsError::Projection(message)),
+        }
+    }
+
+    /// Records the decision to skip a parked scribe; a projection halted at it goes on after it.
+    pub(crate) fn skip(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
+        let mut parked = self.parked_at(store, seq)?;
+        parked.state = "skipped".into();
+        let value = json!({
+            "id": parked.id.to_hex(),
+            "kind": parked.kind,
+            "error": parked.error,
+            "state": "skipped",
+            "at_ms": parked.at_ms,
+        });
+        store.put_projection_records(&[(
+            parked_key(&self.key, seq),
+            Some(value.to_string().into_bytes()),
+        )])?;
+        let halted_here = matches!(&lock(&self.flags).halted, Some((at, _)) if *at == seq);
+        if halted_here {
+            let mut live = lock(&self.live);
+            self.move_checkpoint(&mut live, seq)?;
+            live.scanned = seq;
+            lock(&self.shown).0 = live.state();
+            lock(&self.flags).halted = None;
+        }
+        Ok(parked)
+    }
+
+    fn load(&self, store: &Store, parked: &Parked) -> Result<View, ProjectionsError> {
+        let entry = store.get(&parked.id)?.ok_or_else(|| {
+            ProjectionsError::Damaged(format!("parked scribe {} is not stored", parked.id))
+        })?;
+        let mut view = to_view(&entry)?;
+        view.local_seq = parked.seq;
+        Ok(view)
+    }
+
+    fn parked_at(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
+        let key = parked_key(&self.key, seq);
+        let value = store
+            .projection_record(&key)?
+            .ok_or(ProjectionsError::NotParked(format!("seq {seq}")))?;
+        decode_parked(&key, &value)
+    }
+
+    /// Every parked or skipped scribe of this slot.
+    pub(crate) fn parked(&self, store: &Store) -> Result<Vec<Parked>, ProjectionsError> {
+        let prefix = format!("q/{}/", self.key);
+        store
+            .projection_records(prefix.as_bytes())?
+            .iter()
+            .map(|(key, value)| decode_parked(key, value))
+            .collect()
+    }
+
+    /// The live copy's digest and checkpoint.
+    pub(crate) fn digest(&self) -> Result<([u8; 32], u64), ProjectionsError> {
+        let live = lock(&self.live);
+        let digest = live.projector.digest().map_err(projection_error)?;
+        Ok((digest, live.checkpoint))
+    }
+
+    /// The live copy and the shadow copy, if any, as of their last step.
+    pub(crate) fn copies(&self) -> (CopyState, Option<CopyState>) {
+        lock(&self.shown).clone()
+    }
+}
+
+/// What `quire projections` shows of one copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CopyState {
+    pub(crate) generation: u64,
+    pub(crate) fingerprint: String,
+    /// How far it has seen the log (its checkpoint, or beyond for a per-stream copy that skipped
+    /// other streams' seqs).
+    pub(crate) checkpoint: u64,
+}
+
+fn record_key(key: &str) -> String {
+    format!("s/{key}")
+}
+
+fn parked_key(key: &str, seq: u64) -> Vec<u8> {
+    let mut out = format!("q/{key}/").into_bytes();
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
+}
+
+fn decode_parked(key: &[u8], value: &[u8]) -> Result<Parked, ProjectionsError> {
+    let damaged = || ProjectionsError::Damaged(format!("quarantine record {key:?}"));
+    // q/<name>/<scope>/<seq BE>
+    if key.len() < 10 {
+        return Err(damaged());
+    }
+    let (head, seq) = key.split_at(key.len() - 8);
+    let seq = u64::from_be_bytes(seq.try_into().map_err(|_| damaged())?);
+    let head = std::str::from_utf8(head).map_err(|_| damaged())?;
+    let mut parts = head.trim_end_matches('/').splitn(3, '/');
+    let (Some("q"), Some(name), Some(scope)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(damaged());
+    };
+    let stream = if scope == "log" {
+        None
+    } else {
+        Some(scope.parse().map_err(|_| damaged())?)
+    };
+    let value: Value = serde_json::from_slice(value).map_err(|_| damaged())?;
+    let text = |field: &str| value[field].as_str().unwrap_or_default().to_string();
+    Ok(Parked {
+        name: name.to_string(),
+        stream,
+        seq,
+        id: text("id").parse().map_err(|_| damaged())?,
+        kind: text("kind"),
+        error: text("error"),
+        state: text("state"),
+        at_ms: value["at_ms"].as_u64().unwrap_or(0),
+    })
+}
+
+fn views(entries: &[StoredEntry]) -> Result<Vec<View>, ProjectionsError> {
+    entries.iter().map(to_view).collect()
+}
+
+fn open_instance(
+    plugin: &dyn Plugin,
+    dir: &Path,
+    stream: Option<StreamId>,
+    generation: u64,
+    fingerprint: String,
+) -> Result<Instance, ProjectionsError> {
+    let place = Place {
+        dir: dir.join(generation.to_string()),
+        stream,
+    };
+    std::fs::create_dir_all(&place.dir).map_err(|error| {
+        ProjectionsError::Projection(format!("{}: {error}", place.dir.display()))
+    })?;
+    let projector = plugin.open(&place).map_err(projection_error)?;
+    let checkpoint = projector.checkpoint().map_err(projection_error)?;
+    Ok(Instance {
+        generation,
+        fingerprint,
+        projector,
+        checkpoint,
+        scanned: checkpoint,
+    })
+}
+
+/// Removes generation directories no record names (left by a crash after a swap).
+fn remove_unnamed_generations(dir: &Path, live: u64, shadow: Option<u64>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let keep = name
+            .to_str()
+            .and_then(|name| name.parse::<u64>().ok())
+            .is_some_and(|generation| generation == live || Some(generation) == shadow);
+        if !keep {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Replays local seqs `from..=to` of `stream`'s scope (`None`: the whole log) into a new
+/// instance of `plugin` in `dir`, parking nothing: a refused scribe is reported and skipped.
+pub(crate) fn replay(
+    store: &Store,
+    plugin: &dyn Plugin,
+    stream: Option<StreamId>,
+    dir: &Path,
+    from: u64,
+    to: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<Replayed, ProjectionsError> {
+    let place = Place {
+        dir: dir.to_path_buf(),
+        stream,
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|error| ProjectionsError::Projection(format!("{}: {error}", dir.display())))?;
+    let mut projector = plugin.open(&place).map_err(projection_error)?;
+    let mut applied = 0;
+    let mut refused = Vec::new();
+    let mut next = from.max(1);
+    while next <= to {
+        let entries = read_range(store, stream.as_ref(), next, to, BATCH)?;
+        let Some(last) = entries.last() else {
+            break;
+        };
+        next = last.seq + 1;
+        let batch = views(&entries)?;
+        let mut rest = &batch[..];
+        while !rest.is_empty() {
+            let checkpoint = rest.last().expect("non-empty").local_seq;
+            match projector.apply(rest, checkpoint) {
+                Ok(()) => {
+                    applied += rest.len() as u64;
+                    rest = &[];
+                }
+                Err(ApplyError::Scribe { index, reason }) if index < rest.len() => {
+                    if index > 0 {
+                        projector
+                            .apply(&rest[..index], rest[index - 1].local_seq)
+                            .map_err(|error| ProjectionsError::Projection(error.to_string()))?;
+                        applied += index as u64;
+                    }
+                    refused.push((rest[index].local_seq, reason));
+                    rest = &rest[index + 1..];
+                }
+                Err(error) => return Err(ProjectionsError::Projection(error.to_string())),
+            }
+        }
+        progress(next - 1);
+    }
+    let digest = projector.digest().map_err(projection_error)?;
+    Ok(Replayed {
+        stream,
+        applied,
+        refused,
+        digest,
+    })
+}
+
+/// What a replay did in one scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// The stream, for a per-stream projection.
+    pub stream: Option<StreamId>,
+    /// Scribes applied.
+    pub applied: u64,
+    /// Scribes the projector refused: (local seq, its reason).
+    pub refused: Vec<(u64, String)>,
+    /// The scratch copy's digest.
+    pub digest: [u8; 32],
+}
+
+/// A scope's directory name, for tools that look at the files.
+pub fn scope_dir(root: &Path, name: &str, stream: Option<&StreamId>) -> PathBuf {
+    root.join(name).join(scope_name(stream))
+}

@@ -1,0 +1,716 @@
+//! The projection runner end to end: catch-up and live follow, the quarantine (park, retry after
+//! the fault is fixed, skip, halt), blue/green rebuilds that never stop the live copy from
+//! answering, automatic rebuilds on a fingerprint change, and SIGKILL during catch-up and during a
+//! rebuild (a real child process: the example binary `latest-node`).
+//!
+//! The projector under test is the example plugin `latest` (`examples/latest`), wrapped here by
+//! [`TestPlugin`] to inject faults and to hold a rebuild at a gate.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quire::api::{
+    ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope, Scribe, StreamId,
+};
+use quire::log::store::Store;
+use quire::node::{NodeConfig, RunningNode};
+use quire::pb;
+use quire::projection::{self, Registry};
+use quire_example_latest::Latest;
+use tonic::transport::Channel;
+
+use crate::common::*;
+use crate::crash::spawn_binary;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Switches the tests turn: refuse `x.flaky` scribes, and hold rebuilt (generation > 1) copies
+/// before each batch.
+#[derive(Default)]
+struct Hooks {
+    broken: AtomicBool,
+    gate_closed: Mutex<bool>,
+    gate: Condvar,
+}
+
+impl Hooks {
+    fn close_gate(&self) {
+        *self.gate_closed.lock().unwrap() = true;
+    }
+    fn open_gate(&self) {
+        *self.gate_closed.lock().unwrap() = false;
+        self.gate.notify_all();
+    }
+}
+
+/// `latest` under another name, fingerprint or failure policy, with [`Hooks`].
+struct TestPlugin {
+    name: &'static str,
+    fingerprint: String,
+    on_failure: OnFailure,
+    hooks: Arc<Hooks>,
+}
+
+impl TestPlugin {
+    fn new(hooks: &Arc<Hooks>) -> TestPlugin {
+        TestPlugin {
+            name: "latest",
+            fingerprint: Latest::new().fingerprint(),
+            on_failure: OnFailure::Quarantine,
+            hooks: hooks.clone(),
+        }
+    }
+}
+
+impl Plugin for TestPlugin {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+    fn scope(&self) -> Scope {
+        Scope::Log
+    }
+    fn on_failure(&self) -> OnFailure {
+        self.on_failure
+    }
+    fn open(&self, place: &Place) -> Result<Box<dyn Projector>, ProjectionError> {
+        let generation: u64 = place
+            .dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.parse().ok())
+            .unwrap_or(0);
+        Ok(Box::new(TestProjector {
+            inner: Latest::new().open(place)?,
+            hooks: self.hooks.clone(),
+            rebuilt: generation > 1,
+        }))
+    }
+}
+
+struct TestProjector {
+    inner: Box<dyn Projector>,
+    hooks: Arc<Hooks>,
+    rebuilt: bool,
+}
+
+impl Projector for TestProjector {
+    fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
+        if self.rebuilt && !batch.is_empty() {
+            let closed = self.hooks.gate_closed.lock().unwrap();
+            drop(
+                self.hooks
+                    .gate
+                    .wait_while(closed, |closed| *closed)
+                    .unwrap(),
+            );
+        }
+        if self.hooks.broken.load(Ordering::SeqCst) {
+            if let Some(index) = batch.iter().position(|s| s.kind.as_str() == "x.flaky") {
+                return Err(ApplyError::Scribe {
+                    index,
+                    reason: "flaky: the test broke this projector".into(),
+                });
+            }
+        }
+        self.inner.apply(batch, checkpoint)
+    }
+    fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        self.inner.checkpoint()
+    }
+    fn reset(&mut self) -> Result<(), ProjectionError> {
+        self.inner.reset()
+    }
+    fn digest(&self) -> Result<[u8; 32], ProjectionError> {
+        self.inner.digest()
+    }
+}
+
+async fn start_with(dir: &Path, plugin: TestPlugin) -> RunningNode {
+    let mut config = NodeConfig::new(dir);
+    config.registry = Registry::builtin().with(plugin);
+    RunningNode::start(config, "127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .expect("node starts")
+}
+
+async fn projections_client(url: &str) -> pb::projections_client::ProjectionsClient<Channel> {
+    let channel = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    pb::projections_client::ProjectionsClient::new(channel)
+}
+
+async fn status_of(
+    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+    name: &str,
+) -> pb::ProjectionStatus {
+    client
+        .list(pb::ListProjectionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .projections
+        .into_iter()
+        .find(|status| status.name == name)
+        .unwrap_or_else(|| panic!("no projection {name}"))
+}
+
+async fn digest_of(
+    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+    name: &str,
+) -> Bytes {
+    client
+        .digest(pb::DigestRequest {
+            name: name.into(),
+            stream: Bytes::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .digest
+}
+
+/// Waits until `name` has applied everything up to the head and no rebuild is under way.
+async fn wait_caught_up(url: &str, name: &str) {
+    let client = projections_client(url).await;
+    let mut clients = clients(url).await;
+    wait_until(WAIT, &format!("{name} to catch up"), || {
+        let mut client = client.clone();
+        let mut clients_admin = clients.admin.clone();
+        async move {
+            let head = clients_admin
+                .status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .head_seq;
+            let status = status_of(&mut client, name).await;
+            status.checkpoint == head && status.lag == 0 && status.rebuild.is_none()
+        }
+    })
+    .await;
+    let _ = &mut clients;
+}
+
+/// The digest of a clean replay of the whole log into a scratch directory.
+fn clean_digest(data_dir: &Path) -> [u8; 32] {
+    let store = Store::open_read_only(&quire::log::store_path(data_dir)).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let results = projection::replay(
+        &store,
+        &Latest::new(),
+        None,
+        scratch.path(),
+        1,
+        u64::MAX,
+        |_| {},
+    )
+    .unwrap();
+    results[0].digest
+}
+
+fn generations(data_dir: &Path, name: &str) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(data_dir.join("projections").join(name).join("log"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+    names.sort();
+    names
+}
+
+async fn append_kind(
+    clients: &mut Clients,
+    stream: &StreamId,
+    kind: &str,
+    payload: &[u8],
+) -> pb::AppendReply {
+    clients
+        .log
+        .append(pb::AppendRequest {
+            stream: bytes_of(stream),
+            kind: kind.into(),
+            content_type: "text/plain".into(),
+            payload: Bytes::copy_from_slice(payload),
+            parents: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_catches_up_then_follows_and_equals_a_clean_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Arc::new(Hooks::default());
+    let node = start_with(dir.path(), TestPlugin::new(&hooks)).await;
+    let url = node.url();
+    let mut clients = clients(&url).await;
+    let stream = create_stream(&mut clients, "projected", None).await;
+    append_bulk(&mut clients, &stream, 5000).await;
+    wait_caught_up(&url, "latest").await;
+    let note = append_note(&mut clients, &stream, "live").await;
+    wait_caught_up(&url, "latest").await;
+
+    let mut client = projections_client(&url).await;
+    let status = status_of(&mut client, "latest").await;
+    assert_eq!(status.kind, "projector");
+    assert_eq!(status.generation, 1);
+    assert_eq!(status.checkpoint, note.seq);
+    assert_eq!(status.quarantined, 0);
+    // Admin.Status shows the same projections.
+    let node_status = clients
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(node_status
+        .projections
+        .iter()
+        .any(|p| p.name == "latest" && p.lag == 0));
+
+    let (checkpoint, entries) =
+        quire_example_latest::read_state(&dir.path().join("projections/latest/log/1")).unwrap();
+    assert_eq!(checkpoint, note.seq);
+    let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
+    assert!(
+        kinds.contains(&"x.bulk") && kinds.contains(&"x.note") && kinds.contains(&"stream.create"),
+        "{kinds:?}"
+    );
+    let digest = digest_of(&mut client, "latest").await;
+    assert_eq!(digest.as_ref(), clean_digest(dir.path()));
+
+    // Clear errors, and nothing changes.
+    let unknown = client
+        .digest(pb::DigestRequest {
+            name: "nope".into(),
+            stream: Bytes::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert!(
+        unknown.message().contains("latest"),
+        "{}",
+        unknown.message()
+    );
+    let scoped = client
+        .digest(pb::DigestRequest {
+            name: "latest".into(),
+            stream: bytes_of(&stream),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(scoped.code(), tonic::Code::InvalidArgument);
+    assert!(
+        scoped.message().contains("whole log"),
+        "{}",
+        scoped.message()
+    );
+    let unnamed = client
+        .rebuild(pb::RebuildRequest {
+            name: String::new(),
+            stream: Bytes::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unnamed.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status_of(&mut client, "latest").await.generation, 1);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_scribe_is_quarantined_the_rest_applied_and_retry_applies_it_after_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Arc::new(Hooks::default());
+    hooks.broken.store(true, Ordering::SeqCst);
+    let node = start_with(dir.path(), TestPlugin::new(&hooks)).await;
+    let url = node.url();
+    let mut clients = clients(&url).await;
+    let stream = create_stream(&mut clients, "flaky", None).await;
+    append_note(&mut clients, &stream, "before").await;
+    let flaky = append_kind(&mut clients, &stream, "x.flaky", b"boom").await;
+    let after = append_note(&mut clients, &stream, "after").await;
+    wait_caught_up(&url, "latest").await;
+    let head_before = head(&mut clients).await;
+
+    let mut client = projections_client(&url).await;
+    let status = status_of(&mut client, "latest").await;
+    assert_eq!(status.quarantined, 1);
+    assert_eq!(
+        status.checkpoint, after.seq,
+        "the scribes after it were applied"
+    );
+    let parked = client
+        .quarantined(pb::QuarantinedRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].id, flaky.id);
+    assert_eq!(parked[0].seq, flaky.seq);
+    assert_eq!(parked[0].state, "parked");
+    assert!(parked[0].error.contains("flaky"), "{}", parked[0].error);
+    let state_dir = dir.path().join("projections/latest/log/1");
+    let kinds = |dir: &Path| -> Vec<String> {
+        quire_example_latest::read_state(dir)
+            .unwrap()
+            .1
+            .into_iter()
+            .map(|e| e.kind.to_string())
+            .collect()
+    };
+    assert!(!kinds(&state_dir).contains(&"x.flaky".to_string()));
+    assert!(kinds(&state_dir).contains(&"x.note".to_string()));
+
+    // Still broken: retry says so and it stays parked.
+    let request = pb::QuarantineActionRequest {
+        id: flaky.id.clone(),
+        name: String::new(),
+    };
+    let still = client.retry(request.clone()).await.unwrap_err();
+    assert_eq!(still.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        still.message().contains("still fails"),
+        "{}",
+        still.message()
+    );
+    assert_eq!(status_of(&mut client, "latest").await.quarantined, 1);
+
+    // Fixed: retry applies it, the quarantine empties, the log is untouched.
+    hooks.broken.store(false, Ordering::SeqCst);
+    let retried = client.retry(request).await.unwrap().into_inner().entries;
+    assert_eq!(retried.len(), 1);
+    assert!(kinds(&state_dir).contains(&"x.flaky".to_string()));
+    assert_eq!(status_of(&mut client, "latest").await.quarantined, 0);
+    assert!(client
+        .quarantined(pb::QuarantinedRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .is_empty());
+    assert_eq!(head(&mut clients).await, head_before);
+    assert_eq!(
+        digest_of(&mut client, "latest").await.as_ref(),
+        clean_digest(dir.path())
+    );
+
+    let missing = client
+        .skip(pb::QuarantineActionRequest {
+            id: flaky.id.clone(),
+            name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halting_projector_stops_at_the_bad_scribe_until_it_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Arc::new(Hooks::default());
+    let plugin = TestPlugin {
+        name: "halting",
+        on_failure: OnFailure::Halt,
+        ..TestPlugin::new(&hooks)
+    };
+    let node = start_with(dir.path(), plugin).await;
+    let url = node.url();
+    let mut clients = clients(&url).await;
+    let stream = create_stream(&mut clients, "halts", None).await;
+    append_note(&mut clients, &stream, "one").await;
+    let poison = append_kind(&mut clients, &stream, "x.fail-latest", b"poison").await;
+    let last = append_note(&mut clients, &stream, "two").await;
+    let mut client = projections_client(&url).await;
+    wait_until(WAIT, "the projection to halt", || {
+        let mut client = client.clone();
+        async move { status_of(&mut client, "halting").await.halted_seq == poison.seq }
+    })
+    .await;
+    let status = status_of(&mut client, "halting").await;
+    assert_eq!(
+        status.checkpoint,
+        poison.seq - 1,
+        "halted before the bad scribe"
+    );
+    assert!(status.halted.contains("poison"), "{}", status.halted);
+    assert_eq!(status.quarantined, 1);
+
+    let skipped = client
+        .skip(pb::QuarantineActionRequest {
+            id: poison.id.clone(),
+            name: "halting".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(skipped[0].state, "skipped");
+    wait_until(WAIT, "the projection to go on after the skip", || {
+        let mut client = client.clone();
+        async move {
+            let status = status_of(&mut client, "halting").await;
+            status.checkpoint == last.seq && status.halted.is_empty()
+        }
+    })
+    .await;
+    let entries = client
+        .quarantined(pb::QuarantinedRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].state, "skipped", "the decision is recorded");
+    assert_eq!(status_of(&mut client, "halting").await.quarantined, 0);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_the_live_copy_keep_succeeding_during_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Arc::new(Hooks::default());
+    let node = start_with(dir.path(), TestPlugin::new(&hooks)).await;
+    let url = node.url();
+    let mut clients = clients(&url).await;
+    let stream = create_stream(&mut clients, "rebuilt", None).await;
+    append_bulk(&mut clients, &stream, 3000).await;
+    wait_caught_up(&url, "latest").await;
+    let mut client = projections_client(&url).await;
+    let before = digest_of(&mut client, "latest").await;
+
+    // Hold the shadow copy at its first batch, so the rebuild is certainly under way.
+    hooks.close_gate();
+    let started = client
+        .rebuild(pb::RebuildRequest {
+            name: "latest".into(),
+            stream: Bytes::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .projections;
+    assert_eq!(started[0].rebuild.as_ref().unwrap().generation, 2);
+    for _ in 0..20 {
+        assert_eq!(
+            digest_of(&mut client, "latest").await,
+            before,
+            "the live copy answers, unchanged"
+        );
+        let status = status_of(&mut client, "latest").await;
+        assert!(status.rebuild.is_some());
+        assert_eq!(status.generation, 1);
+    }
+    assert_eq!(generations(dir.path(), "latest"), ["1", "2"]);
+    hooks.open_gate();
+    wait_caught_up(&url, "latest").await;
+    let status = status_of(&mut client, "latest").await;
+    assert_eq!(status.generation, 2);
+    assert_eq!(digest_of(&mut client, "latest").await, before);
+    assert_eq!(
+        generations(dir.path(), "latest"),
+        ["2"],
+        "the old copy is removed"
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_fingerprint_rebuilds_the_projection_blue_green() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Arc::new(Hooks::default());
+    let node = start_with(dir.path(), TestPlugin::new(&hooks)).await;
+    let url = node.url();
+    let mut clients = clients(&url).await;
+    let stream = create_stream(&mut clients, "versions", None).await;
+    append_bulk(&mut clients, &stream, 500).await;
+    wait_caught_up(&url, "latest").await;
+    let before = digest_of(&mut projections_client(&url).await, "latest").await;
+    node.stop().await.unwrap();
+
+    let plugin = TestPlugin {
+        fingerprint: "latest v2 (test)".into(),
+        ..TestPlugin::new(&hooks)
+    };
+    let node = start_with(dir.path(), plugin).await;
+    let url = node.url();
+    wait_caught_up(&url, "latest").await;
+    let mut client = projections_client(&url).await;
+    let status = status_of(&mut client, "latest").await;
+    assert_eq!(status.generation, 2);
+    assert_eq!(status.fingerprint, "latest v2 (test)");
+    assert_eq!(digest_of(&mut client, "latest").await, before);
+    assert_eq!(generations(dir.path(), "latest"), ["2"]);
+    node.stop().await.unwrap();
+}
+
+/// The example binary: `quire` plus the `latest` projector (`examples/latest-node.rs`), built by
+/// `cargo test` beside the test binaries.
+fn latest_node_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples")
+        .join("latest-node");
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test` builds it (cargo build --example latest-node)",
+        path.display()
+    );
+    path
+}
+
+fn run_cli(args: &[&str]) -> String {
+    let output = std::process::Command::new(latest_node_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "latest-node {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_catch_up_and_during_a_rebuild_loses_nothing_and_applies_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    // A log written by a node without the projector: the projector starts from nothing.
+    {
+        let node = start_node(dir.path()).await;
+        let mut clients = clients(&node.url()).await;
+        let stream = create_stream(&mut clients, "crashy", None).await;
+        append_bulk(&mut clients, &stream, 20_000).await;
+        node.stop().await.unwrap();
+    }
+    let clean = clean_digest(dir.path());
+    let slow = [("QUIRE_EXAMPLE_BATCH_DELAY_MS", "40")];
+
+    // 1. Killed during catch-up.
+    let (mut child, url, _) = spawn_binary(&latest_node_bin(), dir.path(), &[], &slow).await;
+    let client = projections_client(&url).await;
+    wait_until(WAIT, "catch-up to be under way", || {
+        let mut client = client.clone();
+        async move {
+            let status = status_of(&mut client, "latest").await;
+            status.checkpoint > 0 && status.lag > 0
+        }
+    })
+    .await;
+    child.kill().await.unwrap();
+    let (mut child, url, _) = spawn_binary(&latest_node_bin(), dir.path(), &[], &[]).await;
+    wait_caught_up(&url, "latest").await;
+    let mut client = projections_client(&url).await;
+    assert_eq!(digest_of(&mut client, "latest").await.as_ref(), clean);
+    child.kill().await.unwrap();
+
+    // 2. Killed during a rebuild: the live copy still serves after the restart, and the rebuild
+    //    resumes and swaps.
+    let (mut child, url, _) = spawn_binary(&latest_node_bin(), dir.path(), &[], &slow).await;
+    let mut client = projections_client(&url).await;
+    let started = client
+        .rebuild(pb::RebuildRequest {
+            name: "latest".into(),
+            stream: Bytes::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .projections;
+    let generation = started[0].rebuild.as_ref().unwrap().generation;
+    wait_until(WAIT, "the rebuild to be under way", || {
+        let mut client = client.clone();
+        async move {
+            let status = status_of(&mut client, "latest").await;
+            status.rebuild.is_some_and(|r| r.checkpoint > 0)
+        }
+    })
+    .await;
+    child.kill().await.unwrap();
+    let (mut child, url, _) = spawn_binary(&latest_node_bin(), dir.path(), &[], &[]).await;
+    let mut client = projections_client(&url).await;
+    assert_eq!(
+        digest_of(&mut client, "latest").await.as_ref(),
+        clean,
+        "the live copy serves at once"
+    );
+    wait_caught_up(&url, "latest").await;
+    let status = status_of(&mut client, "latest").await;
+    assert_eq!(
+        status.generation, generation,
+        "the interrupted rebuild resumed and swapped in"
+    );
+    assert_eq!(digest_of(&mut client, "latest").await.as_ref(), clean);
+    assert_eq!(generations(dir.path(), "latest"), [generation.to_string()]);
+
+    // The CLI over the same node.
+    let listing = run_cli(&["projections", "--node", &url]);
+    assert!(
+        listing.contains("latest") && listing.contains("caught up"),
+        "{listing}"
+    );
+    let digest_line = run_cli(&["digest", "latest", "--node", &url]);
+    assert!(
+        digest_line.starts_with(&hex::encode(clean)),
+        "{digest_line}"
+    );
+    assert!(run_cli(&["quarantine", "list", "--node", &url]).contains("the quarantine is empty"));
+    let rebuilt = run_cli(&["rebuild", "latest", "--node", &url]);
+    assert!(
+        rebuilt.contains(&format!(
+            "generation {} live, digest {}",
+            generation + 1,
+            hex::encode(clean)
+        )),
+        "{rebuilt}"
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let into = scratch.path().join("replay");
+    let replayed = run_cli(&[
+        "replay",
+        "latest",
+        "--from",
+        "1",
+        "--to",
+        "5000",
+        "--into",
+        into.to_str().unwrap(),
+        "-d",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        replayed.contains("5000 scribes applied, 0 refused"),
+        "{replayed}"
+    );
+    child.kill().await.unwrap();
+    let _ = child.wait().await;
+
+    // Offline rebuild of the stopped node's data.
+    let offline = run_cli(&[
+        "rebuild",
+        "latest",
+        "--offline",
+        "-d",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        offline.contains(&format!("rebuilt, digest {}", hex::encode(clean))),
+        "{offline}"
+    );
+}
