@@ -69,9 +69,9 @@ pub fn store_status(error: &StoreError) -> Status {
 /// The status for a projection error.
 pub fn projections_status(error: &ProjectionsError) -> Status {
     match error {
-        ProjectionsError::Unknown { .. } | ProjectionsError::NotParked(_) => {
-            Status::not_found(error.to_string())
-        }
+        ProjectionsError::Unknown { .. }
+        | ProjectionsError::UnknownConsumer(_)
+        | ProjectionsError::NotParked(_) => Status::not_found(error.to_string()),
         ProjectionsError::Stream(_) | ProjectionsError::Consumer(_) => {
             Status::invalid_argument(error.to_string())
         }
@@ -526,7 +526,7 @@ impl pb::projections_server::Projections for Api {
         _request: Request<pb::ListProjectionsRequest>,
     ) -> Result<Response<pb::ListProjectionsReply>, Status> {
         let projections = self.projections.clone();
-        let list = blocking(move || projections.list()).await?;
+        let list = blocking(move || projections.list(true)).await?;
         Ok(Response::new(pb::ListProjectionsReply {
             projections: list.iter().map(convert::projection_status).collect(),
         }))
@@ -613,7 +613,7 @@ impl pb::admin_server::Admin for Api {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
         let projections = self.projections.clone();
-        let projections = blocking(move || projections.list()).await?;
+        let projections = blocking(move || projections.list(false)).await?;
         Ok(Response::new(pb::StatusReply {
             projections: projections.iter().map(convert::projection_status).collect(),
             node_id: self.log.node_key().to_hex(),

@@ -114,22 +114,18 @@ pub(crate) fn start(
     }
 }
 
-/// Records an ack. Acks never move backwards (a late, lower ack is ignored) and never past the
-/// head.
+/// Records an ack of `consumer`. Acks never move backwards (a late, lower ack is ignored) and
+/// never past `limit` (what it can have received).
 pub(crate) fn ack(
     store: &Store,
-    name: &str,
+    mut consumer: Consumer,
     seq: u64,
-    head: u64,
+    limit: u64,
 ) -> Result<Consumer, ProjectionsError> {
-    let mut consumer = get(store, name)?.ok_or_else(|| {
-        ProjectionsError::Consumer(format!(
-            "no consumer named {name:?}: subscribe with that consumer name first"
-        ))
-    })?;
-    if seq > head {
+    if seq > limit {
         return Err(ProjectionsError::Consumer(format!(
-            "ack of seq {seq} is beyond the head ({head}): acknowledge only seqs you received"
+            "ack of seq {seq} is beyond the last seq consumer {:?} can have received ({limit}): acknowledge only seqs you received",
+            consumer.name
         )));
     }
     if seq > consumer.acked {

@@ -45,6 +45,9 @@ pub enum ProjectionsError {
         /// The names it has.
         known: String,
     },
+    /// No durable consumer has this name.
+    #[error("no durable consumer named {0:?}: subscribe with that consumer name first")]
+    UnknownConsumer(String),
     /// A per-stream projector needs a stream, or the stream is not held.
     #[error("{0}")]
     Stream(String),
@@ -322,8 +325,9 @@ impl Projections {
         }
     }
 
-    /// Every projection slot and durable consumer.
-    pub fn list(&self) -> Result<Vec<ProjectionStatus>, ProjectionsError> {
+    /// Every projection slot and durable consumer; with `digests`, each live copy's digest too
+    /// (which costs a pass over the state: `Admin.Status` leaves it out).
+    pub fn list(&self, digests: bool) -> Result<Vec<ProjectionStatus>, ProjectionsError> {
         let store = self.inner.log.store();
         let head = self.inner.log.head();
         let slots: Vec<Arc<Slot>> = lock(&self.inner.slots)
@@ -332,7 +336,7 @@ impl Projections {
             .collect();
         let mut out = Vec::new();
         for slot in slots {
-            out.push(self.slot_status(&slot, store, head)?);
+            out.push(self.slot_status(&slot, store, head, digests)?);
         }
         for consumer in consumers::list(store)? {
             let target = match &consumer.stream {
@@ -362,6 +366,7 @@ impl Projections {
         slot: &Slot,
         store: &Store,
         head: u64,
+        digests: bool,
     ) -> Result<ProjectionStatus, ProjectionsError> {
         let (live, shadow) = slot.copies();
         let target = slot.target(store, head)?;
@@ -371,9 +376,9 @@ impl Projections {
             .iter()
             .filter(|p| p.state == "parked")
             .count() as u64;
-        let digest = match slot.digest() {
-            Ok((digest, _)) => Some(digest),
-            Err(_) => None,
+        let digest = match digests.then(|| slot.digest()) {
+            Some(Ok((digest, _))) => Some(digest),
+            _ => None,
         };
         Ok(ProjectionStatus {
             name: slot.plugin.name().to_string(),
@@ -400,10 +405,19 @@ impl Projections {
     ) -> Result<Vec<ProjectionStatus>, ProjectionsError> {
         let store = self.inner.log.store();
         if self.inner.registry.get(name).is_none() {
-            if consumers::get(store, name)?.is_some() {
+            if let Some(consumer) = consumers::get(store, name)? {
+                if stream.is_some() && consumer.stream.as_ref() != stream {
+                    return Err(ProjectionsError::Stream(format!(
+                        "consumer {name:?} follows {}; drop --stream to start it over",
+                        consumer
+                            .stream
+                            .map(|s| format!("stream {s}"))
+                            .unwrap_or_else(|| "the whole log".into())
+                    )));
+                }
                 consumers::reset(store, name)?;
                 return Ok(self
-                    .list()?
+                    .list(false)?
                     .into_iter()
                     .filter(|status| status.kind == "consumer" && status.name == name)
                     .collect());
@@ -416,7 +430,7 @@ impl Projections {
         for task in slots {
             task.slot.start_rebuild(store)?;
             task.wake.notify_one();
-            out.push(self.slot_status(&task.slot, store, head)?);
+            out.push(self.slot_status(&task.slot, store, head, false)?);
         }
         Ok(out)
     }
@@ -515,8 +529,15 @@ impl Projections {
     }
 
     /// Records that consumer `name` has processed everything up to `seq`.
+    /// Acks are bounded by what the consumer can have received: its stream's last seq (or the
+    /// head, for a consumer of the whole log).
     pub fn ack(&self, name: &str, seq: u64) -> Result<Consumer, ProjectionsError> {
-        consumers::ack(self.inner.log.store(), name, seq, self.inner.log.head())
+        let store = self.inner.log.store();
+        let Some(consumer) = consumers::get(store, name)? else {
+            return Err(ProjectionsError::UnknownConsumer(name.to_string()));
+        };
+        let limit = slot_target(store, consumer.stream.as_ref(), self.inner.log.head())?;
+        consumers::ack(store, consumer, seq, limit)
     }
 }
 

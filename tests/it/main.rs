@@ -4,6 +4,7 @@
 
 mod api;
 mod common;
+mod consumer;
 mod crash;
 mod malicious;
 mod projections;

@@ -51,6 +51,7 @@ struct TestPlugin {
     name: &'static str,
     fingerprint: String,
     on_failure: OnFailure,
+    scope: Scope,
     hooks: Arc<Hooks>,
 }
 
@@ -60,6 +61,7 @@ impl TestPlugin {
             name: "latest",
             fingerprint: Latest::new().fingerprint(),
             on_failure: OnFailure::Quarantine,
+            scope: Scope::Log,
             hooks: hooks.clone(),
         }
     }
@@ -73,7 +75,7 @@ impl Plugin for TestPlugin {
         self.fingerprint.clone()
     }
     fn scope(&self) -> Scope {
-        Scope::Log
+        self.scope
     }
     fn on_failure(&self) -> OnFailure {
         self.on_failure
@@ -713,4 +715,153 @@ async fn sigkill_during_catch_up_and_during_a_rebuild_loses_nothing_and_applies_
         offline.contains(&format!("rebuilt, digest {}", hex::encode(clean))),
         "{offline}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_created_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Arc::new(Hooks::default());
+    let plugin = TestPlugin {
+        name: "per-stream",
+        scope: Scope::Stream,
+        ..TestPlugin::new(&hooks)
+    };
+    let node = start_with(dir.path(), plugin).await;
+    let url = node.url();
+    let mut clients = clients(&url).await;
+    let first = create_stream(&mut clients, "first", None).await;
+    append_note(&mut clients, &first, "in first").await;
+    // A stream created while the node runs gets its copy too.
+    let second = create_stream(&mut clients, "second", None).await;
+    append_bulk(&mut clients, &second, 3000).await;
+    let last_of_first = append_kind(&mut clients, &first, "x.first", b"last").await;
+
+    let mut client = projections_client(&url).await;
+    let first_bytes = bytes_of(&first);
+    wait_until(WAIT, "both streams' copies to catch up", || {
+        let mut client = client.clone();
+        async move {
+            let list = client
+                .list(pb::ListProjectionsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .projections;
+            list.len() == 2 && list.iter().all(|p| p.lag == 0 && p.checkpoint > 0)
+        }
+    })
+    .await;
+    let list = client
+        .list(pb::ListProjectionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .projections;
+    let first_status = list.iter().find(|p| p.stream == first_bytes).unwrap();
+    assert_eq!(
+        first_status.checkpoint, last_of_first.seq,
+        "its own stream's last seq"
+    );
+
+    // Each copy saw its own stream only.
+    let kinds = |stream: &StreamId| -> Vec<String> {
+        let path = dir
+            .path()
+            .join("projections/per-stream")
+            .join(stream.to_hex())
+            .join("1");
+        quire_example_latest::read_state(&path)
+            .unwrap()
+            .1
+            .into_iter()
+            .map(|e| e.kind.to_string())
+            .collect()
+    };
+    assert!(kinds(&first).contains(&"x.first".to_string()));
+    assert!(!kinds(&first).contains(&"x.bulk".to_string()));
+    assert!(kinds(&second).contains(&"x.bulk".to_string()));
+    assert!(!kinds(&second).contains(&"x.first".to_string()));
+
+    // A digest needs the stream; a rebuild of one stream leaves the other alone.
+    let no_stream = client
+        .digest(pb::DigestRequest {
+            name: "per-stream".into(),
+            stream: Bytes::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_stream.code(), tonic::Code::InvalidArgument);
+    assert!(
+        no_stream.message().contains("--stream"),
+        "{}",
+        no_stream.message()
+    );
+    let before = client
+        .digest(pb::DigestRequest {
+            name: "per-stream".into(),
+            stream: bytes_of(&second),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .digest;
+    let started = client
+        .rebuild(pb::RebuildRequest {
+            name: "per-stream".into(),
+            stream: bytes_of(&second),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .projections;
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].stream, bytes_of(&second));
+    let second_bytes = bytes_of(&second);
+    wait_until(WAIT, "the second stream's rebuild to swap in", || {
+        let mut client = client.clone();
+        let second_bytes = second_bytes.clone();
+        async move {
+            let list = client
+                .list(pb::ListProjectionsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .projections;
+            list.iter()
+                .any(|p| p.stream == second_bytes && p.generation == 2 && p.rebuild.is_none())
+        }
+    })
+    .await;
+    let after = client
+        .digest(pb::DigestRequest {
+            name: "per-stream".into(),
+            stream: bytes_of(&second),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .digest;
+    assert_eq!(before, after);
+    let list = client
+        .list(pb::ListProjectionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .projections;
+    assert_eq!(
+        list.iter()
+            .find(|p| p.stream == first_bytes)
+            .unwrap()
+            .generation,
+        1
+    );
+    let unknown_stream = client
+        .rebuild(pb::RebuildRequest {
+            name: "per-stream".into(),
+            stream: Bytes::from(vec![9u8; 32]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown_stream.code(), tonic::Code::InvalidArgument);
+    node.stop().await.unwrap();
 }
