@@ -75,7 +75,10 @@ pub fn projections_status(error: &ProjectionsError) -> Status {
         ProjectionsError::Stream(_) | ProjectionsError::Consumer(_) => {
             Status::invalid_argument(error.to_string())
         }
-        ProjectionsError::StillFails { .. } => Status::failed_precondition(error.to_string()),
+        ProjectionsError::StillFails { .. } | ProjectionsError::NotReady(_) => {
+            Status::failed_precondition(error.to_string())
+        }
+        ProjectionsError::Damaged(_) => Status::data_loss(error.to_string()),
         ProjectionsError::Store(store) => store_status(store),
         _ => Status::internal(error.to_string()),
     }
@@ -523,10 +526,11 @@ fn projection_name(name: &str) -> Result<&str, Status> {
 impl pb::projections_server::Projections for Api {
     async fn list(
         &self,
-        _request: Request<pb::ListProjectionsRequest>,
+        request: Request<pb::ListProjectionsRequest>,
     ) -> Result<Response<pb::ListProjectionsReply>, Status> {
+        let digests = request.into_inner().with_digests;
         let projections = self.projections.clone();
-        let list = blocking(move || projections.list(true)).await?;
+        let list = blocking(move || projections.list(digests)).await?;
         Ok(Response::new(pb::ListProjectionsReply {
             projections: list.iter().map(convert::projection_status).collect(),
         }))

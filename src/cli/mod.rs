@@ -58,8 +58,8 @@ pub enum Command {
     Get(GetArgs),
     /// Print a stream's scribes (or the whole log's, with `all`), then "caught up at seq N".
     Log(LogArgs),
-    /// Show the node's id, data directory, streams, heads, listeners and peers (cursor, lag,
-    /// sent, received, refused, last error).
+    /// Show the node's id, data directory, streams, heads, listeners, projections (checkpoint,
+    /// lag) and peers (cursor, lag, sent, received, refused, last error).
     Status,
     /// Start replicating a stream this node does not hold, from connected peers.
     Join(JoinArgs),
@@ -802,6 +802,34 @@ async fn status(url: &str) -> Result<()> {
             info.name,
             info.scribes,
             info.head_seq
+        );
+    }
+    println!("projections {}", status.projections.len());
+    for projection in &status.projections {
+        let scope = if projection.stream.is_empty() {
+            "log".to_string()
+        } else {
+            hex::encode(&projection.stream[..4])
+        };
+        let mut state = format!(
+            "checkpoint {} lag {}",
+            projection.checkpoint, projection.lag
+        );
+        if projection.quarantined > 0 {
+            state.push_str(&format!(", {} parked", projection.quarantined));
+        }
+        if projection.rebuild.is_some() {
+            state.push_str(", rebuilding");
+        }
+        if !projection.halted.is_empty() {
+            state.push_str(&format!(", HALTED at seq {}", projection.halted_seq));
+        }
+        if !projection.error.is_empty() {
+            state.push_str(&format!(", FAILING: {}", projection.error));
+        }
+        println!(
+            "  {:<20} {:<9} {:<9} {state}",
+            projection.name, projection.kind, scope
         );
     }
     print_peers(&status.peers);

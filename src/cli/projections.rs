@@ -123,7 +123,7 @@ fn scope_of(status: &pb::ProjectionStatus) -> String {
 pub async fn list(url: &str) -> Result<()> {
     let reply = client(url)
         .await?
-        .list(pb::ListProjectionsRequest {})
+        .list(pb::ListProjectionsRequest { with_digests: true })
         .await
         .map_err(status_error)?
         .into_inner();
@@ -254,7 +254,7 @@ pub async fn rebuild(url: &str, args: RebuildArgs, registry: &Registry) -> Resul
     }
     let mut client = client(url).await?;
     let before = client
-        .list(pb::ListProjectionsRequest {})
+        .list(pb::ListProjectionsRequest::default())
         .await
         .map_err(status_error)?
         .into_inner()
@@ -309,7 +309,7 @@ pub async fn rebuild(url: &str, args: RebuildArgs, registry: &Registry) -> Resul
     let mut progress = Progress::new(&args.name);
     loop {
         let now = client
-            .list(pb::ListProjectionsRequest {})
+            .list(pb::ListProjectionsRequest::default())
             .await
             .map_err(status_error)?
             .into_inner()
@@ -332,7 +332,17 @@ pub async fn rebuild(url: &str, args: RebuildArgs, registry: &Registry) -> Resul
         }
         if pending.is_empty() {
             progress.finish();
-            for status in &mine {
+            let done = client
+                .list(pb::ListProjectionsRequest { with_digests: true })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .projections;
+            let mine = done
+                .iter()
+                .filter(|s| s.name == args.name && s.kind == "projector")
+                .filter(|s| generations.iter().any(|(stream, _)| *stream == s.stream));
+            for status in mine {
                 println!(
                     "{} {}: generation {} live, digest {}",
                     args.name,

@@ -51,6 +51,9 @@ pub enum ProjectionsError {
     /// A per-stream projector needs a stream, or the stream is not held.
     #[error("{0}")]
     Stream(String),
+    /// The projection exists but has no copy to answer from.
+    #[error("{0}")]
+    NotReady(String),
     /// Nothing is parked under this id.
     #[error("nothing parked in the quarantine for {0}; `quire quarantine list` shows what is")]
     NotParked(String),
@@ -185,6 +188,8 @@ struct Inner {
     registry: Registry,
     root: PathBuf,
     slots: Mutex<BTreeMap<String, SlotTask>>,
+    /// Serialises consumers' read-modify-write of their records.
+    consumers: Mutex<()>,
 }
 
 /// The projections of a running node. Cheap to clone.
@@ -216,6 +221,7 @@ impl Projections {
                 registry,
                 root: data_dir.join(PROJECTIONS_DIR),
                 slots: Mutex::new(BTreeMap::new()),
+                consumers: Mutex::new(()),
             }),
         };
         projections.open_missing_slots()?;
@@ -247,6 +253,7 @@ impl Projections {
 
     fn open_missing_slots(&self) -> Result<(), ProjectionsError> {
         let inner = &self.inner;
+        let mut first_error = None;
         let streams = inner.log.stream_ids();
         for plugin in inner.registry.plugins() {
             let scopes: Vec<Option<StreamId>> = match plugin.scope() {
@@ -262,18 +269,26 @@ impl Projections {
                 if lock(&inner.slots).contains_key(&key) {
                     continue;
                 }
-                let slot = Arc::new(Slot::open(
-                    inner.log.store(),
-                    plugin.clone(),
-                    stream,
-                    &inner.root,
-                )?);
+                let slot = match Slot::open(inner.log.store(), plugin.clone(), stream, &inner.root)
+                {
+                    Ok(slot) => Arc::new(slot),
+                    Err(error) => {
+                        // The other slots still start; this one is tried again when the set of
+                        // streams next changes, or at the next start.
+                        tracing::error!(slot = %key, %error, "cannot open projection");
+                        first_error.get_or_insert(error);
+                        continue;
+                    }
+                };
                 let wake = Arc::new(Notify::new());
                 tokio::spawn(run_slot(inner.log.clone(), slot.clone(), wake.clone()));
                 lock(&inner.slots).insert(key, SlotTask { slot, wake });
             }
         }
-        Ok(())
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 
     /// The slots of `name` (one stream's, or all of them with `stream` `None`).
@@ -376,9 +391,14 @@ impl Projections {
             .iter()
             .filter(|p| p.state == "parked")
             .count() as u64;
+        let mut error = flags.error;
         let digest = match digests.then(|| slot.digest()) {
             Some(Ok((digest, _))) => Some(digest),
-            _ => None,
+            Some(Err(failed)) => {
+                error.get_or_insert(format!("digest: {failed}"));
+                None
+            }
+            None => None,
         };
         Ok(ProjectionStatus {
             name: slot.plugin.name().to_string(),
@@ -392,7 +412,7 @@ impl Projections {
             digest,
             rebuild: shadow.map(|s| (s.generation, s.fingerprint, s.checkpoint.min(target))),
             halted: flags.halted,
-            error: flags.error,
+            error,
         })
     }
 
@@ -415,6 +435,7 @@ impl Projections {
                             .unwrap_or_else(|| "the whole log".into())
                     )));
                 }
+                let _serial = lock(&self.inner.consumers);
                 consumers::reset(store, name)?;
                 return Ok(self
                     .list(false)?
@@ -453,7 +474,9 @@ impl Projections {
         }
         let slots = self.slots_of(name, stream)?;
         let task = slots.first().ok_or_else(|| {
-            ProjectionsError::Stream(format!("projection {name} has no copy for that stream yet"))
+            ProjectionsError::NotReady(format!(
+                "projection {name} has no copy for that stream yet (it could not be opened: see the node's log)"
+            ))
         })?;
         task.slot.digest()
     }
@@ -499,13 +522,23 @@ impl Projections {
             .cloned()
             .collect();
         let mut done = Vec::new();
+        let mut failed = None;
         for task in tasks {
             for parked in task.slot.parked(store)? {
                 if parked.id == *id {
-                    done.push(action(&task.slot, store, parked.seq)?);
+                    // Every projection that parked it gets its turn, even if one fails.
+                    match action(&task.slot, store, parked.seq) {
+                        Ok(parked) => done.push(parked),
+                        Err(error) => {
+                            failed.get_or_insert(error);
+                        }
+                    }
                     task.wake.notify_one();
                 }
             }
+        }
+        if let Some(error) = failed {
+            return Err(error);
         }
         if done.is_empty() {
             return Err(ProjectionsError::NotParked(id.to_hex()));
@@ -525,6 +558,7 @@ impl Projections {
                 "{name:?} is the name of a projector of this node; pick another consumer name"
             )));
         }
+        let _serial = lock(&self.inner.consumers);
         consumers::start(self.inner.log.store(), name, stream)
     }
 
@@ -533,6 +567,7 @@ impl Projections {
     /// head, for a consumer of the whole log).
     pub fn ack(&self, name: &str, seq: u64) -> Result<Consumer, ProjectionsError> {
         let store = self.inner.log.store();
+        let _serial = lock(&self.inner.consumers);
         let Some(consumer) = consumers::get(store, name)? else {
             return Err(ProjectionsError::UnknownConsumer(name.to_string()));
         };
@@ -614,9 +649,20 @@ async fn run_slot(log: Log, slot: Arc<Slot>, wake: Arc<Notify>) {
                     continue;
                 }
             }
-            Ok(Err(error)) => {
+            failed => {
+                let error = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    Err(join) if join.is_panic() => {
+                        // Its in-memory state may be half a batch: start again from its files.
+                        let reopened = slot.clone();
+                        let _ = tokio::task::spawn_blocking(move || reopened.reopen()).await;
+                        format!("the projector panicked: {}", panic_message(join))
+                    }
+                    Err(_) => return,
+                    Ok(Ok(_)) => unreachable!("handled above"),
+                };
                 tracing::error!(slot = %slot.key(), %error, "projection failed; retrying");
-                lock(&slot.flags).error = Some(error.to_string());
+                lock(&slot.flags).error = Some(error);
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = wake.notified() => {}
@@ -625,7 +671,6 @@ async fn run_slot(log: Log, slot: Arc<Slot>, wake: Arc<Notify>) {
                 backoff = (backoff * 2).min(RETRY_CAP);
                 continue;
             }
-            Err(_) => return,
         }
         tokio::select! {
             changed = heads.changed() => if changed.is_err() { return },
@@ -642,6 +687,15 @@ pub struct Rebuilt {
     pub stream: Option<StreamId>,
     /// The new copy's digest.
     pub digest: [u8; 32],
+}
+
+fn panic_message(join: tokio::task::JoinError) -> String {
+    let payload = join.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Rebuilds `name` on a stopped node's store (every stream's copy, or one stream's), calling

@@ -102,6 +102,23 @@ pub struct Parked {
     pub state: String,
     /// When it was parked (unix ms).
     pub at_ms: u64,
+    /// The copies (generations) that parked it and have not applied it since.
+    pub generations: Vec<u64>,
+}
+
+impl Parked {
+    fn encode(&self) -> Vec<u8> {
+        json!({
+            "id": self.id.to_hex(),
+            "kind": self.kind,
+            "error": self.error,
+            "state": self.state,
+            "at_ms": self.at_ms,
+            "generations": self.generations,
+        })
+        .to_string()
+        .into_bytes()
+    }
 }
 
 /// A plugin's state in one scope.
@@ -182,8 +199,14 @@ impl Slot {
         };
         let (live_generation, live_fingerprint) = generation_of(&record["live"])
             .ok_or_else(|| ProjectionsError::Damaged(format!("slot {key}: no live generation")))?;
-        let shadow = generation_of(&record["shadow"]);
+        let mut shadow = generation_of(&record["shadow"]);
         let next = record["next"].as_u64().unwrap_or(live_generation + 1);
+        // A rebuild started by other code (another fingerprint) is not resumed: its copy would be
+        // half one version, half the other.
+        let discard_shadow = shadow.as_ref().is_some_and(|(_, f)| *f != fingerprint);
+        if discard_shadow {
+            shadow = None;
+        }
         remove_unnamed_generations(&dir, live_generation, shadow.as_ref().map(|s| s.0));
         let live = open_instance(&*plugin, &dir, stream, live_generation, live_fingerprint)?;
         let shadow = match shadow {
@@ -208,17 +231,42 @@ impl Slot {
             next: Mutex::new(next),
             flags: Mutex::new(Flags::default()),
         };
+        if discard_shadow {
+            let live = lock(&slot.live);
+            slot.write_record(store, &live, None, next)?;
+        }
         let stale = {
             let live = lock(&slot.live);
             let shadow = lock(&slot.shadow);
-            live.fingerprint != fingerprint
-                && shadow.as_ref().is_none_or(|s| s.fingerprint != fingerprint)
+            live.fingerprint != fingerprint && shadow.is_none()
         };
         if stale {
             tracing::info!(slot = %slot.key, %fingerprint, "projector fingerprint changed: rebuilding blue/green");
             slot.start_rebuild(store)?;
         }
         Ok(slot)
+    }
+
+    /// Reopens both copies from their directories: after a projector panicked mid-batch, its
+    /// in-memory state cannot be trusted, its last committed state can.
+    pub(crate) fn reopen(&self) -> Result<(), ProjectionsError> {
+        let mut live = lock(&self.live);
+        let mut shadow = lock(&self.shadow);
+        let reopen = |instance: &Instance| {
+            open_instance(
+                &*self.plugin,
+                &self.dir,
+                self.stream,
+                instance.generation,
+                instance.fingerprint.clone(),
+            )
+        };
+        *live = reopen(&live)?;
+        if let Some(copy) = shadow.as_ref() {
+            *shadow = Some(reopen(copy)?);
+        }
+        *lock(&self.shown) = (live.state(), shadow.as_ref().map(Instance::state));
+        Ok(())
     }
 
     /// `<name>/<scope>`.
@@ -366,6 +414,8 @@ impl Slot {
             match instance.projector.apply(part, checkpoint) {
                 Ok(()) => {
                     instance.checkpoint = checkpoint;
+                    let first = part.first().expect("non-empty part").local_seq;
+                    self.clear_applied(store, instance.generation, first, checkpoint)?;
                     start = end;
                     end = batch.len();
                 }
@@ -376,7 +426,7 @@ impl Slot {
                         continue;
                     }
                     let bad = &part[0];
-                    let skipped = self.park(store, bad, &reason)?;
+                    let skipped = self.park(store, bad, &reason, instance.generation)?;
                     if !skipped && live && self.plugin.on_failure() == OnFailure::Halt {
                         tracing::warn!(slot = %self.key, seq = bad.local_seq, id = %bad.id, %reason, "projection halted at a scribe it cannot apply");
                         lock(&self.flags).halted = Some((bad.local_seq, reason));
@@ -403,6 +453,9 @@ impl Slot {
     }
 
     fn move_checkpoint(&self, instance: &mut Instance, seq: u64) -> Result<(), ProjectionsError> {
+        if seq <= instance.checkpoint {
+            return Ok(());
+        }
         match instance.projector.apply(&[], seq) {
             Ok(()) => {
                 instance.checkpoint = seq;
@@ -412,36 +465,101 @@ impl Slot {
         }
     }
 
-    /// Records `scribe` as parked (durably, before the checkpoint moves past it). Returns whether
-    /// an operator had already decided to skip it.
-    fn park(&self, store: &Store, scribe: &View, reason: &str) -> Result<bool, ProjectionsError> {
+    /// Records that copy `generation` parked `scribe` (durably, before its checkpoint moves past
+    /// it). Returns whether an operator had already decided to skip it.
+    fn park(
+        &self,
+        store: &Store,
+        scribe: &View,
+        reason: &str,
+        generation: u64,
+    ) -> Result<bool, ProjectionsError> {
         let key = parked_key(&self.key, scribe.local_seq);
-        if let Some(existing) = store.projection_record(&key)? {
-            let existing: Value = serde_json::from_slice(&existing).unwrap_or(Value::Null);
-            if existing["state"] == "skipped" {
-                return Ok(true);
-            }
+        let mut parked = match store.projection_record(&key)? {
+            Some(existing) => decode_parked(&key, &existing)?,
+            None => Parked {
+                name: self.plugin.name().to_string(),
+                stream: self.stream,
+                seq: scribe.local_seq,
+                id: scribe.id,
+                kind: scribe.kind.as_str().to_string(),
+                error: String::new(),
+                state: "parked".into(),
+                at_ms: 0,
+                generations: Vec::new(),
+            },
+        };
+        if parked.state == "skipped" {
+            return Ok(true);
         }
-        let value = json!({
-            "id": scribe.id.to_hex(),
-            "kind": scribe.kind.as_str(),
-            "error": reason,
-            "state": "parked",
-            "at_ms": now_ms(),
-        });
-        store.put_projection_records(&[(key, Some(value.to_string().into_bytes()))])?;
+        parked.error = reason.to_string();
+        parked.at_ms = now_ms();
+        if !parked.generations.contains(&generation) {
+            parked.generations.push(generation);
+        }
+        store.put_projection_records(&[(key, Some(parked.encode()))])?;
         Ok(false)
+    }
+
+    /// Copy `generation` has applied seqs `from..=to`: it no longer holds any of them parked.
+    fn clear_applied(
+        &self,
+        store: &Store,
+        generation: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<(), ProjectionsError> {
+        let mut updates = Vec::new();
+        for parked in self.parked(store)? {
+            if parked.seq < from || parked.seq > to || !parked.generations.contains(&generation) {
+                continue;
+            }
+            updates.push(self.without_generation(parked, generation));
+        }
+        if !updates.is_empty() {
+            store.put_projection_records(&updates)?;
+        }
+        Ok(())
+    }
+
+    /// The record update that takes `generation` off `parked` (deleting a parked record no copy
+    /// holds any more; a skipped one stays, as the record of the decision).
+    fn without_generation(
+        &self,
+        mut parked: Parked,
+        generation: u64,
+    ) -> (Vec<u8>, Option<Vec<u8>>) {
+        parked.generations.retain(|g| *g != generation);
+        let key = parked_key(&self.key, parked.seq);
+        if parked.generations.is_empty() && parked.state == "parked" {
+            (key, None)
+        } else {
+            (key, Some(parked.encode()))
+        }
     }
 
     /// Makes the shadow copy live and removes the old one.
     fn swap(&self, store: &Store) -> Result<(), ProjectionsError> {
         let mut live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
-        let Some(new) = shadow.take() else {
+        let Some(new) = shadow.as_ref() else {
             return Ok(());
         };
         let next = *lock(&self.next);
-        self.write_record(store, &new, None, next)?;
+        // The record first: if it cannot be written, nothing changed and the rebuild goes on.
+        self.write_record(store, new, None, next)?;
+        let new = shadow.take().expect("checked above");
+        // Scribes only the old copy held parked were applied by the new one.
+        let stale: Vec<_> = self
+            .parked(store)?
+            .into_iter()
+            .filter(|p| p.state == "parked" && !p.generations.contains(&new.generation))
+            .map(|p| (parked_key(&self.key, p.seq), None))
+            .collect();
+        if !stale.is_empty() {
+            store.put_projection_records(&stale)?;
+        }
+        lock(&self.flags).halted = None;
         *lock(&self.shown) = (new.state(), None);
         let old = std::mem::replace(&mut *live, new);
         let old_dir = self.dir.join(old.generation.to_string());
@@ -453,71 +571,63 @@ impl Slot {
         Ok(())
     }
 
-    /// Re-applies a parked scribe to the live copy (and to a shadow that has passed it).
+    /// Re-applies a parked scribe to the copies that parked it (the live copy, a shadow copy, or
+    /// both). A copy halted at it instead resumes there, re-applying it in order.
     pub(crate) fn retry(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
+        let mut live = lock(&self.live);
+        let mut shadow = lock(&self.shadow);
         let parked = self.parked_at(store, seq)?;
-        let halted_here = matches!(&lock(&self.flags).halted, Some((at, _)) if *at == seq);
-        if halted_here {
-            // The runner re-applies it in order when it resumes; it parks it again if it fails.
-            store.put_projection_records(&[(parked_key(&self.key, seq), None)])?;
-            lock(&self.flags).halted = None;
-            return Ok(parked);
-        }
         let view = self.load(store, &parked)?;
-        self.retry_on(store, &mut lock(&self.live), &view, &parked)?;
-        if let Some(shadow) = lock(&self.shadow).as_mut().filter(|s| s.checkpoint >= seq) {
-            self.retry_on(store, shadow, &view, &parked)?;
+        let mut record = parked.clone();
+        for instance in std::iter::once(&mut *live).chain(shadow.as_mut()) {
+            if !record.generations.contains(&instance.generation) {
+                continue;
+            }
+            if instance.checkpoint < seq {
+                // Halted before it: the runner applies it in order when it resumes, and parks
+                // it again if it still fails.
+                let mut flags = lock(&self.flags);
+                if matches!(&flags.halted, Some((at, _)) if *at == seq) {
+                    flags.halted = None;
+                }
+            } else {
+                let checkpoint = instance.checkpoint;
+                match instance
+                    .projector
+                    .apply(std::slice::from_ref(&view), checkpoint)
+                {
+                    Ok(()) => {}
+                    Err(ApplyError::Scribe { reason, .. }) => {
+                        self.park(store, &view, &reason, instance.generation)?;
+                        return Err(ProjectionsError::StillFails {
+                            id: parked.id,
+                            reason,
+                        });
+                    }
+                    Err(ApplyError::Storage(message)) => {
+                        return Err(ProjectionsError::Projection(message))
+                    }
+                }
+            }
+            let update = self.without_generation(record.clone(), instance.generation);
+            record.generations.retain(|g| *g != instance.generation);
+            store.put_projection_records(&[update])?;
         }
-        store.put_projection_records(&[(parked_key(&self.key, seq), None)])?;
         Ok(parked)
     }
 
-    fn retry_on(
-        &self,
-        store: &Store,
-        instance: &mut Instance,
-        view: &View,
-        parked: &Parked,
-    ) -> Result<(), ProjectionsError> {
-        let checkpoint = instance.checkpoint;
-        match instance
-            .projector
-            .apply(std::slice::from_ref(view), checkpoint)
-        {
-            Ok(()) => Ok(()),
-            Err(ApplyError::Scribe { reason, .. }) => {
-                self.park(store, view, &reason)?;
-                Err(ProjectionsError::StillFails {
-                    id: parked.id,
-                    reason,
-                })
-            }
-            Err(ApplyError::Storage(message)) => Err(ProjectionsError::Projection(message)),
-        }
-    }
-
-    /// Records the decision to skip a parked scribe; a projection halted at it goes on after it.
+    /// Records the decision to skip a parked scribe; a live copy halted at it goes on after it.
     pub(crate) fn skip(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
+        let mut live = lock(&self.live);
         let mut parked = self.parked_at(store, seq)?;
         parked.state = "skipped".into();
-        let value = json!({
-            "id": parked.id.to_hex(),
-            "kind": parked.kind,
-            "error": parked.error,
-            "state": "skipped",
-            "at_ms": parked.at_ms,
-        });
-        store.put_projection_records(&[(
-            parked_key(&self.key, seq),
-            Some(value.to_string().into_bytes()),
-        )])?;
-        let halted_here = matches!(&lock(&self.flags).halted, Some((at, _)) if *at == seq);
-        if halted_here {
-            let mut live = lock(&self.live);
+        store.put_projection_records(&[(parked_key(&self.key, seq), Some(parked.encode()))])?;
+        let mut flags = lock(&self.flags);
+        if matches!(&flags.halted, Some((at, _)) if *at == seq) {
             self.move_checkpoint(&mut live, seq)?;
-            live.scanned = seq;
+            live.scanned = live.scanned.max(seq);
             lock(&self.shown).0 = live.state();
-            lock(&self.flags).halted = None;
+            flags.halted = None;
         }
         Ok(parked)
     }
@@ -611,6 +721,10 @@ fn decode_parked(key: &[u8], value: &[u8]) -> Result<Parked, ProjectionsError> {
         error: text("error"),
         state: text("state"),
         at_ms: value["at_ms"].as_u64().unwrap_or(0),
+        generations: value["generations"]
+            .as_array()
+            .map(|list| list.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default(),
     })
 }
 

@@ -29,7 +29,7 @@ async fn projections(url: &str) -> pb::projections_client::ProjectionsClient<Cha
 async fn consumer_status(url: &str, name: &str) -> Option<pb::ProjectionStatus> {
     projections(url)
         .await
-        .list(pb::ListProjectionsRequest {})
+        .list(pb::ListProjectionsRequest::default())
         .await
         .expect("list projections")
         .into_inner()

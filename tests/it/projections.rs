@@ -32,6 +32,7 @@ const WAIT: Duration = Duration::from_secs(60);
 #[derive(Default)]
 struct Hooks {
     broken: AtomicBool,
+    panics: AtomicBool,
     gate_closed: Mutex<bool>,
     gate: Condvar,
 }
@@ -112,6 +113,11 @@ impl Projector for TestProjector {
                     .unwrap(),
             );
         }
+        if self.hooks.panics.load(Ordering::SeqCst)
+            && batch.iter().any(|s| s.kind.as_str() == "x.panic")
+        {
+            panic!("the test made this projector panic");
+        }
         if self.hooks.broken.load(Ordering::SeqCst) {
             if let Some(index) = batch.iter().position(|s| s.kind.as_str() == "x.flaky") {
                 return Err(ApplyError::Scribe {
@@ -155,7 +161,7 @@ async fn status_of(
     name: &str,
 ) -> pb::ProjectionStatus {
     client
-        .list(pb::ListProjectionsRequest {})
+        .list(pb::ListProjectionsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -742,7 +748,7 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
         let mut client = client.clone();
         async move {
             let list = client
-                .list(pb::ListProjectionsRequest {})
+                .list(pb::ListProjectionsRequest::default())
                 .await
                 .unwrap()
                 .into_inner()
@@ -752,7 +758,7 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
     })
     .await;
     let list = client
-        .list(pb::ListProjectionsRequest {})
+        .list(pb::ListProjectionsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -822,7 +828,7 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
         let second_bytes = second_bytes.clone();
         async move {
             let list = client
-                .list(pb::ListProjectionsRequest {})
+                .list(pb::ListProjectionsRequest::default())
                 .await
                 .unwrap()
                 .into_inner()
@@ -843,7 +849,7 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
         .digest;
     assert_eq!(before, after);
     let list = client
-        .list(pb::ListProjectionsRequest {})
+        .list(pb::ListProjectionsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -863,5 +869,97 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
         .await
         .unwrap_err();
     assert_eq!(unknown_stream.code(), tonic::Code::InvalidArgument);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_of_a_halted_projection_parks_the_scribe_and_a_later_skip_moves_nothing_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Arc::new(Hooks::default());
+    let plugin = TestPlugin {
+        name: "halting",
+        on_failure: OnFailure::Halt,
+        ..TestPlugin::new(&hooks)
+    };
+    let node = start_with(dir.path(), plugin).await;
+    let url = node.url();
+    let mut clients = clients(&url).await;
+    let stream = create_stream(&mut clients, "halts", None).await;
+    let poison = append_kind(&mut clients, &stream, "x.fail-latest", b"poison").await;
+    append_bulk(&mut clients, &stream, 100).await;
+    let head = head(&mut clients).await;
+    let mut client = projections_client(&url).await;
+    wait_until(WAIT, "the projection to halt", || {
+        let mut client = client.clone();
+        async move { status_of(&mut client, "halting").await.halted_seq == poison.seq }
+    })
+    .await;
+    // The rebuilt copy parks the scribe and goes on; once swapped in, nothing is halted.
+    client
+        .rebuild(pb::RebuildRequest {
+            name: "halting".into(),
+            stream: Bytes::new(),
+        })
+        .await
+        .unwrap();
+    wait_until(WAIT, "the rebuilt copy to swap in", || {
+        let mut client = client.clone();
+        async move {
+            let status = status_of(&mut client, "halting").await;
+            status.generation == 2 && status.rebuild.is_none() && status.checkpoint == head
+        }
+    })
+    .await;
+    let status = status_of(&mut client, "halting").await;
+    assert!(status.halted.is_empty(), "{status:?}");
+    assert_eq!(status.quarantined, 1, "the new copy parked it too");
+    // Skipping it now moves no checkpoint backwards: nothing is applied again.
+    client
+        .skip(pb::QuarantineActionRequest {
+            id: poison.id.clone(),
+            name: String::new(),
+        })
+        .await
+        .unwrap();
+    let status = status_of(&mut client, "halting").await;
+    assert_eq!(status.checkpoint, head);
+    assert_eq!(
+        digest_of(&mut client, "halting").await.as_ref(),
+        clean_digest(dir.path())
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_projector_is_reported_and_recovers_from_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Arc::new(Hooks::default());
+    hooks.panics.store(true, Ordering::SeqCst);
+    let node = start_with(dir.path(), TestPlugin::new(&hooks)).await;
+    let url = node.url();
+    let mut clients = clients(&url).await;
+    let stream = create_stream(&mut clients, "panics", None).await;
+    append_note(&mut clients, &stream, "before").await;
+    append_kind(&mut clients, &stream, "x.panic", b"boom").await;
+    let mut client = projections_client(&url).await;
+    wait_until(WAIT, "the panic to be reported", || {
+        let mut client = client.clone();
+        async move {
+            status_of(&mut client, "latest")
+                .await
+                .error
+                .contains("panicked")
+        }
+    })
+    .await;
+    assert!(status_of(&mut client, "latest").await.lag > 0);
+    hooks.panics.store(false, Ordering::SeqCst);
+    wait_caught_up(&url, "latest").await;
+    let status = status_of(&mut client, "latest").await;
+    assert!(status.error.is_empty(), "{status:?}");
+    assert_eq!(
+        digest_of(&mut client, "latest").await.as_ref(),
+        clean_digest(dir.path())
+    );
     node.stop().await.unwrap();
 }

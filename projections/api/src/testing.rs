@@ -14,11 +14,14 @@
 //! The properties (each [`check_all`] case runs all four on one generated set of scribes):
 //! 1. [`check_order_and_duplicates`]: any permutation of the scribes, with any of them delivered
 //!    twice and cut into batches anywhere, gives the digest of applying them once in order.
-//! 2. [`check_crash_and_resume`]: dropping the instance after any batch (a crash: nothing is closed
-//!    cleanly), reopening its directory and going on from its checkpoint applies nothing twice and
-//!    skips nothing.
+//! 2. [`check_crash_and_resume`]: abandoning the instance after any batch (a crash: no destructor
+//!    runs), reopening its directory and going on from its checkpoint applies nothing twice and
+//!    skips nothing; the reopened checkpoint is exactly the last one committed.
 //! 3. [`check_rebuild_equals_incremental`]: many small batches give the digest of one big batch
 //!    applied to a reset instance.
+//!
+//! Throughout, local seqs have gaps, the checkpoint is sometimes moved by an empty batch, and
+//! `checkpoint()` must always report the last checkpoint passed to `apply`.
 //! 4. [`check_reset_empties`]: after `reset` the checkpoint is 0 and the digest is that of a new,
 //!    empty instance.
 //!
@@ -87,16 +90,17 @@ where
         .map_err(|error| format!("{} failed the conformance suite: {error}", plugin.name()))
 }
 
-/// Property 1: permutations, duplicates and batch cuts do not change the digest.
+/// Property 1: permutations, duplicates, batch cuts and the retry form (one scribe applied again
+/// out of order, at or below the checkpoint) do not change the digest.
 pub fn check_order_and_duplicates(
     plugin: &dyn Plugin,
     scribes: &[Scribe],
     seed: u64,
 ) -> Result<(), String> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let expected = {
         let mut fresh = Instance::open(plugin, scribes)?;
-        fresh.feed(scribes, &mut Rng(1), usize::MAX)?;
+        fresh.feed(scribes, &mut Rng::new(1), usize::MAX)?;
         fresh.digest()?
     };
     let mut shuffled: Vec<Scribe> = scribes.to_vec();
@@ -112,8 +116,25 @@ pub fn check_order_and_duplicates(
         let at = rng.below(shuffled.len() + 1);
         shuffled.insert(at, again);
     }
+    // One scribe arrives last in the retry form: a scribe at or below the checkpoint, with the
+    // checkpoint unchanged (what `quire quarantine retry` does).
+    let held = (shuffled.len() >= 2).then(|| shuffled.remove(rng.below(shuffled.len())));
     let mut other = Instance::open(plugin, scribes)?;
     other.feed(&shuffled, &mut rng, usize::MAX)?;
+    if let Some(mut held) = held {
+        let checkpoint = other.checkpoint()?;
+        held.local_seq = checkpoint.max(1);
+        other
+            .projector()
+            .apply(std::slice::from_ref(&held), checkpoint)
+            .map_err(|error| format!("apply (retry form): {error}"))?;
+        let after = other.checkpoint()?;
+        if after != checkpoint {
+            return Err(format!(
+                "a retry-form apply with checkpoint {checkpoint} left the checkpoint at {after}"
+            ));
+        }
+    }
     let actual = other.digest()?;
     if actual != expected {
         return Err(format!(
@@ -132,30 +153,29 @@ pub fn check_crash_and_resume(
     scribes: &[Scribe],
     seed: u64,
 ) -> Result<(), String> {
-    let mut rng = Rng(seed.rotate_left(17) | 1);
+    let mut rng = Rng::new(seed.rotate_left(17));
     let expected = {
         let mut clean = Instance::open(plugin, scribes)?;
-        clean.feed(scribes, &mut Rng(1), usize::MAX)?;
+        clean.feed(scribes, &mut Rng::new(1), usize::MAX)?;
         clean.digest()?
     };
     let mut crashing = Instance::open(plugin, scribes)?;
-    let batches = rng.below(4);
+    let batches = 1 + rng.below(4);
     crashing.feed(scribes, &mut rng, batches)?;
-    let before = crashing.checkpoint()?;
+    let committed = crashing.committed;
     crashing.crash_and_reopen(plugin)?;
     let after = crashing.checkpoint()?;
-    if after != before {
+    if after != committed {
         return Err(format!(
-            "checkpoint {before} was committed, but the reopened instance says {after}"
+            "checkpoint {committed} was committed, but the reopened instance says {after}"
         ));
     }
-    let rest: Vec<Scribe> = scribes
-        .iter()
-        .enumerate()
-        .filter(|(index, _)| seq_of(*index) > after)
-        .map(|(_, scribe)| scribe.clone())
+    let rest: Vec<Scribe> = crashing
+        .numbered(scribes)
+        .into_iter()
+        .filter(|scribe| scribe.local_seq > after)
         .collect();
-    crashing.feed_from(after, &rest, &mut rng, usize::MAX)?;
+    crashing.apply_in_batches(&rest, &mut rng, usize::MAX)?;
     let actual = crashing.digest()?;
     if actual != expected {
         return Err(format!(
@@ -174,10 +194,16 @@ pub fn check_rebuild_equals_incremental(
     seed: u64,
 ) -> Result<(), String> {
     let mut incremental = Instance::open(plugin, scribes)?;
-    incremental.feed(scribes, &mut Rng(seed.rotate_left(31) | 1), usize::MAX)?;
+    incremental.feed(scribes, &mut Rng::new(seed.rotate_left(31)), usize::MAX)?;
     let expected = incremental.digest()?;
     incremental.reset()?;
-    incremental.feed(scribes, &mut Rng(0), usize::MAX)?;
+    let all = incremental.numbered(scribes);
+    if let Some(last) = all.last() {
+        incremental
+            .projector()
+            .apply(&all, last.local_seq)
+            .map_err(|error| format!("apply (one batch): {error}"))?;
+    }
     let actual = incremental.digest()?;
     if actual != expected {
         return Err(format!(
@@ -193,7 +219,7 @@ pub fn check_rebuild_equals_incremental(
 pub fn check_reset_empties(plugin: &dyn Plugin, scribes: &[Scribe]) -> Result<(), String> {
     let empty = Instance::open(plugin, scribes)?.digest()?;
     let mut used = Instance::open(plugin, scribes)?;
-    used.feed(scribes, &mut Rng(7), usize::MAX)?;
+    used.feed(scribes, &mut Rng::new(7), usize::MAX)?;
     used.reset()?;
     let checkpoint = used.checkpoint()?;
     if checkpoint != 0 {
@@ -210,15 +236,15 @@ pub fn check_reset_empties(plugin: &dyn Plugin, scribes: &[Scribe]) -> Result<()
     Ok(())
 }
 
-/// The local seq the suite gives the scribe at `index` of the generated list.
-fn seq_of(index: usize) -> u64 {
-    index as u64 + 1
-}
-
 /// A small deterministic generator (xorshift), so a failing seed reproduces.
 struct Rng(u64);
 
 impl Rng {
+    /// A generator from any seed (xorshift has a fixed point at 0).
+    fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+
     fn below(&mut self, bound: usize) -> usize {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -235,6 +261,8 @@ impl Rng {
 struct Instance {
     place: Place,
     projector: Option<Box<dyn Projector>>,
+    /// The last checkpoint passed to a successful `apply`.
+    committed: u64,
 }
 
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
@@ -259,6 +287,7 @@ impl Instance {
         Ok(Instance {
             place,
             projector: Some(projector),
+            committed: 0,
         })
     }
 
@@ -266,47 +295,80 @@ impl Instance {
         self.projector.as_mut().expect("instance is open")
     }
 
-    /// Applies `scribes` (numbered from seq 1 in the order given) in random batches; stops after
-    /// `max_batches` batches.
+    /// `scribes` with local seqs in the order given, from 1, with gaps (a per-stream projector
+    /// sees gaps; so does one after a parked scribe). The same list always gets the same seqs.
+    fn numbered(&self, scribes: &[Scribe]) -> Vec<Scribe> {
+        let mut gaps = Rng::new(scribes.len() as u64);
+        let mut seq = 0;
+        scribes
+            .iter()
+            .map(|scribe| {
+                seq += 1 + gaps.below(3) as u64;
+                Scribe {
+                    local_seq: seq,
+                    ..scribe.clone()
+                }
+            })
+            .collect()
+    }
+
+    /// Numbers `scribes` and applies them in random batches; stops after `max_batches`.
     fn feed(
         &mut self,
         scribes: &[Scribe],
         rng: &mut Rng,
         max_batches: usize,
     ) -> Result<(), String> {
-        self.feed_from(0, scribes, rng, max_batches)
+        let numbered = self.numbered(scribes);
+        self.apply_in_batches(&numbered, rng, max_batches)
     }
 
-    fn feed_from(
+    /// Applies numbered scribes in random batches, sometimes moving the checkpoint alone (an
+    /// empty batch) into the gap before the next scribe; checks the checkpoint after each.
+    fn apply_in_batches(
         &mut self,
-        after: u64,
-        scribes: &[Scribe],
+        numbered: &[Scribe],
         rng: &mut Rng,
         max_batches: usize,
     ) -> Result<(), String> {
-        let mut numbered: Vec<Scribe> = scribes.to_vec();
-        for (index, scribe) in numbered.iter_mut().enumerate() {
-            scribe.local_seq = after + index as u64 + 1;
-        }
-        let mut rest = &numbered[..];
+        let mut rest = numbered;
         let mut batches = 0;
         while !rest.is_empty() && batches < max_batches {
             let size = 1 + rng.below(rest.len());
             let (batch, tail) = rest.split_at(size);
-            let checkpoint = batch.last().map(|s| s.local_seq).unwrap_or(after);
-            self.projector()
-                .apply(batch, checkpoint)
-                .map_err(|error| format!("apply: {error}"))?;
+            let mut checkpoint = batch.last().expect("non-empty").local_seq;
+            self.apply_checked(batch, checkpoint)?;
+            if let Some(next) = tail.first() {
+                if next.local_seq > checkpoint + 1 && rng.below(2) == 0 {
+                    checkpoint = next.local_seq - 1;
+                    self.apply_checked(&[], checkpoint)?;
+                }
+            }
             rest = tail;
             batches += 1;
         }
         Ok(())
     }
 
+    fn apply_checked(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), String> {
+        self.projector()
+            .apply(batch, checkpoint)
+            .map_err(|error| format!("apply: {error}"))?;
+        self.committed = checkpoint;
+        let reported = self.checkpoint()?;
+        if reported != checkpoint {
+            return Err(format!(
+                "apply committed checkpoint {checkpoint}, but checkpoint() says {reported}"
+            ));
+        }
+        Ok(())
+    }
+
     fn crash_and_reopen(&mut self, plugin: &dyn Plugin) -> Result<(), String> {
-        // Dropping without any clean-up call is what a killed process leaves behind: whatever
-        // `apply` committed, and nothing else.
-        self.projector = None;
+        // A killed process runs no destructors: whatever `apply` committed is all there is.
+        if let Some(projector) = self.projector.take() {
+            std::mem::forget(projector);
+        }
         self.projector = Some(
             plugin
                 .open(&self.place)
