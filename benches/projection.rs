@@ -139,7 +139,11 @@ fn write_log(dir: &std::path::Path, batches: usize) {
         let info = pb::streams_client::StreamsClient::new(channel.clone())
             .create(pb::CreateStreamRequest {
                 name: "bench".into(),
-                policy: None,
+                // A million scribes are far over the default 100 MiB per stream.
+                policy: Some(pb::Policy {
+                    max_stream_bytes: 1 << 40,
+                    ..Default::default()
+                }),
                 owner: Bytes::new(),
             })
             .await

@@ -123,7 +123,7 @@ impl Body {
         }
     }
 
-    fn from_proto(body: pb::ScribeBody) -> Result<Body, ScribeError> {
+    pub(crate) fn from_proto(body: pb::ScribeBody) -> Result<Body, ScribeError> {
         let kind: Kind = body.kind.parse()?;
         let stream = if body.stream.is_empty() {
             None

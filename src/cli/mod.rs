@@ -1,5 +1,6 @@
-//! The `quire` command line (clap derive). `serve` and `verify` work on a data directory; every
-//! other command is a gRPC client of a running node (`--node`, default the local API address).
+//! The `quire` command line (clap derive). `serve`, `verify`, `replay` and `rebuild --offline` work
+//! on a data directory; every other command is a gRPC client of a running node (`--node`, default
+//! the local API address).
 //! `anyhow` is used here, at the binary's edge, and nowhere else.
 
 use std::io::{IsTerminal, Read as _, Write as _};
@@ -27,8 +28,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7000";
 
 /// quire: a replicated, content-addressed event log with pluggable projections.
 ///
-/// Run a node with `quire serve`; every other command (but `verify`) talks to a running node's
-/// client API, given by --node (default http://127.0.0.1:8000).
+/// Run a node with `quire serve`; every other command (but `verify`, `replay` and
+/// `rebuild --offline`, which open a data directory) talks to a running node's client API, given
+/// by --node (default http://127.0.0.1:8000).
 #[derive(Debug, Parser)]
 #[command(name = "quire", version, propagate_version = true)]
 pub struct Cli {

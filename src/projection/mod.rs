@@ -639,7 +639,7 @@ async fn run_slot(log: Log, slot: Arc<Slot>, wake: Arc<Notify>) {
         let result = tokio::task::spawn_blocking(move || {
             let store = store_log.store();
             let target = worker.target(store, head)?;
-            worker.work(store, target)
+            worker.work(store, target, true)
         })
         .await;
         match result {
@@ -716,7 +716,7 @@ pub fn rebuild_offline(
         slot.start_rebuild(store)?;
         let target = slot.target(store, head)?;
         loop {
-            let worked = slot.work(store, target)?;
+            let worked = slot.work(store, target, false)?;
             let (_, shadow) = slot.copies();
             progress(shadow.map(|s| s.checkpoint).unwrap_or(target), target);
             if worked.swapped || !worked.more && slot.copies().1.is_none() {

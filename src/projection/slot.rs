@@ -327,12 +327,18 @@ impl Slot {
         Ok(())
     }
 
-    /// One step: a batch for the live copy (unless halted), a batch for the shadow copy, and the
-    /// swap once the shadow has reached `target`.
-    pub(crate) fn work(&self, store: &Store, target: u64) -> Result<Worked, ProjectionsError> {
+    /// One step: a batch for the live copy (unless halted, or `live` is false: an offline
+    /// rebuild leaves the copy it replaces alone), a batch for the shadow copy, and the swap once
+    /// the shadow has reached `target`.
+    pub(crate) fn work(
+        &self,
+        store: &Store,
+        target: u64,
+        live: bool,
+    ) -> Result<Worked, ProjectionsError> {
         let mut worked = Worked::default();
         let halted = lock(&self.flags).halted.is_some();
-        if !halted {
+        if live && !halted {
             let mut live = lock(&self.live);
             let step = self.step(store, &mut live, target, true);
             lock(&self.shown).0 = live.state();
