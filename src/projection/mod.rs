@@ -321,6 +321,14 @@ impl Projections {
             .collect())
     }
 
+    /// Every slot, taken out of the map's lock.
+    fn all_slots(&self) -> Vec<Arc<Slot>> {
+        lock(&self.inner.slots)
+            .values()
+            .map(|task| task.slot.clone())
+            .collect()
+    }
+
     fn unknown(&self, name: &str) -> ProjectionsError {
         let mut known = self.inner.registry.names();
         if let Ok(consumers) = consumers::list(self.inner.log.store()) {
@@ -345,12 +353,8 @@ impl Projections {
     pub fn list(&self, digests: bool) -> Result<Vec<ProjectionStatus>, ProjectionsError> {
         let store = self.inner.log.store();
         let head = self.inner.log.head();
-        let slots: Vec<Arc<Slot>> = lock(&self.inner.slots)
-            .values()
-            .map(|task| task.slot.clone())
-            .collect();
         let mut out = Vec::new();
-        for slot in slots {
+        for slot in self.all_slots() {
             out.push(self.slot_status(&slot, store, head, digests)?);
         }
         for consumer in consumers::list(store)? {
@@ -484,12 +488,8 @@ impl Projections {
     /// Every parked and skipped scribe.
     pub fn quarantined(&self) -> Result<Vec<Parked>, ProjectionsError> {
         let store = self.inner.log.store();
-        let slots: Vec<Arc<Slot>> = lock(&self.inner.slots)
-            .values()
-            .map(|task| task.slot.clone())
-            .collect();
         let mut out = Vec::new();
-        for slot in slots {
+        for slot in self.all_slots() {
             out.extend(slot.parked(store)?);
         }
         Ok(out)

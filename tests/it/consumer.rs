@@ -16,6 +16,7 @@ use tokio::process::Command;
 use tonic::transport::Channel;
 
 use crate::common::*;
+use crate::python::python_stubs;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -278,29 +279,6 @@ async fn rebuilding_a_consumer_starts_it_over() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     node.stop().await.unwrap();
-}
-
-/// Python stubs for `proto/quire/v1`, generated into a temporary directory.
-fn python_stubs(root: &Path) -> tempfile::TempDir {
-    let stubs = tempfile::tempdir().unwrap();
-    let protos: Vec<_> = ["quire/v1/scribe.proto", "quire/v1/api.proto"]
-        .iter()
-        .map(|file| root.join("proto").join(file))
-        .collect();
-    let output = std::process::Command::new("python3")
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(root.join("proto"))
-        .arg(format!("--python_out={}", stubs.path().display()))
-        .arg(format!("--grpc_python_out={}", stubs.path().display()))
-        .args(&protos)
-        .output()
-        .expect("python3 is installed");
-    assert!(
-        output.status.success(),
-        "generating Python stubs failed (run `pip install grpcio grpcio-tools`): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stubs
 }
 
 /// `python3 consumer.py` following `stream` of the node at `node` as `name`, with `extra` flags.

@@ -160,30 +160,74 @@ async fn status_of(
     client: &mut pb::projections_client::ProjectionsClient<Channel>,
     name: &str,
 ) -> pb::ProjectionStatus {
+    list_all(client)
+        .await
+        .into_iter()
+        .find(|status| status.name == name)
+        .unwrap_or_else(|| panic!("no projection {name}"))
+}
+
+fn stream_field(stream: Option<&StreamId>) -> Bytes {
+    stream.map(bytes_of).unwrap_or_default()
+}
+
+async fn digest_in(
+    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+    name: &str,
+    stream: Option<&StreamId>,
+) -> Result<Bytes, tonic::Status> {
+    Ok(client
+        .digest(pb::DigestRequest {
+            name: name.into(),
+            stream: stream_field(stream),
+        })
+        .await?
+        .into_inner()
+        .digest)
+}
+
+async fn rebuild(
+    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+    name: &str,
+    stream: Option<&StreamId>,
+) -> Result<Vec<pb::ProjectionStatus>, tonic::Status> {
+    Ok(client
+        .rebuild(pb::RebuildRequest {
+            name: name.into(),
+            stream: stream_field(stream),
+        })
+        .await?
+        .into_inner()
+        .projections)
+}
+
+async fn list_all(
+    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+) -> Vec<pb::ProjectionStatus> {
     client
         .list(pb::ListProjectionsRequest::default())
         .await
         .unwrap()
         .into_inner()
         .projections
-        .into_iter()
-        .find(|status| status.name == name)
-        .unwrap_or_else(|| panic!("no projection {name}"))
+}
+
+/// `result` is refused with `code`, and its message mentions `needle`.
+fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    needle: &str,
+) {
+    let status = result.expect_err("refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(needle), "{status:?}");
 }
 
 async fn digest_of(
     client: &mut pb::projections_client::ProjectionsClient<Channel>,
     name: &str,
 ) -> Bytes {
-    client
-        .digest(pb::DigestRequest {
-            name: name.into(),
-            stream: Bytes::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .digest
+    digest_in(client, name, None).await.unwrap()
 }
 
 /// Waits until `name` has applied everything up to the head and no rebuild is under way.
@@ -298,40 +342,12 @@ async fn a_projector_catches_up_then_follows_and_equals_a_clean_replay() {
     assert_eq!(digest.as_ref(), clean_digest(dir.path()));
 
     // Clear errors, and nothing changes.
-    let unknown = client
-        .digest(pb::DigestRequest {
-            name: "nope".into(),
-            stream: Bytes::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(unknown.code(), tonic::Code::NotFound);
-    assert!(
-        unknown.message().contains("latest"),
-        "{}",
-        unknown.message()
-    );
-    let scoped = client
-        .digest(pb::DigestRequest {
-            name: "latest".into(),
-            stream: bytes_of(&stream),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(scoped.code(), tonic::Code::InvalidArgument);
-    assert!(
-        scoped.message().contains("whole log"),
-        "{}",
-        scoped.message()
-    );
-    let unnamed = client
-        .rebuild(pb::RebuildRequest {
-            name: String::new(),
-            stream: Bytes::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(unnamed.code(), tonic::Code::InvalidArgument);
+    let unknown = digest_in(&mut client, "nope", None).await;
+    assert_refused(unknown, tonic::Code::NotFound, "latest");
+    let scoped = digest_in(&mut client, "latest", Some(&stream)).await;
+    assert_refused(scoped, tonic::Code::InvalidArgument, "whole log");
+    let unnamed = rebuild(&mut client, "", None).await;
+    assert_refused(unnamed, tonic::Code::InvalidArgument, "name the projection");
     assert_eq!(status_of(&mut client, "latest").await.generation, 1);
     node.stop().await.unwrap();
 }
@@ -501,15 +517,7 @@ async fn reads_of_the_live_copy_keep_succeeding_during_a_rebuild() {
 
     // Hold the shadow copy at its first batch, so the rebuild is certainly under way.
     hooks.close_gate();
-    let started = client
-        .rebuild(pb::RebuildRequest {
-            name: "latest".into(),
-            stream: Bytes::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .projections;
+    let started = rebuild(&mut client, "latest", None).await.unwrap();
     assert_eq!(started[0].rebuild.as_ref().unwrap().generation, 2);
     for _ in 0..20 {
         assert_eq!(
@@ -632,15 +640,7 @@ async fn sigkill_during_catch_up_and_during_a_rebuild_loses_nothing_and_applies_
     //    resumes and swaps.
     let (mut child, url, _) = spawn_binary(&latest_node_bin(), dir.path(), &[], &slow).await;
     let mut client = projections_client(&url).await;
-    let started = client
-        .rebuild(pb::RebuildRequest {
-            name: "latest".into(),
-            stream: Bytes::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .projections;
+    let started = rebuild(&mut client, "latest", None).await.unwrap();
     let generation = started[0].rebuild.as_ref().unwrap().generation;
     wait_until(WAIT, "the rebuild to be under way", || {
         let mut client = client.clone();
@@ -747,22 +747,12 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
     wait_until(WAIT, "both streams' copies to catch up", || {
         let mut client = client.clone();
         async move {
-            let list = client
-                .list(pb::ListProjectionsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .projections;
+            let list = list_all(&mut client).await;
             list.len() == 2 && list.iter().all(|p| p.lag == 0 && p.checkpoint > 0)
         }
     })
     .await;
-    let list = client
-        .list(pb::ListProjectionsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .projections;
+    let list = list_all(&mut client).await;
     let first_status = list.iter().find(|p| p.stream == first_bytes).unwrap();
     assert_eq!(
         first_status.checkpoint, last_of_first.seq,
@@ -789,37 +779,14 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
     assert!(!kinds(&second).contains(&"x.first".to_string()));
 
     // A digest needs the stream; a rebuild of one stream leaves the other alone.
-    let no_stream = client
-        .digest(pb::DigestRequest {
-            name: "per-stream".into(),
-            stream: Bytes::new(),
-        })
+    let no_stream = digest_in(&mut client, "per-stream", None).await;
+    assert_refused(no_stream, tonic::Code::InvalidArgument, "--stream");
+    let before = digest_in(&mut client, "per-stream", Some(&second))
         .await
-        .unwrap_err();
-    assert_eq!(no_stream.code(), tonic::Code::InvalidArgument);
-    assert!(
-        no_stream.message().contains("--stream"),
-        "{}",
-        no_stream.message()
-    );
-    let before = client
-        .digest(pb::DigestRequest {
-            name: "per-stream".into(),
-            stream: bytes_of(&second),
-        })
+        .unwrap();
+    let started = rebuild(&mut client, "per-stream", Some(&second))
         .await
-        .unwrap()
-        .into_inner()
-        .digest;
-    let started = client
-        .rebuild(pb::RebuildRequest {
-            name: "per-stream".into(),
-            stream: bytes_of(&second),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .projections;
+        .unwrap();
     assert_eq!(started.len(), 1);
     assert_eq!(started[0].stream, bytes_of(&second));
     let second_bytes = bytes_of(&second);
@@ -827,33 +794,17 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
         let mut client = client.clone();
         let second_bytes = second_bytes.clone();
         async move {
-            let list = client
-                .list(pb::ListProjectionsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .projections;
+            let list = list_all(&mut client).await;
             list.iter()
                 .any(|p| p.stream == second_bytes && p.generation == 2 && p.rebuild.is_none())
         }
     })
     .await;
-    let after = client
-        .digest(pb::DigestRequest {
-            name: "per-stream".into(),
-            stream: bytes_of(&second),
-        })
+    let after = digest_in(&mut client, "per-stream", Some(&second))
         .await
-        .unwrap()
-        .into_inner()
-        .digest;
+        .unwrap();
     assert_eq!(before, after);
-    let list = client
-        .list(pb::ListProjectionsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .projections;
+    let list = list_all(&mut client).await;
     assert_eq!(
         list.iter()
             .find(|p| p.stream == first_bytes)
@@ -861,14 +812,8 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
             .generation,
         1
     );
-    let unknown_stream = client
-        .rebuild(pb::RebuildRequest {
-            name: "per-stream".into(),
-            stream: Bytes::from(vec![9u8; 32]),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(unknown_stream.code(), tonic::Code::InvalidArgument);
+    let unknown_stream = rebuild(&mut client, "per-stream", Some(&StreamId::from([9u8; 32]))).await;
+    assert_refused(unknown_stream, tonic::Code::InvalidArgument, "not held");
     node.stop().await.unwrap();
 }
 
@@ -895,13 +840,7 @@ async fn a_rebuild_of_a_halted_projection_parks_the_scribe_and_a_later_skip_move
     })
     .await;
     // The rebuilt copy parks the scribe and goes on; once swapped in, nothing is halted.
-    client
-        .rebuild(pb::RebuildRequest {
-            name: "halting".into(),
-            stream: Bytes::new(),
-        })
-        .await
-        .unwrap();
+    rebuild(&mut client, "halting", None).await.unwrap();
     wait_until(WAIT, "the rebuilt copy to swap in", || {
         let mut client = client.clone();
         async move {

@@ -7,9 +7,8 @@ use std::process::Command;
 
 use crate::common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_python_client_generated_from_the_protos_works() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+/// Python stubs for `proto/quire/v1`, generated into a temporary directory.
+pub fn python_stubs(root: &Path) -> tempfile::TempDir {
     let stubs = tempfile::tempdir().unwrap();
     let protos: Vec<_> = ["quire/v1/scribe.proto", "quire/v1/api.proto"]
         .iter()
@@ -28,6 +27,13 @@ async fn a_python_client_generated_from_the_protos_works() {
         "generating Python stubs failed (run `pip install grpcio grpcio-tools`): {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    stubs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_generated_from_the_protos_works() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stubs = python_stubs(root);
 
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
