@@ -655,7 +655,10 @@ async fn run_slot(log: Log, slot: Arc<Slot>, wake: Arc<Notify>) {
                     Err(join) if join.is_panic() => {
                         // Its in-memory state may be half a batch: start again from its files.
                         let reopened = slot.clone();
-                        let _ = tokio::task::spawn_blocking(move || reopened.reopen()).await;
+                        let store_log = log.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || reopened.reopen(store_log.store()))
+                                .await;
                         format!("the projector panicked: {}", panic_message(join))
                     }
                     Err(_) => return,

@@ -208,9 +208,17 @@ impl Slot {
             shadow = None;
         }
         remove_unnamed_generations(&dir, live_generation, shadow.as_ref().map(|s| s.0));
-        let live = open_instance(&*plugin, &dir, stream, live_generation, live_fingerprint)?;
+        let live = open_instance(
+            store,
+            &*plugin,
+            &dir,
+            stream,
+            live_generation,
+            live_fingerprint,
+        )?;
         let shadow = match shadow {
             Some((generation, fingerprint)) => Some(open_instance(
+                store,
                 &*plugin,
                 &dir,
                 stream,
@@ -249,11 +257,12 @@ impl Slot {
 
     /// Reopens both copies from their directories: after a projector panicked mid-batch, its
     /// in-memory state cannot be trusted, its last committed state can.
-    pub(crate) fn reopen(&self) -> Result<(), ProjectionsError> {
+    pub(crate) fn reopen(&self, store: &Store) -> Result<(), ProjectionsError> {
         let mut live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
         let reopen = |instance: &Instance| {
             open_instance(
+                store,
                 &*self.plugin,
                 &self.dir,
                 self.stream,
@@ -294,6 +303,7 @@ impl Slot {
         let generation_dir = self.dir.join(generation.to_string());
         let _ = std::fs::remove_dir_all(&generation_dir);
         let instance = open_instance(
+            store,
             &*self.plugin,
             &self.dir,
             self.stream,
@@ -738,17 +748,35 @@ fn views(entries: &[StoredEntry]) -> Result<Vec<View>, ProjectionsError> {
     entries.iter().map(to_view).collect()
 }
 
+/// Where an instance of `stream`'s scope lives: its directory, stream and the stream's policy
+/// (read from its genesis; the default policy for the whole log).
+fn place_of(
+    store: &Store,
+    dir: PathBuf,
+    stream: Option<StreamId>,
+) -> Result<Place, ProjectionsError> {
+    let mut place = Place::new(dir, stream);
+    if let Some(stream) = stream {
+        let genesis = store.get(&stream)?.ok_or_else(|| {
+            ProjectionsError::Stream(format!("stream {stream} is not held by this node"))
+        })?;
+        let view = to_view(&genesis)?;
+        place.policy = crate::convert::genesis_from_payload(&view.payload, view.author)
+            .map_err(|error| ProjectionsError::Damaged(format!("genesis of {stream}: {error}")))?
+            .policy;
+    }
+    Ok(place)
+}
+
 fn open_instance(
+    store: &Store,
     plugin: &dyn Plugin,
     dir: &Path,
     stream: Option<StreamId>,
     generation: u64,
     fingerprint: String,
 ) -> Result<Instance, ProjectionsError> {
-    let place = Place {
-        dir: dir.join(generation.to_string()),
-        stream,
-    };
+    let place = place_of(store, dir.join(generation.to_string()), stream)?;
     std::fs::create_dir_all(&place.dir).map_err(|error| {
         ProjectionsError::Projection(format!("{}: {error}", place.dir.display()))
     })?;
@@ -791,10 +819,7 @@ pub(crate) fn replay(
     to: u64,
     mut progress: impl FnMut(u64),
 ) -> Result<Replayed, ProjectionsError> {
-    let place = Place {
-        dir: dir.to_path_buf(),
-        stream,
-    };
+    let place = place_of(store, dir.to_path_buf(), stream)?;
     std::fs::create_dir_all(dir)
         .map_err(|error| ProjectionsError::Projection(format!("{}: {error}", dir.display())))?;
     let mut projector = plugin.open(&place).map_err(projection_error)?;

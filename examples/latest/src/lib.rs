@@ -83,7 +83,7 @@
 //!
 //! let dir = std::env::temp_dir().join(format!("latest-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir)?;
-//! let place = Place { dir: dir.clone(), stream: None };
+//! let place = Place::new(dir.clone(), None);
 //! let mut projector = Latest::new().open(&place)?;
 //!
 //! let scribe = Scribe {

@@ -191,10 +191,7 @@ impl TempDir {
     }
 
     fn place(&self) -> Place {
-        Place {
-            dir: self.0.clone(),
-            stream: None,
-        }
+        Place::new(self.0.clone(), None)
     }
 
     fn open(&self) -> Box<dyn Projector> {

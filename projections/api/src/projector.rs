@@ -32,7 +32,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::{Scribe, StreamId};
+use crate::{Policy, Scribe, StreamId};
 
 /// Which scribes one instance of a projector sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +61,20 @@ pub struct Place {
     pub dir: PathBuf,
     /// The stream, for a [`Scope::Stream`] plugin; `None` for a [`Scope::Log`] plugin.
     pub stream: Option<StreamId>,
+    /// The stream's policy (from its genesis), for a [`Scope::Stream`] plugin; the default policy
+    /// for a [`Scope::Log`] plugin. Rules such as key leases are part of the state's meaning.
+    pub policy: Policy,
+}
+
+impl Place {
+    /// A place in `dir` for `stream` (`None`: the whole log), with the default policy.
+    pub fn new(dir: impl Into<PathBuf>, stream: Option<StreamId>) -> Place {
+        Place {
+            dir: dir.into(),
+            stream,
+            policy: Policy::default(),
+        }
+    }
 }
 
 /// An error of the projection as a whole (opening, reading its checkpoint, resetting, hashing).

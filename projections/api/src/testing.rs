@@ -280,7 +280,7 @@ impl Instance {
             Scope::Log => None,
             Scope::Stream => Some(scribes.first().map(|s| s.stream).unwrap_or_default()),
         };
-        let place = Place { dir, stream };
+        let place = Place::new(dir, stream);
         let projector = plugin
             .open(&place)
             .map_err(|error| format!("open: {error}"))?;
