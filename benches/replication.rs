@@ -23,6 +23,9 @@ fn main() {
     let test_mode = std::env::args().any(|arg| arg == "--test");
     let (big, small, live) = if test_mode {
         (3_000, 1_000, 50)
+    } else if let Ok(sizes) = std::env::var("QUIRE_BENCH_SIZES") {
+        let mut sizes = sizes.split(',').map(|n| n.parse().unwrap());
+        (sizes.next().unwrap(), sizes.next().unwrap(), 50)
     } else {
         (1_000_000, 100_000, 2_000)
     };
@@ -154,7 +157,17 @@ struct ChildNode {
 
 fn spawn_b(dir: &Path, peer: &str) -> ChildNode {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quire"))
+    let wrap = std::env::var("QUIRE_BENCH_WRAP").ok();
+    let mut command = match &wrap {
+        Some(wrap) => {
+            let mut parts = wrap.split_whitespace();
+            let mut command = Command::new(parts.next().unwrap());
+            command.args(parts).arg(env!("CARGO_BIN_EXE_quire"));
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_quire")),
+    };
+    let mut child = command
         .args([
             "serve",
             "--api",

@@ -7,6 +7,7 @@
 //! - [`scribe`]: the bytes of a scribe — encode, sign, decode, verify. Never re-encodes to hash.
 //! - [`hlc`]: the node's hybrid logical clock.
 //! - [`identity`]: the node's Ed25519 key file.
+//! - [`kv`]: the `Kv` gRPC service over the built-in key/value projector.
 //! - [`log`]: validation, group commit and gapless local seqs ([`log::store`]: RocksDB layout;
 //!   [`log::subscribe`]: catch-up-then-live subscriptions).
 //! - [`convert`]: the one place that knows both protobuf and domain types.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod convert;
 pub mod hlc;
 pub mod identity;
+pub mod kv;
 pub mod log;
 pub mod node;
 pub mod pb;

@@ -197,6 +197,9 @@ impl Api {
         reporter
             .set_serving::<pb::projections_server::ProjectionsServer<Api>>()
             .await;
+        reporter
+            .set_serving::<pb::kv_server::KvServer<crate::kv::KvService>>()
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -222,6 +225,14 @@ impl Api {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(pb::projections_server::ProjectionsServer::new(self.clone()))
+            .add_service(
+                pb::kv_server::KvServer::new(crate::kv::KvService::new(
+                    self.log.clone(),
+                    self.projections.clone(),
+                ))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .add_service(
                 pb::admin_server::AdminServer::new(self)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

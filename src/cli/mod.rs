@@ -17,6 +17,7 @@ use crate::node::{self, NodeConfig};
 use crate::pb;
 use crate::projection::Registry;
 
+mod kv;
 mod projections;
 use crate::server::MAX_MESSAGE_BYTES;
 use projections::{DigestArgs, QuarantineCommand, RebuildArgs, ReplayArgs};
@@ -86,6 +87,9 @@ pub enum Command {
     /// Scribes a projector could not apply: list them, retry one after a fix, or skip it.
     #[command(subcommand)]
     Quarantine(QuarantineCommand),
+    /// The key/value table of a stream: get, set, delete, scan and watch keys.
+    #[command(subcommand)]
+    Kv(kv::KvCommand),
 }
 
 /// `quire serve`.
@@ -268,6 +272,7 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         Command::Replay(args) => projections::replay(args, &registry)?,
         Command::Digest(args) => projections::digest(&node_url, args).await?,
         Command::Quarantine(command) => projections::quarantine(&node_url, command).await?,
+        Command::Kv(command) => return kv::run(&node_url, command).await,
         Command::Verify(args) => return verify(args),
         Command::Stream(command) => stream(&node_url, command).await?,
         Command::Append(args) => append(&node_url, args).await?,

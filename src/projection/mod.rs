@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 
 pub use consumers::Consumer;
 pub use slot::{scope_dir, Parked, Replayed};
+pub(crate) use view::to_view as view;
 
 use crate::log::store::{Store, StoreError};
 use crate::log::Log;
@@ -94,9 +95,9 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// The projectors built into quire.
+    /// The projectors built into quire: `kv` (the key/value table of each stream).
     pub fn builtin() -> Registry {
-        Registry::default()
+        Registry::default().with(quire_projection_kv::Kv)
     }
 
     /// Adds `plugin`.
@@ -483,6 +484,27 @@ impl Projections {
             ))
         })?;
         task.slot.digest()
+    }
+
+    /// The live copy of `name` for `stream`: its directory (for a built-in projector's readers)
+    /// and a receiver of how far it has seen the log.
+    pub fn live(
+        &self,
+        name: &str,
+        stream: &StreamId,
+    ) -> Result<(PathBuf, tokio::sync::watch::Receiver<u64>), ProjectionsError> {
+        let mut slots = self.slots_of(name, Some(stream))?;
+        if slots.is_empty() {
+            // A stream created or joined a moment ago: its slots may not be open yet.
+            self.open_missing_slots()?;
+            slots = self.slots_of(name, Some(stream))?;
+        }
+        let task = slots.into_iter().next().ok_or_else(|| {
+            ProjectionsError::NotReady(format!(
+                "projection {name} has no copy for stream {stream} yet"
+            ))
+        })?;
+        Ok((task.slot.live_dir(), task.slot.watch_applied()))
     }
 
     /// Every parked and skipped scribe.

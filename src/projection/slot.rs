@@ -136,6 +136,8 @@ pub(crate) struct Slot {
     /// What status reports show of the live and shadow copies, refreshed after every step, so a
     /// status never waits for a batch being applied.
     shown: Mutex<(CopyState, Option<CopyState>)>,
+    /// How far the live copy has seen the log: readers wait on it for their own writes.
+    applied: tokio::sync::watch::Sender<u64>,
     pub(crate) flags: Mutex<Flags>,
 }
 
@@ -233,6 +235,7 @@ impl Slot {
             stream,
             key,
             dir,
+            applied: tokio::sync::watch::Sender::new(shown.0.checkpoint),
             shown: Mutex::new(shown),
             live: Mutex::new(live),
             shadow: Mutex::new(shadow),
@@ -275,6 +278,7 @@ impl Slot {
             *shadow = Some(reopen(copy)?);
         }
         *lock(&self.shown) = (live.state(), shadow.as_ref().map(Instance::state));
+        self.applied.send_replace(live.state().checkpoint);
         Ok(())
     }
 
@@ -351,7 +355,7 @@ impl Slot {
         if live && !halted {
             let mut live = lock(&self.live);
             let step = self.step(store, &mut live, target, true);
-            lock(&self.shown).0 = live.state();
+            self.show_live(&live);
             let step = step?;
             worked.applied += step.applied;
             worked.more |= step.more;
@@ -577,6 +581,7 @@ impl Slot {
         }
         lock(&self.flags).halted = None;
         *lock(&self.shown) = (new.state(), None);
+        self.applied.send_replace(new.state().checkpoint);
         let old = std::mem::replace(&mut *live, new);
         let old_dir = self.dir.join(old.generation.to_string());
         drop(old);
@@ -642,7 +647,7 @@ impl Slot {
         if matches!(&flags.halted, Some((at, _)) if *at == seq) {
             self.move_checkpoint(&mut live, seq)?;
             live.scanned = live.scanned.max(seq);
-            lock(&self.shown).0 = live.state();
+            self.show_live(&live);
             flags.halted = None;
         }
         Ok(parked)
@@ -680,6 +685,23 @@ impl Slot {
         let live = lock(&self.live);
         let digest = live.projector.digest().map_err(projection_error)?;
         Ok((digest, live.checkpoint))
+    }
+
+    fn show_live(&self, live: &Instance) {
+        let state = live.state();
+        self.applied.send_replace(state.checkpoint);
+        lock(&self.shown).0 = state;
+    }
+
+    /// A receiver of how far the live copy has seen the log (its checkpoint, or beyond for a
+    /// per-stream copy that skipped other streams' seqs).
+    pub(crate) fn watch_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// The live copy's directory.
+    pub(crate) fn live_dir(&self) -> PathBuf {
+        self.dir.join(lock(&self.shown).0.generation.to_string())
     }
 
     /// The live copy and the shadow copy, if any, as of their last step.

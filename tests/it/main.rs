@@ -6,6 +6,7 @@ mod api;
 mod common;
 mod consumer;
 mod crash;
+mod kv;
 mod malicious;
 mod projections;
 mod python;

@@ -201,6 +201,7 @@ async fn rebuild(
         .projections)
 }
 
+/// Every projection but the built-in ones (the node runs `kv` beside the projector under test).
 async fn list_all(
     client: &mut pb::projections_client::ProjectionsClient<Channel>,
 ) -> Vec<pb::ProjectionStatus> {
@@ -210,6 +211,9 @@ async fn list_all(
         .unwrap()
         .into_inner()
         .projections
+        .into_iter()
+        .filter(|status| status.name != quire_projection_kv::NAME)
+        .collect()
 }
 
 /// `result` is refused with `code`, and its message mentions `needle`.

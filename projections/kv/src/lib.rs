@@ -1,0 +1,459 @@
+//! The key/value projector: a replicated dictionary per stream, with leases and fencing tokens.
+//!
+//! # Scribes
+//! - `kv.set`: payload [`KvSet`] `{ key, value }` (protobuf, content type
+//!   [`CONTENT_TYPE`]).
+//! - `kv.delete`: payload [`KvDelete`] `{ key }`: a tombstone, so a partitioned peer can never
+//!   bring the key back.
+//!
+//! Keys are 1 to [`MAX_KEY_BYTES`] bytes; values are any bytes within the stream's per-file limit
+//! (checked when the node accepts the scribe). A scribe that breaks these rules is refused with
+//! [`ApplyError::Scribe`] and parked by the runner.
+//!
+//! # The rule (judged by the scribes' own clocks and ids, never by arrival order)
+//! The state of a key is [`fold`] of every write to it, in `(hlc, author, id)` order:
+//! - **Leasing on** (the policy's default, `lease_ms` = 1 hour): a write by X at time t is valid if
+//!   the key is free at t: no live value, or the live value is X's, or X's predecessor wrote it at
+//!   least `lease_ms` before t. The owner's set renews the lease; the owner's delete releases it.
+//!   Two writes at the same instant by different authors: the lower author id comes first and
+//!   takes the key, so the other is invalid.
+//! - **Leasing off**: every write is valid; the last by `(hlc, author, id)` wins.
+//! - The **fencing token** of a key is the number of valid writes so far.
+//!
+//! Because the fold sorts the key's whole history, every node computes the same state from the
+//! same set of scribes in any arrival order (BRIEF invariant 7), and applying a scribe twice
+//! changes nothing (writes are stored once by id).
+//!
+//! # Storage
+//! One SQLite file `kv.sqlite` per instance (WAL mode, so [`Reader`]s read while the runner
+//! writes): `writes` (every kv scribe, by key), `current` (the folded state of each key) and
+//! `meta` (the checkpoint), all changed in one transaction per batch.
+
+use std::path::Path;
+
+use prost::Message;
+use quire_projection_api::{
+    hlc_millis, ApplyError, AuthorKey, Kind, Place, Plugin, Policy, ProjectionError, Projector,
+    Scope, Scribe, ScribeId,
+};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+/// The projection's name.
+pub const NAME: &str = "kv";
+/// Bump when the same scribes would give a different state.
+pub const FINGERPRINT: &str = "kv v1";
+/// The content type of `kv.*` payloads.
+pub const CONTENT_TYPE: &str = "application/vnd.quire.kv+protobuf";
+/// The longest key.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// The instance's database file.
+pub const DB_FILE: &str = "kv.sqlite";
+
+/// The payload of a `kv.set` scribe.
+#[derive(Clone, PartialEq, Message)]
+pub struct KvSet {
+    /// The key.
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    /// The value.
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// The payload of a `kv.delete` scribe.
+#[derive(Clone, PartialEq, Message)]
+pub struct KvDelete {
+    /// The key.
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+}
+
+/// Checks a key's length.
+pub fn check_key(key: &[u8]) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("a key must not be empty".into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "a key is at most {MAX_KEY_BYTES} bytes, this one has {}",
+            key.len()
+        ));
+    }
+    Ok(())
+}
+
+/// One write to a key: a set (`value` is `Some`) or a delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// The writer's clock.
+    pub hlc: u64,
+    /// The writer.
+    pub author: AuthorKey,
+    /// The scribe.
+    pub id: ScribeId,
+    /// The value set, or `None` for a delete.
+    pub value: Option<Vec<u8>>,
+}
+
+/// The state of a key after folding its writes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct State {
+    /// The live value (`None`: never set, or deleted).
+    pub value: Option<Vec<u8>>,
+    /// Who holds the key (the author of the live value).
+    pub owner: Option<AuthorKey>,
+    /// Clock of the last valid write.
+    pub hlc: u64,
+    /// The last valid write.
+    pub id: ScribeId,
+    /// Valid writes so far: the fencing token.
+    pub fence: u64,
+}
+
+impl State {
+    /// When the owner's lease ends (unix ms), if the key is held under a lease.
+    pub fn lease_until_ms(&self, policy: &Policy) -> Option<u64> {
+        (policy.leasing && self.owner.is_some()).then(|| hlc_millis(self.hlc) + policy.lease_ms)
+    }
+
+    /// Whether a write by `author` at `hlc` would be valid after this state.
+    pub fn admits(&self, author: &AuthorKey, hlc: u64, policy: &Policy) -> bool {
+        if !policy.leasing {
+            return true;
+        }
+        match &self.owner {
+            None => true,
+            Some(owner) if owner == author => true,
+            Some(_) => hlc_millis(hlc) >= hlc_millis(self.hlc) + policy.lease_ms,
+        }
+    }
+}
+
+/// The state of a key with these writes, in any order (see the crate docs for the rule).
+pub fn fold(writes: &mut [Write], policy: &Policy) -> State {
+    writes.sort_by_key(|w| (w.hlc, w.author, w.id));
+    let mut state = State::default();
+    let mut previous: Option<&Write> = None;
+    for write in writes.iter() {
+        if previous.is_some_and(|p| p.id == write.id) {
+            continue;
+        }
+        previous = Some(write);
+        if !state.admits(&write.author, write.hlc, policy) {
+            continue;
+        }
+        state.fence += 1;
+        state.hlc = write.hlc;
+        state.id = write.id;
+        state.owner = write.value.as_ref().map(|_| write.author);
+        state.value = write.value.clone();
+    }
+    state
+}
+
+/// The key/value plugin: one SQLite database per stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Kv;
+
+impl Plugin for Kv {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn fingerprint(&self) -> String {
+        FINGERPRINT.into()
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Stream
+    }
+
+    fn open(&self, place: &Place) -> Result<Box<dyn Projector>, ProjectionError> {
+        Ok(Box::new(KvProjector::open(place)?))
+    }
+}
+
+fn db_error(error: rusqlite::Error) -> ProjectionError {
+    ProjectionError::new(format!("kv database: {error}"))
+}
+
+struct KvProjector {
+    db: Connection,
+    policy: Policy,
+}
+
+const SCHEMA: &str = "
+    PRAGMA journal_mode = WAL;
+    PRAGMA synchronous = NORMAL;
+    CREATE TABLE IF NOT EXISTS writes (
+        key BLOB NOT NULL, hlc INTEGER NOT NULL, author BLOB NOT NULL, id BLOB NOT NULL,
+        value BLOB, PRIMARY KEY (key, hlc, author, id)) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS current (
+        key BLOB PRIMARY KEY, value BLOB, owner BLOB, hlc INTEGER NOT NULL, id BLOB NOT NULL,
+        fence INTEGER NOT NULL, seq INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+impl KvProjector {
+    fn open(place: &Place) -> Result<KvProjector, ProjectionError> {
+        let db = Connection::open(place.dir.join(DB_FILE)).map_err(db_error)?;
+        db.execute_batch(SCHEMA).map_err(db_error)?;
+        Ok(KvProjector {
+            db,
+            policy: place.policy.clone(),
+        })
+    }
+
+    fn refold(&self, key: &[u8], seq: u64) -> rusqlite::Result<()> {
+        let mut statement = self
+            .db
+            .prepare_cached("SELECT hlc, author, id, value FROM writes WHERE key = ?1")?;
+        let mut writes: Vec<Write> = statement
+            .query_map([key], |row| {
+                Ok(Write {
+                    hlc: row.get::<_, i64>(0)? as u64,
+                    author: AuthorKey(blob32(row.get(1)?)),
+                    id: ScribeId(blob32(row.get(2)?)),
+                    value: row.get(3)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let state = fold(&mut writes, &self.policy);
+        self.db
+            .prepare_cached(
+                "INSERT INTO current (key, value, owner, hlc, id, fence, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (key) DO UPDATE SET value = ?2, owner = ?3, hlc = ?4, id = ?5,
+                 fence = ?6, seq = ?7",
+            )?
+            .execute(params![
+                key,
+                state.value,
+                state.owner.map(|o| o.0.to_vec()),
+                state.hlc as i64,
+                state.id.0.to_vec(),
+                state.fence as i64,
+                seq as i64
+            ])?;
+        Ok(())
+    }
+}
+
+fn blob32(bytes: Vec<u8>) -> [u8; 32] {
+    let mut out = [0; 32];
+    if bytes.len() == 32 {
+        out.copy_from_slice(&bytes);
+    }
+    out
+}
+
+/// A key, and the value a write sets (`None` for a delete).
+type KeyAndValue = (Vec<u8>, Option<Vec<u8>>);
+
+/// A kv scribe's key and value; `None` for other kinds.
+fn decode(scribe: &Scribe) -> Result<Option<KeyAndValue>, String> {
+    let (key, value) = match scribe.kind {
+        Kind::KvSet => {
+            let set = KvSet::decode(scribe.payload.as_slice())
+                .map_err(|error| format!("kv.set payload is not a KvSet: {error}"))?;
+            (set.key, Some(set.value))
+        }
+        Kind::KvDelete => {
+            let delete = KvDelete::decode(scribe.payload.as_slice())
+                .map_err(|error| format!("kv.delete payload is not a KvDelete: {error}"))?;
+            (delete.key, None)
+        }
+        _ => return Ok(None),
+    };
+    check_key(&key)?;
+    Ok(Some((key, value)))
+}
+
+impl Projector for KvProjector {
+    fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
+        let mut writes = Vec::new();
+        for (index, scribe) in batch.iter().enumerate() {
+            match decode(scribe) {
+                Ok(Some((key, value))) => writes.push((scribe, key, value)),
+                Ok(None) => {}
+                Err(reason) => return Err(ApplyError::Scribe { index, reason }),
+            }
+        }
+        let storage = |error: rusqlite::Error| ApplyError::Storage(format!("kv database: {error}"));
+        let tx = self.db.unchecked_transaction().map_err(storage)?;
+        let mut touched = std::collections::BTreeMap::new();
+        for (scribe, key, value) in writes {
+            self.db
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO writes (key, hlc, author, id, value)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut insert| {
+                    insert.execute(params![
+                        key,
+                        scribe.hlc as i64,
+                        scribe.author.0.to_vec(),
+                        scribe.id.0.to_vec(),
+                        value
+                    ])
+                })
+                .map_err(storage)?;
+            touched.insert(key, scribe.local_seq);
+        }
+        for (key, seq) in &touched {
+            self.refold(key, *seq).map_err(storage)?;
+        }
+        self.db
+            .execute(
+                "INSERT INTO meta (name, value) VALUES ('checkpoint', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = ?1",
+                [checkpoint as i64],
+            )
+            .map_err(storage)?;
+        tx.commit().map_err(storage)
+    }
+
+    fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        read_checkpoint(&self.db).map_err(db_error)
+    }
+
+    fn reset(&mut self) -> Result<(), ProjectionError> {
+        self.db
+            .execute_batch(
+                "BEGIN; DELETE FROM writes; DELETE FROM current; DELETE FROM meta; COMMIT;",
+            )
+            .map_err(db_error)
+    }
+
+    fn digest(&self) -> Result<[u8; 32], ProjectionError> {
+        let mut hasher = Sha256::new();
+        hasher.update(b"quire kv digest v1\n");
+        let mut statement = self
+            .db
+            .prepare("SELECT key, value, owner, hlc, id, fence FROM current ORDER BY key")
+            .map_err(db_error)?;
+        let mut rows = statement.query([]).map_err(db_error)?;
+        while let Some(row) = rows.next().map_err(db_error)? {
+            let key: Vec<u8> = row.get(0).map_err(db_error)?;
+            let value: Option<Vec<u8>> = row.get(1).map_err(db_error)?;
+            let owner: Option<Vec<u8>> = row.get(2).map_err(db_error)?;
+            hasher.update((key.len() as u64).to_be_bytes());
+            hasher.update(&key);
+            match value {
+                Some(value) => {
+                    hasher.update([1]);
+                    hasher.update((value.len() as u64).to_be_bytes());
+                    hasher.update(&value);
+                }
+                None => hasher.update([0]),
+            }
+            hasher.update(owner.unwrap_or_default());
+            hasher.update(row.get::<_, i64>(3).map_err(db_error)?.to_be_bytes());
+            hasher.update(row.get::<_, Vec<u8>>(4).map_err(db_error)?);
+            hasher.update(row.get::<_, i64>(5).map_err(db_error)?.to_be_bytes());
+        }
+        Ok(hasher.finalize().into())
+    }
+}
+
+fn read_checkpoint(db: &Connection) -> rusqlite::Result<u64> {
+    Ok(db
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'checkpoint'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .optional()?
+        .unwrap_or(0) as u64)
+}
+
+/// A key's state as readers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The folded state.
+    pub state: State,
+    /// Local seq of the last scribe that touched the key on this node.
+    pub seq: u64,
+}
+
+/// Read-only access to a live instance (its own SQLite connection; reads never block the
+/// runner's writes, and see only committed batches).
+#[derive(Debug)]
+pub struct Reader {
+    db: Connection,
+}
+
+impl Reader {
+    /// Opens the instance in `dir` for reading.
+    pub fn open(dir: &Path) -> Result<Reader, ProjectionError> {
+        let db = Connection::open_with_flags(
+            dir.join(DB_FILE),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_error)?;
+        Ok(Reader { db })
+    }
+
+    /// The key's entry (tombstones included: their `state.value` is `None`).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Entry>, ProjectionError> {
+        self.db
+            .prepare_cached(
+                "SELECT key, value, owner, hlc, id, fence, seq FROM current WHERE key = ?1",
+            )
+            .and_then(|mut statement| statement.query_row([key], entry).optional())
+            .map_err(db_error)
+    }
+
+    /// Live entries whose key starts with `prefix`, in key order, at most `limit`, and the
+    /// checkpoint they are consistent with (one read transaction).
+    pub fn scan(
+        &mut self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<Entry>, u64), ProjectionError> {
+        let tx = self.db.transaction().map_err(db_error)?;
+        let checkpoint = read_checkpoint(&tx).map_err(db_error)?;
+        let mut out = Vec::new();
+        {
+            let mut statement = tx
+                .prepare_cached(
+                    "SELECT key, value, owner, hlc, id, fence, seq FROM current
+                     WHERE key >= ?1 AND value IS NOT NULL ORDER BY key",
+                )
+                .map_err(db_error)?;
+            let mut rows = statement.query([prefix]).map_err(db_error)?;
+            while let Some(row) = rows.next().map_err(db_error)? {
+                let found = entry(row).map_err(db_error)?;
+                if !found.key.starts_with(prefix) || out.len() >= limit {
+                    break;
+                }
+                out.push(found);
+            }
+        }
+        tx.commit().map_err(db_error)?;
+        Ok((out, checkpoint))
+    }
+
+    /// The checkpoint of the committed state.
+    pub fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        read_checkpoint(&self.db).map_err(db_error)
+    }
+}
+
+fn entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+    let owner: Option<Vec<u8>> = row.get(2)?;
+    Ok(Entry {
+        key: row.get(0)?,
+        state: State {
+            value: row.get(1)?,
+            owner: owner.map(|o| AuthorKey(blob32(o))),
+            hlc: row.get::<_, i64>(3)? as u64,
+            id: ScribeId(blob32(row.get(4)?)),
+            fence: row.get::<_, i64>(5)? as u64,
+        },
+        seq: row.get::<_, i64>(6)? as u64,
+    })
+}

@@ -1,0 +1,159 @@
+//! The kv projector: the fold's rules, and the conformance suite with leasing on and off.
+
+use proptest::prelude::*;
+use prost::Message;
+use quire_projection_api::{testing, AuthorKey, Kind, Policy, Scribe, ScribeId, StreamId};
+use quire_projection_kv::{fold, Kv, KvDelete, KvSet, Write, CONTENT_TYPE};
+
+const MS: u64 = 1 << 16;
+
+fn write(ms: u64, author: u8, id: u8, value: Option<&[u8]>) -> Write {
+    Write {
+        hlc: ms * MS,
+        author: AuthorKey([author; 32]),
+        id: ScribeId([id; 32]),
+        value: value.map(<[u8]>::to_vec),
+    }
+}
+
+fn leasing(lease_ms: u64) -> Policy {
+    Policy {
+        leasing: true,
+        lease_ms,
+        ..Policy::default()
+    }
+}
+
+#[test]
+fn a_lease_keeps_others_out_until_it_ends() {
+    let policy = leasing(1000);
+    let mut writes = vec![
+        write(10, 1, 1, Some(b"mine")),
+        write(500, 2, 2, Some(b"theirs too early")),
+        write(1010, 2, 3, Some(b"theirs after the lease")),
+    ];
+    let state = fold(&mut writes, &policy);
+    assert_eq!(state.value.as_deref(), Some(&b"theirs after the lease"[..]));
+    assert_eq!(state.owner, Some(AuthorKey([2; 32])));
+    assert_eq!(state.fence, 2, "the early write was not valid");
+}
+
+#[test]
+fn the_owner_renews_and_its_delete_releases() {
+    let policy = leasing(1000);
+    let mut renewed = vec![
+        write(10, 1, 1, Some(b"a")),
+        write(900, 1, 2, Some(b"b")),
+        write(1500, 2, 3, Some(b"other")),
+    ];
+    let state = fold(&mut renewed, &policy);
+    assert_eq!(
+        state.value.as_deref(),
+        Some(&b"b"[..]),
+        "renewed at 900: still held at 1500"
+    );
+    let mut released = vec![
+        write(10, 1, 1, Some(b"a")),
+        write(20, 1, 2, None),
+        write(30, 2, 3, Some(b"other")),
+    ];
+    let state = fold(&mut released, &policy);
+    assert_eq!(state.value.as_deref(), Some(&b"other"[..]));
+    assert_eq!(state.fence, 3);
+    let mut stolen_delete = vec![write(10, 1, 1, Some(b"a")), write(20, 2, 2, None)];
+    let state = fold(&mut stolen_delete, &policy);
+    assert_eq!(
+        state.value.as_deref(),
+        Some(&b"a"[..]),
+        "a non-owner's delete is invalid"
+    );
+}
+
+#[test]
+fn at_the_same_instant_the_lower_author_wins_under_leases_and_the_last_without() {
+    let mut writes = vec![
+        write(10, 9, 1, Some(b"nine")),
+        write(10, 3, 2, Some(b"three")),
+    ];
+    let state = fold(&mut writes.clone(), &leasing(1000));
+    assert_eq!(state.value.as_deref(), Some(&b"three"[..]));
+    let state = fold(
+        &mut writes,
+        &Policy {
+            leasing: false,
+            ..Policy::default()
+        },
+    );
+    assert_eq!(
+        state.value.as_deref(),
+        Some(&b"nine"[..]),
+        "(hlc, author, id): 9 is last"
+    );
+    assert_eq!(state.fence, 2);
+}
+
+fn kv_scribe(stream: StreamId, author: u8, ms: u64, key: &[u8], value: Option<Vec<u8>>) -> Scribe {
+    let (kind, payload) = match value {
+        Some(value) => (
+            Kind::KvSet,
+            KvSet {
+                key: key.to_vec(),
+                value,
+            }
+            .encode_to_vec(),
+        ),
+        None => (
+            Kind::KvDelete,
+            KvDelete { key: key.to_vec() }.encode_to_vec(),
+        ),
+    };
+    testing::scribe(
+        stream,
+        AuthorKey([author; 32]),
+        ms * MS,
+        kind,
+        CONTENT_TYPE,
+        payload,
+    )
+}
+
+fn scribes() -> impl Strategy<Value = Vec<Scribe>> {
+    let one = (
+        1u8..4,
+        0u64..3000,
+        prop::sample::select(vec![&b"a"[..], b"b", b"c"]),
+        prop::option::weighted(0.8, prop::collection::vec(any::<u8>(), 0..4)),
+    )
+        .prop_map(|(author, ms, key, value)| kv_scribe(ScribeId([7; 32]), author, ms, key, value));
+    prop::collection::vec(one, 0..30)
+}
+
+#[test]
+fn conformance_with_leases() {
+    // The suite opens instances with the default policy: leasing on, one hour.
+    testing::check_all(&Kv, scribes(), 48).unwrap();
+}
+
+#[test]
+fn a_bad_payload_is_refused_by_index() {
+    use quire_projection_api::{ApplyError, Place, Plugin};
+    let dir = std::env::temp_dir().join(format!("kv-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut projector = Kv
+        .open(&Place::new(dir.clone(), Some(ScribeId([7; 32]))))
+        .unwrap();
+    let mut good = kv_scribe(ScribeId([7; 32]), 1, 1, b"k", Some(b"v".to_vec()));
+    good.local_seq = 1;
+    let mut bad = kv_scribe(ScribeId([7; 32]), 1, 2, &[0u8; 1025], Some(b"v".to_vec()));
+    bad.local_seq = 2;
+    match projector.apply(&[good, bad], 2) {
+        Err(ApplyError::Scribe { index, reason }) => {
+            assert_eq!(index, 1);
+            assert!(reason.contains("1024"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(projector.checkpoint().unwrap(), 0, "nothing committed");
+    let _ = std::fs::remove_dir_all(&dir);
+}

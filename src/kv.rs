@@ -1,0 +1,476 @@
+//! The `Kv` gRPC service: the key/value table of each stream, read from this node's copy (the
+//! built-in `kv` projector, `projections/kv`) and written as node-signed `kv.*` scribes.
+//!
+//! Reads go to the live copy's SQLite file through cached read-only connections (one per copy,
+//! reopened when a rebuild swaps a new copy in). Writes are checked against the current state
+//! first (a live lease of another author refuses them before anything is written), appended in
+//! one commit, and answered once this node's table includes them, so a client reads its own
+//! writes.
+
+// Service code returns tonic's `Status` as server.rs does.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use prost::Message;
+use quire_projection_api::{hlc_millis, AuthorKey, Kind, Policy, StreamId};
+use quire_projection_kv::{check_key, Entry, KvDelete, KvSet, Reader, State, CONTENT_TYPE, NAME};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::log::subscribe::LogEvent;
+use crate::log::{Draft, Log, NewScribe, Origin};
+use crate::pb;
+use crate::projection::Projections;
+use crate::server::{append_status, projections_status, store_status};
+
+/// How long a write waits for this node's table to include it.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most entries of one Scan.
+const SCAN_LIMIT: usize = 10_000;
+
+/// The `Kv` service.
+#[derive(Clone)]
+pub struct KvService {
+    log: Log,
+    projections: Projections,
+    readers: Arc<Mutex<HashMap<PathBuf, Reader>>>,
+}
+
+impl std::fmt::Debug for KvService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvService").finish()
+    }
+}
+
+fn internal(error: impl std::fmt::Display) -> Status {
+    Status::internal(error.to_string())
+}
+
+fn entry_to_proto(entry: &Entry, policy: &Policy) -> pb::KvEntry {
+    let state = &entry.state;
+    pb::KvEntry {
+        key: Bytes::copy_from_slice(&entry.key),
+        value: state.value.clone().map(Bytes::from).unwrap_or_default(),
+        present: state.value.is_some(),
+        fence: state.fence,
+        owner: state
+            .owner
+            .map(|o| Bytes::copy_from_slice(o.as_bytes()))
+            .unwrap_or_default(),
+        lease_until_ms: state.lease_until_ms(policy).unwrap_or(0),
+        id: Bytes::copy_from_slice(state.id.as_bytes()),
+        hlc: state.hlc,
+        seq: entry.seq,
+    }
+}
+
+/// One write of a Set, Delete or Update.
+struct Op {
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+}
+
+impl KvService {
+    /// The service over `log`'s streams and their `kv` projections.
+    pub fn new(log: Log, projections: Projections) -> KvService {
+        KvService {
+            log,
+            projections,
+            readers: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn policy(&self, stream: &[u8]) -> Result<(StreamId, Policy), Status> {
+        let stream =
+            crate::convert::id_field(stream, "stream").map_err(Status::invalid_argument)?;
+        let state = self.log.stream(&stream).ok_or_else(|| {
+            Status::not_found(format!("stream {stream} is not held by this node"))
+        })?;
+        Ok((stream, state.policy))
+    }
+
+    /// Runs `read` on a reader of the live copy of `stream`'s table.
+    fn read<T>(
+        &self,
+        stream: &StreamId,
+        read: impl Fn(&mut Reader) -> Result<T, quire_projection_api::ProjectionError>,
+    ) -> Result<T, Status> {
+        let mut last_error = None;
+        // A rebuild may swap the copy between finding its directory and reading it: try again.
+        for _ in 0..3 {
+            let (dir, _) = self
+                .projections
+                .live(NAME, stream)
+                .map_err(|error| projections_status(&error))?;
+            let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if !readers.contains_key(&dir) {
+                readers.retain(|path, _| path.exists());
+                match Reader::open(&dir) {
+                    Ok(reader) => {
+                        readers.insert(dir.clone(), reader);
+                    }
+                    Err(error) => {
+                        last_error = Some(error);
+                        continue;
+                    }
+                }
+            }
+            let reader = readers.get_mut(&dir).expect("inserted above");
+            match read(reader) {
+                Ok(value) => return Ok(value),
+                Err(error) => {
+                    readers.remove(&dir);
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(internal(format!(
+            "reading the kv table: {}",
+            last_error.map(|e| e.to_string()).unwrap_or_default()
+        )))
+    }
+
+    fn get_entry(&self, stream: &StreamId, key: &[u8]) -> Result<Option<Entry>, Status> {
+        self.read(stream, |reader| reader.get(key))
+    }
+
+    /// Waits until this node's table has seen the log up to `seq`.
+    async fn wait_applied(&self, stream: &StreamId, seq: u64) -> Result<(), Status> {
+        let (_, mut applied) = self
+            .projections
+            .live(NAME, stream)
+            .map_err(|error| projections_status(&error))?;
+        let waited =
+            tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|applied| *applied >= seq)).await;
+        match waited.map(|result| result.map(|_| ())) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Status::unavailable("the node is shutting down")),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "written at seq {seq}, but the kv table has not applied it within {APPLY_TIMEOUT:?}; `quire projections` shows why"
+            ))),
+        }
+    }
+
+    /// Checks, appends and waits for `ops`; returns the entries after them.
+    async fn write(&self, stream: &[u8], ops: Vec<Op>) -> Result<Vec<pb::KvEntry>, Status> {
+        let (stream, policy) = self.policy(stream)?;
+        if ops.is_empty() {
+            return Err(Status::invalid_argument(
+                "nothing to write: give at least one key",
+            ));
+        }
+        let node = self.log.node_key();
+        let now = self
+            .log
+            .clock()
+            .peek()
+            .max(self.log.clock().wall_ms() << 16);
+        let mut drafts = Vec::with_capacity(ops.len());
+        for op in &ops {
+            check_key(&op.key).map_err(Status::invalid_argument)?;
+            let current = self.get_entry(&stream, &op.key)?;
+            let state = current.map(|e| e.state).unwrap_or_default();
+            if op.value.is_none() && state.value.is_none() {
+                return Err(Status::not_found(format!(
+                    "key {} has no value to delete",
+                    show_key(&op.key)
+                )));
+            }
+            refuse_if_leased(&state, &node, now, &policy, &op.key)?;
+            let (kind, payload) = match &op.value {
+                Some(value) => (
+                    Kind::KvSet,
+                    KvSet {
+                        key: op.key.clone(),
+                        value: value.clone(),
+                    }
+                    .encode_to_vec(),
+                ),
+                None => (
+                    Kind::KvDelete,
+                    KvDelete {
+                        key: op.key.clone(),
+                    }
+                    .encode_to_vec(),
+                ),
+            };
+            drafts.push(Draft::New(NewScribe {
+                stream: Some(stream),
+                kind,
+                content_type: CONTENT_TYPE.into(),
+                payload: Bytes::from(payload),
+                parents: Vec::new(),
+            }));
+        }
+        let appended = self
+            .log
+            .append(drafts, Origin::Local)
+            .await
+            .map_err(|error| append_status(&error))?;
+        let last = appended.iter().map(|a| a.seq).max().unwrap_or(0);
+        self.wait_applied(&stream, last).await?;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let entry = self.get_entry(&stream, &op.key)?.unwrap_or(Entry {
+                key: op.key.clone(),
+                state: State::default(),
+                seq: last,
+            });
+            out.push(entry_to_proto(&entry, &policy));
+        }
+        Ok(out)
+    }
+}
+
+fn show_key(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => format!("{text:?}"),
+        Err(_) => format!("0x{}", hex::encode(key)),
+    }
+}
+
+fn refuse_if_leased(
+    state: &State,
+    node: &AuthorKey,
+    now: u64,
+    policy: &Policy,
+    key: &[u8],
+) -> Result<(), Status> {
+    if state.admits(node, now, policy) {
+        return Ok(());
+    }
+    let owner = state.owner.map(|o| o.to_hex()).unwrap_or_default();
+    let until = state.lease_until_ms(policy).unwrap_or(0);
+    Err(Status::failed_precondition(format!(
+        "key {} is leased to {owner} until unix ms {until} ({} s from now): only its holder may write it until then",
+        show_key(key),
+        until.saturating_sub(hlc_millis(now)) / 1000
+    )))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::KvWatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::kv_server::Kv for KvService {
+    async fn get(
+        &self,
+        request: Request<pb::KvGetRequest>,
+    ) -> Result<Response<pb::KvEntry>, Status> {
+        let request = request.into_inner();
+        let (stream, policy) = self.policy(&request.stream)?;
+        check_key(&request.key).map_err(Status::invalid_argument)?;
+        match self.get_entry(&stream, &request.key)? {
+            Some(entry) if entry.state.value.is_some() => {
+                Ok(Response::new(entry_to_proto(&entry, &policy)))
+            }
+            _ => Err(Status::not_found(format!(
+                "key {} is not set in stream {stream}",
+                show_key(&request.key)
+            ))),
+        }
+    }
+
+    async fn set(
+        &self,
+        request: Request<pb::KvSetRequest>,
+    ) -> Result<Response<pb::KvEntry>, Status> {
+        let request = request.into_inner();
+        let op = Op {
+            key: request.key.to_vec(),
+            value: Some(request.value.to_vec()),
+        };
+        let mut entries = self.write(&request.stream, vec![op]).await?;
+        Ok(Response::new(entries.remove(0)))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::KvDeleteRequest>,
+    ) -> Result<Response<pb::KvEntry>, Status> {
+        let request = request.into_inner();
+        let op = Op {
+            key: request.key.to_vec(),
+            value: None,
+        };
+        let mut entries = self.write(&request.stream, vec![op]).await?;
+        Ok(Response::new(entries.remove(0)))
+    }
+
+    async fn update(
+        &self,
+        request: Request<pb::KvUpdateRequest>,
+    ) -> Result<Response<pb::KvUpdateReply>, Status> {
+        let request = request.into_inner();
+        let ops = request
+            .sets
+            .into_iter()
+            .map(|set| Op {
+                key: set.key.to_vec(),
+                value: Some(set.value.to_vec()),
+            })
+            .chain(request.deletes.into_iter().map(|delete| Op {
+                key: delete.key.to_vec(),
+                value: None,
+            }))
+            .collect();
+        let entries = self.write(&request.stream, ops).await?;
+        Ok(Response::new(pb::KvUpdateReply { entries }))
+    }
+
+    async fn scan(
+        &self,
+        request: Request<pb::KvScanRequest>,
+    ) -> Result<Response<pb::KvScanReply>, Status> {
+        let request = request.into_inner();
+        let (stream, policy) = self.policy(&request.stream)?;
+        let limit = match request.limit {
+            0 => SCAN_LIMIT,
+            n => (n as usize).min(SCAN_LIMIT),
+        };
+        let (entries, seq) = self.read(&stream, |reader| reader.scan(&request.prefix, limit))?;
+        Ok(Response::new(pb::KvScanReply {
+            entries: entries.iter().map(|e| entry_to_proto(e, &policy)).collect(),
+            seq,
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::KvWatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let request = request.into_inner();
+        let (stream, policy) = self.policy(&request.stream)?;
+        let exact = !request.key.is_empty();
+        if exact {
+            check_key(&request.key).map_err(Status::invalid_argument)?;
+        }
+        let filter = if exact {
+            request.key.to_vec()
+        } else {
+            request.prefix.to_vec()
+        };
+        let matches = move |key: &[u8]| {
+            if exact {
+                key == filter
+            } else {
+                key.starts_with(&filter)
+            }
+        };
+        let (events, receiver) = mpsc::channel(256);
+        let mut next = request.from_seq;
+        if next == 0 {
+            // The snapshot and the seq it is consistent with, in one read transaction.
+            let prefix = if exact {
+                request.key.to_vec()
+            } else {
+                request.prefix.to_vec()
+            };
+            let (entries, seq) = self.read(&stream, |reader| reader.scan(&prefix, usize::MAX))?;
+            let service = self.clone();
+            let policy = policy.clone();
+            let matches = matches.clone();
+            tokio::spawn(async move {
+                for entry in entries.iter().filter(|e| matches(&e.key)) {
+                    let event = pb::kv_watch_event::Event::Entry(entry_to_proto(entry, &policy));
+                    if events
+                        .send(Ok(pb::KvWatchEvent { event: Some(event) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let caught_up = pb::kv_watch_event::Event::CaughtUp(pb::KvCaughtUp { seq });
+                if events
+                    .send(Ok(pb::KvWatchEvent {
+                        event: Some(caught_up),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                service
+                    .follow(stream, seq + 1, policy, matches, events)
+                    .await;
+            });
+        } else {
+            next = next.max(1);
+            let service = self.clone();
+            tokio::spawn(
+                async move { service.follow(stream, next, policy, matches, events).await },
+            );
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+impl KvService {
+    /// Sends a change for every kv scribe of `stream` from `from` on whose key `matches`.
+    async fn follow(
+        &self,
+        stream: StreamId,
+        from: u64,
+        policy: Policy,
+        matches: impl Fn(&[u8]) -> bool,
+        events: mpsc::Sender<Result<pb::KvWatchEvent, Status>>,
+    ) {
+        let mut log = self.log.subscribe(Some(stream), from, 256);
+        while let Some(event) = log.recv().await {
+            let entry = match event {
+                Ok(LogEvent::Entry(entry)) => entry,
+                Ok(LogEvent::CaughtUp(_)) => continue,
+                Err(error) => {
+                    let _ = events.send(Err(store_status(&error))).await;
+                    return;
+                }
+            };
+            let key = match crate::projection::view(&entry) {
+                Ok(view) => match view.kind {
+                    Kind::KvSet => KvSet::decode(view.payload.as_slice()).map(|s| s.key).ok(),
+                    Kind::KvDelete => KvDelete::decode(view.payload.as_slice())
+                        .map(|d| d.key)
+                        .ok(),
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            let Some(key) = key.filter(|key| matches(key)) else {
+                continue;
+            };
+            if let Err(status) = self.wait_applied(&stream, entry.seq).await {
+                let _ = events.send(Err(status)).await;
+                return;
+            }
+            let change = match self.get_entry(&stream, &key) {
+                Ok(Some(found)) => Entry {
+                    seq: entry.seq,
+                    ..found
+                },
+                Ok(None) => continue,
+                Err(status) => {
+                    let _ = events.send(Err(status)).await;
+                    return;
+                }
+            };
+            let event = pb::kv_watch_event::Event::Entry(entry_to_proto(&change, &policy));
+            if events
+                .send(Ok(pb::KvWatchEvent { event: Some(event) }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! The key/value table end to end: `Kv` over gRPC on real nodes, leases judged by injectable
+//! clocks (nobody sleeps an hour), replication to late joiners, same-instant ties, partitions and
+//! heals, and `Watch` under heavy writes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quire::api::StreamId;
+use quire::node::{NodeConfig, RunningNode};
+use quire::pb;
+use tonic::transport::Channel;
+
+use crate::common::*;
+use crate::replication::{connect, join, CONVERGE};
+
+const HOUR_MS: u64 = 3_600_000;
+
+/// A node whose wall clock the test sets.
+async fn node_at(dir: &std::path::Path, clock: &Arc<AtomicU64>) -> RunningNode {
+    let mut config = NodeConfig::new(dir);
+    let clock = clock.clone();
+    config.wall = Some(Arc::new(move || clock.load(Ordering::SeqCst)));
+    RunningNode::start(
+        config,
+        "127.0.0.1:0".parse().unwrap(),
+        Some("127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .expect("node starts")
+}
+
+async fn kv(node: &RunningNode) -> pb::kv_client::KvClient<Channel> {
+    let channel = Channel::from_shared(node.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    pb::kv_client::KvClient::new(channel)
+}
+
+async fn set(
+    kv: &mut pb::kv_client::KvClient<Channel>,
+    stream: &StreamId,
+    key: &[u8],
+    value: &[u8],
+) -> Result<pb::KvEntry, tonic::Status> {
+    kv.set(pb::KvSetRequest {
+        stream: bytes_of(stream),
+        key: Bytes::copy_from_slice(key),
+        value: Bytes::copy_from_slice(value),
+    })
+    .await
+    .map(|reply| reply.into_inner())
+}
+
+async fn get(
+    kv: &mut pb::kv_client::KvClient<Channel>,
+    stream: &StreamId,
+    key: &[u8],
+) -> Result<pb::KvEntry, tonic::Status> {
+    kv.get(pb::KvGetRequest {
+        stream: bytes_of(stream),
+        key: Bytes::copy_from_slice(key),
+    })
+    .await
+    .map(|reply| reply.into_inner())
+}
+
+async fn delete(
+    kv: &mut pb::kv_client::KvClient<Channel>,
+    stream: &StreamId,
+    key: &[u8],
+) -> Result<pb::KvEntry, tonic::Status> {
+    kv.delete(pb::KvDeleteRequest {
+        stream: bytes_of(stream),
+        key: Bytes::copy_from_slice(key),
+    })
+    .await
+    .map(|reply| reply.into_inner())
+}
+
+/// The whole dict of `stream` on `node`: key → (value, fence).
+async fn dict(node: &RunningNode, stream: &StreamId) -> BTreeMap<Vec<u8>, (Vec<u8>, u64)> {
+    kv(node)
+        .await
+        .scan(pb::KvScanRequest {
+            stream: bytes_of(stream),
+            prefix: Bytes::new(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| (e.key.to_vec(), (e.value.to_vec(), e.fence)))
+        .collect()
+}
+
+/// Gives `to` the stream's genesis by hand (no peer link): `to` holds the stream while the two
+/// nodes are still partitioned.
+async fn hand_over_genesis(from: &RunningNode, to: &RunningNode, stream: &StreamId) {
+    let genesis = clients(&from.url())
+        .await
+        .log
+        .get(pb::GetScribeRequest {
+            id: bytes_of(stream),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    clients(&to.url())
+        .await
+        .log
+        .append_signed(pb::AppendSignedRequest {
+            scribe: genesis.scribe,
+            id: genesis.id,
+        })
+        .await
+        .expect("the genesis is accepted as a signed scribe");
+}
+
+/// Whether `node`'s kv table has applied everything `node` holds of `stream`.
+async fn table_caught_up(node: &RunningNode, stream: &StreamId) -> bool {
+    let head = node.log.stream(stream).map_or(0, |s| s.record.head_seq);
+    kv(node)
+        .await
+        .scan(pb::KvScanRequest {
+            stream: bytes_of(stream),
+            prefix: Bytes::new(),
+            limit: 1,
+        })
+        .await
+        .map(|reply| reply.into_inner().seq >= head)
+        .unwrap_or(false)
+}
+
+/// Waits until every node holds the same scribes of `stream` and the same kv table; returns it.
+async fn converged(nodes: &[&RunningNode], stream: &StreamId) -> BTreeMap<Vec<u8>, (Vec<u8>, u64)> {
+    wait_until(
+        CONVERGE,
+        "every node's scribes and kv table to agree",
+        || async {
+            let counts: Vec<u64> = nodes
+                .iter()
+                .map(|node| node.log.stream(stream).map_or(0, |s| s.record.scribes))
+                .collect();
+            if counts.iter().any(|count| *count != counts[0]) {
+                return false;
+            }
+            for node in nodes {
+                if !table_caught_up(node, stream).await {
+                    return false;
+                }
+            }
+            let first = dict(nodes[0], stream).await;
+            for node in &nodes[1..] {
+                if dict(node, stream).await != first {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    dict(nodes[0], stream).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_round_trip_and_bad_requests_are_refused_with_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "kv", None).await;
+    let mut kv = kv(&node).await;
+
+    let binary: Vec<u8> = (0..=255).collect();
+    for (key, value) in [
+        (&b"ascii"[..], &b"hello"[..]),
+        ("ключ".as_bytes(), "значение ✓".as_bytes()),
+        (&[0u8, 255, 7][..], &binary[..]),
+        (&b"empty"[..], &b""[..]),
+    ] {
+        let written = set(&mut kv, &stream, key, value).await.unwrap();
+        assert_eq!(written.fence, 1);
+        assert_eq!(written.owner.as_ref(), node.log.node_key().as_bytes());
+        assert!(written.lease_until_ms > 0, "leasing is on by default");
+        let read = get(&mut kv, &stream, key).await.unwrap();
+        assert_eq!(read.value.as_ref(), value);
+        assert!(read.present);
+    }
+    let again = set(&mut kv, &stream, b"ascii", b"again").await.unwrap();
+    assert_eq!(again.fence, 2, "the owner's set renews and counts");
+    let scanned = dict(&node, &stream).await;
+    assert_eq!(scanned.len(), 4);
+
+    let head_before = head(&mut clients).await;
+    let missing = get(&mut kv, &stream, b"nope").await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let missing = delete(&mut kv, &stream, b"nope").await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    assert!(
+        missing.message().contains("no value to delete"),
+        "{missing:?}"
+    );
+    let empty = set(&mut kv, &stream, b"", b"x").await.unwrap_err();
+    assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+    let long = set(&mut kv, &stream, &[b'k'; 1025], b"x")
+        .await
+        .unwrap_err();
+    assert_eq!(long.code(), tonic::Code::InvalidArgument);
+    assert!(long.message().contains("1024"), "{long:?}");
+    let unknown = set(&mut kv, &StreamId::from([3; 32]), b"k", b"x")
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert_eq!(
+        head(&mut clients).await,
+        head_before,
+        "a refused write writes nothing"
+    );
+
+    let deleted = delete(&mut kv, &stream, b"ascii").await.unwrap();
+    assert!(!deleted.present);
+    assert_eq!(deleted.fence, 3);
+    assert_eq!(
+        get(&mut kv, &stream, b"ascii").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_hold_across_a_chain_of_three_nodes_until_they_end() {
+    let now = quire::hlc::system_wall_clock()();
+    let clocks: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::new(AtomicU64::new(now))).collect();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = node_at(dirs[0].path(), &clocks[0]).await;
+    let b = node_at(dirs[1].path(), &clocks[1]).await;
+    let c = node_at(dirs[2].path(), &clocks[2]).await;
+    let mut clients_a = clients(&a.url()).await;
+    let stream = create_stream(&mut clients_a, "leases", None).await;
+    let mut kv_a = kv(&a).await;
+    set(&mut kv_a, &stream, b"lock", b"held by a")
+        .await
+        .unwrap();
+
+    // Chain A - B - C; B and C join after the value was set.
+    connect(&b, &a).await;
+    connect(&c, &b).await;
+    join(&b, &stream).await;
+    join(&c, &stream).await;
+    let dict_c = converged(&[&a, &b, &c], &stream).await;
+    assert_eq!(dict_c[&b"lock".to_vec()].0, b"held by a");
+
+    // C may not take A's key while A's lease lives; the refusal names the holder and the end.
+    let mut kv_c = kv(&c).await;
+    let head_c = c.log.head();
+    let refused = set(&mut kv_c, &stream, b"lock", b"c wants it")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains(&a.log.node_key().to_hex()),
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("until unix ms"), "{refused:?}");
+    let refused = delete(&mut kv_c, &stream, b"lock").await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "a non-owner delete"
+    );
+    assert_eq!(c.log.head(), head_c, "nothing written");
+
+    // An hour later (on C's clock), the key is free.
+    clocks[2].store(now + HOUR_MS + 1_000, Ordering::SeqCst);
+    let taken = set(&mut kv_c, &stream, b"lock", b"c has it").await.unwrap();
+    assert_eq!(taken.owner.as_ref(), c.log.node_key().as_bytes());
+    assert_eq!(taken.fence, 2, "the fencing token counts valid writes");
+    let dict = converged(&[&a, &b, &c], &stream).await;
+    assert_eq!(dict[&b"lock".to_vec()], (b"c has it".to_vec(), 2));
+
+    // A is now refused in turn (its clock saw C's later write: the lease is C's).
+    let refused = set(&mut kv_a, &stream, b"lock", b"a again")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    for node in [a, b, c] {
+        node.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_leasing_off_concurrent_writers_converge_on_the_last_by_clock() {
+    let now = quire::hlc::system_wall_clock()();
+    let clocks: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::new(AtomicU64::new(now))).collect();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = node_at(dirs[0].path(), &clocks[0]).await;
+    let b = node_at(dirs[1].path(), &clocks[1]).await;
+    let c = node_at(dirs[2].path(), &clocks[2]).await;
+    let mut clients_a = clients(&a.url()).await;
+    // Leasing off: last writer wins by (hlc, author, id).
+    let policy = pb::Policy {
+        leasing_disabled: true,
+        ..Default::default()
+    };
+    let stream = create_stream(&mut clients_a, "lww", Some(policy)).await;
+    // Partitioned: B and C hold the stream (its genesis handed over) but no link yet.
+    hand_over_genesis(&a, &b, &stream).await;
+    hand_over_genesis(&a, &c, &stream).await;
+
+    // Three authors write the same keys while A, B and C cannot see each other's writes:
+    // B's write is later on its clock, so B wins "k" everywhere; "gone" is set then deleted on A
+    // at a later instant than C's set, so it stays deleted everywhere.
+    let (mut kv_a, mut kv_b, mut kv_c) = (kv(&a).await, kv(&b).await, kv(&c).await);
+    clocks[1].store(now + 5_000, Ordering::SeqCst);
+    clocks[0].store(now + 10_000, Ordering::SeqCst);
+    let mut writes = Vec::new();
+    writes.push(tokio::spawn(async move {
+        set(&mut kv_a, &stream, b"gone", b"a").await.unwrap();
+        delete(&mut kv_a, &stream, b"gone").await.unwrap();
+    }));
+    writes.push(tokio::spawn(async move {
+        set(&mut kv_b, &stream, b"k", b"from b, later")
+            .await
+            .unwrap();
+    }));
+    writes.push(tokio::spawn(async move {
+        set(&mut kv_c, &stream, b"k", b"from c, earlier")
+            .await
+            .unwrap();
+        set(&mut kv_c, &stream, b"gone", b"c, before the delete")
+            .await
+            .unwrap();
+    }));
+    for write in writes {
+        write.await.unwrap();
+    }
+    // Heal.
+    connect(&b, &a).await;
+    connect(&c, &a).await;
+    let dict = converged(&[&a, &b, &c], &stream).await;
+    assert_eq!(dict[&b"k".to_vec()].0, b"from b, later");
+    assert!(
+        !dict.contains_key(b"gone".as_slice()),
+        "a deleted key never comes back: {dict:?}"
+    );
+    for node in [a, b, c] {
+        node.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_same_instant_the_lower_author_wins_on_every_node() {
+    let now = quire::hlc::system_wall_clock()();
+    // Both clocks stand still at the same millisecond, and the nodes are partitioned: both
+    // writes get the same hlc, and neither node refuses its own.
+    let clock = Arc::new(AtomicU64::new(now));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node_at(dir_a.path(), &clock).await;
+    let b = node_at(dir_b.path(), &clock).await;
+    let mut clients_a = clients(&a.url()).await;
+    let stream = create_stream(&mut clients_a, "tie", None).await;
+    hand_over_genesis(&a, &b, &stream).await;
+    let written_a = set(&mut kv(&a).await, &stream, b"tie", b"a").await.unwrap();
+    let written_b = set(&mut kv(&b).await, &stream, b"tie", b"b").await.unwrap();
+    assert_eq!(written_a.hlc, written_b.hlc, "the same instant");
+    // Heal.
+    connect(&b, &a).await;
+    let dict = converged(&[&a, &b], &stream).await;
+    let (winner, loser) = if a.log.node_key() < b.log.node_key() {
+        (b"a", b"b")
+    } else {
+        (b"b", b"a")
+    };
+    assert_eq!(
+        dict[&b"tie".to_vec()],
+        (winner.to_vec(), 1),
+        "the lower author id wins"
+    );
+    // The loser is refused now that it sees the winner's lease.
+    let loser_node = if winner == b"a" { &b } else { &a };
+    let refused = set(&mut kv(loser_node).await, &stream, b"tie", loser)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_writers_agree_after_healing_and_a_delete_never_comes_back() {
+    let now = quire::hlc::system_wall_clock()();
+    let clocks: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(now))).collect();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node_at(dir_a.path(), &clocks[0]).await;
+    let b = node_at(dir_b.path(), &clocks[1]).await;
+    let stream = create_stream(&mut clients(&a.url()).await, "partition", None).await;
+    hand_over_genesis(&a, &b, &stream).await;
+    let mut kv_a = kv(&a).await;
+    // Partitioned, leasing on: A takes "k"; B, a second later on its own clock, takes it too
+    // (it cannot see A's lease).
+    set(&mut kv_a, &stream, b"k", b"a, first").await.unwrap();
+    set(&mut kv_a, &stream, b"gone", b"soon deleted")
+        .await
+        .unwrap();
+    clocks[1].store(now + 1_000, Ordering::SeqCst);
+    set(&mut kv(&b).await, &stream, b"k", b"b, second")
+        .await
+        .unwrap();
+    // Heal: A's lease was live when B wrote, so A's value wins everywhere.
+    connect(&b, &a).await;
+    let dict = converged(&[&a, &b], &stream).await;
+    assert_eq!(dict[&b"k".to_vec()], (b"a, first".to_vec(), 1));
+    assert!(dict.contains_key(b"gone".as_slice()));
+
+    // Partition again (B down), A deletes "gone", heal (B back, it redials A): the tombstone
+    // reaches B, and B's stale copy does not bring the key back.
+    b.stop().await.unwrap();
+    clocks[0].store(now + 2_000, Ordering::SeqCst);
+    delete(&mut kv_a, &stream, b"gone").await.unwrap();
+    let b = node_at(dir_b.path(), &clocks[1]).await;
+    let dict = converged(&[&a, &b], &stream).await;
+    assert!(!dict.contains_key(b"gone".as_slice()), "{dict:?}");
+    assert_eq!(
+        get(&mut kv(&b).await, &stream, b"gone")
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::NotFound
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_started_during_heavy_writes_ends_with_exactly_the_final_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "watched", None).await;
+    let writer = {
+        let mut kv = kv(&node).await;
+        tokio::spawn(async move {
+            for round in 0..40u32 {
+                let sets = (0..10u32)
+                    .map(|key| pb::KvSetRequest {
+                        stream: bytes_of(&stream),
+                        key: Bytes::from(format!("key{key}")),
+                        value: Bytes::from(format!("round {round}")),
+                    })
+                    .collect();
+                let deletes = if round % 7 == 3 {
+                    vec![pb::KvDeleteRequest {
+                        stream: bytes_of(&stream),
+                        key: Bytes::from("key3"),
+                    }]
+                } else {
+                    vec![]
+                };
+                let update = pb::KvUpdateRequest {
+                    stream: bytes_of(&stream),
+                    sets: if deletes.is_empty() { sets } else { vec![] },
+                    deletes,
+                };
+                kv.update(update).await.unwrap();
+            }
+        })
+    };
+    // Start watching while the writer runs.
+    let mut watch = kv(&node)
+        .await
+        .watch(pb::KvWatchRequest {
+            stream: bytes_of(&stream),
+            prefix: Bytes::from("key"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    writer.await.unwrap();
+    let last_seq = node.log.stream(&stream).unwrap().record.head_seq;
+    let mut seen: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    let mut caught_up = false;
+    let mut position = 0;
+    while position < last_seq {
+        let event = tokio::time::timeout(Duration::from_secs(30), watch.message())
+            .await
+            .expect("the watch keeps delivering")
+            .unwrap()
+            .expect("the watch stays open");
+        match event.event.unwrap() {
+            pb::kv_watch_event::Event::Entry(entry) => {
+                seen.insert(
+                    entry.key.to_vec(),
+                    entry.present.then(|| entry.value.to_vec()),
+                );
+                if caught_up {
+                    position = position.max(entry.seq);
+                }
+            }
+            pb::kv_watch_event::Event::CaughtUp(at) => {
+                assert!(!caught_up, "CaughtUp comes once");
+                caught_up = true;
+                position = at.seq;
+            }
+        }
+    }
+    let live: BTreeMap<Vec<u8>, Option<Vec<u8>>> = dict(&node, &stream)
+        .await
+        .into_iter()
+        .map(|(key, (value, _))| (key, Some(value)))
+        .collect();
+    let seen_live: BTreeMap<Vec<u8>, Option<Vec<u8>>> = seen
+        .into_iter()
+        .filter(|(_, value)| value.is_some())
+        .collect();
+    assert_eq!(seen_live, live, "snapshot + changes = the final state");
+    node.stop().await.unwrap();
+}
