@@ -191,6 +191,8 @@ struct Inner {
     slots: Mutex<BTreeMap<String, SlotTask>>,
     /// Serialises consumers' read-modify-write of their records.
     consumers: Mutex<()>,
+    /// Serialises opening slots (the new-stream watcher and a reader may both try).
+    opening: Mutex<()>,
 }
 
 /// The projections of a running node. Cheap to clone.
@@ -223,6 +225,7 @@ impl Projections {
                 root: data_dir.join(PROJECTIONS_DIR),
                 slots: Mutex::new(BTreeMap::new()),
                 consumers: Mutex::new(()),
+                opening: Mutex::new(()),
             }),
         };
         projections.open_missing_slots()?;
@@ -254,6 +257,7 @@ impl Projections {
 
     fn open_missing_slots(&self) -> Result<(), ProjectionsError> {
         let inner = &self.inner;
+        let _opening = lock(&inner.opening);
         let mut first_error = None;
         let streams = inner.log.stream_ids();
         for plugin in inner.registry.plugins() {

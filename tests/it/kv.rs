@@ -276,19 +276,37 @@ async fn leases_hold_across_a_chain_of_three_nodes_until_they_end() {
     );
     assert_eq!(c.log.head(), head_c, "nothing written");
 
-    // An hour later (on C's clock), the key is free.
-    clocks[2].store(now + HOUR_MS + 1_000, Ordering::SeqCst);
+    // An hour later (on every clock: a node ignores clocks far ahead of its own), the key is free.
+    for clock in &clocks {
+        clock.store(now + HOUR_MS + 1_000, Ordering::SeqCst);
+    }
     let taken = set(&mut kv_c, &stream, b"lock", b"c has it").await.unwrap();
     assert_eq!(taken.owner.as_ref(), c.log.node_key().as_bytes());
     assert_eq!(taken.fence, 2, "the fencing token counts valid writes");
     let dict = converged(&[&a, &b, &c], &stream).await;
     assert_eq!(dict[&b"lock".to_vec()], (b"c has it".to_vec(), 2));
 
-    // A is now refused in turn (its clock saw C's later write: the lease is C's).
+    // A is now refused in turn: the lease is C's.
     let refused = set(&mut kv_a, &stream, b"lock", b"a again")
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+
+    // C's delete releases the key: once A has it, A takes the key at once.
+    delete(&mut kv_c, &stream, b"lock").await.unwrap();
+    converged(&[&a, &b, &c], &stream).await;
+    let retaken = set(&mut kv_a, &stream, b"lock", b"a again").await.unwrap();
+    assert_eq!(retaken.owner.as_ref(), a.log.node_key().as_bytes());
+    assert_eq!(retaken.fence, 4);
+
+    // Binary keys and values travel the chain intact.
+    let binary: Vec<u8> = (0..=255u8).rev().collect();
+    set(&mut kv_a, &stream, &[0, 1, 255], &binary)
+        .await
+        .unwrap();
+    converged(&[&a, &b, &c], &stream).await;
+    let read = get(&mut kv_c, &stream, &[0, 1, 255]).await.unwrap();
+    assert_eq!(read.value.as_ref(), &binary[..]);
     for node in [a, b, c] {
         node.stop().await.unwrap();
     }
@@ -520,5 +538,49 @@ async fn a_watch_started_during_heavy_writes_ends_with_exactly_the_final_state()
         .filter(|(_, value)| value.is_some())
         .collect();
     assert_eq!(seen_live, live, "snapshot + changes = the final state");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_from_a_seq_without_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "resume", None).await;
+    let mut kv = kv(&node).await;
+    set(&mut kv, &stream, b"a", b"1").await.unwrap();
+    let resume_at = set(&mut kv, &stream, b"b", b"2").await.unwrap().seq;
+    set(&mut kv, &stream, b"a", b"3").await.unwrap();
+    append_note(&mut clients, &stream, "not a kv scribe").await;
+    let mut watch = kv
+        .watch(pb::KvWatchRequest {
+            stream: bytes_of(&stream),
+            from_seq: resume_at,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut changes = Vec::new();
+    for _ in 0..2 {
+        let event = watch.message().await.unwrap().unwrap();
+        match event.event.unwrap() {
+            pb::kv_watch_event::Event::Entry(entry) => {
+                changes.push((entry.seq, entry.key.to_vec()))
+            }
+            other => panic!("a resumed watch has no snapshot and no CaughtUp: {other:?}"),
+        }
+    }
+    assert_eq!(
+        changes,
+        [(resume_at, b"b".to_vec()), (resume_at + 1, b"a".to_vec())]
+    );
+    // Live changes follow.
+    let live = set(&mut kv, &stream, b"c", b"4").await.unwrap();
+    let event = watch.message().await.unwrap().unwrap();
+    match event.event.unwrap() {
+        pb::kv_watch_event::Event::Entry(entry) => assert_eq!(entry.seq, live.seq),
+        other => panic!("{other:?}"),
+    }
     node.stop().await.unwrap();
 }

@@ -34,7 +34,7 @@ use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use sha2::{Digest, Sha256};
 
-use crate::{AuthorKey, Kind, Place, Plugin, Projector, Scope, Scribe, ScribeId, StreamId};
+use crate::{AuthorKey, Kind, Place, Plugin, Policy, Projector, Scope, Scribe, ScribeId, StreamId};
 
 /// A scribe for tests, with an id derived from its fields (so equal fields give equal ids) and
 /// local seq 0 (the suite assigns seqs).
@@ -88,6 +88,52 @@ where
             Ok(())
         })
         .map_err(|error| format!("{} failed the conformance suite: {error}", plugin.name()))
+}
+
+/// [`check_all`] with every instance opened under `policy` (a per-stream projector whose rules
+/// depend on the stream's policy, e.g. key leases on and off).
+pub fn check_all_with_policy<P, S>(
+    plugin: &P,
+    policy: Policy,
+    scribes: S,
+    cases: u32,
+) -> Result<(), String>
+where
+    P: Plugin + Clone,
+    S: Strategy<Value = Vec<Scribe>>,
+{
+    check_all(
+        &WithPolicy {
+            inner: plugin.clone(),
+            policy,
+        },
+        scribes,
+        cases,
+    )
+}
+
+/// A plugin whose instances are opened under a given policy.
+struct WithPolicy<P> {
+    inner: P,
+    policy: Policy,
+}
+
+impl<P: Plugin> Plugin for WithPolicy<P> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn fingerprint(&self) -> String {
+        self.inner.fingerprint()
+    }
+    fn scope(&self) -> Scope {
+        self.inner.scope()
+    }
+    fn open(&self, place: &Place) -> Result<Box<dyn Projector>, crate::ProjectionError> {
+        self.inner.open(&Place {
+            policy: self.policy.clone(),
+            ..place.clone()
+        })
+    }
 }
 
 /// Property 1: permutations, duplicates, batch cuts and the retry form (one scribe applied again

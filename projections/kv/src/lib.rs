@@ -49,6 +49,9 @@ pub const CONTENT_TYPE: &str = "application/vnd.quire.kv+protobuf";
 pub const MAX_KEY_BYTES: usize = 1024;
 /// The instance's database file.
 pub const DB_FILE: &str = "kv.sqlite";
+/// How long a connection waits for another's lock (a checkpoint of the write-ahead log) before
+/// giving up.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The payload of a `kv.set` scribe.
 #[derive(Clone, PartialEq, Message)]
@@ -198,6 +201,7 @@ const SCHEMA: &str = "
 impl KvProjector {
     fn open(place: &Place) -> Result<KvProjector, ProjectionError> {
         let db = Connection::open(place.dir.join(DB_FILE)).map_err(db_error)?;
+        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
         db.execute_batch(SCHEMA).map_err(db_error)?;
         Ok(KvProjector {
             db,
@@ -394,6 +398,7 @@ impl Reader {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(db_error)?;
+        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
         Ok(Reader { db })
     }
 

@@ -130,8 +130,17 @@ fn scribes() -> impl Strategy<Value = Vec<Scribe>> {
 
 #[test]
 fn conformance_with_leases() {
-    // The suite opens instances with the default policy: leasing on, one hour.
-    testing::check_all(&Kv, scribes(), 48).unwrap();
+    // Leases of one second, so writes in the generated 3-second range both hold and expire.
+    testing::check_all_with_policy(&Kv, leasing(1000), scribes(), 48).unwrap();
+}
+
+#[test]
+fn conformance_without_leases() {
+    let policy = Policy {
+        leasing: false,
+        ..Policy::default()
+    };
+    testing::check_all_with_policy(&Kv, policy, scribes(), 48).unwrap();
 }
 
 #[test]
