@@ -69,6 +69,7 @@ fn entry_to_proto(entry: &Entry, policy: &Policy) -> pb::KvEntry {
         id: Bytes::copy_from_slice(state.id.as_bytes()),
         hlc: state.hlc,
         seq: entry.seq,
+        written: Bytes::new(),
     }
 }
 
@@ -218,13 +219,15 @@ impl KvService {
         let last = appended.iter().map(|a| a.seq).max().unwrap_or(0);
         self.wait_applied(&stream, last).await?;
         let mut out = Vec::with_capacity(ops.len());
-        for op in &ops {
+        for (op, written) in ops.iter().zip(&appended) {
             let entry = self.get_entry(&stream, &op.key)?.unwrap_or(Entry {
                 key: op.key.clone(),
                 state: State::default(),
                 seq: last,
             });
-            out.push(entry_to_proto(&entry, &policy));
+            let mut reply = entry_to_proto(&entry, &policy);
+            reply.written = Bytes::copy_from_slice(written.id.as_bytes());
+            out.push(reply);
         }
         Ok(out)
     }

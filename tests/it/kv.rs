@@ -186,6 +186,7 @@ async fn values_round_trip_and_bad_requests_are_refused_with_nothing_written() {
     ] {
         let written = set(&mut kv, &stream, key, value).await.unwrap();
         assert_eq!(written.fence, 1);
+        assert_eq!(written.written, written.id, "this write is the key's state");
         assert_eq!(written.owner.as_ref(), node.log.node_key().as_bytes());
         assert!(written.lease_until_ms > 0, "leasing is on by default");
         let read = get(&mut kv, &stream, key).await.unwrap();
