@@ -41,7 +41,7 @@ const SCAN_LIMIT: usize = 10_000;
 pub struct KvService {
     log: Log,
     projections: Projections,
-    readers: Arc<Mutex<HashMap<PathBuf, Reader>>>,
+    readers: Arc<Mutex<HashMap<PathBuf, Arc<Mutex<Reader>>>>>,
 }
 
 impl std::fmt::Debug for KvService {
@@ -111,24 +111,35 @@ impl KvService {
                 .projections
                 .live(NAME, stream)
                 .map_err(|error| projections_status(&error))?;
-            let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-            if !readers.contains_key(&dir) {
-                readers.retain(|path, _| path.exists());
-                match Reader::open(&dir) {
-                    Ok(reader) => {
-                        readers.insert(dir.clone(), reader);
-                    }
-                    Err(error) => {
-                        last_error = Some(error);
-                        continue;
+            let reader = {
+                let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+                match readers.get(&dir) {
+                    Some(reader) => reader.clone(),
+                    None => {
+                        readers.retain(|path, _| path.exists());
+                        match Reader::open(&dir) {
+                            Ok(reader) => {
+                                let reader = Arc::new(Mutex::new(reader));
+                                readers.insert(dir.clone(), reader.clone());
+                                reader
+                            }
+                            Err(error) => {
+                                last_error = Some(error);
+                                continue;
+                            }
+                        }
                     }
                 }
-            }
-            let reader = readers.get_mut(&dir).expect("inserted above");
-            match read(reader) {
+            };
+            // One lock per copy: readers of other streams never wait for this one.
+            let result = read(&mut reader.lock().unwrap_or_else(|p| p.into_inner()));
+            match result {
                 Ok(value) => return Ok(value),
                 Err(error) => {
-                    readers.remove(&dir);
+                    self.readers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&dir);
                     last_error = Some(error);
                 }
             }
@@ -168,6 +179,20 @@ impl KvService {
                 "nothing to write: give at least one key",
             ));
         }
+        let mut keys = std::collections::HashSet::new();
+        for op in &ops {
+            check_key(&op.key).map_err(Status::invalid_argument)?;
+            if !keys.insert(op.key.as_slice()) {
+                return Err(Status::invalid_argument(format!(
+                    "key {} appears twice in one update: give each key once",
+                    show_key(&op.key)
+                )));
+            }
+        }
+        // Judge the write against everything this node holds: wait for its table to apply the
+        // stream's scribes received so far.
+        let held = self.log.stream(&stream).map_or(0, |s| s.record.head_seq);
+        self.wait_applied(&stream, held).await?;
         let node = self.log.node_key();
         let now = self
             .log
@@ -176,7 +201,6 @@ impl KvService {
             .max(self.log.clock().wall_ms() << 16);
         let mut drafts = Vec::with_capacity(ops.len());
         for op in &ops {
-            check_key(&op.key).map_err(Status::invalid_argument)?;
             let current = self.get_entry(&stream, &op.key)?;
             let state = current.map(|e| e.state).unwrap_or_default();
             if op.value.is_none() && state.value.is_none() {
@@ -382,39 +406,70 @@ impl pb::kv_server::Kv for KvService {
             let service = self.clone();
             let policy = policy.clone();
             let matches = matches.clone();
+            let mut sink = Sink::new(events, &self.log);
             tokio::spawn(async move {
                 for entry in entries.iter().filter(|e| matches(&e.key)) {
                     let event = pb::kv_watch_event::Event::Entry(entry_to_proto(entry, &policy));
-                    if events
-                        .send(Ok(pb::KvWatchEvent { event: Some(event) }))
-                        .await
-                        .is_err()
-                    {
+                    if !sink.send(event).await {
                         return;
                     }
                 }
                 let caught_up = pb::kv_watch_event::Event::CaughtUp(pb::KvCaughtUp { seq });
-                if events
-                    .send(Ok(pb::KvWatchEvent {
-                        event: Some(caught_up),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return;
+                if sink.send(caught_up).await {
+                    service.follow(stream, seq + 1, policy, matches, sink).await;
                 }
-                service
-                    .follow(stream, seq + 1, policy, matches, events)
-                    .await;
             });
         } else {
             next = next.max(1);
             let service = self.clone();
-            tokio::spawn(
-                async move { service.follow(stream, next, policy, matches, events).await },
-            );
+            let sink = Sink::new(events, &self.log);
+            tokio::spawn(async move { service.follow(stream, next, policy, matches, sink).await });
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+/// The sending end of a watch: every send also ends when the client goes away or the node
+/// starts shutting down, so a watch never holds the node open.
+struct Sink {
+    events: mpsc::Sender<Result<pb::KvWatchEvent, Status>>,
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Sink {
+    fn new(events: mpsc::Sender<Result<pb::KvWatchEvent, Status>>, log: &Log) -> Sink {
+        Sink {
+            events,
+            closing: log.watch_closing(),
+        }
+    }
+
+    /// Sends `event`; false when the watch is over.
+    async fn send(&mut self, event: pb::kv_watch_event::Event) -> bool {
+        let event = Ok(pb::KvWatchEvent { event: Some(event) });
+        let sent = tokio::select! {
+            sent = self.events.send(event) => Some(sent.is_ok()),
+            _ = self.closing.wait_for(|closing| *closing) => None,
+        };
+        sent.unwrap_or_else(|| {
+            self.fail(Status::unavailable(
+                "the node is shutting down; resume the watch from the last seq seen + 1",
+            ));
+            false
+        })
+    }
+
+    /// Ends the watch with `status` (dropped if the client is not reading: it ends anyway).
+    fn fail(&self, status: Status) {
+        let _ = self.events.try_send(Err(status));
+    }
+
+    /// Completes when the client is gone or the node is shutting down.
+    async fn over(&mut self) {
+        tokio::select! {
+            () = self.events.closed() => {}
+            _ = self.closing.wait_for(|closing| *closing) => {}
+        }
     }
 }
 
@@ -426,17 +481,21 @@ impl KvService {
         from: u64,
         policy: Policy,
         matches: impl Fn(&[u8]) -> bool,
-        events: mpsc::Sender<Result<pb::KvWatchEvent, Status>>,
+        mut sink: Sink,
     ) {
         let mut log = self.log.subscribe(Some(stream), from, 256);
-        while let Some(event) = log.recv().await {
+        loop {
+            let event = tokio::select! {
+                event = log.recv() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+                () = sink.over() => return,
+            };
             let entry = match event {
                 Ok(LogEvent::Entry(entry)) => entry,
                 Ok(LogEvent::CaughtUp(_)) => continue,
-                Err(error) => {
-                    let _ = events.send(Err(store_status(&error))).await;
-                    return;
-                }
+                Err(error) => return sink.fail(store_status(&error)),
             };
             let key = match crate::projection::view(&entry) {
                 Ok(view) => match view.kind {
@@ -451,9 +510,21 @@ impl KvService {
             let Some(key) = key.filter(|key| matches(key)) else {
                 continue;
             };
-            if let Err(status) = self.wait_applied(&stream, entry.seq).await {
-                let _ = events.send(Err(status)).await;
-                return;
+            // A table that lags (catching up after a start) delays the watch, never ends it.
+            let applied = async {
+                loop {
+                    match self.wait_applied(&stream, entry.seq).await {
+                        Err(status) if status.code() == tonic::Code::DeadlineExceeded => continue,
+                        other => return other,
+                    }
+                }
+            };
+            let applied = tokio::select! {
+                applied = applied => applied,
+                () = sink.over() => return,
+            };
+            if let Err(status) = applied {
+                return sink.fail(status);
             }
             let change = match self.get_entry(&stream, &key) {
                 Ok(Some(found)) => Entry {
@@ -461,17 +532,10 @@ impl KvService {
                     ..found
                 },
                 Ok(None) => continue,
-                Err(status) => {
-                    let _ = events.send(Err(status)).await;
-                    return;
-                }
+                Err(status) => return sink.fail(status),
             };
             let event = pb::kv_watch_event::Event::Entry(entry_to_proto(&change, &policy));
-            if events
-                .send(Ok(pb::KvWatchEvent { event: Some(event) }))
-                .await
-                .is_err()
-            {
+            if !sink.send(event).await {
                 return;
             }
         }

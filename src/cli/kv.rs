@@ -162,6 +162,9 @@ pub async fn run(url: &str, command: KvCommand) -> Result<std::process::ExitCode
                 .map_err(status_error)?
                 .into_inner();
             println!("set at seq {}: {}", entry.seq, describe(&entry));
+            if entry.written != entry.id {
+                eprintln!("note: a concurrent write from another node came out ahead by the lease rule; the key holds its value, not this one");
+            }
         }
         KvCommand::Del { stream, key, hex } => {
             let entry = client
@@ -215,31 +218,48 @@ pub async fn run(url: &str, command: KvCommand) -> Result<std::process::ExitCode
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            // Where a new watch can take over without losing a change: known once the snapshot
+            // is complete (CaughtUp), or from the start when resuming.
+            let mut resume = (from > 0).then_some(from);
             while let Some(event) = events.message().await.map_err(status_error)? {
                 let mut stdout = std::io::stdout().lock();
                 match event.event {
-                    Some(pb::kv_watch_event::Event::Entry(entry)) if entry.present => writeln!(
-                        stdout,
-                        "{}\t{}\t(seq {}, fence {})",
-                        bytes_out(&entry.key, hex),
-                        bytes_out(&entry.value, hex),
-                        entry.seq,
-                        entry.fence
-                    )?,
-                    Some(pb::kv_watch_event::Event::Entry(entry)) => writeln!(
-                        stdout,
-                        "{}\t(deleted at seq {})",
-                        bytes_out(&entry.key, hex),
-                        entry.seq
-                    )?,
+                    Some(pb::kv_watch_event::Event::Entry(entry)) => {
+                        if entry.present {
+                            writeln!(
+                                stdout,
+                                "{}\t{}\t(seq {}, fence {})",
+                                bytes_out(&entry.key, hex),
+                                bytes_out(&entry.value, hex),
+                                entry.seq,
+                                entry.fence
+                            )?;
+                        } else {
+                            writeln!(
+                                stdout,
+                                "{}\t(deleted at seq {})",
+                                bytes_out(&entry.key, hex),
+                                entry.seq
+                            )?;
+                        }
+                        resume = resume.map(|_| entry.seq + 1);
+                    }
                     Some(pb::kv_watch_event::Event::CaughtUp(at)) => {
-                        writeln!(stdout, "caught up at seq {}", at.seq)?
+                        writeln!(stdout, "caught up at seq {}", at.seq)?;
+                        resume = Some(at.seq + 1);
                     }
                     None => {}
                 }
                 stdout.flush()?;
             }
-            bail!("the node closed the watch (shutting down?); resume with --from <last seq + 1>");
+            match resume {
+                Some(seq) => {
+                    bail!("the node closed the watch (shutting down?); resume with --from {seq}")
+                }
+                None => bail!(
+                    "the node closed the watch before its snapshot was complete; start it again"
+                ),
+            }
         }
     }
     Ok(std::process::ExitCode::SUCCESS)

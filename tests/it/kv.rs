@@ -17,6 +17,7 @@ use crate::common::*;
 use crate::replication::{connect, join, CONVERGE};
 
 const HOUR_MS: u64 = 3_600_000;
+const WAIT_WRITES: Duration = Duration::from_secs(60);
 
 /// A node whose wall clock the test sets.
 async fn node_at(dir: &std::path::Path, clock: &Arc<AtomicU64>) -> RunningNode {
@@ -224,6 +225,53 @@ async fn values_round_trip_and_bad_requests_are_refused_with_nothing_written() {
         "a refused write writes nothing"
     );
 
+    // An update is all or nothing: one refused op refuses the whole call.
+    let mixed = kv
+        .update(pb::KvUpdateRequest {
+            stream: bytes_of(&stream),
+            sets: vec![pb::KvSetRequest {
+                stream: bytes_of(&stream),
+                key: Bytes::from("fresh"),
+                value: Bytes::from("x"),
+            }],
+            deletes: vec![pb::KvDeleteRequest {
+                stream: bytes_of(&stream),
+                key: Bytes::from("nope"),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(mixed.code(), tonic::Code::NotFound);
+    let twice = kv
+        .update(pb::KvUpdateRequest {
+            stream: bytes_of(&stream),
+            sets: vec![
+                pb::KvSetRequest {
+                    stream: bytes_of(&stream),
+                    key: Bytes::from("fresh"),
+                    value: Bytes::from("1"),
+                },
+                pb::KvSetRequest {
+                    stream: bytes_of(&stream),
+                    key: Bytes::from("fresh"),
+                    value: Bytes::from("2"),
+                },
+            ],
+            deletes: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        head(&mut clients).await,
+        head_before,
+        "nothing of either was written"
+    );
+    assert_eq!(
+        get(&mut kv, &stream, b"fresh").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+
     let deleted = delete(&mut kv, &stream, b"ascii").await.unwrap();
     assert!(!deleted.present);
     assert_eq!(deleted.fence, 3);
@@ -359,9 +407,9 @@ async fn with_leasing_off_concurrent_writers_converge_on_the_last_by_clock() {
     for write in writes {
         write.await.unwrap();
     }
-    // Heal.
+    // Heal, as a chain A - B - C.
     connect(&b, &a).await;
-    connect(&c, &a).await;
+    connect(&c, &b).await;
     let dict = converged(&[&a, &b, &c], &stream).await;
     assert_eq!(dict[&b"k".to_vec()].0, b"from b, later");
     assert!(
@@ -473,7 +521,8 @@ async fn a_watch_started_during_heavy_writes_ends_with_exactly_the_final_state()
                         value: Bytes::from(format!("round {round}")),
                     })
                     .collect();
-                let deletes = if round % 7 == 3 {
+                // Some rounds, and the last, delete key3 instead.
+                let deletes = if round % 7 == 2 || round == 39 {
                     vec![pb::KvDeleteRequest {
                         stream: bytes_of(&stream),
                         key: Bytes::from("key3"),
@@ -490,7 +539,12 @@ async fn a_watch_started_during_heavy_writes_ends_with_exactly_the_final_state()
             }
         })
     };
-    // Start watching while the writer runs.
+    // Start watching once the writer is well under way.
+    wait_until(WAIT_WRITES, "the writer to be under way", || {
+        let head = node.log.stream(&stream).map_or(0, |s| s.record.head_seq);
+        async move { head > 50 }
+    })
+    .await;
     let mut watch = kv(&node)
         .await
         .watch(pb::KvWatchRequest {
@@ -504,9 +558,9 @@ async fn a_watch_started_during_heavy_writes_ends_with_exactly_the_final_state()
     writer.await.unwrap();
     let last_seq = node.log.stream(&stream).unwrap().record.head_seq;
     let mut seen: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-    let mut caught_up = false;
-    let mut position = 0;
-    while position < last_seq {
+    let mut caught_up_at = None;
+    let mut changes = Vec::new();
+    while changes.last().copied().unwrap_or(0) < last_seq {
         let event = tokio::time::timeout(Duration::from_secs(30), watch.message())
             .await
             .expect("the watch keeps delivering")
@@ -518,17 +572,30 @@ async fn a_watch_started_during_heavy_writes_ends_with_exactly_the_final_state()
                     entry.key.to_vec(),
                     entry.present.then(|| entry.value.to_vec()),
                 );
-                if caught_up {
-                    position = position.max(entry.seq);
+                if caught_up_at.is_some() {
+                    changes.push(entry.seq);
                 }
             }
             pb::kv_watch_event::Event::CaughtUp(at) => {
-                assert!(!caught_up, "CaughtUp comes once");
-                caught_up = true;
-                position = at.seq;
+                assert!(caught_up_at.is_none(), "CaughtUp comes once");
+                caught_up_at = Some(at.seq);
+                changes.push(at.seq);
             }
         }
     }
+    // Every write after the snapshot arrives, in order, none skipped (every scribe of the stream
+    // after the genesis is a kv write to a "key…" key).
+    let caught_up_at = caught_up_at.unwrap();
+    assert!(
+        caught_up_at > 50 && caught_up_at < last_seq,
+        "the watch overlapped the writes"
+    );
+    assert_eq!(changes, (caught_up_at..=last_seq).collect::<Vec<_>>());
+    assert_eq!(
+        seen[b"key3".as_slice()],
+        None,
+        "the last write, a delete, arrived as one"
+    );
     let live: BTreeMap<Vec<u8>, Option<Vec<u8>>> = dict(&node, &stream)
         .await
         .into_iter()

@@ -11,7 +11,9 @@
 //! [`ApplyError::Scribe`] and parked by the runner.
 //!
 //! # The rule (judged by the scribes' own clocks and ids, never by arrival order)
-//! The state of a key is [`fold`] of every write to it, in `(hlc, author, id)` order:
+//! The state of a key is [`fold`] of every write to it, in `(hlc, author, id)` order (an instant
+//! is a hybrid-logical-clock value, so a write made after seeing another always sorts after it;
+//! lease durations are measured in the clock's milliseconds):
 //! - **Leasing on** (the policy's default, `lease_ms` = 1 hour): a write by X at time t is valid if
 //!   the key is free at t: no live value, or the live value is X's, or X's predecessor wrote it at
 //!   least `lease_ms` before t. The owner's set renews the lease; the owner's delete releases it.
@@ -117,7 +119,8 @@ pub struct State {
 impl State {
     /// When the owner's lease ends (unix ms), if the key is held under a lease.
     pub fn lease_until_ms(&self, policy: &Policy) -> Option<u64> {
-        (policy.leasing && self.owner.is_some()).then(|| hlc_millis(self.hlc) + policy.lease_ms)
+        (policy.leasing && self.owner.is_some())
+            .then(|| hlc_millis(self.hlc).saturating_add(policy.lease_ms))
     }
 
     /// Whether a write by `author` at `hlc` would be valid after this state.
@@ -128,13 +131,16 @@ impl State {
         match &self.owner {
             None => true,
             Some(owner) if owner == author => true,
-            Some(_) => hlc_millis(hlc) >= hlc_millis(self.hlc) + policy.lease_ms,
+            Some(_) => hlc_millis(hlc) >= hlc_millis(self.hlc).saturating_add(policy.lease_ms),
         }
     }
 }
 
 /// The state of a key with these writes, in any order (see the crate docs for the rule).
 pub fn fold(writes: &mut [Write], policy: &Policy) -> State {
+    // An instant is a hybrid logical clock value: a write made after seeing another always has a
+    // greater one, so only concurrent writes can share an instant; then the lower author goes
+    // first (and, with leasing on, takes the key).
     writes.sort_by_key(|w| (w.hlc, w.author, w.id));
     let mut state = State::default();
     let mut previous: Option<&Write> = None;

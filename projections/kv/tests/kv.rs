@@ -166,3 +166,42 @@ fn a_bad_payload_is_refused_by_index() {
     assert_eq!(projector.checkpoint().unwrap(), 0, "nothing committed");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_write_made_after_seeing_another_sorts_after_it_within_one_millisecond() {
+    // Author 3 wrote at counter 3 of the same millisecond, after seeing author 9's write at
+    // counter 0: causality, not the author id, orders them.
+    let mut writes = vec![
+        Write {
+            hlc: 10 * MS,
+            author: AuthorKey([9; 32]),
+            id: ScribeId([1; 32]),
+            value: None,
+        },
+        Write {
+            hlc: 10 * MS + 3,
+            author: AuthorKey([3; 32]),
+            id: ScribeId([2; 32]),
+            value: Some(b"three, after the delete".to_vec()),
+        },
+    ];
+    let state = fold(&mut writes, &leasing(1000));
+    assert_eq!(
+        state.value.as_deref(),
+        Some(&b"three, after the delete"[..])
+    );
+}
+
+#[test]
+fn a_lease_of_any_length_holds() {
+    let mut writes = vec![
+        write(10, 1, 1, Some(b"mine")),
+        write(1 << 40, 2, 2, Some(b"theirs")),
+    ];
+    let state = fold(&mut writes, &leasing(u64::MAX));
+    assert_eq!(
+        state.value.as_deref(),
+        Some(&b"mine"[..]),
+        "no overflow into a free key"
+    );
+}
