@@ -241,9 +241,17 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
             options.set_max_write_buffer_number(2);
             let mut table = rocksdb::BlockBasedOptions::default();
             table.set_block_cache(&cache);
+            // Index and filter blocks grow with the number of keys (about 4 MiB per million
+            // scribes): partition them, keep them in the block cache, and pin only the small
+            // top-level parts, so memory does not grow with the log.
+            table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_top_level_index_and_filter(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
             if *name == CF_SCRIBES {
                 // Point lookups by id on every replicated scribe (the duplicate check).
                 table.set_bloom_filter(10.0, false);
+                table.set_partition_filters(true);
             }
             options.set_block_based_table_factory(&table);
             ColumnFamilyDescriptor::new(*name, options)
