@@ -19,6 +19,8 @@ use quire::pb;
 use quire::scribe::{Body, Scribe};
 use rayon::prelude::*;
 
+mod support;
+
 const BATCH: usize = 1000;
 const PAYLOAD: usize = 256;
 
@@ -46,22 +48,8 @@ fn main() {
         .unwrap();
     let url = node.url();
     let stream = runtime.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut streams = pb::streams_client::StreamsClient::new(channel);
-        let info = streams
-            .create(pb::CreateStreamRequest {
-                name: "bench".into(),
-                policy: None,
-                owner: Bytes::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        StreamId::from_slice(&info.stream).unwrap()
+        let channel = support::connect(url.clone()).await;
+        StreamId::from_slice(&support::create_stream(&channel, "bench", None).await).unwrap()
     });
 
     // quire: `clients` connections each sending batches of 1000 back to back.

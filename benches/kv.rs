@@ -15,15 +15,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
-use tonic::transport::Channel;
+
+mod support;
+use support::{connect as channel, create_stream};
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
     samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
-async fn channel(url: String) -> Channel {
-    Channel::from_shared(url).unwrap().connect().await.unwrap()
 }
 
 fn main() {
@@ -47,16 +45,7 @@ fn main() {
             .await
             .unwrap();
         let channel_a = channel(a.url()).await;
-        let info = pb::streams_client::StreamsClient::new(channel_a.clone())
-            .create(pb::CreateStreamRequest {
-                name: "bench".into(),
-                policy: None,
-                owner: Bytes::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let stream = info.stream.clone();
+        let stream = create_stream(&channel_a, "bench", None).await;
         let mut kv_a = pb::kv_client::KvClient::new(channel_a.clone());
 
         // Update throughput: 100 keys per call.

@@ -22,6 +22,8 @@ use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 use quire::projection;
 
+mod support;
+
 const BATCH: usize = 1000;
 
 struct Noop;
@@ -131,31 +133,15 @@ fn write_log(dir: &std::path::Path, batches: usize) {
         let node = RunningNode::start(NodeConfig::new(dir), "127.0.0.1:0".parse().unwrap(), None)
             .await
             .unwrap();
-        let channel = tonic::transport::Channel::from_shared(node.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let info = pb::streams_client::StreamsClient::new(channel.clone())
-            .create(pb::CreateStreamRequest {
-                name: "bench".into(),
-                // A million scribes are far over the default 100 MiB per stream.
-                policy: Some(pb::Policy {
-                    max_stream_bytes: 1 << 40,
-                    ..Default::default()
-                }),
-                owner: Bytes::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let channel = support::connect(node.url()).await;
+        let stream = support::create_stream(&channel, "bench", Some(support::unlimited())).await;
         let mut log = pb::log_client::LogClient::new(channel)
             .max_encoding_message_size(64 << 20)
             .max_decoding_message_size(64 << 20);
         for batch in 0..batches {
             let appends = (0..BATCH)
                 .map(|index| pb::AppendRequest {
-                    stream: info.stream.clone(),
+                    stream: stream.clone(),
                     kind: if index % 2 == 0 { "x.even" } else { "x.odd" }.into(),
                     content_type: "application/octet-stream".into(),
                     payload: Bytes::from(format!("{:064}", batch * BATCH + index)),

@@ -18,9 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
-use prost::Message;
-use quire_projection_api::{hlc_millis, AuthorKey, Kind, Policy, StreamId};
-use quire_projection_kv::{check_key, Entry, KvDelete, KvSet, Reader, State, CONTENT_TYPE, NAME};
+use quire_projection_api::{hlc_millis, AuthorKey, Policy, StreamId};
+use quire_projection_kv::{check_key, decode, encode, Entry, Reader, State, CONTENT_TYPE, NAME};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -210,23 +209,7 @@ impl KvService {
                 )));
             }
             refuse_if_leased(&state, &node, now, &policy, &op.key)?;
-            let (kind, payload) = match &op.value {
-                Some(value) => (
-                    Kind::KvSet,
-                    KvSet {
-                        key: op.key.clone(),
-                        value: value.clone(),
-                    }
-                    .encode_to_vec(),
-                ),
-                None => (
-                    Kind::KvDelete,
-                    KvDelete {
-                        key: op.key.clone(),
-                    }
-                    .encode_to_vec(),
-                ),
-            };
+            let (kind, payload) = encode(&op.key, op.value.as_deref());
             drafts.push(Draft::New(NewScribe {
                 stream: Some(stream),
                 kind,
@@ -497,16 +480,10 @@ impl KvService {
                 Ok(LogEvent::CaughtUp(_)) => continue,
                 Err(error) => return sink.fail(store_status(&error)),
             };
-            let key = match crate::projection::view(&entry) {
-                Ok(view) => match view.kind {
-                    Kind::KvSet => KvSet::decode(view.payload.as_slice()).map(|s| s.key).ok(),
-                    Kind::KvDelete => KvDelete::decode(view.payload.as_slice())
-                        .map(|d| d.key)
-                        .ok(),
-                    _ => None,
-                },
-                Err(_) => None,
-            };
+            let key = crate::projection::view(&entry)
+                .ok()
+                .and_then(|view| decode(&view.kind, &view.payload).ok().flatten())
+                .map(|(key, _)| key);
             let Some(key) = key.filter(|key| matches(key)) else {
                 continue;
             };

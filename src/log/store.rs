@@ -687,14 +687,24 @@ impl Store {
 
     /// Every record of the projection runner whose key starts with `prefix`, in key order.
     pub fn projection_records(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
+        self.projection_range(prefix, |key| key.starts_with(prefix))
+    }
+
+    /// The records of the projection runner from key `start` on, in key order, while `within`
+    /// holds for their keys.
+    pub fn projection_range(
+        &self,
+        start: &[u8],
+        within: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(
             self.cf(CF_PROJECTIONS),
-            IteratorMode::From(prefix, Direction::Forward),
+            IteratorMode::From(start, Direction::Forward),
         );
         for item in iter {
             let (key, value) = item?;
-            if !key.starts_with(prefix) {
+            if !within(&key) {
                 break;
             }
             out.push((key.to_vec(), value.to_vec()));

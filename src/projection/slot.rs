@@ -529,12 +529,16 @@ impl Slot {
         from: u64,
         to: u64,
     ) -> Result<(), ProjectionsError> {
+        // Runs after every batch: read only the records of these seqs (usually none).
+        let end = parked_key(&self.key, to);
+        let records =
+            store.projection_range(&parked_key(&self.key, from), |key| key <= end.as_slice())?;
         let mut updates = Vec::new();
-        for parked in self.parked(store)? {
-            if parked.seq < from || parked.seq > to || !parked.generations.contains(&generation) {
-                continue;
+        for (key, value) in records {
+            let parked = decode_parked(&key, &value)?;
+            if parked.generations.contains(&generation) {
+                updates.push(self.without_generation(parked, generation));
             }
-            updates.push(self.without_generation(parked, generation));
         }
         if !updates.is_empty() {
             store.put_projection_records(&updates)?;

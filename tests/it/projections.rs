@@ -68,6 +68,17 @@ impl TestPlugin {
     }
 }
 
+impl TestPlugin {
+    /// `latest` named "halting", with the policy of stopping at a scribe it cannot apply.
+    fn halting(hooks: &Arc<Hooks>) -> TestPlugin {
+        TestPlugin {
+            name: "halting",
+            on_failure: OnFailure::Halt,
+            ..TestPlugin::new(hooks)
+        }
+    }
+}
+
 impl Plugin for TestPlugin {
     fn name(&self) -> &str {
         self.name
@@ -449,12 +460,7 @@ async fn a_failing_scribe_is_quarantined_the_rest_applied_and_retry_applies_it_a
 async fn a_halting_projector_stops_at_the_bad_scribe_until_it_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let hooks = Arc::new(Hooks::default());
-    let plugin = TestPlugin {
-        name: "halting",
-        on_failure: OnFailure::Halt,
-        ..TestPlugin::new(&hooks)
-    };
-    let node = start_with(dir.path(), plugin).await;
+    let node = start_with(dir.path(), TestPlugin::halting(&hooks)).await;
     let url = node.url();
     let mut clients = clients(&url).await;
     let stream = create_stream(&mut clients, "halts", None).await;
@@ -825,12 +831,7 @@ async fn a_per_stream_projector_keeps_one_copy_per_stream_including_streams_crea
 async fn a_rebuild_of_a_halted_projection_parks_the_scribe_and_a_later_skip_moves_nothing_back() {
     let dir = tempfile::tempdir().unwrap();
     let hooks = Arc::new(Hooks::default());
-    let plugin = TestPlugin {
-        name: "halting",
-        on_failure: OnFailure::Halt,
-        ..TestPlugin::new(&hooks)
-    };
-    let node = start_with(dir.path(), plugin).await;
+    let node = start_with(dir.path(), TestPlugin::halting(&hooks)).await;
     let url = node.url();
     let mut clients = clients(&url).await;
     let stream = create_stream(&mut clients, "halts", None).await;

@@ -259,18 +259,37 @@ fn blob32(bytes: Vec<u8>) -> [u8; 32] {
 }
 
 /// A key, and the value a write sets (`None` for a delete).
-type KeyAndValue = (Vec<u8>, Option<Vec<u8>>);
+pub type KeyAndValue = (Vec<u8>, Option<Vec<u8>>);
 
-/// A kv scribe's key and value; `None` for other kinds.
-fn decode(scribe: &Scribe) -> Result<Option<KeyAndValue>, String> {
-    let (key, value) = match scribe.kind {
+/// The kind and payload of a write: a `kv.set` of `value`, or a `kv.delete` for `None`.
+pub fn encode(key: &[u8], value: Option<&[u8]>) -> (Kind, Vec<u8>) {
+    match value {
+        Some(value) => (
+            Kind::KvSet,
+            KvSet {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            }
+            .encode_to_vec(),
+        ),
+        None => (
+            Kind::KvDelete,
+            KvDelete { key: key.to_vec() }.encode_to_vec(),
+        ),
+    }
+}
+
+/// A kv scribe's key and value (`None` for a delete); `Ok(None)` for other kinds; an error for a
+/// payload that does not decode or a bad key.
+pub fn decode(kind: &Kind, payload: &[u8]) -> Result<Option<KeyAndValue>, String> {
+    let (key, value) = match kind {
         Kind::KvSet => {
-            let set = KvSet::decode(scribe.payload.as_slice())
+            let set = KvSet::decode(payload)
                 .map_err(|error| format!("kv.set payload is not a KvSet: {error}"))?;
             (set.key, Some(set.value))
         }
         Kind::KvDelete => {
-            let delete = KvDelete::decode(scribe.payload.as_slice())
+            let delete = KvDelete::decode(payload)
                 .map_err(|error| format!("kv.delete payload is not a KvDelete: {error}"))?;
             (delete.key, None)
         }
@@ -284,7 +303,7 @@ impl Projector for KvProjector {
     fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
         let mut writes = Vec::new();
         for (index, scribe) in batch.iter().enumerate() {
-            match decode(scribe) {
+            match decode(&scribe.kind, &scribe.payload) {
                 Ok(Some((key, value))) => writes.push((scribe, key, value)),
                 Ok(None) => {}
                 Err(reason) => return Err(ApplyError::Scribe { index, reason }),

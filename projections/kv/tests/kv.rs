@@ -1,9 +1,8 @@
 //! The kv projector: the fold's rules, and the conformance suite with leasing on and off.
 
 use proptest::prelude::*;
-use prost::Message;
-use quire_projection_api::{testing, AuthorKey, Kind, Policy, Scribe, ScribeId, StreamId};
-use quire_projection_kv::{fold, Kv, KvDelete, KvSet, Write, CONTENT_TYPE};
+use quire_projection_api::{testing, AuthorKey, Policy, Scribe, ScribeId, StreamId};
+use quire_projection_kv::{encode, fold, Kv, Write, CONTENT_TYPE};
 
 const MS: u64 = 1 << 16;
 
@@ -93,20 +92,7 @@ fn at_the_same_instant_the_lower_author_wins_under_leases_and_the_last_without()
 }
 
 fn kv_scribe(stream: StreamId, author: u8, ms: u64, key: &[u8], value: Option<Vec<u8>>) -> Scribe {
-    let (kind, payload) = match value {
-        Some(value) => (
-            Kind::KvSet,
-            KvSet {
-                key: key.to_vec(),
-                value,
-            }
-            .encode_to_vec(),
-        ),
-        None => (
-            Kind::KvDelete,
-            KvDelete { key: key.to_vec() }.encode_to_vec(),
-        ),
-    };
+    let (kind, payload) = encode(key, value.as_deref());
     testing::scribe(
         stream,
         AuthorKey([author; 32]),
