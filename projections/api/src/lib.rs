@@ -1,7 +1,7 @@
 //! Plain scribe types shared by the quire daemon and every projector.
 //!
-//! This crate is deliberately small and knows nothing of RocksDB, gRPC, protobuf or tokio: a
-//! projector crate depends on it alone. It holds the names of things — scribe ids, author keys,
+//! This crate is deliberately small and knows nothing of RocksDB, gRPC or tokio (it uses protobuf
+//! only for the file payloads): a projector crate depends on it alone. It holds the names of things — scribe ids, author keys,
 //! kinds, a stream's policy — and the rules that need no storage to answer (who may author which
 //! kind). Encoding and signing live in the daemon (`quire::scribe`), because they are where the
 //! bytes are fixed forever.
@@ -13,6 +13,7 @@
 //! - [`Policy`], [`Authors`]: what a stream's genesis says about who may write and how much.
 //! - [`Scribe`]: a decoded, verified scribe as a projector will receive it.
 //! - [`Plugin`], [`Projector`]: what a projector implements (see the [`projector`] module).
+//! - [`files`]: the payloads of `file.put` / `file.delete` and the path rules.
 //! - `testing` (feature `testing`): the conformance suite every projector runs.
 //!
 //! # Example
@@ -34,6 +35,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod files;
 pub mod projector;
 #[cfg(feature = "testing")]
 pub mod testing;

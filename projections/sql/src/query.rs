@@ -1,0 +1,425 @@
+//! Read-only queries over a copy's tables, with a time limit and a row limit.
+//!
+//! A [`Reader`] is a read-only SQLite connection with an authorizer that allows what reads and
+//! refuses, at prepare time and with a message saying why, everything else: statements that
+//! write (INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, transactions, ...), `ATTACH`/`DETACH`,
+//! PRAGMAs other than the read-only introspection ones, and `load_extension`. One statement per
+//! query.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quire_projection_api::ProjectionError;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::types::Value;
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use crate::{describe, read_checkpoint, BUSY_TIMEOUT, DB_FILE};
+
+/// PRAGMAs a query may use: they only read the schema.
+pub const READ_PRAGMAS: [&str; 6] = [
+    "data_version",
+    "table_info",
+    "table_xinfo",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+];
+
+/// How long a query may run and how many rows it may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock time for preparing and stepping the statement.
+    pub time: Duration,
+    /// Rows of the result.
+    pub rows: usize,
+}
+
+impl Default for Limits {
+    /// 2 seconds, 10,000 rows.
+    fn default() -> Self {
+        Limits {
+            time: Duration::from_secs(2),
+            rows: 10_000,
+        }
+    }
+}
+
+/// A query's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Params {
+    /// Bound to `?` (or `?N`) in order.
+    Positional(Vec<Value>),
+    /// Bound by name; a name may omit its prefix (`:`, `@` or `$`).
+    Named(Vec<(String, Value)>),
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params::Positional(Vec::new())
+    }
+}
+
+/// A query's answer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rows {
+    /// Column names, in order.
+    pub columns: Vec<String>,
+    /// Rows, each with one value per column.
+    pub rows: Vec<Vec<Value>>,
+    /// The copy's checkpoint when the query ran: the local seq its answer includes.
+    pub checkpoint: u64,
+}
+
+/// Why a query gave no answer. Nothing a query does can change the database.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// The statement is not allowed (it writes, attaches, changes a PRAGMA, loads an extension,
+    /// or is more than one statement).
+    #[error("{0}")]
+    Refused(String),
+    /// The SQL or its parameters are wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// The query ran past its time limit.
+    #[error("the query ran past its time limit of {} ms and was stopped; narrow it (an index, a LIMIT) or ask the operator to raise --sql-time-limit-ms", .0.as_millis())]
+    TimeLimit(Duration),
+    /// The answer has more rows than the limit.
+    #[error("the query returns more than {0} rows (the row limit); add a LIMIT, page with WHERE, or ask the operator to raise --sql-max-rows")]
+    RowLimit(usize),
+    /// The database failed.
+    #[error("sql database: {0}")]
+    Storage(String),
+}
+
+/// A read-only connection to one copy.
+pub struct Reader {
+    db: Connection,
+    refusal: Arc<Mutex<Option<String>>>,
+    /// Set while the reader runs its own statements (the read transaction, the checkpoint).
+    trusted: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+fn refusal_of(action: &AuthAction<'_>) -> Option<String> {
+    if touches_sqlite_schema(action) {
+        // SQLite asks for this before the DROP or CREATE itself, and stops at the first denial.
+        return Some(
+            "changing the database schema (CREATE, DROP, ALTER) is refused: queries are read-only"
+                .into(),
+        );
+    }
+    let writes = |what: &str| {
+        Some(format!(
+            "{what} is refused: queries are read-only (SELECT, with joins, subqueries, aggregates, JSON and FTS functions)"
+        ))
+    };
+    match action {
+        AuthAction::Select | AuthAction::Read { .. } | AuthAction::Recursive => None,
+        AuthAction::Function { function_name } => {
+            if function_name.eq_ignore_ascii_case("load_extension") {
+                Some("load_extension is refused: queries cannot load code".into())
+            } else {
+                None
+            }
+        }
+        AuthAction::Pragma { pragma_name, .. } => {
+            if READ_PRAGMAS.contains(&pragma_name.to_ascii_lowercase().as_str()) {
+                None
+            } else {
+                Some(format!(
+                    "PRAGMA {pragma_name} is refused: queries cannot read or change settings (allowed: {})",
+                    READ_PRAGMAS.join(", ")
+                ))
+            }
+        }
+        AuthAction::Attach { .. } => {
+            Some("ATTACH is refused: queries see this stream's database only".into())
+        }
+        AuthAction::Detach { .. } => Some("DETACH is refused".into()),
+        AuthAction::Insert { table_name } => writes(&format!("INSERT into {table_name}")),
+        AuthAction::Update { table_name, .. } => writes(&format!("UPDATE of {table_name}")),
+        AuthAction::Delete { table_name } => writes(&format!("DELETE from {table_name}")),
+        AuthAction::Transaction { .. } | AuthAction::Savepoint { .. } => {
+            writes("a transaction statement")
+        }
+        AuthAction::CreateIndex { .. }
+        | AuthAction::CreateTable { .. }
+        | AuthAction::CreateTempIndex { .. }
+        | AuthAction::CreateTempTable { .. }
+        | AuthAction::CreateTempTrigger { .. }
+        | AuthAction::CreateTempView { .. }
+        | AuthAction::CreateTrigger { .. }
+        | AuthAction::CreateView { .. }
+        | AuthAction::CreateVtable { .. } => writes("CREATE"),
+        AuthAction::DropIndex { .. }
+        | AuthAction::DropTable { .. }
+        | AuthAction::DropTempIndex { .. }
+        | AuthAction::DropTempTable { .. }
+        | AuthAction::DropTempTrigger { .. }
+        | AuthAction::DropTempView { .. }
+        | AuthAction::DropTrigger { .. }
+        | AuthAction::DropView { .. }
+        | AuthAction::DropVtable { .. } => writes("DROP"),
+        AuthAction::AlterTable { .. } => writes("ALTER TABLE"),
+        AuthAction::Reindex { .. } => writes("REINDEX"),
+        AuthAction::Analyze { .. } => writes("ANALYZE"),
+        _ => writes("this statement"),
+    }
+}
+
+fn touches_sqlite_schema(action: &AuthAction<'_>) -> bool {
+    match action {
+        AuthAction::Insert { table_name }
+        | AuthAction::Update { table_name, .. }
+        | AuthAction::Delete { table_name } => table_name.starts_with("sqlite_"),
+        _ => false,
+    }
+}
+
+fn db_error(error: rusqlite::Error) -> ProjectionError {
+    ProjectionError::new(format!("sql database: {error}"))
+}
+
+impl Reader {
+    /// Opens the copy in `dir` for reading.
+    pub fn open(dir: &Path) -> Result<Reader, ProjectionError> {
+        let db = Connection::open_with_flags(
+            dir.join(DB_FILE),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_error)?;
+        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+        let refusal: Arc<Mutex<Option<String>>> = Arc::default();
+        let noted = refusal.clone();
+        let trusted: Arc<AtomicBool> = Arc::default();
+        let ours = trusted.clone();
+        db.authorizer(Some(move |context: AuthContext<'_>| {
+            if ours.load(Ordering::Relaxed) {
+                return Authorization::Allow;
+            }
+            match refusal_of(&context.action) {
+                None => Authorization::Allow,
+                Some(reason) => {
+                    let mut noted = noted.lock().unwrap_or_else(|p| p.into_inner());
+                    noted.get_or_insert(reason);
+                    Authorization::Deny
+                }
+            }
+        }));
+        Ok(Reader {
+            db,
+            refusal,
+            trusted,
+        })
+    }
+
+    /// The checkpoint of the committed state.
+    pub fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        self.trusted(read_checkpoint).map_err(db_error)
+    }
+
+    fn trusted<T>(&self, run: impl FnOnce(&Connection) -> T) -> T {
+        self.trusted.store(true, Ordering::Relaxed);
+        let out = run(&self.db);
+        self.trusted.store(false, Ordering::Relaxed);
+        out
+    }
+
+    /// Runs one read-only statement.
+    pub fn query(
+        &mut self,
+        sql: &str,
+        params: &Params,
+        limits: Limits,
+    ) -> Result<Rows, QueryError> {
+        *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let deadline = Instant::now() + limits.time;
+        self.db
+            .progress_handler(1_000, Some(move || Instant::now() >= deadline));
+        let result = self.run(sql, params, limits);
+        self.db.progress_handler(0, None::<fn() -> bool>);
+        result
+    }
+
+    fn run(&mut self, sql: &str, params: &Params, limits: Limits) -> Result<Rows, QueryError> {
+        // One read transaction: the checkpoint and the answer come from the same snapshot.
+        self.trusted(|db| db.execute_batch("BEGIN"))
+            .map_err(|e| QueryError::Storage(e.to_string()))?;
+        let result = self.run_in_transaction(sql, params, limits);
+        let _ = self.trusted(|db| db.execute_batch("COMMIT"));
+        result
+    }
+
+    fn run_in_transaction(
+        &mut self,
+        sql: &str,
+        params: &Params,
+        limits: Limits,
+    ) -> Result<Rows, QueryError> {
+        let checkpoint = self
+            .trusted(read_checkpoint)
+            .map_err(|e| QueryError::Storage(e.to_string()))?;
+        let mut batch = rusqlite::Batch::new(&self.db, sql);
+        let mut statement = match batch.next() {
+            Ok(Some(statement)) => statement,
+            Ok(None) => {
+                return Err(QueryError::Invalid(
+                    "the query is empty: give one SELECT statement".into(),
+                ))
+            }
+            Err(error) => return Err(self.explain(error, limits)),
+        };
+        match batch.next() {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => {
+                return Err(QueryError::Refused(
+                    "more than one statement: give exactly one SELECT per query".into(),
+                ))
+            }
+        }
+        if !statement.readonly() {
+            return Err(QueryError::Refused(
+                "the statement writes, which is refused: queries are read-only".into(),
+            ));
+        }
+        bind(&mut statement, params)?;
+        let columns: Vec<String> = statement
+            .column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let width = columns.len();
+        let mut out = Vec::new();
+        let mut rows = statement.raw_query();
+        loop {
+            match rows.next() {
+                Ok(Some(row)) => {
+                    if out.len() == limits.rows {
+                        return Err(QueryError::RowLimit(limits.rows));
+                    }
+                    let mut values = Vec::with_capacity(width);
+                    for n in 0..width {
+                        values.push(
+                            row.get::<_, Value>(n)
+                                .map_err(|e| QueryError::Storage(e.to_string()))?,
+                        );
+                    }
+                    out.push(values);
+                }
+                Ok(None) => break,
+                Err(error) => return Err(self.explain(error, limits)),
+            }
+        }
+        Ok(Rows {
+            columns,
+            rows: out,
+            checkpoint,
+        })
+    }
+
+    fn explain(&self, error: rusqlite::Error, limits: Limits) -> QueryError {
+        if let Some(reason) = self
+            .refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return QueryError::Refused(reason);
+        }
+        match &error {
+            rusqlite::Error::SqliteFailure(failure, _)
+                if failure.code == ErrorCode::OperationInterrupted =>
+            {
+                QueryError::TimeLimit(limits.time)
+            }
+            rusqlite::Error::SqliteFailure(failure, _)
+                if failure.code == ErrorCode::ReadOnly
+                    || failure.code == ErrorCode::AuthorizationForStatementDenied =>
+            {
+                QueryError::Refused(format!("{error}: queries are read-only"))
+            }
+            rusqlite::Error::SqlInputError { .. } | rusqlite::Error::SqliteFailure(..) => {
+                let mut message = error.to_string();
+                if message.contains("no such table") {
+                    if let Ok(tables) = self.trusted(describe) {
+                        let names: Vec<&String> = tables.keys().collect();
+                        message = if names.is_empty() {
+                            format!("{message} (this stream has no tables yet: put a _schema file)")
+                        } else {
+                            format!("{message} (this stream's tables: {names:?})")
+                        };
+                    }
+                }
+                QueryError::Invalid(message)
+            }
+            _ => QueryError::Invalid(error.to_string()),
+        }
+    }
+
+    /// The tables of this copy and their columns.
+    pub fn describe(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, Vec<String>>, ProjectionError> {
+        self.trusted(describe).map_err(db_error)
+    }
+}
+
+fn bind(statement: &mut rusqlite::Statement<'_>, params: &Params) -> Result<(), QueryError> {
+    let expected = statement.parameter_count();
+    let invalid = |e: rusqlite::Error| QueryError::Invalid(format!("binding parameters: {e}"));
+    match params {
+        Params::Positional(values) => {
+            if values.len() != expected {
+                return Err(QueryError::Invalid(format!(
+                    "the query has {expected} parameter(s), {} given",
+                    values.len()
+                )));
+            }
+            for (n, value) in values.iter().enumerate() {
+                statement
+                    .raw_bind_parameter(n + 1, value)
+                    .map_err(invalid)?;
+            }
+        }
+        Params::Named(values) => {
+            if values.len() != expected {
+                return Err(QueryError::Invalid(format!(
+                    "the query has {expected} parameter(s), {} given",
+                    values.len()
+                )));
+            }
+            for (name, value) in values {
+                let candidates = if name.starts_with([':', '@', '$']) {
+                    vec![name.clone()]
+                } else {
+                    vec![format!(":{name}"), format!("@{name}"), format!("${name}")]
+                };
+                let mut index = None;
+                for candidate in &candidates {
+                    if let Some(found) = statement.parameter_index(candidate).map_err(invalid)? {
+                        index = Some(found);
+                        break;
+                    }
+                }
+                let index = index.ok_or_else(|| {
+                    QueryError::Invalid(format!(
+                        "the query has no parameter named {name:?} (write :{name} in the SQL)",
+                        name = name.trim_start_matches([':', '@', '$'])
+                    ))
+                })?;
+                statement
+                    .raw_bind_parameter(index, value)
+                    .map_err(invalid)?;
+            }
+        }
+    }
+    Ok(())
+}

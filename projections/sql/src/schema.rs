@@ -1,0 +1,319 @@
+//! The `_schema` file: which tables a stream's records go to, their columns and indexes.
+//!
+//! ```json
+//! {"schema": {"post": {"title": "fulltext", "votes": "int"}},
+//!  "indexes": [["post", "votes"], ["post", "timestamp", "votes"]]}
+//! ```
+//! Names match `^[A-Za-z][_a-zA-Z0-9]*$`. Types: `int`, `real` (or `float`), `text`, `datetime`,
+//! `fulltext`. Every table also has the implicit columns `id`, `timestamp` and `score`, so fields
+//! may not use those names. An index entry is the table and then one or more columns: one
+//! compound index.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value as Json;
+
+/// The implicit columns every table has, in column order.
+pub const IMPLICIT: [&str; 3] = ["id", "timestamp", "score"];
+
+/// Suffix of the FTS5 table that indexes a table's `fulltext` columns.
+pub const FTS_SUFFIX: &str = "_fts";
+
+/// A column type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    /// `int`: INTEGER affinity.
+    Int,
+    /// `real` or `float`: REAL affinity.
+    Real,
+    /// `text`: TEXT affinity.
+    Text,
+    /// `datetime`: NUMERIC affinity (ISO-8601 text stays text, numbers stay numbers), so
+    /// SQLite's date functions work on it.
+    Datetime,
+    /// `fulltext`: TEXT, and indexed by the table's FTS5 table `<table>_fts`.
+    Fulltext,
+}
+
+impl Type {
+    fn parse(text: &str) -> Option<Type> {
+        Some(match text {
+            "int" => Type::Int,
+            "real" | "float" => Type::Real,
+            "text" => Type::Text,
+            "datetime" => Type::Datetime,
+            "fulltext" => Type::Fulltext,
+            _ => return None,
+        })
+    }
+
+    /// The SQL declared type.
+    pub fn sql(self) -> &'static str {
+        match self {
+            Type::Int => "INTEGER",
+            Type::Real => "REAL",
+            Type::Text | Type::Fulltext => "TEXT",
+            Type::Datetime => "DATETIME",
+        }
+    }
+}
+
+/// A parsed, valid schema.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Schema {
+    /// Tables by name, each with its fields by name (both in name order: column order is the
+    /// same on every node).
+    pub tables: BTreeMap<String, BTreeMap<String, Type>>,
+    /// Indexes: table, then columns.
+    pub indexes: Vec<(String, Vec<String>)>,
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic())
+        && bytes.all(|b| b == b'_' || b.is_ascii_alphanumeric())
+        && name.len() <= 64
+}
+
+impl Schema {
+    /// Parses and checks a `_schema` file. The error names the first problem found.
+    pub fn parse(bytes: &[u8]) -> Result<Schema, String> {
+        let json: Json = serde_json::from_slice(bytes)
+            .map_err(|error| format!("_schema is not valid JSON: {error}"))?;
+        let Json::Object(top) = json else {
+            return Err("_schema must be a JSON object with \"schema\" and \"indexes\"".into());
+        };
+        if let Some(key) = top.keys().find(|k| *k != "schema" && *k != "indexes") {
+            return Err(format!(
+                "_schema has an unknown key {key:?}: only \"schema\" and \"indexes\" are allowed"
+            ));
+        }
+        let Some(Json::Object(tables)) = top.get("schema") else {
+            return Err(
+                "_schema needs \"schema\": an object of tables, each an object of field: type"
+                    .into(),
+            );
+        };
+        let mut schema = Schema::default();
+        let mut lower_names = BTreeMap::new();
+        for (table, fields) in tables {
+            if !valid_name(table) {
+                return Err(format!(
+                    "table name {table:?} must match ^[A-Za-z][_a-zA-Z0-9]*$ (at most 64 characters)"
+                ));
+            }
+            if table.to_ascii_lowercase().starts_with("sqlite") {
+                return Err(format!(
+                    "table name {table:?} starts with \"sqlite\", which SQLite reserves"
+                ));
+            }
+            if let Some(other) = lower_names.insert(table.to_ascii_lowercase(), table.clone()) {
+                return Err(format!(
+                    "tables {other:?} and {table:?} differ only in case: SQL names are case-insensitive"
+                ));
+            }
+            let Json::Object(fields) = fields else {
+                return Err(format!(
+                    "table {table:?} must be an object of field: type, e.g. {{\"title\": \"text\"}}"
+                ));
+            };
+            let mut columns = BTreeMap::new();
+            let mut lower_fields = BTreeMap::new();
+            for (field, kind) in fields {
+                if !valid_name(field) {
+                    return Err(format!(
+                        "field name {field:?} of table {table:?} must match ^[A-Za-z][_a-zA-Z0-9]*$ (at most 64 characters)"
+                    ));
+                }
+                let lower = field.to_ascii_lowercase();
+                if IMPLICIT.contains(&lower.as_str()) {
+                    return Err(format!(
+                        "field {field:?} of table {table:?} is an implicit column (id, timestamp, score): every table has it already"
+                    ));
+                }
+                if let Some(other) = lower_fields.insert(lower, field.clone()) {
+                    return Err(format!(
+                        "fields {other:?} and {field:?} of table {table:?} differ only in case"
+                    ));
+                }
+                let kind = kind.as_str().and_then(Type::parse).ok_or_else(|| {
+                    format!(
+                        "field {field:?} of table {table:?} has type {kind}: use int, real (or float), text, datetime or fulltext"
+                    )
+                })?;
+                columns.insert(field.clone(), kind);
+            }
+            schema.tables.insert(table.clone(), columns);
+        }
+        for (table, fields) in &schema.tables {
+            let fts = format!("{table}{FTS_SUFFIX}").to_ascii_lowercase();
+            if fields.values().any(|t| *t == Type::Fulltext) {
+                if let Some(other) = lower_names.get(&fts) {
+                    return Err(format!(
+                        "table {other:?} has the name of table {table:?}'s full-text index: rename one"
+                    ));
+                }
+            }
+        }
+        match top.get("indexes") {
+            None | Some(Json::Null) => {}
+            Some(Json::Array(indexes)) => {
+                for (n, index) in indexes.iter().enumerate() {
+                    schema.indexes.push(parse_index(&schema, n, index)?);
+                }
+            }
+            Some(_) => {
+                return Err("\"indexes\" must be a list of [table, column, ...] lists".into())
+            }
+        }
+        Ok(schema)
+    }
+
+    /// The SQL statements that create every table and index of the schema.
+    pub fn create_statements(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (table, fields) in &self.tables {
+            let mut columns = vec![
+                "id TEXT PRIMARY KEY NOT NULL".to_string(),
+                "timestamp INTEGER NOT NULL".to_string(),
+                "score INTEGER NOT NULL".to_string(),
+            ];
+            columns.extend(fields.iter().map(|(f, t)| format!("\"{f}\" {}", t.sql())));
+            out.push(format!("CREATE TABLE \"{table}\" ({})", columns.join(", ")));
+            if fields.values().any(|t| *t == Type::Fulltext) {
+                let columns: Vec<String> = IMPLICIT
+                    .iter()
+                    .map(|c| format!("{c} UNINDEXED"))
+                    .chain(fields.iter().map(|(f, t)| match t {
+                        Type::Fulltext => format!("\"{f}\""),
+                        _ => format!("\"{f}\" UNINDEXED"),
+                    }))
+                    .collect();
+                out.push(format!(
+                    "CREATE VIRTUAL TABLE \"{table}{FTS_SUFFIX}\" USING fts5({}, content='{table}', content_rowid='rowid')",
+                    columns.join(", ")
+                ));
+            }
+        }
+        for (n, (table, columns)) in self.indexes.iter().enumerate() {
+            let quoted: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
+            out.push(format!(
+                "CREATE INDEX \"_quire_index_{n}_{table}\" ON \"{table}\" ({})",
+                quoted.join(", ")
+            ));
+        }
+        out
+    }
+
+    /// Names of the SQL tables the schema creates (FTS tables first, so dropping in this order
+    /// works).
+    pub fn table_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .tables
+            .iter()
+            .filter(|(_, fields)| fields.values().any(|t| *t == Type::Fulltext))
+            .map(|(table, _)| format!("{table}{FTS_SUFFIX}"))
+            .collect();
+        out.extend(self.tables.keys().cloned());
+        out
+    }
+}
+
+fn parse_index(schema: &Schema, n: usize, index: &Json) -> Result<(String, Vec<String>), String> {
+    let parts: Option<Vec<&str>> = index
+        .as_array()
+        .map(|parts| parts.iter().map(Json::as_str).collect())
+        .unwrap_or(None);
+    let parts = match parts {
+        Some(parts) if parts.len() >= 2 => parts,
+        _ => {
+            return Err(format!(
+                "index {n} ({index}) must be a list of strings: the table, then one or more columns"
+            ))
+        }
+    };
+    let table = parts[0];
+    let Some(fields) = schema.tables.get(table) else {
+        return Err(format!(
+            "index {n} names table {table:?}, which the schema does not define"
+        ));
+    };
+    let mut columns = Vec::new();
+    for column in &parts[1..] {
+        if !fields.contains_key(*column) && !IMPLICIT.contains(column) {
+            return Err(format!(
+                "index {n} names column {column:?}, which table {table:?} does not have"
+            ));
+        }
+        if columns.iter().any(|c: &String| c == column) {
+            return Err(format!("index {n} names column {column:?} twice"));
+        }
+        columns.push(column.to_string());
+    }
+    Ok((table.to_string(), columns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flock_example_parses() {
+        let schema = Schema::parse(
+            br#"{"schema": {"user": {"handle": "text", "pub_key": "text"},
+                 "post": {"user_id": "text", "title": "fulltext", "text": "fulltext", "votes": "float", "at": "datetime"}},
+                 "indexes": [["user", "handle"], ["post", "timestamp"], ["post", "score", "user_id"]]}"#,
+        )
+        .unwrap();
+        assert_eq!(schema.tables["post"]["votes"], Type::Real);
+        assert_eq!(schema.indexes[2].1, vec!["score", "user_id"]);
+        assert_eq!(schema.table_names(), vec!["post_fts", "post", "user"]);
+        let statements = schema.create_statements().join(";\n");
+        let db = rusqlite::Connection::open_in_memory().unwrap();
+        db.execute_batch(&statements).unwrap();
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        for (bad, says) in [
+            ("[]", "JSON object"),
+            ("{", "not valid JSON"),
+            (r#"{"tables": {}}"#, "unknown key \"tables\""),
+            (r#"{"indexes": []}"#, "needs \"schema\""),
+            (r#"{"schema": {"1t": {}}}"#, "must match"),
+            (r#"{"schema": {"t-t": {}}}"#, "must match"),
+            (r#"{"schema": {"sqlite_x": {}}}"#, "reserves"),
+            (r#"{"schema": {"t": {}, "T": {}}}"#, "differ only in case"),
+            (r#"{"schema": {"t": []}}"#, "must be an object"),
+            (r#"{"schema": {"t": {"a b": "int"}}}"#, "must match"),
+            (r#"{"schema": {"t": {"ID": "int"}}}"#, "implicit column"),
+            (r#"{"schema": {"t": {"score": "int"}}}"#, "implicit column"),
+            (r#"{"schema": {"t": {"a": "blob"}}}"#, "has type \"blob\""),
+            (r#"{"schema": {"t": {"a": 1}}}"#, "has type 1"),
+            (
+                r#"{"schema": {"t": {"a": "fulltext"}, "t_fts": {}}}"#,
+                "full-text index",
+            ),
+            (r#"{"schema": {"t": {}}, "indexes": {}}"#, "must be a list"),
+            (
+                r#"{"schema": {"t": {}}, "indexes": [["t"]]}"#,
+                "one or more columns",
+            ),
+            (
+                r#"{"schema": {"t": {}}, "indexes": [["u", "id"]]}"#,
+                "does not define",
+            ),
+            (
+                r#"{"schema": {"t": {}}, "indexes": [["t", "x"]]}"#,
+                "does not have",
+            ),
+            (
+                r#"{"schema": {"t": {}}, "indexes": [["t", "id", "id"]]}"#,
+                "twice",
+            ),
+        ] {
+            let error = Schema::parse(bad.as_bytes()).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
+}
