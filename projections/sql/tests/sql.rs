@@ -127,7 +127,7 @@ fn records_are_mapped_remapped_and_typed() {
         r#"{"_table": "t", "foo": 10, "bar": "hello", "extra": true}"#,
     );
     // Before any schema: kept, in no table.
-    copy.apply(&[first.clone()]);
+    copy.apply(std::slice::from_ref(&first));
     assert!(
         matches!(copy.query("SELECT * FROM t", Params::default()), Err(QueryError::Invalid(m)) if m.contains("no tables yet"))
     );
