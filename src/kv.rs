@@ -10,10 +10,8 @@
 // Service code returns tonic's `Status` as server.rs does.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,8 +25,9 @@ use tonic::{Request, Response, Status};
 use crate::log::subscribe::LogEvent;
 use crate::log::{Draft, Log, NewScribe, Origin};
 use crate::pb;
+use crate::projection::readers::{Readers, TakeError};
 use crate::projection::Projections;
-use crate::server::{append_status, projections_status, store_status};
+use crate::server::{append_status, projections_status, store_status, wait_status};
 
 /// How long a write waits for this node's table to include it.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,8 +38,7 @@ const SCAN_LIMIT: usize = 10_000;
 #[derive(Clone)]
 pub struct KvService {
     log: Log,
-    projections: Projections,
-    readers: Arc<Mutex<HashMap<PathBuf, Arc<Mutex<Reader>>>>>,
+    readers: Readers<Reader>,
 }
 
 impl std::fmt::Debug for KvService {
@@ -83,8 +81,7 @@ impl KvService {
     pub fn new(log: Log, projections: Projections) -> KvService {
         KvService {
             log,
-            projections,
-            readers: Arc::new(Mutex::new(HashMap::new())),
+            readers: Readers::new(NAME, projections, Reader::open),
         }
     }
 
@@ -106,46 +103,25 @@ impl KvService {
         let mut last_error = None;
         // A rebuild may swap the copy between finding its directory and reading it: try again.
         for _ in 0..3 {
-            let (dir, _) = self
-                .projections
-                .live(NAME, stream)
-                .map_err(|error| projections_status(&error))?;
-            let reader = {
-                let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-                match readers.get(&dir) {
-                    Some(reader) => reader.clone(),
-                    None => {
-                        readers.retain(|path, _| path.exists());
-                        match Reader::open(&dir) {
-                            Ok(reader) => {
-                                let reader = Arc::new(Mutex::new(reader));
-                                readers.insert(dir.clone(), reader.clone());
-                                reader
-                            }
-                            Err(error) => {
-                                last_error = Some(error);
-                                continue;
-                            }
-                        }
-                    }
+            let mut loan = match self.readers.take(stream) {
+                Ok(loan) => loan,
+                Err(TakeError::Projections(error)) => return Err(projections_status(&error)),
+                Err(error) => {
+                    last_error = Some(error.to_string());
+                    continue;
                 }
             };
-            // One lock per copy: readers of other streams never wait for this one.
-            let result = read(&mut reader.lock().unwrap_or_else(|p| p.into_inner()));
-            match result {
-                Ok(value) => return Ok(value),
-                Err(error) => {
-                    self.readers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&dir);
-                    last_error = Some(error);
+            match read(&mut loan.reader) {
+                Ok(value) => {
+                    self.readers.give(loan);
+                    return Ok(value);
                 }
+                Err(error) => last_error = Some(error.to_string()),
             }
         }
         Err(internal(format!(
             "reading the kv table: {}",
-            last_error.map(|e| e.to_string()).unwrap_or_default()
+            last_error.unwrap_or_default()
         )))
     }
 
@@ -155,19 +131,10 @@ impl KvService {
 
     /// Waits until this node's table has seen the log up to `seq`.
     async fn wait_applied(&self, stream: &StreamId, seq: u64) -> Result<(), Status> {
-        let (_, mut applied) = self
-            .projections
-            .live(NAME, stream)
-            .map_err(|error| projections_status(&error))?;
-        let waited =
-            tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|applied| *applied >= seq)).await;
-        match waited.map(|result| result.map(|_| ())) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Status::unavailable("the node is shutting down")),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "written at seq {seq}, but the kv table has not applied it within {APPLY_TIMEOUT:?}; `quire projections` shows why"
-            ))),
-        }
+        self.readers
+            .wait_applied(stream, seq, APPLY_TIMEOUT)
+            .await
+            .map_err(|error| wait_status(&error))
     }
 
     /// Checks, appends and waits for `ops`; returns the entries after them.

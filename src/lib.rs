@@ -16,7 +16,10 @@
 //!   consumers) and the offline rebuild and replay.
 //! - [`replication`]: peers exchange scribes (sans-IO [`replication::session`], its tonic
 //!   driver [`replication::connection`], dial loops and joins).
-//! - [`server`]: the gRPC client API (thin service impls, one error-to-status mapping).
+//! - [`server`]: the gRPC client API (thin service impls, one error-to-status mapping), and the
+//!   one listener's routing of gRPC and HTTP by content type.
+//! - [`sql`]: the `Sql` gRPC service and the record / query operations it shares with HTTP.
+//! - [`http`]: the flock-compatible HTTP API.
 //! - [`node`]: a whole node: open, serve until a shutdown future completes, close.
 //! - [`verify`]: offline verification of a data directory.
 //! - [`cli`]: the `quire` command line.
@@ -24,6 +27,7 @@
 pub mod cli;
 pub mod convert;
 pub mod hlc;
+pub mod http;
 pub mod identity;
 pub mod kv;
 pub mod log;
@@ -33,6 +37,7 @@ pub mod projection;
 pub mod replication;
 pub mod scribe;
 pub mod server;
+pub mod sql;
 pub mod verify;
 
 pub use quire_projection_api as api;

@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub peers: Vec<String>,
     /// The projectors to run.
     pub registry: Registry,
+    /// Time and row limits of SQL queries.
+    pub sql_limits: quire_projection_sql::Limits,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -42,6 +44,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("sync", &self.sync)
             .field("peers", &self.peers)
             .field("registry", &self.registry)
+            .field("sql_limits", &self.sql_limits)
             .finish()
     }
 }
@@ -55,6 +58,7 @@ impl NodeConfig {
             wall: None,
             peers: Vec::new(),
             registry: Registry::builtin(),
+            sql_limits: quire_projection_sql::Limits::default(),
         }
     }
 }
@@ -141,9 +145,15 @@ pub async fn serve(
     let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
-    let api_server = Api::new(log.clone(), replicator.clone(), projections.clone(), facts)
-        .router()
-        .await
+    let sql = crate::sql::SqlService::new(log.clone(), projections.clone(), config.sql_limits);
+    let api_server = tonic::transport::Server::builder()
+        // HTTP/1.1 for the HTTP API (browsers, curl); gRPC clients speak HTTP/2.
+        .accept_http1(true)
+        .add_routes(
+            Api::new(log.clone(), replicator.clone(), projections.clone(), facts)
+                .routes(sql)
+                .await,
+        )
         .serve_with_incoming_shutdown(no_delay(api), stopped(stop_rx.clone()));
     let peer_server = async {
         match peer {

@@ -24,6 +24,7 @@ use crate::log::store::StoreError;
 use crate::log::subscribe::LogEvent;
 use crate::log::{AppendError, Appended, Draft, Log, NewScribe, Origin};
 use crate::pb;
+use crate::projection::readers::WaitError;
 use crate::projection::{Projections, ProjectionsError};
 use crate::replication::{ReplicationError, Replicator};
 
@@ -44,6 +45,7 @@ pub fn append_status(error: &AppendError) -> Status {
         AppendError::Scribe(_)
         | AppendError::WrongStream { .. }
         | AppendError::BadGenesis(_)
+        | AppendError::BadPayload { .. }
         | AppendError::ParentInOtherStream { .. } => Code::InvalidArgument,
         AppendError::UnknownStream(_) | AppendError::UnknownParent { .. } => Code::NotFound,
         AppendError::PermissionDenied { .. } | AppendError::MissingWork { .. } => {
@@ -81,6 +83,15 @@ pub fn projections_status(error: &ProjectionsError) -> Status {
         ProjectionsError::Damaged(_) => Status::data_loss(error.to_string()),
         ProjectionsError::Store(store) => store_status(store),
         _ => Status::internal(error.to_string()),
+    }
+}
+
+/// The status for a wait on a projection that ended without the seq applied.
+pub fn wait_status(error: &WaitError) -> Status {
+    match error {
+        WaitError::Projections(error) => projections_status(error),
+        WaitError::ShuttingDown => Status::unavailable("the node is shutting down"),
+        WaitError::Timeout { .. } => Status::deadline_exceeded(error.to_string()),
     }
 }
 
@@ -182,8 +193,9 @@ impl Api {
         }
     }
 
-    /// Every service of the client API, ready to add to a tonic router.
-    pub async fn router(self) -> tonic::transport::server::Router {
+    /// Every service of the client API over gRPC, and the HTTP API, on one set of routes: a
+    /// request whose content type is `application/grpc…` goes to gRPC, any other to HTTP.
+    pub async fn routes(self, sql: crate::sql::SqlService) -> tonic::service::Routes {
         let (mut reporter, health_service) = tonic_health::server::health_reporter();
         reporter
             .set_serving::<pb::log_server::LogServer<Api>>()
@@ -200,6 +212,9 @@ impl Api {
         reporter
             .set_serving::<pb::kv_server::KvServer<crate::kv::KvService>>()
             .await;
+        reporter
+            .set_serving::<pb::sql_server::SqlServer<crate::sql::SqlService>>()
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -210,8 +225,9 @@ impl Api {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .expect("quire's descriptor set is valid");
-        tonic::transport::Server::builder()
-            .add_service(health_service)
+        let http = crate::http::router(self.clone(), sql.clone());
+        let mut grpc = tonic::service::Routes::builder();
+        grpc.add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
@@ -233,11 +249,31 @@ impl Api {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
+            .add_service(pb::sql_server::SqlServer::new(sql))
             .add_service(
                 pb::admin_server::AdminServer::new(self)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
+            );
+        let grpc = grpc.routes().into_axum_router();
+        let dispatch = tower::service_fn(move |request: axum::extract::Request| {
+            let grpc = grpc.clone();
+            let http = http.clone();
+            async move {
+                use tower::ServiceExt;
+                let is_grpc = request
+                    .headers()
+                    .get(axum::http::header::CONTENT_TYPE)
+                    .and_then(|value| value.to_str().ok())
+                    .is_some_and(|value| value.starts_with("application/grpc"));
+                if is_grpc {
+                    grpc.oneshot(request).await
+                } else {
+                    http.oneshot(request).await
+                }
+            }
+        });
+        tonic::service::Routes::from(axum::Router::new().fallback_service(dispatch))
     }
 }
 

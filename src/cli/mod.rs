@@ -19,6 +19,7 @@ use crate::projection::Registry;
 
 mod kv;
 mod projections;
+mod sql;
 use crate::server::MAX_MESSAGE_BYTES;
 use projections::{DigestArgs, QuarantineCommand, RebuildArgs, ReplayArgs};
 
@@ -90,6 +91,9 @@ pub enum Command {
     /// The key/value table of a stream: get, set, delete, scan and watch keys.
     #[command(subcommand)]
     Kv(kv::KvCommand),
+    /// The SQLite tables of a stream: run read-only queries, add records, publish the schema.
+    #[command(subcommand)]
+    Sql(sql::SqlCommand),
 }
 
 /// `quire serve`.
@@ -98,7 +102,8 @@ pub struct ServeArgs {
     /// Data directory (created if missing). Default: $XDG_DATA_HOME/quire or ~/.local/share/quire.
     #[arg(short = 'd', long = "data-dir", env = "QUIRE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address of the client API (gRPC). Keep it on loopback: it can append as the node.
+    /// Address of the client API: gRPC and the HTTP API share it, told apart by content type.
+    /// Keep it on loopback: it can append as the node.
     #[arg(long, env = "QUIRE_API", default_value = DEFAULT_API)]
     pub api: SocketAddr,
     /// fsync every group commit, so acknowledged appends survive power loss (not only a crash).
@@ -116,6 +121,12 @@ pub struct ServeArgs {
     /// directory like `quire peer add`.
     #[arg(long = "peer", value_name = "HOST:PORT")]
     pub peers: Vec<String>,
+    /// Time limit of one SQL query (gRPC Sql.Query, HTTP /<tid>/query), in milliseconds.
+    #[arg(long, env = "QUIRE_SQL_TIME_LIMIT_MS", default_value_t = 2000)]
+    pub sql_time_limit_ms: u64,
+    /// Most rows one SQL query may return; a query with more is refused.
+    #[arg(long, env = "QUIRE_SQL_MAX_ROWS", default_value_t = 10_000)]
+    pub sql_max_rows: usize,
 }
 
 /// `quire join`.
@@ -273,6 +284,7 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         Command::Digest(args) => projections::digest(&node_url, args).await?,
         Command::Quarantine(command) => projections::quarantine(&node_url, command).await?,
         Command::Kv(command) => return kv::run(&node_url, command).await,
+        Command::Sql(command) => sql::run(&node_url, command).await?,
         Command::Verify(args) => return verify(args),
         Command::Stream(command) => stream(&node_url, command).await?,
         Command::Append(args) => append(&node_url, args).await?,
@@ -321,6 +333,10 @@ async fn serve(args: ServeArgs, registry: Registry) -> Result<()> {
         wall: None,
         peers: args.peers.clone(),
         registry,
+        sql_limits: quire_projection_sql::Limits {
+            time: std::time::Duration::from_millis(args.sql_time_limit_ms),
+            rows: args.sql_max_rows,
+        },
     };
     let log = node::open_log(&config)
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;

@@ -137,6 +137,14 @@ pub enum AppendError {
         /// The stream.
         stream: StreamId,
     },
+    /// A built-in kind's payload breaks its rules (a file path, the `_schema`).
+    #[error("{kind} scribe refused: {reason}")]
+    BadPayload {
+        /// The scribe's kind.
+        kind: Kind,
+        /// What is wrong, in words that say what to fix.
+        reason: String,
+    },
     /// A genesis scribe's payload is not a valid `StreamGenesis`.
     #[error("bad stream genesis: {0}")]
     BadGenesis(String),
@@ -1026,6 +1034,12 @@ fn admit(
                 stream: stream_id,
             });
         }
+        check_payload(&scribe.body.kind, &scribe.body.payload).map_err(|reason| {
+            AppendError::BadPayload {
+                kind: scribe.body.kind.clone(),
+                reason,
+            }
+        })?;
         if scribe.body.kind == Kind::RecordAdd && state.policy.work_bits > 0 {
             let has = leading_zero_bits(&scribe.body_hash);
             if has < state.policy.work_bits {
@@ -1098,4 +1112,27 @@ fn stored_stream_of(shared: &Shared, id: &ScribeId) -> Result<Option<StreamId>, 
     let (scribe, _) = Scribe::decode_unverified(entry.bytes)
         .map_err(|error| AppendError::Storage(error.to_string()))?;
     Ok(Some(scribe.stream_id()))
+}
+
+/// The rules of built-in payloads every node checks, for local appends and scribes from peers
+/// alike: a file scribe's payload decodes and its path is valid; a `_schema` is JSON content
+/// that the SQLite projection accepts.
+pub fn check_payload(kind: &Kind, payload: &[u8]) -> Result<(), String> {
+    use quire_projection_api::files::{FileChange, SCHEMA_PATH};
+    if let Some(FileChange::Put {
+        path,
+        content_type,
+        data,
+    }) = FileChange::decode(kind, payload)?
+    {
+        if path == SCHEMA_PATH {
+            if content_type.split(';').next().map(str::trim) != Some("application/json") {
+                return Err(format!(
+                    "{SCHEMA_PATH} must have content type application/json, not {content_type:?}"
+                ));
+            }
+            quire_projection_sql::Schema::parse(&data)?;
+        }
+    }
+    Ok(())
 }

@@ -12,6 +12,7 @@
 //! reports after it is opened.
 
 mod consumers;
+pub mod readers;
 mod slot;
 mod view;
 
@@ -95,9 +96,12 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// The projectors built into quire: `kv` (the key/value table of each stream).
+    /// The projectors built into quire: `kv` (the key/value table of each stream) and `sql`
+    /// (each stream's records in SQLite tables).
     pub fn builtin() -> Registry {
-        Registry::default().with(quire_projection_kv::Kv)
+        Registry::default()
+            .with(quire_projection_kv::Kv)
+            .with(quire_projection_sql::Sql)
     }
 
     /// Adds `plugin`.

@@ -40,12 +40,13 @@ use quire_projection_api::{
     hlc_millis, ApplyError, Kind, Place, Plugin, ProjectionError, Projector, Scope, Scribe,
     ScribeId,
 };
-use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 pub use query::{Limits, Params, QueryError, Reader, Rows};
+/// A SQL value (rusqlite's).
+pub use rusqlite::types::Value;
 pub use schema::{Schema, Type};
 
 /// The projection's name.

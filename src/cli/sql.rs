@@ -1,0 +1,181 @@
+//! `quire sql query|add|schema`: the SQLite tables of a stream from the command line.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::Subcommand;
+use quire_projection_api::files::{FileChange, CONTENT_TYPE, SCHEMA_PATH};
+use quire_projection_api::{Kind, StreamId};
+
+use super::{channel, status_error};
+use crate::pb;
+use crate::server::MAX_MESSAGE_BYTES;
+
+/// `quire sql ...`.
+#[derive(Debug, Subcommand)]
+pub enum SqlCommand {
+    /// Run one read-only SQL statement on a stream's tables; prints a header line of column names,
+    /// then one line per row, values separated by tabs (NULL for null; `--json` for JSON lines).
+    Query {
+        /// The stream.
+        stream: StreamId,
+        /// One SELECT statement (or a schema-reading PRAGMA such as `PRAGMA table_info(t)`).
+        sql: String,
+        /// A value for the next `?` parameter, as JSON (`10`, `"text"`, `null`); repeatable.
+        #[arg(short, long = "param", value_name = "JSON")]
+        params: Vec<String>,
+        /// Print each row as a JSON list, without the header.
+        #[arg(long)]
+        json: bool,
+        /// Wait until the tables include the log up to this local seq.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Add a record (a JSON object whose `_table` names its table), signed by the node with the
+    /// work token the stream asks for; prints its id and local seq.
+    Add {
+        /// The stream.
+        stream: StreamId,
+        /// The record, e.g. '{"_table": "post", "title": "hello"}'.
+        record: String,
+    },
+    /// Publish a `_schema` file (the stream owner's node only): tables, field types and indexes.
+    /// The node refuses an invalid schema and says why; a valid one remaps every record.
+    Schema {
+        /// The stream.
+        stream: StreamId,
+        /// The schema file (JSON), e.g. {"schema": {"post": {"title": "fulltext"}}, "indexes": []}.
+        file: PathBuf,
+    },
+}
+
+fn value_from_json(text: &str) -> Result<pb::SqlValue> {
+    use pb::sql_value::Value as V;
+    let json: serde_json::Value = serde_json::from_str(text)
+        .with_context(|| format!("--param {text:?} is not JSON: quote text as '\"text\"'"))?;
+    let value = match json {
+        serde_json::Value::Null => V::Null(true),
+        serde_json::Value::Bool(b) => V::Integer(b as i64),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => V::Integer(i),
+            None => V::Real(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => V::Text(s),
+        nested => V::Text(nested.to_string()),
+    };
+    Ok(pb::SqlValue { value: Some(value) })
+}
+
+fn value_text(value: &pb::SqlValue, json: bool) -> serde_json::Value {
+    use pb::sql_value::Value as V;
+    match &value.value {
+        None | Some(V::Null(_)) if json => serde_json::Value::Null,
+        None | Some(V::Null(_)) => serde_json::Value::String("NULL".into()),
+        Some(V::Integer(i)) => (*i).into(),
+        Some(V::Real(r)) => {
+            serde_json::Number::from_f64(*r).map_or(serde_json::Value::Null, Into::into)
+        }
+        Some(V::Text(t)) => t.clone().into(),
+        Some(V::Blob(b)) => hex::encode(b).into(),
+    }
+}
+
+/// Runs a `quire sql` command against the node at `url`.
+pub async fn run(url: &str, command: SqlCommand) -> Result<()> {
+    let channel = channel(url).await?;
+    match command {
+        SqlCommand::Query {
+            stream,
+            sql,
+            params,
+            json,
+            after,
+        } => {
+            let params = params
+                .iter()
+                .map(|p| value_from_json(p))
+                .collect::<Result<Vec<_>>>()?;
+            let reply = pb::sql_client::SqlClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .query(pb::SqlQueryRequest {
+                    stream: Bytes::copy_from_slice(stream.as_bytes()),
+                    sql,
+                    params,
+                    named: Default::default(),
+                    after_seq: after,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if !json {
+                println!("{}", reply.columns.join("\t"));
+            }
+            for row in &reply.rows {
+                let values: Vec<serde_json::Value> =
+                    row.values.iter().map(|v| value_text(v, json)).collect();
+                if json {
+                    println!("{}", serde_json::Value::Array(values));
+                } else {
+                    let cells: Vec<String> = values
+                        .iter()
+                        .map(|v| match v {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        })
+                        .collect();
+                    println!("{}", cells.join("\t"));
+                }
+            }
+        }
+        SqlCommand::Add { stream, record } => {
+            let reply = append(
+                channel,
+                stream,
+                Kind::RecordAdd,
+                "application/json",
+                record.into_bytes(),
+            )
+            .await?;
+            println!("{} seq {}", hex::encode(&reply.id), reply.seq);
+        }
+        SqlCommand::Schema { stream, file } => {
+            let data = std::fs::read(&file)
+                .with_context(|| format!("cannot read schema file {}", file.display()))?;
+            let (kind, payload) = FileChange::Put {
+                path: SCHEMA_PATH.into(),
+                content_type: "application/json".into(),
+                data,
+            }
+            .encode();
+            let reply = append(channel, stream, kind, CONTENT_TYPE, payload).await?;
+            println!(
+                "_schema published: {} seq {}",
+                hex::encode(&reply.id),
+                reply.seq
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn append(
+    channel: tonic::transport::Channel,
+    stream: StreamId,
+    kind: Kind,
+    content_type: &str,
+    payload: Vec<u8>,
+) -> Result<pb::AppendReply> {
+    Ok(pb::log_client::LogClient::new(channel)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        .append(pb::AppendRequest {
+            stream: Bytes::copy_from_slice(stream.as_bytes()),
+            kind: kind.to_string(),
+            content_type: content_type.into(),
+            payload: Bytes::from(payload),
+            parents: Vec::new(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}

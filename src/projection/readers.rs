@@ -1,0 +1,160 @@
+//! Pooled read-only connections to the live copies of a per-stream projection, for the services
+//! that answer reads from them (`Kv`, `Sql`).
+//!
+//! A reader belongs to one copy's directory. [`Readers::take`] finds the stream's live copy
+//! now (a rebuild may have swapped in a new one since the last read), and hands out an idle
+//! reader of that copy or opens one; [`Readers::give`] returns it. Readers of retired copies are
+//! dropped when next noticed, so a swapped-out copy's files are closed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use quire_projection_api::{ProjectionError, StreamId};
+
+use super::{Projections, ProjectionsError};
+
+/// Idle readers kept per copy.
+const MAX_IDLE: usize = 8;
+
+/// A pool of readers of type `R` for the projection `name`.
+pub struct Readers<R> {
+    name: &'static str,
+    projections: Projections,
+    open: fn(&Path) -> Result<R, ProjectionError>,
+    idle: Arc<Mutex<HashMap<PathBuf, Vec<R>>>>,
+}
+
+impl<R> Clone for Readers<R> {
+    fn clone(&self) -> Self {
+        Readers {
+            name: self.name,
+            projections: self.projections.clone(),
+            open: self.open,
+            idle: self.idle.clone(),
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for Readers<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readers").field("name", &self.name).finish()
+    }
+}
+
+/// Why no reader could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    /// The stream has no copy (unknown stream, or not opened yet).
+    #[error(transparent)]
+    Projections(#[from] ProjectionsError),
+    /// The copy could not be opened.
+    #[error("opening the {name} table: {source}")]
+    Open {
+        /// The projection.
+        name: &'static str,
+        /// Why.
+        source: ProjectionError,
+    },
+}
+
+/// A reader on loan, and the copy it reads.
+#[derive(Debug)]
+pub struct Loan<R> {
+    /// The reader.
+    pub reader: R,
+    dir: PathBuf,
+}
+
+impl<R> Readers<R> {
+    /// A pool for projection `name`, opening readers with `open(copy directory)`.
+    pub fn new(
+        name: &'static str,
+        projections: Projections,
+        open: fn(&Path) -> Result<R, ProjectionError>,
+    ) -> Readers<R> {
+        Readers {
+            name,
+            projections,
+            open,
+            idle: Arc::default(),
+        }
+    }
+
+    /// The projections this pool reads.
+    pub fn projections(&self) -> &Projections {
+        &self.projections
+    }
+
+    /// A reader of `stream`'s live copy.
+    pub fn take(&self, stream: &StreamId) -> Result<Loan<R>, TakeError> {
+        let (dir, _) = self.projections.live(self.name, stream)?;
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(reader) = idle.get_mut(&dir).and_then(Vec::pop) {
+                return Ok(Loan { reader, dir });
+            }
+            // A new copy may have been swapped in: forget readers of removed ones.
+            idle.retain(|path, _| path.exists());
+        }
+        let reader = (self.open)(&dir).map_err(|source| TakeError::Open {
+            name: self.name,
+            source,
+        })?;
+        Ok(Loan { reader, dir })
+    }
+
+    /// Returns a reader after use (drop a loan instead if its reader failed).
+    pub fn give(&self, loan: Loan<R>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let readers = idle.entry(loan.dir).or_default();
+        if readers.len() < MAX_IDLE {
+            readers.push(loan.reader);
+        }
+    }
+}
+
+/// Why a wait for a copy to apply a seq ended without it.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// The stream has no copy.
+    #[error(transparent)]
+    Projections(#[from] ProjectionsError),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// The copy did not reach the seq in time.
+    #[error("written at seq {seq}, but the {name} table has not applied it within {timeout:?}; `quire projections` shows why")]
+    Timeout {
+        /// The projection.
+        name: &'static str,
+        /// The seq waited for.
+        seq: u64,
+        /// How long.
+        timeout: std::time::Duration,
+    },
+}
+
+impl<R> Readers<R> {
+    /// Waits until `stream`'s live copy has applied the log up to `seq`.
+    pub async fn wait_applied(
+        &self,
+        stream: &StreamId,
+        seq: u64,
+        timeout: std::time::Duration,
+    ) -> Result<(), WaitError> {
+        let (_, mut applied) = self.projections.live(self.name, stream)?;
+        let waited = tokio::time::timeout(timeout, applied.wait_for(|applied| *applied >= seq))
+            .await
+            .map(|result| result.map(|_| ()));
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WaitError::ShuttingDown),
+            Err(_) => Err(WaitError::Timeout {
+                name: self.name,
+                seq,
+                timeout,
+            }),
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The `Sql` gRPC service, and the record and query operations the HTTP API shares with it:
+//! read-only SQL over each stream's tables (the built-in `sql` projector, `projections/sql`),
+//! and node-signed `record.add` appends answered once this node's tables include them.
+//!
+//! Queries run on pooled read-only connections to the live copy, off the async executor, under
+//! the node's time and row limits ([`Limits`], `quire serve --sql-time-limit-ms / --sql-max-rows`).
+
+// Service code returns tonic's `Status` as server.rs does.
+#![allow(clippy::result_large_err)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use quire_projection_api::{Kind, StreamId};
+use quire_projection_sql::{
+    Limits, Params, QueryError, Reader, Rows, Value, NAME, RECORD_CONTENT_TYPE,
+};
+use tonic::{Request, Response, Status};
+
+use crate::log::{Appended, Draft, Log, NewScribe};
+use crate::pb;
+use crate::projection::readers::{Readers, TakeError};
+use crate::projection::Projections;
+use crate::server::{append_status, projections_status, wait_status};
+
+/// How long a write or an `after_seq` waits for this node's tables to include it.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SQL operations of one node.
+#[derive(Clone, Debug)]
+pub struct SqlService {
+    log: Log,
+    readers: Readers<Reader>,
+    limits: Limits,
+}
+
+/// The status for a refused or failed query.
+pub fn query_status(error: &QueryError) -> Status {
+    let message = error.to_string();
+    match error {
+        QueryError::Refused(_) => Status::permission_denied(message),
+        QueryError::Invalid(_) => Status::invalid_argument(message),
+        QueryError::TimeLimit(_) => Status::deadline_exceeded(message),
+        QueryError::RowLimit(_) => Status::resource_exhausted(message),
+        QueryError::Storage(_) => Status::internal(message),
+    }
+}
+
+impl SqlService {
+    /// The service over `log`'s streams and their `sql` projections.
+    pub fn new(log: Log, projections: Projections, limits: Limits) -> SqlService {
+        SqlService {
+            log,
+            readers: Readers::new(NAME, projections, Reader::open),
+            limits,
+        }
+    }
+
+    /// The stream named by `bytes`, if this node holds it.
+    pub fn stream(&self, bytes: &[u8]) -> Result<StreamId, Status> {
+        let stream = crate::convert::id_field(bytes, "stream").map_err(Status::invalid_argument)?;
+        self.held(stream)
+    }
+
+    /// `stream`, if this node holds it.
+    pub fn held(&self, stream: StreamId) -> Result<StreamId, Status> {
+        match self.log.stream(&stream) {
+            Some(_) => Ok(stream),
+            None => Err(Status::not_found(format!(
+                "stream {stream} is not held by this node: create it, or join it and add a peer that holds it"
+            ))),
+        }
+    }
+
+    /// Runs one read-only statement on `stream`'s tables, once they include the log up to
+    /// `after_seq`.
+    pub async fn query(
+        &self,
+        stream: StreamId,
+        sql: String,
+        params: Params,
+        after_seq: u64,
+    ) -> Result<Rows, Status> {
+        if after_seq > 0 {
+            self.readers
+                .wait_applied(&stream, after_seq, APPLY_TIMEOUT)
+                .await
+                .map_err(|error| wait_status(&error))?;
+        }
+        let readers = self.readers.clone();
+        let limits = self.limits;
+        tokio::task::spawn_blocking(move || {
+            let mut loan = readers.take(&stream).map_err(|error| match error {
+                TakeError::Projections(error) => projections_status(&error),
+                other => Status::internal(other.to_string()),
+            })?;
+            let result = loan.reader.query(&sql, &params, limits);
+            if !matches!(result, Err(QueryError::Storage(_))) {
+                readers.give(loan);
+            }
+            result.map_err(|error| query_status(&error))
+        })
+        .await
+        .map_err(|error| Status::internal(format!("query task failed: {error}")))?
+    }
+
+    /// Appends a node-signed `record.add` of `record` (a JSON object with a string `_table`) to
+    /// `stream`, computing the work token its policy asks for, and waits until this node's
+    /// tables include it.
+    pub async fn add_record(&self, stream: StreamId, record: Bytes) -> Result<Appended, Status> {
+        if quire_projection_sql::parse_record(&record).is_none() {
+            return Err(Status::invalid_argument(
+                "a record must be a JSON object with a string \"_table\" naming its table",
+            ));
+        }
+        let appended = self
+            .log
+            .append_one(Draft::New(NewScribe {
+                stream: Some(stream),
+                kind: Kind::RecordAdd,
+                content_type: RECORD_CONTENT_TYPE.into(),
+                payload: record,
+                parents: Vec::new(),
+            }))
+            .await
+            .map_err(|error| append_status(&error))?;
+        self.readers
+            .wait_applied(&stream, appended.seq, APPLY_TIMEOUT)
+            .await
+            .map_err(|error| wait_status(&error))?;
+        Ok(appended)
+    }
+}
+
+fn value_from_proto(value: pb::SqlValue) -> Value {
+    use pb::sql_value::Value as V;
+    match value.value {
+        None | Some(V::Null(_)) => Value::Null,
+        Some(V::Integer(i)) => Value::Integer(i),
+        Some(V::Real(r)) => Value::Real(r),
+        Some(V::Text(t)) => Value::Text(t),
+        Some(V::Blob(b)) => Value::Blob(b.to_vec()),
+    }
+}
+
+fn value_to_proto(value: Value) -> pb::SqlValue {
+    use pb::sql_value::Value as V;
+    pb::SqlValue {
+        value: Some(match value {
+            Value::Null => V::Null(true),
+            Value::Integer(i) => V::Integer(i),
+            Value::Real(r) => V::Real(r),
+            Value::Text(t) => V::Text(t),
+            Value::Blob(b) => V::Blob(Bytes::from(b)),
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::sql_server::Sql for SqlService {
+    async fn query(
+        &self,
+        request: Request<pb::SqlQueryRequest>,
+    ) -> Result<Response<pb::SqlQueryReply>, Status> {
+        let request = request.into_inner();
+        let stream = self.stream(&request.stream)?;
+        let params = match (request.params.is_empty(), request.named.is_empty()) {
+            (_, true) => {
+                Params::Positional(request.params.into_iter().map(value_from_proto).collect())
+            }
+            (true, false) => Params::Named(
+                request
+                    .named
+                    .into_iter()
+                    .map(|(name, value)| (name, value_from_proto(value)))
+                    .collect(),
+            ),
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "give positional `params` or `named` parameters, not both",
+                ))
+            }
+        };
+        let rows = SqlService::query(self, stream, request.sql, params, request.after_seq).await?;
+        Ok(Response::new(pb::SqlQueryReply {
+            columns: rows.columns,
+            rows: rows
+                .rows
+                .into_iter()
+                .map(|row| pb::SqlRow {
+                    values: row.into_iter().map(value_to_proto).collect(),
+                })
+                .collect(),
+            seq: rows.checkpoint,
+        }))
+    }
+}
