@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quire_projection_api::{Kind, StreamId};
-use quire_projection_sql::{
-    Limits, Params, QueryError, Reader, Rows, Value, NAME, RECORD_CONTENT_TYPE,
-};
+pub use quire_projection_sql::Limits;
+use quire_projection_sql::{Params, QueryError, Reader, Rows, Value, NAME, RECORD_CONTENT_TYPE};
 use tonic::{Request, Response, Status};
 
 use crate::log::{Appended, Draft, Log, NewScribe};

@@ -13,5 +13,6 @@ mod python;
 mod replication;
 mod scribe;
 mod simulation;
+mod sql;
 mod subscribe;
 mod verify;
