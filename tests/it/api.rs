@@ -468,7 +468,13 @@ async fn policies_and_work_tokens() {
     let stream = create_stream(&mut clients, "work", Some(policy)).await;
     let hlc = node.log.clock().now();
     // The listed key may put files now.
-    let put = client_scribe(&client, &stream, "file.put", b"x", hlc);
+    let (_, file) = quire::api::files::FileChange::Put {
+        path: "x.txt".into(),
+        content_type: "text/plain".into(),
+        data: b"x".to_vec(),
+    }
+    .encode();
+    let put = client_scribe(&client, &stream, "file.put", &file, hlc);
     clients
         .log
         .append_signed(signed(put.bytes.to_vec()))

@@ -1,0 +1,278 @@
+//! The SQLite projection: rebuild speed against bare rusqlite, and indexed point queries over
+//! HTTP under a write load, in one run.
+//!
+//! `cargo bench --bench sql`:
+//! 1. **Rebuild.** Writes a stream holding a `_schema` (table `posts`: `author text`, `n int`,
+//!    `body fulltext`; one index on `author`) and 1,000,000 `record.add` scribes through a node,
+//!    stops it, and times `projection::rebuild_offline` of the `sql` projector for that stream.
+//!    Against it: a bare rusqlite insert of the same rows (same tables, index and FTS5 table, same
+//!    pragmas) in one transaction. Target: bare seconds / rebuild seconds ≥ 0.5.
+//! 2. **Point queries under writes.** A node with 100,000 records; one client adds 1,000
+//!    records/s (gRPC `AppendBatch` of 10 every 10 ms) while another runs
+//!    `SELECT id, n FROM posts WHERE author = ?` over HTTP with keep-alive: p50 / p99 latency.
+//!
+//! `-- --test` runs a tiny version for CI.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quire::api::files::{FileChange, CONTENT_TYPE};
+use quire::log::store::Store;
+use quire::node::{NodeConfig, RunningNode};
+use quire::pb;
+use quire::projection;
+use quire_projection_sql::{parse_record, to_sql, Schema, Sql};
+use tonic::transport::Channel;
+
+mod support;
+
+const SCHEMA: &str = r#"{"schema": {"posts": {"author": "text", "n": "int", "body": "fulltext"}}, "indexes": [["posts", "author"]]}"#;
+const BATCH: usize = 1000;
+const AUTHORS: usize = 1000;
+
+fn record(n: usize) -> String {
+    let words: Vec<String> = (0..8)
+        .map(|k| format!("w{}", (n * 7 + k * 131) % 5000))
+        .collect();
+    format!(
+        r#"{{"_table":"posts","author":"a{}","n":{n},"body":"{}"}}"#,
+        n % AUTHORS,
+        words.join(" ")
+    )
+}
+
+fn append(stream: &Bytes, kind: &str, content_type: &str, payload: Vec<u8>) -> pb::AppendRequest {
+    pb::AppendRequest {
+        stream: stream.clone(),
+        kind: kind.into(),
+        content_type: content_type.into(),
+        payload: Bytes::from(payload),
+        parents: vec![],
+    }
+}
+
+fn schema_append(stream: &Bytes) -> pb::AppendRequest {
+    let (kind, payload) = FileChange::Put {
+        path: "_schema".into(),
+        content_type: "application/json".into(),
+        data: SCHEMA.as_bytes().to_vec(),
+    }
+    .encode();
+    append(stream, kind.as_str(), CONTENT_TYPE, payload)
+}
+
+async fn fill(channel: &Channel, stream: &Bytes, records: usize) {
+    let mut log = pb::log_client::LogClient::new(channel.clone())
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20);
+    log.append(schema_append(stream)).await.unwrap();
+    for start in (0..records).step_by(BATCH) {
+        let appends = (start..(start + BATCH).min(records))
+            .map(|n| {
+                append(
+                    stream,
+                    "record.add",
+                    "application/json",
+                    record(n).into_bytes(),
+                )
+            })
+            .collect();
+        log.append_batch(pb::AppendBatchRequest {
+            appends,
+            signed: vec![],
+        })
+        .await
+        .unwrap();
+    }
+}
+
+fn main() {
+    let test_mode = std::env::args().any(|arg| arg == "--test");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rebuild(&runtime, if test_mode { 2_000 } else { 1_000_000 });
+    point_queries(
+        &runtime,
+        if test_mode { 2_000 } else { 100_000 },
+        Duration::from_millis(if test_mode { 300 } else { 10_000 }),
+    );
+}
+
+fn rebuild(runtime: &tokio::runtime::Runtime, records: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = runtime.block_on(async {
+        let node = RunningNode::start(
+            NodeConfig::new(dir.path()),
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        let channel = support::connect(node.url()).await;
+        let stream = support::create_stream(&channel, "bench", Some(support::unlimited())).await;
+        let started = Instant::now();
+        fill(&channel, &stream, records).await;
+        println!(
+            "wrote {records} records in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        node.stop().await.unwrap();
+        stream
+    });
+    let stream = quire::api::StreamId::from_slice(&stream).unwrap();
+    let store = Store::open(&quire::log::store_path(dir.path()), false).unwrap();
+
+    let started = Instant::now();
+    projection::rebuild_offline(&store, dir.path(), Arc::new(Sql), Some(stream), |_, _| {})
+        .unwrap();
+    let rebuild_seconds = started.elapsed().as_secs_f64();
+
+    // The same rows, straight into the same tables with rusqlite.
+    let bare_dir = tempfile::tempdir().unwrap();
+    let schema = Schema::parse(SCHEMA.as_bytes()).unwrap();
+    let db = rusqlite::Connection::open(bare_dir.path().join("bare.sqlite3")).unwrap();
+    db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+        .unwrap();
+    for statement in schema.create_statements() {
+        db.execute(&statement, []).unwrap();
+    }
+    let rows: Vec<(String, String)> = (0..records)
+        .map(|n| (format!("{:064x}", n), record(n)))
+        .collect();
+    let started = Instant::now();
+    let tx = db.unchecked_transaction().unwrap();
+    {
+        let mut insert = db
+            .prepare("INSERT INTO posts (id, timestamp, score, author, body, n) VALUES (?, ?, 0, ?, ?, ?)")
+            .unwrap();
+        let mut fts = db
+            .prepare("INSERT INTO posts_fts (rowid, body) VALUES (?, ?)")
+            .unwrap();
+        for (n, (id, json)) in rows.iter().enumerate() {
+            let (_, fields) = parse_record(json.as_bytes()).unwrap();
+            let body = to_sql(fields.get("body"));
+            insert
+                .execute(rusqlite::params![
+                    id,
+                    n as i64,
+                    to_sql(fields.get("author")),
+                    body,
+                    to_sql(fields.get("n"))
+                ])
+                .unwrap();
+            fts.execute(rusqlite::params![db.last_insert_rowid(), body])
+                .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    let bare_seconds = started.elapsed().as_secs_f64();
+    let count: i64 = db
+        .query_row("SELECT count(*) FROM posts", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count as usize, records);
+
+    println!("rebuild of {records} records into posts (1 index, 1 fulltext column):");
+    println!(
+        "  bare rusqlite insert, one transaction: {:>9.0} rows/s ({bare_seconds:.1} s)",
+        records as f64 / bare_seconds
+    );
+    println!(
+        "  quire rebuild (sql projector):         {:>9.0} rows/s ({rebuild_seconds:.1} s)  ratio {:.2} (target >= 0.5)",
+        records as f64 / rebuild_seconds,
+        bare_seconds / rebuild_seconds
+    );
+}
+
+fn point_queries(runtime: &tokio::runtime::Runtime, records: usize, run_for: Duration) {
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let node = RunningNode::start(NodeConfig::new(dir.path()), "127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .unwrap();
+        let channel = support::connect(node.url()).await;
+        let stream = support::create_stream(&channel, "bench", Some(support::unlimited())).await;
+        fill(&channel, &stream, records).await;
+        let tid = hex::encode(&stream);
+        let http = reqwest::Client::new();
+        let url = format!("{}/{tid}/query", node.url());
+        // Wait until the table holds every record.
+        loop {
+            let reply: serde_json::Value = http
+                .post(&url)
+                .json(&serde_json::json!({"query": "SELECT count(*) FROM posts"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if reply["results"][0][0] == records {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            let channel = channel.clone();
+            let stream = stream.clone();
+            tokio::spawn(async move {
+                let mut log = pb::log_client::LogClient::new(channel);
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                let mut written = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tick.tick().await;
+                    let appends = (0..10)
+                        .map(|k| append(&stream, "record.add", "application/json", record(records + written + k).into_bytes()))
+                        .collect();
+                    log.append_batch(pb::AppendBatchRequest { appends, signed: vec![] })
+                        .await
+                        .unwrap();
+                    written += 10;
+                }
+                written
+            })
+        };
+        let mut latencies = Vec::new();
+        let started = Instant::now();
+        let mut n = 0usize;
+        while started.elapsed() < run_for {
+            let author = format!("a{}", (n * 37) % AUTHORS);
+            let asked = Instant::now();
+            let reply: serde_json::Value = http
+                .post(&url)
+                .json(&serde_json::json!({"query": "SELECT id, n FROM posts WHERE author = ?", "params": [author]}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            latencies.push(asked.elapsed());
+            assert_eq!(reply["success"], true, "{reply}");
+            n += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = writer.await.unwrap();
+        let seconds = started.elapsed().as_secs_f64();
+        latencies.sort();
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+        println!(
+            "point query over HTTP ({records} records, ~{} rows per answer) while another client adds {:.0} records/s:",
+            records / AUTHORS,
+            written as f64 / seconds
+        );
+        println!(
+            "  {} queries in {seconds:.1} s: p50 {:?}  p99 {:?}  ({:.0} queries/s)",
+            latencies.len(),
+            at(0.5),
+            at(0.99),
+            latencies.len() as f64 / seconds
+        );
+        node.stop().await.unwrap();
+    });
+}
