@@ -11,7 +11,8 @@
 //!    records/s (gRPC `AppendBatch` of 10 every 10 ms) while another runs
 //!    `SELECT id, n FROM posts WHERE author = ?` over HTTP with keep-alive: p50 / p99 latency.
 //!
-//! `-- --test` runs a tiny version for CI.
+//! `-- --test` runs a tiny version for CI. `QUIRE_BENCH_RECORDS=N` sets the rebuild's size;
+//! `QUIRE_BENCH_REBUILD_ONLY=1` skips part 2.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,7 +94,14 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rebuild(&runtime, if test_mode { 2_000 } else { 1_000_000 });
+    let records = std::env::var("QUIRE_BENCH_RECORDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if test_mode { 2_000 } else { 1_000_000 });
+    rebuild(&runtime, records);
+    if std::env::var_os("QUIRE_BENCH_REBUILD_ONLY").is_some() {
+        return;
+    }
     point_queries(
         &runtime,
         if test_mode { 2_000 } else { 100_000 },
@@ -119,7 +127,9 @@ fn rebuild(runtime: &tokio::runtime::Runtime, records: usize) {
             "wrote {records} records in {:.1} s",
             started.elapsed().as_secs_f64()
         );
+        let stopping = Instant::now();
         node.stop().await.unwrap();
+        eprintln!("stopped in {:?}", stopping.elapsed());
         stream
     });
     let stream = quire::api::StreamId::from_slice(&stream).unwrap();

@@ -325,6 +325,20 @@ pub(crate) struct Shared {
     clock: Clock,
     key: SigningKey,
     epoch: [u8; 16],
+    /// Fires when this value is dropped: declared last, so after `store` is closed.
+    _closed: ClosedSignal,
+}
+
+/// Sends on drop: tells [`Log::close`] that the store is closed (a strong count of 0 is not
+/// enough: the last holder may still be inside the store's destructor).
+struct ClosedSignal(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for ClosedSignal {
+    fn drop(&mut self) {
+        if let Some(sender) = self.0.take() {
+            let _ = sender.send(());
+        }
+    }
 }
 
 /// The local log of one node. Cheap to clone; every clone is the same log.
@@ -333,6 +347,7 @@ pub struct Log {
     shared: Arc<Shared>,
     submit: Arc<RwLock<Option<mpsc::Sender<Job>>>>,
     threads: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    closed: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>,
 }
 
 impl std::fmt::Debug for Log {
@@ -378,6 +393,7 @@ impl Log {
         let (head_tx, _) = watch::channel(head);
         let (closing, _) = watch::channel(false);
         let (streams_tx, _) = watch::channel(streams.len());
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
         let shared = Arc::new(Shared {
             store,
             streams: RwLock::new(streams),
@@ -388,6 +404,7 @@ impl Log {
             clock,
             key,
             epoch,
+            _closed: ClosedSignal(Some(closed_tx)),
         });
         let (submit, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
         let (prepared_tx, prepared_rx) = std::sync::mpsc::sync_channel(2);
@@ -409,6 +426,7 @@ impl Log {
             shared,
             submit: Arc::new(RwLock::new(Some(submit))),
             threads: Arc::new(std::sync::Mutex::new(vec![signer, committer])),
+            closed: Arc::new(std::sync::Mutex::new(Some(closed_rx))),
         })
     }
 
@@ -606,6 +624,7 @@ impl Log {
             shared,
             submit,
             threads,
+            closed,
         } = self;
         submit.write().expect("submit lock").take();
         let handles: Vec<_> = std::mem::take(&mut *threads.lock().expect("threads lock"));
@@ -615,16 +634,17 @@ impl Log {
             }
         })
         .await;
-        // Subscription tasks hold the store until they notice `closing`; wait for them to let go.
-        let weak = Arc::downgrade(&shared);
+        // Subscription and projection tasks hold the store until they notice `closing`; wait
+        // until the last one has let go and the store is closed.
         drop(shared);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while weak.strong_count() > 0 {
-            if tokio::time::Instant::now() > deadline {
-                tracing::warn!("log still in use 30 s after close; the store stays open until its last user lets go");
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let Some(closed) = closed.lock().expect("closed lock").take() else {
+            return;
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(30), closed)
+            .await
+            .is_err()
+        {
+            tracing::warn!("log still in use 30 s after close; the store stays open until its last user lets go");
         }
     }
 }
