@@ -8,8 +8,9 @@
 //! cargo run --example latest-node -- projections
 //! ```
 //!
-//! For the crash tests only: `QUIRE_EXAMPLE_BATCH_DELAY_MS=N` makes every batch of `latest` take
-//! at least N ms longer, so a test can kill the process in the middle of a catch-up or a rebuild.
+//! For the crash tests only: `QUIRE_EXAMPLE_BATCH_DELAY_MS=N` makes `latest` take batches of at
+//! most 1,024 scribes, each at least N ms longer, so a test can kill the process in the middle of
+//! a catch-up or a rebuild.
 
 use std::time::Duration;
 
@@ -41,6 +42,10 @@ impl Plugin for Slowed {
     }
     fn scope(&self) -> Scope {
         self.0.scope()
+    }
+    /// Small batches, so a catch-up of a few thousand scribes takes many slow steps.
+    fn max_batch(&self) -> usize {
+        1024
     }
     fn open(&self, place: &Place) -> Result<Box<dyn Projector>, ProjectionError> {
         Ok(Box::new(SlowedProjector(self.0.open(place)?, self.1)))

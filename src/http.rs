@@ -8,6 +8,7 @@
 //! | `POST /<tid>/add_peer {"addr": "...", "port": N}` | `{"success": true}` |
 //! | `POST /<tid>/add_record {"_table": ..., ...}` | `{"success": true, "id": "<scribe id>"}` |
 //! | `POST /<tid>/query {"query": "...", "params": [...] or {...}}` | `{"success": true, "results": [[...], ...]}` |
+//! | `POST /<tid>/upvote {"id": "<record id>"}` | `{"success": true, "id": "<upvote id>"}` (quire's own) |
 //!
 //! Every handler calls the same code as the gRPC service that does the same thing, and maps its
 //! status to an HTTP code in one place ([`http_code`]). Errors are
@@ -48,6 +49,7 @@ pub fn router(api: Api, sql: SqlService) -> Router {
         .route("/:tid/add_peer", post(add_peer))
         .route("/:tid/add_record", post(add_record))
         .route("/:tid/query", post(query))
+        .route("/:tid/upvote", post(upvote))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(Http { api, sql })
@@ -103,7 +105,7 @@ fn ok(mut fields: Map<String, Json>) -> Response {
 async fn not_found() -> HttpError {
     HttpError(
         StatusCode::NOT_FOUND,
-        "no such endpoint: POST /create_app, or POST /<tid>/join_app, add_peer, add_record, query"
+        "no such endpoint: POST /create_app, or POST /<tid>/join_app, add_peer, add_record, query, upvote"
             .into(),
     )
 }
@@ -288,6 +290,31 @@ async fn add_record(
     }
     let stream = http.sql.held(tid(&text)?)?;
     let appended = http.sql.add_record(stream, body).await?;
+    Ok(ok(Map::from_iter([
+        ("id".into(), Json::String(appended.id.to_hex())),
+        ("seq".into(), Json::from(appended.seq)),
+    ])))
+}
+
+async fn upvote(
+    State(http): State<Http>,
+    Path(text): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let body = json_body(&headers, body)?;
+    let stream = http.sql.held(tid(&text)?)?;
+    let record = body
+        .get("id")
+        .and_then(Json::as_str)
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| {
+            HttpError(
+                StatusCode::BAD_REQUEST,
+                "give \"id\": the record's id, 64 hex characters".into(),
+            )
+        })?;
+    let appended = http.sql.upvote(stream, record).await?;
     Ok(ok(Map::from_iter([
         ("id".into(), Json::String(appended.id.to_hex())),
         ("seq".into(), Json::from(appended.seq)),

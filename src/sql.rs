@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use quire_projection_api::{Kind, StreamId};
+use quire_projection_api::{Kind, ScribeId, StreamId};
 pub use quire_projection_sql::Limits;
 use quire_projection_sql::{Params, QueryError, Reader, Rows, Value, NAME, RECORD_CONTENT_TYPE};
 use tonic::{Request, Response, Status};
@@ -112,14 +112,32 @@ impl SqlService {
                 "a record must be a JSON object with a string \"_table\" naming its table",
             ));
         }
+        self.append_applied(stream, Kind::RecordAdd, record, Vec::new())
+            .await
+    }
+
+    /// Appends a node-signed `record.upvote` of `record` and waits until this node's tables
+    /// include it. An author's repeated upvotes of one record count once in its score.
+    pub async fn upvote(&self, stream: StreamId, record: ScribeId) -> Result<Appended, Status> {
+        self.append_applied(stream, Kind::RecordUpvote, Bytes::new(), vec![record])
+            .await
+    }
+
+    async fn append_applied(
+        &self,
+        stream: StreamId,
+        kind: Kind,
+        payload: Bytes,
+        parents: Vec<ScribeId>,
+    ) -> Result<Appended, Status> {
         let appended = self
             .log
             .append_one(Draft::New(NewScribe {
                 stream: Some(stream),
-                kind: Kind::RecordAdd,
+                kind,
                 content_type: RECORD_CONTENT_TYPE.into(),
-                payload: record,
-                parents: Vec::new(),
+                payload,
+                parents,
             }))
             .await
             .map_err(|error| append_status(&error))?;

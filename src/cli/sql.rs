@@ -1,4 +1,4 @@
-//! `quire sql query|add|schema`: the SQLite tables of a stream from the command line.
+//! `quire sql query|add|upvote|schema`: the SQLite tables of a stream from the command line.
 
 use std::path::PathBuf;
 
@@ -39,6 +39,13 @@ pub enum SqlCommand {
         stream: StreamId,
         /// The record, e.g. '{"_table": "post", "title": "hello"}'.
         record: String,
+    },
+    /// Upvote a record (signed by the node; a node's repeated upvotes of a record count once).
+    Upvote {
+        /// The stream.
+        stream: StreamId,
+        /// The record's id (64 hex characters).
+        record: quire_projection_api::ScribeId,
     },
     /// Publish a `_schema` file (the stream owner's node only): tables, field types and indexes.
     /// The node refuses an invalid schema and says why; a valid one remaps every record.
@@ -137,6 +144,20 @@ pub async fn run(url: &str, command: SqlCommand) -> Result<()> {
                 record.into_bytes(),
             )
             .await?;
+            println!("{} seq {}", hex::encode(&reply.id), reply.seq);
+        }
+        SqlCommand::Upvote { stream, record } => {
+            let reply = pb::log_client::LogClient::new(channel)
+                .append(pb::AppendRequest {
+                    stream: Bytes::copy_from_slice(stream.as_bytes()),
+                    kind: Kind::RecordUpvote.to_string(),
+                    content_type: "application/json".into(),
+                    payload: Bytes::new(),
+                    parents: vec![Bytes::copy_from_slice(record.as_bytes())],
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
             println!("{} seq {}", hex::encode(&reply.id), reply.seq);
         }
         SqlCommand::Schema { stream, file } => {

@@ -197,6 +197,9 @@ struct Inner {
     consumers: Mutex<()>,
     /// Serialises opening slots (the new-stream watcher and a reader may both try).
     opening: Mutex<()>,
+    /// Slot steps running at once: each holds a batch (up to 32 MiB read, and its decoded
+    /// views), so this bounds the runner's memory and CPU however many streams catch up together.
+    working: Arc<tokio::sync::Semaphore>,
 }
 
 /// The projections of a running node. Cheap to clone.
@@ -230,6 +233,9 @@ impl Projections {
                 slots: Mutex::new(BTreeMap::new()),
                 consumers: Mutex::new(()),
                 opening: Mutex::new(()),
+                working: Arc::new(tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(2, |n| n.get()),
+                )),
             }),
         };
         projections.open_missing_slots()?;
@@ -290,7 +296,12 @@ impl Projections {
                     }
                 };
                 let wake = Arc::new(Notify::new());
-                tokio::spawn(run_slot(inner.log.clone(), slot.clone(), wake.clone()));
+                tokio::spawn(run_slot(
+                    inner.log.clone(),
+                    slot.clone(),
+                    wake.clone(),
+                    inner.working.clone(),
+                ));
                 lock(&inner.slots).insert(key, SlotTask { slot, wake });
             }
         }
@@ -655,7 +666,12 @@ const RETRY_CAP: Duration = Duration::from_secs(30);
 
 /// The task of one slot: work while there is work, then wait for a new head, a command or the
 /// log closing.
-async fn run_slot(log: Log, slot: Arc<Slot>, wake: Arc<Notify>) {
+async fn run_slot(
+    log: Log,
+    slot: Arc<Slot>,
+    wake: Arc<Notify>,
+    working: Arc<tokio::sync::Semaphore>,
+) {
     let mut heads = log.watch_head();
     let mut closing = log.watch_closing();
     let mut backoff = RETRY_FIRST;
@@ -666,7 +682,11 @@ async fn run_slot(log: Log, slot: Arc<Slot>, wake: Arc<Notify>) {
         let head = *heads.borrow_and_update();
         let worker = slot.clone();
         let store_log = log.clone();
+        let Ok(permit) = working.clone().acquire_owned().await else {
+            return;
+        };
         let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let store = store_log.store();
             let target = worker.target(store, head)?;
             worker.work(store, target, true)

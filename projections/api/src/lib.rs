@@ -40,7 +40,9 @@ pub mod projector;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use projector::{ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope};
+pub use projector::{
+    ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope, DEFAULT_MAX_BATCH,
+};
 
 /// Errors from parsing the plain types of this crate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

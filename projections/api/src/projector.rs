@@ -107,6 +107,9 @@ pub enum ApplyError {
     Storage(String),
 }
 
+/// The runner's default for [`Plugin::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 65_536;
+
 /// A projection as registered with the daemon: a name, a version, a scope and a way to open
 /// instances. One value serves every instance, so it holds configuration, not state.
 pub trait Plugin: Send + Sync + 'static {
@@ -126,6 +129,14 @@ pub trait Plugin: Send + Sync + 'static {
     /// What the runner does with a scribe this projection cannot apply.
     fn on_failure(&self) -> OnFailure {
         OnFailure::Quarantine
+    }
+
+    /// The most scribes the runner passes to one [`Projector::apply`] (it also stops a batch at
+    /// 32 MiB of scribes). Big batches are cheaper for a projector that commits per batch (a
+    /// database writes the pages a batch touched once); a smaller one bounds what a projector
+    /// holds in memory per batch, or makes progress visible sooner.
+    fn max_batch(&self) -> usize {
+        DEFAULT_MAX_BATCH
     }
 
     /// Opens the instance kept in `place.dir`, creating an empty state if the directory holds

@@ -94,10 +94,11 @@ fn storage(error: rusqlite::Error) -> ApplyError {
 const INTERNAL: &str = "
     PRAGMA journal_mode = WAL;
     PRAGMA synchronous = NORMAL;
+    PRAGMA cache_size = -65536;
+    PRAGMA wal_autocheckpoint = 16384;
     CREATE TABLE IF NOT EXISTS _quire_meta (name TEXT PRIMARY KEY, value);
     CREATE TABLE IF NOT EXISTS _quire_records (
-        id BLOB PRIMARY KEY, tbl TEXT NOT NULL, hlc INTEGER NOT NULL, body TEXT NOT NULL)
-        WITHOUT ROWID;
+        id BLOB NOT NULL UNIQUE, tbl TEXT NOT NULL, hlc INTEGER NOT NULL, body TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS _quire_upvotes (
         record BLOB NOT NULL, author BLOB NOT NULL, id BLOB NOT NULL, hlc INTEGER NOT NULL,
         PRIMARY KEY (record, author, id)) WITHOUT ROWID;
@@ -180,40 +181,33 @@ impl SqlProjector {
         upvoters: u64,
         last_upvote: u64,
     ) -> rusqlite::Result<()> {
-        let Some(fields) = schema.tables.get(&record.table) else {
+        let (Some(fields), Some(insert)) = (
+            schema.tables.get(&record.table),
+            schema.insert(&record.table),
+        ) else {
             return Ok(());
         };
-        let mut values = vec![
-            Value::Text(record.id.to_hex()),
-            Value::Integer(hlc_millis(record.hlc.max(last_upvote)) as i64),
-            Value::Integer(upvoters as i64),
-        ];
+        let mut values = Vec::with_capacity(3 + fields.len());
+        values.push(Value::Text(record.id.to_hex()));
+        values.push(Value::Integer(
+            hlc_millis(record.hlc.max(last_upvote)) as i64
+        ));
+        values.push(Value::Integer(upvoters as i64));
         values.extend(fields.keys().map(|f| to_sql(record.fields.get(f))));
-        let table = &record.table;
-        let columns: Vec<String> = fields.keys().map(|f| format!(", \"{f}\"")).collect();
-        let marks = ", ?".repeat(fields.len());
         self.db
-            .prepare_cached(&format!(
-                "INSERT INTO \"{table}\" (id, timestamp, score{}) VALUES (?, ?, ?{marks})",
-                columns.concat()
-            ))?
+            .prepare_cached(&insert.row)?
             .execute(rusqlite::params_from_iter(&values))?;
-        let fulltext: Vec<&String> = fields
-            .iter()
-            .filter(|(_, t)| **t == Type::Fulltext)
-            .map(|(f, _)| f)
-            .collect();
-        if !fulltext.is_empty() {
-            let rowid = self.db.last_insert_rowid();
-            let columns: Vec<String> = fulltext.iter().map(|f| format!(", \"{f}\"")).collect();
-            let marks = ", ?".repeat(fulltext.len());
-            let mut values = vec![Value::Integer(rowid)];
-            values.extend(fulltext.iter().map(|f| to_sql(record.fields.get(*f))));
+        if let Some(fulltext) = &insert.fulltext {
+            let mut values = Vec::with_capacity(1 + insert.fulltext_fields.len());
+            values.push(Value::Integer(self.db.last_insert_rowid()));
+            values.extend(
+                insert
+                    .fulltext_fields
+                    .iter()
+                    .map(|f| to_sql(record.fields.get(f))),
+            );
             self.db
-                .prepare_cached(&format!(
-                    "INSERT INTO \"{table}_fts\" (rowid{}) VALUES (?{marks})",
-                    columns.concat()
-                ))?
+                .prepare_cached(fulltext)?
                 .execute(rusqlite::params_from_iter(&values))?;
         }
         Ok(())
@@ -452,8 +446,20 @@ impl Projector for SqlProjector {
             }
         }
         if let Some(schema) = applied.as_ref().and_then(|(_, s)| s.as_ref()) {
+            // Most streams have no upvotes at all: then no record needs looking up.
+            let any_upvotes = !upvoted.is_empty()
+                || self
+                    .db
+                    .query_row("SELECT EXISTS (SELECT 1 FROM _quire_upvotes)", [], |row| {
+                        row.get::<_, bool>(0)
+                    })
+                    .map_err(storage)?;
             for record in &new_records {
-                let (upvoters, last) = self.upvotes(&record.id).map_err(storage)?;
+                let (upvoters, last) = if any_upvotes {
+                    self.upvotes(&record.id).map_err(storage)?
+                } else {
+                    (0, 0)
+                };
                 self.map(schema, record, upvoters, last).map_err(storage)?;
                 upvoted.remove(&record.id);
             }
@@ -498,34 +504,66 @@ impl Projector for SqlProjector {
         Ok(())
     }
 
+    /// A multiset hash: each table's rows are hashed one by one and the row hashes added modulo
+    /// 2^256, so rows are read in storage order (no sort, no index walk) and the result still does
+    /// not depend on the order they were inserted in; then the sums, counts and applied schema
+    /// are hashed together.
     fn digest(&self) -> Result<[u8; 32], ProjectionError> {
         let mut hasher = Sha256::new();
-        hasher.update(b"quire sql digest v1\n");
+        hasher.update(b"quire sql digest v2\n");
         let applied = self.applied.as_ref().map(|(id, _)| *id).unwrap_or_default();
         hasher.update(applied.0);
-        let mut hash_rows = |sql: &str| -> rusqlite::Result<()> {
-            let mut statement = self.db.prepare(sql)?;
-            let columns = statement.column_count();
-            let mut rows = statement.query([])?;
-            while let Some(row) = rows.next()? {
-                for n in 0..columns {
-                    hash_value(&mut hasher, &row.get::<_, Value>(n)?);
-                }
-            }
-            hasher.update(b"\n");
-            Ok(())
-        };
-        hash_rows("SELECT id, hlc FROM _quire_records ORDER BY id").map_err(db_error)?;
-        hash_rows("SELECT record, author, id FROM _quire_upvotes ORDER BY record, author, id")
-            .map_err(db_error)?;
-        hash_rows("SELECT id FROM _quire_schemas ORDER BY id").map_err(db_error)?;
+        let mut tables = vec![
+            "SELECT id, hlc FROM _quire_records".to_string(),
+            "SELECT record, author, id FROM _quire_upvotes".to_string(),
+            "SELECT id FROM _quire_schemas".to_string(),
+        ];
         if let Some(schema) = self.schema() {
-            for table in schema.tables.keys() {
-                hash_rows(&format!("SELECT * FROM \"{table}\" ORDER BY id")).map_err(db_error)?;
-            }
+            tables.extend(
+                schema
+                    .tables
+                    .keys()
+                    .map(|table| format!("SELECT * FROM \"{table}\"")),
+            );
+        }
+        for sql in tables {
+            let (count, sum) = row_sum(&self.db, &sql).map_err(db_error)?;
+            hasher.update(sql.as_bytes());
+            hasher.update(count.to_be_bytes());
+            hasher.update(sum);
         }
         Ok(hasher.finalize().into())
     }
+}
+
+/// The number of rows `sql` returns and the sum modulo 2^256 of their SHA-256 hashes.
+fn row_sum(db: &Connection, sql: &str) -> rusqlite::Result<(u64, [u8; 32])> {
+    let mut statement = db.prepare(sql)?;
+    let columns = statement.column_count();
+    let mut rows = statement.query([])?;
+    let mut count = 0u64;
+    let mut sum = [0u64; 4];
+    while let Some(row) = rows.next()? {
+        let mut hasher = Sha256::new();
+        for n in 0..columns {
+            hash_value(&mut hasher, &row.get_ref(n)?.into());
+        }
+        let hash: [u8; 32] = hasher.finalize().into();
+        let mut carry = 0u64;
+        for (limb, chunk) in sum.iter_mut().zip(hash.chunks_exact(8)) {
+            let (partial, first) =
+                limb.overflowing_add(u64::from_le_bytes(chunk.try_into().expect("8 bytes")));
+            let (total, second) = partial.overflowing_add(carry);
+            *limb = total;
+            carry = u64::from(first) + u64::from(second);
+        }
+        count += 1;
+    }
+    let mut out = [0u8; 32];
+    for (chunk, limb) in out.chunks_exact_mut(8).zip(sum) {
+        chunk.copy_from_slice(&limb.to_le_bytes());
+    }
+    Ok((count, out))
 }
 
 fn hash_value(hasher: &mut Sha256, value: &Value) {

@@ -66,6 +66,19 @@ pub struct Schema {
     pub tables: BTreeMap<String, BTreeMap<String, Type>>,
     /// Indexes: table, then columns.
     pub indexes: Vec<(String, Vec<String>)>,
+    /// The statements that insert a record into each table, made once.
+    inserts: BTreeMap<String, Insert>,
+}
+
+/// How a record goes into one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Insert {
+    /// `INSERT INTO "t" (id, timestamp, score, <fields>) VALUES (?, ...)`.
+    pub row: String,
+    /// `INSERT INTO "t_fts" (rowid, <fulltext fields>) VALUES (?, ...)`, if the table has any.
+    pub fulltext: Option<String>,
+    /// The fulltext fields, in the order of `fulltext`'s parameters.
+    pub fulltext_fields: Vec<String>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -166,7 +179,37 @@ impl Schema {
                 return Err("\"indexes\" must be a list of [table, column, ...] lists".into())
             }
         }
+        for (table, fields) in &schema.tables {
+            let columns: String = fields.keys().map(|f| format!(", \"{f}\"")).collect();
+            let marks = ", ?".repeat(fields.len());
+            let fulltext_fields: Vec<String> = fields
+                .iter()
+                .filter(|(_, t)| **t == Type::Fulltext)
+                .map(|(f, _)| f.clone())
+                .collect();
+            let fulltext = (!fulltext_fields.is_empty()).then(|| {
+                let columns: String = fulltext_fields
+                    .iter()
+                    .map(|f| format!(", \"{f}\""))
+                    .collect();
+                let marks = ", ?".repeat(fulltext_fields.len());
+                format!("INSERT INTO \"{table}{FTS_SUFFIX}\" (rowid{columns}) VALUES (?{marks})")
+            });
+            let insert = Insert {
+                row: format!(
+                    "INSERT INTO \"{table}\" (id, timestamp, score{columns}) VALUES (?, ?, ?{marks})"
+                ),
+                fulltext,
+                fulltext_fields,
+            };
+            schema.inserts.insert(table.clone(), insert);
+        }
         Ok(schema)
+    }
+
+    /// How a record goes into `table`, if the schema has it.
+    pub fn insert(&self, table: &str) -> Option<&Insert> {
+        self.inserts.get(table)
     }
 
     /// The SQL statements that create every table and index of the schema.

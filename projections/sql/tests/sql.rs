@@ -448,3 +448,58 @@ fn scribes() -> impl Strategy<Value = Vec<Scribe>> {
 fn conformance() {
     testing::check_all(&Sql, scribes(), 48).unwrap();
 }
+
+#[test]
+fn queries_keep_answering_whole_tables_while_a_new_schema_remaps() {
+    let mut copy = Copy::new();
+    let records: Vec<Scribe> = (0..5000)
+        .map(|n| {
+            record(
+                2,
+                (n + 10) << 16,
+                &format!(r#"{{"_table": "t", "foo": {n}, "bar": "w{n}"}}"#),
+            )
+        })
+        .collect();
+    let mut first = vec![schema_put(1 << 16, r#"{"schema": {"t": {"foo": "int"}}}"#)];
+    first.extend(records);
+    copy.apply(&first);
+    let dir = copy._dir.path().to_path_buf();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut reader = Reader::open(&dir).unwrap();
+            let mut answers = 0;
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                let rows = reader
+                    .query(
+                        "SELECT count(*), sum(foo) FROM t",
+                        &Params::default(),
+                        Limits::default(),
+                    )
+                    .expect("queries keep working during the remap");
+                // The old tables or the new ones, whole: never empty, never partial.
+                assert_eq!(
+                    rows.rows,
+                    vec![vec![Value::Integer(5000), Value::Integer(4999 * 5000 / 2)]]
+                );
+                answers += 1;
+                if finished {
+                    return answers;
+                }
+            }
+        })
+    };
+    copy.apply(&[schema_put(
+        2 << 16,
+        r#"{"schema": {"t": {"foo": "int", "bar": "fulltext"}}, "indexes": [["t", "foo", "bar"]]}"#,
+    )]);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(reader.join().unwrap() > 0);
+    assert_eq!(
+        copy.rows("SELECT count(*) FROM t_fts WHERE t_fts MATCH 'w42'"),
+        vec![vec![Value::Integer(1)]]
+    );
+}
