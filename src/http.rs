@@ -9,6 +9,9 @@
 //! | `POST /<tid>/add_record {"_table": ..., ...}` | `{"success": true, "id": "<scribe id>"}` |
 //! | `POST /<tid>/query {"query": "...", "params": [...] or {...}}` | `{"success": true, "results": [[...], ...]}` |
 //! | `POST /<tid>/upvote {"id": "<record id>"}` | `{"success": true, "id": "<upvote id>"}` (quire's own) |
+//! | `PUT /<tid>/<path>` (body: the file) | `204`, `ETag` |
+//! | `GET` / `HEAD /<tid>/<path>` (`/<tid>/`: `index.html`) | the file, its stored content type, `ETag` = SHA-256; `304` for `If-None-Match` |
+//! | `DELETE /<tid>/<path>` | `204` |
 //!
 //! Every handler calls the same code as the gRPC service that does the same thing, and maps its
 //! status to an HTTP code in one place ([`http_code`]). Errors are
@@ -19,13 +22,14 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use quire_projection_api::StreamId;
 use quire_projection_sql::{to_sql, Params, Value};
 use serde_json::{json, Map, Value as Json};
 use tonic::{Code, Status};
 
+use crate::files::FilesService;
 use crate::pb;
 use crate::pb::admin_server::Admin;
 use crate::pb::streams_server::Streams;
@@ -39,20 +43,169 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 struct Http {
     api: Api,
     sql: SqlService,
+    files: FilesService,
 }
 
 /// The routes of the HTTP API.
-pub fn router(api: Api, sql: SqlService) -> Router {
+pub fn router(api: Api, sql: SqlService, files: FilesService) -> Router {
     Router::new()
         .route("/create_app", post(create_app))
-        .route("/:tid/join_app", post(join_app))
-        .route("/:tid/add_peer", post(add_peer))
-        .route("/:tid/add_record", post(add_record))
-        .route("/:tid/query", post(query))
-        .route("/:tid/upvote", post(upvote))
+        .route("/:tid", get(app_root))
+        .route("/:tid/", get(index).head(index))
+        .route(
+            "/:tid/*path",
+            get(file_get)
+                .head(file_get)
+                .put(file_put)
+                .delete(file_delete)
+                .post(action),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(Http { api, sql })
+        .with_state(Http { api, sql, files })
+}
+
+/// `POST /<tid>/<action>`.
+async fn action(
+    State(http): State<Http>,
+    Path((tid, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    match action.trim_start_matches('/') {
+        "join_app" => join_app(http, tid, headers, body).await,
+        "add_peer" => add_peer(http, tid, headers, body).await,
+        "add_record" => add_record(http, tid, headers, body).await,
+        "query" => query(http, tid, headers, body).await,
+        "upvote" => upvote(http, tid, headers, body).await,
+        _ => Err(not_found().await),
+    }
+}
+
+/// `GET /<tid>`: on to `/<tid>/`, so the app's relative links resolve under its id.
+async fn app_root(Path(tid): Path<String>) -> Response {
+    (
+        StatusCode::MOVED_PERMANENTLY,
+        [(header::LOCATION, format!("/{tid}/"))],
+    )
+        .into_response()
+}
+
+/// `GET /<tid>/`: the app's `index.html`.
+async fn index(
+    State(http): State<Http>,
+    Path(tid): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    serve_file(&http, &tid, "index.html", &headers).await
+}
+
+async fn file_get(
+    State(http): State<Http>,
+    Path((tid, path)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    let path = path.trim_start_matches('/');
+    let path = if path.is_empty() || path.ends_with('/') {
+        format!("{path}index.html")
+    } else {
+        path.to_string()
+    };
+    serve_file(&http, &tid, &path, &headers).await
+}
+
+/// A file with its stored content type and `ETag` (its SHA-256); `304` when `If-None-Match` names
+/// it. HEAD gets the same headers without the body.
+async fn serve_file(
+    http: &Http,
+    tid_text: &str,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<Response, HttpError> {
+    let stream = http.files.held(tid(tid_text)?)?;
+    if let Err(reason) = quire_projection_api::files::check_path(path) {
+        return Err(HttpError(StatusCode::BAD_REQUEST, reason));
+    }
+    let Some((entry, data)) = http.files.get(stream, path.to_string(), true).await? else {
+        return Err(HttpError(
+            StatusCode::NOT_FOUND,
+            format!("no file {path:?} in app {stream}"),
+        ));
+    };
+    let etag = format!("\"{}\"", hex::encode(entry.sha256));
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|tag| {
+            let tag = tag.trim();
+            tag == "*" || tag.trim_start_matches("W/") == etag
+        });
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (StatusCode::OK, data).into_response()
+    };
+    let out = response.headers_mut();
+    out.insert(header::ETAG, header_value(&etag));
+    out.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    if !matches {
+        out.insert(header::CONTENT_TYPE, header_value(&entry.content_type));
+    }
+    Ok(response)
+}
+
+fn header_value(text: &str) -> header::HeaderValue {
+    header::HeaderValue::from_str(text)
+        .unwrap_or_else(|_| header::HeaderValue::from_static("application/octet-stream"))
+}
+
+/// `PUT /<tid>/<path>`: the body is the file, the request's content type is stored (guessed from
+/// the extension if absent). 204 with the new `ETag`.
+async fn file_put(
+    State(http): State<Http>,
+    Path((tid_text, path)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let body = body.map_err(|rejection| HttpError(rejection.status(), rejection.body_text()))?;
+    let stream = http.files.held(tid(&tid_text)?)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let entry = http
+        .files
+        .put(
+            stream,
+            path.trim_start_matches('/').to_string(),
+            content_type,
+            body.to_vec(),
+        )
+        .await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().insert(
+        header::ETAG,
+        header_value(&format!("\"{}\"", hex::encode(entry.sha256))),
+    );
+    Ok(response)
+}
+
+/// `DELETE /<tid>/<path>`: 204, or 404 if there is no such file.
+async fn file_delete(
+    State(http): State<Http>,
+    Path((tid_text, path)): Path<(String, String)>,
+) -> Result<Response, HttpError> {
+    let stream = http.files.held(tid(&tid_text)?)?;
+    http.files
+        .delete(stream, path.trim_start_matches('/').to_string())
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// An error reply: a status and a message.
@@ -105,7 +258,7 @@ fn ok(mut fields: Map<String, Json>) -> Response {
 async fn not_found() -> HttpError {
     HttpError(
         StatusCode::NOT_FOUND,
-        "no such endpoint: POST /create_app, or POST /<tid>/join_app, add_peer, add_record, query, upvote"
+        "no such endpoint: POST /create_app; POST /<tid>/join_app, add_peer, add_record, query, upvote; GET, HEAD, PUT, DELETE /<tid>/<path>"
             .into(),
     )
 }
@@ -210,8 +363,8 @@ async fn create_app(
 }
 
 async fn join_app(
-    State(http): State<Http>,
-    Path(text): Path<String>,
+    http: Http,
+    text: String,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
@@ -235,8 +388,8 @@ async fn join_app(
 }
 
 async fn add_peer(
-    State(http): State<Http>,
-    Path(text): Path<String>,
+    http: Http,
+    text: String,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
@@ -275,8 +428,8 @@ async fn add_peer(
 }
 
 async fn add_record(
-    State(http): State<Http>,
-    Path(text): Path<String>,
+    http: Http,
+    text: String,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
@@ -297,8 +450,8 @@ async fn add_record(
 }
 
 async fn upvote(
-    State(http): State<Http>,
-    Path(text): Path<String>,
+    http: Http,
+    text: String,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
@@ -336,8 +489,8 @@ fn result_value(value: Value) -> Json {
 }
 
 async fn query(
-    State(http): State<Http>,
-    Path(text): Path<String>,
+    http: Http,
+    text: String,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {

@@ -19,13 +19,15 @@
 //! - [`server`]: the gRPC client API (thin service impls, one error-to-status mapping), and the
 //!   one listener's routing of gRPC and HTTP by content type.
 //! - [`sql`]: the `Sql` gRPC service and the record / query operations it shares with HTTP.
-//! - [`http`]: the flock-compatible HTTP API.
+//! - [`files`]: the `Files` gRPC service and the file operations it shares with HTTP.
+//! - [`http`]: the flock-compatible HTTP API (apps, records, queries, files).
 //! - [`node`]: a whole node: open, serve until a shutdown future completes, close.
 //! - [`verify`]: offline verification of a data directory.
 //! - [`cli`]: the `quire` command line.
 
 pub mod cli;
 pub mod convert;
+pub mod files;
 pub mod hlc;
 pub mod http;
 pub mod identity;
@@ -36,6 +38,7 @@ pub mod pb;
 pub mod projection;
 pub mod replication;
 pub mod scribe;
+pub mod served;
 pub mod server;
 pub mod sql;
 pub mod verify;

@@ -151,7 +151,10 @@ pub async fn serve(
         .accept_http1(true)
         .add_routes(
             Api::new(log.clone(), replicator.clone(), projections.clone(), facts)
-                .routes(sql)
+                .routes(
+                    sql,
+                    crate::files::FilesService::new(log.clone(), projections.clone()),
+                )
                 .await,
         )
         .serve_with_incoming_shutdown(no_delay(api), stopped(stop_rx.clone()));

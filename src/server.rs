@@ -195,7 +195,11 @@ impl Api {
 
     /// Every service of the client API over gRPC, and the HTTP API, on one set of routes: a
     /// request whose content type is `application/grpc…` goes to gRPC, any other to HTTP.
-    pub async fn routes(self, sql: crate::sql::SqlService) -> tonic::service::Routes {
+    pub async fn routes(
+        self,
+        sql: crate::sql::SqlService,
+        files: crate::files::FilesService,
+    ) -> tonic::service::Routes {
         let (mut reporter, health_service) = tonic_health::server::health_reporter();
         reporter
             .set_serving::<pb::log_server::LogServer<Api>>()
@@ -215,6 +219,9 @@ impl Api {
         reporter
             .set_serving::<pb::sql_server::SqlServer<crate::sql::SqlService>>()
             .await;
+        reporter
+            .set_serving::<pb::files_server::FilesServer<crate::files::FilesService>>()
+            .await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -225,7 +232,7 @@ impl Api {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .expect("quire's descriptor set is valid");
-        let http = crate::http::router(self.clone(), sql.clone());
+        let http = crate::http::router(self.clone(), sql.clone(), files.clone());
         let mut grpc = tonic::service::Routes::builder();
         grpc.add_service(health_service)
             .add_service(reflection_v1)
@@ -250,6 +257,11 @@ impl Api {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(pb::sql_server::SqlServer::new(sql))
+            .add_service(
+                pb::files_server::FilesServer::new(files)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .add_service(
                 pb::admin_server::AdminServer::new(self)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -8,28 +8,21 @@
 // Service code returns tonic's `Status` as server.rs does.
 #![allow(clippy::result_large_err)]
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use quire_projection_api::{Kind, ScribeId, StreamId};
 pub use quire_projection_sql::Limits;
 use quire_projection_sql::{Params, QueryError, Reader, Rows, Value, NAME, RECORD_CONTENT_TYPE};
 use tonic::{Request, Response, Status};
 
-use crate::log::{Appended, Draft, Log, NewScribe};
+use crate::log::{Appended, Log};
 use crate::pb;
-use crate::projection::readers::{Readers, TakeError};
 use crate::projection::Projections;
-use crate::server::{append_status, projections_status, wait_status};
-
-/// How long a write or an `after_seq` waits for this node's tables to include it.
-const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::served::Served;
 
 /// The SQL operations of one node.
 #[derive(Clone, Debug)]
 pub struct SqlService {
-    log: Log,
-    readers: Readers<Reader>,
+    served: Served<Reader>,
     limits: Limits,
 }
 
@@ -49,26 +42,14 @@ impl SqlService {
     /// The service over `log`'s streams and their `sql` projections.
     pub fn new(log: Log, projections: Projections, limits: Limits) -> SqlService {
         SqlService {
-            log,
-            readers: Readers::new(NAME, projections, Reader::open),
+            served: Served::new(log, projections, NAME, Reader::open),
             limits,
         }
     }
 
-    /// The stream named by `bytes`, if this node holds it.
-    pub fn stream(&self, bytes: &[u8]) -> Result<StreamId, Status> {
-        let stream = crate::convert::id_field(bytes, "stream").map_err(Status::invalid_argument)?;
-        self.held(stream)
-    }
-
     /// `stream`, if this node holds it.
     pub fn held(&self, stream: StreamId) -> Result<StreamId, Status> {
-        match self.log.stream(&stream) {
-            Some(_) => Ok(stream),
-            None => Err(Status::not_found(format!(
-                "stream {stream} is not held by this node: create it, or join it and add a peer that holds it"
-            ))),
-        }
+        self.served.held(stream)
     }
 
     /// Runs one read-only statement on `stream`'s tables, once they include the log up to
@@ -81,26 +62,16 @@ impl SqlService {
         after_seq: u64,
     ) -> Result<Rows, Status> {
         if after_seq > 0 {
-            self.readers
-                .wait_applied(&stream, after_seq, APPLY_TIMEOUT)
-                .await
-                .map_err(|error| wait_status(&error))?;
+            self.served.wait(&stream, after_seq).await?;
         }
-        let readers = self.readers.clone();
         let limits = self.limits;
-        tokio::task::spawn_blocking(move || {
-            let mut loan = readers.take(&stream).map_err(|error| match error {
-                TakeError::Projections(error) => projections_status(&error),
-                other => Status::internal(other.to_string()),
-            })?;
-            let result = loan.reader.query(&sql, &params, limits);
-            if !matches!(result, Err(QueryError::Storage(_))) {
-                readers.give(loan);
-            }
-            result.map_err(|error| query_status(&error))
-        })
-        .await
-        .map_err(|error| Status::internal(format!("query task failed: {error}")))?
+        self.served
+            .read(
+                stream,
+                move |reader: &mut Reader| reader.query(&sql, &params, limits),
+                query_status,
+            )
+            .await
     }
 
     /// Appends a node-signed `record.add` of `record` (a JSON object with a string `_table`) to
@@ -112,40 +83,29 @@ impl SqlService {
                 "a record must be a JSON object with a string \"_table\" naming its table",
             ));
         }
-        self.append_applied(stream, Kind::RecordAdd, record, Vec::new())
+        self.served
+            .append_applied(
+                stream,
+                Kind::RecordAdd,
+                RECORD_CONTENT_TYPE,
+                record,
+                Vec::new(),
+            )
             .await
     }
 
     /// Appends a node-signed `record.upvote` of `record` and waits until this node's tables
     /// include it. An author's repeated upvotes of one record count once in its score.
     pub async fn upvote(&self, stream: StreamId, record: ScribeId) -> Result<Appended, Status> {
-        self.append_applied(stream, Kind::RecordUpvote, Bytes::new(), vec![record])
+        self.served
+            .append_applied(
+                stream,
+                Kind::RecordUpvote,
+                RECORD_CONTENT_TYPE,
+                Bytes::new(),
+                vec![record],
+            )
             .await
-    }
-
-    async fn append_applied(
-        &self,
-        stream: StreamId,
-        kind: Kind,
-        payload: Bytes,
-        parents: Vec<ScribeId>,
-    ) -> Result<Appended, Status> {
-        let appended = self
-            .log
-            .append_one(Draft::New(NewScribe {
-                stream: Some(stream),
-                kind,
-                content_type: RECORD_CONTENT_TYPE.into(),
-                payload,
-                parents,
-            }))
-            .await
-            .map_err(|error| append_status(&error))?;
-        self.readers
-            .wait_applied(&stream, appended.seq, APPLY_TIMEOUT)
-            .await
-            .map_err(|error| wait_status(&error))?;
-        Ok(appended)
     }
 }
 
@@ -180,7 +140,7 @@ impl pb::sql_server::Sql for SqlService {
         request: Request<pb::SqlQueryRequest>,
     ) -> Result<Response<pb::SqlQueryReply>, Status> {
         let request = request.into_inner();
-        let stream = self.stream(&request.stream)?;
+        let stream = self.served.stream(&request.stream)?;
         let params = match (request.params.is_empty(), request.named.is_empty()) {
             (_, true) => {
                 Params::Positional(request.params.into_iter().map(value_from_proto).collect())

@@ -17,6 +17,7 @@ use crate::node::{self, NodeConfig};
 use crate::pb;
 use crate::projection::Registry;
 
+mod files;
 mod kv;
 mod projections;
 mod sql;
@@ -94,6 +95,9 @@ pub enum Command {
     /// The SQLite tables of a stream: run read-only queries, add records, publish the schema.
     #[command(subcommand)]
     Sql(sql::SqlCommand),
+    /// The file tree of a stream: publish a directory, list, get and delete files.
+    #[command(subcommand)]
+    Files(files::FilesCommand),
 }
 
 /// `quire serve`.
@@ -285,6 +289,7 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         Command::Quarantine(command) => projections::quarantine(&node_url, command).await?,
         Command::Kv(command) => return kv::run(&node_url, command).await,
         Command::Sql(command) => sql::run(&node_url, command).await?,
+        Command::Files(command) => files::run(&node_url, command).await?,
         Command::Verify(args) => return verify(args),
         Command::Stream(command) => stream(&node_url, command).await?,
         Command::Append(args) => append(&node_url, args).await?,

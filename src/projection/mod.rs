@@ -96,12 +96,13 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// The projectors built into quire: `kv` (the key/value table of each stream) and `sql`
-    /// (each stream's records in SQLite tables).
+    /// The projectors built into quire: `kv` (the key/value table of each stream), `sql` (each
+    /// stream's records in SQLite tables) and `files` (each stream's file tree).
     pub fn builtin() -> Registry {
         Registry::default()
             .with(quire_projection_kv::Kv)
             .with(quire_projection_sql::Sql)
+            .with(quire_projection_files::Files)
     }
 
     /// Adds `plugin`.

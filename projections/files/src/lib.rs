@@ -1,0 +1,578 @@
+//! The file-tree projector: the newest version of every path of a stream, as a real directory
+//! tree that any static server could serve, with an index of content type, size, SHA-256 and
+//! scribe id per path.
+//!
+//! # Scribes
+//! `file.put` / `file.delete` ([`quire_projection_api::files`]). Per path, the newest scribe by
+//! `(hlc, id)` wins, a delete (tombstone) included, so equal sets of scribes give equal trees on
+//! every node, in any arrival order. A payload that does not decode, or a bad path, is the
+//! scribe's problem ([`ApplyError::Scribe`]; nodes refuse those on append already).
+//!
+//! # The copy's directory
+//! - `index.sqlite3`: `files` (one row per path ever written: the winner, live or deleted) and
+//!   `blobs` (the bytes of every live file, by SHA-256): the state, committed with the checkpoint
+//!   in one transaction per batch.
+//! - `tree/`: the live files as a real directory tree, written after each commit (each file to
+//!   a temporary file in `tmp/`, then renamed into place). The index records how far the tree
+//!   has been brought (`tree_synced`); if a crash came between a commit and the tree's update,
+//!   opening the copy rewrites the tree from the index.
+//!
+//! # Paths that are both a file and a directory
+//! Two authors may put `a` and `a/b` concurrently. A live file hides every path below it: the
+//! tree holds the live paths with no live ancestor; the hidden ones stay in the index (and come
+//! back if the ancestor is deleted).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use quire_projection_api::files::FileChange;
+use quire_projection_api::{
+    ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe, ScribeId,
+};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+/// The projection's name.
+pub const NAME: &str = "files";
+/// Bump when the same scribes would give a different tree.
+const FINGERPRINT: &str = "files v1";
+/// The index database in a copy's directory.
+pub const INDEX_FILE: &str = "index.sqlite3";
+/// The tree in a copy's directory.
+pub const TREE_DIR: &str = "tree";
+/// Temporary files, renamed into the tree when complete.
+const TMP_DIR: &str = "tmp";
+
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The file-tree plugin: one tree per stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Files;
+
+impl Plugin for Files {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn fingerprint(&self) -> String {
+        FINGERPRINT.into()
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Stream
+    }
+
+    fn open(&self, place: &Place) -> Result<Box<dyn Projector>, ProjectionError> {
+        Ok(Box::new(FilesProjector::open(&place.dir)?))
+    }
+}
+
+fn db_error(error: rusqlite::Error) -> ProjectionError {
+    ProjectionError::new(format!("files index: {error}"))
+}
+
+fn io_error(what: &str, path: &Path, error: std::io::Error) -> ProjectionError {
+    ProjectionError::new(format!("{what} {}: {error}", path.display()))
+}
+
+const SCHEMA: &str = "
+    PRAGMA journal_mode = WAL;
+    PRAGMA synchronous = NORMAL;
+    CREATE TABLE IF NOT EXISTS files (
+        path TEXT PRIMARY KEY, hlc INTEGER NOT NULL, id BLOB NOT NULL, deleted INTEGER NOT NULL,
+        content_type TEXT NOT NULL, size INTEGER NOT NULL, sha256 BLOB NOT NULL) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS blobs (sha256 BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+/// One path's entry in the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The path.
+    pub path: String,
+    /// MIME type.
+    pub content_type: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the bytes.
+    pub sha256: [u8; 32],
+    /// The winning scribe.
+    pub id: ScribeId,
+    /// Its clock.
+    pub hlc: u64,
+    /// True for a tombstone.
+    pub deleted: bool,
+}
+
+fn entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+    Ok(Entry {
+        path: row.get(0)?,
+        content_type: row.get(1)?,
+        size: row.get::<_, i64>(2)? as u64,
+        sha256: blob32(row.get(3)?),
+        id: ScribeId(blob32(row.get(4)?)),
+        hlc: row.get::<_, i64>(5)? as u64,
+        deleted: row.get(6)?,
+    })
+}
+
+const ENTRY_COLUMNS: &str = "path, content_type, size, sha256, id, hlc, deleted";
+
+fn blob32(bytes: Vec<u8>) -> [u8; 32] {
+    let mut out = [0; 32];
+    if bytes.len() == 32 {
+        out.copy_from_slice(&bytes);
+    }
+    out
+}
+
+/// One copy of a stream's tree.
+pub struct FilesProjector {
+    db: Connection,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for FilesProjector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilesProjector")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+fn meta(db: &Connection, name: &str) -> rusqlite::Result<u64> {
+    Ok(db
+        .query_row("SELECT value FROM meta WHERE name = ?1", [name], |row| {
+            row.get::<_, i64>(0)
+        })
+        .optional()?
+        .unwrap_or(0) as u64)
+}
+
+fn set_meta(db: &Connection, name: &str, value: u64) -> rusqlite::Result<()> {
+    db.execute(
+        "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = ?2",
+        params![name, value as i64],
+    )?;
+    Ok(())
+}
+
+/// The path's parent paths, nearest first: `a/b/c` → `a/b`, `a`.
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.char_indices()
+        .rev()
+        .filter(|(_, c)| *c == '/')
+        .map(move |(at, _)| &path[..at])
+}
+
+/// The first and the last string after every path below `path` (`a/` .. `a0`: '0' follows '/').
+fn below(path: &str) -> (String, String) {
+    (format!("{path}/"), format!("{path}0"))
+}
+
+impl FilesProjector {
+    /// Opens (or creates) the copy in `dir`, bringing its tree up to its index if a crash came
+    /// between the two.
+    pub fn open(dir: &Path) -> Result<FilesProjector, ProjectionError> {
+        for sub in [TREE_DIR, TMP_DIR] {
+            std::fs::create_dir_all(dir.join(sub))
+                .map_err(|e| io_error("creating", &dir.join(sub), e))?;
+        }
+        let db = Connection::open(dir.join(INDEX_FILE)).map_err(db_error)?;
+        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+        db.execute_batch(SCHEMA).map_err(db_error)?;
+        let projector = FilesProjector {
+            db,
+            dir: dir.to_path_buf(),
+        };
+        let checkpoint = meta(&projector.db, "checkpoint").map_err(db_error)?;
+        if meta(&projector.db, "tree_synced").map_err(db_error)? != checkpoint {
+            projector.rewrite_tree()?;
+        }
+        Ok(projector)
+    }
+
+    fn tree_path(&self, path: &str) -> PathBuf {
+        self.dir.join(TREE_DIR).join(path)
+    }
+
+    fn live(&self, path: &str) -> rusqlite::Result<Option<Entry>> {
+        self.db
+            .prepare_cached(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM files WHERE path = ?1 AND deleted = 0"
+            ))?
+            .query_row([path], entry)
+            .optional()
+    }
+
+    /// Whether a live file above `path` hides it.
+    fn hidden(&self, path: &str) -> rusqlite::Result<bool> {
+        for ancestor in ancestors(path) {
+            if self.live(ancestor)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn data(&self, sha256: &[u8; 32]) -> rusqlite::Result<Vec<u8>> {
+        self.db
+            .prepare_cached("SELECT data FROM blobs WHERE sha256 = ?1")?
+            .query_row([sha256.to_vec()], |row| row.get(0))
+    }
+
+    /// Writes `entry`'s file into the tree (temporary file, then rename), replacing a directory
+    /// of hidden paths there.
+    fn write_file(&self, entry: &Entry) -> Result<(), ProjectionError> {
+        let target = self.tree_path(&entry.path);
+        if target.is_dir() {
+            std::fs::remove_dir_all(&target).map_err(|e| io_error("removing", &target, e))?;
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;
+        }
+        let data = self.data(&entry.sha256).map_err(db_error)?;
+        let temporary = self
+            .dir
+            .join(TMP_DIR)
+            .join(format!("{}.part", hex::encode(&entry.id.0[..8])));
+        std::fs::write(&temporary, &data).map_err(|e| io_error("writing", &temporary, e))?;
+        std::fs::rename(&temporary, &target).map_err(|e| io_error("renaming into", &target, e))
+    }
+
+    /// Removes `path`'s file and the directories it leaves empty.
+    fn remove_file(&self, path: &str) -> Result<(), ProjectionError> {
+        let target = self.tree_path(path);
+        if target.is_file() {
+            std::fs::remove_file(&target).map_err(|e| io_error("removing", &target, e))?;
+        }
+        let root = self.dir.join(TREE_DIR);
+        let mut parent = target.parent();
+        while let Some(dir) = parent {
+            if dir == root || std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+            parent = dir.parent();
+        }
+        Ok(())
+    }
+
+    /// Brings the tree at `path` (and what it hides or uncovers) up to the index.
+    fn sync_path(&self, path: &str) -> Result<(), ProjectionError> {
+        if self.hidden(path).map_err(db_error)? {
+            return Ok(());
+        }
+        match self.live(path).map_err(db_error)? {
+            Some(entry) => self.write_file(&entry),
+            None => {
+                self.remove_file(path)?;
+                // Paths this one hid come back.
+                let (from, to) = below(path);
+                let uncovered: Vec<Entry> = self
+                    .db
+                    .prepare_cached(&format!(
+                        "SELECT {ENTRY_COLUMNS} FROM files WHERE path >= ?1 AND path < ?2 AND deleted = 0 ORDER BY path"
+                    ))
+                    .and_then(|mut s| {
+                        s.query_map([from, to], entry)?.collect::<rusqlite::Result<_>>()
+                    })
+                    .map_err(db_error)?;
+                for entry in uncovered {
+                    if !self.hidden(&entry.path).map_err(db_error)? {
+                        self.write_file(&entry)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Rewrites the whole tree from the index (after a crash between a commit and its tree
+    /// update, or a reset).
+    fn rewrite_tree(&self) -> Result<(), ProjectionError> {
+        let tree = self.dir.join(TREE_DIR);
+        std::fs::remove_dir_all(&tree).map_err(|e| io_error("removing", &tree, e))?;
+        std::fs::create_dir_all(&tree).map_err(|e| io_error("creating", &tree, e))?;
+        let live: Vec<Entry> = self
+            .db
+            .prepare(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM files WHERE deleted = 0 ORDER BY path"
+            ))
+            .and_then(|mut s| s.query_map([], entry)?.collect::<rusqlite::Result<_>>())
+            .map_err(db_error)?;
+        for entry in &live {
+            if !self.hidden(&entry.path).map_err(db_error)? {
+                self.write_file(entry)?;
+            }
+        }
+        let checkpoint = meta(&self.db, "checkpoint").map_err(db_error)?;
+        set_meta(&self.db, "tree_synced", checkpoint).map_err(db_error)
+    }
+}
+
+/// A change to apply: the winner of its path within a batch.
+struct Change<'a> {
+    scribe: &'a Scribe,
+    change: FileChange,
+}
+
+impl Projector for FilesProjector {
+    fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
+        let mut newest: BTreeMap<String, Change<'_>> = BTreeMap::new();
+        for (index, scribe) in batch.iter().enumerate() {
+            let change = match FileChange::decode(&scribe.kind, &scribe.payload) {
+                Ok(Some(change)) => change,
+                Ok(None) => continue,
+                Err(reason) => return Err(ApplyError::Scribe { index, reason }),
+            };
+            let path = change.path().to_string();
+            let newer = newest
+                .get(&path)
+                .is_none_or(|held| (scribe.hlc, scribe.id) > (held.scribe.hlc, held.scribe.id));
+            if newer {
+                newest.insert(path, Change { scribe, change });
+            }
+        }
+        let storage = |e: rusqlite::Error| ApplyError::Storage(format!("files index: {e}"));
+        let tx = self.db.unchecked_transaction().map_err(storage)?;
+        let mut changed = Vec::new();
+        for (path, Change { scribe, change }) in newest {
+            let current: Option<(i64, Vec<u8>, bool, Vec<u8>)> = self
+                .db
+                .prepare_cached("SELECT hlc, id, deleted, sha256 FROM files WHERE path = ?1")
+                .and_then(|mut s| {
+                    s.query_row([&path], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
+                    .optional()
+                })
+                .map_err(storage)?;
+            if let Some((hlc, id, _, _)) = &current {
+                if (*hlc as u64, blob32(id.clone())) >= (scribe.hlc, scribe.id.0) {
+                    continue;
+                }
+            }
+            let (content_type, size, sha256) = match &change {
+                FileChange::Put {
+                    content_type, data, ..
+                } => {
+                    let sha256: [u8; 32] = Sha256::digest(data).into();
+                    self.db
+                        .prepare_cached(
+                            "INSERT OR IGNORE INTO blobs (sha256, data) VALUES (?1, ?2)",
+                        )
+                        .and_then(|mut s| s.execute(params![sha256.to_vec(), data]))
+                        .map_err(storage)?;
+                    (content_type.clone(), data.len() as i64, sha256)
+                }
+                FileChange::Delete { .. } => (String::new(), 0, [0; 32]),
+            };
+            self.db
+                .prepare_cached(
+                    "INSERT INTO files (path, hlc, id, deleted, content_type, size, sha256)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (path) DO UPDATE SET hlc = ?2, id = ?3, deleted = ?4,
+                     content_type = ?5, size = ?6, sha256 = ?7",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        path,
+                        scribe.hlc as i64,
+                        scribe.id.0.to_vec(),
+                        matches!(change, FileChange::Delete { .. }),
+                        content_type,
+                        size,
+                        sha256.to_vec()
+                    ])
+                })
+                .map_err(storage)?;
+            if let Some((_, _, false, old)) = current {
+                // The replaced version's bytes, unless another live path has the same.
+                self.db
+                    .prepare_cached(
+                        "DELETE FROM blobs WHERE sha256 = ?1
+                         AND NOT EXISTS (SELECT 1 FROM files WHERE sha256 = ?1 AND deleted = 0)",
+                    )
+                    .and_then(|mut s| s.execute([old]))
+                    .map_err(storage)?;
+            }
+            changed.push(path);
+        }
+        set_meta(&self.db, "checkpoint", checkpoint).map_err(storage)?;
+        tx.commit().map_err(storage)?;
+        // The tree follows the committed index; `tree_synced` says it has.
+        let tree = |e: ProjectionError| ApplyError::Storage(e.0);
+        for path in &changed {
+            self.sync_path(path).map_err(tree)?;
+        }
+        set_meta(&self.db, "tree_synced", checkpoint).map_err(storage)
+    }
+
+    fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        meta(&self.db, "checkpoint").map_err(db_error)
+    }
+
+    fn reset(&mut self) -> Result<(), ProjectionError> {
+        self.db
+            .execute_batch("BEGIN; DELETE FROM files; DELETE FROM blobs; DELETE FROM meta; COMMIT;")
+            .map_err(db_error)?;
+        self.rewrite_tree()
+    }
+
+    fn digest(&self) -> Result<[u8; 32], ProjectionError> {
+        let mut hasher = Sha256::new();
+        hasher.update(b"quire files digest v1\n");
+        let mut statement = self
+            .db
+            .prepare(&format!("SELECT {ENTRY_COLUMNS} FROM files ORDER BY path"))
+            .map_err(db_error)?;
+        let mut rows = statement.query([]).map_err(db_error)?;
+        while let Some(row) = rows.next().map_err(db_error)? {
+            let e = entry(row).map_err(db_error)?;
+            hasher.update((e.path.len() as u64).to_be_bytes());
+            hasher.update(e.path.as_bytes());
+            hasher.update([e.deleted as u8]);
+            hasher.update((e.content_type.len() as u64).to_be_bytes());
+            hasher.update(e.content_type.as_bytes());
+            hasher.update(e.size.to_be_bytes());
+            hasher.update(e.sha256);
+            hasher.update(e.id.0);
+            hasher.update(e.hlc.to_be_bytes());
+        }
+        Ok(hasher.finalize().into())
+    }
+}
+
+/// Read access to a live copy: the index, and the files of its tree.
+#[derive(Debug)]
+pub struct Reader {
+    db: Connection,
+    dir: PathBuf,
+}
+
+impl Reader {
+    /// Opens the copy in `dir` for reading.
+    pub fn open(dir: &Path) -> Result<Reader, ProjectionError> {
+        let db = Connection::open_with_flags(
+            dir.join(INDEX_FILE),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_error)?;
+        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+        Ok(Reader {
+            db,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The live entry of `path`, if there is one.
+    pub fn get(&self, path: &str) -> Result<Option<Entry>, ProjectionError> {
+        self.db
+            .prepare_cached(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM files WHERE path = ?1 AND deleted = 0"
+            ))
+            .and_then(|mut s| s.query_row([path], entry).optional())
+            .map_err(db_error)
+    }
+
+    /// The bytes of a live entry (from the index, whether or not the tree shows the path).
+    pub fn read(&self, entry: &Entry) -> Result<Vec<u8>, ProjectionError> {
+        self.db
+            .prepare_cached("SELECT data FROM blobs WHERE sha256 = ?1")
+            .and_then(|mut s| s.query_row([entry.sha256.to_vec()], |row| row.get(0)))
+            .map_err(db_error)
+    }
+
+    /// Live entries whose path starts with `prefix`, in path order, at most `limit`.
+    pub fn list(&self, prefix: &str, limit: usize) -> Result<Vec<Entry>, ProjectionError> {
+        let mut statement = self
+            .db
+            .prepare_cached(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM files WHERE path >= ?1 AND deleted = 0 ORDER BY path"
+            ))
+            .map_err(db_error)?;
+        let mut rows = statement.query([prefix]).map_err(db_error)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(db_error)? {
+            let found = entry(row).map_err(db_error)?;
+            if !found.path.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(found);
+        }
+        Ok(out)
+    }
+
+    /// The copy's tree directory.
+    pub fn tree(&self) -> PathBuf {
+        self.dir.join(TREE_DIR)
+    }
+
+    /// The checkpoint of the committed index.
+    pub fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        meta(&self.db, "checkpoint").map_err(db_error)
+    }
+}
+
+/// SHA-256 over a directory tree (relative paths and contents, in path order): equal trees give
+/// equal digests. For comparing the trees of two nodes.
+pub fn tree_digest(root: &Path) -> std::io::Result<[u8; 32]> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> std::io::Result<()> {
+        for item in std::fs::read_dir(dir)? {
+            let item = item?;
+            let path = item.path();
+            if item.file_type()?.is_dir() {
+                walk(root, &path, out)?;
+            } else {
+                let relative = path.strip_prefix(root).unwrap_or(&path);
+                out.push((relative.to_string_lossy().into_owned(), path));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(root, root, &mut files)?;
+    files.sort();
+    let mut hasher = Sha256::new();
+    for (relative, path) in files {
+        let data = std::fs::read(&path)?;
+        hasher.update((relative.len() as u64).to_be_bytes());
+        hasher.update(relative.as_bytes());
+        hasher.update((data.len() as u64).to_be_bytes());
+        hasher.update(&data);
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// A content type for a file name, from its extension (`application/octet-stream` if unknown;
+/// `_schema` is JSON).
+pub fn content_type_for(path: &str) -> &'static str {
+    if path == quire_projection_api::files::SCHEMA_PATH || path.ends_with("/_schema") {
+        return "application/json";
+    }
+    let extension = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match extension.as_deref() {
+        Some("html" | "htm") => "text/html; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("json" | "map") => "application/json",
+        Some("txt" | "md") => "text/plain; charset=utf-8",
+        Some("xml") => "application/xml",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        Some("ico") => "image/x-icon",
+        Some("wasm") => "application/wasm",
+        Some("woff") => "font/woff",
+        Some("woff2") => "font/woff2",
+        Some("ttf") => "font/ttf",
+        Some("pdf") => "application/pdf",
+        Some("mp4") => "video/mp4",
+        Some("webm") => "video/webm",
+        Some("mp3") => "audio/mpeg",
+        Some("wav") => "audio/wav",
+        _ => "application/octet-stream",
+    }
+}

@@ -1,0 +1,215 @@
+//! The file-tree projector on a real filesystem: newest wins per path, tombstones, hidden paths,
+//! the tree rewritten after a crash between commit and tree update, and the conformance suite.
+
+use proptest::prelude::*;
+use quire_projection_api::files::FileChange;
+use quire_projection_api::testing::{self, scribe};
+use quire_projection_api::{AuthorKey, Place, Plugin, Projector, Scribe, ScribeId};
+use quire_projection_files::{tree_digest, Files, Reader, TREE_DIR};
+
+const STREAM: ScribeId = ScribeId([9; 32]);
+
+fn put(author: u8, hlc: u64, path: &str, data: &str) -> Scribe {
+    let (kind, payload) = FileChange::Put {
+        path: path.into(),
+        content_type: "text/plain".into(),
+        data: data.as_bytes().to_vec(),
+    }
+    .encode();
+    scribe(
+        STREAM,
+        AuthorKey([author; 32]),
+        hlc,
+        kind,
+        "application/vnd.quire.file+protobuf",
+        payload,
+    )
+}
+
+fn delete(author: u8, hlc: u64, path: &str) -> Scribe {
+    let (kind, payload) = FileChange::Delete { path: path.into() }.encode();
+    scribe(
+        STREAM,
+        AuthorKey([author; 32]),
+        hlc,
+        kind,
+        "application/vnd.quire.file+protobuf",
+        payload,
+    )
+}
+
+struct Copy {
+    dir: tempfile::TempDir,
+    projector: Box<dyn Projector>,
+    seq: u64,
+}
+
+impl Copy {
+    fn new() -> Copy {
+        let dir = tempfile::tempdir().unwrap();
+        let projector = Files.open(&Place::new(dir.path(), Some(STREAM))).unwrap();
+        Copy {
+            dir,
+            projector,
+            seq: 0,
+        }
+    }
+
+    fn apply(&mut self, scribes: &[Scribe]) {
+        let batch: Vec<Scribe> = scribes
+            .iter()
+            .map(|s| {
+                self.seq += 1;
+                Scribe {
+                    local_seq: self.seq,
+                    ..s.clone()
+                }
+            })
+            .collect();
+        self.projector.apply(&batch, self.seq).unwrap();
+    }
+
+    fn file(&self, path: &str) -> Option<String> {
+        std::fs::read_to_string(self.dir.path().join(TREE_DIR).join(path)).ok()
+    }
+
+    fn tree(&self) -> [u8; 32] {
+        tree_digest(&self.dir.path().join(TREE_DIR)).unwrap()
+    }
+}
+
+#[test]
+fn newest_wins_per_path_and_a_delete_is_a_tombstone() {
+    let mut copy = Copy::new();
+    copy.apply(&[
+        put(1, 20, "site/index.html", "new"),
+        put(2, 10, "site/index.html", "old"),
+    ]);
+    assert_eq!(copy.file("site/index.html").as_deref(), Some("new"));
+    // An older put arriving later loses.
+    copy.apply(&[put(3, 15, "site/index.html", "older")]);
+    assert_eq!(copy.file("site/index.html").as_deref(), Some("new"));
+    // A newer delete wins; an older put after it does not bring the file back.
+    copy.apply(&[delete(1, 30, "site/index.html")]);
+    assert_eq!(copy.file("site/index.html"), None);
+    assert!(
+        !copy.dir.path().join(TREE_DIR).join("site").exists(),
+        "empty directories go"
+    );
+    copy.apply(&[put(2, 25, "site/index.html", "zombie")]);
+    assert_eq!(copy.file("site/index.html"), None);
+    copy.apply(&[put(2, 40, "site/index.html", "back")]);
+    assert_eq!(copy.file("site/index.html").as_deref(), Some("back"));
+    let reader = Reader::open(copy.dir.path()).unwrap();
+    let entry = reader.get("site/index.html").unwrap().unwrap();
+    assert_eq!(
+        (entry.size, entry.content_type.as_str(), entry.hlc),
+        (4, "text/plain", 40)
+    );
+    assert_eq!(reader.read(&entry).unwrap(), b"back");
+    assert_eq!(reader.list("site/", 10).unwrap().len(), 1);
+}
+
+#[test]
+fn a_live_file_hides_the_paths_below_it_until_it_is_deleted() {
+    let mut copy = Copy::new();
+    copy.apply(&[
+        put(1, 10, "a/b.txt", "below"),
+        put(1, 11, "a/c/d.txt", "deeper"),
+    ]);
+    copy.apply(&[put(2, 12, "a", "a file")]);
+    assert_eq!(copy.file("a").as_deref(), Some("a file"));
+    // A put under a live file is indexed but hidden.
+    copy.apply(&[put(1, 13, "a/e.txt", "hidden")]);
+    assert_eq!(copy.file("a").as_deref(), Some("a file"));
+    copy.apply(&[delete(2, 14, "a")]);
+    assert_eq!(copy.file("a/b.txt").as_deref(), Some("below"));
+    assert_eq!(copy.file("a/c/d.txt").as_deref(), Some("deeper"));
+    assert_eq!(copy.file("a/e.txt").as_deref(), Some("hidden"));
+    // Same scribes in another order: the same tree.
+    let mut other = Copy::new();
+    other.apply(&[
+        delete(2, 14, "a"),
+        put(1, 13, "a/e.txt", "hidden"),
+        put(2, 12, "a", "a file"),
+    ]);
+    other.apply(&[
+        put(1, 11, "a/c/d.txt", "deeper"),
+        put(1, 10, "a/b.txt", "below"),
+    ]);
+    assert_eq!(other.tree(), copy.tree());
+    assert_eq!(
+        other.projector.digest().unwrap(),
+        copy.projector.digest().unwrap()
+    );
+}
+
+#[test]
+fn a_crash_between_commit_and_tree_update_is_repaired_on_open() {
+    let mut copy = Copy::new();
+    copy.apply(&[put(1, 10, "x.txt", "one"), put(1, 11, "y/z.txt", "two")]);
+    let good = copy.tree();
+    // As if the process died after committing the index but before writing the tree.
+    std::fs::remove_file(copy.dir.path().join(TREE_DIR).join("x.txt")).unwrap();
+    std::fs::write(copy.dir.path().join(TREE_DIR).join("stray.txt"), "junk").unwrap();
+    let index = rusqlite::Connection::open(copy.dir.path().join("index.sqlite3")).unwrap();
+    index
+        .execute("UPDATE meta SET value = 0 WHERE name = 'tree_synced'", [])
+        .unwrap();
+    drop(index);
+    let reopened = Files
+        .open(&Place::new(copy.dir.path(), Some(STREAM)))
+        .unwrap();
+    drop(reopened);
+    assert_eq!(copy.tree(), good);
+}
+
+#[test]
+fn a_bad_payload_is_the_scribes_problem() {
+    let mut copy = Copy::new();
+    let mut bad = put(1, 10, "ok", "x");
+    bad.payload = vec![0xff, 0xff];
+    bad.local_seq = 1;
+    let refused = copy.projector.apply(&[bad], 1).unwrap_err();
+    assert!(refused.to_string().contains("not a FilePut"), "{refused}");
+}
+
+fn scribes() -> impl Strategy<Value = Vec<Scribe>> {
+    let paths = ["index.html", "a", "a/b", "a/b/c.txt", "d/e.css"];
+    let op = (0..paths.len(), 1..30u64, 1..4u8, any::<bool>(), 0..3u8);
+    proptest::collection::vec(op, 0..20).prop_map(move |ops| {
+        ops.into_iter()
+            .map(|(p, hlc, author, is_delete, body)| {
+                if is_delete {
+                    delete(author, hlc, paths[p])
+                } else {
+                    put(author, hlc, paths[p], &format!("body {body}"))
+                }
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn conformance() {
+    testing::check_all(&Files, scribes(), 48).unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    /// The directory trees, not only the index digests, are equal for any order.
+    #[test]
+    fn trees_are_equal_in_any_order(scribes in scribes(), seed in any::<u64>()) {
+        let mut shuffled = scribes.clone();
+        let mut state = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+            shuffled.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let mut one = Copy::new();
+        for s in &scribes { one.apply(std::slice::from_ref(s)); }
+        let mut two = Copy::new();
+        two.apply(&shuffled);
+        prop_assert_eq!(one.tree(), two.tree());
+    }
+}
