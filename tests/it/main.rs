@@ -6,6 +6,7 @@ mod api;
 mod common;
 mod consumer;
 mod crash;
+mod files;
 mod kv;
 mod malicious;
 mod projections;
