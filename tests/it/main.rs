@@ -3,6 +3,7 @@
 //! sleeps to synchronise.
 
 mod api;
+mod browser;
 mod common;
 mod consumer;
 mod crash;
