@@ -50,30 +50,48 @@ impl Session {
     }
 
     async fn open(&self, url: &str) {
-        self.call(reqwest::Method::POST, "/url", json!({"url": url})).await;
+        self.call(reqwest::Method::POST, "/url", json!({"url": url}))
+            .await;
     }
 
     async fn script(&self, script: &str) -> Value {
-        self.call(reqwest::Method::POST, "/execute/sync", json!({"script": script, "args": []}))
-            .await
+        self.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
+        .await
     }
 
     async fn element(&self, css: &str) -> String {
         let found = self
-            .call(reqwest::Method::POST, "/element", json!({"using": "css selector", "value": css}))
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
             .await;
         found[ELEMENT].as_str().unwrap().to_string()
     }
 
     async fn type_into(&self, css: &str, text: &str) {
         let element = self.element(css).await;
-        self.call(reqwest::Method::POST, &format!("/element/{element}/value"), json!({"text": text}))
-            .await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{element}/value"),
+            json!({"text": text}),
+        )
+        .await;
     }
 
     async fn click(&self, css: &str) {
         let element = self.element(css).await;
-        self.call(reqwest::Method::POST, &format!("/element/{element}/click"), json!({})).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{element}/click"),
+            json!({}),
+        )
+        .await;
     }
 
     async fn messages(&self) -> String {
@@ -86,7 +104,11 @@ impl Session {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn start_driver() -> Driver {
@@ -108,7 +130,10 @@ async fn start_driver() -> Driver {
         let url = format!("{}/status", driver.url);
         async move {
             match http.get(url).send().await {
-                Ok(reply) => reply.json::<Value>().await.is_ok_and(|v| v["value"]["ready"] == true),
+                Ok(reply) => reply
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["value"]["ready"] == true),
                 Err(_) => false,
             }
         }
@@ -160,7 +185,11 @@ async fn the_message_board_posted_on_a_appears_on_b_without_a_reload() {
         .args(["--node", &a.url()])
         .output()
         .unwrap();
-    assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
     connect(&b, &a).await;
     join(&b, &stream).await;
     let board_b = format!("{}/{}/", b.url(), stream.to_hex());
@@ -182,7 +211,8 @@ async fn the_message_board_posted_on_a_appears_on_b_without_a_reload() {
     on_b.script("window.loadedOnce = 'yes'; return 1").await;
 
     let on_a = session(&driver, "a").await;
-    on_a.open(&format!("{}/{}/", a.url(), stream.to_hex())).await;
+    on_a.open(&format!("{}/{}/", a.url(), stream.to_hex()))
+        .await;
     on_a.type_into("#author", "ann").await;
     on_a.type_into("#text", "hello from node A").await;
     on_a.click("#send").await;
@@ -194,7 +224,11 @@ async fn the_message_board_posted_on_a_appears_on_b_without_a_reload() {
         on_b.messages().await.contains("hello from node A")
     })
     .await;
-    assert_eq!(on_b.script("return window.loadedOnce").await, "yes", "B's page was not reloaded");
+    assert_eq!(
+        on_b.script("return window.loadedOnce").await,
+        "yes",
+        "B's page was not reloaded"
+    );
     assert!(on_b.messages().await.contains("ann"));
     for session in [on_a, on_b] {
         session.call(reqwest::Method::DELETE, "", json!({})).await;

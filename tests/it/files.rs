@@ -18,13 +18,23 @@ use crate::common::*;
 use crate::replication::{connect, join, CONVERGE};
 
 async fn files_client(node: &RunningNode) -> pb::files_client::FilesClient<Channel> {
-    pb::files_client::FilesClient::new(Channel::from_shared(node.url()).unwrap().connect().await.unwrap())
+    pb::files_client::FilesClient::new(
+        Channel::from_shared(node.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
 }
 
 async fn list(node: &RunningNode, stream: &StreamId) -> Vec<pb::FileInfo> {
     files_client(node)
         .await
-        .list(pb::FilesListRequest { stream: bytes_of(stream), prefix: String::new(), limit: 0 })
+        .list(pb::FilesListRequest {
+            stream: bytes_of(stream),
+            prefix: String::new(),
+            limit: 0,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -38,13 +48,23 @@ struct Got {
     body: Vec<u8>,
 }
 
-async fn http(node: &RunningNode, method: reqwest::Method, path: &str, body: Option<(&str, Vec<u8>)>) -> Got {
+async fn http(
+    node: &RunningNode,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<(&str, Vec<u8>)>,
+) -> Got {
     let mut request = reqwest::Client::new().request(method, format!("{}{path}", node.url()));
     if let Some((content_type, data)) = body {
         request = request.header("content-type", content_type).body(data);
     }
     let reply = request.send().await.expect("HTTP request");
-    let header = |name: &str| reply.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+    let header = |name: &str| {
+        reply
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
     Got {
         status: reply.status().as_u16(),
         content_type: header("content-type"),
@@ -73,7 +93,11 @@ fn push(node: &RunningNode, stream: &StreamId, dir: &Path, extra: &[&str]) -> St
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "push failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "push failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     stdout
 }
 
@@ -82,7 +106,11 @@ async fn bad_paths_and_limits_are_refused_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
     let mut clients = clients(&node.url()).await;
-    let policy = pb::Policy { max_file_bytes: 1000, max_stream_bytes: 4000, ..Default::default() };
+    let policy = pb::Policy {
+        max_file_bytes: 1000,
+        max_stream_bytes: 4000,
+        ..Default::default()
+    };
     let stream = create_stream(&mut clients, "limits", Some(policy)).await;
     let held = head(&mut clients).await;
     let mut files = files_client(&node).await;
@@ -99,51 +127,146 @@ async fn bad_paths_and_limits_are_refused_and_store_nothing() {
         (long.as_str(), "at most 1024 bytes"),
     ] {
         let refused = files
-            .put(pb::FilesPutRequest { stream: bytes_of(&stream), path: path.into(), content_type: String::new(), data: Bytes::from_static(b"x") })
+            .put(pb::FilesPutRequest {
+                stream: bytes_of(&stream),
+                path: path.into(),
+                content_type: String::new(),
+                data: Bytes::from_static(b"x"),
+            })
             .await
             .unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{path:?}: {refused:?}");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::InvalidArgument,
+            "{path:?}: {refused:?}"
+        );
         assert!(refused.message().contains(says), "{path:?}: {refused:?}");
     }
     // Over HTTP (percent-encoded so the client sends them as they are).
     let tid = stream.to_hex();
-    for (raw, says) in [("a%2F%2Fb", "empty segment"), ("a%5Cb", "backslash"), ("a%2F..%2Fb", "segment: paths must be normalized")] {
-        let got = http(&node, reqwest::Method::PUT, &format!("/{tid}/{raw}"), Some(("text/plain", b"x".to_vec()))).await;
-        assert_eq!(got.status, 400, "{raw}: {}", String::from_utf8_lossy(&got.body));
-        assert!(String::from_utf8_lossy(&got.body).contains(says), "{raw}: {}", String::from_utf8_lossy(&got.body));
+    for (raw, says) in [
+        ("a%2F%2Fb", "empty segment"),
+        ("a%5Cb", "backslash"),
+        ("a%2F..%2Fb", "segment: paths must be normalized"),
+    ] {
+        let got = http(
+            &node,
+            reqwest::Method::PUT,
+            &format!("/{tid}/{raw}"),
+            Some(("text/plain", b"x".to_vec())),
+        )
+        .await;
+        assert_eq!(
+            got.status,
+            400,
+            "{raw}: {}",
+            String::from_utf8_lossy(&got.body)
+        );
+        assert!(
+            String::from_utf8_lossy(&got.body).contains(says),
+            "{raw}: {}",
+            String::from_utf8_lossy(&got.body)
+        );
     }
     // The per-file limit, then the per-stream limit.
-    let big = http(&node, reqwest::Method::PUT, &format!("/{tid}/big.bin"), Some(("application/octet-stream", vec![7; 1500]))).await;
+    let big = http(
+        &node,
+        reqwest::Method::PUT,
+        &format!("/{tid}/big.bin"),
+        Some(("application/octet-stream", vec![7; 1500])),
+    )
+    .await;
     assert_eq!(big.status, 413, "{}", String::from_utf8_lossy(&big.body));
     assert!(String::from_utf8_lossy(&big.body).contains("over the limit of 1000 bytes"));
     assert_eq!(head(&mut clients).await, held, "nothing stored");
     for n in 0..3 {
-        let got = http(&node, reqwest::Method::PUT, &format!("/{tid}/part{n}.bin"), Some(("application/octet-stream", vec![n; 900]))).await;
+        let got = http(
+            &node,
+            reqwest::Method::PUT,
+            &format!("/{tid}/part{n}.bin"),
+            Some(("application/octet-stream", vec![n; 900])),
+        )
+        .await;
         assert_eq!(got.status, 204, "{}", String::from_utf8_lossy(&got.body));
     }
     let held = head(&mut clients).await;
-    let full = http(&node, reqwest::Method::PUT, &format!("/{tid}/part3.bin"), Some(("application/octet-stream", vec![3; 900]))).await;
+    let full = http(
+        &node,
+        reqwest::Method::PUT,
+        &format!("/{tid}/part3.bin"),
+        Some(("application/octet-stream", vec![3; 900])),
+    )
+    .await;
     assert_eq!(full.status, 413, "{}", String::from_utf8_lossy(&full.body));
-    assert!(String::from_utf8_lossy(&full.body).contains("would pass its limit of 4000 bytes"), "{}", String::from_utf8_lossy(&full.body));
+    assert!(
+        String::from_utf8_lossy(&full.body).contains("would pass its limit of 4000 bytes"),
+        "{}",
+        String::from_utf8_lossy(&full.body)
+    );
     assert_eq!(head(&mut clients).await, held, "nothing stored");
     assert_eq!(list(&node, &stream).await.len(), 3);
     // A node whose key the policy does not allow: 403. Unknown app and path: 404.
     let owner = client_key(3);
     let foreign = clients
         .streams
-        .create(pb::CreateStreamRequest { name: "not mine".into(), policy: None, owner: Bytes::copy_from_slice(&owner.verifying_key().to_bytes()) })
+        .create(pb::CreateStreamRequest {
+            name: "not mine".into(),
+            policy: None,
+            owner: Bytes::copy_from_slice(&owner.verifying_key().to_bytes()),
+        })
         .await
         .unwrap()
         .into_inner();
     let foreign = StreamId::from_slice(&foreign.stream).unwrap();
     let held = head(&mut clients).await;
-    let refused = http(&node, reqwest::Method::PUT, &format!("/{}/index.html", foreign.to_hex()), Some(("text/html", b"<p>".to_vec()))).await;
-    assert_eq!(refused.status, 403, "{}", String::from_utf8_lossy(&refused.body));
+    let refused = http(
+        &node,
+        reqwest::Method::PUT,
+        &format!("/{}/index.html", foreign.to_hex()),
+        Some(("text/html", b"<p>".to_vec())),
+    )
+    .await;
+    assert_eq!(
+        refused.status,
+        403,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
     assert_eq!(head(&mut clients).await, held);
     let unknown = "cd".repeat(32);
-    assert_eq!(http(&node, reqwest::Method::GET, &format!("/{unknown}/index.html"), None).await.status, 404);
-    assert_eq!(http(&node, reqwest::Method::GET, &format!("/{tid}/nope.html"), None).await.status, 404);
-    assert_eq!(http(&node, reqwest::Method::DELETE, &format!("/{tid}/nope.html"), None).await.status, 404);
+    assert_eq!(
+        http(
+            &node,
+            reqwest::Method::GET,
+            &format!("/{unknown}/index.html"),
+            None
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(
+        http(
+            &node,
+            reqwest::Method::GET,
+            &format!("/{tid}/nope.html"),
+            None
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(
+        http(
+            &node,
+            reqwest::Method::DELETE,
+            &format!("/{tid}/nope.html"),
+            None
+        )
+        .await
+        .status,
+        404
+    );
     node.stop().await.unwrap();
 }
 
@@ -173,8 +296,15 @@ async fn a_site_published_on_a_is_served_identically_by_b_and_follows_updates() 
 
     connect(&b, &a).await;
     join(&b, &stream).await;
-    let expected: BTreeMap<String, pb::FileInfo> = list(&a, &stream).await.into_iter().map(|f| (f.path.clone(), f)).collect();
-    wait_until(CONVERGE, "B lists A's files", || async { list(&b, &stream).await.len() == expected.len() }).await;
+    let expected: BTreeMap<String, pb::FileInfo> = list(&a, &stream)
+        .await
+        .into_iter()
+        .map(|f| (f.path.clone(), f))
+        .collect();
+    wait_until(CONVERGE, "B lists A's files", || async {
+        list(&b, &stream).await.len() == expected.len()
+    })
+    .await;
     let site_root = site.path().to_path_buf();
     let check_served = |node: &RunningNode| {
         let node_url = node.url();
@@ -184,13 +314,27 @@ async fn a_site_published_on_a_is_served_identically_by_b_and_follows_updates() 
         async move {
             for (path, info) in &expected {
                 let encoded = path.replace(' ', "%20");
-                let got = reqwest::get(format!("{node_url}/{tid}/{encoded}")).await.unwrap();
+                let got = reqwest::get(format!("{node_url}/{tid}/{encoded}"))
+                    .await
+                    .unwrap();
                 assert_eq!(got.status(), 200, "{path}");
                 let headers = got.headers().clone();
-                assert_eq!(headers["content-type"], info.content_type.as_str(), "{path}");
-                assert_eq!(headers["etag"], format!("\"{}\"", hex::encode(&info.sha256)).as_str(), "{path}");
+                assert_eq!(
+                    headers["content-type"],
+                    info.content_type.as_str(),
+                    "{path}"
+                );
+                assert_eq!(
+                    headers["etag"],
+                    format!("\"{}\"", hex::encode(&info.sha256)).as_str(),
+                    "{path}"
+                );
                 let body = got.bytes().await.unwrap();
-                assert_eq!(body.as_ref(), std::fs::read(site_root.join(path)).unwrap().as_slice(), "{path}");
+                assert_eq!(
+                    body.as_ref(),
+                    std::fs::read(site_root.join(path)).unwrap().as_slice(),
+                    "{path}"
+                );
             }
         }
     };
@@ -198,10 +342,22 @@ async fn a_site_published_on_a_is_served_identically_by_b_and_follows_updates() 
     check_served(&b).await;
     // `GET /<tid>/` is index.html; HEAD has the headers; If-None-Match gives 304.
     let index = http(&b, reqwest::Method::GET, &format!("/{tid}/"), None).await;
-    assert_eq!((index.status, index.body.as_slice()), (200, b"<h1>home</h1>".as_slice()));
-    let head = http(&b, reqwest::Method::HEAD, &format!("/{tid}/css/site.css"), None).await;
+    assert_eq!(
+        (index.status, index.body.as_slice()),
+        (200, b"<h1>home</h1>".as_slice())
+    );
+    let head = http(
+        &b,
+        reqwest::Method::HEAD,
+        &format!("/{tid}/css/site.css"),
+        None,
+    )
+    .await;
     assert_eq!((head.status, head.body.len()), (200, 0));
-    assert_eq!(head.content_type.as_deref(), Some("text/css; charset=utf-8"));
+    assert_eq!(
+        head.content_type.as_deref(),
+        Some("text/css; charset=utf-8")
+    );
     let etag = head.etag.unwrap();
     let cached = reqwest::Client::new()
         .get(format!("{}/{tid}/css/site.css", b.url()))
@@ -211,9 +367,19 @@ async fn a_site_published_on_a_is_served_identically_by_b_and_follows_updates() 
         .unwrap();
     assert_eq!(cached.status(), 304);
     // The `_schema` file made the tables.
-    let tables = pb::sql_client::SqlClient::new(Channel::from_shared(b.url()).unwrap().connect().await.unwrap())
-        .query(pb::SqlQueryRequest { stream: bytes_of(&stream), sql: "SELECT count(*) FROM note".into(), ..Default::default() })
-        .await;
+    let tables = pb::sql_client::SqlClient::new(
+        Channel::from_shared(b.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+    .query(pb::SqlQueryRequest {
+        stream: bytes_of(&stream),
+        sql: "SELECT count(*) FROM note".into(),
+        ..Default::default()
+    })
+    .await;
     assert!(tables.is_ok(), "{tables:?}");
 
     // An update and a delete on A reach B.
@@ -222,20 +388,46 @@ async fn a_site_published_on_a_is_served_identically_by_b_and_follows_updates() 
     let out = push(&a, &stream, site.path(), &["--delete"]);
     assert!(out.contains("1 put") && out.contains("1 deleted"), "{out}");
     wait_until(CONVERGE, "B serves the update and the delete", || async {
-        let css = http(&b, reqwest::Method::GET, &format!("/{tid}/css/site.css"), None).await;
+        let css = http(
+            &b,
+            reqwest::Method::GET,
+            &format!("/{tid}/css/site.css"),
+            None,
+        )
+        .await;
         let js = http(&b, reqwest::Method::GET, &format!("/{tid}/js/app.js"), None).await;
         css.body == b"h1 { color: blue }" && js.status == 404
     })
     .await;
-    assert_ne!(http(&b, reqwest::Method::GET, &format!("/{tid}/css/site.css"), None).await.etag.unwrap(), etag);
+    assert_ne!(
+        http(
+            &b,
+            reqwest::Method::GET,
+            &format!("/{tid}/css/site.css"),
+            None
+        )
+        .await
+        .etag
+        .unwrap(),
+        etag
+    );
 
     // A restarted B still serves, from its own copy (A is gone).
     a.stop().await.unwrap();
     let b_dir = b.data_dir.clone();
     b.stop().await.unwrap();
     b = start_node(&b_dir).await;
-    let css = http(&b, reqwest::Method::GET, &format!("/{tid}/css/site.css"), None).await;
-    assert_eq!((css.status, css.body.as_slice()), (200, b"h1 { color: blue }".as_slice()));
+    let css = http(
+        &b,
+        reqwest::Method::GET,
+        &format!("/{tid}/css/site.css"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (css.status, css.body.as_slice()),
+        (200, b"h1 { color: blue }".as_slice())
+    );
     assert_eq!(
         std::fs::read(tree_dir(&b_dir, &stream).join("docs/a b/notes.txt")).unwrap(),
         "notes, é".as_bytes(),
@@ -253,7 +445,11 @@ async fn concurrent_puts_on_partitioned_nodes_converge_to_identical_trees() {
     let policy = pb::Policy {
         rules: vec![pb::KindRule {
             kind: "file.put".into(),
-            authors: Some(pb::Authors { owner: true, keys: vec![Bytes::copy_from_slice(b.log.node_key().as_bytes())], anyone: false }),
+            authors: Some(pb::Authors {
+                owner: true,
+                keys: vec![Bytes::copy_from_slice(b.log.node_key().as_bytes())],
+                anyone: false,
+            }),
         }],
         ..Default::default()
     };
@@ -266,31 +462,63 @@ async fn concurrent_puts_on_partitioned_nodes_converge_to_identical_trees() {
     let b_dir = b.data_dir.clone();
     b.stop().await.unwrap();
     let tid = stream.to_hex();
-    for (path, data) in [("index.html", "from A"), ("a/b.txt", "A's b"), ("shared.txt", "A")] {
-        let got = http(&a, reqwest::Method::PUT, &format!("/{tid}/{path}"), Some(("text/plain", data.as_bytes().to_vec()))).await;
+    for (path, data) in [
+        ("index.html", "from A"),
+        ("a/b.txt", "A's b"),
+        ("shared.txt", "A"),
+    ] {
+        let got = http(
+            &a,
+            reqwest::Method::PUT,
+            &format!("/{tid}/{path}"),
+            Some(("text/plain", data.as_bytes().to_vec())),
+        )
+        .await;
         assert_eq!(got.status, 204);
     }
     a.stop().await.unwrap();
     let b = start_node(&b_dir).await;
-    for (path, data) in [("index.html", "from B"), ("a", "B's file hides a/"), ("shared.txt", "B")] {
-        let got = http(&b, reqwest::Method::PUT, &format!("/{tid}/{path}"), Some(("text/plain", data.as_bytes().to_vec()))).await;
+    for (path, data) in [
+        ("index.html", "from B"),
+        ("a", "B's file hides a/"),
+        ("shared.txt", "B"),
+    ] {
+        let got = http(
+            &b,
+            reqwest::Method::PUT,
+            &format!("/{tid}/{path}"),
+            Some(("text/plain", data.as_bytes().to_vec())),
+        )
+        .await;
         assert_eq!(got.status, 204, "{}", String::from_utf8_lossy(&got.body));
     }
     // Heal.
     let a = start_node(dir_a.path()).await;
     connect(&a, &b).await;
-    wait_until(CONVERGE, "equal file listings", || async { list(&a, &stream).await == list(&b, &stream).await }).await;
+    wait_until(CONVERGE, "equal file listings", || async {
+        list(&a, &stream).await == list(&b, &stream).await
+    })
+    .await;
     let tree_a = tree_dir(dir_a.path(), &stream);
     let tree_b = tree_dir(&b_dir, &stream);
-    wait_until(Duration::from_secs(30), "identical directory trees", || async {
-        quire_projection_files::tree_digest(&tree_a).unwrap() == quire_projection_files::tree_digest(&tree_b).unwrap()
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "identical directory trees",
+        || async {
+            quire_projection_files::tree_digest(&tree_a).unwrap()
+                == quire_projection_files::tree_digest(&tree_b).unwrap()
+        },
+    )
     .await;
     // Each path has one winner, the newest by (hlc, id), and both nodes serve it.
     for path in ["index.html", "shared.txt", "a"] {
         let from_a = http(&a, reqwest::Method::GET, &format!("/{tid}/{path}"), None).await;
         let from_b = http(&b, reqwest::Method::GET, &format!("/{tid}/{path}"), None).await;
-        assert_eq!((from_a.status, &from_a.body), (from_b.status, &from_b.body), "{path}");
+        assert_eq!(
+            (from_a.status, &from_a.body),
+            (from_b.status, &from_b.body),
+            "{path}"
+        );
     }
     a.stop().await.unwrap();
     b.stop().await.unwrap();
