@@ -443,10 +443,7 @@ async fn add_record(
     }
     let stream = http.sql.held(tid(&text)?)?;
     let appended = http.sql.add_record(stream, body).await?;
-    Ok(ok(Map::from_iter([
-        ("id".into(), Json::String(appended.id.to_hex())),
-        ("seq".into(), Json::from(appended.seq)),
-    ])))
+    Ok(appended_reply(&appended))
 }
 
 async fn upvote(
@@ -468,10 +465,15 @@ async fn upvote(
             )
         })?;
     let appended = http.sql.upvote(stream, record).await?;
-    Ok(ok(Map::from_iter([
+    Ok(appended_reply(&appended))
+}
+
+/// `{"success": true, "id": "<scribe id>", "seq": N}`.
+fn appended_reply(appended: &crate::log::Appended) -> Response {
+    ok(Map::from_iter([
         ("id".into(), Json::String(appended.id.to_hex())),
         ("seq".into(), Json::from(appended.seq)),
-    ])))
+    ]))
 }
 
 fn param(value: &Json) -> Value {

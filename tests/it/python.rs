@@ -30,15 +30,16 @@ pub fn python_stubs(root: &Path) -> tempfile::TempDir {
     stubs
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_python_client_generated_from_the_protos_works() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let stubs = python_stubs(root);
-
-    let dir = tempfile::tempdir().unwrap();
-    let node = start_node(dir.path()).await;
+/// Runs the Python script `script` (under the repository `root`) against `node` with `stubs` on
+/// its path; returns its stdout, failing with its output if it fails.
+pub async fn run_script(
+    root: &Path,
+    stubs: &tempfile::TempDir,
+    script: &str,
+    node: &quire::node::RunningNode,
+) -> String {
     let address = node.api_addr.to_string();
-    let script = root.join("tests/python/client.py");
+    let script = root.join(script);
     let stub_path = stubs.path().to_path_buf();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("python3")
@@ -50,12 +51,23 @@ async fn a_python_client_generated_from_the_protos_works() {
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "python client failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_generated_from_the_protos_works() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stubs = python_stubs(root);
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let stdout = run_script(root, &stubs, "tests/python/client.py", &node).await;
     assert!(stdout.contains("python client ok: 5 scribes"), "{stdout}");
     node.stop().await.unwrap();
 }

@@ -3,7 +3,6 @@
 //! leaving everything as it was, and a Python client over both protocols.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -587,25 +586,7 @@ async fn a_python_client_queries_over_grpc_and_http() {
     let stubs = crate::python::python_stubs(root);
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
-    let address = node.api_addr.to_string();
-    let script = root.join("tests/python/sql_client.py");
-    let stub_path = stubs.path().to_path_buf();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .arg(address)
-            .env("PYTHONPATH", stub_path)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "python client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = crate::python::run_script(root, &stubs, "tests/python/sql_client.py", &node).await;
     assert!(stdout.contains("python sql ok"), "{stdout}");
     node.stop().await.unwrap();
 }
