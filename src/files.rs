@@ -65,15 +65,11 @@ impl FilesService {
             .read(
                 stream,
                 move |reader: &mut Reader| {
-                    let Some(entry) = reader.get(&path)? else {
-                        return Ok(None);
-                    };
-                    let data = if with_data {
-                        reader.read(&entry)?
+                    if with_data {
+                        reader.get_with_data(&path)
                     } else {
-                        Vec::new()
-                    };
-                    Ok(Some((entry, data)))
+                        Ok(reader.get(&path)?.map(|entry| (entry, Vec::new())))
+                    }
                 },
                 read_status,
             )

@@ -83,12 +83,14 @@ async fn action(
 }
 
 /// `GET /<tid>`: on to `/<tid>/`, so the app's relative links resolve under its id.
-async fn app_root(Path(tid): Path<String>) -> Response {
-    (
+async fn app_root(Path(text): Path<String>) -> Result<Response, HttpError> {
+    // Only ever to an app id: never an open redirect (`/%2F%2Fevil.example`).
+    let stream = tid(&text)?;
+    Ok((
         StatusCode::MOVED_PERMANENTLY,
-        [(header::LOCATION, format!("/{tid}/"))],
+        [(header::LOCATION, format!("/{stream}/"))],
     )
-        .into_response()
+        .into_response())
 }
 
 /// `GET /<tid>/`: the app's `index.html`.

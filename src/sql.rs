@@ -33,7 +33,7 @@ pub fn query_status(error: &QueryError) -> Status {
         QueryError::Refused(_) => Status::permission_denied(message),
         QueryError::Invalid(_) => Status::invalid_argument(message),
         QueryError::TimeLimit(_) => Status::deadline_exceeded(message),
-        QueryError::RowLimit(_) => Status::resource_exhausted(message),
+        QueryError::RowLimit(_) | QueryError::TooLarge(_) => Status::resource_exhausted(message),
         QueryError::Storage(_) => Status::internal(message),
     }
 }

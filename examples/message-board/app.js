@@ -7,6 +7,7 @@ const list = document.getElementById("messages");
 const status = document.getElementById("status");
 const search = document.getElementById("search");
 let shown = "";
+let asked = 0; // the newest refresh: an older answer arriving late is not shown
 
 async function call(action, body) {
   const reply = await fetch(action, {
@@ -40,6 +41,7 @@ function render(rows) {
 }
 
 async function refresh() {
+  const mine = ++asked;
   try {
     const words = search.value.trim();
     const answer = words
@@ -52,6 +54,7 @@ async function refresh() {
       : await call("query", {
           query: "SELECT id, author, text, timestamp FROM message ORDER BY timestamp DESC, id LIMIT 50",
         });
+    if (mine !== asked) return;
     render(answer.results);
     status.textContent = "";
   } catch (error) {

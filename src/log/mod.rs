@@ -1054,6 +1054,15 @@ fn admit(
                 stream: stream_id,
             });
         }
+        if scribe.body.kind == Kind::RecordUpvote && scribe.body.parents.len() != 1 {
+            return Err(AppendError::BadPayload {
+                kind: Kind::RecordUpvote,
+                reason: format!(
+                    "a record.upvote names the record it upvotes as its one parent; this one has {}",
+                    scribe.body.parents.len()
+                ),
+            });
+        }
         check_payload(&scribe.body.kind, &scribe.body.payload).map_err(|reason| {
             AppendError::BadPayload {
                 kind: scribe.body.kind.clone(),

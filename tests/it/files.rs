@@ -115,7 +115,9 @@ async fn bad_paths_and_limits_are_refused_and_store_nothing() {
     let held = head(&mut clients).await;
     let mut files = files_client(&node).await;
     let long = "a".repeat(1025);
+    let long_name = format!("dir/{}", "n".repeat(256));
     for (path, says) in [
+        (long_name.as_str(), "at most 255"),
         ("", "must not be empty"),
         ("/etc/passwd", "starts with '/'"),
         ("a/../b", "\"..\" segment"),
@@ -233,6 +235,29 @@ async fn bad_paths_and_limits_are_refused_and_store_nothing() {
         String::from_utf8_lossy(&refused.body)
     );
     assert_eq!(head(&mut clients).await, held);
+    // `GET /<tid>` redirects to the app, and only ever to an app.
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let to_app = no_follow
+        .get(format!("{}/{tid}", node.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            to_app.status().as_u16(),
+            to_app.headers()["location"].to_str().unwrap()
+        ),
+        (301, format!("/{tid}/").as_str())
+    );
+    let elsewhere = no_follow
+        .get(format!("{}/%2F%2Fevil.example", node.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 404, "never an open redirect");
     let unknown = "cd".repeat(32);
     assert_eq!(
         http(

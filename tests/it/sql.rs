@@ -495,6 +495,23 @@ async fn refused_statements_limits_and_bad_requests_change_nothing() {
             "{path} {body}: {reply}"
         );
     }
+    // An upvote must name exactly one record.
+    let orphan = admin
+        .log
+        .append(pb::AppendRequest {
+            stream: stream.clone(),
+            kind: "record.upvote".into(),
+            content_type: "application/json".into(),
+            payload: Bytes::new(),
+            parents: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(orphan.code(), tonic::Code::InvalidArgument);
+    assert!(orphan.message().contains("one parent"), "{orphan:?}");
+    // An answer over the size limit is refused.
+    let (status, reply) = query(&node, &tid, "SELECT zeroblob(40000000)", json!([])).await;
+    assert_eq!(status, 413, "{reply}");
     // An invalid schema is refused when it is put, naming the problem.
     let refused = put_schema(&node, &tid, r#"{"schema": {"t": {"foo": "blob"}}}"#)
         .await

@@ -17,6 +17,9 @@ pub const CONTENT_TYPE: &str = "application/vnd.quire.file+protobuf";
 /// Longest path, in bytes.
 pub const MAX_PATH_BYTES: usize = 1024;
 
+/// Longest segment (file or directory name), in bytes: what file systems allow.
+pub const MAX_SEGMENT_BYTES: usize = 255;
+
 /// The path of a stream's SQL schema (see the SQLite projection).
 pub const SCHEMA_PATH: &str = "_schema";
 
@@ -118,7 +121,7 @@ impl FileChange {
 }
 
 /// Checks a file path: UTF-8 (a `&str` is), relative, normalized, at most [`MAX_PATH_BYTES`]
-/// bytes; no leading `/`, no empty, `.` or `..` segment, no backslash, no NUL. The error says
+/// bytes and [`MAX_SEGMENT_BYTES`] per segment; no leading `/`, no empty, `.` or `..` segment, no backslash, no NUL. The error says
 /// which rule the path breaks.
 pub fn check_path(path: &str) -> Result<(), String> {
     if path.is_empty() {
@@ -155,6 +158,12 @@ pub fn check_path(path: &str) -> Result<(), String> {
                     "file path {path:?} has a {segment:?} segment: paths must be normalized"
                 ))
             }
+            long if long.len() > MAX_SEGMENT_BYTES => {
+                return Err(format!(
+                    "file path {path:?} has a segment of {} bytes; a file or directory name is at most {MAX_SEGMENT_BYTES}",
+                    long.len()
+                ))
+            }
             _ => {}
         }
     }
@@ -177,7 +186,8 @@ mod tests {
         ] {
             check_path(good).unwrap();
         }
-        let long = "a".repeat(MAX_PATH_BYTES + 1);
+        let long = "a/".repeat(MAX_PATH_BYTES / 2) + "a";
+        let long_name = "n".repeat(MAX_SEGMENT_BYTES + 1);
         for (bad, says) in [
             ("", "empty"),
             ("/etc/passwd", "starts with '/'"),
@@ -189,6 +199,7 @@ mod tests {
             ("a\\b", "backslash"),
             ("a\0b", "NUL"),
             (long.as_str(), "at most 1024 bytes"),
+            (long_name.as_str(), "at most 255"),
         ] {
             let error = check_path(bad).unwrap_err();
             assert!(error.contains(says), "{bad:?}: {error}");

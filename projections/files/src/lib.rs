@@ -318,6 +318,13 @@ struct Change<'a> {
 
 impl Projector for FilesProjector {
     fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
+        // A previous batch committed but could not update the tree (disk full, say): bring the
+        // tree up to the index before anything else.
+        let synced =
+            meta(&self.db, "tree_synced").map_err(|e| ApplyError::Storage(e.to_string()))?;
+        if synced != meta(&self.db, "checkpoint").map_err(|e| ApplyError::Storage(e.to_string()))? {
+            self.rewrite_tree().map_err(|e| ApplyError::Storage(e.0))?;
+        }
         let mut newest: BTreeMap<String, Change<'_>> = BTreeMap::new();
         for (index, scribe) in batch.iter().enumerate() {
             let change = match FileChange::decode(&scribe.kind, &scribe.payload) {
@@ -472,6 +479,22 @@ impl Reader {
                 "SELECT {ENTRY_COLUMNS} FROM files WHERE path = ?1 AND deleted = 0"
             ))
             .and_then(|mut s| s.query_row([path], entry).optional())
+            .map_err(db_error)
+    }
+
+    /// The live entry of `path` and its bytes, read together (one statement: a concurrent
+    /// replacement cannot come between them).
+    pub fn get_with_data(&self, path: &str) -> Result<Option<(Entry, Vec<u8>)>, ProjectionError> {
+        self.db
+            .prepare_cached(
+                "SELECT f.path, f.content_type, f.size, f.sha256, f.id, f.hlc, f.deleted, b.data
+                 FROM files f JOIN blobs b ON b.sha256 = f.sha256
+                 WHERE f.path = ?1 AND f.deleted = 0",
+            )
+            .and_then(|mut s| {
+                s.query_row([path], |row| Ok((entry(row)?, row.get(7)?)))
+                    .optional()
+            })
             .map_err(db_error)
     }
 

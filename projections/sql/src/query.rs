@@ -89,10 +89,18 @@ pub enum QueryError {
     /// The answer has more rows than the limit.
     #[error("the query returns more than {0} rows (the row limit); add a LIMIT, page with WHERE, or ask the operator to raise --sql-max-rows")]
     RowLimit(usize),
+    /// The answer (or one value in it) is bigger than the result size limit.
+    #[error(
+        "the query's answer is over {0} bytes; select fewer or smaller values (LIMIT, substr)"
+    )]
+    TooLarge(usize),
     /// The database failed.
     #[error("sql database: {0}")]
     Storage(String),
 }
+
+/// Most bytes of one query's answer, and of any one value computed in it.
+pub const MAX_RESULT_BYTES: usize = 32 << 20;
 
 /// A read-only connection to one copy.
 pub struct Reader {
@@ -197,6 +205,11 @@ impl Reader {
         )
         .map_err(db_error)?;
         db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+        // No single string or blob over the result limit, however it is computed.
+        db.set_limit(
+            rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH,
+            MAX_RESULT_BYTES as i32,
+        );
         let refusal: Arc<Mutex<Option<String>>> = Arc::default();
         let noted = refusal.clone();
         let trusted: Arc<AtomicBool> = Arc::default();
@@ -298,6 +311,7 @@ impl Reader {
             .collect();
         let width = columns.len();
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         let mut rows = statement.raw_query();
         loop {
             match rows.next() {
@@ -307,10 +321,18 @@ impl Reader {
                     }
                     let mut values = Vec::with_capacity(width);
                     for n in 0..width {
-                        values.push(
-                            row.get::<_, Value>(n)
-                                .map_err(|e| QueryError::Storage(e.to_string()))?,
-                        );
+                        let value = row
+                            .get::<_, Value>(n)
+                            .map_err(|e| QueryError::Storage(e.to_string()))?;
+                        bytes += match &value {
+                            Value::Text(t) => t.len(),
+                            Value::Blob(b) => b.len(),
+                            _ => 8,
+                        };
+                        values.push(value);
+                    }
+                    if bytes > MAX_RESULT_BYTES {
+                        return Err(QueryError::TooLarge(MAX_RESULT_BYTES));
                     }
                     out.push(values);
                 }
@@ -339,6 +361,24 @@ impl Reader {
                 if failure.code == ErrorCode::OperationInterrupted =>
             {
                 QueryError::TimeLimit(limits.time)
+            }
+            rusqlite::Error::SqliteFailure(failure, _)
+                if matches!(
+                    failure.code,
+                    ErrorCode::DatabaseBusy
+                        | ErrorCode::DatabaseLocked
+                        | ErrorCode::SystemIoFailure
+                        | ErrorCode::DatabaseCorrupt
+                        | ErrorCode::OutOfMemory
+                        | ErrorCode::DiskFull
+                        | ErrorCode::CannotOpen
+                        | ErrorCode::NotADatabase
+                ) =>
+            {
+                QueryError::Storage(error.to_string())
+            }
+            rusqlite::Error::SqliteFailure(failure, _) if failure.code == ErrorCode::TooBig => {
+                QueryError::TooLarge(MAX_RESULT_BYTES)
             }
             rusqlite::Error::SqliteFailure(failure, _)
                 if failure.code == ErrorCode::ReadOnly

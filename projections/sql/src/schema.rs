@@ -16,6 +16,12 @@ use serde_json::Value as Json;
 /// The implicit columns every table has, in column order.
 pub const IMPLICIT: [&str; 3] = ["id", "timestamp", "score"];
 
+/// Field names SQLite (the row id) or FTS5 (`rank`) reserve.
+pub const RESERVED: [&str; 4] = ["rowid", "oid", "_rowid_", "rank"];
+
+/// Most fields of one table (SQLite allows 2,000 columns; the implicit ones take three).
+pub const MAX_FIELDS: usize = 1_000;
+
 /// Suffix of the FTS5 table that indexes a table's `fulltext` columns.
 pub const FTS_SUFFIX: &str = "_fts";
 
@@ -130,6 +136,12 @@ impl Schema {
                     "table {table:?} must be an object of field: type, e.g. {{\"title\": \"text\"}}"
                 ));
             };
+            if fields.len() > MAX_FIELDS {
+                return Err(format!(
+                    "table {table:?} has {} fields; at most {MAX_FIELDS}",
+                    fields.len()
+                ));
+            }
             let mut columns = BTreeMap::new();
             let mut lower_fields = BTreeMap::new();
             for (field, kind) in fields {
@@ -142,6 +154,14 @@ impl Schema {
                 if IMPLICIT.contains(&lower.as_str()) {
                     return Err(format!(
                         "field {field:?} of table {table:?} is an implicit column (id, timestamp, score): every table has it already"
+                    ));
+                }
+                if RESERVED.contains(&lower.as_str())
+                    || lower == format!("{table}{FTS_SUFFIX}").to_ascii_lowercase()
+                {
+                    return Err(format!(
+                        "field {field:?} of table {table:?} has a name SQLite or full-text search reserves ({}, or the table's name + {FTS_SUFFIX:?}): rename it",
+                        RESERVED.join(", ")
                     ));
                 }
                 if let Some(other) = lower_fields.insert(lower, field.clone()) {
@@ -204,7 +224,21 @@ impl Schema {
             };
             schema.inserts.insert(table.clone(), insert);
         }
+        schema.dry_run()?;
         Ok(schema)
+    }
+
+    /// Creates the schema's tables in an empty in-memory database, so that anything SQLite
+    /// itself would refuse (a name an FTS5 table needs, say) is refused here, when the schema is
+    /// put, and never stops a node's projection later.
+    fn dry_run(&self) -> Result<(), String> {
+        let db = rusqlite::Connection::open_in_memory()
+            .map_err(|error| format!("checking the schema: {error}"))?;
+        for statement in self.create_statements() {
+            db.execute(&statement, [])
+                .map_err(|error| format!("SQLite refuses this schema: {error}"))?;
+        }
+        Ok(())
     }
 
     /// How a record goes into `table`, if the schema has it.
