@@ -16,6 +16,9 @@ use super::{Projections, ProjectionsError};
 
 /// Idle readers kept per copy.
 const MAX_IDLE: usize = 8;
+/// Idle readers kept in all (each holds a few file descriptors): a node with many streams keeps
+/// the busiest ones open and reopens the others.
+const MAX_IDLE_TOTAL: usize = 64;
 
 /// A pool of readers of type `R` for the projection `name`.
 pub struct Readers<R> {
@@ -107,6 +110,13 @@ impl<R> Readers<R> {
     /// Returns a reader after use (drop a loan instead if its reader failed).
     pub fn give(&self, loan: Loan<R>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.values().map(Vec::len).sum::<usize>() >= MAX_IDLE_TOTAL {
+            // Make room: forget readers of removed copies, then of the most crowded copy.
+            idle.retain(|path, _| path.exists());
+            if let Some(crowded) = idle.values_mut().max_by_key(|readers| readers.len()) {
+                crowded.pop();
+            }
+        }
         let readers = idle.entry(loan.dir).or_default();
         if readers.len() < MAX_IDLE {
             readers.push(loan.reader);
