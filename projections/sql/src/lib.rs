@@ -58,6 +58,9 @@ pub const DB_FILE: &str = "sql.sqlite3";
 /// Content type of `record.add` payloads written by the node.
 pub const RECORD_CONTENT_TYPE: &str = "application/json";
 
+/// A batch this big is a catch-up or a rebuild: the page cache is released after it.
+const BIG_BATCH: usize = 4096;
+
 /// How long a connection waits for another's lock before giving up.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -477,6 +480,13 @@ impl Projector for SqlProjector {
         match tx.commit() {
             Ok(()) => {
                 self.applied = applied;
+                if batch.len() >= BIG_BATCH {
+                    // A catch-up or rebuild filled the page cache: give it back, so an idle
+                    // stream does not hold up to 64 MiB.
+                    // (costs a rebuild about 7%: 4.82 s against 4.48 s for 300,000 records in
+                    // batches of 32,768, in one run)
+                    let _ = self.db.execute_batch("PRAGMA shrink_memory");
+                }
                 Ok(())
             }
             Err(error) => {
