@@ -34,7 +34,7 @@ pub fn query_status(error: &QueryError) -> Status {
         QueryError::Invalid(_) => Status::invalid_argument(message),
         QueryError::TimeLimit(_) => Status::deadline_exceeded(message),
         QueryError::RowLimit(_) | QueryError::TooLarge(_) => Status::resource_exhausted(message),
-        QueryError::Storage(_) => Status::internal(message),
+        _ => Status::internal(message),
     }
 }
 

@@ -47,6 +47,7 @@ impl<R> std::fmt::Debug for Readers<R> {
 
 /// Why no reader could be had.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TakeError {
     /// The stream has no copy (unknown stream, or not opened yet).
     #[error(transparent)]
@@ -126,6 +127,7 @@ impl<R> Readers<R> {
 
 /// Why a wait for a copy to apply a seq ended without it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum WaitError {
     /// The stream has no copy.
     #[error(transparent)]

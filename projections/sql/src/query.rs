@@ -75,6 +75,7 @@ pub struct Rows {
 
 /// Why a query gave no answer. Nothing a query does can change the database.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum QueryError {
     /// The statement is not allowed (it writes, attaches, changes a PRAGMA, loads an extension,
     /// or is more than one statement).
