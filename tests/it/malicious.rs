@@ -95,7 +95,19 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     let node = start_node(dirs[0].path()).await;
     let third = start_node(dirs[1].path()).await;
     let mut clients_node = clients(&node.url()).await;
-    let stream = create_stream(&mut clients_node, "target", None).await;
+    let key = client_key(66);
+    // The intruder may delete files: its file.delete breaks a payload rule, not the policy.
+    let policy = pb::Policy {
+        rules: vec![pb::KindRule {
+            kind: "file.delete".into(),
+            authors: Some(pb::Authors {
+                keys: vec![Bytes::copy_from_slice(&key.verifying_key().to_bytes())],
+                ..Default::default()
+            }),
+        }],
+        ..Default::default()
+    };
+    let stream = create_stream(&mut clients_node, "target", Some(policy)).await;
     append_note(&mut clients_node, &stream, "honest").await;
     connect(&third, &node).await;
     join(&third, &stream).await;
@@ -103,7 +115,6 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     let other_stream = create_stream(&mut clients_node, "other", None).await;
     let before_node = stream_ids(&node, &stream).await;
 
-    let key = client_key(66);
     let mut intruder = Intruder::connect(node.peer_addr.unwrap(), key.clone(), true).await;
     intruder
         .send(Wire::Streams(pb::PeerStreams {
@@ -129,6 +140,14 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     let middle = tampered.len() / 2;
     tampered[middle] ^= 0x20;
     let policy_breaking = client_scribe(&key, &stream, "file.put", b"<script>", hlc);
+    // Allowed kinds, but payloads every node refuses: a path outside the tree, an upvote of
+    // nothing.
+    let (_, escaping) = quire::api::files::FileChange::Delete {
+        path: "../outside".into(),
+    }
+    .encode();
+    let bad_path = client_scribe(&key, &stream, "file.delete", &escaping, hlc);
+    let orphan_upvote = client_scribe(&key, &stream, "record.upvote", b"", hlc);
     let wire = |seq: u64, bytes: Vec<u8>, id: ScribeId| pb::PeerScribe {
         seq,
         scribe: Bytes::from(bytes),
@@ -157,14 +176,16 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
         wire(4, good.bytes.to_vec(), ScribeId([7; 32])), // bad hash: claims another id
         wire(5, elsewhere.bytes.to_vec(), elsewhere.id),
         wire(6, foreign_genesis.bytes.to_vec(), foreign_genesis.id),
+        wire(7, bad_path.bytes.to_vec(), bad_path.id),
+        wire(8, orphan_upvote.bytes.to_vec(), orphan_upvote.id),
     ];
     let streams_before = node.log.stream_ids().len();
     intruder
         .send(Wire::Batch(pb::PeerBatch {
             stream: bytes_of(&stream),
             scribes,
-            through_seq: 6,
-            head_seq: 6,
+            through_seq: 8,
+            head_seq: 8,
         }))
         .await;
     intruder
@@ -178,7 +199,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     let mut admin = clients(&node.url()).await.admin;
     wait_until(
         std::time::Duration::from_secs(30),
-        "the node to count 4 refused scribes",
+        "the node to count 8 refused scribes",
         || {
             let mut admin = admin.clone();
             let intruder_id = intruder_id.clone();
@@ -191,7 +212,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
                 status
                     .peers
                     .iter()
-                    .any(|peer| peer.node_id == intruder_id && peer.refused == 6)
+                    .any(|peer| peer.node_id == intruder_id && peer.refused == 8)
             }
         },
     )
@@ -206,7 +227,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
         .iter()
         .find(|peer| peer.node_id == intruder_id)
         .unwrap();
-    assert_eq!(peer.streams[0].refused, 6);
+    assert_eq!(peer.streams[0].refused, 8);
     assert_eq!(
         node.log.stream_ids().len(),
         streams_before,
@@ -247,7 +268,7 @@ async fn a_peer_that_cannot_prove_its_key_is_turned_away_with_a_clear_error() {
             .connect()
             .await
             .unwrap();
-    let status = pb::log_client::LogClient::new(channel)
+    let status = pb::log_client::LogClient::new(channel.clone())
         .append(pb::AppendRequest {
             stream: Bytes::from(vec![1u8; 32]),
             kind: "x.a".into(),
@@ -256,6 +277,31 @@ async fn a_peer_that_cannot_prove_its_key_is_turned_away_with_a_clear_error() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
+    let query = pb::sql_client::SqlClient::new(channel.clone())
+        .query(pb::SqlQueryRequest {
+            stream: Bytes::from(vec![1u8; 32]),
+            sql: "SELECT 1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(query.code(), tonic::Code::Unimplemented);
+    let files = pb::files_client::FilesClient::new(channel)
+        .list(pb::FilesListRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(files.code(), tonic::Code::Unimplemented);
+    // Nor the HTTP API.
+    let http = reqwest::Client::new()
+        .post(format!("http://{}/create_app", node.peer_addr.unwrap()))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await;
+    assert!(
+        !matches!(&http, Ok(reply) if reply.status().is_success()),
+        "the peer listener answered HTTP: {http:?}"
+    );
     let _ = StreamId::default();
     node.stop().await.unwrap();
 }

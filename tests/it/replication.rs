@@ -274,6 +274,17 @@ async fn a_node_restarted_mid_catch_up_resumes_from_its_cursor() {
     // Restart: the peer is remembered, the join too; catch-up resumes from the cursor.
     let b = start_node(dir_b.path()).await;
     wait_for_count(&[&b], &stream, 30_001).await;
+    // The counters are updated just after a batch commits: wait for the last one's.
+    wait_until(
+        CONVERGE,
+        "B's counters to include the last batch",
+        || async {
+            counters(&b, &a_addr, &stream)
+                .await
+                .is_some_and(|counters| counters.received >= 30_001 - before)
+        },
+    )
+    .await;
     let counters = counters(&b, &a_addr, &stream)
         .await
         .expect("counters for A");
