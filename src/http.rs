@@ -174,7 +174,7 @@ async fn file_put(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
-    let body = body.map_err(|rejection| HttpError(rejection.status(), rejection.body_text()))?;
+    let body = body?;
     let stream = http.files.held(tid(&tid_text)?)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -217,6 +217,12 @@ pub struct HttpError(pub StatusCode, pub String);
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         reply(self.0, json!({"success": false, "error": self.1}))
+    }
+}
+
+impl From<BytesRejection> for HttpError {
+    fn from(rejection: BytesRejection) -> Self {
+        HttpError(rejection.status(), rejection.body_text())
     }
 }
 
@@ -271,7 +277,7 @@ fn json_body(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Map<String, Json>, HttpError> {
-    let body = body.map_err(|rejection| HttpError(rejection.status(), rejection.body_text()))?;
+    let body = body?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
@@ -435,14 +441,8 @@ async fn add_record(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
-    let body = body.map_err(|rejection| HttpError(rejection.status(), rejection.body_text()))?;
+    let body = body?;
     check_json_type(&headers)?;
-    if let Err(error) = serde_json::from_slice::<Json>(&body) {
-        return Err(HttpError(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {error}"),
-        ));
-    }
     let stream = http.sql.held(tid(&text)?)?;
     let appended = http.sql.add_record(stream, body).await?;
     Ok(appended_reply(&appended))
@@ -480,16 +480,6 @@ fn appended_reply(appended: &crate::log::Appended) -> Response {
 
 fn param(value: &Json) -> Value {
     to_sql(Some(value))
-}
-
-fn result_value(value: Value) -> Json {
-    match value {
-        Value::Null => Json::Null,
-        Value::Integer(i) => Json::from(i),
-        Value::Real(r) => serde_json::Number::from_f64(r).map_or(Json::Null, Json::Number),
-        Value::Text(t) => Json::String(t),
-        Value::Blob(b) => Json::String(hex::encode(b)),
-    }
 }
 
 async fn query(
@@ -539,7 +529,9 @@ async fn query(
             Json::Array(
                 rows.rows
                     .into_iter()
-                    .map(|row| Json::Array(row.into_iter().map(result_value).collect()))
+                    .map(|row| {
+                        Json::Array(row.into_iter().map(crate::sql::value_to_json).collect())
+                    })
                     .collect(),
             ),
         ),

@@ -12,8 +12,6 @@
 
 use std::pin::Pin;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use futures::Stream;
 use quire_projection_api::{hlc_millis, AuthorKey, Policy, StreamId};
@@ -25,20 +23,18 @@ use tonic::{Request, Response, Status};
 use crate::log::subscribe::LogEvent;
 use crate::log::{Draft, Log, NewScribe, Origin};
 use crate::pb;
-use crate::projection::readers::{Readers, TakeError};
+use crate::projection::readers::TakeError;
 use crate::projection::Projections;
-use crate::server::{append_status, projections_status, store_status, wait_status};
+use crate::served::Served;
+use crate::server::{append_status, projections_status, store_status};
 
-/// How long a write waits for this node's table to include it.
-const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most entries of one Scan.
 const SCAN_LIMIT: usize = 10_000;
 
 /// The `Kv` service.
 #[derive(Clone)]
 pub struct KvService {
-    log: Log,
-    readers: Readers<Reader>,
+    served: Served<Reader>,
 }
 
 impl std::fmt::Debug for KvService {
@@ -80,15 +76,13 @@ impl KvService {
     /// The service over `log`'s streams and their `kv` projections.
     pub fn new(log: Log, projections: Projections) -> KvService {
         KvService {
-            log,
-            readers: Readers::new(NAME, projections, Reader::open),
+            served: Served::new(log, projections, NAME, Reader::open),
         }
     }
 
     fn policy(&self, stream: &[u8]) -> Result<(StreamId, Policy), Status> {
-        let stream =
-            crate::convert::id_field(stream, "stream").map_err(Status::invalid_argument)?;
-        let state = self.log.stream(&stream).ok_or_else(|| {
+        let stream = self.served.stream(stream)?;
+        let state = self.served.log.stream(&stream).ok_or_else(|| {
             Status::not_found(format!("stream {stream} is not held by this node"))
         })?;
         Ok((stream, state.policy))
@@ -103,7 +97,7 @@ impl KvService {
         let mut last_error = None;
         // A rebuild may swap the copy between finding its directory and reading it: try again.
         for _ in 0..3 {
-            let mut loan = match self.readers.take(stream) {
+            let mut loan = match self.served.readers.take(stream) {
                 Ok(loan) => loan,
                 Err(TakeError::Projections(error)) => return Err(projections_status(&error)),
                 Err(error) => {
@@ -113,7 +107,7 @@ impl KvService {
             };
             match read(&mut loan.reader) {
                 Ok(value) => {
-                    self.readers.give(loan);
+                    self.served.readers.give(loan);
                     return Ok(value);
                 }
                 Err(error) => last_error = Some(error.to_string()),
@@ -127,14 +121,6 @@ impl KvService {
 
     fn get_entry(&self, stream: &StreamId, key: &[u8]) -> Result<Option<Entry>, Status> {
         self.read(stream, |reader| reader.get(key))
-    }
-
-    /// Waits until this node's table has seen the log up to `seq`.
-    async fn wait_applied(&self, stream: &StreamId, seq: u64) -> Result<(), Status> {
-        self.readers
-            .wait_applied(stream, seq, APPLY_TIMEOUT)
-            .await
-            .map_err(|error| wait_status(&error))
     }
 
     /// Checks, appends and waits for `ops`; returns the entries after them.
@@ -157,14 +143,19 @@ impl KvService {
         }
         // Judge the write against everything this node holds: wait for its table to apply the
         // stream's scribes received so far.
-        let held = self.log.stream(&stream).map_or(0, |s| s.record.head_seq);
-        self.wait_applied(&stream, held).await?;
-        let node = self.log.node_key();
+        let held = self
+            .served
+            .log
+            .stream(&stream)
+            .map_or(0, |s| s.record.head_seq);
+        self.served.wait(&stream, held).await?;
+        let node = self.served.log.node_key();
         let now = self
+            .served
             .log
             .clock()
             .peek()
-            .max(self.log.clock().wall_ms() << 16);
+            .max(self.served.log.clock().wall_ms() << 16);
         let mut drafts = Vec::with_capacity(ops.len());
         for op in &ops {
             let current = self.get_entry(&stream, &op.key)?;
@@ -186,12 +177,13 @@ impl KvService {
             }));
         }
         let appended = self
+            .served
             .log
             .append(drafts, Origin::Local)
             .await
             .map_err(|error| append_status(&error))?;
         let last = appended.iter().map(|a| a.seq).max().unwrap_or(0);
-        self.wait_applied(&stream, last).await?;
+        self.served.wait(&stream, last).await?;
         let mut out = Vec::with_capacity(ops.len());
         for (op, written) in ops.iter().zip(&appended) {
             let entry = self.get_entry(&stream, &op.key)?.unwrap_or(Entry {
@@ -356,7 +348,7 @@ impl pb::kv_server::Kv for KvService {
             let service = self.clone();
             let policy = policy.clone();
             let matches = matches.clone();
-            let mut sink = Sink::new(events, &self.log);
+            let mut sink = Sink::new(events, &self.served.log);
             tokio::spawn(async move {
                 for entry in entries.iter().filter(|e| matches(&e.key)) {
                     let event = pb::kv_watch_event::Event::Entry(entry_to_proto(entry, &policy));
@@ -372,7 +364,7 @@ impl pb::kv_server::Kv for KvService {
         } else {
             next = next.max(1);
             let service = self.clone();
-            let sink = Sink::new(events, &self.log);
+            let sink = Sink::new(events, &self.served.log);
             tokio::spawn(async move { service.follow(stream, next, policy, matches, sink).await });
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
@@ -433,7 +425,7 @@ impl KvService {
         matches: impl Fn(&[u8]) -> bool,
         mut sink: Sink,
     ) {
-        let mut log = self.log.subscribe(Some(stream), from, 256);
+        let mut log = self.served.log.subscribe(Some(stream), from, 256);
         loop {
             let event = tokio::select! {
                 event = log.recv() => match event {
@@ -457,7 +449,7 @@ impl KvService {
             // A table that lags (catching up after a start) delays the watch, never ends it.
             let applied = async {
                 loop {
-                    match self.wait_applied(&stream, entry.seq).await {
+                    match self.served.wait(&stream, entry.seq).await {
                         Err(status) if status.code() == tonic::Code::DeadlineExceeded => continue,
                         other => return other,
                     }

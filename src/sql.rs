@@ -78,10 +78,21 @@ impl SqlService {
     /// `stream`, computing the work token its policy asks for, and waits until this node's
     /// tables include it.
     pub async fn add_record(&self, stream: StreamId, record: Bytes) -> Result<Appended, Status> {
-        if quire_projection_sql::parse_record(&record).is_none() {
-            return Err(Status::invalid_argument(
-                "a record must be a JSON object with a string \"_table\" naming its table",
-            ));
+        match serde_json::from_slice::<serde_json::Value>(&record) {
+            Err(error) => {
+                return Err(Status::invalid_argument(format!(
+                    "the record is not valid JSON: {error}"
+                )))
+            }
+            Ok(serde_json::Value::Object(fields))
+                if fields
+                    .get("_table")
+                    .is_some_and(serde_json::Value::is_string) => {}
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "a record must be a JSON object with a string \"_table\" naming its table",
+                ))
+            }
         }
         self.served
             .append_applied(
@@ -109,7 +120,8 @@ impl SqlService {
     }
 }
 
-fn value_from_proto(value: pb::SqlValue) -> Value {
+/// A SQL value from protobuf.
+pub fn value_from_proto(value: pb::SqlValue) -> Value {
     use pb::sql_value::Value as V;
     match value.value {
         None | Some(V::Null(_)) => Value::Null,
@@ -120,7 +132,8 @@ fn value_from_proto(value: pb::SqlValue) -> Value {
     }
 }
 
-fn value_to_proto(value: Value) -> pb::SqlValue {
+/// A SQL value as protobuf.
+pub fn value_to_proto(value: Value) -> pb::SqlValue {
     use pb::sql_value::Value as V;
     pb::SqlValue {
         value: Some(match value {
@@ -130,6 +143,18 @@ fn value_to_proto(value: Value) -> pb::SqlValue {
             Value::Text(t) => V::Text(t),
             Value::Blob(b) => V::Blob(Bytes::from(b)),
         }),
+    }
+}
+
+/// A SQL value as JSON (the HTTP API's results): numbers, strings, null; blobs as hex.
+pub fn value_to_json(value: Value) -> serde_json::Value {
+    use serde_json::Value as Json;
+    match value {
+        Value::Null => Json::Null,
+        Value::Integer(i) => Json::from(i),
+        Value::Real(r) => serde_json::Number::from_f64(r).map_or(Json::Null, Json::Number),
+        Value::Text(t) => Json::String(t),
+        Value::Blob(b) => Json::String(hex::encode(b)),
     }
 }
 

@@ -58,33 +58,18 @@ pub enum SqlCommand {
 }
 
 fn value_from_json(text: &str) -> Result<pb::SqlValue> {
-    use pb::sql_value::Value as V;
     let json: serde_json::Value = serde_json::from_str(text)
         .with_context(|| format!("--param {text:?} is not JSON: quote text as '\"text\"'"))?;
-    let value = match json {
-        serde_json::Value::Null => V::Null(true),
-        serde_json::Value::Bool(b) => V::Integer(b as i64),
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(i) => V::Integer(i),
-            None => V::Real(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        serde_json::Value::String(s) => V::Text(s),
-        nested => V::Text(nested.to_string()),
-    };
-    Ok(pb::SqlValue { value: Some(value) })
+    Ok(crate::sql::value_to_proto(quire_projection_sql::to_sql(
+        Some(&json),
+    )))
 }
 
+/// A value as printed: JSON, but NULL as the word in text mode.
 fn value_text(value: &pb::SqlValue, json: bool) -> serde_json::Value {
-    use pb::sql_value::Value as V;
-    match &value.value {
-        None | Some(V::Null(_)) if json => serde_json::Value::Null,
-        None | Some(V::Null(_)) => serde_json::Value::String("NULL".into()),
-        Some(V::Integer(i)) => (*i).into(),
-        Some(V::Real(r)) => {
-            serde_json::Number::from_f64(*r).map_or(serde_json::Value::Null, Into::into)
-        }
-        Some(V::Text(t)) => t.clone().into(),
-        Some(V::Blob(b)) => hex::encode(b).into(),
+    match crate::sql::value_to_json(crate::sql::value_from_proto(value.clone())) {
+        serde_json::Value::Null if !json => serde_json::Value::String("NULL".into()),
+        other => other,
     }
 }
 

@@ -85,11 +85,6 @@ impl<R> Readers<R> {
         }
     }
 
-    /// The projections this pool reads.
-    pub fn projections(&self) -> &Projections {
-        &self.projections
-    }
-
     /// A reader of `stream`'s live copy.
     pub fn take(&self, stream: &StreamId) -> Result<Loan<R>, TakeError> {
         let (dir, _) = self.projections.live(self.name, stream)?;

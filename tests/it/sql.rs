@@ -441,6 +441,13 @@ async fn refused_statements_limits_and_bad_requests_change_nothing() {
         (
             format!("/{tid}/add_record"),
             "application/json",
+            "{".to_string(),
+            400,
+            "the record is not valid JSON",
+        ),
+        (
+            format!("/{tid}/add_record"),
+            "application/json",
             r#"{"foo": 1}"#.to_string(),
             400,
             "JSON object with a string \"_table\"",

@@ -450,11 +450,10 @@ impl Projector for FilesProjector {
     }
 }
 
-/// Read access to a live copy: the index, and the files of its tree.
+/// Read access to a live copy's index (entries and the live files' bytes).
 #[derive(Debug)]
 pub struct Reader {
     db: Connection,
-    dir: PathBuf,
 }
 
 impl Reader {
@@ -466,10 +465,7 @@ impl Reader {
         )
         .map_err(db_error)?;
         db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
-        Ok(Reader {
-            db,
-            dir: dir.to_path_buf(),
-        })
+        Ok(Reader { db })
     }
 
     /// The live entry of `path`, if there is one.
@@ -498,14 +494,6 @@ impl Reader {
             .map_err(db_error)
     }
 
-    /// The bytes of a live entry (from the index, whether or not the tree shows the path).
-    pub fn read(&self, entry: &Entry) -> Result<Vec<u8>, ProjectionError> {
-        self.db
-            .prepare_cached("SELECT data FROM blobs WHERE sha256 = ?1")
-            .and_then(|mut s| s.query_row([entry.sha256.to_vec()], |row| row.get(0)))
-            .map_err(db_error)
-    }
-
     /// Live entries whose path starts with `prefix`, in path order, at most `limit`.
     pub fn list(&self, prefix: &str, limit: usize) -> Result<Vec<Entry>, ProjectionError> {
         let mut statement = self
@@ -524,11 +512,6 @@ impl Reader {
             out.push(found);
         }
         Ok(out)
-    }
-
-    /// The copy's tree directory.
-    pub fn tree(&self) -> PathBuf {
-        self.dir.join(TREE_DIR)
     }
 
     /// The checkpoint of the committed index.

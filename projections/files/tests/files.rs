@@ -106,7 +106,10 @@ fn newest_wins_per_path_and_a_delete_is_a_tombstone() {
         (entry.size, entry.content_type.as_str(), entry.hlc),
         (4, "text/plain", 40)
     );
-    assert_eq!(reader.read(&entry).unwrap(), b"back");
+    assert_eq!(
+        reader.get_with_data("site/index.html").unwrap().unwrap(),
+        (entry, b"back".to_vec())
+    );
     assert_eq!(reader.list("site/", 10).unwrap().len(), 1);
 }
 

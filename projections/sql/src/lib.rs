@@ -600,8 +600,8 @@ fn hash_value(hasher: &mut Sha256, value: &Value) {
     }
 }
 
-/// The tables of a copy and their columns, for error messages and tools.
-pub fn describe(db: &Connection) -> rusqlite::Result<BTreeMap<String, Vec<String>>> {
+/// The tables of a copy and their columns, for error messages.
+pub(crate) fn describe(db: &Connection) -> rusqlite::Result<BTreeMap<String, Vec<String>>> {
     let mut out = BTreeMap::new();
     let mut tables = db.prepare(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_quire\\_%' ESCAPE '\\'

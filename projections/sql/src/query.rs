@@ -404,13 +404,6 @@ impl Reader {
             _ => QueryError::Invalid(error.to_string()),
         }
     }
-
-    /// The tables of this copy and their columns.
-    pub fn describe(
-        &self,
-    ) -> Result<std::collections::BTreeMap<String, Vec<String>>, ProjectionError> {
-        self.trusted(describe).map_err(db_error)
-    }
 }
 
 fn bind(statement: &mut rusqlite::Statement<'_>, params: &Params) -> Result<(), QueryError> {
