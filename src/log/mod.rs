@@ -1054,16 +1054,7 @@ fn admit(
                 stream: stream_id,
             });
         }
-        if scribe.body.kind == Kind::RecordUpvote && scribe.body.parents.len() != 1 {
-            return Err(AppendError::BadPayload {
-                kind: Kind::RecordUpvote,
-                reason: format!(
-                    "a record.upvote names the record it upvotes as its one parent; this one has {}",
-                    scribe.body.parents.len()
-                ),
-            });
-        }
-        check_payload(&scribe.body.kind, &scribe.body.payload).map_err(|reason| {
+        check_payload(&scribe.body).map_err(|reason| {
             AppendError::BadPayload {
                 kind: scribe.body.kind.clone(),
                 reason,
@@ -1143,16 +1134,22 @@ fn stored_stream_of(shared: &Shared, id: &ScribeId) -> Result<Option<StreamId>, 
     Ok(Some(scribe.stream_id()))
 }
 
-/// The rules of built-in payloads every node checks, for local appends and scribes from peers
-/// alike: a file scribe's payload decodes and its path is valid; a `_schema` is JSON content
-/// that the SQLite projection accepts.
-pub fn check_payload(kind: &Kind, payload: &[u8]) -> Result<(), String> {
+/// The rules of built-in kinds every node checks, for local appends and scribes from peers
+/// alike: a file scribe's payload decodes and its path is valid; a `_schema` is JSON content that
+/// the SQLite projection accepts; an upvote names one record.
+pub fn check_payload(body: &crate::scribe::Body) -> Result<(), String> {
     use quire_projection_api::files::{FileChange, SCHEMA_PATH};
+    if body.kind == Kind::RecordUpvote && body.parents.len() != 1 {
+        return Err(format!(
+            "a record.upvote names the record it upvotes as its one parent; this one has {}",
+            body.parents.len()
+        ));
+    }
     if let Some(FileChange::Put {
         path,
         content_type,
         data,
-    }) = FileChange::decode(kind, payload)?
+    }) = FileChange::decode(&body.kind, &body.payload)?
     {
         if path == SCHEMA_PATH {
             if content_type.split(';').next().map(str::trim) != Some("application/json") {
