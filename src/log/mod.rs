@@ -1054,11 +1054,9 @@ fn admit(
                 stream: stream_id,
             });
         }
-        check_payload(&scribe.body).map_err(|reason| {
-            AppendError::BadPayload {
-                kind: scribe.body.kind.clone(),
-                reason,
-            }
+        check_payload(&scribe.body).map_err(|reason| AppendError::BadPayload {
+            kind: scribe.body.kind.clone(),
+            reason,
         })?;
         if scribe.body.kind == Kind::RecordAdd && state.policy.work_bits > 0 {
             let has = leading_zero_bits(&scribe.body_hash);
