@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use quire::api::{AuthorKey, Kind, StreamId};
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
+use quire::projection_api::{AuthorKey, Kind, StreamId};
 use quire::scribe::{Body, Scribe};
 use rayon::prelude::*;
 

@@ -96,7 +96,7 @@ fn main() {
         }
 
         // Get in-process: the service's SQLite reader on the live copy.
-        let stream_id = quire::api::StreamId::from_slice(&stream).unwrap();
+        let stream_id = quire::projection_api::StreamId::from_slice(&stream).unwrap();
         let live = dir_a
             .path()
             .join("projections")

@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use quire::api::{ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe};
 use quire::log::store::Store;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 use quire::projection;
+use quire::projection_api::{ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe};
 
 mod support;
 

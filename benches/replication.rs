@@ -10,9 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quire::api::StreamId;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
+use quire::projection_api::StreamId;
 use quire::scribe::Scribe;
 use rayon::prelude::*;
 use tonic::transport::Channel;

@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quire::api::files::{FileChange, CONTENT_TYPE};
-use quire::api::{ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe};
 use quire::log::store::Store;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 use quire::projection;
+use quire::projection_api::files::{FileChange, CONTENT_TYPE};
+use quire::projection_api::{ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe};
 use quire_projection_sql::{parse_record, to_sql, Schema, Sql};
 use tonic::transport::Channel;
 
@@ -132,7 +132,7 @@ fn rebuild(runtime: &tokio::runtime::Runtime, records: usize) {
         node.stop().await.unwrap();
         stream
     });
-    let stream = quire::api::StreamId::from_slice(&stream).unwrap();
+    let stream = quire::projection_api::StreamId::from_slice(&stream).unwrap();
     let store = Store::open(&quire::log::store_path(dir.path()), false).unwrap();
 
     let applying = Arc::new(AtomicU64::new(0));
@@ -167,7 +167,7 @@ fn rebuild(runtime: &tokio::runtime::Runtime, records: usize) {
         next = last.seq + 1;
         for entry in entries {
             let scribe = quire::scribe::Scribe::decode(entry.bytes).unwrap();
-            if scribe.body.kind == quire::api::Kind::RecordAdd {
+            if scribe.body.kind == quire::projection_api::Kind::RecordAdd {
                 rows.push((
                     entry.id.to_hex(),
                     String::from_utf8(scribe.body.payload.to_vec()).unwrap(),

@@ -14,8 +14,8 @@
 
 use std::time::Duration;
 
-use quire::api::{ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe};
 use quire::projection::Registry;
+use quire::projection_api::{ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe};
 use quire_example_latest::Latest;
 
 fn main() -> std::process::ExitCode {

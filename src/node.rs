@@ -11,11 +11,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::api::{Api, NodeFacts};
 use crate::hlc::WallClock;
 use crate::log::{Log, LogOptions, OpenError};
 use crate::projection::{Projections, ProjectionsError, Registry};
 use crate::replication::{ReplicationError, Replicator};
-use crate::server::{Api, NodeFacts};
 
 /// Name of the file in the data directory that holds the client API address while a node runs.
 pub const API_ADDR_FILE: &str = "api.addr";
@@ -145,7 +145,7 @@ pub async fn serve(
     let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
-    let sql = crate::sql::SqlService::new(log.clone(), projections.clone(), config.sql_limits);
+    let sql = crate::api::sql::SqlService::new(log.clone(), projections.clone(), config.sql_limits);
     let api_server = tonic::transport::Server::builder()
         // HTTP/1.1 for the HTTP API (browsers, curl); gRPC clients speak HTTP/2.
         .accept_http1(true)
@@ -153,7 +153,7 @@ pub async fn serve(
             Api::new(log.clone(), replicator.clone(), projections.clone(), facts)
                 .routes(
                     sql,
-                    crate::files::FilesService::new(log.clone(), projections.clone()),
+                    crate::api::files::FilesService::new(log.clone(), projections.clone()),
                 )
                 .await,
         )

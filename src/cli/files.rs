@@ -13,8 +13,8 @@ use quire_projection_files::content_type_for;
 use sha2::{Digest, Sha256};
 
 use super::{channel, status_error};
+use crate::api::MAX_MESSAGE_BYTES;
 use crate::pb;
-use crate::server::MAX_MESSAGE_BYTES;
 
 /// Uploads at once during a push.
 const PARALLEL_PUTS: usize = 16;

@@ -8,8 +8,8 @@ use clap::Subcommand;
 use quire_projection_api::StreamId;
 
 use super::{channel, status_error};
+use crate::api::MAX_MESSAGE_BYTES;
 use crate::pb;
-use crate::server::MAX_MESSAGE_BYTES;
 
 /// `quire kv ...`. Keys and values are UTF-8 text on the command line; `--hex` reads and prints
 /// them as hex instead (for binary keys and values).

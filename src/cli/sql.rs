@@ -9,8 +9,8 @@ use quire_projection_api::files::{FileChange, CONTENT_TYPE, SCHEMA_PATH};
 use quire_projection_api::{Kind, StreamId};
 
 use super::{channel, status_error};
+use crate::api::MAX_MESSAGE_BYTES;
 use crate::pb;
-use crate::server::MAX_MESSAGE_BYTES;
 
 /// `quire sql ...`.
 #[derive(Debug, Subcommand)]
@@ -60,14 +60,14 @@ pub enum SqlCommand {
 fn value_from_json(text: &str) -> Result<pb::SqlValue> {
     let json: serde_json::Value = serde_json::from_str(text)
         .with_context(|| format!("--param {text:?} is not JSON: quote text as '\"text\"'"))?;
-    Ok(crate::sql::value_to_proto(quire_projection_sql::to_sql(
-        Some(&json),
-    )))
+    Ok(crate::api::sql::value_to_proto(
+        quire_projection_sql::to_sql(Some(&json)),
+    ))
 }
 
 /// A value as printed: JSON, but NULL as the word in text mode.
 fn value_text(value: &pb::SqlValue, json: bool) -> serde_json::Value {
-    match crate::sql::value_to_json(crate::sql::value_from_proto(value.clone())) {
+    match crate::api::sql::value_to_json(crate::api::sql::value_from_proto(value.clone())) {
         serde_json::Value::Null if !json => serde_json::Value::String("NULL".into()),
         other => other,
     }

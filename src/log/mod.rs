@@ -1001,7 +1001,7 @@ fn admit(
     let stream_id = scribe.stream_id();
     let state = if scribe.body.kind == Kind::StreamCreate {
         let genesis = convert::genesis_from_payload(&scribe.body.payload, scribe.body.author)
-            .map_err(AppendError::BadGenesis)?;
+            .map_err(|error| AppendError::BadGenesis(error.to_string()))?;
         StreamState {
             id: stream_id,
             name: genesis.name,

@@ -21,9 +21,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::session::{Action, Message, ReadPlan, Session, Step};
+use super::wire::{self, WireError};
 use super::{Command, Inner, FIRST_BACKOFF, MAX_BACKOFF, MAX_PEER_MESSAGE_BYTES, OUTBOUND_QUEUE};
-use crate::convert;
-use crate::log::store::{CursorUpdate, PeerOrigin};
+use crate::log::store::{CursorUpdate, PeerOrigin, StoreError};
+use crate::log::AppendError;
 use crate::pb;
 use crate::scribe;
 
@@ -42,6 +43,110 @@ pub const MIN_HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
 /// while, doubling each time).
 pub const MAX_REFUSED_PER_CONNECTION: u64 = 64;
 
+/// Why a peer connection ended. The message is what the peer is told and what `quire status`
+/// shows as the peer's last error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// This node is shutting down.
+    #[error("this node is shutting down")]
+    ShuttingDown,
+    /// The handshake did not complete in time.
+    #[error("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs())]
+    HandshakeTimeout,
+    /// The outbound queue closed: the peer's side of the stream is gone.
+    #[error("the peer went away")]
+    PeerGone,
+    /// The peer ended its stream.
+    #[error("the peer closed the connection")]
+    PeerClosed,
+    /// The peer's stream failed with this gRPC status message.
+    #[error("the peer's stream failed: {0}")]
+    PeerStream(String),
+    /// The peer sent a message that does not decode.
+    #[error("malformed peer message: {0}")]
+    Malformed(#[from] WireError),
+    /// The local log closed under the connection.
+    #[error("the log closed")]
+    LogClosed,
+    /// The node's table of connections closed.
+    #[error("the connection registry closed")]
+    RegistryClosed,
+    /// The session (a protocol violation by the peer, or the peer's own error) or the node (peer
+    /// removed) closed the connection, with this reason.
+    #[error("{0}")]
+    Closed(String),
+    /// The peer is banned for sending invalid scribes.
+    #[error("node {peer} sent too many invalid scribes; refused for another {seconds} s")]
+    Banned {
+        /// The peer's node key.
+        peer: AuthorKey,
+        /// Seconds left of the ban.
+        seconds: u64,
+    },
+    /// Another connection with the same peer is kept instead of this one.
+    #[error(
+        "a connection with this peer is already up (the one dialed by the lower node id is kept)"
+    )]
+    Duplicate,
+    /// The peer sent too many invalid scribes on this connection and is now banned.
+    #[error("peer sent {refused} invalid scribes on this connection; disconnected and refused for {seconds} s")]
+    TooManyRefused {
+        /// Invalid scribes on this connection.
+        refused: u64,
+        /// Length of the ban in seconds.
+        seconds: u64,
+    },
+    /// Data arrived before the handshake named the peer.
+    #[error("{0} before the handshake")]
+    BeforeHandshake(&'static str),
+    /// Reading a stream's scribes to send failed.
+    #[error("reading stream {stream}: {source}")]
+    Read {
+        /// The stream read.
+        stream: StreamId,
+        /// The storage error.
+        source: StoreError,
+    },
+    /// Loading this peer's cursors failed.
+    #[error("loading cursors: {0}")]
+    Cursors(StoreError),
+    /// Reading a genesis to serve failed.
+    #[error("{0}")]
+    Storage(#[from] StoreError),
+    /// The log could not take the peer's scribes at all (not a refusal of one scribe: those are
+    /// counted, and the connection goes on).
+    #[error("storing scribes from the peer failed: {0}")]
+    Replicate(AppendError),
+    /// A blocking task of the connection panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The peer address is not one to dial.
+    #[error("bad peer address {addr}: {reason}")]
+    Address {
+        /// The address as given.
+        addr: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The peer could not be reached.
+    #[error("cannot connect to peer {addr}: {source}")]
+    Connect {
+        /// The address dialed.
+        addr: String,
+        /// The transport error.
+        source: tonic::transport::Error,
+    },
+    /// The peer answered, but refused the replication stream.
+    #[error("peer {addr} refused the replication stream: {message}")]
+    Refused {
+        /// The address dialed.
+        addr: String,
+        /// The gRPC status message.
+        message: String,
+    },
+}
+
 /// Runs one connection to its end. `dialed`: this side dialed (the peer is at `addr`).
 pub(crate) async fn run<S>(
     inner: Arc<Inner>,
@@ -49,7 +154,7 @@ pub(crate) async fn run<S>(
     outgoing: mpsc::Sender<pb::PeerMessage>,
     dialed: bool,
     addr: String,
-) -> Result<(), String>
+) -> Result<(), ConnectionError>
 where
     S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin + Send,
 {
@@ -69,9 +174,7 @@ where
     let result = driver.drive(incoming, &outgoing, commands).await;
     // Best effort: tell the peer why.
     if let Err(reason) = &result {
-        let _ = outgoing.try_send(convert::peer_message_to_proto(&Message::Error(
-            reason.clone(),
-        )));
+        let _ = outgoing.try_send(wire::to_proto(&Message::Error(reason.to_string())));
     }
     inner.unregister(id);
     if !driver.dialed && driver.peer.is_none() {
@@ -88,7 +191,7 @@ where
             .values()
             .any(|live| live.peer.is_some() && live.peer == driver.peer);
         if let Err(reason) = &result {
-            state.last_error = Some(reason.clone());
+            state.last_error = Some(reason.to_string());
         }
     });
     result
@@ -120,7 +223,7 @@ impl Driver {
         mut incoming: S,
         outgoing: &mpsc::Sender<pb::PeerMessage>,
         mut commands: mpsc::UnboundedReceiver<Command>,
-    ) -> Result<(), String>
+    ) -> Result<(), ConnectionError>
     where
         S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin + Send,
     {
@@ -135,7 +238,7 @@ impl Driver {
         let handshake_deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
         loop {
             if *closing.borrow() {
-                return Err("this node is shutting down".into());
+                return Err(ConnectionError::ShuttingDown);
             }
             let started = self.session().is_started();
             let want_room = !self.control.is_empty() || (started && maybe_more);
@@ -144,18 +247,18 @@ impl Driver {
             let room_to_read = self.control.len() < MAX_CONTROL_QUEUE;
             tokio::select! {
                 () = tokio::time::sleep_until(handshake_deadline), if !started => {
-                    return Err(format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()));
+                    return Err(ConnectionError::HandshakeTimeout);
                 }
                 permit = outgoing.reserve(), if want_room => {
-                    let permit = permit.map_err(|_| "the peer went away".to_string())?;
+                    let permit = permit.map_err(|_| ConnectionError::PeerGone)?;
                     if let Some(message) = self.control.pop_front() {
-                        permit.send(convert::peer_message_to_proto(&message));
+                        permit.send(wire::to_proto(&message));
                         continue;
                     }
                     let step = self.session_mut().next_step(|stream| log.stream(stream).map_or(0, |state| state.record.head_seq));
                     match step {
                         None => maybe_more = false,
-                        Some(Step::Send(message)) => permit.send(convert::peer_message_to_proto(&message)),
+                        Some(Step::Send(message)) => permit.send(wire::to_proto(&message)),
                         Some(Step::Read(plan)) => {
                             if let Some(batch) = self.read(plan).await? {
                                 if let Message::Batch { stream, scribes, .. } = &batch {
@@ -163,16 +266,16 @@ impl Driver {
                                     let stream = *stream;
                                     self.counters(stream, |counters| counters.sent += sent);
                                 }
-                                permit.send(convert::peer_message_to_proto(&batch));
+                                permit.send(wire::to_proto(&batch));
                             }
                         }
                     }
                 }
                 message = incoming.next(), if room_to_read => {
                     let message = match message {
-                        None => return Err("the peer closed the connection".into()),
-                        Some(Err(status)) => return Err(format!("the peer's stream failed: {}", status.message())),
-                        Some(Ok(message)) => convert::peer_message_from_proto(message).map_err(|error| format!("malformed peer message: {error}"))?,
+                        None => return Err(ConnectionError::PeerClosed),
+                        Some(Err(status)) => return Err(ConnectionError::PeerStream(status.message().to_string())),
+                        Some(Ok(message)) => wire::from_proto(message)?,
                     };
                     // A peer that now holds a stream we are waiting to join: ask it for the genesis.
                     let joinable: Vec<StreamId> = match &message {
@@ -191,11 +294,11 @@ impl Driver {
                     maybe_more = true;
                 }
                 changed = heads.changed() => {
-                    if changed.is_err() { return Err("the log closed".into()); }
+                    if changed.is_err() { return Err(ConnectionError::LogClosed); }
                     maybe_more = true;
                 }
                 changed = streams.changed() => {
-                    if changed.is_err() { return Err("the log closed".into()); }
+                    if changed.is_err() { return Err(ConnectionError::LogClosed); }
                     let ids = log.stream_ids();
                     let actions = self.session_mut().set_local_streams(ids);
                     self.execute(actions).await?;
@@ -206,10 +309,10 @@ impl Driver {
                         let actions = self.session().request_genesis(stream);
                         self.execute(actions).await?;
                     }
-                    Some(Command::Close(reason)) => return Err(reason),
-                    None => return Err("the connection registry closed".into()),
+                    Some(Command::Close(reason)) => return Err(ConnectionError::Closed(reason)),
+                    None => return Err(ConnectionError::RegistryClosed),
                 },
-                _ = closing.changed() => return Err("this node is shutting down".into()),
+                _ = closing.changed() => return Err(ConnectionError::ShuttingDown),
             }
         }
     }
@@ -229,15 +332,17 @@ impl Driver {
         });
     }
 
-    async fn read(&mut self, plan: ReadPlan) -> Result<Option<Message>, String> {
+    async fn read(&mut self, plan: ReadPlan) -> Result<Option<Message>, ConnectionError> {
         let log = self.inner.log.clone();
         let entries = tokio::task::spawn_blocking(move || {
             log.store()
                 .read_stream(&plan.stream, plan.from, plan.to, BATCH_SCRIBES)
         })
-        .await
-        .map_err(|error| format!("read task failed: {error}"))?
-        .map_err(|error| format!("reading stream {}: {error}", plan.stream))?;
+        .await?
+        .map_err(|source| ConnectionError::Read {
+            stream: plan.stream,
+            source,
+        })?;
         let mut limit = BATCH_SCRIBES;
         let mut bytes = 0;
         let mut kept = Vec::with_capacity(entries.len());
@@ -252,11 +357,11 @@ impl Driver {
         Ok(self.session_mut().read_done(plan, kept, limit))
     }
 
-    async fn execute(&mut self, actions: Vec<Action>) -> Result<(), String> {
+    async fn execute(&mut self, actions: Vec<Action>) -> Result<(), ConnectionError> {
         for action in actions {
             match action {
                 Action::Send(message) => self.control.push_back(message),
-                Action::Close(reason) => return Err(reason),
+                Action::Close(reason) => return Err(ConnectionError::Closed(reason)),
                 Action::Ready { peer, epoch } => self.ready(peer, epoch).await?,
                 Action::Store {
                     stream,
@@ -270,10 +375,7 @@ impl Driver {
                 }
                 Action::ServeGenesis(stream) => {
                     let log = self.inner.log.clone();
-                    let genesis = tokio::task::spawn_blocking(move || log.get(&stream))
-                        .await
-                        .map_err(|error| error.to_string())?
-                        .map_err(|error| error.to_string())?;
+                    let genesis = tokio::task::spawn_blocking(move || log.get(&stream)).await??;
                     self.control.push_back(Message::Genesis {
                         stream,
                         scribe: genesis.map(|entry| entry.bytes),
@@ -285,19 +387,19 @@ impl Driver {
         Ok(())
     }
 
-    async fn ready(&mut self, peer: AuthorKey, epoch: [u8; 16]) -> Result<(), String> {
+    async fn ready(&mut self, peer: AuthorKey, epoch: [u8; 16]) -> Result<(), ConnectionError> {
         self.peer = Some(peer);
         self.epoch = epoch;
         if let Some(left) = self.inner.banned(&peer) {
-            return Err(format!(
-                "node {peer} sent too many invalid scribes; refused for another {} s",
-                left.as_secs() + 1
-            ));
+            return Err(ConnectionError::Banned {
+                peer,
+                seconds: left.as_secs() + 1,
+            });
         }
         let local = self.inner.log.node_key();
         let dialer = if self.dialed { local } else { peer };
         if !self.inner.claim(self.id, peer, dialer) {
-            return Err("a connection with this peer is already up (the one dialed by the lower node id is kept)".into());
+            return Err(ConnectionError::Duplicate);
         }
         let key = self.state_key();
         let addr = self.addr.clone();
@@ -316,9 +418,8 @@ impl Driver {
         tracing::info!(peer = %peer.short(), addr = %self.addr, dialed = self.dialed, "peer connected");
         let log = self.inner.log.clone();
         let cursors = tokio::task::spawn_blocking(move || log.cursors(&peer))
-            .await
-            .map_err(|error| error.to_string())?
-            .map_err(|error| format!("loading cursors: {error}"))?;
+            .await?
+            .map_err(ConnectionError::Cursors)?;
         let streams = self.inner.log.stream_ids();
         let actions = self.session_mut().start(cursors, streams);
         Box::pin(self.execute(actions)).await?;
@@ -343,8 +444,8 @@ impl Driver {
         scribes: Vec<super::session::WireScribe>,
         through: u64,
         head: u64,
-    ) -> Result<(), String> {
-        let peer = self.peer.ok_or("store before the handshake")?;
+    ) -> Result<(), ConnectionError> {
+        let peer = self.peer.ok_or(ConnectionError::BeforeHandshake("store"))?;
         let cursor = CursorUpdate {
             peer,
             stream,
@@ -364,7 +465,7 @@ impl Driver {
             .log
             .replicate(origin, stream, drafts, Some(cursor))
             .await
-            .map_err(|error| format!("storing scribes from the peer failed: {error}"))?;
+            .map_err(ConnectionError::Replicate)?;
         let (mut received, mut duplicates, mut refused) = (0, 0, 0);
         for outcome in &outcomes {
             match outcome {
@@ -390,18 +491,23 @@ impl Driver {
             self.refused_here += refused;
             if self.refused_here > MAX_REFUSED_PER_CONNECTION {
                 let ban = self.inner.ban(peer);
-                return Err(format!(
-                    "peer sent {} invalid scribes on this connection; disconnected and refused for {} s",
-                    self.refused_here,
-                    ban.as_secs()
-                ));
+                return Err(ConnectionError::TooManyRefused {
+                    refused: self.refused_here,
+                    seconds: ban.as_secs(),
+                });
             }
         }
         Ok(())
     }
 
-    async fn genesis(&mut self, stream: StreamId, scribe: bytes::Bytes) -> Result<(), String> {
-        let peer = self.peer.ok_or("genesis before the handshake")?;
+    async fn genesis(
+        &mut self,
+        stream: StreamId,
+        scribe: bytes::Bytes,
+    ) -> Result<(), ConnectionError> {
+        let peer = self
+            .peer
+            .ok_or(ConnectionError::BeforeHandshake("genesis"))?;
         if !self
             .inner
             .pending_joins
@@ -426,7 +532,7 @@ impl Driver {
             .log
             .replicate(origin, stream, vec![(scribe, Some(stream))], None)
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(ConnectionError::Replicate)?;
         match outcome.first() {
             Some(Ok(_)) => {
                 self.inner
@@ -467,7 +573,7 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, addr: String) {
         };
         let connected = inner.with_peer(&addr, |state| {
             if let Err(error) = &result {
-                state.last_error = Some(error.clone());
+                state.last_error = Some(error.to_string());
             }
             state.connected = false;
             // Only a connection that did its handshake and then lasted resets the backoff (a peer
@@ -502,16 +608,22 @@ pub fn backoff(failures: u32) -> Duration {
     base.mul_f64(jitter).min(MAX_BACKOFF)
 }
 
-async fn dial_once(inner: Arc<Inner>, addr: &str) -> Result<(), String> {
+async fn dial_once(inner: Arc<Inner>, addr: &str) -> Result<(), ConnectionError> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|error| format!("bad peer address {addr}: {error}"))?
+        .map_err(|error| ConnectionError::Address {
+            addr: addr.to_string(),
+            reason: error.to_string(),
+        })?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20));
     let channel = endpoint
         .connect()
         .await
-        .map_err(|error| format!("cannot connect to peer {addr}: {error}"))?;
+        .map_err(|source| ConnectionError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
     let mut client = pb::peer_client::PeerClient::new(channel)
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -519,11 +631,9 @@ async fn dial_once(inner: Arc<Inner>, addr: &str) -> Result<(), String> {
     let response = client
         .replicate(ReceiverStream::new(receiver))
         .await
-        .map_err(|status| {
-            format!(
-                "peer {addr} refused the replication stream: {}",
-                status.message()
-            )
+        .map_err(|status| ConnectionError::Refused {
+            addr: addr.to_string(),
+            message: status.message().to_string(),
         })?;
     run(
         inner,

@@ -15,6 +15,7 @@
 
 pub mod connection;
 pub mod session;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use prost::Message;
-use quire::api::{AuthorKey, ScribeId, StreamId};
 use quire::pb;
+use quire::projection_api::{AuthorKey, ScribeId, StreamId};
 use quire::scribe::{Body, Scribe};
 use tonic::Code;
 
@@ -468,7 +468,7 @@ async fn policies_and_work_tokens() {
     let stream = create_stream(&mut clients, "work", Some(policy)).await;
     let hlc = node.log.clock().now();
     // The listed key may put files now.
-    let (_, file) = quire::api::files::FileChange::Put {
+    let (_, file) = quire::projection_api::files::FileChange::Put {
         path: "x.txt".into(),
         content_type: "text/plain".into(),
         data: b"x".to_vec(),

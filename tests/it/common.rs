@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use quire::api::{AuthorKey, Kind, ScribeId, StreamId};
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
+use quire::projection_api::{AuthorKey, Kind, ScribeId, StreamId};
 use quire::scribe::{Body, Scribe};
 use tonic::transport::Channel;
 

@@ -9,9 +9,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use quire::api::StreamId;
 use quire::pb;
 use quire::pb::subscribe_event::Event;
+use quire::projection_api::StreamId;
 use tokio::process::Command;
 use tonic::transport::Channel;
 

@@ -170,7 +170,7 @@ async fn acknowledged_appends_survive_sigkill() {
     child.kill().await.unwrap();
 }
 
-async fn held(url: &str, stream: &quire::api::StreamId) -> u64 {
+async fn held(url: &str, stream: &quire::projection_api::StreamId) -> u64 {
     let mut clients = crate::common::clients(url).await;
     match clients
         .streams

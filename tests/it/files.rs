@@ -9,9 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use quire::api::StreamId;
 use quire::node::RunningNode;
 use quire::pb;
+use quire::projection_api::StreamId;
 use tonic::transport::Channel;
 
 use crate::common::*;

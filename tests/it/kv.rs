@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use quire::api::StreamId;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
+use quire::projection_api::StreamId;
 use tonic::transport::Channel;
 
 use crate::common::*;

@@ -17,4 +17,5 @@ mod scribe;
 mod simulation;
 mod sql;
 mod subscribe;
+mod tidy;
 mod verify;

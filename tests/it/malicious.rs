@@ -5,9 +5,9 @@
 use bytes::Bytes;
 use ed25519_dalek::{Signer, SigningKey};
 use futures::StreamExt;
-use quire::api::{AuthorKey, ScribeId, StreamId};
 use quire::pb;
 use quire::pb::peer_message::Message as Wire;
+use quire::projection_api::{AuthorKey, ScribeId, StreamId};
 use quire::replication::session::PROOF_PREFIX;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -142,7 +142,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     let policy_breaking = client_scribe(&key, &stream, "file.put", b"<script>", hlc);
     // Allowed kinds, but payloads every node refuses: a path outside the tree, an upvote of
     // nothing.
-    let (_, escaping) = quire::api::files::FileChange::Delete {
+    let (_, escaping) = quire::projection_api::files::FileChange::Delete {
         path: "../outside".into(),
     }
     .encode();
@@ -161,7 +161,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
             stream: None,
             author: AuthorKey(key.verifying_key().to_bytes()),
             hlc,
-            kind: quire::api::Kind::StreamCreate,
+            kind: quire::projection_api::Kind::StreamCreate,
             content_type: String::new(),
             payload: Bytes::new(),
             parents: vec![],

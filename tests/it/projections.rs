@@ -12,13 +12,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use quire::api::{
-    ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope, Scribe, StreamId,
-};
 use quire::log::store::Store;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 use quire::projection::{self, Registry};
+use quire::projection_api::{
+    ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope, Scribe, StreamId,
+};
 use quire_example_latest::Latest;
 use tonic::transport::Channel;
 

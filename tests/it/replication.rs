@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use quire::api::StreamId;
 use quire::node::RunningNode;
 use quire::pb;
+use quire::projection_api::StreamId;
 
 use crate::common::*;
 

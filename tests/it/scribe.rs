@@ -4,8 +4,8 @@
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
-use quire::api::{AuthorKey, Kind, ScribeId};
 use quire::pb;
+use quire::projection_api::{AuthorKey, Kind, ScribeId};
 use quire::scribe::{hash, Body, Scribe};
 
 fn kind() -> impl Strategy<Value = Kind> {

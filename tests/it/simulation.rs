@@ -8,8 +8,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
-use quire::api::{AuthorKey, Kind, ScribeId, StreamId};
 use quire::log::store::{Cursor, PeerOrigin};
+use quire::projection_api::{AuthorKey, Kind, ScribeId, StreamId};
 use quire::replication::session::{Action, Message, Session, Step};
 use quire::scribe::{Body, Scribe};
 

@@ -6,10 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use quire::api::files::{FileChange, CONTENT_TYPE};
-use quire::api::StreamId;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
+use quire::projection_api::files::{FileChange, CONTENT_TYPE};
+use quire::projection_api::StreamId;
 use serde_json::{json, Value as Json};
 use tonic::transport::Channel;
 
@@ -279,7 +279,7 @@ async fn fulltext_search_finds_the_right_rows_ranked_over_http_and_grpc() {
 async fn refused_statements_limits_and_bad_requests_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = NodeConfig::new(dir.path());
-    config.sql_limits = quire::sql::Limits {
+    config.sql_limits = quire::api::sql::Limits {
         time: Duration::from_millis(300),
         rows: 5,
     };

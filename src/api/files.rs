@@ -11,10 +11,10 @@ use quire_projection_api::{ProjectionError, StreamId};
 use quire_projection_files::{content_type_for, Entry, Reader, NAME};
 use tonic::{Request, Response, Status};
 
+use crate::api::served::Served;
 use crate::log::{Appended, Log};
 use crate::pb;
 use crate::projection::Projections;
-use crate::served::Served;
 
 /// Most entries of one `List`.
 const LIST_CAP: usize = 100_000;

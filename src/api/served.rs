@@ -11,10 +11,10 @@ use bytes::Bytes;
 use quire_projection_api::{Kind, ProjectionError, ScribeId, StreamId};
 use tonic::Status;
 
+use crate::api::{append_status, projections_status, wait_status};
 use crate::log::{Appended, Draft, Log, NewScribe};
 use crate::projection::readers::{Loan, Readers, TakeError};
 use crate::projection::Projections;
-use crate::server::{append_status, projections_status, wait_status};
 
 /// How long a write, or a read after a seq, waits for this node's copy to include it.
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,7 +53,8 @@ impl<R: Send + 'static> Served<R> {
 
     /// The stream named by `bytes`, if this node holds it.
     pub fn stream(&self, bytes: &[u8]) -> Result<StreamId, Status> {
-        let stream = crate::convert::id_field(bytes, "stream").map_err(Status::invalid_argument)?;
+        let stream =
+            crate::api::convert::id_field(bytes, "stream").map_err(Status::invalid_argument)?;
         self.held(stream)
     }
 

@@ -29,12 +29,12 @@ use quire_projection_sql::{to_sql, Params, Value};
 use serde_json::{json, Map, Value as Json};
 use tonic::{Code, Status};
 
-use crate::files::FilesService;
+use crate::api::files::FilesService;
+use crate::api::sql::SqlService;
+use crate::api::Api;
 use crate::pb;
 use crate::pb::admin_server::Admin;
 use crate::pb::streams_server::Streams;
-use crate::server::Api;
-use crate::sql::SqlService;
 
 /// Largest request body (a record is further held to its stream's per-scribe limit).
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -530,7 +530,11 @@ async fn query(
                 rows.rows
                     .into_iter()
                     .map(|row| {
-                        Json::Array(row.into_iter().map(crate::sql::value_to_json).collect())
+                        Json::Array(
+                            row.into_iter()
+                                .map(crate::api::sql::value_to_json)
+                                .collect(),
+                        )
                     })
                     .collect(),
             ),

@@ -20,13 +20,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::api::served::Served;
+use crate::api::{append_status, projections_status, store_status};
 use crate::log::subscribe::LogEvent;
 use crate::log::{Draft, Log, NewScribe, Origin};
 use crate::pb;
 use crate::projection::readers::TakeError;
 use crate::projection::Projections;
-use crate::served::Served;
-use crate::server::{append_status, projections_status, store_status};
 
 /// Most entries of one Scan.
 const SCAN_LIMIT: usize = 10_000;

@@ -14,10 +14,10 @@ pub use quire_projection_sql::Limits;
 use quire_projection_sql::{Params, QueryError, Reader, Rows, Value, NAME, RECORD_CONTENT_TYPE};
 use tonic::{Request, Response, Status};
 
+use crate::api::served::Served;
 use crate::log::{Appended, Log};
 use crate::pb;
 use crate::projection::Projections;
-use crate::served::Served;
 
 /// The SQL operations of one node.
 #[derive(Clone, Debug)]

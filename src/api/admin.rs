@@ -1,0 +1,78 @@
+//! The `Admin` gRPC service: the node's status (log, streams, projections, peers, memory) and
+//! adding peers. A thin impl; errors map in [`super::status`].
+
+// Handlers return `tonic::Status` by design; boxing it would only move the allocation.
+#![allow(clippy::result_large_err)]
+
+use bytes::Bytes;
+use tonic::{Request, Response, Status};
+
+use super::status::blocking;
+use super::{convert, Api};
+use crate::pb;
+use crate::replication::ReplicationError;
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for Api {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let projections = self.projections.clone();
+        let projections = blocking(move || projections.list(false)).await?;
+        Ok(Response::new(pb::StatusReply {
+            projections: projections.iter().map(convert::projection_status).collect(),
+            node_id: self.log.node_key().to_hex(),
+            data_dir: self.facts.data_dir.clone(),
+            log_epoch: Bytes::copy_from_slice(&self.log.epoch()),
+            head_seq: self.log.head(),
+            streams: self
+                .log
+                .streams()
+                .iter()
+                .map(convert::stream_info)
+                .collect(),
+            listeners: self
+                .facts
+                .listeners
+                .iter()
+                .map(|(name, addr)| pb::Listener {
+                    name: name.clone(),
+                    addr: addr.clone(),
+                })
+                .collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            hlc: self.log.clock().peek(),
+            sync_writes: self.facts.sync_writes,
+            store_memory: Some({
+                let (memtables, table_readers, block_cache, pinned) = self.log.store().memory();
+                pb::StoreMemory {
+                    memtables,
+                    table_readers,
+                    block_cache,
+                    pinned,
+                }
+            }),
+            peers: self
+                .replicator
+                .peers()
+                .iter()
+                .map(convert::peer_status)
+                .collect(),
+        }))
+    }
+
+    async fn add_peer(
+        &self,
+        request: Request<pb::AddPeerRequest>,
+    ) -> Result<Response<pb::AddPeerReply>, Status> {
+        let addr = self
+            .replicator
+            .add_peer(&request.into_inner().addr)
+            .map_err(|error| match error {
+                ReplicationError::BadAddress(_) => Status::invalid_argument(error.to_string()),
+                other => Status::internal(other.to_string()),
+            })?;
+        Ok(Response::new(pb::AddPeerReply { addr }))
+    }
+}

@@ -1,0 +1,148 @@
+//! The one module that knows both protobuf (`crate::pb`) and domain types, and converts between
+//! them (rust-analyzer's `to_proto` / `from_proto` style). Free functions only.
+
+use bytes::Bytes;
+use quire_projection_api::{ScribeId, StreamId};
+
+use crate::genesis::policy_to_proto;
+use crate::log::store::StoredEntry;
+use crate::log::StreamState;
+use crate::pb;
+use crate::scribe::Scribe;
+
+/// A stream's state as the API shows it.
+pub fn stream_info(state: &StreamState) -> pb::StreamInfo {
+    pb::StreamInfo {
+        stream: Bytes::copy_from_slice(state.id.as_bytes()),
+        name: state.name.clone(),
+        owner: Bytes::copy_from_slice(state.owner.as_bytes()),
+        policy: Some(policy_to_proto(&state.policy)),
+        genesis_seq: state.record.genesis_seq,
+        head_seq: state.record.head_seq,
+        scribes: state.record.scribes,
+        bytes: state.record.bytes,
+    }
+}
+
+/// A stored scribe as the API shows it: the exact bytes plus fields decoded from them.
+pub fn entry(stored: StoredEntry) -> pb::Entry {
+    let decoded = Scribe::decode_unverified(stored.bytes.clone())
+        .ok()
+        .map(|(scribe, _)| scribe);
+    pb::Entry {
+        seq: stored.seq,
+        id: Bytes::copy_from_slice(stored.id.as_bytes()),
+        stream: decoded
+            .as_ref()
+            .map(|scribe| Bytes::copy_from_slice(scribe.stream_id().as_bytes()))
+            .unwrap_or_default(),
+        author: decoded
+            .as_ref()
+            .map(|scribe| Bytes::copy_from_slice(scribe.body.author.as_bytes()))
+            .unwrap_or_default(),
+        hlc: decoded.as_ref().map_or(0, |scribe| scribe.body.hlc),
+        kind: decoded
+            .map(|scribe| scribe.body.kind.as_str().to_string())
+            .unwrap_or_default(),
+        scribe: stored.bytes,
+    }
+}
+
+/// A 32-byte id field of a request, with a message naming the field when it is not one.
+pub fn id_field(bytes: &[u8], field: &str) -> Result<ScribeId, String> {
+    ScribeId::from_slice(bytes)
+        .map_err(|_| format!("{field} must be a 32-byte id, got {} bytes", bytes.len()))
+}
+
+/// An optional stream field: empty means "every stream".
+pub fn optional_stream(bytes: &[u8]) -> Result<Option<StreamId>, String> {
+    if bytes.is_empty() {
+        Ok(None)
+    } else {
+        id_field(bytes, "stream").map(Some)
+    }
+}
+
+/// A peer's state as `Admin.Status` shows it.
+pub fn peer_status(state: &crate::replication::PeerState) -> pb::PeerStatus {
+    pb::PeerStatus {
+        addr: state.addr.clone(),
+        node_id: state.node.map(|node| node.to_hex()).unwrap_or_default(),
+        connected: state.connected,
+        dialed: state.dialed,
+        connects: state.connects,
+        last_error: state.last_error.clone().unwrap_or_default(),
+        refused: state.refused,
+        streams: state
+            .streams
+            .iter()
+            .map(|(stream, counters)| pb::PeerStreamStatus {
+                stream: Bytes::copy_from_slice(stream.as_bytes()),
+                cursor: counters.cursor,
+                lag: counters.peer_head.saturating_sub(counters.cursor),
+                sent: counters.sent,
+                received: counters.received,
+                duplicates: counters.duplicates,
+                refused: counters.refused,
+                caught_up: counters.caught_up,
+            })
+            .collect(),
+    }
+}
+
+fn optional_stream_bytes(stream: Option<&StreamId>) -> Bytes {
+    stream
+        .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+        .unwrap_or_default()
+}
+
+/// A projection's or consumer's status.
+pub fn projection_status(status: &crate::projection::ProjectionStatus) -> pb::ProjectionStatus {
+    pb::ProjectionStatus {
+        name: status.name.clone(),
+        stream: optional_stream_bytes(status.stream.as_ref()),
+        kind: status.kind.to_string(),
+        fingerprint: status.fingerprint.clone(),
+        generation: status.generation,
+        checkpoint: status.checkpoint,
+        target: status.target,
+        lag: status.lag(),
+        quarantined: status.quarantined,
+        digest: status
+            .digest
+            .map(|d| Bytes::copy_from_slice(&d))
+            .unwrap_or_default(),
+        rebuild: status
+            .rebuild
+            .as_ref()
+            .map(
+                |(generation, fingerprint, checkpoint)| pb::RebuildProgress {
+                    generation: *generation,
+                    fingerprint: fingerprint.clone(),
+                    checkpoint: *checkpoint,
+                    target: status.target,
+                },
+            ),
+        halted: status
+            .halted
+            .as_ref()
+            .map(|(_, reason)| reason.clone())
+            .unwrap_or_default(),
+        halted_seq: status.halted.as_ref().map(|(seq, _)| *seq).unwrap_or(0),
+        error: status.error.clone().unwrap_or_default(),
+    }
+}
+
+/// A parked scribe.
+pub fn quarantine_entry(parked: &crate::projection::Parked) -> pb::QuarantineEntry {
+    pb::QuarantineEntry {
+        name: parked.name.clone(),
+        stream: optional_stream_bytes(parked.stream.as_ref()),
+        seq: parked.seq,
+        id: Bytes::copy_from_slice(parked.id.as_bytes()),
+        kind: parked.kind.clone(),
+        error: parked.error.clone(),
+        state: parked.state.clone(),
+        at_ms: parked.at_ms,
+    }
+}

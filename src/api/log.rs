@@ -1,0 +1,260 @@
+//! The `Log` gRPC service: append (node-signed or client-signed), get, read a range, and
+//! subscribe (catch-up then live, from storage; `CaughtUp` always sent). A thin impl over
+//! [`crate::log::Log`]; errors map in [`super::status`]. Server streams go through bounded channels.
+
+// Handlers return `tonic::Status` by design; boxing it would only move the allocation.
+#![allow(clippy::result_large_err)]
+
+use bytes::Bytes;
+use quire_projection_api::Kind;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+use super::status::{append_status, blocking, invalid, projections_status, store_status};
+use super::{convert, Api, ResponseStream, READ_DEFAULT_LIMIT, READ_MAX_LIMIT, SUBSCRIBE_BUFFER};
+use crate::log::subscribe::LogEvent;
+use crate::log::{AppendError, Appended, Draft, NewScribe, Origin};
+use crate::pb;
+
+fn reply(appended: Appended) -> pb::AppendReply {
+    pb::AppendReply {
+        id: Bytes::copy_from_slice(appended.id.as_bytes()),
+        seq: appended.seq,
+        duplicate: appended.duplicate,
+        hlc: appended.hlc,
+    }
+}
+
+fn new_scribe(request: pb::AppendRequest) -> Result<Draft, Status> {
+    let stream = convert::id_field(&request.stream, "stream").map_err(invalid)?;
+    let kind: Kind = request
+        .kind
+        .parse()
+        .map_err(|error| invalid(format!("{error}")))?;
+    if kind == Kind::StreamCreate {
+        return Err(invalid(
+            "stream.create scribes are made by Streams.Create, not appended".into(),
+        ));
+    }
+    crate::scribe::check_shape(
+        &request.content_type,
+        request.parents.len(),
+        request.payload.len(),
+    )
+    .map_err(|error| append_status(&AppendError::Scribe(error)))?;
+    let parents = request
+        .parents
+        .iter()
+        .map(|parent| convert::id_field(parent, "parent"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    Ok(Draft::New(NewScribe {
+        stream: Some(stream),
+        kind,
+        content_type: request.content_type,
+        payload: request.payload,
+        parents,
+    }))
+}
+
+fn signed(request: pb::AppendSignedRequest) -> Result<Draft, Status> {
+    let claimed_id = if request.id.is_empty() {
+        None
+    } else {
+        Some(convert::id_field(&request.id, "id").map_err(invalid)?)
+    };
+    if request.scribe.is_empty() {
+        return Err(invalid(
+            "scribe is empty: send the encoded quire.v1.Scribe bytes".into(),
+        ));
+    }
+    Ok(Draft::Signed {
+        bytes: request.scribe,
+        claimed_id,
+    })
+}
+
+impl Api {
+    async fn append_draft(&self, draft: Draft) -> Result<Response<pb::AppendReply>, Status> {
+        let appended = self
+            .log
+            .append_one(draft)
+            .await
+            .map_err(|error| append_status(&error))?;
+        Ok(Response::new(reply(appended)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::log_server::Log for Api {
+    async fn append(
+        &self,
+        request: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendReply>, Status> {
+        self.append_draft(new_scribe(request.into_inner())?).await
+    }
+
+    async fn append_signed(
+        &self,
+        request: Request<pb::AppendSignedRequest>,
+    ) -> Result<Response<pb::AppendReply>, Status> {
+        self.append_draft(signed(request.into_inner())?).await
+    }
+
+    async fn append_batch(
+        &self,
+        request: Request<pb::AppendBatchRequest>,
+    ) -> Result<Response<pb::AppendBatchReply>, Status> {
+        let request = request.into_inner();
+        let mut drafts = Vec::with_capacity(request.appends.len() + request.signed.len());
+        for (index, append) in request.appends.into_iter().enumerate() {
+            drafts
+                .push(new_scribe(append).map_err(|status| {
+                    invalid(format!("appends[{index}]: {}", status.message()))
+                })?);
+        }
+        for (index, append) in request.signed.into_iter().enumerate() {
+            drafts.push(
+                signed(append)
+                    .map_err(|status| invalid(format!("signed[{index}]: {}", status.message())))?,
+            );
+        }
+        let appended = self
+            .log
+            .append(drafts, Origin::Local)
+            .await
+            .map_err(|error| append_status(&error))?;
+        Ok(Response::new(pb::AppendBatchReply {
+            results: appended.into_iter().map(reply).collect(),
+        }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetScribeRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let id = convert::id_field(&request.into_inner().id, "id").map_err(invalid)?;
+        let log = self.log.clone();
+        let found = tokio::task::spawn_blocking(move || log.get(&id))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| store_status(&error))?;
+        let entry = found
+            .ok_or_else(|| Status::not_found(format!("scribe {id} is not stored on this node")))?;
+        Ok(Response::new(convert::entry(entry)))
+    }
+
+    type ReadStream = ResponseStream<pb::Entry>;
+
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let request = request.into_inner();
+        let stream = convert::optional_stream(&request.stream).map_err(invalid)?;
+        if let Some(stream) = stream {
+            if self.log.stream(&stream).is_none() {
+                return Err(Status::not_found(format!(
+                    "stream {stream} is not held by this node"
+                )));
+            }
+        }
+        let limit = match request.limit {
+            0 => READ_DEFAULT_LIMIT,
+            limit => limit.min(READ_MAX_LIMIT),
+        } as usize;
+        let (entries, receiver) = mpsc::channel(64);
+        let log = self.log.clone();
+        let mut next = request.from_seq.max(1);
+        tokio::spawn(async move {
+            let mut left = limit;
+            while left > 0 {
+                let reader = log.clone();
+                let chunk = left.min(1000);
+                let read =
+                    tokio::task::spawn_blocking(move || reader.read(stream.as_ref(), next, chunk))
+                        .await;
+                let batch = match read {
+                    Ok(Ok(batch)) => batch,
+                    Ok(Err(error)) => {
+                        let _ = entries.send(Err(store_status(&error))).await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let done = batch.len() < chunk;
+                left -= batch.len();
+                for entry in batch {
+                    next = entry.seq + 1;
+                    if entries.send(Ok(convert::entry(entry))).await.is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    type SubscribeStream = ResponseStream<pb::SubscribeEvent>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let stream = convert::optional_stream(&request.stream).map_err(invalid)?;
+        if let Some(stream) = stream {
+            if self.log.stream(&stream).is_none() {
+                return Err(Status::not_found(format!(
+                    "stream {stream} is not held by this node"
+                )));
+            }
+        }
+        let from = if request.consumer.is_empty() {
+            request.from_seq
+        } else {
+            if request.from_seq != 0 {
+                return Err(invalid(format!(
+                    "consumer {:?} resumes after its last ack; leave from_seq at 0 (or use `quire rebuild {}` to start it over)",
+                    request.consumer, request.consumer
+                )));
+            }
+            let projections = self.projections.clone();
+            let consumer = request.consumer.clone();
+            tokio::task::spawn_blocking(move || {
+                projections.consumer_start(&consumer, stream.as_ref())
+            })
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?
+            .map_err(|error| projections_status(&error))?
+        };
+        let events = self.log.subscribe(stream, from, SUBSCRIBE_BUFFER);
+        let events = ReceiverStream::new(events).map(|event| match event {
+            Ok(LogEvent::Entry(entry)) => Ok(pb::SubscribeEvent {
+                event: Some(pb::subscribe_event::Event::Scribe(convert::entry(entry))),
+            }),
+            Ok(LogEvent::CaughtUp(seq)) => Ok(pb::SubscribeEvent {
+                event: Some(pb::subscribe_event::Event::CaughtUp(pb::CaughtUp { seq })),
+            }),
+            Err(error) => Err(store_status(&error)),
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckReply>, Status> {
+        let request = request.into_inner();
+        let projections = self.projections.clone();
+        let consumer = blocking(move || projections.ack(&request.consumer, request.seq)).await?;
+        Ok(Response::new(pb::AckReply {
+            acked: consumer.acked,
+        }))
+    }
+}

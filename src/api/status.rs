@@ -1,0 +1,86 @@
+//! Domain errors to gRPC statuses, one function per error type, so every service (and HTTP, which
+//! maps the status on to an HTTP code in `http::http_code`) agrees on what a refusal is.
+//! Also the helper that runs a projection operation off the executor and maps its error.
+//! No service logic lives here.
+
+// Handlers return `tonic::Status` by design; boxing it would only move the allocation.
+#![allow(clippy::result_large_err)]
+
+use tonic::Status;
+
+use crate::log::store::StoreError;
+use crate::log::AppendError;
+use crate::projection::readers::WaitError;
+use crate::projection::ProjectionsError;
+
+/// Maps an append refusal to its status: one place, so every API agrees.
+pub fn append_status(error: &AppendError) -> Status {
+    use tonic::Code;
+    let code = match error.root() {
+        AppendError::Scribe(crate::scribe::ScribeError::TooLarge(_)) => Code::ResourceExhausted,
+        AppendError::Scribe(_)
+        | AppendError::WrongStream { .. }
+        | AppendError::BadGenesis(_)
+        | AppendError::BadPayload { .. }
+        | AppendError::ParentInOtherStream { .. } => Code::InvalidArgument,
+        AppendError::UnknownStream(_) | AppendError::UnknownParent { .. } => Code::NotFound,
+        AppendError::PermissionDenied { .. } | AppendError::MissingWork { .. } => {
+            Code::PermissionDenied
+        }
+        AppendError::PayloadTooLarge { .. } | AppendError::StreamFull { .. } => {
+            Code::ResourceExhausted
+        }
+        AppendError::ShuttingDown => Code::Unavailable,
+        _ => Code::Internal,
+    };
+    Status::new(code, error.to_string())
+}
+
+/// Maps a storage failure to its status.
+pub fn store_status(error: &StoreError) -> Status {
+    match error {
+        StoreError::Closed => Status::unavailable(error.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// The status for a projection error.
+pub fn projections_status(error: &ProjectionsError) -> Status {
+    match error {
+        ProjectionsError::Unknown { .. }
+        | ProjectionsError::UnknownConsumer(_)
+        | ProjectionsError::NotParked(_) => Status::not_found(error.to_string()),
+        ProjectionsError::Stream(_) | ProjectionsError::Consumer(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        ProjectionsError::StillFails { .. } | ProjectionsError::NotReady(_) => {
+            Status::failed_precondition(error.to_string())
+        }
+        ProjectionsError::Damaged(_) => Status::data_loss(error.to_string()),
+        ProjectionsError::Store(store) => store_status(store),
+        _ => Status::internal(error.to_string()),
+    }
+}
+
+/// The status for a wait on a projection that ended without the seq applied.
+pub fn wait_status(error: &WaitError) -> Status {
+    match error {
+        WaitError::Projections(error) => projections_status(error),
+        WaitError::ShuttingDown => Status::unavailable("the node is shutting down"),
+        WaitError::Timeout { .. } => Status::deadline_exceeded(error.to_string()),
+    }
+}
+
+pub(crate) fn invalid(message: String) -> Status {
+    Status::invalid_argument(message)
+}
+
+/// Runs a projection operation (which may take file locks and fsync) off the executor.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ProjectionsError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Status::unavailable("the node is shutting down"))?
+        .map_err(|error| projections_status(&error))
+}

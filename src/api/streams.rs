@@ -1,0 +1,104 @@
+//! The `Streams` gRPC service: create, get, join and list streams. A thin impl: decode the
+//! request, call the log or the replicator, map the error with [`super::status`].
+
+// Handlers return `tonic::Status` by design; boxing it would only move the allocation.
+#![allow(clippy::result_large_err)]
+
+use bytes::Bytes;
+use quire_projection_api::Kind;
+use tonic::{Request, Response, Status};
+
+use super::status::{append_status, invalid};
+use super::{convert, Api};
+use crate::genesis;
+use crate::log::{Draft, NewScribe};
+use crate::pb;
+use crate::replication::ReplicationError;
+
+#[tonic::async_trait]
+impl pb::streams_server::Streams for Api {
+    async fn create(
+        &self,
+        request: Request<pb::CreateStreamRequest>,
+    ) -> Result<Response<pb::StreamInfo>, Status> {
+        let request = request.into_inner();
+        if let Some(policy) = &request.policy {
+            genesis::policy_from_proto(policy.clone())
+                .map_err(|error| invalid(format!("policy: {error}")))?;
+        }
+        let owner = if request.owner.is_empty() {
+            None
+        } else {
+            Some(
+                quire_projection_api::AuthorKey::from_slice(&request.owner)
+                    .map_err(|_| invalid("owner must be a 32-byte key".into()))?,
+            )
+        };
+        let payload =
+            genesis::genesis_payload(&request.name, owner, request.policy, rand::random());
+        let appended = self
+            .log
+            .append_one(Draft::New(NewScribe {
+                stream: None,
+                kind: Kind::StreamCreate,
+                content_type: genesis::GENESIS_CONTENT_TYPE.to_string(),
+                payload: Bytes::from(payload),
+                parents: Vec::new(),
+            }))
+            .await
+            .map_err(|error| append_status(&error))?;
+        let state = self
+            .log
+            .stream(&appended.id)
+            .ok_or_else(|| Status::internal("stream vanished after creation"))?;
+        Ok(Response::new(convert::stream_info(&state)))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetStreamRequest>,
+    ) -> Result<Response<pb::StreamInfo>, Status> {
+        let stream = convert::id_field(&request.into_inner().stream, "stream").map_err(invalid)?;
+        let state = self.log.stream(&stream).ok_or_else(|| {
+            Status::not_found(format!("stream {stream} is not held by this node"))
+        })?;
+        Ok(Response::new(convert::stream_info(&state)))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinStreamRequest>,
+    ) -> Result<Response<pb::StreamInfo>, Status> {
+        let request = request.into_inner();
+        let stream = convert::id_field(&request.stream, "stream").map_err(invalid)?;
+        let timeout = match request.timeout_ms {
+            0 => std::time::Duration::from_secs(10),
+            ms => std::time::Duration::from_millis(ms),
+        };
+        match self.replicator.join(stream, timeout).await {
+            Ok(()) => {}
+            Err(error @ ReplicationError::JoinPending(_)) => {
+                return Err(Status::deadline_exceeded(error.to_string()))
+            }
+            Err(error) => return Err(Status::internal(error.to_string())),
+        }
+        let state = self
+            .log
+            .stream(&stream)
+            .ok_or_else(|| Status::internal("stream vanished after joining"))?;
+        Ok(Response::new(convert::stream_info(&state)))
+    }
+
+    async fn list(
+        &self,
+        _request: Request<pb::ListStreamsRequest>,
+    ) -> Result<Response<pb::ListStreamsReply>, Status> {
+        let streams = self
+            .log
+            .streams()
+            .iter()
+            .map(convert::stream_info)
+            .collect();
+        Ok(Response::new(pb::ListStreamsReply { streams }))
+    }
+}

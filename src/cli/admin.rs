@@ -1,0 +1,168 @@
+//! `quire join`, `status` and `peer`: the node, its peers and the streams it joins, over the
+//! `Admin` and `Streams` services.
+
+use anyhow::Result;
+use bytes::Bytes;
+
+use super::client::{channel, status_error, streams_client};
+use super::JoinArgs;
+use crate::pb;
+
+pub(crate) async fn join(url: &str, args: JoinArgs) -> Result<()> {
+    let mut client = streams_client(url).await?;
+    let info = client
+        .join(pb::JoinStreamRequest {
+            stream: Bytes::copy_from_slice(args.stream.as_bytes()),
+            timeout_ms: args.timeout.saturating_mul(1000),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "joined {} ({}); catching up from peers — `quire status` shows progress",
+        hex::encode(&info.stream),
+        info.name
+    );
+    Ok(())
+}
+
+fn print_peers(peers: &[pb::PeerStatus]) {
+    if peers.is_empty() {
+        println!("no peers; add one with `quire peer add HOST:PORT`");
+    }
+    for peer in peers {
+        println!(
+            "peer {:<22} {} {}{}",
+            peer.addr,
+            if peer.connected {
+                "connected   "
+            } else {
+                "disconnected"
+            },
+            if peer.node_id.is_empty() {
+                "node ?".to_string()
+            } else {
+                format!("node {}", &peer.node_id[..16])
+            },
+            if peer.dialed { "" } else { " (dialed in)" },
+        );
+        if peer.refused > 0 {
+            println!("    refused {} invalid scribes", peer.refused);
+        }
+        if !peer.last_error.is_empty() {
+            println!("    last error: {}", peer.last_error);
+        }
+        for stream in &peer.streams {
+            println!(
+                "    stream {}  cursor {}  lag {}  sent {}  received {}  duplicates {}  refused {}{}",
+                hex::encode(&stream.stream),
+                stream.cursor,
+                stream.lag,
+                stream.sent,
+                stream.received,
+                stream.duplicates,
+                stream.refused,
+                if stream.caught_up { "  caught up" } else { "" }
+            );
+        }
+    }
+}
+
+pub(crate) async fn status(url: &str) -> Result<()> {
+    let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("node        {}", status.node_id);
+    println!("version     {}", status.version);
+    println!("data dir    {}", status.data_dir);
+    println!("log epoch   {}", hex::encode(&status.log_epoch));
+    println!("head seq    {}", status.head_seq);
+    println!(
+        "writes      {}",
+        if status.sync_writes {
+            "fsync per group commit (--sync)"
+        } else {
+            "crash-safe, not fsynced"
+        }
+    );
+    for listener in &status.listeners {
+        println!("listener    {:<6} {}", listener.name, listener.addr);
+    }
+    if let Some(memory) = &status.store_memory {
+        println!(
+            "store memory {} KiB memtables, {} KiB table readers, {} KiB block cache ({} KiB pinned)",
+            memory.memtables / 1024,
+            memory.table_readers / 1024,
+            memory.block_cache / 1024,
+            memory.pinned / 1024
+        );
+    }
+    println!("streams     {}", status.streams.len());
+    for info in &status.streams {
+        println!(
+            "  {}  {:<20} {:>8} scribes  head seq {}",
+            hex::encode(&info.stream),
+            info.name,
+            info.scribes,
+            info.head_seq
+        );
+    }
+    println!("projections {}", status.projections.len());
+    for projection in &status.projections {
+        let scope = if projection.stream.is_empty() {
+            "log".to_string()
+        } else {
+            hex::encode(&projection.stream[..4])
+        };
+        let mut state = format!(
+            "checkpoint {} lag {}",
+            projection.checkpoint, projection.lag
+        );
+        if projection.quarantined > 0 {
+            state.push_str(&format!(", {} parked", projection.quarantined));
+        }
+        if projection.rebuild.is_some() {
+            state.push_str(", rebuilding");
+        }
+        if !projection.halted.is_empty() {
+            state.push_str(&format!(", HALTED at seq {}", projection.halted_seq));
+        }
+        if !projection.error.is_empty() {
+            state.push_str(&format!(", FAILING: {}", projection.error));
+        }
+        println!(
+            "  {:<20} {:<9} {:<9} {state}",
+            projection.name, projection.kind, scope
+        );
+    }
+    print_peers(&status.peers);
+    Ok(())
+}
+
+pub(crate) async fn peer_add(url: &str, addr: String) -> Result<()> {
+    let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
+    let reply = client
+        .add_peer(pb::AddPeerRequest { addr })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "peer {} added; it is dialed now and after every restart",
+        reply.addr
+    );
+    Ok(())
+}
+
+pub(crate) async fn peer_list(url: &str) -> Result<()> {
+    let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_peers(&status.peers);
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! `quire stream`, `append`, `get` and `log`: streams and their scribes, over the `Streams` and
+//! `Log` services.
+
+use std::io::{IsTerminal, Read as _, Write as _};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use quire_projection_api::{AuthorKey, Kind, ScribeId};
+
+use super::client::{log_client, status_error, streams_client};
+use super::{AppendArgs, GetArgs, LogArgs, StreamCommand};
+use crate::pb;
+
+fn parse_allow(rule: &str) -> Result<pb::KindRule> {
+    let (kind, who) = rule
+        .split_once('=')
+        .with_context(|| format!("--allow {rule:?}: write KIND=WHO, e.g. file.put=anyone"))?;
+    kind.parse::<Kind>()
+        .with_context(|| format!("--allow {rule:?}"))?;
+    let mut authors = pb::Authors::default();
+    for part in who
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        match part {
+            "anyone" => authors.anyone = true,
+            "owner" => authors.owner = true,
+            key => {
+                let key: AuthorKey = key.parse().with_context(|| {
+                    format!("--allow {rule:?}: {key:?} is not anyone, owner or a 64-hex key")
+                })?;
+                authors.keys.push(Bytes::copy_from_slice(key.as_bytes()));
+            }
+        }
+    }
+    Ok(pb::KindRule {
+        kind: kind.to_string(),
+        authors: Some(authors),
+    })
+}
+
+pub(crate) async fn stream(url: &str, command: StreamCommand) -> Result<()> {
+    let mut client = streams_client(url).await?;
+    match command {
+        StreamCommand::Create(args) => {
+            let policy = pb::Policy {
+                rules: args
+                    .allow
+                    .iter()
+                    .map(|rule| parse_allow(rule))
+                    .collect::<Result<_>>()?,
+                max_file_bytes: args.max_file_bytes.unwrap_or(0),
+                max_stream_bytes: args.max_stream_bytes.unwrap_or(0),
+                leasing_disabled: args.no_leasing,
+                lease_ms: args.lease_secs.map_or(0, |secs| secs.saturating_mul(1000)),
+                work_bits: args.work_bits,
+            };
+            let info = client
+                .create(pb::CreateStreamRequest {
+                    name: args.name,
+                    policy: Some(policy),
+                    owner: args
+                        .owner
+                        .map(|key| Bytes::copy_from_slice(key.as_bytes()))
+                        .unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", hex::encode(&info.stream));
+        }
+        StreamCommand::List => {
+            let streams = client
+                .list(pb::ListStreamsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .streams;
+            if streams.is_empty() {
+                println!("no streams; create one with `quire stream create NAME`");
+            }
+            for info in streams {
+                println!(
+                    "{}  {:<20} {:>8} scribes  head seq {}",
+                    hex::encode(&info.stream),
+                    info.name,
+                    info.scribes,
+                    info.head_seq
+                );
+            }
+        }
+        StreamCommand::Get { stream } => {
+            let info = client
+                .get(pb::GetStreamRequest {
+                    stream: Bytes::copy_from_slice(stream.as_bytes()),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_stream(&info);
+        }
+    }
+    Ok(())
+}
+
+fn print_stream(info: &pb::StreamInfo) {
+    println!("stream      {}", hex::encode(&info.stream));
+    println!("name        {}", info.name);
+    println!("owner       {}", hex::encode(&info.owner));
+    println!(
+        "scribes     {} ({} bytes), genesis at seq {}, newest at seq {}",
+        info.scribes, info.bytes, info.genesis_seq, info.head_seq
+    );
+    if let Some(policy) = &info.policy {
+        println!(
+            "limits      {} bytes per scribe, {} bytes per stream",
+            policy.max_file_bytes, policy.max_stream_bytes
+        );
+        println!(
+            "leasing     {}",
+            if policy.leasing_disabled {
+                "off (last writer wins)".to_string()
+            } else {
+                format!("on, {} s", policy.lease_ms / 1000)
+            }
+        );
+        println!("work bits   {}", policy.work_bits);
+        for rule in &policy.rules {
+            let authors = rule.authors.clone().unwrap_or_default();
+            let mut who = Vec::new();
+            if authors.anyone {
+                who.push("anyone".to_string());
+            }
+            if authors.owner {
+                who.push("owner".to_string());
+            }
+            who.extend(authors.keys.iter().map(hex::encode));
+            println!(
+                "allow       {} = {}",
+                rule.kind,
+                if who.is_empty() {
+                    "nobody".to_string()
+                } else {
+                    who.join(",")
+                }
+            );
+        }
+    }
+}
+
+pub(crate) async fn append(url: &str, args: AppendArgs) -> Result<()> {
+    let payload = match (&args.data, &args.file) {
+        (Some(data), _) => data.clone().into_bytes(),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut buffer = Vec::new();
+            std::io::stdin().read_to_end(&mut buffer)?;
+            buffer
+        }
+        (None, Some(path)) => {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        (None, None) => Vec::new(),
+    };
+    let mut client = log_client(url).await?;
+    let reply = client
+        .append(pb::AppendRequest {
+            stream: Bytes::copy_from_slice(args.stream.as_bytes()),
+            kind: args.kind,
+            content_type: args.content_type,
+            payload: Bytes::from(payload),
+            parents: args
+                .parents
+                .iter()
+                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
+                .collect(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "{} seq {}{}",
+        hex::encode(&reply.id),
+        reply.seq,
+        if reply.duplicate {
+            " (already stored)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+pub(crate) async fn get(url: &str, args: GetArgs) -> Result<()> {
+    let mut client = log_client(url).await?;
+    let entry = client
+        .get(pb::GetScribeRequest {
+            id: Bytes::copy_from_slice(args.id.as_bytes()),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let (scribe, _) = crate::scribe::Scribe::decode_unverified(entry.scribe.clone())
+        .context("the node sent a scribe that does not decode")?;
+    if args.payload {
+        std::io::stdout().write_all(&scribe.body.payload)?;
+        return Ok(());
+    }
+    println!("id            {}", args.id);
+    println!("seq           {}", entry.seq);
+    println!("stream        {}", scribe.stream_id());
+    println!("kind          {}", scribe.body.kind);
+    println!("author        {}", scribe.body.author);
+    println!(
+        "hlc           {} (unix ms {}, counter {})",
+        scribe.body.hlc,
+        scribe.body.hlc >> 16,
+        scribe.body.hlc & 0xffff
+    );
+    println!("content type  {}", scribe.body.content_type);
+    println!(
+        "size          {} bytes ({} payload)",
+        entry.scribe.len(),
+        scribe.body.payload.len()
+    );
+    for parent in &scribe.body.parents {
+        println!("parent        {parent}");
+    }
+    match std::str::from_utf8(&scribe.body.payload) {
+        Ok(text) if scribe.body.kind != Kind::StreamCreate => println!("payload       {text}"),
+        _ => println!(
+            "payload       ({} bytes; `quire get --payload` writes them raw)",
+            scribe.body.payload.len()
+        ),
+    }
+    Ok(())
+}
+
+pub(crate) async fn log(url: &str, args: LogArgs) -> Result<()> {
+    let stream = if args.stream == "all" {
+        Bytes::new()
+    } else {
+        let id: ScribeId = args
+            .stream
+            .parse()
+            .with_context(|| format!("{:?} is neither a stream id nor `all`", args.stream))?;
+        Bytes::copy_from_slice(id.as_bytes())
+    };
+    let mut client = log_client(url).await?;
+    let mut events = client
+        .subscribe(pb::SubscribeRequest {
+            stream,
+            from_seq: args.from,
+            consumer: String::new(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut stdout = std::io::stdout().lock();
+    let colour = stdout.is_terminal();
+    while let Some(event) = events.message().await.map_err(status_error)? {
+        match event.event {
+            Some(pb::subscribe_event::Event::Scribe(entry)) => {
+                writeln!(
+                    stdout,
+                    "{:>8}  {}  {:<14} {}  {} B",
+                    entry.seq,
+                    hex::encode(&entry.id),
+                    entry.kind,
+                    hex::encode(entry.author.get(..4).unwrap_or_default()),
+                    entry.scribe.len()
+                )?;
+            }
+            Some(pb::subscribe_event::Event::CaughtUp(caught_up)) => {
+                if colour {
+                    writeln!(
+                        stdout,
+                        "\x1b[2m-- caught up at seq {} --\x1b[0m",
+                        caught_up.seq
+                    )?;
+                } else {
+                    writeln!(stdout, "caught up at seq {}", caught_up.seq)?;
+                }
+                if !args.follow {
+                    return Ok(());
+                }
+            }
+            None => {}
+        }
+        stdout.flush()?;
+    }
+    if args.follow {
+        bail!("the node closed the subscription (shutting down?)");
+    }
+    Ok(())
+}

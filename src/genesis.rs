@@ -1,0 +1,184 @@
+//! The genesis codec: what a `stream.create` payload says (name, owner, policy) and its bytes.
+//!
+//! A stream's genesis is part of the scribe format, so this sits beside [`crate::scribe`] at the
+//! bottom of the layers: the log decodes it to admit a stream, the projection runner to learn a
+//! stream's policy, the client API to create one. Nothing here knows RocksDB, gRPC services or
+//! the network; the wire messages it encodes are the generated `quire.v1.StreamGenesis` and
+//! `quire.v1.Policy` (`docs/protocol.md` has their fields).
+
+use bytes::Bytes;
+use prost::Message;
+use quire_projection_api::{AuthorKey, Authors, Kind, Policy};
+
+use crate::pb;
+use crate::scribe::HARD_MAX_PAYLOAD_BYTES;
+
+/// Why a genesis payload or a policy was refused; the message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GenesisError {
+    /// The payload is not a `quire.v1.StreamGenesis`.
+    #[error("payload is not a quire.v1.StreamGenesis: {0}")]
+    Decode(String),
+    /// The owner field is not a 32-byte key.
+    #[error("owner must be a 32-byte key, got {0} bytes")]
+    Owner(usize),
+    /// The name is longer than 256 bytes.
+    #[error("name is {0} bytes, at most 256 allowed")]
+    NameTooLong(usize),
+    /// The policy is not one a stream can have.
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+}
+
+/// Why a policy was refused; the message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// A rule names a kind that does not parse.
+    #[error("policy rule: {0}")]
+    Kind(String),
+    /// A rule for `stream.create`, which no policy may govern.
+    #[error("policy rule for stream.create: a stream has exactly one genesis")]
+    Genesis,
+    /// Two rules for one kind.
+    #[error("policy has two rules for {0}")]
+    DuplicateRule(String),
+    /// A rule lists a key that is not 32 bytes.
+    #[error("policy rule for {0}: keys must be 32 bytes")]
+    Key(String),
+    /// `max_file_bytes` is over the hard payload limit.
+    #[error("max_file_bytes {0} is over the hard limit of {HARD_MAX_PAYLOAD_BYTES}")]
+    MaxFileBytes(u64),
+    /// `work_bits` is over [`Policy::MAX_WORK_BITS`].
+    #[error("work_bits {0} is over the most allowed, {max}", max = Policy::MAX_WORK_BITS)]
+    WorkBits(u32),
+}
+
+/// Content type of a `stream.create` payload.
+pub const GENESIS_CONTENT_TYPE: &str = "application/vnd.quire.genesis+protobuf";
+
+/// What a genesis says, with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Genesis {
+    /// Human name.
+    pub name: String,
+    /// Owner key.
+    pub owner: AuthorKey,
+    /// Effective policy.
+    pub policy: Policy,
+}
+
+/// Decodes a `stream.create` payload; `author` is the owner when the payload names none.
+pub fn genesis_from_payload(payload: &[u8], author: AuthorKey) -> Result<Genesis, GenesisError> {
+    let genesis = pb::StreamGenesis::decode(payload)
+        .map_err(|error| GenesisError::Decode(error.to_string()))?;
+    let owner = if genesis.owner.is_empty() {
+        author
+    } else {
+        AuthorKey::from_slice(&genesis.owner)
+            .map_err(|_| GenesisError::Owner(genesis.owner.len()))?
+    };
+    let policy = policy_from_proto(genesis.policy.unwrap_or_default())?;
+    if genesis.name.len() > 256 {
+        return Err(GenesisError::NameTooLong(genesis.name.len()));
+    }
+    Ok(Genesis {
+        name: genesis.name,
+        owner,
+        policy,
+    })
+}
+
+/// Encodes a genesis payload. `salt` makes two streams of the same name and clock differ.
+pub fn genesis_payload(
+    name: &str,
+    owner: Option<AuthorKey>,
+    policy: Option<pb::Policy>,
+    salt: [u8; 16],
+) -> Vec<u8> {
+    pb::StreamGenesis {
+        name: name.to_string(),
+        owner: owner
+            .map(|key| Bytes::copy_from_slice(key.as_bytes()))
+            .unwrap_or_default(),
+        policy,
+        salt: Bytes::copy_from_slice(&salt),
+    }
+    .encode_to_vec()
+}
+
+/// Turns a wire policy (zeros meaning defaults) into an explicit one, refusing nonsense.
+pub fn policy_from_proto(policy: pb::Policy) -> Result<Policy, PolicyError> {
+    let defaults = Policy::default();
+    let mut rules = Vec::with_capacity(policy.rules.len());
+    for rule in policy.rules {
+        let kind: Kind = rule
+            .kind
+            .parse()
+            .map_err(|error| PolicyError::Kind(format!("{error}")))?;
+        if kind == Kind::StreamCreate {
+            return Err(PolicyError::Genesis);
+        }
+        if rules.iter().any(|(existing, _)| *existing == rule.kind) {
+            return Err(PolicyError::DuplicateRule(rule.kind));
+        }
+        let authors = rule.authors.unwrap_or_default();
+        let keys = authors
+            .keys
+            .iter()
+            .map(|key| AuthorKey::from_slice(key).map_err(|_| PolicyError::Key(rule.kind.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.push((
+            rule.kind,
+            Authors {
+                anyone: authors.anyone,
+                owner: authors.owner,
+                keys,
+            },
+        ));
+    }
+    let or_default = |value: u64, default: u64| if value == 0 { default } else { value };
+    let max_file_bytes = or_default(policy.max_file_bytes, defaults.max_file_bytes);
+    if max_file_bytes > HARD_MAX_PAYLOAD_BYTES {
+        return Err(PolicyError::MaxFileBytes(max_file_bytes));
+    }
+    if policy.work_bits > Policy::MAX_WORK_BITS {
+        return Err(PolicyError::WorkBits(policy.work_bits));
+    }
+    Ok(Policy {
+        rules,
+        max_file_bytes,
+        max_stream_bytes: or_default(policy.max_stream_bytes, defaults.max_stream_bytes),
+        leasing: !policy.leasing_disabled,
+        lease_ms: or_default(policy.lease_ms, defaults.lease_ms),
+        work_bits: policy.work_bits,
+    })
+}
+
+/// The explicit wire form of a policy.
+pub fn policy_to_proto(policy: &Policy) -> pb::Policy {
+    pb::Policy {
+        rules: policy
+            .rules
+            .iter()
+            .map(|(kind, authors)| pb::KindRule {
+                kind: kind.clone(),
+                authors: Some(pb::Authors {
+                    anyone: authors.anyone,
+                    owner: authors.owner,
+                    keys: authors
+                        .keys
+                        .iter()
+                        .map(|key| Bytes::copy_from_slice(key.as_bytes()))
+                        .collect(),
+                }),
+            })
+            .collect(),
+        max_file_bytes: policy.max_file_bytes,
+        max_stream_bytes: policy.max_stream_bytes,
+        leasing_disabled: !policy.leasing,
+        lease_ms: policy.lease_ms,
+        work_bits: policy.work_bits,
+    }
+}

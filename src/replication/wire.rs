@@ -1,0 +1,183 @@
+//! The peer wire codec: a [`Message`] of the sans-IO session to its `quire.v1.PeerMessage` bytes
+//! and back. Nothing else: the session decides what to send, the connection moves the bytes.
+//!
+//! Decoding never trusts a peer: every fixed-size field is checked, and the error says which one
+//! was wrong (it is sent back to the peer before the connection closes).
+
+use bytes::Bytes;
+use quire_projection_api::{AuthorKey, ScribeId, StreamId};
+
+use super::session::{Message, WireScribe, PROTOCOL_VERSION};
+use crate::pb;
+
+/// Why a peer's message could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The message has no body.
+    #[error("empty peer message")]
+    Empty,
+    /// The peer speaks another protocol version.
+    #[error(
+        "peer speaks protocol {peer}, this node speaks {PROTOCOL_VERSION}; upgrade the older node"
+    )]
+    Protocol {
+        /// The version the peer stated.
+        peer: u32,
+    },
+    /// A fixed-size field has the wrong length.
+    #[error("{field} must be {expected} bytes, got {got}")]
+    Length {
+        /// The field.
+        field: &'static str,
+        /// Its required length.
+        expected: usize,
+        /// Its length in the message.
+        got: usize,
+    },
+}
+
+/// A peer-protocol message to its wire form.
+pub fn to_proto(message: &Message) -> pb::PeerMessage {
+    use pb::peer_message::Message as Wire;
+    let id = |id: &ScribeId| Bytes::copy_from_slice(id.as_bytes());
+    let wire = match message {
+        Message::Hello { node, epoch, nonce } => Wire::Hello(pb::PeerHello {
+            node_id: Bytes::copy_from_slice(node.as_bytes()),
+            epoch: Bytes::copy_from_slice(epoch),
+            nonce: Bytes::copy_from_slice(nonce),
+            protocol: PROTOCOL_VERSION,
+        }),
+        Message::Proof(signature) => Wire::Proof(pb::PeerProof {
+            signature: Bytes::copy_from_slice(&signature.to_bytes()),
+        }),
+        Message::Streams(streams) => Wire::Streams(pb::PeerStreams {
+            streams: streams.iter().map(id).collect(),
+        }),
+        Message::Want { stream, after } => Wire::Want(pb::PeerWant {
+            stream: id(stream),
+            after_seq: *after,
+        }),
+        Message::Batch {
+            stream,
+            scribes,
+            through,
+            head,
+        } => Wire::Batch(pb::PeerBatch {
+            stream: id(stream),
+            scribes: scribes
+                .iter()
+                .map(|scribe| pb::PeerScribe {
+                    seq: scribe.seq,
+                    scribe: scribe.bytes.clone(),
+                    id: id(&scribe.id),
+                })
+                .collect(),
+            through_seq: *through,
+            head_seq: *head,
+        }),
+        Message::CaughtUp { stream, seq } => Wire::CaughtUp(pb::PeerCaughtUp {
+            stream: id(stream),
+            seq: *seq,
+        }),
+        Message::GenesisRequest(stream) => {
+            Wire::GenesisRequest(pb::PeerGenesisRequest { stream: id(stream) })
+        }
+        Message::Genesis { stream, scribe } => Wire::Genesis(pb::PeerGenesis {
+            stream: id(stream),
+            scribe: scribe.clone().unwrap_or_default(),
+        }),
+        Message::Error(reason) => Wire::Error(pb::PeerError {
+            message: reason.clone(),
+        }),
+    };
+    pb::PeerMessage {
+        message: Some(wire),
+    }
+}
+
+/// A peer-protocol message from its wire form; the error says what was wrong with it.
+pub fn from_proto(message: pb::PeerMessage) -> Result<Message, WireError> {
+    use pb::peer_message::Message as Wire;
+    let fixed = |bytes: &[u8], field: &'static str| -> Result<[u8; 32], WireError> {
+        bytes.try_into().map_err(|_| WireError::Length {
+            field,
+            expected: 32,
+            got: bytes.len(),
+        })
+    };
+    Ok(match message.message.ok_or(WireError::Empty)? {
+        Wire::Hello(hello) => {
+            if hello.protocol != PROTOCOL_VERSION {
+                return Err(WireError::Protocol {
+                    peer: hello.protocol,
+                });
+            }
+            Message::Hello {
+                node: AuthorKey(fixed(&hello.node_id, "node_id")?),
+                epoch: hello
+                    .epoch
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| WireError::Length {
+                        field: "epoch",
+                        expected: 16,
+                        got: hello.epoch.len(),
+                    })?,
+                nonce: fixed(&hello.nonce, "nonce")?,
+            }
+        }
+        Wire::Proof(proof) => Message::Proof(
+            ed25519_dalek::Signature::from_slice(&proof.signature).map_err(|_| {
+                WireError::Length {
+                    field: "proof signature",
+                    expected: 64,
+                    got: proof.signature.len(),
+                }
+            })?,
+        ),
+        Wire::Streams(streams) => Message::Streams(
+            streams
+                .streams
+                .iter()
+                .map(|stream| fixed(stream, "stream").map(StreamId::from))
+                .collect::<Result<_, _>>()?,
+        ),
+        Wire::Want(want) => Message::Want {
+            stream: StreamId::from(fixed(&want.stream, "stream")?),
+            after: want.after_seq,
+        },
+        Wire::Batch(batch) => Message::Batch {
+            stream: StreamId::from(fixed(&batch.stream, "stream")?),
+            scribes: batch
+                .scribes
+                .into_iter()
+                .map(|scribe| {
+                    Ok(WireScribe {
+                        seq: scribe.seq,
+                        id: ScribeId(fixed(&scribe.id, "scribe id")?),
+                        bytes: scribe.scribe,
+                    })
+                })
+                .collect::<Result<_, WireError>>()?,
+            through: batch.through_seq,
+            head: batch.head_seq,
+        },
+        Wire::CaughtUp(caught_up) => Message::CaughtUp {
+            stream: StreamId::from(fixed(&caught_up.stream, "stream")?),
+            seq: caught_up.seq,
+        },
+        Wire::GenesisRequest(request) => {
+            Message::GenesisRequest(StreamId::from(fixed(&request.stream, "stream")?))
+        }
+        Wire::Genesis(genesis) => Message::Genesis {
+            stream: StreamId::from(fixed(&genesis.stream, "stream")?),
+            scribe: if genesis.scribe.is_empty() {
+                None
+            } else {
+                Some(genesis.scribe)
+            },
+        },
+        Wire::Error(error) => Message::Error(error.message),
+    })
+}
