@@ -14,6 +14,8 @@
 //! - [`Scribe`]: a decoded, verified scribe as a projector will receive it.
 //! - [`Plugin`], [`Projector`]: what a projector implements (see the [`projector`] module).
 //! - [`files`]: the payloads of `file.put` / `file.delete` and the path rules.
+//! - `sqlite` (feature `sqlite`): the SQLite copy scaffold the built-in projectors share (opening,
+//!   read-only readers, the checkpoint row, reset).
 //! - `testing` (feature `testing`): the conformance suite every projector runs.
 //!
 //! # Example
@@ -37,6 +39,8 @@ use std::str::FromStr;
 
 pub mod files;
 pub mod projector;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -17,6 +17,9 @@
 //!   has been brought (`tree_synced`); if a crash came between a commit and the tree's update,
 //!   opening the copy rewrites the tree from the index.
 //!
+//! Opening the index, its readers and its meta rows are the shared scaffold of
+//! [`quire_projection_api::sqlite`].
+//!
 //! # Paths that are both a file and a directory
 //! Two authors may put `a` and `a/b` concurrently. A live file hides every path below it: the
 //! tree holds the live paths with no live ancestor; the hidden ones stay in the index (and come
@@ -26,10 +29,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use quire_projection_api::files::FileChange;
+use quire_projection_api::sqlite::{blob32, scan_prefix, Database};
 use quire_projection_api::{
     ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe, ScribeId,
 };
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
 /// The projection's name.
@@ -42,8 +46,8 @@ pub const INDEX_FILE: &str = "index.sqlite3";
 pub const TREE_DIR: &str = "tree";
 /// Temporary files, renamed into the tree when complete.
 const TMP_DIR: &str = "tmp";
-
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The meta row saying how far the tree has been brought (a checkpoint).
+const TREE_SYNCED: &str = "tree_synced";
 
 /// The file-tree plugin: one tree per stream.
 #[derive(Debug, Clone, Copy, Default)]
@@ -68,22 +72,27 @@ impl Plugin for Files {
 }
 
 fn db_error(error: rusqlite::Error) -> ProjectionError {
-    ProjectionError::new(format!("files index: {error}"))
+    DB.error(error)
 }
 
 fn io_error(what: &str, path: &Path, error: std::io::Error) -> ProjectionError {
     ProjectionError::new(format!("{what} {}: {error}", path.display()))
 }
 
-const SCHEMA: &str = "
-    PRAGMA journal_mode = WAL;
-    PRAGMA synchronous = NORMAL;
+/// A copy's index (the scaffold adds WAL and `synchronous = NORMAL` before `setup`).
+const DB: Database = Database {
+    file: INDEX_FILE,
+    label: "files index",
+    setup: "
     CREATE TABLE IF NOT EXISTS files (
         path TEXT PRIMARY KEY, hlc INTEGER NOT NULL, id BLOB NOT NULL, deleted INTEGER NOT NULL,
         content_type TEXT NOT NULL, size INTEGER NOT NULL, sha256 BLOB NOT NULL) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS blobs (sha256 BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-";
+",
+    meta: "meta",
+    tables: &["files", "blobs", "meta"],
+};
 
 /// One path's entry in the index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,14 +127,6 @@ fn entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
 
 const ENTRY_COLUMNS: &str = "path, content_type, size, sha256, id, hlc, deleted";
 
-fn blob32(bytes: Vec<u8>) -> [u8; 32] {
-    let mut out = [0; 32];
-    if bytes.len() == 32 {
-        out.copy_from_slice(&bytes);
-    }
-    out
-}
-
 /// One copy of a stream's tree.
 pub struct FilesProjector {
     db: Connection,
@@ -138,23 +139,6 @@ impl std::fmt::Debug for FilesProjector {
             .field("dir", &self.dir)
             .finish()
     }
-}
-
-fn meta(db: &Connection, name: &str) -> rusqlite::Result<u64> {
-    Ok(db
-        .query_row("SELECT value FROM meta WHERE name = ?1", [name], |row| {
-            row.get::<_, i64>(0)
-        })
-        .optional()?
-        .unwrap_or(0) as u64)
-}
-
-fn set_meta(db: &Connection, name: &str, value: u64) -> rusqlite::Result<()> {
-    db.execute(
-        "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = ?2",
-        params![name, value as i64],
-    )?;
-    Ok(())
 }
 
 /// The path's parent paths, nearest first: `a/b/c` → `a/b`, `a`.
@@ -178,15 +162,12 @@ impl FilesProjector {
             std::fs::create_dir_all(dir.join(sub))
                 .map_err(|e| io_error("creating", &dir.join(sub), e))?;
         }
-        let db = Connection::open(dir.join(INDEX_FILE)).map_err(db_error)?;
-        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
-        db.execute_batch(SCHEMA).map_err(db_error)?;
         let projector = FilesProjector {
-            db,
+            db: DB.open(dir)?,
             dir: dir.to_path_buf(),
         };
-        let checkpoint = meta(&projector.db, "checkpoint").map_err(db_error)?;
-        if meta(&projector.db, "tree_synced").map_err(db_error)? != checkpoint {
+        let checkpoint = DB.checkpoint(&projector.db).map_err(db_error)?;
+        if DB.meta(&projector.db, TREE_SYNCED).map_err(db_error)? != checkpoint {
             projector.rewrite_tree()?;
         }
         Ok(projector)
@@ -305,8 +286,9 @@ impl FilesProjector {
                 self.write_file(entry)?;
             }
         }
-        let checkpoint = meta(&self.db, "checkpoint").map_err(db_error)?;
-        set_meta(&self.db, "tree_synced", checkpoint).map_err(db_error)
+        let checkpoint = DB.checkpoint(&self.db).map_err(db_error)?;
+        DB.set_meta(&self.db, TREE_SYNCED, checkpoint)
+            .map_err(db_error)
     }
 }
 
@@ -320,9 +302,14 @@ impl Projector for FilesProjector {
     fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
         // A previous batch committed but could not update the tree (disk full, say): bring the
         // tree up to the index before anything else.
-        let synced =
-            meta(&self.db, "tree_synced").map_err(|e| ApplyError::Storage(e.to_string()))?;
-        if synced != meta(&self.db, "checkpoint").map_err(|e| ApplyError::Storage(e.to_string()))? {
+        let synced = DB
+            .meta(&self.db, TREE_SYNCED)
+            .map_err(|e| ApplyError::Storage(e.to_string()))?;
+        if synced
+            != DB
+                .checkpoint(&self.db)
+                .map_err(|e| ApplyError::Storage(e.to_string()))?
+        {
             self.rewrite_tree().map_err(|e| ApplyError::Storage(e.0))?;
         }
         let mut newest: BTreeMap<String, Change<'_>> = BTreeMap::new();
@@ -340,7 +327,7 @@ impl Projector for FilesProjector {
                 newest.insert(path, Change { scribe, change });
             }
         }
-        let storage = |e: rusqlite::Error| ApplyError::Storage(format!("files index: {e}"));
+        let storage = |e| DB.storage(e);
         let tx = self.db.unchecked_transaction().map_err(storage)?;
         let mut changed = Vec::new();
         for (path, Change { scribe, change }) in newest {
@@ -405,24 +392,23 @@ impl Projector for FilesProjector {
             }
             changed.push(path);
         }
-        set_meta(&self.db, "checkpoint", checkpoint).map_err(storage)?;
+        DB.set_checkpoint(&self.db, checkpoint).map_err(storage)?;
         tx.commit().map_err(storage)?;
         // The tree follows the committed index; `tree_synced` says it has.
         let tree = |e: ProjectionError| ApplyError::Storage(e.0);
         for path in &changed {
             self.sync_path(path).map_err(tree)?;
         }
-        set_meta(&self.db, "tree_synced", checkpoint).map_err(storage)
+        DB.set_meta(&self.db, TREE_SYNCED, checkpoint)
+            .map_err(storage)
     }
 
     fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        meta(&self.db, "checkpoint").map_err(db_error)
+        DB.checkpoint(&self.db).map_err(db_error)
     }
 
     fn reset(&mut self) -> Result<(), ProjectionError> {
-        self.db
-            .execute_batch("BEGIN; DELETE FROM files; DELETE FROM blobs; DELETE FROM meta; COMMIT;")
-            .map_err(db_error)?;
+        DB.reset(&self.db, || Ok(()))?;
         self.rewrite_tree()
     }
 
@@ -459,13 +445,9 @@ pub struct Reader {
 impl Reader {
     /// Opens the copy in `dir` for reading.
     pub fn open(dir: &Path) -> Result<Reader, ProjectionError> {
-        let db = Connection::open_with_flags(
-            dir.join(INDEX_FILE),
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(db_error)?;
-        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
-        Ok(Reader { db })
+        Ok(Reader {
+            db: DB.open_read_only(dir)?,
+        })
     }
 
     /// The live entry of `path`, if there is one.
@@ -496,27 +478,22 @@ impl Reader {
 
     /// Live entries whose path starts with `prefix`, in path order, at most `limit`.
     pub fn list(&self, prefix: &str, limit: usize) -> Result<Vec<Entry>, ProjectionError> {
-        let mut statement = self
-            .db
-            .prepare_cached(&format!(
+        scan_prefix(
+            &self.db,
+            &format!(
                 "SELECT {ENTRY_COLUMNS} FROM files WHERE path >= ?1 AND deleted = 0 ORDER BY path"
-            ))
-            .map_err(db_error)?;
-        let mut rows = statement.query([prefix]).map_err(db_error)?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(db_error)? {
-            let found = entry(row).map_err(db_error)?;
-            if !found.path.starts_with(prefix) || out.len() >= limit {
-                break;
-            }
-            out.push(found);
-        }
-        Ok(out)
+            ),
+            prefix,
+            limit,
+            entry,
+            |found| found.path.as_bytes(),
+        )
+        .map_err(db_error)
     }
 
     /// The checkpoint of the committed index.
     pub fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        meta(&self.db, "checkpoint").map_err(db_error)
+        DB.checkpoint(&self.db).map_err(db_error)
     }
 }
 

@@ -29,16 +29,18 @@
 //! # Storage
 //! One SQLite file `kv.sqlite` per instance (WAL mode, so [`Reader`]s read while the runner
 //! writes): `writes` (every kv scribe, by key), `current` (the folded state of each key) and
-//! `meta` (the checkpoint), all changed in one transaction per batch.
+//! `meta` (the checkpoint), all changed in one transaction per batch. Opening it, its readers and
+//! its checkpoint row are the shared scaffold of [`quire_projection_api::sqlite`].
 
 use std::path::Path;
 
 use prost::Message;
+use quire_projection_api::sqlite::{blob32, scan_prefix, Database};
 use quire_projection_api::{
     hlc_millis, ApplyError, AuthorKey, Kind, Place, Plugin, Policy, ProjectionError, Projector,
     Scope, Scribe, ScribeId,
 };
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
 /// The projection's name.
@@ -51,9 +53,6 @@ pub const CONTENT_TYPE: &str = "application/vnd.quire.kv+protobuf";
 pub const MAX_KEY_BYTES: usize = 1024;
 /// The instance's database file.
 pub const DB_FILE: &str = "kv.sqlite";
-/// How long a connection waits for another's lock (a checkpoint of the write-ahead log) before
-/// giving up.
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The payload of a `kv.set` scribe.
 #[derive(Clone, PartialEq, Message)]
@@ -184,7 +183,7 @@ impl Plugin for Kv {
 }
 
 fn db_error(error: rusqlite::Error) -> ProjectionError {
-    ProjectionError::new(format!("kv database: {error}"))
+    DB.error(error)
 }
 
 struct KvProjector {
@@ -192,9 +191,11 @@ struct KvProjector {
     policy: Policy,
 }
 
-const SCHEMA: &str = "
-    PRAGMA journal_mode = WAL;
-    PRAGMA synchronous = NORMAL;
+/// The instance's database (the scaffold adds WAL and `synchronous = NORMAL` before `setup`).
+const DB: Database = Database {
+    file: DB_FILE,
+    label: "kv database",
+    setup: "
     CREATE TABLE IF NOT EXISTS writes (
         key BLOB NOT NULL, hlc INTEGER NOT NULL, author BLOB NOT NULL, id BLOB NOT NULL,
         value BLOB, PRIMARY KEY (key, hlc, author, id)) WITHOUT ROWID;
@@ -202,15 +203,15 @@ const SCHEMA: &str = "
         key BLOB PRIMARY KEY, value BLOB, owner BLOB, hlc INTEGER NOT NULL, id BLOB NOT NULL,
         fence INTEGER NOT NULL, seq INTEGER NOT NULL) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-";
+",
+    meta: "meta",
+    tables: &["writes", "current", "meta"],
+};
 
 impl KvProjector {
     fn open(place: &Place) -> Result<KvProjector, ProjectionError> {
-        let db = Connection::open(place.dir.join(DB_FILE)).map_err(db_error)?;
-        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
-        db.execute_batch(SCHEMA).map_err(db_error)?;
         Ok(KvProjector {
-            db,
+            db: DB.open(&place.dir)?,
             policy: place.policy.clone(),
         })
     }
@@ -248,14 +249,6 @@ impl KvProjector {
             ])?;
         Ok(())
     }
-}
-
-fn blob32(bytes: Vec<u8>) -> [u8; 32] {
-    let mut out = [0; 32];
-    if bytes.len() == 32 {
-        out.copy_from_slice(&bytes);
-    }
-    out
 }
 
 /// A key, and the value a write sets (`None` for a delete).
@@ -309,7 +302,7 @@ impl Projector for KvProjector {
                 Err(reason) => return Err(ApplyError::Scribe { index, reason }),
             }
         }
-        let storage = |error: rusqlite::Error| ApplyError::Storage(format!("kv database: {error}"));
+        let storage = |error| DB.storage(error);
         let tx = self.db.unchecked_transaction().map_err(storage)?;
         let mut touched = std::collections::BTreeMap::new();
         for (scribe, key, value) in writes {
@@ -333,26 +326,16 @@ impl Projector for KvProjector {
         for (key, seq) in &touched {
             self.refold(key, *seq).map_err(storage)?;
         }
-        self.db
-            .execute(
-                "INSERT INTO meta (name, value) VALUES ('checkpoint', ?1)
-                 ON CONFLICT (name) DO UPDATE SET value = ?1",
-                [checkpoint as i64],
-            )
-            .map_err(storage)?;
+        DB.set_checkpoint(&self.db, checkpoint).map_err(storage)?;
         tx.commit().map_err(storage)
     }
 
     fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        read_checkpoint(&self.db).map_err(db_error)
+        DB.checkpoint(&self.db).map_err(db_error)
     }
 
     fn reset(&mut self) -> Result<(), ProjectionError> {
-        self.db
-            .execute_batch(
-                "BEGIN; DELETE FROM writes; DELETE FROM current; DELETE FROM meta; COMMIT;",
-            )
-            .map_err(db_error)
+        DB.reset(&self.db, || Ok(()))
     }
 
     fn digest(&self) -> Result<[u8; 32], ProjectionError> {
@@ -386,17 +369,6 @@ impl Projector for KvProjector {
     }
 }
 
-fn read_checkpoint(db: &Connection) -> rusqlite::Result<u64> {
-    Ok(db
-        .query_row(
-            "SELECT value FROM meta WHERE name = 'checkpoint'",
-            [],
-            |row| row.get::<_, i64>(0),
-        )
-        .optional()?
-        .unwrap_or(0) as u64)
-}
-
 /// A key's state as readers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -418,13 +390,9 @@ pub struct Reader {
 impl Reader {
     /// Opens the instance in `dir` for reading.
     pub fn open(dir: &Path) -> Result<Reader, ProjectionError> {
-        let db = Connection::open_with_flags(
-            dir.join(DB_FILE),
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(db_error)?;
-        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
-        Ok(Reader { db })
+        Ok(Reader {
+            db: DB.open_read_only(dir)?,
+        })
     }
 
     /// The key's entry (tombstones included: their `state.value` is `None`).
@@ -445,31 +413,24 @@ impl Reader {
         limit: usize,
     ) -> Result<(Vec<Entry>, u64), ProjectionError> {
         let tx = self.db.transaction().map_err(db_error)?;
-        let checkpoint = read_checkpoint(&tx).map_err(db_error)?;
-        let mut out = Vec::new();
-        {
-            let mut statement = tx
-                .prepare_cached(
-                    "SELECT key, value, owner, hlc, id, fence, seq FROM current
-                     WHERE key >= ?1 AND value IS NOT NULL ORDER BY key",
-                )
-                .map_err(db_error)?;
-            let mut rows = statement.query([prefix]).map_err(db_error)?;
-            while let Some(row) = rows.next().map_err(db_error)? {
-                let found = entry(row).map_err(db_error)?;
-                if !found.key.starts_with(prefix) || out.len() >= limit {
-                    break;
-                }
-                out.push(found);
-            }
-        }
+        let checkpoint = DB.checkpoint(&tx).map_err(db_error)?;
+        let out = scan_prefix(
+            &tx,
+            "SELECT key, value, owner, hlc, id, fence, seq FROM current
+             WHERE key >= ?1 AND value IS NOT NULL ORDER BY key",
+            prefix,
+            limit,
+            entry,
+            |found| &found.key,
+        )
+        .map_err(db_error)?;
         tx.commit().map_err(db_error)?;
         Ok((out, checkpoint))
     }
 
     /// The checkpoint of the committed state.
     pub fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        read_checkpoint(&self.db).map_err(db_error)
+        DB.checkpoint(&self.db).map_err(db_error)
     }
 }
 

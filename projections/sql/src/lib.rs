@@ -28,7 +28,8 @@
 //! `sql.sqlite3` in the copy's directory: the user tables, plus `_quire_records` (every record's
 //! JSON, so a new schema can remap them), `_quire_upvotes`, `_quire_schemas` (every version of
 //! `_schema`) and `_quire_meta` (checkpoint, applied schema). User tables start with a letter, so
-//! they never collide with these.
+//! they never collide with these. Opening it, its readers and its checkpoint row are the shared
+//! scaffold of [`quire_projection_api::sqlite`].
 
 pub mod query;
 pub mod schema;
@@ -36,6 +37,7 @@ pub mod schema;
 use std::collections::{BTreeMap, BTreeSet};
 
 use quire_projection_api::files::{FileChange, SCHEMA_PATH};
+use quire_projection_api::sqlite::Database;
 use quire_projection_api::{
     hlc_millis, ApplyError, Kind, Place, Plugin, ProjectionError, Projector, Scope, Scribe,
     ScribeId,
@@ -61,9 +63,6 @@ pub const RECORD_CONTENT_TYPE: &str = "application/json";
 /// A batch this big is a catch-up or a rebuild: the page cache is released after it.
 const BIG_BATCH: usize = 4096;
 
-/// How long a connection waits for another's lock before giving up.
-const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// The SQLite plugin: one database per stream.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sql;
@@ -87,16 +86,19 @@ impl Plugin for Sql {
 }
 
 fn db_error(error: rusqlite::Error) -> ProjectionError {
-    ProjectionError::new(format!("sql database: {error}"))
+    DB.error(error)
 }
 
 fn storage(error: rusqlite::Error) -> ApplyError {
-    ApplyError::Storage(format!("sql database: {error}"))
+    DB.storage(error)
 }
 
-const INTERNAL: &str = "
-    PRAGMA journal_mode = WAL;
-    PRAGMA synchronous = NORMAL;
+/// A copy's database (the scaffold adds WAL and `synchronous = NORMAL` before `setup`); user
+/// tables are not in `tables`: a reset drops them first.
+pub(crate) const DB: Database = Database {
+    file: DB_FILE,
+    label: "sql database",
+    setup: "
     PRAGMA cache_size = -65536;
     PRAGMA wal_autocheckpoint = 16384;
     CREATE TABLE IF NOT EXISTS _quire_meta (name TEXT PRIMARY KEY, value);
@@ -107,7 +109,15 @@ const INTERNAL: &str = "
         PRIMARY KEY (record, author, id)) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS _quire_schemas (id BLOB PRIMARY KEY, hlc INTEGER NOT NULL, body BLOB)
         WITHOUT ROWID;
-";
+",
+    meta: "_quire_meta",
+    tables: &[
+        "_quire_records",
+        "_quire_upvotes",
+        "_quire_schemas",
+        "_quire_meta",
+    ],
+};
 
 /// The schema in force: the winning `_schema` scribe and what it says (`None`: deleted).
 type Applied = Option<(ScribeId, Option<Schema>)>;
@@ -165,9 +175,7 @@ fn blob32(bytes: Vec<u8>) -> ScribeId {
 impl SqlProjector {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &std::path::Path) -> Result<SqlProjector, ProjectionError> {
-        let db = Connection::open(path).map_err(db_error)?;
-        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
-        db.execute_batch(INTERNAL).map_err(db_error)?;
+        let db = DB.open_file(path)?;
         let applied = load_applied(&db).map_err(db_error)?;
         Ok(SqlProjector { db, applied })
     }
@@ -322,17 +330,6 @@ fn load_applied(db: &Connection) -> rusqlite::Result<Applied> {
     Ok(Some((blob32(id), schema)))
 }
 
-fn read_checkpoint(db: &Connection) -> rusqlite::Result<u64> {
-    Ok(db
-        .query_row(
-            "SELECT value FROM _quire_meta WHERE name = 'checkpoint'",
-            [],
-            |row| row.get::<_, i64>(0),
-        )
-        .optional()?
-        .unwrap_or(0) as u64)
-}
-
 impl Projector for SqlProjector {
     fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
         let tx = self.db.unchecked_transaction().map_err(storage)?;
@@ -470,13 +467,7 @@ impl Projector for SqlProjector {
                 self.refresh(schema, record).map_err(storage)?;
             }
         }
-        self.db
-            .execute(
-                "INSERT INTO _quire_meta (name, value) VALUES ('checkpoint', ?1)
-                 ON CONFLICT (name) DO UPDATE SET value = ?1",
-                [checkpoint as i64],
-            )
-            .map_err(storage)?;
+        DB.set_checkpoint(&self.db, checkpoint).map_err(storage)?;
         match tx.commit() {
             Ok(()) => {
                 self.applied = applied;
@@ -497,19 +488,12 @@ impl Projector for SqlProjector {
     }
 
     fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        read_checkpoint(&self.db).map_err(db_error)
+        DB.checkpoint(&self.db).map_err(db_error)
     }
 
     fn reset(&mut self) -> Result<(), ProjectionError> {
-        let tx = self.db.unchecked_transaction().map_err(db_error)?;
-        self.remap(self.schema(), None).map_err(db_error)?;
-        self.db
-            .execute_batch(
-                "DELETE FROM _quire_records; DELETE FROM _quire_upvotes;
-                 DELETE FROM _quire_schemas; DELETE FROM _quire_meta;",
-            )
-            .map_err(db_error)?;
-        tx.commit().map_err(db_error)?;
+        // The user tables go first, in the same transaction.
+        DB.reset(&self.db, || self.remap(self.schema(), None))?;
         self.applied = None;
         Ok(())
     }

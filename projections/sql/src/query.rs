@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use quire_projection_api::ProjectionError;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::Value;
-use rusqlite::{Connection, ErrorCode, OpenFlags};
+use rusqlite::{Connection, ErrorCode};
 
-use crate::{describe, read_checkpoint, BUSY_TIMEOUT, DB_FILE};
+use crate::{db_error, describe, DB};
 
 /// PRAGMAs a query may use: they only read the schema.
 pub const READ_PRAGMAS: [&str; 6] = [
@@ -193,19 +193,10 @@ fn touches_sqlite_schema(action: &AuthAction<'_>) -> bool {
     }
 }
 
-fn db_error(error: rusqlite::Error) -> ProjectionError {
-    ProjectionError::new(format!("sql database: {error}"))
-}
-
 impl Reader {
     /// Opens the copy in `dir` for reading.
     pub fn open(dir: &Path) -> Result<Reader, ProjectionError> {
-        let db = Connection::open_with_flags(
-            dir.join(DB_FILE),
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(db_error)?;
-        db.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+        let db = DB.open_read_only(dir)?;
         // No single string or blob over the result limit, however it is computed.
         db.set_limit(
             rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH,
@@ -237,7 +228,7 @@ impl Reader {
 
     /// The checkpoint of the committed state.
     pub fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        self.trusted(read_checkpoint).map_err(db_error)
+        self.trusted(|db| DB.checkpoint(db)).map_err(db_error)
     }
 
     fn trusted<T>(&self, run: impl FnOnce(&Connection) -> T) -> T {
@@ -279,7 +270,7 @@ impl Reader {
         limits: Limits,
     ) -> Result<Rows, QueryError> {
         let checkpoint = self
-            .trusted(read_checkpoint)
+            .trusted(|db| DB.checkpoint(db))
             .map_err(|e| QueryError::Storage(e.to_string()))?;
         let mut batch = rusqlite::Batch::new(&self.db, sql);
         let mut statement = match batch.next() {
