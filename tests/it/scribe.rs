@@ -1,4 +1,4 @@
-//! Property tests of the scribe bytes (invariant 1): encode → decode → encode is the identical
+//! Property tests of the scribe bytes (invariants 1 and 2): encode → decode → encode is the identical
 //! bytes, the id is stable, and any single flipped byte makes a scribe refused.
 
 use bytes::Bytes;
