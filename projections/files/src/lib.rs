@@ -203,11 +203,27 @@ impl FilesProjector {
     }
 
     /// Writes `entry`'s file into the tree (temporary file, then rename), replacing a directory
-    /// of hidden paths there.
+    /// of hidden paths there and any file still standing above it.
+    ///
+    /// `entry` is visible (no live file above it in the index), so a file at one of its parent
+    /// paths is stale: a path this batch deleted or replaced whose own sync has not come yet.
+    /// [`FilesProjector::apply`] syncs the changed paths one by one in path order, and a
+    /// deleted `a` uncovers `a/b/c` before the sync of a deleted `a/b` has removed its file.
     fn write_file(&self, entry: &Entry) -> Result<(), ProjectionError> {
         let target = self.tree_path(&entry.path);
         if target.is_dir() {
             std::fs::remove_dir_all(&target).map_err(|e| io_error("removing", &target, e))?;
+        }
+        for ancestor in ancestors(&entry.path) {
+            let stale = self.tree_path(ancestor);
+            match std::fs::symlink_metadata(&stale) {
+                Ok(found) if !found.is_dir() => {
+                    std::fs::remove_file(&stale).map_err(|e| io_error("removing", &stale, e))?;
+                    // Everything above a file is a directory: there is no other.
+                    break;
+                }
+                _ => {}
+            }
         }
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;

@@ -1,6 +1,9 @@
 //! The file-tree projector on a real filesystem: newest wins per path, tombstones, hidden paths,
 //! the tree rewritten after a crash between commit and tree update, and the conformance suite.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use proptest::prelude::*;
 use quire_projection_api::files::FileChange;
 use quire_projection_api::testing::{self, scribe};
@@ -155,16 +158,126 @@ fn a_crash_between_commit_and_tree_update_is_repaired_on_open() {
     // As if the process died after committing the index but before writing the tree.
     std::fs::remove_file(copy.dir.path().join(TREE_DIR).join("x.txt")).unwrap();
     std::fs::write(copy.dir.path().join(TREE_DIR).join("stray.txt"), "junk").unwrap();
-    let index = rusqlite::Connection::open(copy.dir.path().join("index.sqlite3")).unwrap();
-    index
-        .execute("UPDATE meta SET value = 0 WHERE name = 'tree_synced'", [])
-        .unwrap();
-    drop(index);
+    mark_tree_behind(copy.dir.path());
     let reopened = Files
         .open(&Place::new(copy.dir.path(), Some(STREAM)))
         .unwrap();
     drop(reopened);
     assert_eq!(copy.tree(), good);
+}
+
+/// Pins the conformance failure `apply: creating …/tree/a/b: File exists`: the tree shows the file
+/// `a/b` (hiding `a/b/c.txt`), then one batch deletes both `a` (a path never written) and `a/b`.
+/// The tree is synced path by path in path order, so the sync of `a` uncovers `a/b/c.txt` (the
+/// committed index has `a/b` deleted) while the tree still holds the file `a/b`, whose own sync
+/// comes after; the writer must replace that stale file with the directory.
+#[test]
+fn a_batch_deleting_a_file_and_a_path_above_it_uncovers_the_path_below() {
+    let mut copy = Copy::new();
+    copy.apply(&[put(1, 10, "a/b", "file"), put(1, 11, "a/b/c.txt", "below")]);
+    assert_eq!(copy.file("a/b").as_deref(), Some("file"));
+    copy.apply(&[delete(1, 12, "a"), delete(1, 13, "a/b")]);
+    assert_eq!(copy.file("a/b/c.txt").as_deref(), Some("below"));
+    assert_tree_is_the_index(copy.dir.path());
+    // The other way round: a directory `a/b/…` replaced by the file `a/b`, and back again.
+    copy.apply(&[put(1, 14, "a/b", "again"), delete(1, 15, "a")]);
+    assert_eq!(copy.file("a/b").as_deref(), Some("again"));
+    assert_tree_is_the_index(copy.dir.path());
+    // The same scribes in one batch on a new copy, and after a crash between commit and tree
+    // update: the same tree.
+    let mut other = Copy::new();
+    other.apply(&[
+        delete(1, 15, "a"),
+        put(1, 14, "a/b", "again"),
+        delete(1, 13, "a/b"),
+        delete(1, 12, "a"),
+        put(1, 11, "a/b/c.txt", "below"),
+        put(1, 10, "a/b", "file"),
+    ]);
+    assert_eq!(other.tree(), copy.tree());
+    mark_tree_behind(copy.dir.path());
+    drop(
+        Files
+            .open(&Place::new(copy.dir.path(), Some(STREAM)))
+            .unwrap(),
+    );
+    assert_eq!(other.tree(), copy.tree());
+    assert_tree_is_the_index(copy.dir.path());
+}
+
+/// Sets `tree_synced` to 0, as if the process died between a commit and the tree's update.
+fn mark_tree_behind(dir: &Path) {
+    let index = rusqlite::Connection::open(dir.join("index.sqlite3")).unwrap();
+    index
+        .execute("UPDATE meta SET value = 0 WHERE name = 'tree_synced'", [])
+        .unwrap();
+}
+
+/// The tree as it is on disk: every file's relative path and bytes, and every directory that
+/// holds nothing.
+fn tree_on_disk(root: &Path) -> (BTreeMap<String, Vec<u8>>, Vec<String>) {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        files: &mut BTreeMap<String, Vec<u8>>,
+        empty: &mut Vec<String>,
+    ) {
+        let mut any = false;
+        for item in std::fs::read_dir(dir).unwrap() {
+            any = true;
+            let path = item.unwrap().path();
+            let relative = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if path.is_dir() {
+                walk(root, &path, files, empty);
+            } else {
+                files.insert(relative, std::fs::read(&path).unwrap());
+            }
+        }
+        if !any && dir != root {
+            empty.push(
+                dir.strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    let (mut files, mut empty) = (BTreeMap::new(), Vec::new());
+    walk(root, root, &mut files, &mut empty);
+    (files, empty)
+}
+
+/// The tree is a function of the index: exactly the live paths with no live path above them,
+/// with their bytes, and no empty directories.
+fn assert_tree_is_the_index(dir: &Path) {
+    let reader = Reader::open(dir).unwrap();
+    let live = reader.list("", usize::MAX).unwrap();
+    let is_live = |path: &str| live.iter().any(|e| e.path == path);
+    let expected: BTreeMap<String, Vec<u8>> = live
+        .iter()
+        .filter(|e| {
+            !e.path
+                .char_indices()
+                .any(|(at, c)| c == '/' && is_live(&e.path[..at]))
+        })
+        .map(|e| {
+            let (_, data) = reader.get_with_data(&e.path).unwrap().unwrap();
+            (e.path.clone(), data)
+        })
+        .collect();
+    let (files, empty) = tree_on_disk(&dir.join(TREE_DIR));
+    assert_eq!(
+        files, expected,
+        "the tree is not the index's live, visible paths"
+    );
+    assert!(
+        empty.is_empty(),
+        "empty directories left in the tree: {empty:?}"
+    );
 }
 
 #[test]
@@ -193,6 +306,36 @@ fn scribes() -> impl Strategy<Value = Vec<Scribe>> {
     })
 }
 
+/// Scribes on a chain of paths where each is a file or a directory of the next (`a`, `a/b`,
+/// `a/b/c`, …), cut into batches anywhere: a file replaced by a directory at the same path and
+/// the reverse, in any order and grouping.
+fn nested_batches() -> impl Strategy<Value = Vec<Vec<Scribe>>> {
+    let paths = ["a", "a/b", "a/b/c", "a/b/c/d", "a/e"];
+    let op = (
+        0..paths.len(),
+        1..40u64,
+        1..4u8,
+        any::<bool>(),
+        0..3u8,
+        0..3u8,
+    );
+    proptest::collection::vec(op, 0..40).prop_map(move |ops| {
+        let mut batches: Vec<Vec<Scribe>> = vec![Vec::new()];
+        for (p, hlc, author, is_delete, body, cut) in ops {
+            if cut == 0 {
+                batches.push(Vec::new());
+            }
+            let scribe = if is_delete {
+                delete(author, hlc, paths[p])
+            } else {
+                put(author, hlc, paths[p], &format!("{} {body}", paths[p]))
+            };
+            batches.last_mut().expect("one batch at least").push(scribe);
+        }
+        batches
+    })
+}
+
 #[test]
 fn conformance() {
     testing::check_all(&Files, scribes(), 48).unwrap();
@@ -214,5 +357,22 @@ proptest! {
         let mut two = Copy::new();
         two.apply(&shuffled);
         prop_assert_eq!(one.tree(), two.tree());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+    /// After every batch, and after a crash between a commit and the tree's update, the tree on
+    /// disk is exactly the function of the index (live paths with no live file above them).
+    #[test]
+    fn the_tree_is_a_function_of_the_index_after_every_batch(batches in nested_batches()) {
+        let mut copy = Copy::new();
+        for batch in &batches {
+            copy.apply(batch);
+            assert_tree_is_the_index(copy.dir.path());
+        }
+        mark_tree_behind(copy.dir.path());
+        drop(Files.open(&Place::new(copy.dir.path(), Some(STREAM))).unwrap());
+        assert_tree_is_the_index(copy.dir.path());
     }
 }
