@@ -14,6 +14,8 @@
 //! - [`Scribe`]: a decoded, verified scribe as a projector will receive it.
 //! - [`Plugin`], [`Projector`]: what a projector implements (see the [`projector`] module).
 //! - [`files`]: the payloads of `file.put` / `file.delete` and the path rules.
+//! - [`admission`]: [`PayloadCheck`], the payload rules a node applies before it stores a scribe
+//!   (the built-in kinds' own, and those a [`Plugin`] contributes).
 //! - `testing` (feature `testing`): the conformance suite every projector runs.
 //!
 //! # Example
@@ -35,11 +37,13 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod admission;
 pub mod files;
 pub mod projector;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use admission::{BuiltinKinds, Candidate, PayloadCheck, PayloadError};
 pub use projector::{
     ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope, DEFAULT_MAX_BATCH,
 };
