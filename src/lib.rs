@@ -19,10 +19,6 @@
 //!   genesis says; [`hlc`]: the node's hybrid logical clock; [`identity`]: the node's key file;
 //!   [`pb`]: generated protobuf and gRPC code for `proto/quire/v1`.
 
-// The genesis codec lived in the client API's conversions; this alias keeps the log and the
-// runner compiling while their own restructuring lands.
-pub(crate) use genesis as convert;
-
 pub mod api;
 pub mod cli;
 pub mod genesis;

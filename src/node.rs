@@ -7,13 +7,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use quire_projection_api::BuiltinKinds;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{Api, NodeFacts};
 use crate::hlc::WallClock;
-use crate::log::{Log, LogOptions, OpenError};
+use crate::log::{Log, LogOptions, OpenError, PayloadChecks};
 use crate::projection::{Projections, ProjectionsError, Registry};
 use crate::replication::{ReplicationError, Replicator};
 
@@ -84,16 +85,31 @@ pub enum NodeError {
     Projections(#[from] ProjectionsError),
 }
 
-/// Opens the node's log.
+/// Opens the node's log, handing it the payload rules of the node (see [`payload_checks`]).
 pub fn open_log(config: &NodeConfig) -> Result<Log, OpenError> {
     let mut options = LogOptions {
         sync: config.sync,
+        payload_checks: payload_checks(&config.registry),
         ..LogOptions::default()
     };
     if let Some(wall) = &config.wall {
         options.wall = wall.clone();
     }
     Log::open(&config.data_dir, options)
+}
+
+/// The payload rules a node's log applies: the built-in kinds' own ([`BuiltinKinds`]: file paths,
+/// an upvote's one parent), which every node checks whatever projectors it runs, then those of
+/// every plugin of `registry`, in registration order (the built-in `sql`: a valid `_schema`).
+pub fn payload_checks(registry: &Registry) -> PayloadChecks {
+    let mut checks = PayloadChecks::new().with(BuiltinKinds);
+    checks.extend(
+        registry
+            .plugins()
+            .iter()
+            .flat_map(|plugin| plugin.payload_checks()),
+    );
+    checks
 }
 
 /// How long servers may take to finish open streams once shutdown begins.

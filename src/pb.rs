@@ -1,7 +1,8 @@
 //! The generated protobuf messages and gRPC services of package `quire.v1` (see `proto/`).
 //!
-//! Nothing outside `convert`, `server` and the CLI should need these types: domain code works with
-//! `quire::scribe` and `quire_projection_api` types, and [`crate::convert`] turns one into the other.
+//! Domain code works with `quire::scribe` and `quire_projection_api` types; the conversions live at
+//! the edges that need them: `api::convert` (the client API), `replication::wire` (the peer
+//! protocol), `genesis` (a stream's genesis and policy) and the CLI.
 
 #![allow(
     clippy::all,

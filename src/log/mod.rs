@@ -1,4 +1,10 @@
-//! The local log: validation, group commit, gapless local seqs, reads and subscriptions.
+//! The local log: the [`Log`] handle, its options, errors and types; reads and the head.
+//!
+//! This file holds what callers see and the state the pipeline shares ([`Log`], [`LogOptions`],
+//! [`AppendError`], [`Draft`], [`StreamState`], ...). The pipeline itself lives beside it, one
+//! file per stage: `signer.rs` (clocks, signing, verification), `committer.rs` (seqs, the write
+//! batch, publishing the head) and `rules.rs` (the admission rules: every reason a valid scribe
+//! is refused, see [`PayloadChecks`]). Storage layouts are in [`store`], subscriptions in [`subscribe`].
 //!
 //! # How an append flows
 //! 1. A caller hands [`Log::append`] a *job*: one or more [`Draft`]s, committed all together or not
@@ -9,9 +15,9 @@
 //!    of an append, so it never runs on the commit path.
 //! 3. The **committer** thread takes prepared groups in order, checks each scribe against what is
 //!    stored (duplicate? stream known? author allowed by the stream's policy? within the limits?
-//!    parents stored?), assigns the next local seqs and writes the whole group in one RocksDB write
-//!    batch (group commit; one fsync with `--sync`). Only then does it publish the new head and
-//!    answer the callers.
+//!    payload rules? parents stored? — the rules are in `rules.rs`), assigns the next local seqs and
+//!    writes the whole group in one RocksDB write batch (group commit; one fsync with `--sync`).
+//!    Only then does it publish the new head and answer the callers.
 //!
 //! Two threads in a pipeline means group N+1 is being signed while group N is being written, and
 //! node-signed scribes commit in the order of their clocks (a scribe is never stored before one its
@@ -21,10 +27,16 @@
 //! head only after the write batch holding every seq up to it has been written. Readers bound every
 //! read by the published head, so they only ever see a committed, gapless prefix (invariant 4).
 //!
-//! Subscriptions live in [`subscribe`]; storage layouts in [`store`].
+//! The payload rules of built-in kinds and projectors are handed in through
+//! [`LogOptions::payload_checks`]: this module depends on no projector crate.
 
+mod committer;
+mod rules;
+mod signer;
 pub mod store;
 pub mod subscribe;
+
+pub use rules::PayloadChecks;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,20 +46,15 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use quire_projection_api::{AuthorKey, Kind, Policy, ScribeId, StreamId};
-use rayon::prelude::*;
+use quire_projection_api::{AuthorKey, Kind, PayloadError, Policy, ScribeId, StreamId};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::convert;
+use crate::genesis::{genesis_from_payload, GenesisError};
 use crate::hlc::{Clock, WallClock};
 use crate::identity;
-use crate::scribe::{leading_zero_bits, Body, Scribe, ScribeError};
-use store::{
-    Commit, CursorUpdate, NewEntry, PeerOrigin, Store, StoreError, StoredEntry, StreamRecord,
-};
+use crate::scribe::{Scribe, ScribeError};
+use store::{CursorUpdate, PeerOrigin, Store, StoreError, StoredEntry, StreamRecord};
 
-/// Most drafts the signer gathers into one group.
-const MAX_GROUP_DRAFTS: usize = 8192;
 /// Jobs waiting to be signed before `append` callers wait for room.
 const SUBMIT_QUEUE: usize = 1024;
 
@@ -137,17 +144,18 @@ pub enum AppendError {
         /// The stream.
         stream: StreamId,
     },
-    /// A built-in kind's payload breaks its rules (a file path, the `_schema`).
+    /// The payload breaks a payload rule handed to the log ([`LogOptions::payload_checks`]: a
+    /// built-in kind's rule such as a file path, or a projector's such as the `_schema`).
     #[error("{kind} scribe refused: {reason}")]
     BadPayload {
         /// The scribe's kind.
         kind: Kind,
         /// What is wrong, in words that say what to fix.
-        reason: String,
+        reason: PayloadError,
     },
     /// A genesis scribe's payload is not a valid `StreamGenesis`.
     #[error("bad stream genesis: {0}")]
-    BadGenesis(String),
+    BadGenesis(GenesisError),
     /// One draft of a multi-draft job was refused; the whole job was.
     #[error("item {index} of the batch (counting `appends` first, then `signed`): {source} (nothing of the batch was stored)")]
     InBatch {
@@ -156,12 +164,19 @@ pub enum AppendError {
         /// Why.
         source: Box<AppendError>,
     },
-    /// The store failed to write.
+    /// The store failed (to read what a scribe is checked against, or to write the group).
+    /// Shared: one failed write fails every job of its group.
     #[error("storage failure, nothing stored: {0}")]
-    Storage(String),
+    Storage(Arc<StoreError>),
     /// The node is shutting down.
     #[error("the node is shutting down; retry on a running node")]
     ShuttingDown,
+}
+
+impl From<StoreError> for AppendError {
+    fn from(error: StoreError) -> Self {
+        AppendError::Storage(Arc::new(error))
+    }
 }
 
 impl AppendError {
@@ -267,16 +282,21 @@ pub struct StreamState {
 /// Options for opening a log.
 #[derive(Clone)]
 pub struct LogOptions {
-    /// fsync every group commit.
+    /// fsync every group commit (the store's write options are set from it when it is opened).
     pub sync: bool,
     /// The wall clock (injectable for tests).
     pub wall: WallClock,
+    /// The payload rules every scribe but a genesis must pass, local or from a peer. Default:
+    /// none. A node hands in the built-in kinds' rules and its projectors' (see
+    /// `crate::node::open_log`); a log opened with none stores any payload its policy allows.
+    pub payload_checks: PayloadChecks,
 }
 
 impl std::fmt::Debug for LogOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogOptions")
             .field("sync", &self.sync)
+            .field("payload_checks", &self.payload_checks)
             .finish()
     }
 }
@@ -286,6 +306,7 @@ impl Default for LogOptions {
         LogOptions {
             sync: false,
             wall: crate::hlc::system_wall_clock(),
+            payload_checks: PayloadChecks::default(),
         }
     }
 }
@@ -304,15 +325,6 @@ struct Job {
 enum Reply {
     Atomic(oneshot::Sender<Result<Vec<Appended>, AppendError>>),
     Each(oneshot::Sender<Result<EachOutcome, AppendError>>),
-}
-
-struct PreparedJob {
-    /// Each scribe, and whether the node signed it just now (so it cannot be stored already).
-    scribes: Vec<(Result<Scribe, AppendError>, bool)>,
-    origin: Origin,
-    cursor: Option<CursorUpdate>,
-    expect_stream: Option<StreamId>,
-    reply: Reply,
 }
 
 pub(crate) struct Shared {
@@ -375,10 +387,8 @@ impl Log {
             })?;
             let (scribe, _) = Scribe::decode_unverified(genesis.bytes)
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
-            let genesis = convert::genesis_from_payload(&scribe.body.payload, scribe.body.author)
-                .map_err(|error| {
-                StoreError::Damaged(format!("genesis of {stream}: {error}"))
-            })?;
+            let genesis = genesis_from_payload(&scribe.body.payload, scribe.body.author)
+                .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
             streams.insert(
                 stream,
                 StreamState {
@@ -412,14 +422,15 @@ impl Log {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("quire-signer".into())
-                .spawn(move || signer_loop(&shared, submit_rx, prepared_tx))
+                .spawn(move || signer::signer_loop(&shared, submit_rx, prepared_tx))
                 .expect("spawn signer thread")
         };
         let committer = {
             let shared = shared.clone();
+            let checks = options.payload_checks;
             std::thread::Builder::new()
                 .name("quire-committer".into())
-                .spawn(move || committer_loop(&shared, prepared_rx))
+                .spawn(move || committer::committer_loop(&shared, &checks, prepared_rx))
                 .expect("spawn committer thread")
         };
         Ok(Log {
@@ -665,498 +676,4 @@ pub(crate) fn read_range(
         Some(stream) => store.read_stream(stream, from, to, limit),
         None => store.read_log(from, to, limit),
     }
-}
-
-fn signer_loop(
-    shared: &Shared,
-    mut submit: mpsc::Receiver<Job>,
-    prepared: std::sync::mpsc::SyncSender<Vec<PreparedJob>>,
-) {
-    while let Some(first) = submit.blocking_recv() {
-        let mut drafts_in_group = first.drafts.len();
-        let mut jobs = vec![first];
-        while drafts_in_group < MAX_GROUP_DRAFTS {
-            match submit.try_recv() {
-                Ok(job) => {
-                    drafts_in_group += job.drafts.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        // Clocks are handed out here, in arrival order, one thread: the committer commits groups
-        // in the same order, so node-signed scribes are stored in the order of their clocks.
-        let author = identity::author_key(&shared.key);
-        let mut work: Vec<(usize, usize, Prepared)> = Vec::with_capacity(drafts_in_group);
-        for (job_index, job) in jobs.iter_mut().enumerate() {
-            for (draft_index, draft) in std::mem::take(&mut job.drafts).into_iter().enumerate() {
-                let prepared = match draft {
-                    Draft::New(new) => {
-                        let work_bits = match (&new.kind, new.stream) {
-                            (Kind::RecordAdd, Some(stream)) => shared
-                                .streams
-                                .read()
-                                .expect("streams lock")
-                                .get(&stream)
-                                .map_or(0, |state| state.policy.work_bits),
-                            _ => 0,
-                        };
-                        let body = Body {
-                            stream: new.stream,
-                            author,
-                            hlc: shared.clock.now(),
-                            kind: new.kind,
-                            content_type: new.content_type,
-                            payload: new.payload,
-                            parents: new.parents,
-                            nonce: 0,
-                        };
-                        Prepared::Sign(body, work_bits)
-                    }
-                    Draft::Signed { bytes, claimed_id } => Prepared::Verify(bytes, claimed_id),
-                };
-                work.push((job_index, draft_index, prepared));
-            }
-        }
-        let results: Vec<(usize, Result<Scribe, AppendError>, bool)> = work
-            .into_par_iter()
-            .map(|(job_index, _draft_index, prepared)| {
-                let fresh = matches!(prepared, Prepared::Sign(..));
-                let result = match prepared {
-                    Prepared::Sign(body, work_bits) => {
-                        Ok(Scribe::sign_with_work(body, &shared.key, work_bits))
-                    }
-                    Prepared::Verify(bytes, Some(claimed)) => {
-                        Scribe::decode_claimed(bytes, claimed).map_err(AppendError::from)
-                    }
-                    Prepared::Verify(bytes, None) => {
-                        Scribe::decode(bytes).map_err(AppendError::from)
-                    }
-                };
-                (job_index, result, fresh)
-            })
-            .collect();
-        let mut per_job: Vec<Vec<(Result<Scribe, AppendError>, bool)>> = jobs
-            .iter()
-            .map(|job| Vec::with_capacity(job.drafts.len()))
-            .collect();
-        for (job_index, result, fresh) in results {
-            per_job[job_index].push((result, fresh));
-        }
-        let group: Vec<PreparedJob> = jobs
-            .into_iter()
-            .zip(per_job)
-            .map(|(job, scribes)| PreparedJob {
-                scribes,
-                origin: job.origin,
-                cursor: job.cursor,
-                expect_stream: job.expect_stream,
-                reply: job.reply,
-            })
-            .collect();
-        if prepared.send(group).is_err() {
-            return;
-        }
-    }
-}
-
-enum Prepared {
-    Sign(Body, u32),
-    Verify(Bytes, Option<ScribeId>),
-}
-
-fn committer_loop(shared: &Shared, prepared: std::sync::mpsc::Receiver<Vec<PreparedJob>>) {
-    while let Ok(mut group) = prepared.recv() {
-        while let Ok(more) = prepared.try_recv() {
-            group.extend(more);
-        }
-        commit_group(shared, group);
-    }
-}
-
-/// What a group has added so far, on top of the store.
-#[derive(Default)]
-struct Overlay {
-    ids: HashMap<ScribeId, (u64, StreamId, u64)>,
-    streams: HashMap<StreamId, StreamState>,
-    entries: Vec<NewEntry>,
-    cursors: HashMap<(AuthorKey, StreamId), CursorUpdate>,
-    new_streams: usize,
-}
-
-impl Overlay {
-    fn absorb(&mut self, job: Overlay) {
-        self.ids.extend(job.ids);
-        self.streams.extend(job.streams);
-        self.entries.extend(job.entries);
-        self.new_streams += job.new_streams;
-        for (key, cursor) in job.cursors {
-            self.add_cursor_at(key, cursor);
-        }
-    }
-
-    fn add_cursor_at(&mut self, key: (AuthorKey, StreamId), cursor: CursorUpdate) {
-        match self.cursors.get(&key) {
-            // Never move a cursor backwards within an epoch (a late duplicate batch).
-            Some(existing) if existing.epoch == cursor.epoch && existing.seq >= cursor.seq => {}
-            _ => {
-                self.cursors.insert(key, cursor);
-            }
-        }
-    }
-}
-
-enum Outcome {
-    Atomic(
-        oneshot::Sender<Result<Vec<Appended>, AppendError>>,
-        Result<Vec<Appended>, AppendError>,
-    ),
-    Each(
-        oneshot::Sender<Result<EachOutcome, AppendError>>,
-        EachOutcome,
-    ),
-}
-
-fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
-    let head = shared.head.load(Ordering::Acquire);
-    let mut overlay = Overlay::default();
-    // (outcome, whether the job wrote anything)
-    let mut outcomes: Vec<(Outcome, bool)> = Vec::with_capacity(group.len());
-    for job in group {
-        let multi = job.scribes.len() > 1;
-        let next_seq = head + overlay.entries.len() as u64 + 1;
-        let mut job_overlay = Overlay::default();
-        let rules = JobRules {
-            origin: job.origin,
-            expect_stream: job.expect_stream,
-        };
-        match job.reply {
-            Reply::Atomic(reply) => {
-                let mut results = Vec::with_capacity(job.scribes.len());
-                let mut failure = None;
-                for (index, (scribe, fresh)) in job.scribes.into_iter().enumerate() {
-                    let seq = next_seq + job_overlay.entries.len() as u64;
-                    let admitted = scribe.and_then(|scribe| {
-                        admit(
-                            shared,
-                            &overlay,
-                            &mut job_overlay,
-                            scribe,
-                            seq,
-                            &rules,
-                            fresh,
-                        )
-                    });
-                    match admitted {
-                        Ok(appended) => results.push(appended),
-                        Err(error) => {
-                            failure = Some(if multi {
-                                AppendError::InBatch {
-                                    index,
-                                    source: Box::new(error),
-                                }
-                            } else {
-                                error
-                            });
-                            break;
-                        }
-                    }
-                }
-                match failure {
-                    Some(error) => outcomes.push((Outcome::Atomic(reply, Err(error)), false)),
-                    None => {
-                        let wrote = !job_overlay.entries.is_empty();
-                        overlay.absorb(job_overlay);
-                        outcomes.push((Outcome::Atomic(reply, Ok(results)), wrote));
-                    }
-                }
-            }
-            Reply::Each(reply) => {
-                let mut results = Vec::with_capacity(job.scribes.len());
-                for (scribe, fresh) in job.scribes {
-                    let seq = next_seq + job_overlay.entries.len() as u64;
-                    results.push(scribe.and_then(|scribe| {
-                        admit(
-                            shared,
-                            &overlay,
-                            &mut job_overlay,
-                            scribe,
-                            seq,
-                            &rules,
-                            fresh,
-                        )
-                    }));
-                }
-                if let Some(cursor) = job.cursor {
-                    job_overlay.add_cursor_at((cursor.peer, cursor.stream), cursor);
-                }
-                let wrote = !job_overlay.entries.is_empty() || !job_overlay.cursors.is_empty();
-                overlay.absorb(job_overlay);
-                outcomes.push((Outcome::Each(reply, results), wrote));
-            }
-        }
-    }
-    if !overlay.entries.is_empty() || !overlay.cursors.is_empty() {
-        let new_head = head + overlay.entries.len() as u64;
-        let commit = Commit {
-            streams: overlay
-                .streams
-                .iter()
-                .map(|(id, state)| (*id, state.record))
-                .collect(),
-            scribes: std::mem::take(&mut overlay.entries),
-            head: new_head,
-            hlc: shared.clock.peek(),
-            cursors: overlay.cursors.values().copied().collect(),
-        };
-        if let Err(error) = shared.store.commit(&commit) {
-            tracing::error!(%error, "group commit failed; nothing of it was stored");
-            let failed = || AppendError::Storage(error.to_string());
-            // Every job that would have succeeded fails: even a "duplicate" answer may point at a
-            // seq of this group, which was never written.
-            for (outcome, _) in outcomes {
-                match outcome {
-                    Outcome::Atomic(reply, Ok(_)) => drop(reply.send(Err(failed()))),
-                    Outcome::Atomic(reply, Err(error)) => drop(reply.send(Err(error))),
-                    Outcome::Each(reply, _) => drop(reply.send(Err(failed()))),
-                }
-            }
-            return;
-        }
-        {
-            let mut streams = shared.streams.write().expect("streams lock");
-            streams.extend(overlay.streams);
-            if overlay.new_streams > 0 {
-                shared.streams_tx.send_replace(streams.len());
-            }
-        }
-        shared.head.store(new_head, Ordering::Release);
-        shared.head_tx.send_replace(new_head);
-    }
-    for (outcome, _) in outcomes {
-        match outcome {
-            Outcome::Atomic(reply, result) => drop(reply.send(result)),
-            Outcome::Each(reply, results) => drop(reply.send(Ok(results))),
-        }
-    }
-}
-
-/// Checks one scribe against the store, the group and the job so far; records it in `job` if new.
-/// What a job asks of each of its scribes beyond validity.
-struct JobRules {
-    origin: Origin,
-    /// Replicated batches: the stream every scribe must belong to.
-    expect_stream: Option<StreamId>,
-}
-
-fn admit(
-    shared: &Shared,
-    group: &Overlay,
-    job: &mut Overlay,
-    scribe: Scribe,
-    seq: u64,
-    rules: &JobRules,
-    fresh: bool,
-) -> Result<Appended, AppendError> {
-    let origin = rules.origin;
-    if let Some(expected) = rules.expect_stream {
-        if scribe.stream_id() != expected {
-            return Err(AppendError::WrongStream {
-                expected,
-                actual: scribe.stream_id(),
-            });
-        }
-    }
-    let hlc = scribe.body.hlc;
-    // Idempotence: a scribe already stored (or earlier in this group) changes nothing. A scribe
-    // the node has just signed cannot be stored already (its clock value is new), so the lookups
-    // are skipped for it: one RocksDB read less per node-signed append.
-    if !fresh {
-        let earlier = job
-            .ids
-            .get(&scribe.id)
-            .or_else(|| group.ids.get(&scribe.id));
-        if let Some((seq, _, hlc)) = earlier {
-            return Ok(Appended {
-                id: scribe.id,
-                seq: *seq,
-                duplicate: true,
-                hlc: *hlc,
-            });
-        }
-        let stored = shared
-            .store
-            .seq_of(&scribe.id)
-            .map_err(|error| AppendError::Storage(error.to_string()))?;
-        if let Some(seq) = stored {
-            return Ok(Appended {
-                id: scribe.id,
-                seq,
-                duplicate: true,
-                hlc,
-            });
-        }
-    }
-    let size = scribe.bytes.len() as u64;
-    let stream_id = scribe.stream_id();
-    let state = if scribe.body.kind == Kind::StreamCreate {
-        let genesis = convert::genesis_from_payload(&scribe.body.payload, scribe.body.author)
-            .map_err(|error| AppendError::BadGenesis(error.to_string()))?;
-        StreamState {
-            id: stream_id,
-            name: genesis.name,
-            owner: genesis.owner,
-            policy: genesis.policy,
-            record: StreamRecord {
-                genesis_seq: seq,
-                head_seq: seq,
-                scribes: 1,
-                bytes: size,
-            },
-        }
-    } else {
-        let mut state = job
-            .streams
-            .get(&stream_id)
-            .or_else(|| group.streams.get(&stream_id))
-            .cloned()
-            .or_else(|| {
-                shared
-                    .streams
-                    .read()
-                    .expect("streams lock")
-                    .get(&stream_id)
-                    .cloned()
-            })
-            .ok_or(AppendError::UnknownStream(stream_id))?;
-        let allowed = state.policy.authors_for(&scribe.body.kind);
-        if !allowed.contains(&scribe.body.author, &state.owner) {
-            return Err(AppendError::PermissionDenied {
-                author: scribe.body.author,
-                kind: scribe.body.kind.clone(),
-                stream: stream_id,
-                allowed: allowed.to_string(),
-            });
-        }
-        let payload = scribe.body.payload.len() as u64;
-        if payload > state.policy.max_file_bytes {
-            return Err(AppendError::PayloadTooLarge {
-                size: payload,
-                limit: state.policy.max_file_bytes,
-                stream: stream_id,
-            });
-        }
-        if origin == Origin::Local && state.record.bytes + size > state.policy.max_stream_bytes {
-            return Err(AppendError::StreamFull {
-                held: state.record.bytes,
-                size,
-                limit: state.policy.max_stream_bytes,
-                stream: stream_id,
-            });
-        }
-        check_payload(&scribe.body).map_err(|reason| AppendError::BadPayload {
-            kind: scribe.body.kind.clone(),
-            reason,
-        })?;
-        if scribe.body.kind == Kind::RecordAdd && state.policy.work_bits > 0 {
-            let has = leading_zero_bits(&scribe.body_hash);
-            if has < state.policy.work_bits {
-                return Err(AppendError::MissingWork {
-                    bits: state.policy.work_bits,
-                    has,
-                    stream: stream_id,
-                });
-            }
-        }
-        for parent in &scribe.body.parents {
-            let parent_stream = match job.ids.get(parent).or_else(|| group.ids.get(parent)) {
-                Some((_, parent_stream, _)) => Some(*parent_stream),
-                None => stored_stream_of(shared, parent)?,
-            };
-            match parent_stream {
-                Some(parent_stream) if parent_stream == stream_id => {}
-                Some(parent_stream) => {
-                    return Err(AppendError::ParentInOtherStream {
-                        parent: *parent,
-                        parent_stream,
-                        stream: stream_id,
-                    })
-                }
-                None => {
-                    return Err(AppendError::UnknownParent {
-                        parent: *parent,
-                        stream: stream_id,
-                    })
-                }
-            }
-        }
-        state.record.head_seq = seq;
-        state.record.scribes += 1;
-        state.record.bytes += size;
-        state
-    };
-    shared.clock.observe(hlc);
-    job.ids.insert(scribe.id, (seq, stream_id, hlc));
-    job.streams.insert(stream_id, state);
-    if scribe.body.kind == Kind::StreamCreate {
-        job.new_streams += 1;
-    }
-    job.entries.push(NewEntry {
-        seq,
-        id: scribe.id,
-        stream: stream_id,
-        bytes: scribe.bytes,
-        origin: match origin {
-            Origin::Peer(peer) => Some(peer),
-            Origin::Local => None,
-        },
-    });
-    Ok(Appended {
-        id: scribe.id,
-        seq,
-        duplicate: false,
-        hlc,
-    })
-}
-
-fn stored_stream_of(shared: &Shared, id: &ScribeId) -> Result<Option<StreamId>, AppendError> {
-    let Some(entry) = shared
-        .store
-        .get(id)
-        .map_err(|error| AppendError::Storage(error.to_string()))?
-    else {
-        return Ok(None);
-    };
-    let (scribe, _) = Scribe::decode_unverified(entry.bytes)
-        .map_err(|error| AppendError::Storage(error.to_string()))?;
-    Ok(Some(scribe.stream_id()))
-}
-
-/// The rules of built-in kinds every node checks, for local appends and scribes from peers
-/// alike: a file scribe's payload decodes and its path is valid; a `_schema` is JSON content that
-/// the SQLite projection accepts; an upvote names one record.
-pub fn check_payload(body: &crate::scribe::Body) -> Result<(), String> {
-    use quire_projection_api::files::{FileChange, SCHEMA_PATH};
-    if body.kind == Kind::RecordUpvote && body.parents.len() != 1 {
-        return Err(format!(
-            "a record.upvote names the record it upvotes as its one parent; this one has {}",
-            body.parents.len()
-        ));
-    }
-    if let Some(FileChange::Put {
-        path,
-        content_type,
-        data,
-    }) = FileChange::decode(&body.kind, &body.payload)?
-    {
-        if path == SCHEMA_PATH {
-            if content_type.split(';').next().map(str::trim) != Some("application/json") {
-                return Err(format!(
-                    "{SCHEMA_PATH} must have content type application/json, not {content_type:?}"
-                ));
-            }
-            quire_projection_sql::Schema::parse(&data)?;
-        }
-    }
-    Ok(())
 }

@@ -832,7 +832,7 @@ fn place_of(
             ProjectionsError::Stream(format!("stream {stream} is not held by this node"))
         })?;
         let view = to_view(&genesis)?;
-        place.policy = crate::convert::genesis_from_payload(&view.payload, view.author)
+        place.policy = crate::genesis::genesis_from_payload(&view.payload, view.author)
             .map_err(|error| ProjectionsError::Damaged(format!("genesis of {stream}: {error}")))?
             .policy;
     }

@@ -14,6 +14,8 @@
 //! - [`Scribe`]: a decoded, verified scribe as a projector will receive it.
 //! - [`Plugin`], [`Projector`]: what a projector implements (see the [`projector`] module).
 //! - [`files`]: the payloads of `file.put` / `file.delete` and the path rules.
+//! - [`admission`]: [`PayloadCheck`], the payload rules a node applies before it stores a scribe
+//!   (the built-in kinds' own, and those a [`Plugin`] contributes).
 //! - `sqlite` (feature `sqlite`): the SQLite copy scaffold the built-in projectors share (opening,
 //!   read-only readers, the checkpoint row, reset).
 //! - `testing` (feature `testing`): the conformance suite every projector runs.
@@ -37,6 +39,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod admission;
 pub mod files;
 pub mod projector;
 #[cfg(feature = "sqlite")]
@@ -44,6 +47,7 @@ pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use admission::{BuiltinKinds, Candidate, PayloadCheck, PayloadError};
 pub use projector::{
     ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope, DEFAULT_MAX_BATCH,
 };

@@ -31,6 +31,7 @@
 //! they never collide with these. Opening it, its readers and its checkpoint row are the shared
 //! scaffold of [`quire_projection_api::sqlite`].
 
+pub mod admission;
 pub mod query;
 pub mod schema;
 
@@ -39,13 +40,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use quire_projection_api::files::{FileChange, SCHEMA_PATH};
 use quire_projection_api::sqlite::Database;
 use quire_projection_api::{
-    hlc_millis, ApplyError, Kind, Place, Plugin, ProjectionError, Projector, Scope, Scribe,
-    ScribeId,
+    hlc_millis, ApplyError, Kind, PayloadCheck, Place, Plugin, ProjectionError, Projector, Scope,
+    Scribe, ScribeId,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
+pub use admission::SchemaCheck;
 pub use query::{Limits, Params, QueryError, Reader, Rows};
 /// A SQL value (rusqlite's).
 pub use rusqlite::types::Value;
@@ -78,6 +80,11 @@ impl Plugin for Sql {
 
     fn scope(&self) -> Scope {
         Scope::Stream
+    }
+
+    /// A `_schema` must be one this projector can apply: see [`SchemaCheck`].
+    fn payload_checks(&self) -> Vec<std::sync::Arc<dyn PayloadCheck>> {
+        vec![std::sync::Arc::new(SchemaCheck)]
     }
 
     fn open(&self, place: &Place) -> Result<Box<dyn Projector>, ProjectionError> {

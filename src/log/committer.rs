@@ -1,0 +1,252 @@
+//! The committer stage of the append pipeline: the `quire-committer` thread, the only code that
+//! writes scribes to the store.
+//!
+//! It takes the groups the signer prepared, in order (several at once when they queue up), asks
+//! the admission rules ([`super::rules::admit`]) about each scribe, assigns the next local seqs to
+//! the admitted ones and records them in an [`Overlay`] (what the group adds on top of the store),
+//! then writes the whole group in one RocksDB write batch: one [`Store::commit`] per group (group
+//! commit). Whether that write is fsynced is decided once, when the store is opened
+//! ([`super::LogOptions::sync`] → `Store::open`): with `--sync` a group costs one fsync, however
+//! many appends it holds. Only after the write does it publish the new streams and the new head,
+//! and answer the callers.
+//!
+//! What does not live here: why a scribe is refused ([`super::rules`]), signing and verifying
+//! ([`super::signer`]), the key layout of a commit ([`super::store`]).
+//!
+//! [`Store::commit`]: super::store::Store::commit
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use quire_projection_api::{AuthorKey, Kind, ScribeId, StreamId};
+use tokio::sync::oneshot;
+
+use super::rules::{self, JobRules, PayloadChecks, Seen, Verdict};
+use super::signer::PreparedJob;
+use super::store::{Commit, CursorUpdate, NewEntry};
+use super::{AppendError, Appended, EachOutcome, Origin, Reply, Shared, StreamState};
+use crate::scribe::Scribe;
+
+/// The committer thread's body: runs until the signer is gone (the log is closing).
+pub(super) fn committer_loop(
+    shared: &Shared,
+    checks: &PayloadChecks,
+    prepared: std::sync::mpsc::Receiver<Vec<PreparedJob>>,
+) {
+    while let Ok(mut group) = prepared.recv() {
+        while let Ok(more) = prepared.try_recv() {
+            group.extend(more);
+        }
+        commit_group(shared, checks, group);
+    }
+}
+
+/// What a group (or one job of it) has added so far, on top of the store.
+#[derive(Default)]
+pub(super) struct Overlay {
+    /// Every scribe added: `(seq, stream, hlc)` by id.
+    pub(super) ids: HashMap<ScribeId, (u64, StreamId, u64)>,
+    /// Every stream touched, with its counters after the additions.
+    pub(super) streams: HashMap<StreamId, StreamState>,
+    entries: Vec<NewEntry>,
+    cursors: HashMap<(AuthorKey, StreamId), CursorUpdate>,
+    new_streams: usize,
+}
+
+impl Overlay {
+    fn absorb(&mut self, job: Overlay) {
+        self.ids.extend(job.ids);
+        self.streams.extend(job.streams);
+        self.entries.extend(job.entries);
+        self.new_streams += job.new_streams;
+        for (key, cursor) in job.cursors {
+            self.add_cursor_at(key, cursor);
+        }
+    }
+
+    fn add_cursor_at(&mut self, key: (AuthorKey, StreamId), cursor: CursorUpdate) {
+        match self.cursors.get(&key) {
+            // Never move a cursor backwards within an epoch (a late duplicate batch).
+            Some(existing) if existing.epoch == cursor.epoch && existing.seq >= cursor.seq => {}
+            _ => {
+                self.cursors.insert(key, cursor);
+            }
+        }
+    }
+
+    /// Records an admitted scribe at `seq`, with its stream as it stands with the scribe counted.
+    fn record(&mut self, scribe: Scribe, seq: u64, state: StreamState, origin: Origin) -> Appended {
+        let stream = scribe.stream_id();
+        let hlc = scribe.body.hlc;
+        self.ids.insert(scribe.id, (seq, stream, hlc));
+        self.streams.insert(stream, state);
+        if scribe.body.kind == Kind::StreamCreate {
+            self.new_streams += 1;
+        }
+        self.entries.push(NewEntry {
+            seq,
+            id: scribe.id,
+            stream,
+            bytes: scribe.bytes,
+            origin: match origin {
+                Origin::Peer(peer) => Some(peer),
+                Origin::Local => None,
+            },
+        });
+        Appended {
+            id: scribe.id,
+            seq,
+            duplicate: false,
+            hlc,
+        }
+    }
+}
+
+/// A job's answer, held until the group is written.
+enum Outcome {
+    Atomic(
+        oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+        Result<Vec<Appended>, AppendError>,
+    ),
+    Each(
+        oneshot::Sender<Result<EachOutcome, AppendError>>,
+        EachOutcome,
+    ),
+}
+
+/// Admits every job of the group, writes what they added in one write batch, publishes it, and
+/// answers every caller.
+fn commit_group(shared: &Shared, checks: &PayloadChecks, group: Vec<PreparedJob>) {
+    let head = shared.head.load(Ordering::Acquire);
+    let mut overlay = Overlay::default();
+    let outcomes: Vec<Outcome> = group
+        .into_iter()
+        .map(|job| admit_job(shared, checks, head, &mut overlay, job))
+        .collect();
+    if !overlay.entries.is_empty() || !overlay.cursors.is_empty() {
+        if let Err(error) = write_and_publish(shared, head, overlay) {
+            tracing::error!(%error, "group commit failed; nothing of it was stored");
+            let failed = || AppendError::Storage(error.clone());
+            // Every job that would have succeeded fails: even a "duplicate" answer may point at a
+            // seq of this group, which was never written.
+            for outcome in outcomes {
+                match outcome {
+                    Outcome::Atomic(reply, Ok(_)) => drop(reply.send(Err(failed()))),
+                    Outcome::Atomic(reply, Err(error)) => drop(reply.send(Err(error))),
+                    Outcome::Each(reply, _) => drop(reply.send(Err(failed()))),
+                }
+            }
+            return;
+        }
+    }
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Atomic(reply, result) => drop(reply.send(result)),
+            Outcome::Each(reply, results) => drop(reply.send(Ok(results))),
+        }
+    }
+}
+
+/// Admits the scribes of one job on top of the store (whose head is `head`) and what the group
+/// added before it (`overlay`), into which an admitted job's additions go. An atomic job adds
+/// nothing if one of its scribes is refused; a replicated batch adds each admitted scribe, and its
+/// cursor.
+fn admit_job(
+    shared: &Shared,
+    checks: &PayloadChecks,
+    head: u64,
+    overlay: &mut Overlay,
+    job: PreparedJob,
+) -> Outcome {
+    let multi = job.scribes.len() > 1;
+    let next_seq = head + overlay.entries.len() as u64 + 1;
+    let mut job_overlay = Overlay::default();
+    let rules = JobRules {
+        origin: job.origin,
+        expect_stream: job.expect_stream,
+    };
+    let admit =
+        |job_overlay: &mut Overlay, scribe: Scribe, fresh: bool| -> Result<Appended, AppendError> {
+            let seq = next_seq + job_overlay.entries.len() as u64;
+            let seen = Seen {
+                shared,
+                group: overlay,
+                job: job_overlay,
+            };
+            match rules::admit(&seen, checks, &rules, &scribe, seq, fresh)? {
+                Verdict::Duplicate(appended) => Ok(appended),
+                Verdict::New(state) => {
+                    shared.clock.observe(scribe.body.hlc);
+                    Ok(job_overlay.record(scribe, seq, state, rules.origin))
+                }
+            }
+        };
+    match job.reply {
+        Reply::Atomic(reply) => {
+            let mut results = Vec::with_capacity(job.scribes.len());
+            for (index, (scribe, fresh)) in job.scribes.into_iter().enumerate() {
+                match scribe.and_then(|scribe| admit(&mut job_overlay, scribe, fresh)) {
+                    Ok(appended) => results.push(appended),
+                    Err(error) => {
+                        let error = if multi {
+                            AppendError::InBatch {
+                                index,
+                                source: Box::new(error),
+                            }
+                        } else {
+                            error
+                        };
+                        return Outcome::Atomic(reply, Err(error));
+                    }
+                }
+            }
+            overlay.absorb(job_overlay);
+            Outcome::Atomic(reply, Ok(results))
+        }
+        Reply::Each(reply) => {
+            let mut results = Vec::with_capacity(job.scribes.len());
+            for (scribe, fresh) in job.scribes {
+                results.push(scribe.and_then(|scribe| admit(&mut job_overlay, scribe, fresh)));
+            }
+            if let Some(cursor) = job.cursor {
+                job_overlay.add_cursor_at((cursor.peer, cursor.stream), cursor);
+            }
+            overlay.absorb(job_overlay);
+            Outcome::Each(reply, results)
+        }
+    }
+}
+
+/// Writes what the group added in one write batch; then publishes the new streams and the new
+/// head (in that order, so a reader that sees the head finds the streams). Nothing is published if
+/// the write fails.
+fn write_and_publish(
+    shared: &Shared,
+    head: u64,
+    mut overlay: Overlay,
+) -> Result<(), Arc<super::store::StoreError>> {
+    let new_head = head + overlay.entries.len() as u64;
+    let commit = Commit {
+        streams: overlay
+            .streams
+            .iter()
+            .map(|(id, state)| (*id, state.record))
+            .collect(),
+        scribes: std::mem::take(&mut overlay.entries),
+        head: new_head,
+        hlc: shared.clock.peek(),
+        cursors: overlay.cursors.values().copied().collect(),
+    };
+    shared.store.commit(&commit).map_err(Arc::new)?;
+    {
+        let mut streams = shared.streams.write().expect("streams lock");
+        streams.extend(overlay.streams);
+        if overlay.new_streams > 0 {
+            shared.streams_tx.send_replace(streams.len());
+        }
+    }
+    shared.head.store(new_head, Ordering::Release);
+    shared.head_tx.send_replace(new_head);
+    Ok(())
+}

@@ -1,0 +1,318 @@
+//! The admission rules: where the log decides whether a scribe may be stored. Every refusal of a
+//! well-formed, correctly signed scribe comes from here.
+//!
+//! [`admit`] takes one scribe of a job, on the committer thread, and checks it in named steps
+//! against the store, the group being committed and the job so far: the batch's stream (replicated
+//! batches), duplicates (idempotence), the genesis or the stream it belongs to, the author against
+//! the stream's policy, the size limits, the payload rules, the work token and the parents. It
+//! answers a [`Verdict`] and changes nothing; recording an admitted scribe is the committer's.
+//!
+//! The payload rules are not the log's own: [`PayloadChecks`] holds the [`PayloadCheck`]s that
+//! whoever opens the log hands in ([`super::LogOptions::payload_checks`]; a node gathers the
+//! built-in kinds' rules and its projectors' in `crate::node::open_log`). The log depends on no
+//! projector crate.
+//!
+//! What does not live here: decoding and verifying signatures (the signer, [`super::signer`]),
+//! assigning seqs and writing (the committer, [`super::committer`]).
+
+use std::sync::Arc;
+
+use quire_projection_api::{Candidate, Kind, PayloadCheck, PayloadError, ScribeId, StreamId};
+
+use super::committer::Overlay;
+use super::store::{StoreError, StreamRecord};
+use super::{AppendError, Appended, Origin, Shared, StreamState};
+use crate::genesis::genesis_from_payload;
+use crate::scribe::{leading_zero_bits, Body, Scribe};
+
+/// The payload rules a log applies to every scribe but a genesis, local or from a peer, in the
+/// order they were added; the first refusal wins. Empty by default: a log checks no payload rule it
+/// was not handed. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct PayloadChecks {
+    checks: Vec<Arc<dyn PayloadCheck>>,
+}
+
+impl std::fmt::Debug for PayloadChecks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.checks.iter().map(|check| check.name()))
+            .finish()
+    }
+}
+
+impl PayloadChecks {
+    /// No rules.
+    pub fn new() -> PayloadChecks {
+        PayloadChecks::default()
+    }
+
+    /// Adds `check` after the rules already held.
+    pub fn with(mut self, check: impl PayloadCheck) -> PayloadChecks {
+        self.checks.push(Arc::new(check));
+        self
+    }
+
+    /// Whether there is no rule at all.
+    pub fn is_empty(&self) -> bool {
+        self.checks.is_empty()
+    }
+
+    /// Runs every rule on `body`, in order; the first refusal.
+    pub fn check(&self, body: &Body) -> Result<(), PayloadError> {
+        let candidate =
+            Candidate::new(&body.kind, &body.content_type, &body.payload, &body.parents);
+        self.checks
+            .iter()
+            .try_for_each(|check| check.check(&candidate))
+    }
+}
+
+impl Extend<Arc<dyn PayloadCheck>> for PayloadChecks {
+    fn extend<I: IntoIterator<Item = Arc<dyn PayloadCheck>>>(&mut self, checks: I) {
+        self.checks.extend(checks);
+    }
+}
+
+impl FromIterator<Arc<dyn PayloadCheck>> for PayloadChecks {
+    fn from_iter<I: IntoIterator<Item = Arc<dyn PayloadCheck>>>(checks: I) -> Self {
+        PayloadChecks {
+            checks: checks.into_iter().collect(),
+        }
+    }
+}
+
+/// What a job asks of each of its scribes beyond validity.
+pub(super) struct JobRules {
+    /// Where the job came from (local appends are held to the stream's total size limit).
+    pub(super) origin: Origin,
+    /// Replicated batches: the stream every scribe must belong to.
+    pub(super) expect_stream: Option<StreamId>,
+}
+
+/// What [`admit`] reads besides the scribe: the store, what the group has added so far before
+/// this job, and what this job has added so far.
+pub(super) struct Seen<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) group: &'a Overlay,
+    pub(super) job: &'a Overlay,
+}
+
+impl Seen<'_> {
+    /// `(seq, stream, hlc)` of a scribe added earlier in this job or group (not the store).
+    fn added(&self, id: &ScribeId) -> Option<&(u64, StreamId, u64)> {
+        self.job.ids.get(id).or_else(|| self.group.ids.get(id))
+    }
+
+    /// The stream as it stands after what the job and the group added, if held.
+    fn stream(&self, id: &StreamId) -> Option<StreamState> {
+        self.job
+            .streams
+            .get(id)
+            .or_else(|| self.group.streams.get(id))
+            .cloned()
+            .or_else(|| {
+                self.shared
+                    .streams
+                    .read()
+                    .expect("streams lock")
+                    .get(id)
+                    .cloned()
+            })
+    }
+}
+
+/// What [`admit`] decided about a scribe it did not refuse.
+pub(super) enum Verdict {
+    /// Already stored (or earlier in this group): nothing changes, this is its answer.
+    Duplicate(Appended),
+    /// New: store it at the seq asked about; this is its stream with the scribe counted in.
+    New(StreamState),
+}
+
+/// Checks one scribe, to be stored at `seq`, against the store, the group and the job so far.
+/// `fresh`: the node signed it just now, so it cannot be stored already.
+pub(super) fn admit(
+    seen: &Seen<'_>,
+    checks: &PayloadChecks,
+    rules: &JobRules,
+    scribe: &Scribe,
+    seq: u64,
+    fresh: bool,
+) -> Result<Verdict, AppendError> {
+    check_batch_stream(rules, scribe)?;
+    // Idempotence: a scribe already stored (or earlier in this group) changes nothing. A scribe
+    // the node has just signed cannot be stored already (its clock value is new), so the lookups
+    // are skipped for it: one RocksDB read less per node-signed append.
+    if !fresh {
+        if let Some(duplicate) = find_duplicate(seen, scribe)? {
+            return Ok(Verdict::Duplicate(duplicate));
+        }
+    }
+    if scribe.body.kind == Kind::StreamCreate {
+        return genesis_state(scribe, seq).map(Verdict::New);
+    }
+    let stream = scribe.stream_id();
+    let mut state = seen
+        .stream(&stream)
+        .ok_or(AppendError::UnknownStream(stream))?;
+    check_author(&state, scribe)?;
+    check_size(&state, scribe, rules.origin)?;
+    check_payload(checks, &scribe.body)?;
+    check_work(&state, scribe)?;
+    check_parents(seen, scribe)?;
+    state.record.head_seq = seq;
+    state.record.scribes += 1;
+    state.record.bytes += scribe.bytes.len() as u64;
+    Ok(Verdict::New(state))
+}
+
+/// A replicated batch of one stream carries scribes of that stream only (a genesis only if it is
+/// the stream's own).
+fn check_batch_stream(rules: &JobRules, scribe: &Scribe) -> Result<(), AppendError> {
+    match rules.expect_stream {
+        Some(expected) if scribe.stream_id() != expected => Err(AppendError::WrongStream {
+            expected,
+            actual: scribe.stream_id(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The answer for a scribe already stored or added earlier in the group, if it is one.
+fn find_duplicate(seen: &Seen<'_>, scribe: &Scribe) -> Result<Option<Appended>, AppendError> {
+    if let Some((seq, _, hlc)) = seen.added(&scribe.id) {
+        return Ok(Some(Appended {
+            id: scribe.id,
+            seq: *seq,
+            duplicate: true,
+            hlc: *hlc,
+        }));
+    }
+    Ok(seen.shared.store.seq_of(&scribe.id)?.map(|seq| Appended {
+        id: scribe.id,
+        seq,
+        duplicate: true,
+        hlc: scribe.body.hlc,
+    }))
+}
+
+/// A genesis starts a stream: its payload must be a valid `StreamGenesis`; the new stream holds it
+/// alone.
+fn genesis_state(scribe: &Scribe, seq: u64) -> Result<StreamState, AppendError> {
+    let genesis = genesis_from_payload(&scribe.body.payload, scribe.body.author)
+        .map_err(AppendError::BadGenesis)?;
+    Ok(StreamState {
+        id: scribe.stream_id(),
+        name: genesis.name,
+        owner: genesis.owner,
+        policy: genesis.policy,
+        record: StreamRecord {
+            genesis_seq: seq,
+            head_seq: seq,
+            scribes: 1,
+            bytes: scribe.bytes.len() as u64,
+        },
+    })
+}
+
+/// The stream's policy lets the scribe's author write its kind.
+fn check_author(state: &StreamState, scribe: &Scribe) -> Result<(), AppendError> {
+    let allowed = state.policy.authors_for(&scribe.body.kind);
+    if allowed.contains(&scribe.body.author, &state.owner) {
+        return Ok(());
+    }
+    Err(AppendError::PermissionDenied {
+        author: scribe.body.author,
+        kind: scribe.body.kind.clone(),
+        stream: state.id,
+        allowed: allowed.to_string(),
+    })
+}
+
+/// The payload is within the stream's per-scribe limit and, for a local append, the stream stays
+/// within its total limit (a peer's scribes are already in the stream elsewhere).
+fn check_size(state: &StreamState, scribe: &Scribe, origin: Origin) -> Result<(), AppendError> {
+    let payload = scribe.body.payload.len() as u64;
+    if payload > state.policy.max_file_bytes {
+        return Err(AppendError::PayloadTooLarge {
+            size: payload,
+            limit: state.policy.max_file_bytes,
+            stream: state.id,
+        });
+    }
+    let size = scribe.bytes.len() as u64;
+    if origin == Origin::Local && state.record.bytes + size > state.policy.max_stream_bytes {
+        return Err(AppendError::StreamFull {
+            held: state.record.bytes,
+            size,
+            limit: state.policy.max_stream_bytes,
+            stream: state.id,
+        });
+    }
+    Ok(())
+}
+
+/// The payload rules handed to the log (the built-in kinds' and the projectors').
+fn check_payload(checks: &PayloadChecks, body: &Body) -> Result<(), AppendError> {
+    checks
+        .check(body)
+        .map_err(|reason| AppendError::BadPayload {
+            kind: body.kind.clone(),
+            reason,
+        })
+}
+
+/// A `record.add` carries the work token its stream's policy asks for.
+fn check_work(state: &StreamState, scribe: &Scribe) -> Result<(), AppendError> {
+    if scribe.body.kind != Kind::RecordAdd || state.policy.work_bits == 0 {
+        return Ok(());
+    }
+    let has = leading_zero_bits(&scribe.body_hash);
+    if has < state.policy.work_bits {
+        return Err(AppendError::MissingWork {
+            bits: state.policy.work_bits,
+            has,
+            stream: state.id,
+        });
+    }
+    Ok(())
+}
+
+/// Every parent is stored (or earlier in the group), in the scribe's own stream.
+fn check_parents(seen: &Seen<'_>, scribe: &Scribe) -> Result<(), AppendError> {
+    let stream = scribe.stream_id();
+    for parent in &scribe.body.parents {
+        let parent_stream = match seen.added(parent) {
+            Some((_, parent_stream, _)) => Some(*parent_stream),
+            None => stored_stream_of(seen.shared, parent)?,
+        };
+        match parent_stream {
+            Some(parent_stream) if parent_stream == stream => {}
+            Some(parent_stream) => {
+                return Err(AppendError::ParentInOtherStream {
+                    parent: *parent,
+                    parent_stream,
+                    stream,
+                })
+            }
+            None => {
+                return Err(AppendError::UnknownParent {
+                    parent: *parent,
+                    stream,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The stream of a stored scribe, if it is stored.
+fn stored_stream_of(shared: &Shared, id: &ScribeId) -> Result<Option<StreamId>, AppendError> {
+    let Some(entry) = shared.store.get(id)? else {
+        return Ok(None);
+    };
+    let (scribe, _) = Scribe::decode_unverified(entry.bytes)
+        .map_err(|error| StoreError::Damaged(format!("stored scribe {id}: {error}")))?;
+    Ok(Some(scribe.stream_id()))
+}
