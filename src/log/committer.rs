@@ -22,7 +22,7 @@ use std::sync::Arc;
 use quire_projection_api::{AuthorKey, Kind, ScribeId, StreamId};
 use tokio::sync::oneshot;
 
-use super::rules::{self, JobRules, PayloadChecks, Seen, Verdict};
+use super::rules::{self, Added, JobRules, PayloadChecks, Seen, Verdict};
 use super::signer::PreparedJob;
 use super::store::{Commit, CursorUpdate, NewEntry};
 use super::{AppendError, Appended, EachOutcome, Origin, Reply, Shared, StreamState};
@@ -55,6 +55,14 @@ pub(super) struct Overlay {
 }
 
 impl Overlay {
+    /// What admission reads of it.
+    fn added(&self) -> Added<'_> {
+        Added {
+            ids: &self.ids,
+            streams: &self.streams,
+        }
+    }
+
     fn absorb(&mut self, job: Overlay) {
         self.ids.extend(job.ids);
         self.streams.extend(job.streams);
@@ -171,8 +179,8 @@ fn admit_job(
             let seq = next_seq + job_overlay.entries.len() as u64;
             let seen = Seen {
                 shared,
-                group: overlay,
-                job: job_overlay,
+                group: overlay.added(),
+                job: job_overlay.added(),
             };
             match rules::admit(&seen, checks, &rules, &scribe, seq, fresh)? {
                 Verdict::Duplicate(appended) => Ok(appended),

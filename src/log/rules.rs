@@ -15,11 +15,11 @@
 //! What does not live here: decoding and verifying signatures (the signer, [`super::signer`]),
 //! assigning seqs and writing (the committer, [`super::committer`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use quire_projection_api::{Candidate, Kind, PayloadCheck, PayloadError, ScribeId, StreamId};
 
-use super::committer::Overlay;
 use super::store::{StoreError, StreamRecord};
 use super::{AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
@@ -94,8 +94,18 @@ pub(super) struct JobRules {
 /// this job, and what this job has added so far.
 pub(super) struct Seen<'a> {
     pub(super) shared: &'a Shared,
-    pub(super) group: &'a Overlay,
-    pub(super) job: &'a Overlay,
+    pub(super) group: Added<'a>,
+    pub(super) job: Added<'a>,
+}
+
+/// What a group (or one job of it) has admitted on top of the store, as admission reads it: the
+/// committer keeps it, admission only looks.
+#[derive(Clone, Copy)]
+pub(super) struct Added<'a> {
+    /// Every scribe added: `(seq, stream, hlc)` by id.
+    pub(super) ids: &'a HashMap<ScribeId, (u64, StreamId, u64)>,
+    /// Every stream touched, with its counters after the additions.
+    pub(super) streams: &'a HashMap<StreamId, StreamState>,
 }
 
 impl Seen<'_> {
