@@ -13,7 +13,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::hlc::WallClock;
 use crate::log::{Log, LogOptions, OpenError};
-use crate::projection::{Projections, ProjectionsError, Registry};
+use crate::projection::{Projections, Registry, RunnerError};
 use crate::replication::{ReplicationError, Replicator};
 use crate::server::{Api, NodeFacts};
 
@@ -81,7 +81,7 @@ pub enum NodeError {
     Replication(#[from] ReplicationError),
     /// Projections could not be opened.
     #[error("projections: {0}")]
-    Projections(#[from] ProjectionsError),
+    Projections(#[from] RunnerError),
 }
 
 /// Opens the node's log.

@@ -25,7 +25,7 @@ use crate::log::subscribe::LogEvent;
 use crate::log::{AppendError, Appended, Draft, Log, NewScribe, Origin};
 use crate::pb;
 use crate::projection::readers::WaitError;
-use crate::projection::{Projections, ProjectionsError};
+use crate::projection::{Projections, RunnerError};
 use crate::replication::{ReplicationError, Replicator};
 
 /// Largest gRPC message either way: room for a maximal scribe, or a batch of many small ones.
@@ -69,19 +69,19 @@ pub fn store_status(error: &StoreError) -> Status {
 }
 
 /// The status for a projection error.
-pub fn projections_status(error: &ProjectionsError) -> Status {
+pub fn projections_status(error: &RunnerError) -> Status {
     match error {
-        ProjectionsError::Unknown { .. }
-        | ProjectionsError::UnknownConsumer(_)
-        | ProjectionsError::NotParked(_) => Status::not_found(error.to_string()),
-        ProjectionsError::Stream(_) | ProjectionsError::Consumer(_) => {
+        RunnerError::Unknown { .. }
+        | RunnerError::UnknownConsumer(_)
+        | RunnerError::NotParked(_) => Status::not_found(error.to_string()),
+        RunnerError::Stream(_) | RunnerError::Consumer(_) => {
             Status::invalid_argument(error.to_string())
         }
-        ProjectionsError::StillFails { .. } | ProjectionsError::NotReady(_) => {
+        RunnerError::StillFails { .. } | RunnerError::NotReady(_) => {
             Status::failed_precondition(error.to_string())
         }
-        ProjectionsError::Damaged(_) => Status::data_loss(error.to_string()),
-        ProjectionsError::Store(store) => store_status(store),
+        RunnerError::Damaged(_) => Status::data_loss(error.to_string()),
+        RunnerError::Store(store) => store_status(store),
         _ => Status::internal(error.to_string()),
     }
 }
@@ -564,7 +564,7 @@ impl pb::log_server::Log for Api {
 
 /// Runs a projection operation (which may take file locks and fsync) off the executor.
 async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ProjectionsError> + Send + 'static,
+    work: impl FnOnce() -> Result<T, RunnerError> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(work)
         .await

@@ -29,6 +29,6 @@ pub use consumers::Consumer;
 pub use offline::{rebuild_offline, replay, Rebuilt, Replayed};
 pub use quarantine::Parked;
 pub use registry::Registry;
-pub use runner::{ProjectionStatus, Projections, ProjectionsError};
-pub use slot::{scope_dir, PROJECTIONS_DIR};
+pub use runner::{ProjectionStatus, Projections, RunnerError};
+pub use slot::{scope_dir, SlotError, PROJECTIONS_DIR};
 pub(crate) use view::to_view as view;

@@ -7,10 +7,7 @@ use std::sync::Arc;
 
 use quire_projection_api::{ApplyError, Plugin, Scope, StreamId};
 
-use super::slot::{
-    place_of, projection_error, read_batch, scope_dir, views, Slot, PROJECTIONS_DIR,
-};
-use super::ProjectionsError;
+use super::slot::{place_of, read_batch, scope_dir, views, Slot, SlotError, PROJECTIONS_DIR};
 use crate::log::store::Store;
 
 /// The scopes an offline command covers: the whole log, one stream, or every stream held.
@@ -18,11 +15,11 @@ fn scopes(
     store: &Store,
     plugin: &dyn Plugin,
     stream: Option<StreamId>,
-) -> Result<Vec<Option<StreamId>>, ProjectionsError> {
+) -> Result<Vec<Option<StreamId>>, SlotError> {
     Ok(match (plugin.scope(), stream) {
         (Scope::Log, None) => vec![None],
         (Scope::Log, Some(_)) => {
-            return Err(ProjectionsError::Stream(format!(
+            return Err(SlotError::Stream(format!(
                 "projection {} covers the whole log; drop --stream",
                 plugin.name()
             )))
@@ -53,7 +50,7 @@ pub fn rebuild_offline(
     plugin: Arc<dyn Plugin>,
     stream: Option<StreamId>,
     mut progress: impl FnMut(u64, u64),
-) -> Result<Vec<Rebuilt>, ProjectionsError> {
+) -> Result<Vec<Rebuilt>, SlotError> {
     let root = data_dir.join(PROJECTIONS_DIR);
     let head = store.head()?;
     let scopes = scopes(store, plugin.as_ref(), stream)?;
@@ -88,7 +85,7 @@ pub fn replay(
     from: u64,
     to: u64,
     mut progress: impl FnMut(u64),
-) -> Result<Vec<Replayed>, ProjectionsError> {
+) -> Result<Vec<Replayed>, SlotError> {
     let to = to.min(store.head()?);
     let scopes = scopes(store, plugin, stream)?;
     let mut out = Vec::new();
@@ -117,11 +114,11 @@ fn replay_scope(
     from: u64,
     to: u64,
     mut progress: impl FnMut(u64),
-) -> Result<Replayed, ProjectionsError> {
+) -> Result<Replayed, SlotError> {
     let place = place_of(store, dir.to_path_buf(), stream)?;
     std::fs::create_dir_all(dir)
-        .map_err(|error| ProjectionsError::Projection(format!("{}: {error}", dir.display())))?;
-    let mut projector = plugin.open(&place).map_err(projection_error)?;
+        .map_err(|error| SlotError::Projector(format!("{}: {error}", dir.display())))?;
+    let mut projector = plugin.open(&place)?;
     let mut applied = 0;
     let mut refused = Vec::new();
     let mut next = from.max(1);
@@ -144,18 +141,18 @@ fn replay_scope(
                     if index > 0 {
                         projector
                             .apply(&rest[..index], rest[index - 1].local_seq)
-                            .map_err(|error| ProjectionsError::Projection(error.to_string()))?;
+                            .map_err(|error| SlotError::Projector(error.to_string()))?;
                         applied += index as u64;
                     }
                     refused.push((rest[index].local_seq, reason));
                     rest = &rest[index + 1..];
                 }
-                Err(error) => return Err(ProjectionsError::Projection(error.to_string())),
+                Err(error) => return Err(SlotError::Projector(error.to_string())),
             }
         }
         progress(next - 1);
     }
-    let digest = projector.digest().map_err(projection_error)?;
+    let digest = projector.digest()?;
     Ok(Replayed {
         stream,
         applied,

@@ -10,9 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use quire_projection_api::{ApplyError, Scribe as View, ScribeId, StreamId};
 use serde_json::{json, Value};
 
-use super::slot::{lock, Slot};
+use super::slot::{lock, Slot, SlotError};
 use super::view::to_view;
-use super::ProjectionsError;
 use crate::log::store::Store;
 
 /// A parked scribe.
@@ -69,7 +68,7 @@ impl Slot {
         scribe: &View,
         reason: &str,
         generation: u64,
-    ) -> Result<bool, ProjectionsError> {
+    ) -> Result<bool, SlotError> {
         let key = parked_key(&self.key, scribe.local_seq);
         let mut parked = match store.projection_record(&key)? {
             Some(existing) => decode_parked(&key, &existing)?,
@@ -104,7 +103,7 @@ impl Slot {
         generation: u64,
         from: u64,
         to: u64,
-    ) -> Result<(), ProjectionsError> {
+    ) -> Result<(), SlotError> {
         // Runs after every batch: read only the records of these seqs (usually none).
         let end = parked_key(&self.key, to);
         let records =
@@ -140,7 +139,7 @@ impl Slot {
 
     /// Re-applies a parked scribe to the copies that parked it (the live copy, a shadow copy, or
     /// both). A copy halted at it instead resumes there, re-applying it in order.
-    pub(crate) fn retry(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
+    pub(crate) fn retry(&self, store: &Store, seq: u64) -> Result<Parked, SlotError> {
         let mut live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
         let parked = self.parked_at(store, seq)?;
@@ -166,14 +165,12 @@ impl Slot {
                     Ok(()) => {}
                     Err(ApplyError::Scribe { reason, .. }) => {
                         self.park(store, &view, &reason, instance.generation)?;
-                        return Err(ProjectionsError::StillFails {
+                        return Err(SlotError::StillFails {
                             id: parked.id,
                             reason,
                         });
                     }
-                    Err(ApplyError::Storage(message)) => {
-                        return Err(ProjectionsError::Projection(message))
-                    }
+                    Err(ApplyError::Storage(message)) => return Err(SlotError::Projector(message)),
                 }
             }
             let update = self.without_generation(record.clone(), instance.generation);
@@ -184,7 +181,7 @@ impl Slot {
     }
 
     /// Records the decision to skip a parked scribe; a live copy halted at it goes on after it.
-    pub(crate) fn skip(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
+    pub(crate) fn skip(&self, store: &Store, seq: u64) -> Result<Parked, SlotError> {
         let mut live = lock(&self.live);
         let mut parked = self.parked_at(store, seq)?;
         parked.state = "skipped".into();
@@ -199,25 +196,25 @@ impl Slot {
         Ok(parked)
     }
 
-    fn load(&self, store: &Store, parked: &Parked) -> Result<View, ProjectionsError> {
+    fn load(&self, store: &Store, parked: &Parked) -> Result<View, SlotError> {
         let entry = store.get(&parked.id)?.ok_or_else(|| {
-            ProjectionsError::Damaged(format!("parked scribe {} is not stored", parked.id))
+            SlotError::Damaged(format!("parked scribe {} is not stored", parked.id))
         })?;
         let mut view = to_view(&entry)?;
         view.local_seq = parked.seq;
         Ok(view)
     }
 
-    fn parked_at(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
+    fn parked_at(&self, store: &Store, seq: u64) -> Result<Parked, SlotError> {
         let key = parked_key(&self.key, seq);
         let value = store
             .projection_record(&key)?
-            .ok_or(ProjectionsError::NotParked(format!("seq {seq}")))?;
+            .ok_or(SlotError::NotParked(format!("seq {seq}")))?;
         decode_parked(&key, &value)
     }
 
     /// Every parked or skipped scribe of this slot.
-    pub(crate) fn parked(&self, store: &Store) -> Result<Vec<Parked>, ProjectionsError> {
+    pub(crate) fn parked(&self, store: &Store) -> Result<Vec<Parked>, SlotError> {
         let prefix = format!("q/{}/", self.key);
         store
             .projection_records(prefix.as_bytes())?
@@ -233,8 +230,8 @@ pub(super) fn parked_key(key: &str, seq: u64) -> Vec<u8> {
     out
 }
 
-fn decode_parked(key: &[u8], value: &[u8]) -> Result<Parked, ProjectionsError> {
-    let damaged = || ProjectionsError::Damaged(format!("quarantine record {key:?}"));
+fn decode_parked(key: &[u8], value: &[u8]) -> Result<Parked, SlotError> {
+    let damaged = || SlotError::Damaged(format!("quarantine record {key:?}"));
     // q/<name>/<scope>/<seq BE>
     if key.len() < 10 {
         return Err(damaged());

@@ -16,14 +16,14 @@ use tokio::sync::Notify;
 use super::consumers::{self, Consumer};
 use super::quarantine::Parked;
 use super::registry::Registry;
-use super::slot::{lock, slot_target, Slot, PROJECTIONS_DIR};
+use super::slot::{lock, slot_target, Slot, SlotError, PROJECTIONS_DIR};
 use crate::log::store::{Store, StoreError};
 use crate::log::Log;
 
-/// Errors of the projection runner and its admin operations.
+/// What the runner ([`Projections`]) can fail with: starting, and its admin operations.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ProjectionsError {
+pub enum RunnerError {
     /// No projector or consumer has this name.
     #[error("no projection named {name:?}; this node has: {known}")]
     Unknown {
@@ -35,7 +35,8 @@ pub enum ProjectionsError {
     /// No durable consumer has this name.
     #[error("no durable consumer named {0:?}: subscribe with that consumer name first")]
     UnknownConsumer(String),
-    /// A per-stream projector needs a stream, or the stream is not held.
+    /// The scope asked for does not fit: a per-stream projector needs a stream, a whole-log one
+    /// takes none, or the stream is not held.
     #[error("{0}")]
     Stream(String),
     /// The projection exists but has no copy to answer from.
@@ -55,15 +56,30 @@ pub enum ProjectionsError {
     /// A consumer request is wrong (bad name, ack beyond the head, other stream).
     #[error("{0}")]
     Consumer(String),
-    /// The projector failed as a whole.
+    /// The projector (the plugin's code) failed as a whole.
     #[error("projector: {0}")]
-    Projection(String),
-    /// A record of the runner has the wrong shape.
+    Projector(String),
+    /// A record of the runner (a slot's, the quarantine's, a consumer's) or a stored scribe has
+    /// the wrong shape.
     #[error("damaged projection record: {0}")]
     Damaged(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<SlotError> for RunnerError {
+    /// A slot's failure, as the runner reports it (same variant, same message).
+    fn from(error: SlotError) -> RunnerError {
+        match error {
+            SlotError::Projector(message) => RunnerError::Projector(message),
+            SlotError::Stream(message) => RunnerError::Stream(message),
+            SlotError::NotParked(what) => RunnerError::NotParked(what),
+            SlotError::StillFails { id, reason } => RunnerError::StillFails { id, reason },
+            SlotError::Damaged(what) => RunnerError::Damaged(what),
+            SlotError::Store(error) => RunnerError::Store(error),
+        }
+    }
 }
 
 /// What `quire projections` shows of one projection or consumer.
@@ -144,7 +160,7 @@ impl Projections {
         log: Log,
         registry: Registry,
         data_dir: &Path,
-    ) -> Result<Projections, ProjectionsError> {
+    ) -> Result<Projections, RunnerError> {
         let projections = Projections {
             inner: Arc::new(Inner {
                 log: log.clone(),
@@ -185,7 +201,7 @@ impl Projections {
         Ok(projections)
     }
 
-    fn open_missing_slots(&self) -> Result<(), ProjectionsError> {
+    fn open_missing_slots(&self) -> Result<(), RunnerError> {
         let inner = &self.inner;
         let _opening = lock(&inner.opening);
         let mut first_error = None;
@@ -226,7 +242,7 @@ impl Projections {
             }
         }
         match first_error {
-            Some(error) => Err(error),
+            Some(error) => Err(error.into()),
             None => Ok(()),
         }
     }
@@ -236,18 +252,18 @@ impl Projections {
         &self,
         name: &str,
         stream: Option<&StreamId>,
-    ) -> Result<Vec<SlotTask>, ProjectionsError> {
+    ) -> Result<Vec<SlotTask>, RunnerError> {
         let Some(plugin) = self.inner.registry.get(name) else {
             return Err(self.unknown(name));
         };
         if plugin.scope() == Scope::Log && stream.is_some() {
-            return Err(ProjectionsError::Stream(format!(
+            return Err(RunnerError::Stream(format!(
                 "projection {name} covers the whole log; drop --stream"
             )));
         }
         if let Some(stream) = stream {
             if self.inner.log.stream(stream).is_none() {
-                return Err(ProjectionsError::Stream(format!(
+                return Err(RunnerError::Stream(format!(
                     "stream {stream} is not held by this node"
                 )));
             }
@@ -269,7 +285,7 @@ impl Projections {
             .collect()
     }
 
-    fn unknown(&self, name: &str) -> ProjectionsError {
+    fn unknown(&self, name: &str) -> RunnerError {
         let mut known = self.inner.registry.names();
         if let Ok(consumers) = consumers::list(self.inner.log.store()) {
             known.extend(
@@ -278,7 +294,7 @@ impl Projections {
                     .map(|c| format!("{} (consumer)", c.name)),
             );
         }
-        ProjectionsError::Unknown {
+        RunnerError::Unknown {
             name: name.to_string(),
             known: if known.is_empty() {
                 "no projections".into()
@@ -290,7 +306,7 @@ impl Projections {
 
     /// Every projection slot and durable consumer; with `digests`, each live copy's digest too
     /// (which costs a pass over the state: `Admin.Status` leaves it out).
-    pub fn list(&self, digests: bool) -> Result<Vec<ProjectionStatus>, ProjectionsError> {
+    pub fn list(&self, digests: bool) -> Result<Vec<ProjectionStatus>, RunnerError> {
         let store = self.inner.log.store();
         let head = self.inner.log.head();
         let mut out = Vec::new();
@@ -326,7 +342,7 @@ impl Projections {
         store: &Store,
         head: u64,
         digests: bool,
-    ) -> Result<ProjectionStatus, ProjectionsError> {
+    ) -> Result<ProjectionStatus, RunnerError> {
         let (live, shadow) = slot.copies();
         let target = slot.target(store, head)?;
         let flags = slot.flags.lock().map(|f| f.clone()).unwrap_or_default();
@@ -366,12 +382,12 @@ impl Projections {
         &self,
         name: &str,
         stream: Option<&StreamId>,
-    ) -> Result<Vec<ProjectionStatus>, ProjectionsError> {
+    ) -> Result<Vec<ProjectionStatus>, RunnerError> {
         let store = self.inner.log.store();
         if self.inner.registry.get(name).is_none() {
             if let Some(consumer) = consumers::get(store, name)? {
                 if stream.is_some() && consumer.stream.as_ref() != stream {
-                    return Err(ProjectionsError::Stream(format!(
+                    return Err(RunnerError::Stream(format!(
                         "consumer {name:?} follows {}; drop --stream to start it over",
                         consumer
                             .stream
@@ -405,20 +421,20 @@ impl Projections {
         &self,
         name: &str,
         stream: Option<&StreamId>,
-    ) -> Result<([u8; 32], u64), ProjectionsError> {
+    ) -> Result<([u8; 32], u64), RunnerError> {
         let plugin = self
             .inner
             .registry
             .get(name)
             .ok_or_else(|| self.unknown(name))?;
         if plugin.scope() == Scope::Stream && stream.is_none() {
-            return Err(ProjectionsError::Stream(format!(
+            return Err(RunnerError::Stream(format!(
                 "projection {name} keeps one state per stream; pass --stream <id>"
             )));
         }
         let slots = self.slots_of(name, stream)?;
         let task = slots.first().ok_or_else(|| {
-            ProjectionsError::NotReady(format!(
+            RunnerError::NotReady(format!(
                 "projection {name} has no copy for that stream yet (it could not be opened: see the node's log)"
             ))
         })?;
@@ -431,7 +447,7 @@ impl Projections {
         &self,
         name: &str,
         stream: &StreamId,
-    ) -> Result<(PathBuf, tokio::sync::watch::Receiver<u64>), ProjectionsError> {
+    ) -> Result<(PathBuf, tokio::sync::watch::Receiver<u64>), RunnerError> {
         let mut slots = self.slots_of(name, Some(stream))?;
         if slots.is_empty() {
             // A stream created or joined a moment ago: its slots may not be open yet.
@@ -439,7 +455,7 @@ impl Projections {
             slots = self.slots_of(name, Some(stream))?;
         }
         let task = slots.into_iter().next().ok_or_else(|| {
-            ProjectionsError::NotReady(format!(
+            RunnerError::NotReady(format!(
                 "projection {name} has no copy for stream {stream} yet"
             ))
         })?;
@@ -447,7 +463,7 @@ impl Projections {
     }
 
     /// Every parked and skipped scribe.
-    pub fn quarantined(&self) -> Result<Vec<Parked>, ProjectionsError> {
+    pub fn quarantined(&self) -> Result<Vec<Parked>, RunnerError> {
         let store = self.inner.log.store();
         let mut out = Vec::new();
         for slot in self.all_slots() {
@@ -457,16 +473,12 @@ impl Projections {
     }
 
     /// Re-applies the parked scribe `id` (in every projection that parked it, or only `name`).
-    pub fn retry(
-        &self,
-        id: &ScribeId,
-        name: Option<&str>,
-    ) -> Result<Vec<Parked>, ProjectionsError> {
+    pub fn retry(&self, id: &ScribeId, name: Option<&str>) -> Result<Vec<Parked>, RunnerError> {
         self.decide(id, name, |slot, store, seq| slot.retry(store, seq))
     }
 
     /// Records the decision to skip the parked scribe `id`.
-    pub fn skip(&self, id: &ScribeId, name: Option<&str>) -> Result<Vec<Parked>, ProjectionsError> {
+    pub fn skip(&self, id: &ScribeId, name: Option<&str>) -> Result<Vec<Parked>, RunnerError> {
         self.decide(id, name, |slot, store, seq| slot.skip(store, seq))
     }
 
@@ -474,8 +486,8 @@ impl Projections {
         &self,
         id: &ScribeId,
         name: Option<&str>,
-        action: impl Fn(&Slot, &Store, u64) -> Result<Parked, ProjectionsError>,
-    ) -> Result<Vec<Parked>, ProjectionsError> {
+        action: impl Fn(&Slot, &Store, u64) -> Result<Parked, SlotError>,
+    ) -> Result<Vec<Parked>, RunnerError> {
         let store = self.inner.log.store();
         let tasks: Vec<SlotTask> = lock(&self.inner.slots)
             .values()
@@ -499,10 +511,10 @@ impl Projections {
             }
         }
         if let Some(error) = failed {
-            return Err(error);
+            return Err(error.into());
         }
         if done.is_empty() {
-            return Err(ProjectionsError::NotParked(id.to_hex()));
+            return Err(RunnerError::NotParked(id.to_hex()));
         }
         Ok(done)
     }
@@ -513,9 +525,9 @@ impl Projections {
         &self,
         name: &str,
         stream: Option<&StreamId>,
-    ) -> Result<u64, ProjectionsError> {
+    ) -> Result<u64, RunnerError> {
         if self.inner.registry.get(name).is_some() {
-            return Err(ProjectionsError::Consumer(format!(
+            return Err(RunnerError::Consumer(format!(
                 "{name:?} is the name of a projector of this node; pick another consumer name"
             )));
         }
@@ -526,11 +538,11 @@ impl Projections {
     /// Records that consumer `name` has processed everything up to `seq`.
     /// Acks are bounded by what the consumer can have received: its stream's last seq (or the
     /// head, for a consumer of the whole log).
-    pub fn ack(&self, name: &str, seq: u64) -> Result<Consumer, ProjectionsError> {
+    pub fn ack(&self, name: &str, seq: u64) -> Result<Consumer, RunnerError> {
         let store = self.inner.log.store();
         let _serial = lock(&self.inner.consumers);
         let Some(consumer) = consumers::get(store, name)? else {
-            return Err(ProjectionsError::UnknownConsumer(name.to_string()));
+            return Err(RunnerError::UnknownConsumer(name.to_string()));
         };
         let limit = slot_target(store, consumer.stream.as_ref(), self.inner.log.head())?;
         consumers::ack(store, consumer, seq, limit)

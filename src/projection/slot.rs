@@ -21,18 +21,48 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use quire_projection_api::{
-    ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scribe as View, StreamId,
+    ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scribe as View, ScribeId,
+    StreamId,
 };
 use serde_json::{json, Value};
 
 use super::quarantine::parked_key;
 use super::view::to_view;
-use super::ProjectionsError;
 use crate::log::read_range;
 use crate::log::store::{Store, StoreError, StoredEntry};
 
 /// The directory under a node's data directory that holds every projection.
 pub const PROJECTIONS_DIR: &str = "projections";
+
+/// What an operation on one slot (or an offline command driving slots) can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SlotError {
+    /// The projector (the plugin's code) failed as a whole, or its directory could not be made.
+    #[error("projector: {0}")]
+    Projector(String),
+    /// The scope does not fit: the stream is not held by this node, or the projector covers the
+    /// whole log and a stream was named.
+    #[error("{0}")]
+    Stream(String),
+    /// Nothing is parked at this seq.
+    #[error("nothing parked in the quarantine for {0}; `quire quarantine list` shows what is")]
+    NotParked(String),
+    /// A retried scribe failed again; it stays parked.
+    #[error("scribe {id} still fails: {reason}; it stays in the quarantine")]
+    StillFails {
+        /// The scribe.
+        id: ScribeId,
+        /// What the projector said.
+        reason: String,
+    },
+    /// A record of the slot, the quarantine or a stored scribe has the wrong shape.
+    #[error("damaged projection record: {0}")]
+    Damaged(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Scribes read per store call.
 const READ_CHUNK: usize = 2048;
@@ -156,8 +186,10 @@ fn scope_name(stream: Option<&StreamId>) -> String {
     stream.map(|s| s.to_hex()).unwrap_or_else(|| "log".into())
 }
 
-pub(super) fn projection_error(error: ProjectionError) -> ProjectionsError {
-    ProjectionsError::Projection(error.0)
+impl From<ProjectionError> for SlotError {
+    fn from(error: ProjectionError) -> SlotError {
+        SlotError::Projector(error.0)
+    }
 }
 
 impl Slot {
@@ -169,7 +201,7 @@ impl Slot {
         plugin: Arc<dyn Plugin>,
         stream: Option<StreamId>,
         root: &Path,
-    ) -> Result<Slot, ProjectionsError> {
+    ) -> Result<Slot, SlotError> {
         let name = plugin.name().to_string();
         let scope = scope_name(stream.as_ref());
         let key = format!("{name}/{scope}");
@@ -177,7 +209,7 @@ impl Slot {
         let fingerprint = plugin.fingerprint();
         let record = match store.projection_record(record_key(&key).as_bytes())? {
             Some(bytes) => serde_json::from_slice::<Value>(&bytes)
-                .map_err(|error| ProjectionsError::Damaged(format!("slot {key}: {error}")))?,
+                .map_err(|error| SlotError::Damaged(format!("slot {key}: {error}")))?,
             None => {
                 let record = json!({
                     "live": {"generation": 1, "fingerprint": fingerprint},
@@ -198,7 +230,7 @@ impl Slot {
             ))
         };
         let (live_generation, live_fingerprint) = generation_of(&record["live"])
-            .ok_or_else(|| ProjectionsError::Damaged(format!("slot {key}: no live generation")))?;
+            .ok_or_else(|| SlotError::Damaged(format!("slot {key}: no live generation")))?;
         let mut shadow = generation_of(&record["shadow"]);
         let next = record["next"].as_u64().unwrap_or(live_generation + 1);
         // A rebuild started by other code (another fingerprint) is not resumed: its copy would be
@@ -258,7 +290,7 @@ impl Slot {
 
     /// Reopens both copies from their directories: after a projector panicked mid-batch, its
     /// in-memory state cannot be trusted, its last committed state can.
-    pub(crate) fn reopen(&self, store: &Store) -> Result<(), ProjectionsError> {
+    pub(crate) fn reopen(&self, store: &Store) -> Result<(), SlotError> {
         let mut live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
         let reopen = |instance: &Instance| {
@@ -286,13 +318,13 @@ impl Slot {
     }
 
     /// The local seq this slot is working towards: the log's head, or its stream's last seq.
-    pub(crate) fn target(&self, store: &Store, head: u64) -> Result<u64, ProjectionsError> {
+    pub(crate) fn target(&self, store: &Store, head: u64) -> Result<u64, SlotError> {
         Ok(slot_target(store, self.stream.as_ref(), head)?)
     }
 
     /// Starts a rebuild into a new generation (a no-op if one is under way). Returns its
     /// generation.
-    pub(crate) fn start_rebuild(&self, store: &Store) -> Result<u64, ProjectionsError> {
+    pub(crate) fn start_rebuild(&self, store: &Store) -> Result<u64, SlotError> {
         // Lock order everywhere: live, shadow, next, shown.
         let live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
@@ -325,7 +357,7 @@ impl Slot {
         live: &Instance,
         shadow: Option<&Instance>,
         next: u64,
-    ) -> Result<(), ProjectionsError> {
+    ) -> Result<(), SlotError> {
         let part = |instance: &Instance| json!({"generation": instance.generation, "fingerprint": instance.fingerprint});
         let record = json!({
             "live": part(live),
@@ -342,12 +374,7 @@ impl Slot {
     /// One step: a batch for the live copy (unless halted, or `live` is false: an offline
     /// rebuild leaves the copy it replaces alone), a batch for the shadow copy, and the swap once
     /// the shadow has reached `target`.
-    pub(crate) fn work(
-        &self,
-        store: &Store,
-        target: u64,
-        live: bool,
-    ) -> Result<Worked, ProjectionsError> {
+    pub(crate) fn work(&self, store: &Store, target: u64, live: bool) -> Result<Worked, SlotError> {
         let mut worked = Worked::default();
         let halted = lock(&self.flags).halted.is_some();
         if live && !halted {
@@ -388,7 +415,7 @@ impl Slot {
         instance: &mut Instance,
         target: u64,
         live: bool,
-    ) -> Result<Worked, ProjectionsError> {
+    ) -> Result<Worked, SlotError> {
         let from = instance.scanned.max(instance.checkpoint) + 1;
         if from > target {
             return Ok(Worked::default());
@@ -428,7 +455,7 @@ impl Slot {
         instance: &mut Instance,
         batch: &[View],
         live: bool,
-    ) -> Result<Halted, ProjectionsError> {
+    ) -> Result<Halted, SlotError> {
         let mut start = 0;
         let mut end = batch.len();
         while start < batch.len() {
@@ -461,15 +488,13 @@ impl Slot {
                     end = batch.len();
                 }
                 Err(ApplyError::Scribe { index, .. }) => {
-                    return Err(ProjectionsError::Projection(format!(
+                    return Err(SlotError::Projector(format!(
                         "projector {} refused scribe {index} of a batch of {}",
                         self.plugin.name(),
                         part.len()
                     )))
                 }
-                Err(ApplyError::Storage(message)) => {
-                    return Err(ProjectionsError::Projection(message))
-                }
+                Err(ApplyError::Storage(message)) => return Err(SlotError::Projector(message)),
             }
         }
         Ok(Halted::No)
@@ -479,7 +504,7 @@ impl Slot {
         &self,
         instance: &mut Instance,
         seq: u64,
-    ) -> Result<(), ProjectionsError> {
+    ) -> Result<(), SlotError> {
         if seq <= instance.checkpoint {
             return Ok(());
         }
@@ -488,12 +513,12 @@ impl Slot {
                 instance.checkpoint = seq;
                 Ok(())
             }
-            Err(error) => Err(ProjectionsError::Projection(error.to_string())),
+            Err(error) => Err(SlotError::Projector(error.to_string())),
         }
     }
 
     /// Makes the shadow copy live and removes the old one.
-    fn swap(&self, store: &Store) -> Result<(), ProjectionsError> {
+    fn swap(&self, store: &Store) -> Result<(), SlotError> {
         let mut live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
         let Some(new) = shadow.as_ref() else {
@@ -527,9 +552,9 @@ impl Slot {
     }
 
     /// The live copy's digest and checkpoint.
-    pub(crate) fn digest(&self) -> Result<([u8; 32], u64), ProjectionsError> {
+    pub(crate) fn digest(&self) -> Result<([u8; 32], u64), SlotError> {
         let live = lock(&self.live);
-        let digest = live.projector.digest().map_err(projection_error)?;
+        let digest = live.projector.digest()?;
         Ok((digest, live.checkpoint))
     }
 
@@ -570,7 +595,7 @@ fn record_key(key: &str) -> String {
     format!("s/{key}")
 }
 
-pub(super) fn views(entries: &[StoredEntry]) -> Result<Vec<View>, ProjectionsError> {
+pub(super) fn views(entries: &[StoredEntry]) -> Result<Vec<View>, SlotError> {
     entries.iter().map(to_view).collect()
 }
 
@@ -580,15 +605,15 @@ pub(super) fn place_of(
     store: &Store,
     dir: PathBuf,
     stream: Option<StreamId>,
-) -> Result<Place, ProjectionsError> {
+) -> Result<Place, SlotError> {
     let mut place = Place::new(dir, stream);
     if let Some(stream) = stream {
         let genesis = store.get(&stream)?.ok_or_else(|| {
-            ProjectionsError::Stream(format!("stream {stream} is not held by this node"))
+            SlotError::Stream(format!("stream {stream} is not held by this node"))
         })?;
         let view = to_view(&genesis)?;
         place.policy = crate::convert::genesis_from_payload(&view.payload, view.author)
-            .map_err(|error| ProjectionsError::Damaged(format!("genesis of {stream}: {error}")))?
+            .map_err(|error| SlotError::Damaged(format!("genesis of {stream}: {error}")))?
             .policy;
     }
     Ok(place)
@@ -601,13 +626,12 @@ fn open_instance(
     stream: Option<StreamId>,
     generation: u64,
     fingerprint: String,
-) -> Result<Instance, ProjectionsError> {
+) -> Result<Instance, SlotError> {
     let place = place_of(store, dir.join(generation.to_string()), stream)?;
-    std::fs::create_dir_all(&place.dir).map_err(|error| {
-        ProjectionsError::Projection(format!("{}: {error}", place.dir.display()))
-    })?;
-    let projector = plugin.open(&place).map_err(projection_error)?;
-    let checkpoint = projector.checkpoint().map_err(projection_error)?;
+    std::fs::create_dir_all(&place.dir)
+        .map_err(|error| SlotError::Projector(format!("{}: {error}", place.dir.display())))?;
+    let projector = plugin.open(&place)?;
+    let checkpoint = projector.checkpoint()?;
     Ok(Instance {
         generation,
         fingerprint,
