@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use quire_projection_api::{ApplyError, Plugin, Scope, StreamId};
+use quire_projection_api::{ApplyError, Plugin, Projector, Scope, Scribe as View, StreamId};
 
 use super::slot::{place_of, read_batch, scope_dir, views, Slot, SlotError, PROJECTIONS_DIR};
 use crate::log::store::Store;
@@ -128,28 +128,7 @@ fn replay_scope(
             break;
         };
         next = last.seq + 1;
-        let batch = views(&entries)?;
-        let mut rest = &batch[..];
-        while !rest.is_empty() {
-            let checkpoint = rest.last().expect("non-empty").local_seq;
-            match projector.apply(rest, checkpoint) {
-                Ok(()) => {
-                    applied += rest.len() as u64;
-                    rest = &[];
-                }
-                Err(ApplyError::Scribe { index, reason }) if index < rest.len() => {
-                    if index > 0 {
-                        projector
-                            .apply(&rest[..index], rest[index - 1].local_seq)
-                            .map_err(|error| SlotError::Projector(error.to_string()))?;
-                        applied += index as u64;
-                    }
-                    refused.push((rest[index].local_seq, reason));
-                    rest = &rest[index + 1..];
-                }
-                Err(error) => return Err(SlotError::Projector(error.to_string())),
-            }
-        }
+        applied += apply_refusing(&mut *projector, &views(&entries)?, &mut refused)?;
         progress(next - 1);
     }
     let digest = projector.digest()?;
@@ -172,4 +151,36 @@ pub struct Replayed {
     pub refused: Vec<(u64, String)>,
     /// The scratch copy's digest.
     pub digest: [u8; 32],
+}
+
+/// Applies `batch`, leaving out (and adding to `refused`) each scribe the projector refuses.
+/// Returns how many it applied.
+fn apply_refusing(
+    projector: &mut dyn Projector,
+    batch: &[View],
+    refused: &mut Vec<(u64, String)>,
+) -> Result<u64, SlotError> {
+    let mut applied = 0;
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let checkpoint = rest.last().expect("non-empty").local_seq;
+        match projector.apply(rest, checkpoint) {
+            Ok(()) => {
+                applied += rest.len() as u64;
+                rest = &[];
+            }
+            Err(ApplyError::Scribe { index, reason }) if index < rest.len() => {
+                if index > 0 {
+                    projector
+                        .apply(&rest[..index], rest[index - 1].local_seq)
+                        .map_err(|error| SlotError::Projector(error.to_string()))?;
+                    applied += index as u64;
+                }
+                refused.push((rest[index].local_seq, reason));
+                rest = &rest[index + 1..];
+            }
+            Err(error) => return Err(SlotError::Projector(error.to_string())),
+        }
+    }
+    Ok(applied)
 }

@@ -96,6 +96,25 @@ impl Slot {
         Ok(false)
     }
 
+    /// After copy `generation` was swapped in: scribes only the retired copy held parked were
+    /// applied by the new one, so their records go (skipped ones stay, as the decision).
+    pub(super) fn forget_parked_by_others(
+        &self,
+        store: &Store,
+        generation: u64,
+    ) -> Result<(), SlotError> {
+        let stale: Vec<_> = self
+            .parked(store)?
+            .into_iter()
+            .filter(|p| p.state == "parked" && !p.generations.contains(&generation))
+            .map(|p| (parked_key(&self.key, p.seq), None))
+            .collect();
+        if !stale.is_empty() {
+            store.put_projection_records(&stale)?;
+        }
+        Ok(())
+    }
+
     /// Copy `generation` has applied seqs `from..=to`: it no longer holds any of them parked.
     pub(super) fn clear_applied(
         &self,
@@ -224,7 +243,7 @@ impl Slot {
     }
 }
 
-pub(super) fn parked_key(key: &str, seq: u64) -> Vec<u8> {
+fn parked_key(key: &str, seq: u64) -> Vec<u8> {
     let mut out = format!("q/{key}/").into_bytes();
     out.extend_from_slice(&seq.to_be_bytes());
     out

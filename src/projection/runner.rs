@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quire_projection_api::{Scope, ScribeId, StreamId};
+use quire_projection_api::{Plugin, Scope, ScribeId, StreamId};
 use tokio::sync::Notify;
 
 use super::consumers::{self, Consumer};
 use super::quarantine::Parked;
 use super::registry::Registry;
-use super::slot::{lock, slot_target, Slot, SlotError, PROJECTIONS_DIR};
+use super::slot::{lock, slot_target, Slot, SlotError, Worked, PROJECTIONS_DIR};
 use crate::log::store::{Store, StoreError};
 use crate::log::Log;
 
@@ -182,23 +182,28 @@ impl Projections {
             .iter()
             .any(|p| p.scope() == Scope::Stream)
         {
-            let weak = Arc::downgrade(&projections.inner);
-            let mut streams = log.watch_streams();
-            let mut closing = log.watch_closing();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        changed = streams.changed() => if changed.is_err() { return },
-                        _ = closing.wait_for(|closing| *closing) => return,
-                    }
-                    let Some(inner) = weak.upgrade() else { return };
-                    if let Err(error) = (Projections { inner }).open_missing_slots() {
-                        tracing::error!(%error, "could not open projections of a new stream");
-                    }
-                }
-            });
+            projections.follow_new_streams();
         }
         Ok(projections)
+    }
+
+    /// Opens the slots of every stream created or joined from now on, until the log closes.
+    fn follow_new_streams(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut streams = self.inner.log.watch_streams();
+        let mut closing = self.inner.log.watch_closing();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = streams.changed() => if changed.is_err() { return },
+                    _ = closing.wait_for(|closing| *closing) => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(error) = (Projections { inner }).open_missing_slots() {
+                    tracing::error!(%error, "could not open projections of a new stream");
+                }
+            }
+        });
     }
 
     fn open_missing_slots(&self) -> Result<(), RunnerError> {
@@ -220,31 +225,43 @@ impl Projections {
                 if lock(&inner.slots).contains_key(&key) {
                     continue;
                 }
-                let slot = match Slot::open(inner.log.store(), plugin.clone(), stream, &inner.root)
-                {
-                    Ok(slot) => Arc::new(slot),
-                    Err(error) => {
-                        // The other slots still start; this one is tried again when the set of
-                        // streams next changes, or at the next start.
-                        tracing::error!(slot = %key, %error, "cannot open projection");
-                        first_error.get_or_insert(error);
-                        continue;
-                    }
-                };
-                let wake = Arc::new(Notify::new());
-                tokio::spawn(run_slot(
-                    inner.log.clone(),
-                    slot.clone(),
-                    wake.clone(),
-                    inner.working.clone(),
-                ));
-                lock(&inner.slots).insert(key, SlotTask { slot, wake });
+                if let Err(error) = self.open_slot(plugin, stream, &key) {
+                    // The other slots still start; this one is tried again when the set of
+                    // streams next changes, or at the next start.
+                    tracing::error!(slot = %key, %error, "cannot open projection");
+                    first_error.get_or_insert(error);
+                }
             }
         }
         match first_error {
             Some(error) => Err(error.into()),
             None => Ok(()),
         }
+    }
+
+    /// Opens the slot of `plugin` in `stream`'s scope and starts its task.
+    fn open_slot(
+        &self,
+        plugin: &Arc<dyn Plugin>,
+        stream: Option<StreamId>,
+        key: &str,
+    ) -> Result<(), SlotError> {
+        let inner = &self.inner;
+        let slot = Arc::new(Slot::open(
+            inner.log.store(),
+            plugin.clone(),
+            stream,
+            &inner.root,
+        )?);
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(run_slot(
+            inner.log.clone(),
+            slot.clone(),
+            wake.clone(),
+            inner.working.clone(),
+        ));
+        lock(&inner.slots).insert(key.to_string(), SlotTask { slot, wake });
+        Ok(())
     }
 
     /// The slots of `name` (one stream's, or all of them with `stream` `None`).
@@ -314,24 +331,7 @@ impl Projections {
             out.push(self.slot_status(&slot, store, head, digests)?);
         }
         for consumer in consumers::list(store)? {
-            let target = match &consumer.stream {
-                Some(stream) => slot_target(store, Some(stream), head)?,
-                None => head,
-            };
-            out.push(ProjectionStatus {
-                name: consumer.name,
-                stream: consumer.stream,
-                kind: "consumer",
-                fingerprint: String::new(),
-                generation: 0,
-                checkpoint: consumer.acked.min(target),
-                target,
-                quarantined: 0,
-                digest: None,
-                rebuild: None,
-                halted: None,
-                error: None,
-            });
+            out.push(consumer_status(store, head, consumer)?);
         }
         Ok(out)
     }
@@ -386,22 +386,7 @@ impl Projections {
         let store = self.inner.log.store();
         if self.inner.registry.get(name).is_none() {
             if let Some(consumer) = consumers::get(store, name)? {
-                if stream.is_some() && consumer.stream.as_ref() != stream {
-                    return Err(RunnerError::Stream(format!(
-                        "consumer {name:?} follows {}; drop --stream to start it over",
-                        consumer
-                            .stream
-                            .map(|s| format!("stream {s}"))
-                            .unwrap_or_else(|| "the whole log".into())
-                    )));
-                }
-                let _serial = lock(&self.inner.consumers);
-                consumers::reset(store, name)?;
-                return Ok(self
-                    .list(false)?
-                    .into_iter()
-                    .filter(|status| status.kind == "consumer" && status.name == name)
-                    .collect());
+                return self.restart_consumer(consumer, stream);
             }
             return Err(self.unknown(name));
         }
@@ -414,6 +399,31 @@ impl Projections {
             out.push(self.slot_status(&task.slot, store, head, false)?);
         }
         Ok(out)
+    }
+
+    /// `quire rebuild <consumer>`: starts `consumer` over from seq 1.
+    fn restart_consumer(
+        &self,
+        consumer: Consumer,
+        stream: Option<&StreamId>,
+    ) -> Result<Vec<ProjectionStatus>, RunnerError> {
+        let name = consumer.name.as_str();
+        if stream.is_some() && consumer.stream.as_ref() != stream {
+            return Err(RunnerError::Stream(format!(
+                "consumer {name:?} follows {}; drop --stream to start it over",
+                consumer
+                    .stream
+                    .map(|s| format!("stream {s}"))
+                    .unwrap_or_else(|| "the whole log".into())
+            )));
+        }
+        let _serial = lock(&self.inner.consumers);
+        consumers::reset(self.inner.log.store(), name)?;
+        Ok(self
+            .list(false)?
+            .into_iter()
+            .filter(|status| status.kind == "consumer" && status.name == name)
+            .collect())
     }
 
     /// The live copy's digest and checkpoint.
@@ -549,6 +559,32 @@ impl Projections {
     }
 }
 
+/// What `quire projections` shows of a durable consumer.
+fn consumer_status(
+    store: &Store,
+    head: u64,
+    consumer: Consumer,
+) -> Result<ProjectionStatus, RunnerError> {
+    let target = match &consumer.stream {
+        Some(stream) => slot_target(store, Some(stream), head)?,
+        None => head,
+    };
+    Ok(ProjectionStatus {
+        name: consumer.name,
+        stream: consumer.stream,
+        kind: "consumer",
+        fingerprint: String::new(),
+        generation: 0,
+        checkpoint: consumer.acked.min(target),
+        target,
+        quarantined: 0,
+        digest: None,
+        rebuild: None,
+        halted: None,
+        error: None,
+    })
+}
+
 /// How long a failing projection waits before trying again (doubling up to the cap).
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(30);
@@ -569,40 +605,17 @@ async fn run_slot(
             return;
         }
         let head = *heads.borrow_and_update();
-        let worker = slot.clone();
-        let store_log = log.clone();
-        let Ok(permit) = working.clone().acquire_owned().await else {
+        let Some(stepped) = step(&log, &slot, head, &working).await else {
             return;
         };
-        let result = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let store = store_log.store();
-            let target = worker.target(store, head)?;
-            worker.work(store, target, true)
-        })
-        .await;
-        match result {
-            Ok(Ok(worked)) => {
+        match stepped {
+            Ok(worked) => {
                 backoff = RETRY_FIRST;
                 if worked.more || worked.swapped {
                     continue;
                 }
             }
-            failed => {
-                let error = match failed {
-                    Ok(Err(error)) => error.to_string(),
-                    Err(join) if join.is_panic() => {
-                        // Its in-memory state may be half a batch: start again from its files.
-                        let reopened = slot.clone();
-                        let store_log = log.clone();
-                        let _ =
-                            tokio::task::spawn_blocking(move || reopened.reopen(store_log.store()))
-                                .await;
-                        format!("the projector panicked: {}", panic_message(join))
-                    }
-                    Err(_) => return,
-                    Ok(Ok(_)) => unreachable!("handled above"),
-                };
+            Err(error) => {
                 tracing::error!(slot = %slot.key(), %error, "projection failed; retrying");
                 lock(&slot.flags).error = Some(error);
                 tokio::select! {
@@ -619,6 +632,42 @@ async fn run_slot(
             () = wake.notified() => {}
             _ = closing.wait_for(|closing| *closing) => return,
         }
+    }
+}
+
+/// One step of `slot` towards `head`, on a blocking thread once `working` has a permit free.
+/// `Err` is the failure as `quire projections` shows it (after a panic, the slot is reopened from
+/// its files first); `None`: the runtime is shutting down.
+async fn step(
+    log: &Log,
+    slot: &Arc<Slot>,
+    head: u64,
+    working: &Arc<tokio::sync::Semaphore>,
+) -> Option<Result<Worked, String>> {
+    let worker = slot.clone();
+    let store_log = log.clone();
+    let permit = working.clone().acquire_owned().await.ok()?;
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let store = store_log.store();
+        let target = worker.target(store, head)?;
+        worker.work(store, target, true)
+    })
+    .await;
+    match result {
+        Ok(Ok(worked)) => Some(Ok(worked)),
+        Ok(Err(error)) => Some(Err(error.to_string())),
+        Err(join) if join.is_panic() => {
+            // Its in-memory state may be half a batch: start again from its files.
+            let reopened = slot.clone();
+            let store_log = log.clone();
+            let _ = tokio::task::spawn_blocking(move || reopened.reopen(store_log.store())).await;
+            Some(Err(format!(
+                "the projector panicked: {}",
+                panic_message(join)
+            )))
+        }
+        Err(_) => None,
     }
 }
 

@@ -26,7 +26,6 @@ use quire_projection_api::{
 };
 use serde_json::{json, Value};
 
-use super::quarantine::parked_key;
 use super::view::to_view;
 use crate::log::read_range;
 use crate::log::store::{Store, StoreError, StoredEntry};
@@ -207,58 +206,23 @@ impl Slot {
         let key = format!("{name}/{scope}");
         let dir = root.join(&name).join(&scope);
         let fingerprint = plugin.fingerprint();
-        let record = match store.projection_record(record_key(&key).as_bytes())? {
-            Some(bytes) => serde_json::from_slice::<Value>(&bytes)
-                .map_err(|error| SlotError::Damaged(format!("slot {key}: {error}")))?,
-            None => {
-                let record = json!({
-                    "live": {"generation": 1, "fingerprint": fingerprint},
-                    "shadow": null,
-                    "next": 2,
-                });
-                store.put_projection_records(&[(
-                    record_key(&key).into_bytes(),
-                    Some(record.to_string().into_bytes()),
-                )])?;
-                record
-            }
-        };
-        let generation_of = |part: &Value| -> Option<(u64, String)> {
-            Some((
-                part.get("generation")?.as_u64()?,
-                part.get("fingerprint")?.as_str()?.to_string(),
-            ))
-        };
-        let (live_generation, live_fingerprint) = generation_of(&record["live"])
-            .ok_or_else(|| SlotError::Damaged(format!("slot {key}: no live generation")))?;
-        let mut shadow = generation_of(&record["shadow"]);
-        let next = record["next"].as_u64().unwrap_or(live_generation + 1);
+        let mut record = SlotRecord::read_or_create(store, &key, &fingerprint)?;
         // A rebuild started by other code (another fingerprint) is not resumed: its copy would be
         // half one version, half the other.
-        let discard_shadow = shadow.as_ref().is_some_and(|(_, f)| *f != fingerprint);
+        let discard_shadow = record
+            .shadow
+            .as_ref()
+            .is_some_and(|(_, f)| *f != fingerprint);
         if discard_shadow {
-            shadow = None;
+            record.shadow = None;
         }
-        remove_unnamed_generations(&dir, live_generation, shadow.as_ref().map(|s| s.0));
-        let live = open_instance(
-            store,
-            &*plugin,
-            &dir,
-            stream,
-            live_generation,
-            live_fingerprint,
-        )?;
-        let shadow = match shadow {
-            Some((generation, fingerprint)) => Some(open_instance(
-                store,
-                &*plugin,
-                &dir,
-                stream,
-                generation,
-                fingerprint,
-            )?),
-            None => None,
+        remove_unnamed_generations(&dir, record.live.0, record.shadow.as_ref().map(|s| s.0));
+        let open = |(generation, fingerprint): (u64, String)| {
+            open_instance(store, &*plugin, &dir, stream, generation, fingerprint)
         };
+        let live = open(record.live)?;
+        let shadow = record.shadow.map(open).transpose()?;
+        let next = record.next;
         let shown = (live.state(), shadow.as_ref().map(Instance::state));
         let slot = Slot {
             plugin,
@@ -276,16 +240,23 @@ impl Slot {
             let live = lock(&slot.live);
             slot.write_record(store, &live, None, next)?;
         }
+        slot.rebuild_if_stale(store, &fingerprint)?;
+        Ok(slot)
+    }
+
+    /// Starts a rebuild if the live copy was made by other code than the plugin's `fingerprint`
+    /// and none is under way.
+    fn rebuild_if_stale(&self, store: &Store, fingerprint: &str) -> Result<(), SlotError> {
         let stale = {
-            let live = lock(&slot.live);
-            let shadow = lock(&slot.shadow);
+            let live = lock(&self.live);
+            let shadow = lock(&self.shadow);
             live.fingerprint != fingerprint && shadow.is_none()
         };
         if stale {
-            tracing::info!(slot = %slot.key, %fingerprint, "projector fingerprint changed: rebuilding blue/green");
-            slot.start_rebuild(store)?;
+            tracing::info!(slot = %self.key, %fingerprint, "projector fingerprint changed: rebuilding blue/green");
+            self.start_rebuild(store)?;
         }
-        Ok(slot)
+        Ok(())
     }
 
     /// Reopens both copies from their directories: after a projector panicked mid-batch, its
@@ -528,16 +499,7 @@ impl Slot {
         // The record first: if it cannot be written, nothing changed and the rebuild goes on.
         self.write_record(store, new, None, next)?;
         let new = shadow.take().expect("checked above");
-        // Scribes only the old copy held parked were applied by the new one.
-        let stale: Vec<_> = self
-            .parked(store)?
-            .into_iter()
-            .filter(|p| p.state == "parked" && !p.generations.contains(&new.generation))
-            .map(|p| (parked_key(&self.key, p.seq), None))
-            .collect();
-        if !stale.is_empty() {
-            store.put_projection_records(&stale)?;
-        }
+        self.forget_parked_by_others(store, new.generation)?;
         lock(&self.flags).halted = None;
         *lock(&self.shown) = (new.state(), None);
         self.applied.send_replace(new.state().checkpoint);
@@ -593,6 +555,53 @@ pub(crate) struct CopyState {
 
 fn record_key(key: &str) -> String {
     format!("s/{key}")
+}
+
+/// A slot's record, `s/<name>/<scope>`: its copies by (generation, fingerprint), and the next
+/// generation number to hand out.
+struct SlotRecord {
+    live: (u64, String),
+    shadow: Option<(u64, String)>,
+    next: u64,
+}
+
+impl SlotRecord {
+    /// The record of slot `key`; a new slot's (generation 1 of `fingerprint`) is written first.
+    fn read_or_create(
+        store: &Store,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<SlotRecord, SlotError> {
+        let record = match store.projection_record(record_key(key).as_bytes())? {
+            Some(bytes) => serde_json::from_slice::<Value>(&bytes)
+                .map_err(|error| SlotError::Damaged(format!("slot {key}: {error}")))?,
+            None => {
+                let record = json!({
+                    "live": {"generation": 1, "fingerprint": fingerprint},
+                    "shadow": null,
+                    "next": 2,
+                });
+                store.put_projection_records(&[(
+                    record_key(key).into_bytes(),
+                    Some(record.to_string().into_bytes()),
+                )])?;
+                record
+            }
+        };
+        let generation_of = |part: &Value| -> Option<(u64, String)> {
+            Some((
+                part.get("generation")?.as_u64()?,
+                part.get("fingerprint")?.as_str()?.to_string(),
+            ))
+        };
+        let live = generation_of(&record["live"])
+            .ok_or_else(|| SlotError::Damaged(format!("slot {key}: no live generation")))?;
+        Ok(SlotRecord {
+            shadow: generation_of(&record["shadow"]),
+            next: record["next"].as_u64().unwrap_or(live.0 + 1),
+            live,
+        })
+    }
 }
 
 pub(super) fn views(entries: &[StoredEntry]) -> Result<Vec<View>, SlotError> {
