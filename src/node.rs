@@ -15,7 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::api::{Api, NodeFacts};
 use crate::hlc::WallClock;
 use crate::log::{Log, LogOptions, OpenError, PayloadChecks};
-use crate::projection::{Projections, ProjectionsError, Registry};
+use crate::projection::{Projections, Registry, RunnerError};
 use crate::replication::{ReplicationError, Replicator};
 
 /// Name of the file in the data directory that holds the client API address while a node runs.
@@ -82,7 +82,7 @@ pub enum NodeError {
     Replication(#[from] ReplicationError),
     /// Projections could not be opened.
     #[error("projections: {0}")]
-    Projections(#[from] ProjectionsError),
+    Projections(#[from] RunnerError),
 }
 
 /// Opens the node's log, handing it the payload rules of the node (see [`payload_checks`]).

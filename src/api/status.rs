@@ -11,7 +11,7 @@ use tonic::Status;
 use crate::log::store::StoreError;
 use crate::log::AppendError;
 use crate::projection::readers::WaitError;
-use crate::projection::ProjectionsError;
+use crate::projection::RunnerError;
 
 /// Maps an append refusal to its status: one place, so every API agrees.
 pub fn append_status(error: &AppendError) -> Status {
@@ -45,19 +45,19 @@ pub fn store_status(error: &StoreError) -> Status {
 }
 
 /// The status for a projection error.
-pub fn projections_status(error: &ProjectionsError) -> Status {
+pub fn projections_status(error: &RunnerError) -> Status {
     match error {
-        ProjectionsError::Unknown { .. }
-        | ProjectionsError::UnknownConsumer(_)
-        | ProjectionsError::NotParked(_) => Status::not_found(error.to_string()),
-        ProjectionsError::Stream(_) | ProjectionsError::Consumer(_) => {
+        RunnerError::Unknown { .. }
+        | RunnerError::UnknownConsumer(_)
+        | RunnerError::NotParked(_) => Status::not_found(error.to_string()),
+        RunnerError::Stream(_) | RunnerError::Consumer(_) => {
             Status::invalid_argument(error.to_string())
         }
-        ProjectionsError::StillFails { .. } | ProjectionsError::NotReady(_) => {
+        RunnerError::StillFails { .. } | RunnerError::NotReady(_) => {
             Status::failed_precondition(error.to_string())
         }
-        ProjectionsError::Damaged(_) => Status::data_loss(error.to_string()),
-        ProjectionsError::Store(store) => store_status(store),
+        RunnerError::Damaged(_) => Status::data_loss(error.to_string()),
+        RunnerError::Store(store) => store_status(store),
         _ => Status::internal(error.to_string()),
     }
 }
@@ -77,7 +77,7 @@ pub(crate) fn invalid(message: String) -> Status {
 
 /// Runs a projection operation (which may take file locks and fsync) off the executor.
 pub(crate) async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ProjectionsError> + Send + 'static,
+    work: impl FnOnce() -> Result<T, RunnerError> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(work)
         .await

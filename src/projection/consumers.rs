@@ -12,7 +12,7 @@
 use quire_projection_api::StreamId;
 use serde_json::{json, Value};
 
-use super::ProjectionsError;
+use super::RunnerError;
 use crate::log::store::Store;
 
 /// A durable consumer's record.
@@ -38,8 +38,8 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-fn decode(name: &str, value: &[u8]) -> Result<Consumer, ProjectionsError> {
-    let damaged = || ProjectionsError::Damaged(format!("consumer {name}"));
+fn decode(name: &str, value: &[u8]) -> Result<Consumer, RunnerError> {
+    let damaged = || RunnerError::Damaged(format!("consumer {name}"));
     let value: Value = serde_json::from_slice(value).map_err(|_| damaged())?;
     let stream = match value["stream"].as_str().unwrap_or_default() {
         "" => None,
@@ -52,7 +52,7 @@ fn decode(name: &str, value: &[u8]) -> Result<Consumer, ProjectionsError> {
     })
 }
 
-fn put(store: &Store, consumer: &Consumer) -> Result<(), ProjectionsError> {
+fn put(store: &Store, consumer: &Consumer) -> Result<(), RunnerError> {
     let value = json!({
         "stream": consumer.stream.map(|s| s.to_hex()).unwrap_or_default(),
         "acked": consumer.acked,
@@ -62,7 +62,7 @@ fn put(store: &Store, consumer: &Consumer) -> Result<(), ProjectionsError> {
 }
 
 /// The consumer named `name`, if it exists.
-pub(crate) fn get(store: &Store, name: &str) -> Result<Option<Consumer>, ProjectionsError> {
+pub(crate) fn get(store: &Store, name: &str) -> Result<Option<Consumer>, RunnerError> {
     match store.projection_record(&key(name))? {
         Some(value) => Ok(Some(decode(name, &value)?)),
         None => Ok(None),
@@ -70,7 +70,7 @@ pub(crate) fn get(store: &Store, name: &str) -> Result<Option<Consumer>, Project
 }
 
 /// Every consumer, by name.
-pub(crate) fn list(store: &Store) -> Result<Vec<Consumer>, ProjectionsError> {
+pub(crate) fn list(store: &Store) -> Result<Vec<Consumer>, RunnerError> {
     store
         .projection_records(b"c/")?
         .iter()
@@ -83,9 +83,9 @@ pub(crate) fn start(
     store: &Store,
     name: &str,
     stream: Option<&StreamId>,
-) -> Result<u64, ProjectionsError> {
+) -> Result<u64, RunnerError> {
     if !valid_name(name) {
-        return Err(ProjectionsError::Consumer(format!(
+        return Err(RunnerError::Consumer(format!(
             "consumer name {name:?} must be 1-128 characters of letters, digits, '-', '_' and '.'"
         )));
     }
@@ -95,7 +95,7 @@ pub(crate) fn start(
                 .stream
                 .map(|s| format!("stream {s}"))
                 .unwrap_or_else(|| "the whole log".into());
-            Err(ProjectionsError::Consumer(format!(
+            Err(RunnerError::Consumer(format!(
                 "consumer {name:?} follows {follows}; subscribe to that, or use another name"
             )))
         }
@@ -121,9 +121,9 @@ pub(crate) fn ack(
     mut consumer: Consumer,
     seq: u64,
     limit: u64,
-) -> Result<Consumer, ProjectionsError> {
+) -> Result<Consumer, RunnerError> {
     if seq > limit {
-        return Err(ProjectionsError::Consumer(format!(
+        return Err(RunnerError::Consumer(format!(
             "ack of seq {seq} is beyond the last seq consumer {:?} can have received ({limit}): acknowledge only seqs you received",
             consumer.name
         )));
@@ -136,7 +136,7 @@ pub(crate) fn ack(
 }
 
 /// Starts `name` over from seq 1 (`quire rebuild <consumer>`).
-pub(crate) fn reset(store: &Store, name: &str) -> Result<(), ProjectionsError> {
+pub(crate) fn reset(store: &Store, name: &str) -> Result<(), RunnerError> {
     if let Some(mut consumer) = get(store, name)? {
         consumer.acked = 0;
         put(store, &consumer)?;

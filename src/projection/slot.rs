@@ -1,10 +1,11 @@
 //! One projection slot: a plugin's state for the whole log or for one stream, as a live copy and,
-//! during a rebuild, a shadow copy beside it. Everything here is synchronous (the async runner in
-//! `super::runner` calls it off the executor, and the offline commands call it directly).
+//! during a rebuild, a shadow copy beside it; reading and applying batches to them, and the swap.
+//! Everything here is synchronous (the async runner in `runner.rs` calls it off the executor, and
+//! `offline.rs` calls it directly). Not here: the tasks and admin operations (`runner.rs`), the
+//! records of parked scribes and the operator's retry/skip (`quarantine.rs`).
 //!
-//! Records in the store's `projections` column family (JSON values):
-//! - `s/<name>/<scope>` → `{"live": {"generation", "fingerprint"}, "shadow": {…} | null, "next": n}`
-//! - `q/<name>/<scope>/<seq u64 BE>` → a parked scribe: `{"id", "kind", "error", "state", "at_ms"}`
+//! The slot's record in the store's `projections` column family (a JSON value):
+//! `s/<name>/<scope>` → `{"live": {"generation", "fingerprint"}, "shadow": {…} | null, "next": n}`.
 //!
 //! `<scope>` is `log` or the stream id in hex. Instances live in
 //! `<data>/projections/<name>/<scope>/<generation>/`.
@@ -18,7 +19,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use quire_projection_api::{
     ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scribe as View, ScribeId,
@@ -27,9 +27,41 @@ use quire_projection_api::{
 use serde_json::{json, Value};
 
 use super::view::to_view;
-use super::ProjectionsError;
 use crate::log::read_range;
 use crate::log::store::{Store, StoreError, StoredEntry};
+
+/// The directory under a node's data directory that holds every projection.
+pub const PROJECTIONS_DIR: &str = "projections";
+
+/// What an operation on one slot (or an offline command driving slots) can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SlotError {
+    /// The projector (the plugin's code) failed as a whole, or its directory could not be made.
+    #[error("projector: {0}")]
+    Projector(String),
+    /// The scope does not fit: the stream is not held by this node, or the projector covers the
+    /// whole log and a stream was named.
+    #[error("{0}")]
+    Stream(String),
+    /// Nothing is parked at this seq.
+    #[error("nothing parked in the quarantine for {0}; `quire quarantine list` shows what is")]
+    NotParked(String),
+    /// A retried scribe failed again; it stays parked.
+    #[error("scribe {id} still fails: {reason}; it stays in the quarantine")]
+    StillFails {
+        /// The scribe.
+        id: ScribeId,
+        /// What the projector said.
+        reason: String,
+    },
+    /// A record of the slot, the quarantine or a stored scribe has the wrong shape.
+    #[error("damaged projection record: {0}")]
+    Damaged(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Scribes read per store call.
 const READ_CHUNK: usize = 2048;
@@ -78,7 +110,7 @@ pub(crate) fn read_batch(
 pub(crate) struct Instance {
     pub(crate) generation: u64,
     pub(crate) fingerprint: String,
-    projector: Box<dyn Projector>,
+    pub(super) projector: Box<dyn Projector>,
     /// The committed checkpoint.
     pub(crate) checkpoint: u64,
     /// How far the log has been read for it (≥ checkpoint: a per-stream instance skips other
@@ -123,54 +155,16 @@ enum Halted {
     No,
 }
 
-/// A parked scribe.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parked {
-    /// Projection name.
-    pub name: String,
-    /// Its stream scope, if per stream.
-    pub stream: Option<StreamId>,
-    /// Local seq of the scribe.
-    pub seq: u64,
-    /// The scribe.
-    pub id: ScribeId,
-    /// Its kind.
-    pub kind: String,
-    /// What the projector said.
-    pub error: String,
-    /// `parked` or `skipped`.
-    pub state: String,
-    /// When it was parked (unix ms).
-    pub at_ms: u64,
-    /// The copies (generations) that parked it and have not applied it since.
-    pub generations: Vec<u64>,
-}
-
-impl Parked {
-    fn encode(&self) -> Vec<u8> {
-        json!({
-            "id": self.id.to_hex(),
-            "kind": self.kind,
-            "error": self.error,
-            "state": self.state,
-            "at_ms": self.at_ms,
-            "generations": self.generations,
-        })
-        .to_string()
-        .into_bytes()
-    }
-}
-
 /// A plugin's state in one scope.
 pub(crate) struct Slot {
     pub(crate) plugin: Arc<dyn Plugin>,
     pub(crate) stream: Option<StreamId>,
     /// `<name>/<scope>`.
-    key: String,
+    pub(super) key: String,
     /// `<data>/projections/<name>/<scope>`.
     dir: PathBuf,
-    live: Mutex<Instance>,
-    shadow: Mutex<Option<Instance>>,
+    pub(super) live: Mutex<Instance>,
+    pub(super) shadow: Mutex<Option<Instance>>,
     /// The next generation number to hand out.
     next: Mutex<u64>,
     /// What status reports show of the live and shadow copies, refreshed after every step, so a
@@ -181,25 +175,20 @@ pub(crate) struct Slot {
     pub(crate) flags: Mutex<Flags>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn scope_name(stream: Option<&StreamId>) -> String {
     stream.map(|s| s.to_hex()).unwrap_or_else(|| "log".into())
 }
 
-fn projection_error(error: ProjectionError) -> ProjectionsError {
-    ProjectionsError::Projection(error.0)
+impl From<ProjectionError> for SlotError {
+    fn from(error: ProjectionError) -> SlotError {
+        SlotError::Projector(error.0)
+    }
 }
 
 impl Slot {
@@ -211,64 +200,29 @@ impl Slot {
         plugin: Arc<dyn Plugin>,
         stream: Option<StreamId>,
         root: &Path,
-    ) -> Result<Slot, ProjectionsError> {
+    ) -> Result<Slot, SlotError> {
         let name = plugin.name().to_string();
         let scope = scope_name(stream.as_ref());
         let key = format!("{name}/{scope}");
         let dir = root.join(&name).join(&scope);
         let fingerprint = plugin.fingerprint();
-        let record = match store.projection_record(record_key(&key).as_bytes())? {
-            Some(bytes) => serde_json::from_slice::<Value>(&bytes)
-                .map_err(|error| ProjectionsError::Damaged(format!("slot {key}: {error}")))?,
-            None => {
-                let record = json!({
-                    "live": {"generation": 1, "fingerprint": fingerprint},
-                    "shadow": null,
-                    "next": 2,
-                });
-                store.put_projection_records(&[(
-                    record_key(&key).into_bytes(),
-                    Some(record.to_string().into_bytes()),
-                )])?;
-                record
-            }
-        };
-        let generation_of = |part: &Value| -> Option<(u64, String)> {
-            Some((
-                part.get("generation")?.as_u64()?,
-                part.get("fingerprint")?.as_str()?.to_string(),
-            ))
-        };
-        let (live_generation, live_fingerprint) = generation_of(&record["live"])
-            .ok_or_else(|| ProjectionsError::Damaged(format!("slot {key}: no live generation")))?;
-        let mut shadow = generation_of(&record["shadow"]);
-        let next = record["next"].as_u64().unwrap_or(live_generation + 1);
+        let mut record = SlotRecord::read_or_create(store, &key, &fingerprint)?;
         // A rebuild started by other code (another fingerprint) is not resumed: its copy would be
         // half one version, half the other.
-        let discard_shadow = shadow.as_ref().is_some_and(|(_, f)| *f != fingerprint);
+        let discard_shadow = record
+            .shadow
+            .as_ref()
+            .is_some_and(|(_, f)| *f != fingerprint);
         if discard_shadow {
-            shadow = None;
+            record.shadow = None;
         }
-        remove_unnamed_generations(&dir, live_generation, shadow.as_ref().map(|s| s.0));
-        let live = open_instance(
-            store,
-            &*plugin,
-            &dir,
-            stream,
-            live_generation,
-            live_fingerprint,
-        )?;
-        let shadow = match shadow {
-            Some((generation, fingerprint)) => Some(open_instance(
-                store,
-                &*plugin,
-                &dir,
-                stream,
-                generation,
-                fingerprint,
-            )?),
-            None => None,
+        remove_unnamed_generations(&dir, record.live.0, record.shadow.as_ref().map(|s| s.0));
+        let open = |(generation, fingerprint): (u64, String)| {
+            open_instance(store, &*plugin, &dir, stream, generation, fingerprint)
         };
+        let live = open(record.live)?;
+        let shadow = record.shadow.map(open).transpose()?;
+        let next = record.next;
         let shown = (live.state(), shadow.as_ref().map(Instance::state));
         let slot = Slot {
             plugin,
@@ -286,21 +240,28 @@ impl Slot {
             let live = lock(&slot.live);
             slot.write_record(store, &live, None, next)?;
         }
+        slot.rebuild_if_stale(store, &fingerprint)?;
+        Ok(slot)
+    }
+
+    /// Starts a rebuild if the live copy was made by other code than the plugin's `fingerprint`
+    /// and none is under way.
+    fn rebuild_if_stale(&self, store: &Store, fingerprint: &str) -> Result<(), SlotError> {
         let stale = {
-            let live = lock(&slot.live);
-            let shadow = lock(&slot.shadow);
+            let live = lock(&self.live);
+            let shadow = lock(&self.shadow);
             live.fingerprint != fingerprint && shadow.is_none()
         };
         if stale {
-            tracing::info!(slot = %slot.key, %fingerprint, "projector fingerprint changed: rebuilding blue/green");
-            slot.start_rebuild(store)?;
+            tracing::info!(slot = %self.key, %fingerprint, "projector fingerprint changed: rebuilding blue/green");
+            self.start_rebuild(store)?;
         }
-        Ok(slot)
+        Ok(())
     }
 
     /// Reopens both copies from their directories: after a projector panicked mid-batch, its
     /// in-memory state cannot be trusted, its last committed state can.
-    pub(crate) fn reopen(&self, store: &Store) -> Result<(), ProjectionsError> {
+    pub(crate) fn reopen(&self, store: &Store) -> Result<(), SlotError> {
         let mut live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
         let reopen = |instance: &Instance| {
@@ -328,13 +289,13 @@ impl Slot {
     }
 
     /// The local seq this slot is working towards: the log's head, or its stream's last seq.
-    pub(crate) fn target(&self, store: &Store, head: u64) -> Result<u64, ProjectionsError> {
-        Ok(super::slot_target(store, self.stream.as_ref(), head)?)
+    pub(crate) fn target(&self, store: &Store, head: u64) -> Result<u64, SlotError> {
+        Ok(slot_target(store, self.stream.as_ref(), head)?)
     }
 
     /// Starts a rebuild into a new generation (a no-op if one is under way). Returns its
     /// generation.
-    pub(crate) fn start_rebuild(&self, store: &Store) -> Result<u64, ProjectionsError> {
+    pub(crate) fn start_rebuild(&self, store: &Store) -> Result<u64, SlotError> {
         // Lock order everywhere: live, shadow, next, shown.
         let live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
@@ -367,7 +328,7 @@ impl Slot {
         live: &Instance,
         shadow: Option<&Instance>,
         next: u64,
-    ) -> Result<(), ProjectionsError> {
+    ) -> Result<(), SlotError> {
         let part = |instance: &Instance| json!({"generation": instance.generation, "fingerprint": instance.fingerprint});
         let record = json!({
             "live": part(live),
@@ -384,12 +345,7 @@ impl Slot {
     /// One step: a batch for the live copy (unless halted, or `live` is false: an offline
     /// rebuild leaves the copy it replaces alone), a batch for the shadow copy, and the swap once
     /// the shadow has reached `target`.
-    pub(crate) fn work(
-        &self,
-        store: &Store,
-        target: u64,
-        live: bool,
-    ) -> Result<Worked, ProjectionsError> {
+    pub(crate) fn work(&self, store: &Store, target: u64, live: bool) -> Result<Worked, SlotError> {
         let mut worked = Worked::default();
         let halted = lock(&self.flags).halted.is_some();
         if live && !halted {
@@ -430,7 +386,7 @@ impl Slot {
         instance: &mut Instance,
         target: u64,
         live: bool,
-    ) -> Result<Worked, ProjectionsError> {
+    ) -> Result<Worked, SlotError> {
         let from = instance.scanned.max(instance.checkpoint) + 1;
         if from > target {
             return Ok(Worked::default());
@@ -470,7 +426,7 @@ impl Slot {
         instance: &mut Instance,
         batch: &[View],
         live: bool,
-    ) -> Result<Halted, ProjectionsError> {
+    ) -> Result<Halted, SlotError> {
         let mut start = 0;
         let mut end = batch.len();
         while start < batch.len() {
@@ -503,21 +459,23 @@ impl Slot {
                     end = batch.len();
                 }
                 Err(ApplyError::Scribe { index, .. }) => {
-                    return Err(ProjectionsError::Projection(format!(
+                    return Err(SlotError::Projector(format!(
                         "projector {} refused scribe {index} of a batch of {}",
                         self.plugin.name(),
                         part.len()
                     )))
                 }
-                Err(ApplyError::Storage(message)) => {
-                    return Err(ProjectionsError::Projection(message))
-                }
+                Err(ApplyError::Storage(message)) => return Err(SlotError::Projector(message)),
             }
         }
         Ok(Halted::No)
     }
 
-    fn move_checkpoint(&self, instance: &mut Instance, seq: u64) -> Result<(), ProjectionsError> {
+    pub(super) fn move_checkpoint(
+        &self,
+        instance: &mut Instance,
+        seq: u64,
+    ) -> Result<(), SlotError> {
         if seq <= instance.checkpoint {
             return Ok(());
         }
@@ -526,89 +484,12 @@ impl Slot {
                 instance.checkpoint = seq;
                 Ok(())
             }
-            Err(error) => Err(ProjectionsError::Projection(error.to_string())),
-        }
-    }
-
-    /// Records that copy `generation` parked `scribe` (durably, before its checkpoint moves past
-    /// it). Returns whether an operator had already decided to skip it.
-    fn park(
-        &self,
-        store: &Store,
-        scribe: &View,
-        reason: &str,
-        generation: u64,
-    ) -> Result<bool, ProjectionsError> {
-        let key = parked_key(&self.key, scribe.local_seq);
-        let mut parked = match store.projection_record(&key)? {
-            Some(existing) => decode_parked(&key, &existing)?,
-            None => Parked {
-                name: self.plugin.name().to_string(),
-                stream: self.stream,
-                seq: scribe.local_seq,
-                id: scribe.id,
-                kind: scribe.kind.as_str().to_string(),
-                error: String::new(),
-                state: "parked".into(),
-                at_ms: 0,
-                generations: Vec::new(),
-            },
-        };
-        if parked.state == "skipped" {
-            return Ok(true);
-        }
-        parked.error = reason.to_string();
-        parked.at_ms = now_ms();
-        if !parked.generations.contains(&generation) {
-            parked.generations.push(generation);
-        }
-        store.put_projection_records(&[(key, Some(parked.encode()))])?;
-        Ok(false)
-    }
-
-    /// Copy `generation` has applied seqs `from..=to`: it no longer holds any of them parked.
-    fn clear_applied(
-        &self,
-        store: &Store,
-        generation: u64,
-        from: u64,
-        to: u64,
-    ) -> Result<(), ProjectionsError> {
-        // Runs after every batch: read only the records of these seqs (usually none).
-        let end = parked_key(&self.key, to);
-        let records =
-            store.projection_range(&parked_key(&self.key, from), |key| key <= end.as_slice())?;
-        let mut updates = Vec::new();
-        for (key, value) in records {
-            let parked = decode_parked(&key, &value)?;
-            if parked.generations.contains(&generation) {
-                updates.push(self.without_generation(parked, generation));
-            }
-        }
-        if !updates.is_empty() {
-            store.put_projection_records(&updates)?;
-        }
-        Ok(())
-    }
-
-    /// The record update that takes `generation` off `parked` (deleting a parked record no copy
-    /// holds any more; a skipped one stays, as the record of the decision).
-    fn without_generation(
-        &self,
-        mut parked: Parked,
-        generation: u64,
-    ) -> (Vec<u8>, Option<Vec<u8>>) {
-        parked.generations.retain(|g| *g != generation);
-        let key = parked_key(&self.key, parked.seq);
-        if parked.generations.is_empty() && parked.state == "parked" {
-            (key, None)
-        } else {
-            (key, Some(parked.encode()))
+            Err(error) => Err(SlotError::Projector(error.to_string())),
         }
     }
 
     /// Makes the shadow copy live and removes the old one.
-    fn swap(&self, store: &Store) -> Result<(), ProjectionsError> {
+    fn swap(&self, store: &Store) -> Result<(), SlotError> {
         let mut live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
         let Some(new) = shadow.as_ref() else {
@@ -618,16 +499,7 @@ impl Slot {
         // The record first: if it cannot be written, nothing changed and the rebuild goes on.
         self.write_record(store, new, None, next)?;
         let new = shadow.take().expect("checked above");
-        // Scribes only the old copy held parked were applied by the new one.
-        let stale: Vec<_> = self
-            .parked(store)?
-            .into_iter()
-            .filter(|p| p.state == "parked" && !p.generations.contains(&new.generation))
-            .map(|p| (parked_key(&self.key, p.seq), None))
-            .collect();
-        if !stale.is_empty() {
-            store.put_projection_records(&stale)?;
-        }
+        self.forget_parked_by_others(store, new.generation)?;
         lock(&self.flags).halted = None;
         *lock(&self.shown) = (new.state(), None);
         self.applied.send_replace(new.state().checkpoint);
@@ -641,102 +513,14 @@ impl Slot {
         Ok(())
     }
 
-    /// Re-applies a parked scribe to the copies that parked it (the live copy, a shadow copy, or
-    /// both). A copy halted at it instead resumes there, re-applying it in order.
-    pub(crate) fn retry(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
-        let mut live = lock(&self.live);
-        let mut shadow = lock(&self.shadow);
-        let parked = self.parked_at(store, seq)?;
-        let view = self.load(store, &parked)?;
-        let mut record = parked.clone();
-        for instance in std::iter::once(&mut *live).chain(shadow.as_mut()) {
-            if !record.generations.contains(&instance.generation) {
-                continue;
-            }
-            if instance.checkpoint < seq {
-                // Halted before it: the runner applies it in order when it resumes, and parks
-                // it again if it still fails.
-                let mut flags = lock(&self.flags);
-                if matches!(&flags.halted, Some((at, _)) if *at == seq) {
-                    flags.halted = None;
-                }
-            } else {
-                let checkpoint = instance.checkpoint;
-                match instance
-                    .projector
-                    .apply(std::slice::from_ref(&view), checkpoint)
-                {
-                    Ok(()) => {}
-                    Err(ApplyError::Scribe { reason, .. }) => {
-                        self.park(store, &view, &reason, instance.generation)?;
-                        return Err(ProjectionsError::StillFails {
-                            id: parked.id,
-                            reason,
-                        });
-                    }
-                    Err(ApplyError::Storage(message)) => {
-                        return Err(ProjectionsError::Projection(message))
-                    }
-                }
-            }
-            let update = self.without_generation(record.clone(), instance.generation);
-            record.generations.retain(|g| *g != instance.generation);
-            store.put_projection_records(&[update])?;
-        }
-        Ok(parked)
-    }
-
-    /// Records the decision to skip a parked scribe; a live copy halted at it goes on after it.
-    pub(crate) fn skip(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
-        let mut live = lock(&self.live);
-        let mut parked = self.parked_at(store, seq)?;
-        parked.state = "skipped".into();
-        store.put_projection_records(&[(parked_key(&self.key, seq), Some(parked.encode()))])?;
-        let mut flags = lock(&self.flags);
-        if matches!(&flags.halted, Some((at, _)) if *at == seq) {
-            self.move_checkpoint(&mut live, seq)?;
-            live.scanned = live.scanned.max(seq);
-            self.show_live(&live);
-            flags.halted = None;
-        }
-        Ok(parked)
-    }
-
-    fn load(&self, store: &Store, parked: &Parked) -> Result<View, ProjectionsError> {
-        let entry = store.get(&parked.id)?.ok_or_else(|| {
-            ProjectionsError::Damaged(format!("parked scribe {} is not stored", parked.id))
-        })?;
-        let mut view = to_view(&entry)?;
-        view.local_seq = parked.seq;
-        Ok(view)
-    }
-
-    fn parked_at(&self, store: &Store, seq: u64) -> Result<Parked, ProjectionsError> {
-        let key = parked_key(&self.key, seq);
-        let value = store
-            .projection_record(&key)?
-            .ok_or(ProjectionsError::NotParked(format!("seq {seq}")))?;
-        decode_parked(&key, &value)
-    }
-
-    /// Every parked or skipped scribe of this slot.
-    pub(crate) fn parked(&self, store: &Store) -> Result<Vec<Parked>, ProjectionsError> {
-        let prefix = format!("q/{}/", self.key);
-        store
-            .projection_records(prefix.as_bytes())?
-            .iter()
-            .map(|(key, value)| decode_parked(key, value))
-            .collect()
-    }
-
     /// The live copy's digest and checkpoint.
-    pub(crate) fn digest(&self) -> Result<([u8; 32], u64), ProjectionsError> {
+    pub(crate) fn digest(&self) -> Result<([u8; 32], u64), SlotError> {
         let live = lock(&self.live);
-        let digest = live.projector.digest().map_err(projection_error)?;
+        let digest = live.projector.digest()?;
         Ok((digest, live.checkpoint))
     }
 
-    fn show_live(&self, live: &Instance) {
+    pub(super) fn show_live(&self, live: &Instance) {
         let state = live.state();
         self.applied.send_replace(state.checkpoint);
         lock(&self.shown).0 = state;
@@ -773,67 +557,72 @@ fn record_key(key: &str) -> String {
     format!("s/{key}")
 }
 
-fn parked_key(key: &str, seq: u64) -> Vec<u8> {
-    let mut out = format!("q/{key}/").into_bytes();
-    out.extend_from_slice(&seq.to_be_bytes());
-    out
+/// A slot's record, `s/<name>/<scope>`: its copies by (generation, fingerprint), and the next
+/// generation number to hand out.
+struct SlotRecord {
+    live: (u64, String),
+    shadow: Option<(u64, String)>,
+    next: u64,
 }
 
-fn decode_parked(key: &[u8], value: &[u8]) -> Result<Parked, ProjectionsError> {
-    let damaged = || ProjectionsError::Damaged(format!("quarantine record {key:?}"));
-    // q/<name>/<scope>/<seq BE>
-    if key.len() < 10 {
-        return Err(damaged());
+impl SlotRecord {
+    /// The record of slot `key`; a new slot's (generation 1 of `fingerprint`) is written first.
+    fn read_or_create(
+        store: &Store,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<SlotRecord, SlotError> {
+        let record = match store.projection_record(record_key(key).as_bytes())? {
+            Some(bytes) => serde_json::from_slice::<Value>(&bytes)
+                .map_err(|error| SlotError::Damaged(format!("slot {key}: {error}")))?,
+            None => {
+                let record = json!({
+                    "live": {"generation": 1, "fingerprint": fingerprint},
+                    "shadow": null,
+                    "next": 2,
+                });
+                store.put_projection_records(&[(
+                    record_key(key).into_bytes(),
+                    Some(record.to_string().into_bytes()),
+                )])?;
+                record
+            }
+        };
+        let generation_of = |part: &Value| -> Option<(u64, String)> {
+            Some((
+                part.get("generation")?.as_u64()?,
+                part.get("fingerprint")?.as_str()?.to_string(),
+            ))
+        };
+        let live = generation_of(&record["live"])
+            .ok_or_else(|| SlotError::Damaged(format!("slot {key}: no live generation")))?;
+        Ok(SlotRecord {
+            shadow: generation_of(&record["shadow"]),
+            next: record["next"].as_u64().unwrap_or(live.0 + 1),
+            live,
+        })
     }
-    let (head, seq) = key.split_at(key.len() - 8);
-    let seq = u64::from_be_bytes(seq.try_into().map_err(|_| damaged())?);
-    let head = std::str::from_utf8(head).map_err(|_| damaged())?;
-    let mut parts = head.trim_end_matches('/').splitn(3, '/');
-    let (Some("q"), Some(name), Some(scope)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(damaged());
-    };
-    let stream = if scope == "log" {
-        None
-    } else {
-        Some(scope.parse().map_err(|_| damaged())?)
-    };
-    let value: Value = serde_json::from_slice(value).map_err(|_| damaged())?;
-    let text = |field: &str| value[field].as_str().unwrap_or_default().to_string();
-    Ok(Parked {
-        name: name.to_string(),
-        stream,
-        seq,
-        id: text("id").parse().map_err(|_| damaged())?,
-        kind: text("kind"),
-        error: text("error"),
-        state: text("state"),
-        at_ms: value["at_ms"].as_u64().unwrap_or(0),
-        generations: value["generations"]
-            .as_array()
-            .map(|list| list.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default(),
-    })
 }
 
-fn views(entries: &[StoredEntry]) -> Result<Vec<View>, ProjectionsError> {
+pub(super) fn views(entries: &[StoredEntry]) -> Result<Vec<View>, SlotError> {
     entries.iter().map(to_view).collect()
 }
 
 /// Where an instance of `stream`'s scope lives: its directory, stream and the stream's policy
 /// (read from its genesis; the default policy for the whole log).
-fn place_of(
+pub(super) fn place_of(
     store: &Store,
     dir: PathBuf,
     stream: Option<StreamId>,
-) -> Result<Place, ProjectionsError> {
+) -> Result<Place, SlotError> {
     let mut place = Place::new(dir, stream);
     if let Some(stream) = stream {
         let genesis = store.get(&stream)?.ok_or_else(|| {
-            ProjectionsError::Stream(format!("stream {stream} is not held by this node"))
+            SlotError::Stream(format!("stream {stream} is not held by this node"))
         })?;
         let view = to_view(&genesis)?;
         place.policy = crate::genesis::genesis_from_payload(&view.payload, view.author)
-            .map_err(|error| ProjectionsError::Damaged(format!("genesis of {stream}: {error}")))?
+            .map_err(|error| SlotError::Damaged(format!("genesis of {stream}: {error}")))?
             .policy;
     }
     Ok(place)
@@ -846,13 +635,12 @@ fn open_instance(
     stream: Option<StreamId>,
     generation: u64,
     fingerprint: String,
-) -> Result<Instance, ProjectionsError> {
+) -> Result<Instance, SlotError> {
     let place = place_of(store, dir.join(generation.to_string()), stream)?;
-    std::fs::create_dir_all(&place.dir).map_err(|error| {
-        ProjectionsError::Projection(format!("{}: {error}", place.dir.display()))
-    })?;
-    let projector = plugin.open(&place).map_err(projection_error)?;
-    let checkpoint = projector.checkpoint().map_err(projection_error)?;
+    std::fs::create_dir_all(&place.dir)
+        .map_err(|error| SlotError::Projector(format!("{}: {error}", place.dir.display())))?;
+    let projector = plugin.open(&place)?;
+    let checkpoint = projector.checkpoint()?;
     Ok(Instance {
         generation,
         fingerprint,
@@ -879,77 +667,23 @@ fn remove_unnamed_generations(dir: &Path, live: u64, shadow: Option<u64>) {
     }
 }
 
-/// Replays local seqs `from..=to` of `stream`'s scope (`None`: the whole log) into a new
-/// instance of `plugin` in `dir`, parking nothing: a refused scribe is reported and skipped.
-pub(crate) fn replay(
-    store: &Store,
-    plugin: &dyn Plugin,
-    stream: Option<StreamId>,
-    dir: &Path,
-    from: u64,
-    to: u64,
-    mut progress: impl FnMut(u64),
-) -> Result<Replayed, ProjectionsError> {
-    let place = place_of(store, dir.to_path_buf(), stream)?;
-    std::fs::create_dir_all(dir)
-        .map_err(|error| ProjectionsError::Projection(format!("{}: {error}", dir.display())))?;
-    let mut projector = plugin.open(&place).map_err(projection_error)?;
-    let mut applied = 0;
-    let mut refused = Vec::new();
-    let mut next = from.max(1);
-    while next <= to {
-        let (entries, _) = read_batch(store, stream.as_ref(), next, to, plugin.max_batch())?;
-        let Some(last) = entries.last() else {
-            break;
-        };
-        next = last.seq + 1;
-        let batch = views(&entries)?;
-        let mut rest = &batch[..];
-        while !rest.is_empty() {
-            let checkpoint = rest.last().expect("non-empty").local_seq;
-            match projector.apply(rest, checkpoint) {
-                Ok(()) => {
-                    applied += rest.len() as u64;
-                    rest = &[];
-                }
-                Err(ApplyError::Scribe { index, reason }) if index < rest.len() => {
-                    if index > 0 {
-                        projector
-                            .apply(&rest[..index], rest[index - 1].local_seq)
-                            .map_err(|error| ProjectionsError::Projection(error.to_string()))?;
-                        applied += index as u64;
-                    }
-                    refused.push((rest[index].local_seq, reason));
-                    rest = &rest[index + 1..];
-                }
-                Err(error) => return Err(ProjectionsError::Projection(error.to_string())),
-            }
-        }
-        progress(next - 1);
-    }
-    let digest = projector.digest().map_err(projection_error)?;
-    Ok(Replayed {
-        stream,
-        applied,
-        refused,
-        digest,
-    })
-}
-
-/// What a replay did in one scope.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replayed {
-    /// The stream, for a per-stream projection.
-    pub stream: Option<StreamId>,
-    /// Scribes applied.
-    pub applied: u64,
-    /// Scribes the projector refused: (local seq, its reason).
-    pub refused: Vec<(u64, String)>,
-    /// The scratch copy's digest.
-    pub digest: [u8; 32],
-}
-
 /// A scope's directory name, for tools that look at the files.
 pub fn scope_dir(root: &Path, name: &str, stream: Option<&StreamId>) -> PathBuf {
     root.join(name).join(scope_name(stream))
+}
+
+/// The local seq a slot of `stream`'s scope (`None`: the whole log) works towards when the log's
+/// head is `head`: the head, or the stream's last seq.
+pub(crate) fn slot_target(
+    store: &Store,
+    stream: Option<&StreamId>,
+    head: u64,
+) -> Result<u64, StoreError> {
+    Ok(match stream {
+        None => head,
+        Some(stream) => store
+            .stream_record(stream)?
+            .map(|record| record.head_seq.min(head))
+            .unwrap_or(0),
+    })
 }

@@ -3,7 +3,7 @@
 use prost::Message;
 use quire_projection_api::Scribe as View;
 
-use super::ProjectionsError;
+use super::slot::SlotError;
 use crate::log::store::StoredEntry;
 use crate::pb;
 use crate::scribe::Body;
@@ -12,10 +12,9 @@ use crate::scribe::Body;
 /// admitted (signature, id, canonical encoding, policy), and the store keys them by id, so this
 /// only decodes: no hashing, no signature check, no canonical re-encoding (a rebuild decodes
 /// every scribe of the log; see `benches/projection.rs`).
-pub(crate) fn to_view(entry: &StoredEntry) -> Result<View, ProjectionsError> {
-    let damaged = |error: String| {
-        ProjectionsError::Damaged(format!("stored scribe at seq {}: {error}", entry.seq))
-    };
+pub(crate) fn to_view(entry: &StoredEntry) -> Result<View, SlotError> {
+    let damaged =
+        |error: String| SlotError::Damaged(format!("stored scribe at seq {}: {error}", entry.seq));
     let envelope = pb::Scribe::decode(entry.bytes.clone())
         .map_err(|error| damaged(format!("envelope: {error}")))?;
     let body =

@@ -1,0 +1,681 @@
+//! The runner: [`Projections`], the running set of a node's projections. One task per slot
+//! (a plugin in one scope: the whole log, or one stream) catches up from its checkpoint in
+//! batches, then follows the head; a failing slot retries with backoff, a panicking one is
+//! reopened from its files. The admin operations (status, rebuild, digest, quarantine decisions,
+//! durable consumers' starts and acks) are methods here. What a slot does with a batch is
+//! `slot.rs`; the commands that work on a stopped node's store are `offline.rs`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quire_projection_api::{Plugin, Scope, ScribeId, StreamId};
+use tokio::sync::Notify;
+
+use super::consumers::{self, Consumer};
+use super::quarantine::Parked;
+use super::registry::Registry;
+use super::slot::{lock, slot_target, Slot, SlotError, Worked, PROJECTIONS_DIR};
+use crate::log::store::{Store, StoreError};
+use crate::log::Log;
+
+/// What the runner ([`Projections`]) can fail with: starting, and its admin operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunnerError {
+    /// No projector or consumer has this name.
+    #[error("no projection named {name:?}; this node has: {known}")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The names it has.
+        known: String,
+    },
+    /// No durable consumer has this name.
+    #[error("no durable consumer named {0:?}: subscribe with that consumer name first")]
+    UnknownConsumer(String),
+    /// The scope asked for does not fit: a per-stream projector needs a stream, a whole-log one
+    /// takes none, or the stream is not held.
+    #[error("{0}")]
+    Stream(String),
+    /// The projection exists but has no copy to answer from.
+    #[error("{0}")]
+    NotReady(String),
+    /// Nothing is parked under this id.
+    #[error("nothing parked in the quarantine for {0}; `quire quarantine list` shows what is")]
+    NotParked(String),
+    /// A retried scribe failed again; it stays parked.
+    #[error("scribe {id} still fails: {reason}; it stays in the quarantine")]
+    StillFails {
+        /// The scribe.
+        id: ScribeId,
+        /// What the projector said.
+        reason: String,
+    },
+    /// A consumer request is wrong (bad name, ack beyond the head, other stream).
+    #[error("{0}")]
+    Consumer(String),
+    /// The projector (the plugin's code) failed as a whole.
+    #[error("projector: {0}")]
+    Projector(String),
+    /// A record of the runner (a slot's, the quarantine's, a consumer's) or a stored scribe has
+    /// the wrong shape.
+    #[error("damaged projection record: {0}")]
+    Damaged(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<SlotError> for RunnerError {
+    /// A slot's failure, as the runner reports it (same variant, same message).
+    fn from(error: SlotError) -> RunnerError {
+        match error {
+            SlotError::Projector(message) => RunnerError::Projector(message),
+            SlotError::Stream(message) => RunnerError::Stream(message),
+            SlotError::NotParked(what) => RunnerError::NotParked(what),
+            SlotError::StillFails { id, reason } => RunnerError::StillFails { id, reason },
+            SlotError::Damaged(what) => RunnerError::Damaged(what),
+            SlotError::Store(error) => RunnerError::Store(error),
+        }
+    }
+}
+
+/// What `quire projections` shows of one projection or consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionStatus {
+    /// Its name.
+    pub name: String,
+    /// Its stream, for a per-stream projector or a consumer of one stream.
+    pub stream: Option<StreamId>,
+    /// `projector` or `consumer`.
+    pub kind: &'static str,
+    /// The fingerprint of the live copy (empty for a consumer).
+    pub fingerprint: String,
+    /// Generation of the live copy (0 for a consumer).
+    pub generation: u64,
+    /// Last local seq applied (or acknowledged).
+    pub checkpoint: u64,
+    /// The seq it is working towards: the head, or its stream's last seq.
+    pub target: u64,
+    /// Parked scribes (not counting skipped ones).
+    pub quarantined: u64,
+    /// Digest of the live copy's state (projectors only).
+    pub digest: Option<[u8; 32]>,
+    /// A rebuild under way: (generation, fingerprint, checkpoint).
+    pub rebuild: Option<(u64, String, u64)>,
+    /// Halted at a scribe: (seq, reason).
+    pub halted: Option<(u64, String)>,
+    /// The last error, if the projection is failing.
+    pub error: Option<String>,
+}
+
+impl ProjectionStatus {
+    /// Local seqs between the checkpoint and the target.
+    pub fn lag(&self) -> u64 {
+        self.target.saturating_sub(self.checkpoint)
+    }
+}
+
+#[derive(Clone)]
+struct SlotTask {
+    slot: Arc<Slot>,
+    wake: Arc<Notify>,
+}
+
+struct Inner {
+    log: Log,
+    registry: Registry,
+    root: PathBuf,
+    slots: Mutex<BTreeMap<String, SlotTask>>,
+    /// Serialises consumers' read-modify-write of their records.
+    consumers: Mutex<()>,
+    /// Serialises opening slots (the new-stream watcher and a reader may both try).
+    opening: Mutex<()>,
+    /// Slot steps running at once: each holds a batch (up to 32 MiB read, and its decoded
+    /// views), so this bounds the runner's memory and CPU however many streams catch up together.
+    working: Arc<tokio::sync::Semaphore>,
+}
+
+/// The projections of a running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Projections {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Projections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projections")
+            .field("registry", &self.inner.registry)
+            .finish()
+    }
+}
+
+impl Projections {
+    /// Opens every slot of `registry` over `log` (data under `<data_dir>/projections`) and starts
+    /// their tasks; per-stream slots follow as streams are created or joined. Tasks end when the
+    /// log closes.
+    pub fn start(
+        log: Log,
+        registry: Registry,
+        data_dir: &Path,
+    ) -> Result<Projections, RunnerError> {
+        let projections = Projections {
+            inner: Arc::new(Inner {
+                log: log.clone(),
+                registry,
+                root: data_dir.join(PROJECTIONS_DIR),
+                slots: Mutex::new(BTreeMap::new()),
+                consumers: Mutex::new(()),
+                opening: Mutex::new(()),
+                working: Arc::new(tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(2, |n| n.get()),
+                )),
+            }),
+        };
+        projections.open_missing_slots()?;
+        if projections
+            .inner
+            .registry
+            .plugins()
+            .iter()
+            .any(|p| p.scope() == Scope::Stream)
+        {
+            projections.follow_new_streams();
+        }
+        Ok(projections)
+    }
+
+    /// Opens the slots of every stream created or joined from now on, until the log closes.
+    fn follow_new_streams(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut streams = self.inner.log.watch_streams();
+        let mut closing = self.inner.log.watch_closing();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = streams.changed() => if changed.is_err() { return },
+                    _ = closing.wait_for(|closing| *closing) => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(error) = (Projections { inner }).open_missing_slots() {
+                    tracing::error!(%error, "could not open projections of a new stream");
+                }
+            }
+        });
+    }
+
+    fn open_missing_slots(&self) -> Result<(), RunnerError> {
+        let inner = &self.inner;
+        let _opening = lock(&inner.opening);
+        let mut first_error = None;
+        let streams = inner.log.stream_ids();
+        for plugin in inner.registry.plugins() {
+            let scopes: Vec<Option<StreamId>> = match plugin.scope() {
+                Scope::Log => vec![None],
+                Scope::Stream => streams.iter().copied().map(Some).collect(),
+            };
+            for stream in scopes {
+                let key = format!(
+                    "{}/{}",
+                    plugin.name(),
+                    stream.map(|s| s.to_hex()).unwrap_or_else(|| "log".into())
+                );
+                if lock(&inner.slots).contains_key(&key) {
+                    continue;
+                }
+                if let Err(error) = self.open_slot(plugin, stream, &key) {
+                    // The other slots still start; this one is tried again when the set of
+                    // streams next changes, or at the next start.
+                    tracing::error!(slot = %key, %error, "cannot open projection");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens the slot of `plugin` in `stream`'s scope and starts its task.
+    fn open_slot(
+        &self,
+        plugin: &Arc<dyn Plugin>,
+        stream: Option<StreamId>,
+        key: &str,
+    ) -> Result<(), SlotError> {
+        let inner = &self.inner;
+        let slot = Arc::new(Slot::open(
+            inner.log.store(),
+            plugin.clone(),
+            stream,
+            &inner.root,
+        )?);
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(run_slot(
+            inner.log.clone(),
+            slot.clone(),
+            wake.clone(),
+            inner.working.clone(),
+        ));
+        lock(&inner.slots).insert(key.to_string(), SlotTask { slot, wake });
+        Ok(())
+    }
+
+    /// The slots of `name` (one stream's, or all of them with `stream` `None`).
+    fn slots_of(
+        &self,
+        name: &str,
+        stream: Option<&StreamId>,
+    ) -> Result<Vec<SlotTask>, RunnerError> {
+        let Some(plugin) = self.inner.registry.get(name) else {
+            return Err(self.unknown(name));
+        };
+        if plugin.scope() == Scope::Log && stream.is_some() {
+            return Err(RunnerError::Stream(format!(
+                "projection {name} covers the whole log; drop --stream"
+            )));
+        }
+        if let Some(stream) = stream {
+            if self.inner.log.stream(stream).is_none() {
+                return Err(RunnerError::Stream(format!(
+                    "stream {stream} is not held by this node"
+                )));
+            }
+        }
+        let slots = lock(&self.inner.slots);
+        Ok(slots
+            .values()
+            .filter(|task| task.slot.plugin.name() == name)
+            .filter(|task| stream.is_none() || task.slot.stream.as_ref() == stream)
+            .cloned()
+            .collect())
+    }
+
+    /// Every slot, taken out of the map's lock.
+    fn all_slots(&self) -> Vec<Arc<Slot>> {
+        lock(&self.inner.slots)
+            .values()
+            .map(|task| task.slot.clone())
+            .collect()
+    }
+
+    fn unknown(&self, name: &str) -> RunnerError {
+        let mut known = self.inner.registry.names();
+        if let Ok(consumers) = consumers::list(self.inner.log.store()) {
+            known.extend(
+                consumers
+                    .into_iter()
+                    .map(|c| format!("{} (consumer)", c.name)),
+            );
+        }
+        RunnerError::Unknown {
+            name: name.to_string(),
+            known: if known.is_empty() {
+                "no projections".into()
+            } else {
+                known.join(", ")
+            },
+        }
+    }
+
+    /// Every projection slot and durable consumer; with `digests`, each live copy's digest too
+    /// (which costs a pass over the state: `Admin.Status` leaves it out).
+    pub fn list(&self, digests: bool) -> Result<Vec<ProjectionStatus>, RunnerError> {
+        let store = self.inner.log.store();
+        let head = self.inner.log.head();
+        let mut out = Vec::new();
+        for slot in self.all_slots() {
+            out.push(self.slot_status(&slot, store, head, digests)?);
+        }
+        for consumer in consumers::list(store)? {
+            out.push(consumer_status(store, head, consumer)?);
+        }
+        Ok(out)
+    }
+
+    fn slot_status(
+        &self,
+        slot: &Slot,
+        store: &Store,
+        head: u64,
+        digests: bool,
+    ) -> Result<ProjectionStatus, RunnerError> {
+        let (live, shadow) = slot.copies();
+        let target = slot.target(store, head)?;
+        let flags = slot.flags.lock().map(|f| f.clone()).unwrap_or_default();
+        let quarantined = slot
+            .parked(store)?
+            .iter()
+            .filter(|p| p.state == "parked")
+            .count() as u64;
+        let mut error = flags.error;
+        let digest = match digests.then(|| slot.digest()) {
+            Some(Ok((digest, _))) => Some(digest),
+            Some(Err(failed)) => {
+                error.get_or_insert(format!("digest: {failed}"));
+                None
+            }
+            None => None,
+        };
+        Ok(ProjectionStatus {
+            name: slot.plugin.name().to_string(),
+            stream: slot.stream,
+            kind: "projector",
+            fingerprint: live.fingerprint,
+            generation: live.generation,
+            checkpoint: live.checkpoint.min(target),
+            target,
+            quarantined,
+            digest,
+            rebuild: shadow.map(|s| (s.generation, s.fingerprint, s.checkpoint.min(target))),
+            halted: flags.halted,
+            error,
+        })
+    }
+
+    /// Starts a blue/green rebuild of `name` (every stream's copy, or one stream's); for a
+    /// durable consumer, resets its checkpoint to 0. Returns the status of what was started.
+    pub fn rebuild(
+        &self,
+        name: &str,
+        stream: Option<&StreamId>,
+    ) -> Result<Vec<ProjectionStatus>, RunnerError> {
+        let store = self.inner.log.store();
+        if self.inner.registry.get(name).is_none() {
+            if let Some(consumer) = consumers::get(store, name)? {
+                return self.restart_consumer(consumer, stream);
+            }
+            return Err(self.unknown(name));
+        }
+        let slots = self.slots_of(name, stream)?;
+        let head = self.inner.log.head();
+        let mut out = Vec::new();
+        for task in slots {
+            task.slot.start_rebuild(store)?;
+            task.wake.notify_one();
+            out.push(self.slot_status(&task.slot, store, head, false)?);
+        }
+        Ok(out)
+    }
+
+    /// `quire rebuild <consumer>`: starts `consumer` over from seq 1.
+    fn restart_consumer(
+        &self,
+        consumer: Consumer,
+        stream: Option<&StreamId>,
+    ) -> Result<Vec<ProjectionStatus>, RunnerError> {
+        let name = consumer.name.as_str();
+        if stream.is_some() && consumer.stream.as_ref() != stream {
+            return Err(RunnerError::Stream(format!(
+                "consumer {name:?} follows {}; drop --stream to start it over",
+                consumer
+                    .stream
+                    .map(|s| format!("stream {s}"))
+                    .unwrap_or_else(|| "the whole log".into())
+            )));
+        }
+        let _serial = lock(&self.inner.consumers);
+        consumers::reset(self.inner.log.store(), name)?;
+        Ok(self
+            .list(false)?
+            .into_iter()
+            .filter(|status| status.kind == "consumer" && status.name == name)
+            .collect())
+    }
+
+    /// The live copy's digest and checkpoint.
+    pub fn digest(
+        &self,
+        name: &str,
+        stream: Option<&StreamId>,
+    ) -> Result<([u8; 32], u64), RunnerError> {
+        let plugin = self
+            .inner
+            .registry
+            .get(name)
+            .ok_or_else(|| self.unknown(name))?;
+        if plugin.scope() == Scope::Stream && stream.is_none() {
+            return Err(RunnerError::Stream(format!(
+                "projection {name} keeps one state per stream; pass --stream <id>"
+            )));
+        }
+        let slots = self.slots_of(name, stream)?;
+        let task = slots.first().ok_or_else(|| {
+            RunnerError::NotReady(format!(
+                "projection {name} has no copy for that stream yet (it could not be opened: see the node's log)"
+            ))
+        })?;
+        Ok(task.slot.digest()?)
+    }
+
+    /// The live copy of `name` for `stream`: its directory (for a built-in projector's readers)
+    /// and a receiver of how far it has seen the log.
+    pub fn live(
+        &self,
+        name: &str,
+        stream: &StreamId,
+    ) -> Result<(PathBuf, tokio::sync::watch::Receiver<u64>), RunnerError> {
+        let mut slots = self.slots_of(name, Some(stream))?;
+        if slots.is_empty() {
+            // A stream created or joined a moment ago: its slots may not be open yet.
+            self.open_missing_slots()?;
+            slots = self.slots_of(name, Some(stream))?;
+        }
+        let task = slots.into_iter().next().ok_or_else(|| {
+            RunnerError::NotReady(format!(
+                "projection {name} has no copy for stream {stream} yet"
+            ))
+        })?;
+        Ok((task.slot.live_dir(), task.slot.watch_applied()))
+    }
+
+    /// Every parked and skipped scribe.
+    pub fn quarantined(&self) -> Result<Vec<Parked>, RunnerError> {
+        let store = self.inner.log.store();
+        let mut out = Vec::new();
+        for slot in self.all_slots() {
+            out.extend(slot.parked(store)?);
+        }
+        Ok(out)
+    }
+
+    /// Re-applies the parked scribe `id` (in every projection that parked it, or only `name`).
+    pub fn retry(&self, id: &ScribeId, name: Option<&str>) -> Result<Vec<Parked>, RunnerError> {
+        self.decide(id, name, |slot, store, seq| slot.retry(store, seq))
+    }
+
+    /// Records the decision to skip the parked scribe `id`.
+    pub fn skip(&self, id: &ScribeId, name: Option<&str>) -> Result<Vec<Parked>, RunnerError> {
+        self.decide(id, name, |slot, store, seq| slot.skip(store, seq))
+    }
+
+    fn decide(
+        &self,
+        id: &ScribeId,
+        name: Option<&str>,
+        action: impl Fn(&Slot, &Store, u64) -> Result<Parked, SlotError>,
+    ) -> Result<Vec<Parked>, RunnerError> {
+        let store = self.inner.log.store();
+        let tasks: Vec<SlotTask> = lock(&self.inner.slots)
+            .values()
+            .filter(|task| name.is_none_or(|name| task.slot.plugin.name() == name))
+            .cloned()
+            .collect();
+        let mut done = Vec::new();
+        let mut failed = None;
+        for task in tasks {
+            for parked in task.slot.parked(store)? {
+                if parked.id == *id {
+                    // Every projection that parked it gets its turn, even if one fails.
+                    match action(&task.slot, store, parked.seq) {
+                        Ok(parked) => done.push(parked),
+                        Err(error) => {
+                            failed.get_or_insert(error);
+                        }
+                    }
+                    task.wake.notify_one();
+                }
+            }
+        }
+        if let Some(error) = failed {
+            return Err(error.into());
+        }
+        if done.is_empty() {
+            return Err(RunnerError::NotParked(id.to_hex()));
+        }
+        Ok(done)
+    }
+
+    /// Durable consumers: where `name` resumes (the seq after its last ack). Creates the consumer
+    /// on first use; a consumer follows one scope (a stream, or the whole log) for life.
+    pub fn consumer_start(
+        &self,
+        name: &str,
+        stream: Option<&StreamId>,
+    ) -> Result<u64, RunnerError> {
+        if self.inner.registry.get(name).is_some() {
+            return Err(RunnerError::Consumer(format!(
+                "{name:?} is the name of a projector of this node; pick another consumer name"
+            )));
+        }
+        let _serial = lock(&self.inner.consumers);
+        consumers::start(self.inner.log.store(), name, stream)
+    }
+
+    /// Records that consumer `name` has processed everything up to `seq`.
+    /// Acks are bounded by what the consumer can have received: its stream's last seq (or the
+    /// head, for a consumer of the whole log).
+    pub fn ack(&self, name: &str, seq: u64) -> Result<Consumer, RunnerError> {
+        let store = self.inner.log.store();
+        let _serial = lock(&self.inner.consumers);
+        let Some(consumer) = consumers::get(store, name)? else {
+            return Err(RunnerError::UnknownConsumer(name.to_string()));
+        };
+        let limit = slot_target(store, consumer.stream.as_ref(), self.inner.log.head())?;
+        consumers::ack(store, consumer, seq, limit)
+    }
+}
+
+/// What `quire projections` shows of a durable consumer.
+fn consumer_status(
+    store: &Store,
+    head: u64,
+    consumer: Consumer,
+) -> Result<ProjectionStatus, RunnerError> {
+    let target = match &consumer.stream {
+        Some(stream) => slot_target(store, Some(stream), head)?,
+        None => head,
+    };
+    Ok(ProjectionStatus {
+        name: consumer.name,
+        stream: consumer.stream,
+        kind: "consumer",
+        fingerprint: String::new(),
+        generation: 0,
+        checkpoint: consumer.acked.min(target),
+        target,
+        quarantined: 0,
+        digest: None,
+        rebuild: None,
+        halted: None,
+        error: None,
+    })
+}
+
+/// How long a failing projection waits before trying again (doubling up to the cap).
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// The task of one slot: work while there is work, then wait for a new head, a command or the
+/// log closing.
+async fn run_slot(
+    log: Log,
+    slot: Arc<Slot>,
+    wake: Arc<Notify>,
+    working: Arc<tokio::sync::Semaphore>,
+) {
+    let mut heads = log.watch_head();
+    let mut closing = log.watch_closing();
+    let mut backoff = RETRY_FIRST;
+    loop {
+        if *closing.borrow() {
+            return;
+        }
+        let head = *heads.borrow_and_update();
+        let Some(stepped) = step(&log, &slot, head, &working).await else {
+            return;
+        };
+        match stepped {
+            Ok(worked) => {
+                backoff = RETRY_FIRST;
+                if worked.more || worked.swapped {
+                    continue;
+                }
+            }
+            Err(error) => {
+                tracing::error!(slot = %slot.key(), %error, "projection failed; retrying");
+                lock(&slot.flags).error = Some(error);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = wake.notified() => {}
+                    _ = closing.wait_for(|closing| *closing) => return,
+                }
+                backoff = (backoff * 2).min(RETRY_CAP);
+                continue;
+            }
+        }
+        tokio::select! {
+            changed = heads.changed() => if changed.is_err() { return },
+            () = wake.notified() => {}
+            _ = closing.wait_for(|closing| *closing) => return,
+        }
+    }
+}
+
+/// One step of `slot` towards `head`, on a blocking thread once `working` has a permit free.
+/// `Err` is the failure as `quire projections` shows it (after a panic, the slot is reopened from
+/// its files first); `None`: the runtime is shutting down.
+async fn step(
+    log: &Log,
+    slot: &Arc<Slot>,
+    head: u64,
+    working: &Arc<tokio::sync::Semaphore>,
+) -> Option<Result<Worked, String>> {
+    let worker = slot.clone();
+    let store_log = log.clone();
+    let permit = working.clone().acquire_owned().await.ok()?;
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let store = store_log.store();
+        let target = worker.target(store, head)?;
+        worker.work(store, target, true)
+    })
+    .await;
+    match result {
+        Ok(Ok(worked)) => Some(Ok(worked)),
+        Ok(Err(error)) => Some(Err(error.to_string())),
+        Err(join) if join.is_panic() => {
+            // Its in-memory state may be half a batch: start again from its files.
+            let reopened = slot.clone();
+            let store_log = log.clone();
+            let _ = tokio::task::spawn_blocking(move || reopened.reopen(store_log.store())).await;
+            Some(Err(format!(
+                "the projector panicked: {}",
+                panic_message(join)
+            )))
+        }
+        Err(_) => None,
+    }
+}
+
+fn panic_message(join: tokio::task::JoinError) -> String {
+    let payload = join.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
