@@ -185,6 +185,12 @@ fn scope_name(stream: Option<&StreamId>) -> String {
     stream.map(|s| s.to_hex()).unwrap_or_else(|| "log".into())
 }
 
+impl From<super::view::DamagedEntry> for SlotError {
+    fn from(error: super::view::DamagedEntry) -> SlotError {
+        SlotError::Damaged(error.to_string())
+    }
+}
+
 impl From<ProjectionError> for SlotError {
     fn from(error: ProjectionError) -> SlotError {
         SlotError::Projector(error.0)
@@ -605,7 +611,7 @@ impl SlotRecord {
 }
 
 pub(super) fn views(entries: &[StoredEntry]) -> Result<Vec<View>, SlotError> {
-    entries.iter().map(to_view).collect()
+    Ok(entries.iter().map(to_view).collect::<Result<_, _>>()?)
 }
 
 /// Where an instance of `stream`'s scope lives: its directory, stream and the stream's policy

@@ -3,18 +3,29 @@
 use prost::Message;
 use quire_projection_api::Scribe as View;
 
-use super::slot::SlotError;
 use crate::log::store::StoredEntry;
 use crate::pb;
 use crate::scribe::Body;
+
+/// A stored scribe that does not decode: the store is damaged (it was checked when admitted).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("stored scribe at seq {seq}: {reason}")]
+pub struct DamagedEntry {
+    /// Its local seq.
+    pub seq: u64,
+    /// What does not decode.
+    pub reason: String,
+}
 
 /// The projector's view of a stored scribe. Stored scribes were fully checked when they were
 /// admitted (signature, id, canonical encoding, policy), and the store keys them by id, so this
 /// only decodes: no hashing, no signature check, no canonical re-encoding (a rebuild decodes
 /// every scribe of the log; see `benches/projection.rs`).
-pub(crate) fn to_view(entry: &StoredEntry) -> Result<View, SlotError> {
-    let damaged =
-        |error: String| SlotError::Damaged(format!("stored scribe at seq {}: {error}", entry.seq));
+pub(crate) fn to_view(entry: &StoredEntry) -> Result<View, DamagedEntry> {
+    let damaged = |reason: String| DamagedEntry {
+        seq: entry.seq,
+        reason,
+    };
     let envelope = pb::Scribe::decode(entry.bytes.clone())
         .map_err(|error| damaged(format!("envelope: {error}")))?;
     let body =
