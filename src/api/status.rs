@@ -11,7 +11,7 @@ use tonic::Status;
 use crate::log::store::StoreError;
 use crate::log::AppendError;
 use crate::projection::readers::WaitError;
-use crate::projection::RunnerError;
+use crate::projection::{RunnerError, SlotError};
 
 /// Maps an append refusal to its status: one place, so every API agrees.
 pub fn append_status(error: &AppendError) -> Status {
@@ -47,17 +47,26 @@ pub fn store_status(error: &StoreError) -> Status {
 /// The status for a projection error.
 pub fn projections_status(error: &RunnerError) -> Status {
     match error {
-        RunnerError::Unknown { .. }
-        | RunnerError::UnknownConsumer(_)
-        | RunnerError::NotParked(_) => Status::not_found(error.to_string()),
+        RunnerError::Unknown { .. } | RunnerError::UnknownConsumer(_) => {
+            Status::not_found(error.to_string())
+        }
         RunnerError::Stream(_) | RunnerError::Consumer(_) => {
             Status::invalid_argument(error.to_string())
         }
-        RunnerError::StillFails { .. } | RunnerError::NotReady(_) => {
-            Status::failed_precondition(error.to_string())
-        }
-        RunnerError::Damaged(_) => Status::data_loss(error.to_string()),
+        RunnerError::NotReady(_) => Status::failed_precondition(error.to_string()),
+        RunnerError::Slot(slot) => slot_status(slot),
         RunnerError::Store(store) => store_status(store),
+    }
+}
+
+/// The status for a failure of one projection slot or its quarantine.
+pub fn slot_status(error: &SlotError) -> Status {
+    match error {
+        SlotError::NotParked(_) => Status::not_found(error.to_string()),
+        SlotError::Stream(_) => Status::invalid_argument(error.to_string()),
+        SlotError::StillFails { .. } => Status::failed_precondition(error.to_string()),
+        SlotError::Damaged(_) => Status::data_loss(error.to_string()),
+        SlotError::Store(store) => store_status(store),
         _ => Status::internal(error.to_string()),
     }
 }

@@ -12,7 +12,7 @@
 use quire_projection_api::StreamId;
 use serde_json::{json, Value};
 
-use super::RunnerError;
+use super::{RunnerError, SlotError};
 use crate::log::store::Store;
 
 /// A durable consumer's record.
@@ -39,7 +39,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 fn decode(name: &str, value: &[u8]) -> Result<Consumer, RunnerError> {
-    let damaged = || RunnerError::Damaged(format!("consumer {name}"));
+    let damaged = || RunnerError::from(SlotError::Damaged(format!("consumer {name}")));
     let value: Value = serde_json::from_slice(value).map_err(|_| damaged())?;
     let stream = match value["stream"].as_str().unwrap_or_default() {
         "" => None,

@@ -42,44 +42,16 @@ pub enum RunnerError {
     /// The projection exists but has no copy to answer from.
     #[error("{0}")]
     NotReady(String),
-    /// Nothing is parked under this id.
-    #[error("nothing parked in the quarantine for {0}; `quire quarantine list` shows what is")]
-    NotParked(String),
-    /// A retried scribe failed again; it stays parked.
-    #[error("scribe {id} still fails: {reason}; it stays in the quarantine")]
-    StillFails {
-        /// The scribe.
-        id: ScribeId,
-        /// What the projector said.
-        reason: String,
-    },
     /// A consumer request is wrong (bad name, ack beyond the head, other stream).
     #[error("{0}")]
     Consumer(String),
-    /// The projector (the plugin's code) failed as a whole.
-    #[error("projector: {0}")]
-    Projector(String),
-    /// A record of the runner (a slot's, the quarantine's, a consumer's) or a stored scribe has
-    /// the wrong shape.
-    #[error("damaged projection record: {0}")]
-    Damaged(String),
+    /// One slot (one plugin in one scope) or the quarantine failed: the projector itself, a
+    /// parked scribe, a damaged record.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<SlotError> for RunnerError {
-    /// A slot's failure, as the runner reports it (same variant, same message).
-    fn from(error: SlotError) -> RunnerError {
-        match error {
-            SlotError::Projector(message) => RunnerError::Projector(message),
-            SlotError::Stream(message) => RunnerError::Stream(message),
-            SlotError::NotParked(what) => RunnerError::NotParked(what),
-            SlotError::StillFails { id, reason } => RunnerError::StillFails { id, reason },
-            SlotError::Damaged(what) => RunnerError::Damaged(what),
-            SlotError::Store(error) => RunnerError::Store(error),
-        }
-    }
 }
 
 /// What `quire projections` shows of one projection or consumer.
@@ -524,7 +496,7 @@ impl Projections {
             return Err(error.into());
         }
         if done.is_empty() {
-            return Err(RunnerError::NotParked(id.to_hex()));
+            return Err(SlotError::NotParked(id.to_hex()).into());
         }
         Ok(done)
     }
