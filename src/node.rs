@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use quire_projection_api::BuiltinKinds;
+use quire_projection_sql::SchemaCheck;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -89,7 +90,7 @@ pub enum NodeError {
 pub fn open_log(config: &NodeConfig) -> Result<Log, OpenError> {
     let mut options = LogOptions {
         sync: config.sync,
-        payload_checks: payload_checks(&config.registry),
+        payload_checks: payload_checks(),
         ..LogOptions::default()
     };
     if let Some(wall) = &config.wall {
@@ -98,18 +99,16 @@ pub fn open_log(config: &NodeConfig) -> Result<Log, OpenError> {
     Log::open(&config.data_dir, options)
 }
 
-/// The payload rules a node's log applies: the built-in kinds' own ([`BuiltinKinds`]: file paths,
-/// an upvote's one parent), which every node checks whatever projectors it runs, then those of
-/// every plugin of `registry`, in registration order (the built-in `sql`: a valid `_schema`).
-pub fn payload_checks(registry: &Registry) -> PayloadChecks {
-    let mut checks = PayloadChecks::new().with(BuiltinKinds);
-    checks.extend(
-        registry
-            .plugins()
-            .iter()
-            .flat_map(|plugin| plugin.payload_checks()),
-    );
-    checks
+/// The payload rules a node's log applies, handed to it here: the built-in kinds' own
+/// ([`BuiltinKinds`]: a file payload decodes and its path is valid, an upvote has one parent),
+/// then the SQLite projector's ([`SchemaCheck`]: a `_schema` it can apply).
+///
+/// The set is fixed for every node of this version, whatever projectors a binary registers: a
+/// rule that one node applies and another does not would let the two disagree about a scribe
+/// (invariant 2), and a node would refuse, and in the end ban, a peer for scribes that peer
+/// rightly stored. A projector that cannot use a scribe parks it in its quarantine instead.
+pub fn payload_checks() -> PayloadChecks {
+    PayloadChecks::new().with(BuiltinKinds).with(SchemaCheck)
 }
 
 /// How long servers may take to finish open streams once shutdown begins.

@@ -1,4 +1,5 @@
-//! The one module that knows both protobuf (`crate::pb`) and domain types, and converts between
+//! The client API's conversions between protobuf (`crate::pb`) and the domain types it shows
+//! (the genesis codec is `crate::genesis`, the peer wire codec `crate::replication::wire`), converting between
 //! them (rust-analyzer's `to_proto` / `from_proto` style). Free functions only.
 
 use bytes::Bytes;
@@ -48,14 +49,32 @@ pub fn entry(stored: StoredEntry) -> pb::Entry {
     }
 }
 
+/// A request's id field that is not 32 bytes; answered as `InvalidArgument`, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} must be a 32-byte id, got {len} bytes")]
+pub struct BadId {
+    /// The request field.
+    pub field: &'static str,
+    /// Its length.
+    pub len: usize,
+}
+
+impl From<BadId> for tonic::Status {
+    fn from(error: BadId) -> tonic::Status {
+        tonic::Status::invalid_argument(error.to_string())
+    }
+}
+
 /// A 32-byte id field of a request, with a message naming the field when it is not one.
-pub fn id_field(bytes: &[u8], field: &str) -> Result<ScribeId, String> {
-    ScribeId::from_slice(bytes)
-        .map_err(|_| format!("{field} must be a 32-byte id, got {} bytes", bytes.len()))
+pub fn id_field(bytes: &[u8], field: &'static str) -> Result<ScribeId, BadId> {
+    ScribeId::from_slice(bytes).map_err(|_| BadId {
+        field,
+        len: bytes.len(),
+    })
 }
 
 /// An optional stream field: empty means "every stream".
-pub fn optional_stream(bytes: &[u8]) -> Result<Option<StreamId>, String> {
+pub fn optional_stream(bytes: &[u8]) -> Result<Option<StreamId>, BadId> {
     if bytes.is_empty() {
         Ok(None)
     } else {

@@ -2,7 +2,7 @@
 //! as this node's `files` projector (`projections/files`) holds it; writes are node-signed
 //! `file.put` / `file.delete` scribes, answered once the tree includes them.
 
-// Service code returns tonic's `Status` as server.rs does.
+// Service code returns tonic's `Status`, as every client API service does.
 #![allow(clippy::result_large_err)]
 
 use bytes::Bytes;

@@ -7,7 +7,7 @@
 //! one commit, and answered once this node's table includes them, so a client reads its own
 //! writes.
 
-// Service code returns tonic's `Status` as server.rs does.
+// Service code returns tonic's `Status`, as every client API service does.
 #![allow(clippy::result_large_err)]
 
 use std::pin::Pin;
@@ -99,7 +99,7 @@ impl KvService {
         for _ in 0..3 {
             let mut loan = match self.served.readers.take(stream) {
                 Ok(loan) => loan,
-                Err(TakeError::Projections(error)) => return Err(projections_status(&error)),
+                Err(TakeError::Runner(error)) => return Err(projections_status(&error)),
                 Err(error) => {
                     last_error = Some(error.to_string());
                     continue;
@@ -439,7 +439,7 @@ impl KvService {
                 Ok(LogEvent::CaughtUp(_)) => continue,
                 Err(error) => return sink.fail(store_status(&error)),
             };
-            let key = crate::projection::view(&entry)
+            let key = crate::projection::to_view(&entry)
                 .ok()
                 .and_then(|view| decode(&view.kind, &view.payload).ok().flatten())
                 .map(|(key, _)| key);

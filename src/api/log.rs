@@ -28,7 +28,7 @@ fn reply(appended: Appended) -> pb::AppendReply {
 }
 
 fn new_scribe(request: pb::AppendRequest) -> Result<Draft, Status> {
-    let stream = convert::id_field(&request.stream, "stream").map_err(invalid)?;
+    let stream = convert::id_field(&request.stream, "stream")?;
     let kind: Kind = request
         .kind
         .parse()
@@ -48,8 +48,7 @@ fn new_scribe(request: pb::AppendRequest) -> Result<Draft, Status> {
         .parents
         .iter()
         .map(|parent| convert::id_field(parent, "parent"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(invalid)?;
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Draft::New(NewScribe {
         stream: Some(stream),
         kind,
@@ -63,7 +62,7 @@ fn signed(request: pb::AppendSignedRequest) -> Result<Draft, Status> {
     let claimed_id = if request.id.is_empty() {
         None
     } else {
-        Some(convert::id_field(&request.id, "id").map_err(invalid)?)
+        Some(convert::id_field(&request.id, "id")?)
     };
     if request.scribe.is_empty() {
         return Err(invalid(
@@ -135,7 +134,7 @@ impl pb::log_server::Log for Api {
         &self,
         request: Request<pb::GetScribeRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
-        let id = convert::id_field(&request.into_inner().id, "id").map_err(invalid)?;
+        let id = convert::id_field(&request.into_inner().id, "id")?;
         let log = self.log.clone();
         let found = tokio::task::spawn_blocking(move || log.get(&id))
             .await
@@ -153,7 +152,7 @@ impl pb::log_server::Log for Api {
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         let request = request.into_inner();
-        let stream = convert::optional_stream(&request.stream).map_err(invalid)?;
+        let stream = convert::optional_stream(&request.stream)?;
         if let Some(stream) = stream {
             if self.log.stream(&stream).is_none() {
                 return Err(Status::not_found(format!(
@@ -207,7 +206,7 @@ impl pb::log_server::Log for Api {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let request = request.into_inner();
-        let stream = convert::optional_stream(&request.stream).map_err(invalid)?;
+        let stream = convert::optional_stream(&request.stream)?;
         if let Some(stream) = stream {
             if self.log.stream(&stream).is_none() {
                 return Err(Status::not_found(format!(

@@ -12,7 +12,7 @@
 //! - [`http`]: the flock-compatible HTTP API; each handler calls the service method that does
 //!   the same thing.
 //! - [`status`]: domain errors to `tonic::Status`, one function per error type.
-//! - [`convert`]: the one module that knows both protobuf and the domain types it shows.
+//! - [`convert`]: protobuf to and from the domain types the client API shows.
 //!
 //! Nothing below this layer (`projection`, `replication`, `log`, the scribe) imports from it.
 

@@ -41,7 +41,7 @@ impl pb::projections_server::Projections for Api {
     ) -> Result<Response<pb::ListProjectionsReply>, Status> {
         let request = request.into_inner();
         projection_name(&request.name)?;
-        let stream = convert::optional_stream(&request.stream).map_err(invalid)?;
+        let stream = convert::optional_stream(&request.stream)?;
         let projections = self.projections.clone();
         let started = blocking(move || projections.rebuild(&request.name, stream.as_ref())).await?;
         Ok(Response::new(pb::ListProjectionsReply {
@@ -55,7 +55,7 @@ impl pb::projections_server::Projections for Api {
     ) -> Result<Response<pb::DigestReply>, Status> {
         let request = request.into_inner();
         projection_name(&request.name)?;
-        let stream = convert::optional_stream(&request.stream).map_err(invalid)?;
+        let stream = convert::optional_stream(&request.stream)?;
         let projections = self.projections.clone();
         let (digest, checkpoint) =
             blocking(move || projections.digest(&request.name, stream.as_ref())).await?;
@@ -104,7 +104,7 @@ impl pb::projections_server::Projections for Api {
 fn quarantine_action(
     request: pb::QuarantineActionRequest,
 ) -> Result<(quire_projection_api::ScribeId, Option<String>), Status> {
-    let id = convert::id_field(&request.id, "id").map_err(invalid)?;
+    let id = convert::id_field(&request.id, "id")?;
     let name = (!request.name.is_empty()).then_some(request.name);
     Ok((id, name))
 }

@@ -2,7 +2,7 @@
 //! reading its live copy through pooled readers, and appending a node-signed scribe that is
 //! answered once the copy includes it, so a client reads its own writes.
 
-// Service code returns tonic's `Status` as server.rs does.
+// Service code returns tonic's `Status`, as every client API service does.
 #![allow(clippy::result_large_err)]
 
 use std::time::Duration;
@@ -53,8 +53,7 @@ impl<R: Send + 'static> Served<R> {
 
     /// The stream named by `bytes`, if this node holds it.
     pub fn stream(&self, bytes: &[u8]) -> Result<StreamId, Status> {
-        let stream =
-            crate::api::convert::id_field(bytes, "stream").map_err(Status::invalid_argument)?;
+        let stream = crate::api::convert::id_field(bytes, "stream")?;
         self.held(stream)
     }
 
@@ -91,7 +90,7 @@ impl<R: Send + 'static> Served<R> {
         let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || {
             let mut loan: Loan<R> = readers.take(&stream).map_err(|error| match error {
-                TakeError::Projections(error) => projections_status(&error),
+                TakeError::Runner(error) => projections_status(&error),
                 other => Status::internal(other.to_string()),
             })?;
             let result = read(&mut loan.reader);

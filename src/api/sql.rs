@@ -5,7 +5,7 @@
 //! Queries run on pooled read-only connections to the live copy, off the async executor, under
 //! the node's time and row limits ([`Limits`], `quire serve --sql-time-limit-ms / --sql-max-rows`).
 
-// Service code returns tonic's `Status` as server.rs does.
+// Service code returns tonic's `Status`, as every client API service does.
 #![allow(clippy::result_large_err)]
 
 use bytes::Bytes;

@@ -74,7 +74,7 @@ pub fn slot_status(error: &SlotError) -> Status {
 /// The status for a wait on a projection that ended without the seq applied.
 pub fn wait_status(error: &WaitError) -> Status {
     match error {
-        WaitError::Projections(error) => projections_status(error),
+        WaitError::Runner(error) => projections_status(error),
         WaitError::ShuttingDown => Status::unavailable("the node is shutting down"),
         WaitError::Timeout { .. } => Status::deadline_exceeded(error.to_string()),
     }

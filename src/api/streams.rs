@@ -58,7 +58,7 @@ impl pb::streams_server::Streams for Api {
         &self,
         request: Request<pb::GetStreamRequest>,
     ) -> Result<Response<pb::StreamInfo>, Status> {
-        let stream = convert::id_field(&request.into_inner().stream, "stream").map_err(invalid)?;
+        let stream = convert::id_field(&request.into_inner().stream, "stream")?;
         let state = self.log.stream(&stream).ok_or_else(|| {
             Status::not_found(format!("stream {stream} is not held by this node"))
         })?;
@@ -70,7 +70,7 @@ impl pb::streams_server::Streams for Api {
         request: Request<pb::JoinStreamRequest>,
     ) -> Result<Response<pb::StreamInfo>, Status> {
         let request = request.into_inner();
-        let stream = convert::id_field(&request.stream, "stream").map_err(invalid)?;
+        let stream = convert::id_field(&request.stream, "stream")?;
         let timeout = match request.timeout_ms {
             0 => std::time::Duration::from_secs(10),
             ms => std::time::Duration::from_millis(ms),

@@ -8,9 +8,9 @@
 //! answers a [`Verdict`] and changes nothing; recording an admitted scribe is the committer's.
 //!
 //! The payload rules are not the log's own: [`PayloadChecks`] holds the [`PayloadCheck`]s that
-//! whoever opens the log hands in ([`super::LogOptions::payload_checks`]; a node gathers the
-//! built-in kinds' rules and its projectors' in `crate::node::open_log`). The log depends on no
-//! projector crate.
+//! whoever opens the log hands in ([`super::LogOptions::payload_checks`]; a node hands in one
+//! fixed set, `node::payload_checks`, so every node applies the same rules). The log depends on
+//! no projector crate.
 //!
 //! What does not live here: decoding and verifying signatures (the signer, [`super::signer`]),
 //! assigning seqs and writing (the committer, [`super::committer`]).

@@ -31,4 +31,4 @@ pub use quarantine::Parked;
 pub use registry::Registry;
 pub use runner::{ProjectionStatus, Projections, RunnerError};
 pub use slot::{scope_dir, SlotError, PROJECTIONS_DIR};
-pub(crate) use view::to_view as view;
+pub(crate) use view::to_view;

@@ -51,7 +51,7 @@ impl<R> std::fmt::Debug for Readers<R> {
 pub enum TakeError {
     /// The stream has no copy (unknown stream, or not opened yet).
     #[error(transparent)]
-    Projections(#[from] RunnerError),
+    Runner(#[from] RunnerError),
     /// The copy could not be opened.
     #[error("opening the {name} table: {source}")]
     Open {
@@ -126,7 +126,7 @@ impl<R> Readers<R> {
 pub enum WaitError {
     /// The stream has no copy.
     #[error(transparent)]
-    Projections(#[from] RunnerError),
+    Runner(#[from] RunnerError),
     /// The node is shutting down.
     #[error("the node is shutting down")]
     ShuttingDown,

@@ -1,6 +1,7 @@
 //! Replication: peers exchange scribes by since-last-sync catch-up and a live tail over gRPC.
 //!
 //! - [`session`]: the protocol as a sans-IO state machine (handshake, wants, what to send next).
+//! - [`wire`]: the peer wire codec (a session message to its protobuf bytes and back).
 //! - [`connection`]: the driver that moves a session's messages over one tonic stream, reads
 //!   from the store when there is room to send, and stores what arrives with its cursor.
 //! - this module: the [`Replicator`] — the peer service (accepting side), the dial loops with

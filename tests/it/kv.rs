@@ -510,10 +510,16 @@ async fn a_watch_started_during_heavy_writes_ends_with_exactly_the_final_state()
     let node = start_node(dir.path()).await;
     let mut clients = clients(&node.url()).await;
     let stream = create_stream(&mut clients, "watched", None).await;
+    // The writer pauses halfway until the watch has its snapshot, so the watch overlaps the writes
+    // however the two tasks are scheduled.
+    let (snapshot_taken, mut resume) = tokio::sync::oneshot::channel::<()>();
     let writer = {
         let mut kv = kv(&node).await;
         tokio::spawn(async move {
             for round in 0..40u32 {
+                if round == 20 {
+                    (&mut resume).await.unwrap();
+                }
                 let sets = (0..10u32)
                     .map(|key| pb::KvSetRequest {
                         stream: bytes_of(&stream),
@@ -555,17 +561,28 @@ async fn a_watch_started_during_heavy_writes_ends_with_exactly_the_final_state()
         .await
         .unwrap()
         .into_inner();
+    // The first event comes from the snapshot (or is CaughtUp after it): it exists by now.
+    let first = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("the watch starts")
+        .unwrap()
+        .expect("the watch stays open");
+    snapshot_taken.send(()).unwrap();
     writer.await.unwrap();
     let last_seq = node.log.stream(&stream).unwrap().record.head_seq;
     let mut seen: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
     let mut caught_up_at = None;
     let mut changes = Vec::new();
+    let mut first = Some(first);
     while changes.last().copied().unwrap_or(0) < last_seq {
-        let event = tokio::time::timeout(Duration::from_secs(30), watch.message())
-            .await
-            .expect("the watch keeps delivering")
-            .unwrap()
-            .expect("the watch stays open");
+        let event = match first.take() {
+            Some(event) => event,
+            None => tokio::time::timeout(Duration::from_secs(30), watch.message())
+                .await
+                .expect("the watch keeps delivering")
+                .unwrap()
+                .expect("the watch stays open"),
+        };
         match event.event.unwrap() {
             pb::kv_watch_event::Event::Entry(entry) => {
                 seen.insert(

@@ -4,11 +4,13 @@
 //! - `src/` is layered (the table in [`LAYERS`], as in `ARCHITECTURE.md`): a module imports only
 //!   from its own layer or those below it.
 //! - No two modules import each other, directly or through others: the graph of `crate::` and
-//!   `super::` references between the files of `src/` has no cycle (a parent module naming its
-//!   own children — declaring or re-exporting them — is not an import).
+//!   `super::` references between the files of `src/` has no cycle. A module and its own
+//!   submodules are one part (a parent declares, re-exports and drives its children, which use
+//!   its types), so references between them are not counted; references between siblings are.
 //!
-//! Imports are read from the source text: every `crate::a::b` and `super::a::b` path outside
-//! comments (`super::` only before a file's `#[cfg(test)]` module, where it means the file).
+//! Imports are read from the source text with comments and literals blanked out: every
+//! `crate::…` and `super::…` path tree, `use` groups of any depth and over any lines included
+//! (`super::` inside a `#[cfg(test)] mod` means the file itself and is skipped).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -83,60 +85,218 @@ fn module_of(src: &Path, file: &Path) -> Vec<String> {
     parts
 }
 
-/// The code of a line, without its `//` comment (string literals holding `//` are rare enough in
-/// import lines not to matter).
-fn code(line: &str) -> &str {
-    match line.find("//") {
-        Some(at) => &line[..at],
-        None => line,
+/// The code of a file with its comments and string and char literals blanked out (newlines
+/// kept, so positions and lines stay where they were).
+fn strip(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let blank = |out: &mut String, c: char| out.push(if c == '\n' { '\n' } else { ' ' });
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        if c == '/' && next == Some('/') {
+            while i < chars.len() && chars[i] != '\n' {
+                blank(&mut out, chars[i]);
+                i += 1;
+            }
+        } else if c == '/' && next == Some('*') {
+            let mut depth = 0;
+            loop {
+                if i >= chars.len() {
+                    break;
+                }
+                if chars[i] == '/' && chars.get(i + 1) == Some(&'*') {
+                    depth += 1;
+                    out.push_str("  ");
+                    i += 2;
+                } else if chars[i] == '*' && chars.get(i + 1) == Some(&'/') {
+                    depth -= 1;
+                    out.push_str("  ");
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    blank(&mut out, chars[i]);
+                    i += 1;
+                }
+            }
+        } else if c == 'r'
+            && (next == Some('"') || next == Some('#'))
+            && !chars[..i]
+                .last()
+                .is_some_and(|c| c.is_alphanumeric() || *c == '_')
+        {
+            // A raw string: r"…", r#"…"#, …
+            let mut j = i + 1;
+            let mut hashes = 0;
+            while chars.get(j) == Some(&'#') {
+                hashes += 1;
+                j += 1;
+            }
+            if chars.get(j) != Some(&'"') {
+                out.push(c);
+                i += 1;
+                continue;
+            }
+            j += 1;
+            while j < chars.len() {
+                if chars[j] == '"' && (1..=hashes).all(|k| chars.get(j + k) == Some(&'#')) {
+                    j += 1 + hashes;
+                    break;
+                }
+                j += 1;
+            }
+            for &skipped in &chars[i..j.min(chars.len())] {
+                blank(&mut out, skipped);
+            }
+            i = j;
+        } else if c == '"' {
+            blank(&mut out, c);
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                if chars[i] == '\\' {
+                    blank(&mut out, chars[i]);
+                    i += 1;
+                }
+                if i < chars.len() {
+                    blank(&mut out, chars[i]);
+                    i += 1;
+                }
+            }
+            if i < chars.len() {
+                blank(&mut out, chars[i]);
+                i += 1;
+            }
+        } else if c == '\'' && (chars.get(i + 2) == Some(&'\'') || next == Some('\\')) {
+            // A char literal ('x', '\n', '\u{..}'), not a lifetime.
+            let mut j = i + 1;
+            if chars.get(j) == Some(&'\\') {
+                j += 2;
+            } else {
+                j += 1;
+            }
+            while j < chars.len() && chars[j] != '\'' {
+                j += 1;
+            }
+            for &skipped in &chars[i..(j + 1).min(chars.len())] {
+                blank(&mut out, skipped);
+            }
+            i = j + 1;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The byte ranges of `code` (already [`strip`]ped) that are the bodies of `#[cfg(test)] mod …
+/// { … }` modules: inside them `super::` means the file itself.
+fn test_modules(code: &str) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut from = 0;
+    while let Some(at) = code[from..].find("#[cfg(test)]") {
+        let start = from + at + "#[cfg(test)]".len();
+        from = start;
+        let rest = code[start..].trim_start();
+        if !(rest.starts_with("mod ") || rest.starts_with("pub mod ")) {
+            continue;
+        }
+        let Some(open) = code[start..].find('{').map(|offset| start + offset) else {
+            break;
+        };
+        let mut depth = 0;
+        for (offset, c) in code[open..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        ranges.push(open..open + offset);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    ranges
+}
+
+/// Skips whitespace.
+fn skip_space(code: &str, at: usize) -> usize {
+    at + code[at..].len() - code[at..].trim_start().len()
+}
+
+/// Reads the path tree that starts at `at` (just after `crate::` or `super::`): segments joined
+/// by `::`, where a `{ … }` group branches into one path per member, nested as deep as it goes.
+/// Adds every path (prefixed by `prefix`) to `found`; returns where the tree ends.
+fn read_tree(code: &str, mut at: usize, prefix: &[String], found: &mut Vec<Vec<String>>) -> usize {
+    let mut path = prefix.to_vec();
+    loop {
+        at = skip_space(code, at);
+        if code[at..].starts_with('{') {
+            at += 1;
+            loop {
+                at = skip_space(code, at);
+                if code[at..].starts_with('}') {
+                    return at + 1;
+                }
+                if at >= code.len() {
+                    return at;
+                }
+                at = read_tree(code, at, &path, found);
+                at = skip_space(code, at);
+                if code[at..].starts_with(',') {
+                    at += 1;
+                }
+            }
+        }
+        let end = code[at..]
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .map_or(code.len(), |offset| at + offset);
+        let segment = &code[at..end];
+        if segment.is_empty() {
+            // `*` (a glob) or the end: the path so far.
+            if code[at..].starts_with('*') {
+                at += 1;
+            }
+            found.push(path);
+            return at;
+        }
+        if segment != "self" {
+            path.push(segment.to_string());
+        }
+        at = skip_space(code, end);
+        if code[at..].starts_with("::") {
+            at += 2;
+        } else {
+            found.push(path);
+            return at;
+        }
     }
 }
 
-/// Every path a line names after `prefix` (`crate::` or `super::`), as segments; a braced group
-/// (`crate::{a, b::c}`) gives one path per member.
-fn paths_after(line: &str, prefix: &str) -> Vec<Vec<String>> {
+/// Every path `code` (already [`strip`]ped) names after `prefix` (`crate::` or `super::`), as
+/// segments, with the position where it starts; a `use` group gives one path per member.
+fn paths_after(code: &str, prefix: &str) -> Vec<(usize, Vec<String>)> {
     let mut found = Vec::new();
-    let mut rest = line;
-    while let Some(at) = rest.find(prefix) {
-        let before = rest[..at].chars().last();
-        rest = &rest[at + prefix.len()..];
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+    let mut from = 0;
+    while let Some(offset) = code[from..].find(prefix) {
+        let at = from + offset;
+        from = at + prefix.len();
+        if code[..at]
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_')
+        {
             continue; // `mycrate::`, not `crate::`
         }
-        let mut prefix_segments = Vec::new();
-        let mut tail = rest;
-        loop {
-            let end = tail
-                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len());
-            let segment = &tail[..end];
-            if segment.is_empty() {
-                break;
-            }
-            prefix_segments.push(segment.to_string());
-            tail = &tail[end..];
-            if let Some(next) = tail.strip_prefix("::") {
-                tail = next;
-            } else {
-                break;
-            }
-        }
-        if tail.starts_with('{') {
-            let close = tail.find('}').unwrap_or(tail.len());
-            for member in tail[1..close].split(',') {
-                let mut path = prefix_segments.clone();
-                path.extend(
-                    member
-                        .trim()
-                        .split("::")
-                        .map(|segment| segment.split_whitespace().next().unwrap_or("").to_string())
-                        .filter(|segment| !segment.is_empty() && segment != "self"),
-                );
-                found.push(path);
-            }
-        } else if !prefix_segments.is_empty() {
-            found.push(prefix_segments);
-        }
+        let mut paths = Vec::new();
+        from = read_tree(code, from, &[], &mut paths).max(from);
+        found.extend(paths.into_iter().map(|path| (at, path)));
     }
     found
 }
@@ -164,26 +324,25 @@ fn import_graph() -> Graph {
         let module = module_of(&src, file);
         // `super` is the module above this one, for `x/y.rs` and `x/y/mod.rs` alike.
         let parent: Vec<String> = module[..module.len().saturating_sub(1)].to_vec();
-        let text = std::fs::read_to_string(file).unwrap();
-        let mut imports = BTreeSet::new();
-        let mut in_tests = false;
-        for line in text.lines() {
-            // In the `#[cfg(test)]` module that ends a file, `super::` means the file itself.
-            in_tests |= line.trim_start().starts_with("#[cfg(test)]");
-            let line = code(line);
-            let mut paths = paths_after(line, "crate::");
-            if !in_tests {
-                for relative in paths_after(line, "super::") {
-                    let mut path = parent.clone();
-                    path.extend(relative);
-                    paths.push(path);
-                }
+        let code = strip(&std::fs::read_to_string(file).unwrap());
+        let tests = test_modules(&code);
+        let mut paths: Vec<Vec<String>> = paths_after(&code, "crate::")
+            .into_iter()
+            .map(|(_, path)| path)
+            .collect();
+        for (at, relative) in paths_after(&code, "super::") {
+            if tests.iter().any(|range| range.contains(&at)) {
+                continue;
             }
-            for path in paths {
-                if let Some(target) = resolve(&modules, &path) {
-                    if target != module && !target.starts_with(&module) {
-                        imports.insert(target);
-                    }
+            let mut path = parent.clone();
+            path.extend(relative);
+            paths.push(path);
+        }
+        let mut imports = BTreeSet::new();
+        for path in paths {
+            if let Some(target) = resolve(&modules, &path) {
+                if target != module && !target.starts_with(&module) {
+                    imports.insert(target);
                 }
             }
         }
@@ -224,12 +383,14 @@ fn every_crate_path_names_a_module() {
         .collect();
     let mut unknown = BTreeSet::new();
     for file in &files {
-        for line in std::fs::read_to_string(file).unwrap().lines() {
-            for path in paths_after(code(line), "crate::") {
-                let first = path.first().map(String::as_str).unwrap_or("");
-                if !top.contains(first) && first != "projection_api" {
-                    unknown.insert(format!("{}: crate::{}", file.display(), path.join("::")));
-                }
+        let code = strip(&std::fs::read_to_string(file).unwrap());
+        if code.contains("crate as ") {
+            unknown.insert(format!("{}: an alias of `crate`", file.display()));
+        }
+        for (_, path) in paths_after(&code, "crate::") {
+            let first = path.first().map(String::as_str).unwrap_or("");
+            if !top.contains(first) && first != "projection_api" {
+                unknown.insert(format!("{}: crate::{}", file.display(), path.join("::")));
             }
         }
     }
@@ -335,19 +496,64 @@ fn the_checks_catch_what_they_must() {
 #[test]
 fn the_import_reader_sees_what_it_must() {
     // The checks above are only as good as this reader: pin it on the shapes the code uses.
+    let read = |text: &str, prefix: &str| -> Vec<String> {
+        paths_after(&strip(text), prefix)
+            .into_iter()
+            .map(|(_, path)| path.join("::"))
+            .collect()
+    };
     assert_eq!(
-        paths_after("use crate::log::{store::StoreError, Log};", "crate::"),
-        vec![
-            vec!["log".to_string(), "store".into(), "StoreError".into()],
-            vec!["log".to_string(), "Log".into()]
+        read("use crate::log::{store::StoreError, Log};", "crate::"),
+        ["log::store::StoreError", "log::Log"]
+    );
+    // rustfmt's multi-line groups, nested groups, `self` and globs.
+    assert_eq!(
+        read(
+            "use crate::projection::{\n    runner::{self, X},\n    slot::*,\n};",
+            "crate::"
+        ),
+        [
+            "projection::runner",
+            "projection::runner::X",
+            "projection::slot"
         ]
     );
     assert_eq!(
-        paths_after("    let x = crate::scribe::hash(&bytes);", "crate::"),
-        vec![vec!["scribe".to_string(), "hash".into()]]
+        read(
+            "use super::{\n    committer::Overlay,\n    Shared,\n};",
+            "super::"
+        ),
+        ["committer::Overlay", "Shared"]
     );
-    assert!(paths_after("use quire_projection_api::Kind;", "crate::").is_empty());
-    assert!(paths_after("use mycrate::x;", "crate::").is_empty());
+    assert_eq!(
+        read("    let x = crate::scribe::hash(&bytes);", "crate::"),
+        ["scribe::hash"]
+    );
+    // A `//` inside a string does not hide what follows; comments and strings are not code.
+    assert_eq!(
+        read(
+            r#"format!("http://{}", crate::api::x()); // crate::cli"#,
+            "crate::"
+        ),
+        ["api::x"]
+    );
+    assert!(read("/* crate::cli::x */ let s = \"crate::cli\";", "crate::").is_empty());
+    assert!(read("let s = r#\"crate::cli\"#;", "crate::").is_empty());
+    assert!(read("use quire_projection_api::Kind;", "crate::").is_empty());
+    assert!(read("use mycrate::x;", "crate::").is_empty());
+    // `super::` in a test module means the file itself; elsewhere the parent.
+    let code = strip("use super::a;\n#[cfg(test)]\nmod tests {\n    use super::*;\n}\n");
+    let tests = test_modules(&code);
+    let outside: Vec<usize> = paths_after(&code, "super::")
+        .into_iter()
+        .map(|(at, _)| at)
+        .filter(|at| !tests.iter().any(|range| range.contains(at)))
+        .collect();
+    assert_eq!(
+        outside,
+        [4],
+        "only the `use super::a` before the test module"
+    );
     let graph = import_graph();
     let api = graph
         .get(&vec!["api".to_string(), "router".into()])

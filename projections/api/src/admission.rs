@@ -4,10 +4,10 @@
 //! scribes from peers alike, so a bad payload never enters the log of a node that knows the rule.
 //! The log itself knows none of these rules: whoever builds the node hands them in. Each rule is a
 //! [`PayloadCheck`]; [`BuiltinKinds`] holds the rules of the built-in kinds' own wire formats (a
-//! file scribe's payload and path, an upvote's one parent), and a [`Plugin`](crate::Plugin)
-//! contributes the rules its projection relies on through
-//! [`Plugin::payload_checks`](crate::Plugin::payload_checks) (the SQLite projector: a `_schema`
-//! it can use).
+//! file scribe's payload and path, an upvote's one parent), and a projector crate may export the
+//! rules its projection relies on (the SQLite projector's `SchemaCheck`: a `_schema` it can use).
+//! The set a node applies is fixed for its version, not gathered from the plugins a binary
+//! registers: two nodes that applied different rules could disagree about a scribe.
 //!
 //! What does not live here: who may write which kind and how much (the stream's [`Policy`], checked
 //! by the log), and whether parents are stored (the log, against its store). A check sees the

@@ -31,9 +31,8 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use crate::{PayloadCheck, Policy, Scribe, StreamId};
+use crate::{Policy, Scribe, StreamId};
 
 /// Which scribes one instance of a projector sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,18 +137,6 @@ pub trait Plugin: Send + Sync + 'static {
     /// holds in memory per batch, or makes progress visible sooner.
     fn max_batch(&self) -> usize {
         DEFAULT_MAX_BATCH
-    }
-
-    /// The payload rules this projection relies on, which the node checks before it stores a
-    /// scribe (see [`PayloadCheck`] for their contract); default: none.
-    ///
-    /// The node that registers the plugin gathers these once, when it opens its log, and refuses
-    /// every scribe (local or from a peer) that one of them refuses, so the projector never sees
-    /// it. Contribute a check only for what no node should store at all (a `_schema` the SQLite
-    /// projector cannot use, say); a payload that is merely useless to this projection belongs in
-    /// [`ApplyError::Scribe`] instead.
-    fn payload_checks(&self) -> Vec<Arc<dyn PayloadCheck>> {
-        Vec::new()
     }
 
     /// Opens the instance kept in `place.dir`, creating an empty state if the directory holds

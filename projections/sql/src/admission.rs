@@ -6,8 +6,9 @@
 //! built-in kinds' own ([`quire_projection_api::BuiltinKinds`]). Applying a schema is in the
 //! projector (`lib.rs`), parsing it in [`crate::schema`].
 
+use prost::Message;
 use quire_projection_api::files::{FileChange, SCHEMA_PATH};
-use quire_projection_api::{Candidate, PayloadCheck, PayloadError};
+use quire_projection_api::{Candidate, Kind, PayloadCheck, PayloadError};
 
 use crate::Schema;
 
@@ -22,6 +23,12 @@ impl PayloadCheck for SchemaCheck {
     }
 
     fn check(&self, scribe: &Candidate<'_>) -> Result<(), PayloadError> {
+        // The path first, without copying the file's bytes: most puts are not the schema.
+        if *scribe.kind != Kind::FilePut
+            || !PathOnly::decode(scribe.payload).is_ok_and(|put| put.path == SCHEMA_PATH)
+        {
+            return Ok(());
+        }
         // A file payload that does not decode is refused by the built-in kinds' rules, not here.
         let Ok(Some(FileChange::Put {
             path,
@@ -42,6 +49,13 @@ impl PayloadCheck for SchemaCheck {
         Schema::parse(&data)?;
         Ok(())
     }
+}
+
+/// The path of a `quire.v1.FilePut`, decoded alone (protobuf skips the other fields unread).
+#[derive(Clone, PartialEq, Message)]
+struct PathOnly {
+    #[prost(string, tag = "1")]
+    path: String,
 }
 
 #[cfg(test)]

@@ -40,8 +40,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use quire_projection_api::files::{FileChange, SCHEMA_PATH};
 use quire_projection_api::sqlite::Database;
 use quire_projection_api::{
-    hlc_millis, ApplyError, Kind, PayloadCheck, Place, Plugin, ProjectionError, Projector, Scope,
-    Scribe, ScribeId,
+    hlc_millis, ApplyError, Kind, Place, Plugin, ProjectionError, Projector, Scope, Scribe,
+    ScribeId,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value as Json;
@@ -80,11 +80,6 @@ impl Plugin for Sql {
 
     fn scope(&self) -> Scope {
         Scope::Stream
-    }
-
-    /// A `_schema` must be one this projector can apply: see [`SchemaCheck`].
-    fn payload_checks(&self) -> Vec<std::sync::Arc<dyn PayloadCheck>> {
-        vec![std::sync::Arc::new(SchemaCheck)]
     }
 
     fn open(&self, place: &Place) -> Result<Box<dyn Projector>, ProjectionError> {
