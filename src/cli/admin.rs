@@ -68,13 +68,18 @@ fn print_peers(peers: &[pb::PeerStatus]) {
     }
 }
 
-pub(crate) async fn status(url: &str) -> Result<()> {
+/// The node's `Admin.Status`.
+async fn node_status(url: &str) -> Result<pb::StatusReply> {
     let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
-    let status = client
+    Ok(client
         .status(pb::StatusRequest {})
         .await
         .map_err(status_error)?
-        .into_inner();
+        .into_inner())
+}
+
+pub(crate) async fn status(url: &str) -> Result<()> {
+    let status = node_status(url).await?;
     println!("node        {}", status.node_id);
     println!("version     {}", status.version);
     println!("data dir    {}", status.data_dir);
@@ -157,12 +162,7 @@ pub(crate) async fn peer_add(url: &str, addr: String) -> Result<()> {
 }
 
 pub(crate) async fn peer_list(url: &str) -> Result<()> {
-    let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
-    let status = client
-        .status(pb::StatusRequest {})
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let status = node_status(url).await?;
     print_peers(&status.peers);
     Ok(())
 }
