@@ -16,7 +16,7 @@ use ed25519_dalek::SigningKey;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 use quire::projection_api::{AuthorKey, Kind, StreamId};
-use quire::scribe::{Body, Scribe};
+use quire::scribe::{seal_all, Body, Scribe};
 use rayon::prelude::*;
 
 mod support;
@@ -80,6 +80,7 @@ fn main() {
                     log.append_batch(pb::AppendBatchRequest {
                         appends,
                         signed: vec![],
+                        sealed: vec![],
                     })
                     .await
                     .unwrap();
@@ -97,27 +98,30 @@ fn main() {
         return;
     }
 
-    // Ceiling (a): sign and hash the same bodies on every core, nothing else.
+    // Ceiling (a): make the same envelopes on every core and seal each batch once, nothing else.
     let key = SigningKey::from_bytes(&[3; 32]);
     let author = AuthorKey(key.verifying_key().to_bytes());
     let started = Instant::now();
-    let scribes: Vec<Scribe> = (0..total)
+    let unsealed: Vec<_> = (0..total)
         .into_par_iter()
         .map(|index| {
-            Scribe::sign(
-                Body {
-                    stream: Some(stream),
-                    author,
-                    hlc: index as u64,
-                    kind: Kind::Custom("x.bench".into()),
-                    content_type: "application/octet-stream".into(),
-                    payload: payload(index),
-                    parents: vec![],
-                    nonce: 0,
-                },
-                &key,
-            )
+            Body {
+                stream: Some(stream),
+                author,
+                hlc: index as u64,
+                kind: Kind::Custom("x.bench".into()),
+                content_type: "application/octet-stream".into(),
+                payload: payload(index),
+                parents: vec![],
+                membership: None,
+                nonce: 0,
+            }
+            .into_unsealed(0)
         })
+        .collect();
+    let scribes: Vec<Scribe> = unsealed
+        .chunks(BATCH)
+        .flat_map(|chunk| seal_all(chunk.to_vec(), &key))
         .collect();
     let sign_rate = total as f64 / started.elapsed().as_secs_f64();
 
@@ -135,7 +139,8 @@ fn main() {
         for (offset, scribe) in chunk.iter().enumerate() {
             let seq = (chunk_index * BATCH + offset) as u64 + 1;
             let mut value = seq.to_be_bytes().to_vec();
-            value.extend_from_slice(&scribe.bytes);
+            value.extend_from_slice(&scribe.envelope);
+            value.extend_from_slice(&scribe.body.payload);
             batch.put_cf(
                 db.cf_handle("scribes").unwrap(),
                 scribe.id.as_bytes(),

@@ -118,7 +118,7 @@ fn bare_read(store: &Store, head: u64) -> u64 {
     while next <= head {
         let entries = store.read_log(next, head, 2048).unwrap();
         let last = entries.last().expect("the log is gapless").seq;
-        bytes += entries.iter().map(|e| e.bytes.len() as u64).sum::<u64>();
+        bytes += entries.iter().map(|e| e.parts.size()).sum::<u64>();
         next = last + 1;
     }
     bytes
@@ -151,6 +151,7 @@ fn write_log(dir: &std::path::Path, batches: usize) {
             log.append_batch(pb::AppendBatchRequest {
                 appends,
                 signed: vec![],
+                sealed: vec![],
             })
             .await
             .unwrap();

@@ -84,6 +84,7 @@ async fn fill(channel: &Channel, stream: &Bytes, records: usize) {
         log.append_batch(pb::AppendBatchRequest {
             appends,
             signed: vec![],
+            sealed: vec![],
         })
         .await
         .unwrap();
@@ -166,7 +167,7 @@ fn rebuild(runtime: &tokio::runtime::Runtime, records: usize) {
         let Some(last) = entries.last() else { break };
         next = last.seq + 1;
         for entry in entries {
-            let scribe = quire::scribe::Scribe::decode(entry.bytes).unwrap();
+            let scribe = quire::scribe::Scribe::decode(entry.parts).unwrap();
             if scribe.body.kind == quire::projection_api::Kind::RecordAdd {
                 rows.push((
                     entry.id.to_hex(),
@@ -306,7 +307,7 @@ fn point_queries(runtime: &tokio::runtime::Runtime, records: usize, run_for: Dur
                     let appends = (0..10)
                         .map(|k| append(&stream, "record.add", "application/json", record(records + written + k).into_bytes()))
                         .collect();
-                    log.append_batch(pb::AppendBatchRequest { appends, signed: vec![] })
+                    log.append_batch(pb::AppendBatchRequest { appends, signed: vec![], sealed: vec![] })
                         .await
                         .unwrap();
                     written += 10;

@@ -1,14 +1,29 @@
-//! The scribe: encoding, signing, decoding and verifying the exact bytes of a change.
+//! The scribe (format 2): the envelope an author states, the payload it names by hash, and the
+//! seal that signs one envelope id or the Merkle root of many.
 //!
-//! A scribe is an encoded `quire.v1.Scribe` envelope (`format`, `body`, `signature`) whose body is an
-//! encoded `quire.v1.ScribeBody`. Its id is SHA-256 of the envelope bytes exactly as received;
-//! nothing here ever re-encodes a scribe in order to hash or forward it (BRIEF invariant 1). The
-//! canonical-encoding check below re-encodes only to *compare*: a scribe whose bytes are not the one
-//! canonical encoding of its fields is refused, so the same signed body can never travel under two
-//! ids. `docs/protocol.md` documents the bytes.
+//! - The **envelope** (`quire.v1.Envelope`) holds every field but the payload, which it names by
+//!   `payload_sha256` and `payload_len`. A scribe's **id** is SHA-256 of the envelope's bytes exactly
+//!   as received; nothing here re-encodes an envelope in order to hash or forward it (BRIEF
+//!   invariant 1). The canonical-encoding check re-encodes only to *compare*: an envelope whose
+//!   bytes are not the one canonical encoding of its fields is refused, so one statement never
+//!   travels under two ids. The id depends on no signature: one envelope is one scribe however often
+//!   it is sealed, and the work token (judged on the id) buys exactly one scribe.
+//! - The **payload** travels and is stored beside its envelope, once per SHA-256; it can later be
+//!   dropped without touching the id or any signature (retention, redaction).
+//! - A **seal** (`quire.v1.Seal`) is the author's Ed25519 signature over [`SEAL_PREFIX`], a count
+//!   and the Merkle root ([`merkle`]) of an ordered list of envelope ids: one signature for a whole
+//!   group. Each scribe carries a [`Proof`] that its seal covers its id, so a node verifies one
+//!   signature and a few hashes per scribe, and anyone can verify a scribe without trusting the
+//!   node that served it.
+//!
+//! Verification is strict Ed25519 (`verify_strict`: no small-order key or R, canonical S), one
+//! signature at a time on every path, so two nodes can never disagree about a seal.
+//! `docs/protocol.md` documents the bytes.
 //!
 //! What is *not* here: anything that needs storage (is the stream known, is the author allowed, are
 //! the parents stored) — that is `crate::log`.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
@@ -18,13 +33,14 @@ use sha2::{Digest, Sha256};
 
 use crate::pb;
 
-/// The envelope format this version writes and reads: one Ed25519 signature over
-/// [`SIGNING_PREFIX`] followed by the body bytes.
-pub const FORMAT_V1: u32 = 1;
+pub mod merkle;
 
-/// Domain-separation prefix of every format-1 signature, so a quire signature can never be
-/// mistaken for a signature over anything else.
-pub const SIGNING_PREFIX: &[u8; 16] = b"quire.scribe.v1\0";
+/// The envelope format this version writes and reads.
+pub const FORMAT_V2: u32 = 2;
+
+/// Domain-separation prefix of every seal signature, so a quire seal can never be mistaken for a
+/// signature over anything else (the peer handshake signs under `quire.peer.v1\0`).
+pub const SEAL_PREFIX: &[u8; 16] = b"quire.seal.v2\0\0\0";
 
 /// Longest `content_type`, in bytes.
 pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
@@ -32,42 +48,79 @@ pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
 pub const MAX_PARENTS: usize = 64;
 /// Largest payload any policy may allow (a policy's own limit is usually lower).
 pub const HARD_MAX_PAYLOAD_BYTES: u64 = 32 * 1024 * 1024;
-/// Largest encoded scribe accepted at all: the hard payload cap plus room for the other fields.
-pub const MAX_SCRIBE_BYTES: usize = HARD_MAX_PAYLOAD_BYTES as usize + 64 * 1024;
+/// Largest encoded envelope accepted: 64 parents, the longest content type, room for the rest.
+pub const MAX_ENVELOPE_BYTES: usize = 4 * 1024;
+/// Most ids one seal may cover (a proof then has at most 20 siblings).
+pub const MAX_SEAL_COUNT: u64 = 1 << 20;
 
-/// Why a byte string is not a valid scribe. Every variant means "refuse it": nothing is stored.
+/// Why a scribe is not valid. Every variant means "refuse it": nothing is stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ScribeError {
-    /// The bytes do not decode as a `quire.v1.Scribe` / `ScribeBody`.
+    /// The bytes do not decode as a `quire.v1.Envelope` / `Seal`, or a field has the wrong shape.
     #[error("malformed scribe: {0}")]
     Malformed(String),
     /// The envelope says a format this node does not know.
-    #[error("unsupported scribe format {0}; this node reads format {FORMAT_V1}")]
+    #[error("unsupported scribe format {0}; this node reads format {FORMAT_V2}")]
     UnsupportedFormat(u32),
     /// The bytes decode, but are not the canonical encoding of what they decode to.
     #[error("scribe {part} is not canonically encoded (fields in number order, defaults omitted, no unknown or repeated fields); encode it with a standard protobuf library")]
     NotCanonical {
-        /// `envelope` or `body`.
+        /// `envelope` or `seal`.
         part: &'static str,
     },
-    /// The signature does not verify against the body's author key.
-    #[error("bad signature: the scribe is not signed by its author {author}")]
-    BadSignature {
-        /// The key the body claims as author.
+    /// The payload is not the one the envelope names.
+    #[error("payload does not match its envelope: the envelope names {expected_len} bytes with sha256 {expected}, the payload sent has {actual_len} bytes with sha256 {actual}")]
+    BadPayload {
+        /// `payload_sha256` of the envelope, hex.
+        expected: String,
+        /// `payload_len` of the envelope.
+        expected_len: u64,
+        /// sha256 of the payload sent, hex.
+        actual: String,
+        /// Length of the payload sent.
+        actual_len: u64,
+    },
+    /// The seal is by another key than the envelope's author.
+    #[error("the seal is by {sealer}, but the envelope's author is {author}: a scribe must be sealed by its author")]
+    WrongSealer {
+        /// The seal's key.
+        sealer: AuthorKey,
+        /// The envelope's author.
         author: AuthorKey,
     },
-    /// The id a sender claimed is not the SHA-256 of the bytes.
-    #[error("bad hash: the scribe's bytes hash to {actual}, not to the claimed id {claimed}")]
+    /// The proof does not lead from the scribe's id to the seal's root.
+    #[error("the seal does not cover scribe {id}: {reason}")]
+    NotCovered {
+        /// The scribe's id.
+        id: ScribeId,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The seal's signature does not verify against its author key.
+    #[error("bad signature: the seal is not signed by its author {author}")]
+    BadSignature {
+        /// The key the seal claims.
+        author: AuthorKey,
+    },
+    /// The id a sender claimed is not the SHA-256 of the envelope.
+    #[error("bad hash: the envelope hashes to {actual}, not to the claimed id {claimed}")]
     BadHash {
         /// What the sender said.
         claimed: ScribeId,
-        /// sha256 of the bytes.
+        /// sha256 of the envelope.
         actual: ScribeId,
     },
-    /// Larger than [`MAX_SCRIBE_BYTES`].
-    #[error("scribe of {0} bytes is larger than the hard limit of {MAX_SCRIBE_BYTES} bytes")]
-    TooLarge(usize),
+    /// A payload over [`HARD_MAX_PAYLOAD_BYTES`] or an envelope over [`MAX_ENVELOPE_BYTES`].
+    #[error("{part} of {size} bytes is larger than the hard limit of {limit} bytes")]
+    TooLarge {
+        /// `payload` or `envelope`.
+        part: &'static str,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 impl From<ParseError> for ScribeError {
@@ -76,12 +129,12 @@ impl From<ParseError> for ScribeError {
     }
 }
 
-/// The fields of a scribe body, decoded. `stream` is `None` exactly for a genesis.
+/// The fields of a scribe, decoded, with its payload. `stream` is `None` exactly for a genesis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Body {
     /// The stream; `None` in a `stream.create` genesis.
     pub stream: Option<StreamId>,
-    /// Who signs it.
+    /// Who states it (and must seal it).
     pub author: AuthorKey,
     /// Hybrid logical clock of the author when written.
     pub hlc: u64,
@@ -89,101 +142,98 @@ pub struct Body {
     pub kind: Kind,
     /// MIME type of the payload.
     pub content_type: String,
-    /// The payload.
+    /// The payload (named in the envelope by its hash and length).
     pub payload: Bytes,
     /// Scribes of the same stream it refers to.
     pub parents: Vec<ScribeId>,
+    /// Reserved for access control: the newest membership scribe the author had seen.
+    pub membership: Option<ScribeId>,
     /// Work-token nonce.
     pub nonce: u64,
 }
 
+/// sha256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
 impl Body {
-    /// The canonical encoding of this body: the bytes an author signs.
-    pub fn encode(&self) -> Vec<u8> {
-        self.to_proto().encode_to_vec()
+    /// The canonical encoding of this body's envelope: what its id is the hash of.
+    pub fn encode_envelope(&self) -> Vec<u8> {
+        self.to_envelope(sha256(&self.payload)).encode_to_vec()
     }
 
-    fn to_proto(&self) -> pb::ScribeBody {
-        pb::ScribeBody {
-            stream: self
-                .stream
-                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
-                .unwrap_or_default(),
+    fn to_envelope(&self, payload_sha256: [u8; 32]) -> pb::Envelope {
+        let id = |id: &ScribeId| Bytes::copy_from_slice(id.as_bytes());
+        pb::Envelope {
+            format: FORMAT_V2,
+            stream: self.stream.as_ref().map(id).unwrap_or_default(),
             author: Bytes::copy_from_slice(self.author.as_bytes()),
             hlc: self.hlc,
             kind: self.kind.as_str().to_string(),
             content_type: self.content_type.clone(),
-            payload: self.payload.clone(),
-            parents: self
-                .parents
-                .iter()
-                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
-                .collect(),
+            parents: self.parents.iter().map(id).collect(),
+            payload_sha256: Bytes::copy_from_slice(&payload_sha256),
+            payload_len: self.payload.len() as u64,
+            membership: self.membership.as_ref().map(id).unwrap_or_default(),
             nonce: self.nonce,
         }
     }
 
-    pub(crate) fn from_proto(body: pb::ScribeBody) -> Result<Body, ScribeError> {
-        let kind: Kind = body.kind.parse()?;
-        let stream = if body.stream.is_empty() {
-            None
-        } else {
-            Some(StreamId::from_slice(&body.stream).map_err(|_| {
-                ScribeError::Malformed(format!(
-                    "stream must be 32 bytes, got {}",
-                    body.stream.len()
-                ))
-            })?)
-        };
-        match (&kind, stream) {
-            (Kind::StreamCreate, Some(_)) => {
-                return Err(ScribeError::Malformed(
-                    "a stream.create genesis must have an empty stream field".into(),
-                ))
-            }
-            (kind, None) if *kind != Kind::StreamCreate => {
-                return Err(ScribeError::Malformed(format!(
-                    "a {kind} scribe needs a 32-byte stream id; only stream.create has none"
-                )))
-            }
-            _ => {}
+    /// The envelope for this body, after choosing a nonce that gives its id at least `work_bits`
+    /// leading zero bits (the stream policy's work token; with 0 the nonce stays as it is).
+    pub fn into_unsealed(mut self, work_bits: u32) -> Unsealed {
+        let payload_sha256 = sha256(&self.payload);
+        if work_bits == 0 {
+            let envelope = Bytes::from(self.to_envelope(payload_sha256).encode_to_vec());
+            return Unsealed {
+                id: hash(&envelope),
+                envelope,
+                body: self,
+                payload_sha256,
+            };
         }
-        check_shape(&body.content_type, body.parents.len(), body.payload.len())?;
-        let author = AuthorKey::from_slice(&body.author).map_err(|_| {
-            ScribeError::Malformed(format!(
-                "author must be a 32-byte Ed25519 key, got {} bytes",
-                body.author.len()
-            ))
-        })?;
-        let parents = body
-            .parents
-            .iter()
-            .map(|parent| {
-                ScribeId::from_slice(parent).map_err(|_| {
-                    ScribeError::Malformed(format!(
-                        "parent ids must be 32 bytes, got {}",
-                        parent.len()
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Body {
-            stream,
-            author,
-            hlc: body.hlc,
-            kind,
-            content_type: body.content_type,
-            payload: body.payload,
-            parents,
-            nonce: body.nonce,
-        })
+        // `nonce` is the envelope's last field, so the encoding is `prefix ‖ 0x58 ‖ varint(nonce)`
+        // (nothing at all for nonce 0): hash the prefix once and only the nonce per try.
+        self.nonce = 0;
+        let prefix = self.to_envelope(payload_sha256).encode_to_vec();
+        let mut prefix_hash = Sha256::new();
+        prefix_hash.update(&prefix);
+        let mut suffix = Vec::with_capacity(11);
+        let mut nonce: u64 = 0;
+        loop {
+            suffix.clear();
+            if nonce != 0 {
+                suffix.push(NONCE_TAG);
+                prost::encoding::encode_varint(nonce, &mut suffix);
+            }
+            let mut hasher = prefix_hash.clone();
+            hasher.update(&suffix);
+            let id: [u8; 32] = hasher.finalize().into();
+            if leading_zero_bits(&id) >= work_bits {
+                self.nonce = nonce;
+                let mut envelope = prefix;
+                envelope.extend_from_slice(&suffix);
+                debug_assert_eq!(envelope, self.to_envelope(payload_sha256).encode_to_vec());
+                return Unsealed {
+                    envelope: Bytes::from(envelope),
+                    id: ScribeId(id),
+                    body: self,
+                    payload_sha256,
+                };
+            }
+            nonce = nonce.wrapping_add(1);
+        }
     }
 }
+
+/// The key byte of `Envelope.nonce` (field 11, varint).
+const NONCE_TAG: u8 = 11 << 3;
 
 /// The size rules every body obeys, checked when decoding and before the node signs anything:
 /// a content type of at most [`MAX_CONTENT_TYPE_BYTES`], at most [`MAX_PARENTS`] parents and a
 /// payload of at most [`HARD_MAX_PAYLOAD_BYTES`].
-pub fn check_shape(content_type: &str, parents: usize, payload: usize) -> Result<(), ScribeError> {
+pub fn check_shape(content_type: &str, parents: usize, payload: u64) -> Result<(), ScribeError> {
     if content_type.len() > MAX_CONTENT_TYPE_BYTES {
         return Err(ScribeError::Malformed(format!(
             "content_type is {} bytes, at most {MAX_CONTENT_TYPE_BYTES} allowed",
@@ -195,30 +245,245 @@ pub fn check_shape(content_type: &str, parents: usize, payload: usize) -> Result
             "{parents} parents named, at most {MAX_PARENTS} allowed"
         )));
     }
-    if payload as u64 > HARD_MAX_PAYLOAD_BYTES {
-        return Err(ScribeError::TooLarge(payload));
+    if payload > HARD_MAX_PAYLOAD_BYTES {
+        return Err(ScribeError::TooLarge {
+            part: "payload",
+            size: payload,
+            limit: HARD_MAX_PAYLOAD_BYTES,
+        });
     }
     Ok(())
 }
 
-/// A decoded scribe: its exact bytes, its id, and its body's fields.
+/// An envelope ready to be sealed: its exact bytes, its id and its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scribe {
-    /// The exact encoded envelope: what is stored, hashed and sent.
+pub struct Unsealed {
+    /// The exact envelope bytes.
+    pub envelope: Bytes,
+    /// sha256 of `envelope`.
+    pub id: ScribeId,
+    /// The decoded fields and the payload.
+    pub body: Body,
+    /// sha256 of the payload.
+    pub payload_sha256: [u8; 32],
+}
+
+/// A decoded seal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seal {
+    /// The exact encoded `quire.v1.Seal`.
     pub bytes: Bytes,
     /// sha256 of `bytes`.
+    pub id: [u8; 32],
+    /// Who signed it.
+    pub author: AuthorKey,
+    /// Leaves of its tree.
+    pub count: u64,
+    /// Merkle tree hash of the ids it covers.
+    pub root: [u8; 32],
+    signature: Signature,
+}
+
+impl Seal {
+    /// Signs the tree of `count` ids with root `root`.
+    pub fn sign(key: &SigningKey, count: u64, root: [u8; 32]) -> Seal {
+        let signature = key.sign(&seal_message(count, &root));
+        let proto = pb::Seal {
+            author: Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+            count,
+            root: Bytes::copy_from_slice(&root),
+            signature: Bytes::copy_from_slice(&signature.to_bytes()),
+        };
+        let bytes = Bytes::from(proto.encode_to_vec());
+        Seal {
+            id: sha256(&bytes),
+            bytes,
+            author: AuthorKey(key.verifying_key().to_bytes()),
+            count,
+            root,
+            signature,
+        }
+    }
+
+    /// Decodes `bytes` (canonical encoding and field shapes checked); the signature is not
+    /// checked here (see [`Seal::verify`]).
+    pub fn decode(bytes: Bytes) -> Result<Seal, ScribeError> {
+        let malformed = |what: String| ScribeError::Malformed(format!("seal: {what}"));
+        if bytes.len() > 256 {
+            return Err(malformed(format!("{} bytes is not a seal", bytes.len())));
+        }
+        let proto =
+            pb::Seal::decode(bytes.clone()).map_err(|error| malformed(error.to_string()))?;
+        if proto.encode_to_vec() != bytes {
+            return Err(ScribeError::NotCanonical { part: "seal" });
+        }
+        let author = AuthorKey::from_slice(&proto.author).map_err(|_| {
+            malformed(format!(
+                "author must be a 32-byte Ed25519 key, got {} bytes",
+                proto.author.len()
+            ))
+        })?;
+        if proto.count == 0 || proto.count > MAX_SEAL_COUNT {
+            return Err(malformed(format!(
+                "count must be 1 to {MAX_SEAL_COUNT}, got {}",
+                proto.count
+            )));
+        }
+        let root: [u8; 32] =
+            proto.root.as_ref().try_into().map_err(|_| {
+                malformed(format!("root must be 32 bytes, got {}", proto.root.len()))
+            })?;
+        let signature = Signature::from_slice(&proto.signature).map_err(|_| {
+            malformed(format!(
+                "signature must be 64 bytes, got {}",
+                proto.signature.len()
+            ))
+        })?;
+        Ok(Seal {
+            id: sha256(&bytes),
+            bytes,
+            author,
+            count: proto.count,
+            root,
+            signature,
+        })
+    }
+
+    /// Checks the signature against the seal's author (strict Ed25519: no small-order key or R,
+    /// no non-canonical S).
+    pub fn verify(&self) -> Result<(), ScribeError> {
+        let bad = || ScribeError::BadSignature {
+            author: self.author,
+        };
+        let key = VerifyingKey::from_bytes(&self.author.0).map_err(|_| bad())?;
+        key.verify_strict(&seal_message(self.count, &self.root), &self.signature)
+            .map_err(|_| bad())
+    }
+}
+
+/// What a seal's signature is over.
+pub fn seal_message(count: u64, root: &[u8; 32]) -> [u8; 56] {
+    let mut message = [0u8; 56];
+    message[..16].copy_from_slice(SEAL_PREFIX);
+    message[16..24].copy_from_slice(&count.to_be_bytes());
+    message[24..].copy_from_slice(root);
+    message
+}
+
+/// Proof that a seal covers one id: the leaf's index and its audit path (RFC 9162).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Proof {
+    /// The leaf's position in the seal's list.
+    pub index: u64,
+    /// Sibling hashes from the leaf up.
+    pub siblings: Vec<[u8; 32]>,
+}
+
+impl Proof {
+    /// As protobuf.
+    pub fn to_proto(&self) -> pb::Proof {
+        pb::Proof {
+            index: self.index,
+            siblings: self
+                .siblings
+                .iter()
+                .map(|hash| Bytes::copy_from_slice(hash))
+                .collect(),
+        }
+    }
+
+    /// From protobuf (`None`: the empty proof of a seal of one).
+    pub fn from_proto(proof: Option<pb::Proof>) -> Result<Proof, ScribeError> {
+        let Some(proof) = proof else {
+            return Ok(Proof::default());
+        };
+        if proof.siblings.len() > 64 {
+            return Err(ScribeError::Malformed(format!(
+                "proof of {} siblings; a seal's tree is at most {} deep",
+                proof.siblings.len(),
+                MAX_SEAL_COUNT.trailing_zeros()
+            )));
+        }
+        let siblings = proof
+            .siblings
+            .iter()
+            .map(|hash| {
+                <[u8; 32]>::try_from(hash.as_ref()).map_err(|_| {
+                    ScribeError::Malformed(format!(
+                        "proof siblings must be 32 bytes, got {}",
+                        hash.len()
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Proof {
+            index: proof.index,
+            siblings,
+        })
+    }
+}
+
+/// A scribe's parts as stored and sent: the envelope's exact bytes, the payload, the encoded seal
+/// and the proof that the seal covers the envelope's id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parts {
+    /// The exact envelope bytes.
+    pub envelope: Bytes,
+    /// The payload.
+    pub payload: Bytes,
+    /// The exact encoded seal.
+    pub seal: Bytes,
+    /// Its proof.
+    pub proof: Proof,
+}
+
+impl Parts {
+    /// Size counted against a stream's limits: envelope and payload.
+    pub fn size(&self) -> u64 {
+        (self.envelope.len() + self.payload.len()) as u64
+    }
+
+    /// As a `quire.v1.SealedScribe`.
+    pub fn to_proto(&self) -> pb::SealedScribe {
+        pb::SealedScribe {
+            envelope: self.envelope.clone(),
+            payload: self.payload.clone(),
+            seal: self.seal.clone(),
+            proof: Some(self.proof.to_proto()),
+        }
+    }
+
+    /// From a `quire.v1.SealedScribe`.
+    pub fn from_proto(sealed: pb::SealedScribe) -> Result<Parts, ScribeError> {
+        Ok(Parts {
+            envelope: sealed.envelope,
+            payload: sealed.payload,
+            seal: sealed.seal,
+            proof: Proof::from_proto(sealed.proof)?,
+        })
+    }
+}
+
+/// A decoded, sealed scribe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scribe {
+    /// The exact envelope bytes: what is stored, hashed and sent.
+    pub envelope: Bytes,
+    /// sha256 of `envelope`.
     pub id: ScribeId,
-    /// The decoded body.
+    /// The decoded fields and the payload.
     pub body: Body,
-    /// The body bytes inside `bytes` (a zero-copy slice, never re-encoded): what was signed.
-    pub body_bytes: Bytes,
-    /// sha256 of the body bytes: what a work token is judged on.
-    pub body_hash: [u8; 32],
+    /// sha256 of the payload (the envelope's `payload_sha256`).
+    pub payload_sha256: [u8; 32],
+    /// Its seal (shared by every scribe it covers).
+    pub seal: Arc<Seal>,
+    /// Proof that `seal` covers `id`.
+    pub proof: Proof,
 }
 
 /// SHA-256 of `bytes` as a scribe id.
 pub fn hash(bytes: &[u8]) -> ScribeId {
-    ScribeId(Sha256::digest(bytes).into())
+    ScribeId(sha256(bytes))
 }
 
 /// Number of leading zero bits of a hash.
@@ -235,132 +500,115 @@ pub fn leading_zero_bits(hash: &[u8; 32]) -> u32 {
     bits
 }
 
+/// Seals `unsealed` (every one by `key`'s author) with one signature over the Merkle root of their
+/// ids, in order.
+pub fn seal_all(unsealed: Vec<Unsealed>, key: &SigningKey) -> Vec<Scribe> {
+    if unsealed.is_empty() {
+        return Vec::new();
+    }
+    let ids: Vec<ScribeId> = unsealed.iter().map(|u| u.id).collect();
+    let (root, proofs) = merkle::tree(&ids);
+    let seal = Arc::new(Seal::sign(key, ids.len() as u64, root));
+    unsealed
+        .into_iter()
+        .zip(proofs)
+        .map(|(unsealed, proof)| {
+            debug_assert_eq!(key.verifying_key().to_bytes(), unsealed.body.author.0);
+            Scribe {
+                envelope: unsealed.envelope,
+                id: unsealed.id,
+                body: unsealed.body,
+                payload_sha256: unsealed.payload_sha256,
+                seal: seal.clone(),
+                proof,
+            }
+        })
+        .collect()
+}
+
 impl Scribe {
-    /// Signs `body` with `key` (whose public key must be `body.author`) and encodes the envelope.
+    /// Seals `body` alone with `key` (whose public key must be `body.author`).
     pub fn sign(body: Body, key: &SigningKey) -> Scribe {
-        debug_assert_eq!(key.verifying_key().to_bytes(), body.author.0);
-        let body_bytes = Bytes::from(body.encode());
-        let signature = key.sign(&signing_message(&body_bytes));
-        Self::seal(body, body_bytes, signature)
+        Self::sign_with_work(body, key, 0)
     }
 
-    /// Signs `body` after choosing a nonce that gives sha256(body) at least `work_bits` leading
-    /// zero bits (the stream policy's work token). With `work_bits` 0 this is [`Scribe::sign`].
-    pub fn sign_with_work(mut body: Body, key: &SigningKey, work_bits: u32) -> Scribe {
-        if work_bits == 0 {
-            return Self::sign(body, key);
-        }
-        // `nonce` is the body's last field, so the encoding is `prefix ‖ 0x40 ‖ varint(nonce)`
-        // (nothing at all for nonce 0): hash the prefix once and only the nonce per try.
-        body.nonce = 0;
-        let prefix = body.encode();
-        let mut prefix_hash = Sha256::new();
-        prefix_hash.update(&prefix);
-        let mut suffix = Vec::with_capacity(11);
-        let mut nonce: u64 = 0;
-        loop {
-            suffix.clear();
-            if nonce != 0 {
-                suffix.push(0x40);
-                prost::encoding::encode_varint(nonce, &mut suffix);
-            }
-            let mut hasher = prefix_hash.clone();
-            hasher.update(&suffix);
-            let hash: [u8; 32] = hasher.finalize().into();
-            if leading_zero_bits(&hash) >= work_bits {
-                body.nonce = nonce;
-                let mut body_bytes = prefix;
-                body_bytes.extend_from_slice(&suffix);
-                debug_assert_eq!(body_bytes, body.encode());
-                let body_bytes = Bytes::from(body_bytes);
-                let signature = key.sign(&signing_message(&body_bytes));
-                return Self::seal(body, body_bytes, signature);
-            }
-            nonce = nonce.wrapping_add(1);
+    /// Seals `body` alone after choosing a nonce that gives its id at least `work_bits` leading
+    /// zero bits (the stream policy's work token).
+    pub fn sign_with_work(body: Body, key: &SigningKey, work_bits: u32) -> Scribe {
+        seal_all(vec![body.into_unsealed(work_bits)], key)
+            .pop()
+            .expect("one sealed")
+    }
+
+    /// The parts to store and send.
+    pub fn parts(&self) -> Parts {
+        Parts {
+            envelope: self.envelope.clone(),
+            payload: self.body.payload.clone(),
+            seal: self.seal.bytes.clone(),
+            proof: self.proof.clone(),
         }
     }
 
-    fn seal(body: Body, body_bytes: Bytes, signature: Signature) -> Scribe {
-        let body_hash: [u8; 32] = Sha256::digest(&body_bytes).into();
-        let envelope = pb::Scribe {
-            format: FORMAT_V1,
-            body: body_bytes.clone(),
-            signature: Bytes::copy_from_slice(&signature.to_bytes()),
-        };
-        let bytes = Bytes::from(envelope.encode_to_vec());
-        Scribe {
-            id: hash(&bytes),
-            bytes,
-            body,
-            body_bytes,
-            body_hash,
-        }
+    /// Size counted against a stream's limits: envelope and payload.
+    pub fn size(&self) -> u64 {
+        (self.envelope.len() + self.body.payload.len()) as u64
     }
 
-    /// Decodes and fully verifies `bytes`: format, canonical encoding, field shapes and the
-    /// author's signature. The id is sha256 of `bytes` as given.
-    pub fn decode(bytes: Bytes) -> Result<Scribe, ScribeError> {
-        let (scribe, signature) = Self::decode_unverified(bytes)?;
-        scribe.verify_signature(&signature)?;
+    /// Decodes and fully verifies `parts`: envelope format, canonical encoding and field shapes,
+    /// the payload against the envelope, the proof against the seal, and the seal's signature.
+    /// The id is sha256 of the envelope as given.
+    pub fn decode(parts: Parts) -> Result<Scribe, ScribeError> {
+        let scribe = Self::decode_unverified(parts, None)?;
+        scribe.seal.verify()?;
         Ok(scribe)
     }
 
-    /// Like [`Scribe::decode`], and also checks that the bytes hash to `claimed`.
-    pub fn decode_claimed(bytes: Bytes, claimed: ScribeId) -> Result<Scribe, ScribeError> {
-        let actual = hash(&bytes);
+    /// Like [`Scribe::decode`], and also checks that the envelope hashes to `claimed`.
+    pub fn decode_claimed(parts: Parts, claimed: ScribeId) -> Result<Scribe, ScribeError> {
+        let actual = hash(&parts.envelope);
         if actual != claimed {
             return Err(ScribeError::BadHash { claimed, actual });
         }
-        Self::decode(bytes)
+        Self::decode(parts)
     }
 
-    /// Decodes without checking the signature; returns the signature for a later (batch) check.
-    pub fn decode_unverified(bytes: Bytes) -> Result<(Scribe, Signature), ScribeError> {
-        if bytes.len() > MAX_SCRIBE_BYTES {
-            return Err(ScribeError::TooLarge(bytes.len()));
+    /// Everything [`Scribe::decode`] checks but the seal's signature, for a caller that verifies
+    /// each distinct seal once ([`Seal::verify`]). `seal`: the seal already decoded from
+    /// `parts.seal` (shared by many scribes); `None` decodes it.
+    pub fn decode_unverified(parts: Parts, seal: Option<Arc<Seal>>) -> Result<Scribe, ScribeError> {
+        let (mut body, payload_sha256, payload_len) = decode_envelope(&parts.envelope)?;
+        let id = hash(&parts.envelope);
+        let actual = sha256(&parts.payload);
+        if actual != payload_sha256 || parts.payload.len() as u64 != payload_len {
+            return Err(ScribeError::BadPayload {
+                expected: hex::encode(payload_sha256),
+                expected_len: payload_len,
+                actual: hex::encode(actual),
+                actual_len: parts.payload.len() as u64,
+            });
         }
-        let envelope = pb::Scribe::decode(bytes.clone())
-            .map_err(|error| ScribeError::Malformed(format!("envelope: {error}")))?;
-        if envelope.format != FORMAT_V1 {
-            return Err(ScribeError::UnsupportedFormat(envelope.format));
+        body.payload = parts.payload;
+        let seal = match seal {
+            Some(seal) if seal.bytes == parts.seal => seal,
+            _ => Arc::new(Seal::decode(parts.seal)?),
+        };
+        if seal.author != body.author {
+            return Err(ScribeError::WrongSealer {
+                sealer: seal.author,
+                author: body.author,
+            });
         }
-        if envelope.encoded_len() != bytes.len() || envelope.encode_to_vec() != bytes {
-            return Err(ScribeError::NotCanonical { part: "envelope" });
-        }
-        let signature = Signature::from_slice(&envelope.signature).map_err(|_| {
-            ScribeError::Malformed(format!(
-                "signature must be 64 bytes, got {}",
-                envelope.signature.len()
-            ))
-        })?;
-        let body_proto = pb::ScribeBody::decode(envelope.body.clone())
-            .map_err(|error| ScribeError::Malformed(format!("body: {error}")))?;
-        if body_proto.encoded_len() != envelope.body.len()
-            || body_proto.encode_to_vec() != envelope.body
-        {
-            return Err(ScribeError::NotCanonical { part: "body" });
-        }
-        let body = Body::from_proto(body_proto)?;
-        let body_hash: [u8; 32] = Sha256::digest(&envelope.body).into();
-        let scribe = Scribe {
-            id: hash(&bytes),
-            bytes,
+        merkle::check(&id, &parts.proof, seal.count, &seal.root)
+            .map_err(|reason| ScribeError::NotCovered { id, reason })?;
+        Ok(Scribe {
+            envelope: parts.envelope,
+            id,
             body,
-            body_bytes: envelope.body,
-            body_hash,
-        };
-        Ok((scribe, signature))
-    }
-
-    /// Checks `signature` over this scribe's body bytes against its author key (strict Ed25519:
-    /// no malleable or small-order forms).
-    pub fn verify_signature(&self, signature: &Signature) -> Result<(), ScribeError> {
-        let bad = || ScribeError::BadSignature {
-            author: self.body.author,
-        };
-        let key = VerifyingKey::from_bytes(&self.body.author.0).map_err(|_| bad())?;
-        key.verify_strict(&signing_message(&self.body_bytes), signature)
-            .map_err(|_| bad())
+            payload_sha256,
+            seal,
+            proof: parts.proof,
+        })
     }
 
     /// The stream this scribe belongs to: its own id for a genesis.
@@ -369,9 +617,99 @@ impl Scribe {
     }
 }
 
-fn signing_message(body: &[u8]) -> Vec<u8> {
-    let mut message = Vec::with_capacity(SIGNING_PREFIX.len() + body.len());
-    message.extend_from_slice(SIGNING_PREFIX);
-    message.extend_from_slice(body);
-    message
+/// Decodes an envelope (format, canonical encoding, field shapes) into a body with an *empty*
+/// payload, plus the payload's sha256 and length the envelope names. No hashing of the envelope,
+/// no payload: what a reader of stored scribes needs to learn a scribe's fields.
+pub fn decode_envelope(bytes: &Bytes) -> Result<(Body, [u8; 32], u64), ScribeError> {
+    parse_envelope(bytes, true)
+}
+
+/// [`decode_envelope`] for an envelope read back from this node's own store, which was checked in
+/// full when it was admitted: skips the canonical re-encoding (a rebuild reads every scribe).
+pub fn decode_stored_envelope(bytes: &Bytes) -> Result<(Body, [u8; 32], u64), ScribeError> {
+    parse_envelope(bytes, false)
+}
+
+fn parse_envelope(bytes: &Bytes, canonical: bool) -> Result<(Body, [u8; 32], u64), ScribeError> {
+    if bytes.len() > MAX_ENVELOPE_BYTES {
+        return Err(ScribeError::TooLarge {
+            part: "envelope",
+            size: bytes.len() as u64,
+            limit: MAX_ENVELOPE_BYTES as u64,
+        });
+    }
+    let envelope = pb::Envelope::decode(bytes.clone())
+        .map_err(|error| ScribeError::Malformed(format!("envelope: {error}")))?;
+    if envelope.format != FORMAT_V2 {
+        return Err(ScribeError::UnsupportedFormat(envelope.format));
+    }
+    if canonical && (envelope.encoded_len() != bytes.len() || envelope.encode_to_vec() != *bytes) {
+        return Err(ScribeError::NotCanonical { part: "envelope" });
+    }
+    let kind: Kind = envelope.kind.parse()?;
+    let id_of = |field: &str, value: &Bytes| {
+        ScribeId::from_slice(value).map_err(|_| {
+            ScribeError::Malformed(format!("{field} must be 32 bytes, got {}", value.len()))
+        })
+    };
+    let stream = if envelope.stream.is_empty() {
+        None
+    } else {
+        Some(id_of("stream", &envelope.stream)?)
+    };
+    match (&kind, stream) {
+        (Kind::StreamCreate, Some(_)) => {
+            return Err(ScribeError::Malformed(
+                "a stream.create genesis must have an empty stream field".into(),
+            ))
+        }
+        (kind, None) if *kind != Kind::StreamCreate => {
+            return Err(ScribeError::Malformed(format!(
+                "a {kind} scribe needs a 32-byte stream id; only stream.create has none"
+            )))
+        }
+        _ => {}
+    }
+    check_shape(
+        &envelope.content_type,
+        envelope.parents.len(),
+        envelope.payload_len,
+    )?;
+    let author = AuthorKey::from_slice(&envelope.author).map_err(|_| {
+        ScribeError::Malformed(format!(
+            "author must be a 32-byte Ed25519 key, got {} bytes",
+            envelope.author.len()
+        ))
+    })?;
+    let parents = envelope
+        .parents
+        .iter()
+        .map(|parent| id_of("parent ids", parent))
+        .collect::<Result<Vec<_>, _>>()?;
+    let payload_sha256: [u8; 32] = envelope.payload_sha256.as_ref().try_into().map_err(|_| {
+        ScribeError::Malformed(format!(
+            "payload_sha256 must be 32 bytes, got {}",
+            envelope.payload_sha256.len()
+        ))
+    })?;
+    let membership = if envelope.membership.is_empty() {
+        None
+    } else {
+        Some(id_of("membership", &envelope.membership)?)
+    };
+    Ok((
+        Body {
+            stream,
+            author,
+            hlc: envelope.hlc,
+            kind,
+            content_type: envelope.content_type,
+            payload: Bytes::new(),
+            parents,
+            membership,
+            nonce: envelope.nonce,
+        },
+        payload_sha256,
+        envelope.payload_len,
+    ))
 }

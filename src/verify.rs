@@ -2,11 +2,12 @@
 //!
 //! Opens the store read-only (so it also works beside a running node) and checks, for every local
 //! seq from 1 to the head: the seq is present with no gap; the scribe it names is stored under that
-//! id with that seq; sha256 of the stored bytes is the id; the bytes decode canonically and the
-//! signature verifies; its stream's genesis was stored before it, and so was every parent (the local
-//! order is causal); the stream index agrees. Then it recomputes every stream's counters and
-//! compares them with the stored ones, and counts the index entries. Signature checks run in
-//! parallel on every core.
+//! id with that seq; sha256 of the stored envelope is the id; the envelope decodes canonically, the
+//! stored payload hashes to what the envelope names, the proof leads to its seal's root and the
+//! seal's signature verifies (each distinct seal once per chunk); its stream's genesis was stored
+//! before it, and so was every parent (the local order is causal); the stream index agrees. Then it
+//! recomputes every stream's counters and compares them with the stored ones, and counts the index
+//! entries. Checks run in parallel on every core.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -59,10 +60,7 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
         if chunk.is_empty() {
             break;
         }
-        let checked: Vec<(u64, ScribeId, Result<Scribe, String>)> = chunk
-            .par_iter()
-            .map(|(seq, id)| (*seq, *id, check_one(&store, *seq, id)))
-            .collect();
+        let checked = check_chunk(&store, &chunk);
         for (seq, id, result) in checked {
             report.scribes += 1;
             if seq > head {
@@ -85,7 +83,7 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
                         genesis_seq: seq,
                         head_seq: seq,
                         scribes: 1,
-                        bytes: scribe.bytes.len() as u64,
+                        bytes: scribe.size(),
                     },
                 );
             } else {
@@ -93,7 +91,7 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
                     Some(record) => {
                         record.head_seq = seq;
                         record.scribes += 1;
-                        record.bytes += scribe.bytes.len() as u64;
+                        record.bytes += scribe.size();
                     }
                     None => report.damage.push(format!(
                         "seq {seq} ({id}): its stream {stream} has no genesis stored before it"
@@ -167,9 +165,42 @@ fn check_one(store: &Store, seq: u64, id: &ScribeId) -> Result<Scribe, String> {
     if entry.seq != seq {
         return Err(format!("stored with seq {}, not {seq}", entry.seq));
     }
-    let actual = hash(&entry.bytes);
+    let actual = hash(&entry.parts.envelope);
     if actual != *id {
-        return Err(format!("stored bytes hash to {actual}"));
+        return Err(format!("stored envelope hashes to {actual}"));
     }
-    Scribe::decode(entry.bytes).map_err(|error| error.to_string())
+    Scribe::decode_unverified(entry.parts, None).map_err(|error| error.to_string())
+}
+
+/// Checks a chunk of `(seq, id)`: each scribe on its own, then each distinct seal's signature once.
+fn check_chunk(
+    store: &Store,
+    chunk: &[(u64, ScribeId)],
+) -> Vec<(u64, ScribeId, Result<Scribe, String>)> {
+    let decoded: Vec<(u64, ScribeId, Result<Scribe, String>)> = chunk
+        .par_iter()
+        .map(|(seq, id)| (*seq, *id, check_one(store, *seq, id)))
+        .collect();
+    let mut seals = HashMap::new();
+    for (.., scribe) in &decoded {
+        if let Ok(scribe) = scribe {
+            seals
+                .entry(scribe.seal.id)
+                .or_insert_with(|| scribe.seal.clone());
+        }
+    }
+    let bad: HashMap<[u8; 32], String> = seals
+        .into_par_iter()
+        .filter_map(|(id, seal)| seal.verify().err().map(|error| (id, error.to_string())))
+        .collect();
+    decoded
+        .into_iter()
+        .map(|(seq, id, result)| {
+            let result = result.and_then(|scribe| match bad.get(&scribe.seal.id) {
+                Some(error) => Err(error.clone()),
+                None => Ok(scribe),
+            });
+            (seq, id, result)
+        })
+        .collect()
 }

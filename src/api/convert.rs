@@ -9,7 +9,7 @@ use crate::genesis::policy_to_proto;
 use crate::log::store::StoredEntry;
 use crate::log::StreamState;
 use crate::pb;
-use crate::scribe::Scribe;
+use crate::scribe::decode_stored_envelope as decode_envelope;
 
 /// A stream's state as the API shows it.
 pub fn stream_info(state: &StreamState) -> pb::StreamInfo {
@@ -25,27 +25,32 @@ pub fn stream_info(state: &StreamState) -> pb::StreamInfo {
     }
 }
 
-/// A stored scribe as the API shows it: the exact bytes plus fields decoded from them.
+/// A stored scribe as the API shows it: envelope, payload, seal and proof exactly as stored, plus
+/// fields decoded from the envelope.
 pub fn entry(stored: StoredEntry) -> pb::Entry {
-    let decoded = Scribe::decode_unverified(stored.bytes.clone())
+    let decoded = decode_envelope(&stored.parts.envelope)
         .ok()
-        .map(|(scribe, _)| scribe);
+        .map(|(body, ..)| body);
+    let id = |id: &ScribeId| Bytes::copy_from_slice(id.as_bytes());
     pb::Entry {
         seq: stored.seq,
-        id: Bytes::copy_from_slice(stored.id.as_bytes()),
+        id: id(&stored.id),
         stream: decoded
             .as_ref()
-            .map(|scribe| Bytes::copy_from_slice(scribe.stream_id().as_bytes()))
+            .map(|body| id(&body.stream.unwrap_or(stored.id)))
             .unwrap_or_default(),
         author: decoded
             .as_ref()
-            .map(|scribe| Bytes::copy_from_slice(scribe.body.author.as_bytes()))
+            .map(|body| Bytes::copy_from_slice(body.author.as_bytes()))
             .unwrap_or_default(),
-        hlc: decoded.as_ref().map_or(0, |scribe| scribe.body.hlc),
+        hlc: decoded.as_ref().map_or(0, |body| body.hlc),
         kind: decoded
-            .map(|scribe| scribe.body.kind.as_str().to_string())
+            .map(|body| body.kind.as_str().to_string())
             .unwrap_or_default(),
-        scribe: stored.bytes,
+        proof: Some(stored.parts.proof.to_proto()),
+        envelope: stored.parts.envelope,
+        payload: stored.parts.payload,
+        seal: stored.parts.seal,
     }
 }
 

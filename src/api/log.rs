@@ -17,6 +17,7 @@ use super::{convert, Api, ResponseStream, READ_DEFAULT_LIMIT, READ_MAX_LIMIT, SU
 use crate::log::subscribe::LogEvent;
 use crate::log::{AppendError, Appended, Draft, NewScribe, Origin};
 use crate::pb;
+use crate::scribe::{hash, merkle, Parts, Proof, MAX_SEAL_COUNT};
 
 fn reply(appended: Appended) -> pb::AppendReply {
     pb::AppendReply {
@@ -41,7 +42,7 @@ fn new_scribe(request: pb::AppendRequest) -> Result<Draft, Status> {
     crate::scribe::check_shape(
         &request.content_type,
         request.parents.len(),
-        request.payload.len(),
+        request.payload.len() as u64,
     )
     .map_err(|error| append_status(&AppendError::Scribe(error)))?;
     let parents = request
@@ -64,15 +65,55 @@ fn signed(request: pb::AppendSignedRequest) -> Result<Draft, Status> {
     } else {
         Some(convert::id_field(&request.id, "id")?)
     };
-    if request.scribe.is_empty() {
+    if request.envelope.is_empty() || request.seal.is_empty() {
         return Err(invalid(
-            "scribe is empty: send the encoded quire.v1.Scribe bytes".into(),
+            "envelope and seal are required: send the encoded quire.v1.Envelope, its payload and a quire.v1.Seal over its id".into(),
         ));
     }
     Ok(Draft::Signed {
-        bytes: request.scribe,
+        parts: Parts {
+            envelope: request.envelope,
+            payload: request.payload,
+            seal: request.seal,
+            proof: Proof::from_proto(request.proof)
+                .map_err(|error| append_status(&AppendError::Scribe(error)))?,
+        },
         claimed_id,
     })
+}
+
+/// The drafts of a batch the client sealed once: each envelope gets its proof in the seal's tree of
+/// the batch's ids, in order. Whether the seal's root and signature match is the log's check.
+fn sealed_batch(batch: pb::SealedBatch) -> Result<Vec<Draft>, Status> {
+    if batch.scribes.is_empty() {
+        return Err(invalid("a sealed batch needs at least one scribe".into()));
+    }
+    if batch.scribes.len() as u64 > MAX_SEAL_COUNT {
+        return Err(invalid(format!(
+            "a sealed batch holds at most {MAX_SEAL_COUNT} scribes, got {}",
+            batch.scribes.len()
+        )));
+    }
+    let ids: Vec<_> = batch
+        .scribes
+        .iter()
+        .map(|unsealed| hash(&unsealed.envelope))
+        .collect();
+    let (_, proofs) = merkle::tree(&ids);
+    Ok(batch
+        .scribes
+        .into_iter()
+        .zip(proofs)
+        .map(|(unsealed, proof)| Draft::Signed {
+            parts: Parts {
+                envelope: unsealed.envelope,
+                payload: unsealed.payload,
+                seal: batch.seal.clone(),
+                proof,
+            },
+            claimed_id: None,
+        })
+        .collect())
 }
 
 impl Api {
@@ -118,6 +159,12 @@ impl pb::log_server::Log for Api {
             drafts.push(
                 signed(append)
                     .map_err(|status| invalid(format!("signed[{index}]: {}", status.message())))?,
+            );
+        }
+        for (index, batch) in request.sealed.into_iter().enumerate() {
+            drafts.extend(
+                sealed_batch(batch)
+                    .map_err(|status| invalid(format!("sealed[{index}]: {}", status.message())))?,
             );
         }
         let appended = self

@@ -17,7 +17,7 @@ use crate::projection::{RunnerError, SlotError};
 pub fn append_status(error: &AppendError) -> Status {
     use tonic::Code;
     let code = match error.root() {
-        AppendError::Scribe(crate::scribe::ScribeError::TooLarge(_)) => Code::ResourceExhausted,
+        AppendError::Scribe(crate::scribe::ScribeError::TooLarge { .. }) => Code::ResourceExhausted,
         AppendError::Scribe(_)
         | AppendError::WrongStream { .. }
         | AppendError::BadGenesis(_)

@@ -200,8 +200,16 @@ pub(crate) async fn get(url: &str, args: GetArgs) -> Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    let (scribe, _) = crate::scribe::Scribe::decode_unverified(entry.scribe.clone())
-        .context("the node sent a scribe that does not decode")?;
+    // Verify what the node sent instead of trusting it: envelope, payload, proof and seal.
+    let parts = crate::scribe::Parts {
+        envelope: entry.envelope.clone(),
+        payload: entry.payload.clone(),
+        seal: entry.seal.clone(),
+        proof: crate::scribe::Proof::from_proto(entry.proof.clone())
+            .context("the node sent a malformed proof")?,
+    };
+    let scribe = crate::scribe::Scribe::decode_claimed(parts, args.id)
+        .context("the node sent a scribe that does not verify")?;
     if args.payload {
         std::io::stdout().write_all(&scribe.body.payload)?;
         return Ok(());
@@ -219,9 +227,17 @@ pub(crate) async fn get(url: &str, args: GetArgs) -> Result<()> {
     );
     println!("content type  {}", scribe.body.content_type);
     println!(
-        "size          {} bytes ({} payload)",
-        entry.scribe.len(),
+        "size          {} bytes ({} envelope, {} payload)",
+        scribe.size(),
+        scribe.envelope.len(),
         scribe.body.payload.len()
+    );
+    println!(
+        "seal          {} (verified; covers {} scribe{}, this one at {})",
+        hex::encode(&scribe.seal.id[..8]),
+        scribe.seal.count,
+        if scribe.seal.count == 1 { "" } else { "s" },
+        scribe.proof.index
     );
     for parent in &scribe.body.parents {
         println!("parent        {parent}");
@@ -268,7 +284,7 @@ pub(crate) async fn log(url: &str, args: LogArgs) -> Result<()> {
                     hex::encode(&entry.id),
                     entry.kind,
                     hex::encode(entry.author.get(..4).unwrap_or_default()),
-                    entry.scribe.len()
+                    entry.envelope.len() + entry.payload.len()
                 )?;
             }
             Some(pb::subscribe_event::Event::CaughtUp(caught_up)) => {

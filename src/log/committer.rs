@@ -96,7 +96,9 @@ impl Overlay {
             seq,
             id: scribe.id,
             stream,
-            bytes: scribe.bytes,
+            parts: scribe.parts(),
+            payload_sha256: scribe.payload_sha256,
+            seal_id: scribe.seal.id,
             origin: match origin {
                 Origin::Peer(peer) => Some(peer),
                 Origin::Local => None,

@@ -52,7 +52,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::genesis::{genesis_from_payload, GenesisError};
 use crate::hlc::{Clock, WallClock};
 use crate::identity;
-use crate::scribe::{Scribe, ScribeError};
+use crate::scribe::{Parts, Scribe, ScribeError};
 use store::{CursorUpdate, PeerOrigin, Store, StoreError, StoredEntry, StreamRecord};
 
 /// Jobs waiting to be signed before `append` callers wait for room.
@@ -62,7 +62,7 @@ const SUBMIT_QUEUE: usize = 1024;
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum AppendError {
-    /// The bytes are not a valid scribe (malformed, bad signature, bad hash, not canonical).
+    /// Not a valid scribe (malformed, not canonical, payload or proof not matching, bad seal).
     #[error(transparent)]
     Scribe(#[from] ScribeError),
     /// The scribe's stream is not held by this node.
@@ -135,7 +135,7 @@ pub enum AppendError {
         stream: StreamId,
     },
     /// A `record.add` lacks the work token its stream's policy asks for.
-    #[error("stream {stream} asks record.add scribes for a work token: sha256(body) must start with {bits} zero bits (it has {has}); choose a nonce that gives it, or let the node sign")]
+    #[error("stream {stream} asks record.add scribes for a work token: the id (sha256 of the envelope) must start with {bits} zero bits (it has {has}); choose a nonce that gives it, or let the node sign")]
     MissingWork {
         /// Bits asked for.
         bits: u32,
@@ -157,7 +157,7 @@ pub enum AppendError {
     #[error("bad stream genesis: {0}")]
     BadGenesis(GenesisError),
     /// One draft of a multi-draft job was refused; the whole job was.
-    #[error("item {index} of the batch (counting `appends` first, then `signed`): {source} (nothing of the batch was stored)")]
+    #[error("item {index} of the batch (counting `appends` first, then `signed`, then the scribes of `sealed`): {source} (nothing of the batch was stored)")]
     InBatch {
         /// Position of the refused draft in the job.
         index: usize,
@@ -214,10 +214,10 @@ pub enum OpenError {
 pub enum Draft {
     /// A new scribe the node signs with its own key.
     New(NewScribe),
-    /// A scribe a client signed; stored exactly as given.
+    /// A scribe a client sealed; stored exactly as given.
     Signed {
-        /// The encoded scribe.
-        bytes: Bytes,
+        /// Its envelope, payload, seal and proof.
+        parts: Parts,
         /// The id the client claims, checked against the bytes if given.
         claimed_id: Option<ScribeId>,
     },
@@ -385,7 +385,7 @@ impl Log {
             let genesis = store.get(&stream)?.ok_or_else(|| {
                 StoreError::Damaged(format!("stream {stream} has no genesis scribe"))
             })?;
-            let (scribe, _) = Scribe::decode_unverified(genesis.bytes)
+            let scribe = Scribe::decode_unverified(genesis.parts, None)
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
             let genesis = genesis_from_payload(&scribe.body.payload, scribe.body.author)
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
@@ -478,7 +478,7 @@ impl Log {
         &self,
         peer: PeerOrigin,
         stream: StreamId,
-        scribes: Vec<(Bytes, Option<ScribeId>)>,
+        scribes: Vec<(Parts, Option<ScribeId>)>,
         cursor: Option<CursorUpdate>,
     ) -> Result<EachOutcome, AppendError> {
         if scribes.is_empty() && cursor.is_none() {
@@ -493,7 +493,7 @@ impl Log {
             .ok_or(AppendError::ShuttingDown)?;
         let drafts = scribes
             .into_iter()
-            .map(|(bytes, claimed_id)| Draft::Signed { bytes, claimed_id })
+            .map(|(parts, claimed_id)| Draft::Signed { parts, claimed_id })
             .collect();
         submit
             .send(Job {

@@ -23,7 +23,7 @@ use quire_projection_api::{Candidate, Kind, PayloadCheck, PayloadError, ScribeId
 use super::store::{StoreError, StreamRecord};
 use super::{AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
-use crate::scribe::{leading_zero_bits, Body, Scribe};
+use crate::scribe::{decode_envelope, leading_zero_bits, Body, Scribe};
 
 /// The payload rules a log applies to every scribe but a genesis, local or from a peer, in the
 /// order they were added; the first refusal wins. Empty by default: a log checks no payload rule it
@@ -173,7 +173,7 @@ pub(super) fn admit(
     check_parents(seen, scribe)?;
     state.record.head_seq = seq;
     state.record.scribes += 1;
-    state.record.bytes += scribe.bytes.len() as u64;
+    state.record.bytes += scribe.size();
     Ok(Verdict::New(state))
 }
 
@@ -221,7 +221,7 @@ fn genesis_state(scribe: &Scribe, seq: u64) -> Result<StreamState, AppendError> 
             genesis_seq: seq,
             head_seq: seq,
             scribes: 1,
-            bytes: scribe.bytes.len() as u64,
+            bytes: scribe.size(),
         },
     })
 }
@@ -251,7 +251,7 @@ fn check_size(state: &StreamState, scribe: &Scribe, origin: Origin) -> Result<()
             stream: state.id,
         });
     }
-    let size = scribe.bytes.len() as u64;
+    let size = scribe.size();
     if origin == Origin::Local && state.record.bytes + size > state.policy.max_stream_bytes {
         return Err(AppendError::StreamFull {
             held: state.record.bytes,
@@ -278,7 +278,7 @@ fn check_work(state: &StreamState, scribe: &Scribe) -> Result<(), AppendError> {
     if scribe.body.kind != Kind::RecordAdd || state.policy.work_bits == 0 {
         return Ok(());
     }
-    let has = leading_zero_bits(&scribe.body_hash);
+    let has = leading_zero_bits(scribe.id.as_bytes());
     if has < state.policy.work_bits {
         return Err(AppendError::MissingWork {
             bits: state.policy.work_bits,
@@ -319,10 +319,10 @@ fn check_parents(seen: &Seen<'_>, scribe: &Scribe) -> Result<(), AppendError> {
 
 /// The stream of a stored scribe, if it is stored.
 fn stored_stream_of(shared: &Shared, id: &ScribeId) -> Result<Option<StreamId>, AppendError> {
-    let Some(entry) = shared.store.get(id)? else {
+    let Some((_, envelope)) = shared.store.envelope(id)? else {
         return Ok(None);
     };
-    let (scribe, _) = Scribe::decode_unverified(entry.bytes)
+    let (body, ..) = decode_envelope(&envelope)
         .map_err(|error| StoreError::Damaged(format!("stored scribe {id}: {error}")))?;
-    Ok(Some(scribe.stream_id()))
+    Ok(Some(body.stream.unwrap_or(*id)))
 }

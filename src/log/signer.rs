@@ -1,15 +1,18 @@
 //! The signer stage of the append pipeline: the `quire-signer` thread.
 //!
 //! It drains every job waiting on the submit queue (up to [`MAX_GROUP_DRAFTS`] drafts), gives each
-//! node-signed draft the next value of the node's hybrid logical clock in arrival order, then signs
-//! those drafts and decodes and verifies client-signed ones in parallel on every core (rayon), and
-//! hands the group to the committer as [`PreparedJob`]s. Signing is the expensive part of an
-//! append, so it never runs on the commit path.
+//! node-signed draft the next value of the node's hybrid logical clock in arrival order, makes
+//! their envelopes and decodes client-sealed ones in parallel on every core (rayon), seals every
+//! node-signed envelope of the group with one signature over their Merkle root, verifies each
+//! distinct client seal once, and hands the group to the committer as [`PreparedJob`]s. Nothing of
+//! this runs on the commit path.
 //!
 //! What does not live here: checks against stored state (duplicates, streams, policies, parents,
 //! payload rules) are the committer's, in [`super::rules`]; nothing here reads or writes the store.
 
-use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use quire_projection_api::{Kind, ScribeId, StreamId};
 use rayon::prelude::*;
 use tokio::sync::mpsc;
@@ -17,7 +20,7 @@ use tokio::sync::mpsc;
 use super::store::CursorUpdate;
 use super::{AppendError, Draft, Job, Origin, Reply, Shared};
 use crate::identity;
-use crate::scribe::{Body, Scribe};
+use crate::scribe::{hash, seal_all, Body, Parts, Scribe, ScribeError, Seal, Unsealed};
 
 /// Most drafts the signer gathers into one group.
 const MAX_GROUP_DRAFTS: usize = 8192;
@@ -76,33 +79,17 @@ pub(super) fn signer_loop(
                             content_type: new.content_type,
                             payload: new.payload,
                             parents: new.parents,
+                            membership: None,
                             nonce: 0,
                         };
                         Prepared::Sign(body, work_bits)
                     }
-                    Draft::Signed { bytes, claimed_id } => Prepared::Verify(bytes, claimed_id),
+                    Draft::Signed { parts, claimed_id } => Prepared::Verify(parts, claimed_id),
                 };
                 work.push((job_index, draft_index, prepared));
             }
         }
-        let results: Vec<(usize, Result<Scribe, AppendError>, bool)> = work
-            .into_par_iter()
-            .map(|(job_index, _draft_index, prepared)| {
-                let fresh = matches!(prepared, Prepared::Sign(..));
-                let result = match prepared {
-                    Prepared::Sign(body, work_bits) => {
-                        Ok(Scribe::sign_with_work(body, &shared.key, work_bits))
-                    }
-                    Prepared::Verify(bytes, Some(claimed)) => {
-                        Scribe::decode_claimed(bytes, claimed).map_err(AppendError::from)
-                    }
-                    Prepared::Verify(bytes, None) => {
-                        Scribe::decode(bytes).map_err(AppendError::from)
-                    }
-                };
-                (job_index, result, fresh)
-            })
-            .collect();
+        let results = prepare(shared, work);
         let mut per_job: Vec<Vec<(Result<Scribe, AppendError>, bool)>> = jobs
             .iter()
             .map(|job| Vec::with_capacity(job.drafts.len()))
@@ -129,8 +116,82 @@ pub(super) fn signer_loop(
 
 /// The parallel work of one draft.
 enum Prepared {
-    /// A body to sign, with the work bits its stream asks of a `record.add`.
+    /// A body to seal, with the work bits its stream asks of a `record.add`.
     Sign(Body, u32),
-    /// Client-signed bytes to decode and verify, with the id the client claims.
-    Verify(Bytes, Option<ScribeId>),
+    /// A client-sealed scribe to decode and verify, with the id the client claims.
+    Verify(Parts, Option<ScribeId>),
+}
+
+/// A draft once its envelope is made (node-signed) or decoded (client-sealed), before sealing or
+/// seal verification.
+enum Stage {
+    Unsealed(Unsealed),
+    /// Its envelope was taken to be sealed with the group's others (in order).
+    Sealed,
+    Decoded(Result<Scribe, AppendError>),
+}
+
+/// Signs and verifies one group's drafts: envelopes (with their work tokens) are made and client
+/// scribes decoded in parallel; then every node-signed envelope of the group is sealed with *one*
+/// signature, and every distinct client seal is verified once, in parallel. Answers
+/// `(job index, scribe, fresh)` in draft order.
+fn prepare(
+    shared: &Shared,
+    work: Vec<(usize, usize, Prepared)>,
+) -> Vec<(usize, Result<Scribe, AppendError>, bool)> {
+    let mut staged: Vec<(usize, Stage)> = work
+        .into_par_iter()
+        .map(|(job_index, _draft_index, prepared)| {
+            let stage = match prepared {
+                Prepared::Sign(body, work_bits) => Stage::Unsealed(body.into_unsealed(work_bits)),
+                Prepared::Verify(parts, claimed) => Stage::Decoded(decode(parts, claimed)),
+            };
+            (job_index, stage)
+        })
+        .collect();
+    let mut unsealed = Vec::new();
+    for (_, stage) in &mut staged {
+        if matches!(stage, Stage::Unsealed(_)) {
+            if let Stage::Unsealed(envelope) = std::mem::replace(stage, Stage::Sealed) {
+                unsealed.push(envelope);
+            }
+        }
+    }
+    let mut sealed = seal_all(unsealed, &shared.key).into_iter();
+    let mut seals: HashMap<[u8; 32], Arc<Seal>> = HashMap::new();
+    for (_, stage) in &staged {
+        if let Stage::Decoded(Ok(scribe)) = stage {
+            seals
+                .entry(scribe.seal.id)
+                .or_insert_with(|| scribe.seal.clone());
+        }
+    }
+    let refused: HashMap<[u8; 32], ScribeError> = seals
+        .into_par_iter()
+        .filter_map(|(id, seal)| seal.verify().err().map(|error| (id, error)))
+        .collect();
+    staged
+        .into_iter()
+        .map(|(job_index, stage)| match stage {
+            Stage::Unsealed(_) | Stage::Sealed => {
+                (job_index, Ok(sealed.next().expect("sealed in order")), true)
+            }
+            Stage::Decoded(Ok(scribe)) => match refused.get(&scribe.seal.id) {
+                Some(error) => (job_index, Err(AppendError::from(error.clone())), false),
+                None => (job_index, Ok(scribe), false),
+            },
+            Stage::Decoded(Err(error)) => (job_index, Err(error), false),
+        })
+        .collect()
+}
+
+/// Decodes a client-sealed scribe, all but its seal's signature.
+fn decode(parts: Parts, claimed: Option<ScribeId>) -> Result<Scribe, AppendError> {
+    if let Some(claimed) = claimed {
+        let actual = hash(&parts.envelope);
+        if actual != claimed {
+            return Err(ScribeError::BadHash { claimed, actual }.into());
+        }
+    }
+    Ok(Scribe::decode_unverified(parts, None)?)
 }

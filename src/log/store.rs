@@ -1,7 +1,10 @@
 //! RocksDB storage of the log: the only module that knows key layouts and column families.
 //!
 //! Column families (keys and values are documented byte for byte in `docs/protocol.md`):
-//! - `scribes`:   scribe id (32) → local seq (u64 BE) ‖ exact scribe bytes
+//! - `scribes`:   scribe id (32) → local seq (u64 BE) ‖ payload sha256 (32) ‖ seal id (32) ‖ proof
+//!   index (u64 BE) ‖ sibling count (u8) ‖ siblings (32 each) ‖ exact envelope bytes
+//! - `payloads`:  payload sha256 (32) → payload bytes, once however many scribes name it
+//! - `seals`:     seal id (sha256 of its bytes, 32) → exact encoded seal
 //! - `log`:       local seq (u64 BE) → scribe id (32)
 //! - `by_stream`: stream id (32) ‖ local seq (u64 BE) → scribe id (32) ‖ for scribes received from
 //!   a peer: its node id (32) ‖ its log epoch (16), so they are never sent back to it
@@ -19,8 +22,10 @@
 //! readers only ever see a committed, contiguous prefix. Validation is not done here (see
 //! `log::Log`): this module stores what it is given.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use crate::scribe::{Parts, Proof};
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 use rocksdb::{
@@ -36,8 +41,12 @@ const CF_CURSORS: &str = "cursors";
 const CF_PEERS: &str = "peers";
 const CF_JOINS: &str = "joins";
 const CF_PROJECTIONS: &str = "projections";
-const COLUMN_FAMILIES: [&str; 8] = [
+const CF_PAYLOADS: &str = "payloads";
+const CF_SEALS: &str = "seals";
+const COLUMN_FAMILIES: [&str; 10] = [
     CF_SCRIBES,
+    CF_PAYLOADS,
+    CF_SEALS,
     CF_LOG,
     CF_BY_STREAM,
     CF_STREAMS,
@@ -52,8 +61,9 @@ const META_EPOCH: &[u8] = b"epoch";
 const META_HEAD: &[u8] = b"head";
 const META_HLC: &[u8] = b"hlc";
 
-/// The storage format this version writes; a data directory with another is refused.
-pub const STORE_FORMAT: u64 = 1;
+/// The storage format this version writes; a data directory with another is refused. Format 2
+/// holds scribe format 2 (envelope, detached payload, seal); format 1 held format-1 scribes.
+pub const STORE_FORMAT: u64 = 2;
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +73,7 @@ pub enum StoreError {
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
     /// The data directory was written by another storage format.
-    #[error("data directory has storage format {found}, this quire reads format {STORE_FORMAT}; use a matching quire version")]
+    #[error("data directory has storage format {found}, this quire reads format {STORE_FORMAT} (scribe format 2: signed envelopes, detached payloads, seals); nothing was changed. Read it with the quire version that wrote it, or start this version on a new data directory and join its streams again from a peer")]
     Format {
         /// What the directory says.
         found: u64,
@@ -90,7 +100,8 @@ pub struct StreamRecord {
     pub head_seq: u64,
     /// Scribes held, genesis included.
     pub scribes: u64,
-    /// Their total encoded size.
+    /// Their total size: envelopes and payloads (a payload shared with other scribes counts for
+    /// each).
     pub bytes: u64,
 }
 
@@ -178,8 +189,12 @@ pub struct NewEntry {
     pub id: ScribeId,
     /// Its stream.
     pub stream: StreamId,
-    /// Its exact bytes.
-    pub bytes: Bytes,
+    /// Its envelope, payload, seal and proof.
+    pub parts: Parts,
+    /// sha256 of the payload (the key it is stored under).
+    pub payload_sha256: [u8; 32],
+    /// sha256 of the seal (the key it is stored under).
+    pub seal_id: [u8; 32],
     /// The peer it was received from, if any.
     pub origin: Option<PeerOrigin>,
 }
@@ -191,10 +206,59 @@ pub struct StoredEntry {
     pub seq: u64,
     /// Scribe id (the key it is stored under).
     pub id: ScribeId,
-    /// The exact stored bytes.
-    pub bytes: Bytes,
+    /// The exact stored envelope, its payload, seal and proof.
+    pub parts: Parts,
     /// The peer it was received from (known on stream reads only).
     pub origin: Option<PeerOrigin>,
+}
+
+/// A `scribes` value, decoded (see the module docs for its bytes).
+struct Record {
+    seq: u64,
+    payload_sha256: [u8; 32],
+    seal_id: [u8; 32],
+    proof: Proof,
+    envelope: Bytes,
+}
+
+impl Record {
+    fn encode(entry: &NewEntry, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&entry.seq.to_be_bytes());
+        out.extend_from_slice(&entry.payload_sha256);
+        out.extend_from_slice(&entry.seal_id);
+        out.extend_from_slice(&entry.parts.proof.index.to_be_bytes());
+        out.push(entry.parts.proof.siblings.len() as u8);
+        for sibling in &entry.parts.proof.siblings {
+            out.extend_from_slice(sibling);
+        }
+        out.extend_from_slice(&entry.parts.envelope);
+    }
+
+    fn decode(id: &ScribeId, value: &[u8]) -> Result<Record, StoreError> {
+        let damaged = || StoreError::Damaged(format!("scribe {id} has a malformed record"));
+        if value.len() < 81 {
+            return Err(damaged());
+        }
+        let siblings = value[80] as usize;
+        let envelope_at = 81 + siblings * 32;
+        if value.len() < envelope_at {
+            return Err(damaged());
+        }
+        Ok(Record {
+            seq: u64::from_be_bytes(value[..8].try_into().unwrap()),
+            payload_sha256: value[8..40].try_into().unwrap(),
+            seal_id: value[40..72].try_into().unwrap(),
+            proof: Proof {
+                index: u64::from_be_bytes(value[72..80].try_into().unwrap()),
+                siblings: value[81..envelope_at]
+                    .chunks_exact(32)
+                    .map(|chunk| chunk.try_into().unwrap())
+                    .collect(),
+            },
+            envelope: Bytes::copy_from_slice(&value[envelope_at..]),
+        })
+    }
 }
 
 /// The RocksDB store of one data directory.
@@ -248,8 +312,9 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
             table.set_cache_index_and_filter_blocks(true);
             table.set_pin_top_level_index_and_filter(true);
             table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            if *name == CF_SCRIBES {
-                // Point lookups by id on every replicated scribe (the duplicate check).
+            if *name == CF_SCRIBES || *name == CF_PAYLOADS || *name == CF_SEALS {
+                // Point lookups by key: every replicated scribe (the duplicate check), every new
+                // payload and seal (stored once).
                 table.set_bloom_filter(10.0, false);
                 table.set_partition_filters(true);
             }
@@ -263,6 +328,7 @@ impl Store {
     /// Opens (creating if needed) the store at `path`. With `sync`, every commit is fsynced
     /// before it is acknowledged (survives power loss); without, it survives a process crash.
     pub fn open(path: &Path, sync: bool) -> Result<Store, StoreError> {
+        refuse_other_format(path)?;
         let db = DB::open_cf_descriptors(&db_options(), path, descriptors())?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync);
@@ -354,11 +420,12 @@ impl Store {
             self.cf(CF_STREAMS),
             self.cf(CF_CURSORS),
         );
+        let (payloads, seals) = (self.cf(CF_PAYLOADS), self.cf(CF_SEALS));
+        let mut written_payloads = HashSet::new();
+        let mut written_seals = HashSet::new();
         let mut value = Vec::new();
         for entry in &commit.scribes {
-            value.clear();
-            value.extend_from_slice(&entry.seq.to_be_bytes());
-            value.extend_from_slice(&entry.bytes);
+            Record::encode(entry, &mut value);
             batch.put_cf(scribes, entry.id.as_bytes(), &value);
             batch.put_cf(log, entry.seq.to_be_bytes(), entry.id.as_bytes());
             let mut index_value = entry.id.as_bytes().to_vec();
@@ -367,6 +434,21 @@ impl Store {
                 index_value.extend_from_slice(&origin.epoch);
             }
             batch.put_cf(by_stream, stream_key(&entry.stream, entry.seq), index_value);
+            // A payload or seal already stored is not written again: the same file in two
+            // streams takes the space of one.
+            if written_payloads.insert(entry.payload_sha256)
+                && self
+                    .db
+                    .get_pinned_cf(payloads, entry.payload_sha256)?
+                    .is_none()
+            {
+                batch.put_cf(payloads, entry.payload_sha256, &entry.parts.payload);
+            }
+            if written_seals.insert(entry.seal_id)
+                && self.db.get_pinned_cf(seals, entry.seal_id)?.is_none()
+            {
+                batch.put_cf(seals, entry.seal_id, &entry.parts.seal);
+            }
         }
         for (stream, record) in &commit.streams {
             batch.put_cf(streams, stream.as_bytes(), record.encode());
@@ -395,44 +477,117 @@ impl Store {
         }
     }
 
+    /// Bytes the `payloads` column family holds, as RocksDB estimates them (live data in its
+    /// files and memtables).
+    pub fn payload_bytes(&self) -> u64 {
+        let cf = self.cf(CF_PAYLOADS);
+        let property = |key: &str| {
+            self.db
+                .property_int_value_cf(cf, key)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        property("rocksdb.estimate-live-data-size") + property("rocksdb.cur-size-all-mem-tables")
+    }
+
     /// A stored scribe by id.
     pub fn get(&self, id: &ScribeId) -> Result<Option<StoredEntry>, StoreError> {
+        let Some(value) = self.db.get_pinned_cf(self.cf(CF_SCRIBES), id.as_bytes())? else {
+            return Ok(None);
+        };
+        let record = Record::decode(id, &value)?;
+        Ok(self.complete(vec![(*id, None, record)])?.pop())
+    }
+
+    /// The local seq and exact envelope of a stored scribe, without its payload or seal.
+    pub fn envelope(&self, id: &ScribeId) -> Result<Option<(u64, Bytes)>, StoreError> {
         match self.db.get_pinned_cf(self.cf(CF_SCRIBES), id.as_bytes())? {
-            Some(value) if value.len() >= 8 => Ok(Some(StoredEntry {
-                seq: u64::from_be_bytes(value[..8].try_into().unwrap()),
-                id: *id,
-                bytes: Bytes::copy_from_slice(&value[8..]),
-                origin: None,
-            })),
-            Some(_) => Err(StoreError::Damaged(format!(
-                "scribe {id} has a value under 8 bytes"
-            ))),
+            Some(value) => {
+                let record = Record::decode(id, &value)?;
+                Ok(Some((record.seq, record.envelope)))
+            }
             None => Ok(None),
         }
     }
 
+    /// The entries of `ids` (seq, id, origin): their records, then their payloads and seals, each
+    /// distinct one read once.
     fn ids_to_entries(
         &self,
         ids: Vec<(u64, ScribeId, Option<PeerOrigin>)>,
     ) -> Result<Vec<StoredEntry>, StoreError> {
-        let cf = self.cf(CF_SCRIBES);
-        let values =
-            self.db
-                .batched_multi_get_cf(cf, ids.iter().map(|(_, id, _)| id.as_bytes()), false);
-        ids.into_iter()
-            .zip(values)
-            .map(|((seq, id, origin), value)| match value? {
-                Some(value) if value.len() >= 8 => Ok(StoredEntry {
-                    seq,
-                    id,
-                    bytes: Bytes::copy_from_slice(&value[8..]),
-                    origin,
-                }),
-                _ => Err(StoreError::Damaged(format!(
-                    "seq {seq} names scribe {id}, which is not stored"
-                ))),
+        let values = self.db.batched_multi_get_cf(
+            self.cf(CF_SCRIBES),
+            ids.iter().map(|(_, id, _)| id.as_bytes()),
+            false,
+        );
+        let mut records = Vec::with_capacity(ids.len());
+        for ((seq, id, origin), value) in ids.into_iter().zip(values) {
+            match value? {
+                Some(value) => records.push((id, origin, Record::decode(&id, &value)?)),
+                None => {
+                    return Err(StoreError::Damaged(format!(
+                        "seq {seq} names scribe {id}, which is not stored"
+                    )))
+                }
+            }
+        }
+        self.complete(records)
+    }
+
+    /// Stored entries from their records: each distinct payload and seal read once.
+    fn complete(
+        &self,
+        records: Vec<(ScribeId, Option<PeerOrigin>, Record)>,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        let payloads = self.values_by_hash(
+            CF_PAYLOADS,
+            records.iter().map(|(.., record)| record.payload_sha256),
+            "payload",
+        )?;
+        let seals = self.values_by_hash(
+            CF_SEALS,
+            records.iter().map(|(.., record)| record.seal_id),
+            "seal",
+        )?;
+        Ok(records
+            .into_iter()
+            .map(|(id, origin, record)| StoredEntry {
+                seq: record.seq,
+                id,
+                parts: Parts {
+                    envelope: record.envelope,
+                    payload: payloads[&record.payload_sha256].clone(),
+                    seal: seals[&record.seal_id].clone(),
+                    proof: record.proof,
+                },
+                origin,
             })
-            .collect()
+            .collect())
+    }
+
+    /// The values of `cf` under each distinct key of `keys` (all must be stored).
+    fn values_by_hash(
+        &self,
+        cf: &str,
+        keys: impl Iterator<Item = [u8; 32]>,
+        what: &str,
+    ) -> Result<HashMap<[u8; 32], Bytes>, StoreError> {
+        let mut distinct: Vec<[u8; 32]> = keys.collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let values = self
+            .db
+            .batched_multi_get_cf(self.cf(cf), distinct.iter(), true);
+        let mut out = HashMap::with_capacity(distinct.len());
+        for (key, value) in distinct.into_iter().zip(values) {
+            let value = value?.ok_or_else(|| {
+                StoreError::Damaged(format!("{what} {} is not stored", hex::encode(key)))
+            })?;
+            out.insert(key, Bytes::copy_from_slice(&value));
+        }
+        Ok(out)
     }
 
     /// Scribes of the whole log with `from <= seq <= to`, at most `limit`, in seq order.
@@ -722,6 +877,32 @@ impl Store {
             None => Ok(None),
         }
     }
+}
+
+/// An existing store that lacks a column family of this format was written by another format:
+/// refuse it *before* opening it for writing (which would add the missing families), reading its
+/// recorded format read-only. Nothing of it is changed.
+fn refuse_other_format(path: &Path) -> Result<(), StoreError> {
+    let Ok(existing) = DB::list_cf(&Options::default(), path) else {
+        return Ok(()); // no store yet
+    };
+    if COLUMN_FAMILIES
+        .iter()
+        .all(|name| existing.iter().any(|have| have == name))
+    {
+        return Ok(());
+    }
+    let db = DB::open_cf_for_read_only(&Options::default(), path, &existing, false)?;
+    let found = match db.get(META_FORMAT)? {
+        Some(value) => u64::from_be_bytes(
+            value
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Damaged("meta format is not 8 bytes".into()))?,
+        ),
+        None => return Err(StoreError::Damaged("no storage format recorded".into())),
+    };
+    Err(StoreError::Format { found })
 }
 
 fn stream_key(stream: &StreamId, seq: u64) -> [u8; 40] {

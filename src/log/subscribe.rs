@@ -21,6 +21,8 @@ const READ_CHUNK: usize = 512;
 
 /// What a subscription yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Nearly every event is an `Entry`: boxing it would add an allocation per scribe delivered.
+#[allow(clippy::large_enum_variant)]
 pub enum LogEvent {
     /// A stored scribe, in local order.
     Entry(StoredEntry),

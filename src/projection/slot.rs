@@ -95,7 +95,7 @@ pub(crate) fn read_batch(
             return Ok((out, false));
         };
         next = last.seq + 1;
-        bytes += chunk.iter().map(|e| e.bytes.len()).sum::<usize>();
+        bytes += chunk.iter().map(|e| e.parts.size() as usize).sum::<usize>();
         out.extend(chunk);
         if !more {
             return Ok((out, false));

@@ -1,11 +1,9 @@
 //! Stored scribes as projectors see them.
 
-use prost::Message;
 use quire_projection_api::Scribe as View;
 
 use crate::log::store::StoredEntry;
-use crate::pb;
-use crate::scribe::Body;
+use crate::scribe::decode_stored_envelope;
 
 /// A stored scribe that does not decode: the store is damaged (it was checked when admitted).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -18,19 +16,16 @@ pub struct DamagedEntry {
 }
 
 /// The projector's view of a stored scribe. Stored scribes were fully checked when they were
-/// admitted (signature, id, canonical encoding, policy), and the store keys them by id, so this
-/// only decodes: no hashing, no signature check, no canonical re-encoding (a rebuild decodes
-/// every scribe of the log; see `benches/projection.rs`).
+/// admitted (seal, payload hash, id, canonical encoding, policy), and the store keys them by id, so
+/// this only decodes the envelope: no hashing, no seal check (a rebuild decodes every scribe of the
+/// log; see `benches/projection.rs`).
 pub(crate) fn to_view(entry: &StoredEntry) -> Result<View, DamagedEntry> {
     let damaged = |reason: String| DamagedEntry {
         seq: entry.seq,
         reason,
     };
-    let envelope = pb::Scribe::decode(entry.bytes.clone())
-        .map_err(|error| damaged(format!("envelope: {error}")))?;
-    let body =
-        pb::ScribeBody::decode(envelope.body).map_err(|error| damaged(format!("body: {error}")))?;
-    let body = Body::from_proto(body).map_err(|error| damaged(error.to_string()))?;
+    let (body, ..) = decode_stored_envelope(&entry.parts.envelope)
+        .map_err(|error| damaged(error.to_string()))?;
     Ok(View {
         id: entry.id,
         // A genesis names no stream: its stream is itself.
@@ -39,7 +34,7 @@ pub(crate) fn to_view(entry: &StoredEntry) -> Result<View, DamagedEntry> {
         hlc: body.hlc,
         kind: body.kind,
         content_type: body.content_type,
-        payload: body.payload.to_vec(),
+        payload: entry.parts.payload.to_vec(),
         parents: body.parents,
         local_seq: entry.seq,
     })

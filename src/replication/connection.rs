@@ -26,7 +26,7 @@ use super::{Command, Inner, FIRST_BACKOFF, MAX_BACKOFF, MAX_PEER_MESSAGE_BYTES, 
 use crate::log::store::{CursorUpdate, PeerOrigin, StoreError};
 use crate::log::AppendError;
 use crate::pb;
-use crate::scribe;
+use crate::scribe::{self, Parts};
 
 /// Most scribes read into one batch.
 pub const BATCH_SCRIBES: usize = 512;
@@ -347,12 +347,13 @@ impl Driver {
         let mut bytes = 0;
         let mut kept = Vec::with_capacity(entries.len());
         for entry in entries {
-            if !kept.is_empty() && bytes + entry.bytes.len() > BATCH_BYTES {
+            let size = entry.parts.size() as usize;
+            if !kept.is_empty() && bytes + size > BATCH_BYTES {
                 limit = kept.len();
                 break;
             }
-            bytes += entry.bytes.len();
-            kept.push((entry.seq, entry.id, entry.bytes, entry.origin));
+            bytes += size;
+            kept.push((entry.seq, entry.id, entry.parts, entry.origin));
         }
         Ok(self.session_mut().read_done(plan, kept, limit))
     }
@@ -378,7 +379,7 @@ impl Driver {
                     let genesis = tokio::task::spawn_blocking(move || log.get(&stream)).await??;
                     self.control.push_back(Message::Genesis {
                         stream,
-                        scribe: genesis.map(|entry| entry.bytes),
+                        scribe: genesis.map(|entry| entry.parts),
                     });
                 }
                 Action::GenesisReceived { stream, scribe } => self.genesis(stream, scribe).await?,
@@ -452,9 +453,9 @@ impl Driver {
             epoch: self.epoch,
             seq: through,
         };
-        let drafts: Vec<(bytes::Bytes, Option<ScribeId>)> = scribes
+        let drafts: Vec<(Parts, Option<ScribeId>)> = scribes
             .into_iter()
-            .map(|scribe| (scribe.bytes, Some(scribe.id)))
+            .map(|scribe| (scribe.parts, Some(scribe.id)))
             .collect();
         let origin = PeerOrigin {
             peer,
@@ -500,11 +501,7 @@ impl Driver {
         Ok(())
     }
 
-    async fn genesis(
-        &mut self,
-        stream: StreamId,
-        scribe: bytes::Bytes,
-    ) -> Result<(), ConnectionError> {
+    async fn genesis(&mut self, stream: StreamId, scribe: Parts) -> Result<(), ConnectionError> {
         let peer = self
             .peer
             .ok_or(ConnectionError::BeforeHandshake("genesis"))?;
@@ -517,7 +514,7 @@ impl Driver {
         {
             return Ok(()); // not asked for, or already joined through another peer
         }
-        if scribe::hash(&scribe) != stream {
+        if scribe::hash(&scribe.envelope) != stream {
             tracing::warn!(peer = %peer.short(), %stream, "a peer sent a genesis that does not hash to the stream id; ignored");
             let key = self.state_key();
             self.inner.with_peer(&key, |state| state.refused += 1);

@@ -22,26 +22,26 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use bytes::Bytes;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 
 use crate::log::store::{Cursor, PeerOrigin};
+use crate::scribe::Parts;
 
 /// Domain separation of the handshake proof.
 pub const PROOF_PREFIX: &[u8; 14] = b"quire.peer.v1\0";
 /// Protocol version spoken.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// A scribe on the wire: the sender's seq, the claimed id, the exact bytes.
+/// A scribe on the wire: the sender's seq, the claimed id, the envelope, payload, seal and proof.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireScribe {
     /// The sender's local seq.
     pub seq: u64,
     /// The id the sender claims.
     pub id: ScribeId,
-    /// The exact bytes.
-    pub bytes: Bytes,
+    /// Its parts, exactly as stored.
+    pub parts: Parts,
 }
 
 /// A peer-protocol message (see `proto/quire/v1/peer.proto`).
@@ -92,7 +92,7 @@ pub enum Message {
         /// The stream.
         stream: StreamId,
         /// The genesis scribe.
-        scribe: Option<Bytes>,
+        scribe: Option<Parts>,
     },
     /// The sender is closing because of this.
     Error(String),
@@ -135,8 +135,8 @@ pub enum Action {
     GenesisReceived {
         /// The stream.
         stream: StreamId,
-        /// The bytes.
-        scribe: Bytes,
+        /// Its parts.
+        scribe: Parts,
     },
     /// Close the connection with this reason (after sending `Message::Error` with it).
     Close(String),
@@ -468,13 +468,13 @@ impl Session {
         None
     }
 
-    /// The result of a [`Step::Read`]: `entries` (seq, id, bytes, origin) read from `plan.from`,
+    /// The result of a [`Step::Read`]: `entries` (seq, id, parts, origin) read from `plan.from`,
     /// at most `limit`. Returns the batch to send, if any: scribes that came from this peer are
     /// never sent back to it.
     pub fn read_done(
         &mut self,
         plan: ReadPlan,
-        entries: Vec<(u64, ScribeId, Bytes, Option<PeerOrigin>)>,
+        entries: Vec<(u64, ScribeId, Parts, Option<PeerOrigin>)>,
         limit: usize,
     ) -> Option<Message> {
         let serving = self.serving.get_mut(&plan.stream)?;
@@ -493,7 +493,7 @@ impl Session {
         let scribes: Vec<WireScribe> = entries
             .into_iter()
             .filter(|(_, _, _, origin)| origin.is_none() || *origin != peer)
-            .map(|(seq, id, bytes, _)| WireScribe { seq, id, bytes })
+            .map(|(seq, id, parts, _)| WireScribe { seq, id, parts })
             .collect();
         // Sent even when empty (everything read came from this peer): the peer's cursor moves
         // past what was held back, so a reconnect never reads it again.

@@ -4,11 +4,14 @@
 //! Decoding never trusts a peer: every fixed-size field is checked, and the error says which one
 //! was wrong (it is sent back to the peer before the connection closes).
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 
 use super::session::{Message, WireScribe, PROTOCOL_VERSION};
 use crate::pb;
+use crate::scribe::{Parts, Proof};
 
 /// Why a peer's message could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,6 +37,24 @@ pub enum WireError {
         expected: usize,
         /// Its length in the message.
         got: usize,
+    },
+    /// A scribe names a seal the batch does not carry.
+    #[error("scribe {index} of the batch names seal {seal}, but the batch carries {seals} seals")]
+    NoSuchSeal {
+        /// The scribe's position in the batch.
+        index: usize,
+        /// The seal index it names.
+        seal: u32,
+        /// Seals in the batch.
+        seals: usize,
+    },
+    /// A scribe's inclusion proof is malformed.
+    #[error("scribe {index} of the batch: {reason}")]
+    BadProof {
+        /// The scribe's position in the batch (0 for a genesis).
+        index: usize,
+        /// What is wrong.
+        reason: String,
     },
 }
 
@@ -63,19 +84,35 @@ pub fn to_proto(message: &Message) -> pb::PeerMessage {
             scribes,
             through,
             head,
-        } => Wire::Batch(pb::PeerBatch {
-            stream: id(stream),
-            scribes: scribes
+        } => {
+            // Each seal once; scribes name theirs by index.
+            let mut seals: Vec<Bytes> = Vec::new();
+            let mut seal_index: HashMap<&Bytes, u32> = HashMap::new();
+            let scribes = scribes
                 .iter()
-                .map(|scribe| pb::PeerScribe {
-                    seq: scribe.seq,
-                    scribe: scribe.bytes.clone(),
-                    id: id(&scribe.id),
+                .map(|scribe| {
+                    let seal = *seal_index.entry(&scribe.parts.seal).or_insert_with(|| {
+                        seals.push(scribe.parts.seal.clone());
+                        (seals.len() - 1) as u32
+                    });
+                    pb::PeerScribe {
+                        seq: scribe.seq,
+                        id: id(&scribe.id),
+                        envelope: scribe.parts.envelope.clone(),
+                        payload: scribe.parts.payload.clone(),
+                        seal,
+                        proof: Some(scribe.parts.proof.to_proto()),
+                    }
                 })
-                .collect(),
-            through_seq: *through,
-            head_seq: *head,
-        }),
+                .collect();
+            Wire::Batch(pb::PeerBatch {
+                stream: id(stream),
+                scribes,
+                through_seq: *through,
+                head_seq: *head,
+                seals,
+            })
+        }
         Message::CaughtUp { stream, seq } => Wire::CaughtUp(pb::PeerCaughtUp {
             stream: id(stream),
             seq: *seq,
@@ -85,7 +122,7 @@ pub fn to_proto(message: &Message) -> pb::PeerMessage {
         }
         Message::Genesis { stream, scribe } => Wire::Genesis(pb::PeerGenesis {
             stream: id(stream),
-            scribe: scribe.clone().unwrap_or_default(),
+            scribe: scribe.as_ref().map(Parts::to_proto),
         }),
         Message::Error(reason) => Wire::Error(pb::PeerError {
             message: reason.clone(),
@@ -147,22 +184,44 @@ pub fn from_proto(message: pb::PeerMessage) -> Result<Message, WireError> {
             stream: StreamId::from(fixed(&want.stream, "stream")?),
             after: want.after_seq,
         },
-        Wire::Batch(batch) => Message::Batch {
-            stream: StreamId::from(fixed(&batch.stream, "stream")?),
-            scribes: batch
-                .scribes
-                .into_iter()
-                .map(|scribe| {
-                    Ok(WireScribe {
-                        seq: scribe.seq,
-                        id: ScribeId(fixed(&scribe.id, "scribe id")?),
-                        bytes: scribe.scribe,
+        Wire::Batch(batch) => {
+            let seals = batch.seals;
+            Message::Batch {
+                stream: StreamId::from(fixed(&batch.stream, "stream")?),
+                scribes: batch
+                    .scribes
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, scribe)| {
+                        let seal =
+                            seals
+                                .get(scribe.seal as usize)
+                                .ok_or(WireError::NoSuchSeal {
+                                    index,
+                                    seal: scribe.seal,
+                                    seals: seals.len(),
+                                })?;
+                        Ok(WireScribe {
+                            seq: scribe.seq,
+                            id: ScribeId(fixed(&scribe.id, "scribe id")?),
+                            parts: Parts {
+                                envelope: scribe.envelope,
+                                payload: scribe.payload,
+                                seal: seal.clone(),
+                                proof: Proof::from_proto(scribe.proof).map_err(|error| {
+                                    WireError::BadProof {
+                                        index,
+                                        reason: error.to_string(),
+                                    }
+                                })?,
+                            },
+                        })
                     })
-                })
-                .collect::<Result<_, WireError>>()?,
-            through: batch.through_seq,
-            head: batch.head_seq,
-        },
+                    .collect::<Result<_, WireError>>()?,
+                through: batch.through_seq,
+                head: batch.head_seq,
+            }
+        }
         Wire::CaughtUp(caught_up) => Message::CaughtUp {
             stream: StreamId::from(fixed(&caught_up.stream, "stream")?),
             seq: caught_up.seq,
@@ -172,11 +231,14 @@ pub fn from_proto(message: pb::PeerMessage) -> Result<Message, WireError> {
         }
         Wire::Genesis(genesis) => Message::Genesis {
             stream: StreamId::from(fixed(&genesis.stream, "stream")?),
-            scribe: if genesis.scribe.is_empty() {
-                None
-            } else {
-                Some(genesis.scribe)
-            },
+            scribe: genesis
+                .scribe
+                .map(Parts::from_proto)
+                .transpose()
+                .map_err(|error| WireError::BadProof {
+                    index: 0,
+                    reason: error.to_string(),
+                })?,
         },
         Wire::Error(error) => Message::Error(error.message),
     })

@@ -2,10 +2,9 @@
 //! idempotence, restart with gapless seqs.
 
 use bytes::Bytes;
-use prost::Message;
 use quire::pb;
 use quire::projection_api::{AuthorKey, ScribeId, StreamId};
-use quire::scribe::{Body, Scribe};
+use quire::scribe::{Body, Parts, Proof, Scribe};
 use tonic::Code;
 
 use crate::common::*;
@@ -37,12 +36,13 @@ async fn create_append_get_read_and_status() {
     assert_eq!(entry.seq, 2);
     assert_eq!(entry.kind, "x.note");
     assert_eq!(entry.stream, bytes_of(&stream));
-    // The exact stored bytes come back, and they hash to the id.
+    // The exact stored envelope comes back and hashes to the id; with its payload, seal and proof
+    // it verifies without trusting the node.
     assert_eq!(
-        quire::scribe::hash(&entry.scribe).as_bytes().as_slice(),
+        quire::scribe::hash(&entry.envelope).as_bytes().as_slice(),
         first.id.as_ref()
     );
-    let scribe = Scribe::decode(entry.scribe).unwrap();
+    let scribe = Scribe::decode(entry_parts(&entry)).unwrap();
     assert_eq!(&scribe.body.payload[..], b"hello");
 
     let info = clients
@@ -101,58 +101,80 @@ async fn refused_appends_get_the_right_status_and_change_nothing() {
     let mut cases: Vec<(&str, pb::AppendSignedRequest, Code)> = Vec::new();
     let good = client_scribe(&client, &stream, "x.note", b"fine", hlc);
 
-    let mut forged = good.bytes.to_vec();
-    let last = forged.len() - 1;
-    forged[last] ^= 0x01; // the last byte is inside the signature
+    let mut forged = good.parts();
+    let mut seal = forged.seal.to_vec();
+    let last = seal.len() - 1;
+    seal[last] ^= 0x01; // the last byte is inside the signature
+    forged.seal = Bytes::from(seal);
     cases.push(("forged signature", signed(forged), Code::InvalidArgument));
 
-    // Claims to be by key 8, signed by key 7.
+    // Claims to be by key 8, sealed by key 7.
     let impostor = client_key(8);
     let mut body = good.body.clone();
     body.author = AuthorKey(impostor.verifying_key().to_bytes());
-    let wrong_author = sign_as(&body, &client);
     cases.push((
         "wrong author key",
-        signed(wrong_author),
+        signed(seal_as(body, &client)),
         Code::InvalidArgument,
     ));
 
-    let unknown = client_scribe(&client, &ScribeId([9; 32]), "x.note", b"lost", hlc);
+    let mut wrong_payload = good.parts();
+    wrong_payload.payload = Bytes::from_static(b"fin3");
     cases.push((
-        "unknown stream",
-        signed(unknown.bytes.to_vec()),
-        Code::NotFound,
+        "payload not matching its envelope",
+        signed(wrong_payload),
+        Code::InvalidArgument,
     ));
+
+    let mut no_seal = good.parts();
+    no_seal.seal = Bytes::new();
+    cases.push(("no seal", signed(no_seal), Code::InvalidArgument));
+
+    let unknown = client_scribe(&client, &ScribeId([9; 32]), "x.note", b"lost", hlc);
+    cases.push(("unknown stream", signed(unknown.parts()), Code::NotFound));
 
     let not_owner = client_scribe(&client, &stream, "file.put", b"<html>", hlc);
     cases.push((
         "non-owner file.put",
-        signed(not_owner.bytes.to_vec()),
+        signed(not_owner.parts()),
         Code::PermissionDenied,
     ));
 
     let oversize = client_scribe(&client, &stream, "x.note", &[0u8; 2048], hlc);
     cases.push((
         "oversize payload",
-        signed(oversize.bytes.to_vec()),
+        signed(oversize.parts()),
         Code::ResourceExhausted,
     ));
 
     cases.push((
         "garbage bytes",
-        signed(b"\xff\xfe not a scribe at all".to_vec()),
+        signed(Parts {
+            envelope: Bytes::from_static(b"\xff\xfe not a scribe at all"),
+            ..good.parts()
+        }),
         Code::InvalidArgument,
     ));
 
-    let mut bad_hash = signed(good.bytes.to_vec());
+    let mut bad_hash = signed(good.parts());
     bad_hash.id = Bytes::copy_from_slice(&[1u8; 32]);
     cases.push(("bad hash", bad_hash, Code::InvalidArgument));
 
-    let mut not_canonical = good.bytes.to_vec();
-    not_canonical.extend_from_slice(&[0x20, 0x01]); // field 4 (unknown), varint 1
+    let mut not_canonical = good.envelope.to_vec();
+    not_canonical.extend_from_slice(&[0xf8, 0x01, 0x01]); // field 31 (unknown), varint 1
+    let not_canonical_id = quire::scribe::hash(&not_canonical);
+    let seal = quire::scribe::Seal::sign(
+        &client,
+        1,
+        quire::scribe::merkle::leaf_hash(&not_canonical_id),
+    );
     cases.push((
         "non-canonical envelope",
-        signed(not_canonical),
+        signed(Parts {
+            envelope: Bytes::from(not_canonical),
+            seal: seal.bytes,
+            ..good.parts()
+        }),
         Code::InvalidArgument,
     ));
 
@@ -160,7 +182,7 @@ async fn refused_appends_get_the_right_status_and_change_nothing() {
     orphan_body.parents = vec![ScribeId([3; 32])];
     cases.push((
         "unknown parent",
-        signed(Scribe::sign(orphan_body, &client).bytes.to_vec()),
+        signed(Scribe::sign(orphan_body, &client).parts()),
         Code::NotFound,
     ));
 
@@ -260,7 +282,8 @@ async fn refused_appends_get_the_right_status_and_change_nothing() {
             kind: "x.ok".into(),
             ..Default::default()
         }],
-        signed: vec![signed(not_owner_bytes(&client, &stream, hlc))],
+        signed: vec![signed(not_owner_parts(&client, &stream, hlc))],
+        sealed: vec![],
     };
     let status = clients.log.append_batch(batch).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -274,7 +297,7 @@ async fn refused_appends_get_the_right_status_and_change_nothing() {
     // And the stream still takes good scribes afterwards.
     let reply = clients
         .log
-        .append_signed(signed(good.bytes.to_vec()))
+        .append_signed(signed(good.parts()))
         .await
         .unwrap()
         .into_inner();
@@ -282,32 +305,24 @@ async fn refused_appends_get_the_right_status_and_change_nothing() {
     node.stop().await.unwrap();
 }
 
-fn not_owner_bytes(key: &ed25519_dalek::SigningKey, stream: &StreamId, hlc: u64) -> Vec<u8> {
-    client_scribe(key, stream, "file.delete", b"", hlc)
-        .bytes
-        .to_vec()
+fn not_owner_parts(key: &ed25519_dalek::SigningKey, stream: &StreamId, hlc: u64) -> Parts {
+    client_scribe(key, stream, "file.delete", b"", hlc).parts()
 }
 
-fn signed(bytes: Vec<u8>) -> pb::AppendSignedRequest {
-    pb::AppendSignedRequest {
-        scribe: Bytes::from(bytes),
-        id: Bytes::new(),
-    }
+fn signed(parts: Parts) -> pb::AppendSignedRequest {
+    signed_request(parts)
 }
 
-/// Signs `body` with `key` whatever author the body claims (to forge).
-fn sign_as(body: &Body, key: &ed25519_dalek::SigningKey) -> Vec<u8> {
-    use ed25519_dalek::Signer;
-    let body_bytes = body.encode();
-    let mut message = quire::scribe::SIGNING_PREFIX.to_vec();
-    message.extend_from_slice(&body_bytes);
-    let signature = key.sign(&message);
-    pb::Scribe {
-        format: 1,
-        body: Bytes::from(body_bytes),
-        signature: Bytes::copy_from_slice(&signature.to_bytes()),
+/// Seals `body` with `key` whatever author the body claims (to forge).
+fn seal_as(body: Body, key: &ed25519_dalek::SigningKey) -> Parts {
+    let unsealed = body.into_unsealed(0);
+    let seal = quire::scribe::Seal::sign(key, 1, quire::scribe::merkle::leaf_hash(&unsealed.id));
+    Parts {
+        envelope: unsealed.envelope,
+        payload: unsealed.body.payload,
+        seal: seal.bytes,
+        proof: Proof::default(),
     }
-    .encode_to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,7 +340,7 @@ async fn duplicate_appends_are_idempotent() {
     );
     let first = clients
         .log
-        .append_signed(signed(scribe.bytes.to_vec()))
+        .append_signed(signed(scribe.parts()))
         .await
         .unwrap()
         .into_inner();
@@ -335,8 +350,8 @@ async fn duplicate_appends_are_idempotent() {
         let again = clients
             .log
             .append_signed(pb::AppendSignedRequest {
-                scribe: scribe.bytes.clone(),
                 id: bytes_of(&scribe.id),
+                ..signed(scribe.parts())
             })
             .await
             .unwrap()
@@ -349,7 +364,8 @@ async fn duplicate_appends_are_idempotent() {
     // Twice in one batch, plus once already stored: one copy.
     let batch = pb::AppendBatchRequest {
         appends: vec![],
-        signed: vec![signed(scribe.bytes.to_vec()), signed(scribe.bytes.to_vec())],
+        signed: vec![signed(scribe.parts()), signed(scribe.parts())],
+        sealed: vec![],
     };
     let results = clients
         .log
@@ -477,21 +493,21 @@ async fn policies_and_work_tokens() {
     let put = client_scribe(&client, &stream, "file.put", &file, hlc);
     clients
         .log
-        .append_signed(signed(put.bytes.to_vec()))
+        .append_signed(signed(put.parts()))
         .await
         .unwrap();
     // A record without enough work is refused...
     let mut nonce = 0;
     let lazy = loop {
         let scribe = work_scribe(&client, &stream, hlc, nonce);
-        if quire::scribe::leading_zero_bits(&scribe.body_hash) < 8 {
+        if quire::scribe::leading_zero_bits(scribe.id.as_bytes()) < 8 {
             break scribe;
         }
         nonce += 1;
     };
     let status = clients
         .log
-        .append_signed(signed(lazy.bytes.to_vec()))
+        .append_signed(signed(lazy.parts()))
         .await
         .unwrap_err();
     assert_eq!(
@@ -509,7 +525,7 @@ async fn policies_and_work_tokens() {
     let worked = Scribe::sign_with_work(lazy.body.clone(), &client, 8);
     clients
         .log
-        .append_signed(signed(worked.bytes.to_vec()))
+        .append_signed(signed(worked.parts()))
         .await
         .unwrap();
     let reply = clients
@@ -529,8 +545,8 @@ async fn policies_and_work_tokens() {
         .await
         .unwrap()
         .into_inner();
-    let scribe = Scribe::decode(entry.scribe).unwrap();
-    assert!(quire::scribe::leading_zero_bits(&scribe.body_hash) >= 8);
+    let scribe = Scribe::decode(entry_parts(&entry)).unwrap();
+    assert!(quire::scribe::leading_zero_bits(scribe.id.as_bytes()) >= 8);
     // A bad policy is refused when the stream is created.
     let status = clients
         .streams

@@ -12,7 +12,7 @@ use ed25519_dalek::SigningKey;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 use quire::projection_api::{AuthorKey, Kind, ScribeId, StreamId};
-use quire::scribe::{Body, Scribe};
+use quire::scribe::{Body, Parts, Proof, Scribe};
 use tonic::transport::Channel;
 
 /// Starts a node on `dir` with its API on a free loopback port.
@@ -109,10 +109,32 @@ pub fn client_scribe(
             content_type: "application/octet-stream".into(),
             payload: Bytes::copy_from_slice(payload),
             parents: vec![],
+            membership: None,
             nonce: 0,
         },
         key,
     )
+}
+
+/// An `AppendSigned` request for `parts` (envelope, payload and a seal of one).
+pub fn signed_request(parts: Parts) -> pb::AppendSignedRequest {
+    pb::AppendSignedRequest {
+        envelope: parts.envelope,
+        payload: parts.payload,
+        seal: parts.seal,
+        proof: Some(parts.proof.to_proto()),
+        id: Bytes::new(),
+    }
+}
+
+/// The parts of a scribe as the API returned it.
+pub fn entry_parts(entry: &pb::Entry) -> Parts {
+    Parts {
+        envelope: entry.envelope.clone(),
+        payload: entry.payload.clone(),
+        seal: entry.seal.clone(),
+        proof: Proof::from_proto(entry.proof.clone()).unwrap(),
+    }
 }
 
 /// Appends `count` node-signed `x.bulk` scribes in batches of 1000.
@@ -131,6 +153,7 @@ pub async fn append_bulk(clients: &mut Clients, stream: &StreamId, count: usize)
             .append_batch(pb::AppendBatchRequest {
                 appends,
                 signed: vec![],
+                sealed: vec![],
             })
             .await
             .expect("bulk append");

@@ -98,6 +98,7 @@ async fn acknowledged_appends_survive_sigkill() {
                         let batch = pb::AppendBatchRequest {
                             appends: vec![request.clone(), request],
                             signed: vec![],
+                            sealed: vec![],
                         };
                         clients.log.append_batch(batch).await.map(|reply| {
                             reply

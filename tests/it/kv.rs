@@ -117,8 +117,8 @@ async fn hand_over_genesis(from: &RunningNode, to: &RunningNode, stream: &Stream
         .await
         .log
         .append_signed(pb::AppendSignedRequest {
-            scribe: genesis.scribe,
-            id: genesis.id,
+            id: genesis.id.clone(),
+            ..signed_request(entry_parts(&genesis))
         })
         .await
         .expect("the genesis is accepted as a signed scribe");

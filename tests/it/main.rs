@@ -8,6 +8,7 @@ mod common;
 mod consumer;
 mod crash;
 mod files;
+mod format;
 mod kv;
 mod malicious;
 mod projections;

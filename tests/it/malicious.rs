@@ -24,6 +24,20 @@ struct Intruder {
 impl Intruder {
     /// Dials `addr` and says hello; `honest` decides whether the proof is right.
     async fn connect(addr: std::net::SocketAddr, key: SigningKey, honest: bool) -> Intruder {
+        let hello = pb::PeerHello {
+            node_id: Bytes::copy_from_slice(&key.verifying_key().to_bytes()),
+            epoch: Bytes::from(vec![1u8; 16]),
+            nonce: Bytes::copy_from_slice(&[9u8; 32]),
+            protocol: quire::replication::session::PROTOCOL_VERSION,
+        };
+        let mut intruder = Intruder::dial(addr, key).await;
+        intruder.send(Wire::Hello(hello)).await;
+        intruder.prove(honest).await;
+        intruder
+    }
+
+    /// Dials `addr` and says nothing yet.
+    async fn dial(addr: std::net::SocketAddr, key: SigningKey) -> Intruder {
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -36,20 +50,16 @@ impl Intruder {
             .await
             .unwrap()
             .into_inner();
-        let mut intruder = Intruder {
+        Intruder {
             key,
             outgoing,
             incoming,
-        };
-        let nonce = [9u8; 32];
-        intruder
-            .send(Wire::Hello(pb::PeerHello {
-                node_id: Bytes::copy_from_slice(&intruder.key.verifying_key().to_bytes()),
-                epoch: Bytes::from(vec![1u8; 16]),
-                nonce: Bytes::copy_from_slice(&nonce),
-                protocol: 1,
-            }))
-            .await;
+        }
+    }
+
+    /// Answers the node's Hello with a proof of this key (`honest`) or a wrong one.
+    async fn prove(&mut self, honest: bool) {
+        let intruder = self;
         let Some(Wire::Hello(hello)) = intruder.next().await else {
             panic!("expected Hello")
         };
@@ -66,7 +76,16 @@ impl Intruder {
                 signature: Bytes::copy_from_slice(&signature.to_bytes()),
             }))
             .await;
-        intruder
+    }
+
+    /// The reason of the node's `Error` message before it closes the stream.
+    async fn error(&mut self) -> String {
+        while let Some(message) = self.next().await {
+            if let Wire::Error(reason) = message {
+                return reason.message;
+            }
+        }
+        panic!("the node closed the stream without an error message")
     }
 
     async fn send(&self, message: Wire) {
@@ -131,14 +150,37 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     }
     let hlc = node.log.clock().now();
     let good = client_scribe(&key, &stream, "x.note", b"looks fine", hlc);
-    let mut forged = good.bytes.to_vec();
-    let last = forged.len() - 1;
-    forged[last] ^= 1;
-    let mut tampered = client_scribe(&key, &stream, "x.note", b"tampered payload", hlc)
-        .bytes
-        .to_vec();
-    let middle = tampered.len() / 2;
-    tampered[middle] ^= 0x20;
+    // A forged seal signature.
+    let mut forged = good.parts();
+    let mut seal = forged.seal.to_vec();
+    let last = seal.len() - 1;
+    seal[last] ^= 1;
+    forged.seal = Bytes::from(seal);
+    // A tampered envelope (its id changes with it; the seal no longer covers it).
+    let mut tampered = client_scribe(&key, &stream, "x.note", b"tampered payload", hlc).parts();
+    let mut envelope = tampered.envelope.to_vec();
+    let middle = envelope.len() / 2;
+    envelope[middle] ^= 0x20;
+    tampered.envelope = Bytes::from(envelope);
+    // Payloads that are not the one the envelope names: another, and a truncated one.
+    let mut swapped = client_scribe(&key, &stream, "x.note", b"the real payload", hlc).parts();
+    swapped.payload = Bytes::from_static(b"a forged payload");
+    let mut truncated = client_scribe(&key, &stream, "x.note", b"cut short", hlc).parts();
+    truncated.payload = truncated.payload.slice(..4);
+    // Two scribes sealed together, the first sent with the second's proof.
+    let pair = quire::scribe::seal_all(
+        ["one", "two"]
+            .iter()
+            .map(|text| {
+                client_scribe(&key, &stream, "x.note", text.as_bytes(), hlc)
+                    .body
+                    .into_unsealed(0)
+            })
+            .collect(),
+        &key,
+    );
+    let mut wrong_proof = pair[0].parts();
+    wrong_proof.proof = pair[1].proof.clone();
     let policy_breaking = client_scribe(&key, &stream, "file.put", b"<script>", hlc);
     // Allowed kinds, but payloads every node refuses: a path outside the tree, an upvote of
     // nothing.
@@ -148,12 +190,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     .encode();
     let bad_path = client_scribe(&key, &stream, "file.delete", &escaping, hlc);
     let orphan_upvote = client_scribe(&key, &stream, "record.upvote", b"", hlc);
-    let wire = |seq: u64, bytes: Vec<u8>, id: ScribeId| pb::PeerScribe {
-        seq,
-        scribe: Bytes::from(bytes),
-        id: Bytes::copy_from_slice(id.as_bytes()),
-    };
-    // Well signed, but of another stream the node holds, and a genesis of a stream of its own:
+    // Well sealed, but of another stream the node holds, and a genesis of a stream of its own:
     // neither belongs in a batch of `stream` (no unasked-for joins through a batch).
     let elsewhere = client_scribe(&key, &other_stream, "x.note", b"wrong stream", hlc);
     let foreign_genesis = quire::scribe::Scribe::sign(
@@ -165,27 +202,50 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
             content_type: String::new(),
             payload: Bytes::new(),
             parents: vec![],
+            membership: None,
             nonce: 0,
         },
         &key,
     );
-    let scribes = vec![
-        wire(1, forged.clone(), quire::scribe::hash(&forged)),
-        wire(2, tampered.clone(), quire::scribe::hash(&tampered)),
-        wire(3, policy_breaking.bytes.to_vec(), policy_breaking.id),
-        wire(4, good.bytes.to_vec(), ScribeId([7; 32])), // bad hash: claims another id
-        wire(5, elsewhere.bytes.to_vec(), elsewhere.id),
-        wire(6, foreign_genesis.bytes.to_vec(), foreign_genesis.id),
-        wire(7, bad_path.bytes.to_vec(), bad_path.id),
-        wire(8, orphan_upvote.bytes.to_vec(), orphan_upvote.id),
+    let id_of = |parts: &quire::scribe::Parts| quire::scribe::hash(&parts.envelope);
+    let sent: Vec<(quire::scribe::Parts, ScribeId)> = vec![
+        (forged.clone(), id_of(&forged)),
+        (tampered.clone(), id_of(&tampered)),
+        (swapped.clone(), id_of(&swapped)),
+        (truncated.clone(), id_of(&truncated)),
+        (wrong_proof.clone(), id_of(&wrong_proof)),
+        (policy_breaking.parts(), policy_breaking.id),
+        (good.parts(), ScribeId([7; 32])), // bad hash: claims another id
+        (elsewhere.parts(), elsewhere.id),
+        (foreign_genesis.parts(), foreign_genesis.id),
+        (bad_path.parts(), bad_path.id),
+        (orphan_upvote.parts(), orphan_upvote.id),
     ];
+    let refused_count = sent.len() as u64;
+    let mut seals: Vec<Bytes> = Vec::new();
+    let scribes: Vec<pb::PeerScribe> = sent
+        .into_iter()
+        .enumerate()
+        .map(|(index, (parts, id))| {
+            seals.push(parts.seal.clone());
+            pb::PeerScribe {
+                seq: index as u64 + 1,
+                id: Bytes::copy_from_slice(id.as_bytes()),
+                envelope: parts.envelope,
+                payload: parts.payload,
+                seal: index as u32,
+                proof: Some(parts.proof.to_proto()),
+            }
+        })
+        .collect();
     let streams_before = node.log.stream_ids().len();
     intruder
         .send(Wire::Batch(pb::PeerBatch {
             stream: bytes_of(&stream),
             scribes,
-            through_seq: 8,
-            head_seq: 8,
+            through_seq: refused_count,
+            head_seq: refused_count,
+            seals,
         }))
         .await;
     intruder
@@ -199,7 +259,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     let mut admin = clients(&node.url()).await.admin;
     wait_until(
         std::time::Duration::from_secs(30),
-        "the node to count 8 refused scribes",
+        "the node to count every refused scribe",
         || {
             let mut admin = admin.clone();
             let intruder_id = intruder_id.clone();
@@ -212,7 +272,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
                 status
                     .peers
                     .iter()
-                    .any(|peer| peer.node_id == intruder_id && peer.refused == 8)
+                    .any(|peer| peer.node_id == intruder_id && peer.refused == refused_count)
             }
         },
     )
@@ -227,7 +287,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
         .iter()
         .find(|peer| peer.node_id == intruder_id)
         .unwrap();
-    assert_eq!(peer.streams[0].refused, 8);
+    assert_eq!(peer.streams[0].refused, refused_count);
     assert_eq!(
         node.log.stream_ids().len(),
         streams_before,
@@ -303,5 +363,122 @@ async fn a_peer_that_cannot_prove_its_key_is_turned_away_with_a_clear_error() {
         "the peer listener answered HTTP: {http:?}"
     );
     let _ = StreamId::default();
+    node.stop().await.unwrap();
+}
+
+/// Malformed peer messages close the connection with a message that names what was wrong, and
+/// change nothing: another protocol version, fixed-size fields of the wrong length, a batch whose
+/// scribe names a seal the batch does not carry, a proof with a short sibling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_peer_messages_are_refused_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients_node = clients(&node.url()).await;
+    let stream = create_stream(&mut clients_node, "target", None).await;
+    let addr = node.peer_addr.unwrap();
+    let key = client_key(70);
+    let hello = pb::PeerHello {
+        node_id: Bytes::copy_from_slice(&key.verifying_key().to_bytes()),
+        epoch: Bytes::from(vec![1u8; 16]),
+        nonce: Bytes::copy_from_slice(&[9u8; 32]),
+        protocol: quire::replication::session::PROTOCOL_VERSION,
+    };
+    let cases: Vec<(pb::PeerHello, &str)> = vec![
+        (
+            pb::PeerHello {
+                protocol: 1,
+                ..hello.clone()
+            },
+            "peer speaks protocol 1, this node speaks 2",
+        ),
+        (
+            pb::PeerHello {
+                node_id: Bytes::from(vec![1u8; 31]),
+                ..hello.clone()
+            },
+            "node_id must be 32 bytes, got 31",
+        ),
+        (
+            pb::PeerHello {
+                epoch: Bytes::from(vec![1u8; 15]),
+                ..hello.clone()
+            },
+            "epoch must be 16 bytes, got 15",
+        ),
+        (
+            pb::PeerHello {
+                nonce: Bytes::new(),
+                ..hello.clone()
+            },
+            "nonce must be 32 bytes, got 0",
+        ),
+    ];
+    for (bad, expected) in cases {
+        let mut intruder = Intruder::dial(addr, key.clone()).await;
+        intruder.send(Wire::Hello(bad)).await;
+        let error = intruder.error().await;
+        assert!(error.contains(expected), "{expected:?} not in {error:?}");
+    }
+    let before = stream_ids(&node, &stream).await;
+    let good = client_scribe(&key, &stream, "x.note", b"fine", node.log.clock().now());
+    let scribe = |seal: u32, proof: pb::Proof| pb::PeerScribe {
+        seq: 1,
+        id: bytes_of(&good.id),
+        envelope: good.envelope.clone(),
+        payload: good.body.payload.clone(),
+        seal,
+        proof: Some(proof),
+    };
+    let batches: Vec<(pb::PeerBatch, &str)> = vec![
+        (
+            pb::PeerBatch {
+                stream: bytes_of(&stream),
+                scribes: vec![scribe(3, pb::Proof::default())],
+                through_seq: 1,
+                head_seq: 1,
+                seals: vec![good.seal.bytes.clone()],
+            },
+            "names seal 3, but the batch carries 1 seals",
+        ),
+        (
+            pb::PeerBatch {
+                stream: bytes_of(&stream),
+                scribes: vec![scribe(
+                    0,
+                    pb::Proof {
+                        index: 0,
+                        siblings: vec![Bytes::from(vec![0u8; 31])],
+                    },
+                )],
+                through_seq: 1,
+                head_seq: 1,
+                seals: vec![good.seal.bytes.clone()],
+            },
+            "proof siblings must be 32 bytes, got 31",
+        ),
+        (
+            pb::PeerBatch {
+                stream: Bytes::from(vec![0u8; 33]),
+                scribes: vec![],
+                through_seq: 1,
+                head_seq: 1,
+                seals: vec![],
+            },
+            "stream must be 32 bytes, got 33",
+        ),
+    ];
+    for (index, (batch, expected)) in batches.into_iter().enumerate() {
+        // A key per connection: the node keeps one connection per peer key.
+        let mut intruder = Intruder::connect(addr, client_key(80 + index as u8), true).await;
+        intruder
+            .send(Wire::Streams(pb::PeerStreams {
+                streams: vec![bytes_of(&stream)],
+            }))
+            .await;
+        intruder.send(Wire::Batch(batch)).await;
+        let error = intruder.error().await;
+        assert!(error.contains(expected), "{expected:?} not in {error:?}");
+    }
+    assert_eq!(stream_ids(&node, &stream).await, before, "nothing stored");
     node.stop().await.unwrap();
 }

@@ -68,6 +68,6 @@ async fn a_python_client_generated_from_the_protos_works() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
     let stdout = run_script(root, &stubs, "tests/python/client.py", &node).await;
-    assert!(stdout.contains("python client ok: 5 scribes"), "{stdout}");
+    assert!(stdout.contains("python client ok: 8 scribes"), "{stdout}");
     node.stop().await.unwrap();
 }

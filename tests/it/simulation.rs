@@ -11,14 +11,14 @@ use proptest::prelude::*;
 use quire::log::store::{Cursor, PeerOrigin};
 use quire::projection_api::{AuthorKey, Kind, ScribeId, StreamId};
 use quire::replication::session::{Action, Message, Session, Step};
-use quire::scribe::{Body, Scribe};
+use quire::scribe::{Body, Parts, Scribe};
 
 const NODES: usize = 3;
 const READ_LIMIT: usize = 3;
 
 struct Entry {
     id: ScribeId,
-    bytes: Bytes,
+    parts: Parts,
     origin: Option<PeerOrigin>,
 }
 
@@ -44,12 +44,12 @@ impl SimNode {
     /// Validates (decode + signature + hash + stream) and stores unless already stored.
     fn store(
         &mut self,
-        bytes: Bytes,
+        parts: Parts,
         claimed: ScribeId,
         origin: Option<PeerOrigin>,
         stream: StreamId,
     ) {
-        let Ok(scribe) = Scribe::decode_claimed(bytes, claimed) else {
+        let Ok(scribe) = Scribe::decode_claimed(parts, claimed) else {
             return;
         };
         if scribe.stream_id() != stream || self.ids.contains_key(&scribe.id) {
@@ -57,7 +57,7 @@ impl SimNode {
         }
         self.log.push(Entry {
             id: scribe.id,
-            bytes: scribe.bytes,
+            parts: scribe.parts(),
             origin,
         });
         self.ids.insert(scribe.id, self.head());
@@ -126,13 +126,14 @@ impl Network {
                 content_type: String::new(),
                 payload: Bytes::new(),
                 parents: vec![],
+                membership: None,
                 nonce: 0,
             },
             &nodes[0].key,
         );
         let stream = genesis.id;
         for node in &mut nodes {
-            node.store(genesis.bytes.clone(), genesis.id, None, stream);
+            node.store(genesis.parts(), genesis.id, None, stream);
         }
         Network {
             echoes: 0,
@@ -155,11 +156,12 @@ impl Network {
                 content_type: String::new(),
                 payload: Bytes::from(vec![node as u8; 4]),
                 parents: vec![],
+                membership: None,
                 nonce: 0,
             },
             &sim.key,
         );
-        sim.store(scribe.bytes, scribe.id, None, stream);
+        sim.store(scribe.parts(), scribe.id, None, stream);
     }
 
     fn heal(&mut self, link: usize) {
@@ -244,7 +246,7 @@ impl Network {
                         .take(READ_LIMIT)
                         .map(|seq| {
                             let entry = &node.log[seq as usize - 1];
-                            (seq, entry.id, entry.bytes.clone(), entry.origin)
+                            (seq, entry.id, entry.parts.clone(), entry.origin)
                         })
                         .collect();
                     connection.ends[end].read_done(plan, entries, READ_LIMIT)
@@ -294,7 +296,7 @@ impl Network {
                             }
                         }
                         node.store(
-                            scribe.bytes,
+                            scribe.parts,
                             scribe.id,
                             Some(PeerOrigin { peer, epoch }),
                             stream,

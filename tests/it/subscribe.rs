@@ -116,6 +116,7 @@ async fn a_slow_subscriber_receives_every_scribe_exactly_once_in_order() {
                     .append_batch(pb::AppendBatchRequest {
                         appends,
                         signed: vec![],
+                        sealed: vec![],
                     })
                     .await
                     .unwrap()

@@ -1,4 +1,5 @@
-//! `quire verify`: a clean data directory verifies; one flipped byte in a stored scribe is reported.
+//! `quire verify`: a clean data directory verifies; a flipped byte in a stored envelope or a stored
+//! payload is reported.
 
 use std::process::Command;
 
@@ -38,9 +39,19 @@ async fn verify_passes_clean_data_and_reports_a_flipped_byte() {
         let db = rocksdb::DB::open_cf(&options, &path, families).unwrap();
         let cf = db.cf_handle("scribes").unwrap();
         let mut value = db.get_cf(cf, &id).unwrap().unwrap();
-        let middle = value.len() / 2;
-        value[middle] ^= 0x40;
+        let last = value.len() - 1; // the record ends with the envelope
+        value[last] ^= 0x40;
         db.put_cf(cf, &id, value).unwrap();
+        // And one byte of another scribe's payload, stored apart from its envelope.
+        let payloads = db.cf_handle("payloads").unwrap();
+        let (key, payload) = db
+            .iterator_cf(payloads, rocksdb::IteratorMode::Start)
+            .map(Result::unwrap)
+            .find(|(_, payload)| payload.as_ref() == b"note 3")
+            .unwrap();
+        let mut payload = payload.to_vec();
+        payload[0] ^= 0x01;
+        db.put_cf(payloads, key, payload).unwrap();
     }
     let output = Command::new(quire_bin())
         .args(["verify", "-d"])
@@ -50,5 +61,10 @@ async fn verify_passes_clean_data_and_reports_a_flipped_byte() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(text.contains("DAMAGE seq 21"), "{text}");
-    assert!(text.contains("stored bytes hash to"), "{text}");
+    assert!(text.contains("stored envelope hashes to"), "{text}");
+    assert!(text.contains("DAMAGE seq 5"), "{text}");
+    assert!(
+        text.contains("payload does not match its envelope"),
+        "{text}"
+    );
 }
