@@ -479,6 +479,9 @@ pub struct Scribe {
     pub seal: Arc<Seal>,
     /// Proof that `seal` covers `id`.
     pub proof: Proof,
+    /// Every id `seal` covers, in order, when they are known here (the seal was just made by
+    /// [`seal_all`]): a store can then keep them once instead of a proof per scribe.
+    pub leaves: Option<Arc<[ScribeId]>>,
 }
 
 /// SHA-256 of `bytes` as a scribe id.
@@ -509,6 +512,7 @@ pub fn seal_all(unsealed: Vec<Unsealed>, key: &SigningKey) -> Vec<Scribe> {
     let ids: Vec<ScribeId> = unsealed.iter().map(|u| u.id).collect();
     let (root, proofs) = merkle::tree(&ids);
     let seal = Arc::new(Seal::sign(key, ids.len() as u64, root));
+    let leaves: Option<Arc<[ScribeId]>> = (ids.len() > 1).then(|| ids.into());
     unsealed
         .into_iter()
         .zip(proofs)
@@ -521,6 +525,7 @@ pub fn seal_all(unsealed: Vec<Unsealed>, key: &SigningKey) -> Vec<Scribe> {
                 payload_sha256: unsealed.payload_sha256,
                 seal: seal.clone(),
                 proof,
+                leaves: leaves.clone(),
             }
         })
         .collect()
@@ -608,6 +613,7 @@ impl Scribe {
             payload_sha256,
             seal,
             proof: parts.proof,
+            leaves: None,
         })
     }
 

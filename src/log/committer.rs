@@ -99,6 +99,7 @@ impl Overlay {
             parts: scribe.parts(),
             payload_sha256: scribe.payload_sha256,
             seal_id: scribe.seal.id,
+            seal_leaves: scribe.leaves.clone(),
             origin: match origin {
                 Origin::Peer(peer) => Some(peer),
                 Origin::Local => None,

@@ -2,9 +2,16 @@
 //!
 //! Column families (keys and values are documented byte for byte in `docs/protocol.md`):
 //! - `scribes`:   scribe id (32) → local seq (u64 BE) ‖ payload sha256 (32) ‖ seal id (32) ‖ proof
-//!   index (u64 BE) ‖ sibling count (u8) ‖ siblings (32 each) ‖ exact envelope bytes
-//! - `payloads`:  payload sha256 (32) → payload bytes, once however many scribes name it
-//! - `seals`:     seal id (sha256 of its bytes, 32) → exact encoded seal
+//!   index (u64 BE) ‖ sibling count (u8) ‖ siblings (32 each) ‖ exact envelope bytes. Sibling count
+//!   0xff: no siblings stored, the proof is derived from the seal's stored leaves (seals this node
+//!   made itself, whose every id it knows: a proof per scribe would cost more than its payload).
+//!   Then the payload's length (u32 BE) and the payload itself when it is at most
+//!   [`INLINE_PAYLOAD_BYTES`], or 0xffffffff when it is in `payloads`.
+//! - `payloads`:  payload sha256 (32) → payload bytes, once however many scribes name it (payloads
+//!   over [`INLINE_PAYLOAD_BYTES`]; a small one is kept in its scribe's record: storing it apart
+//!   would cost a lookup on every write and read to save at most that many bytes)
+//! - `seals`:     seal id (sha256 of its bytes, 32) → seal length (u16 BE) ‖ exact encoded seal ‖
+//!   its leaves, the ids it covers in order (32 each), when this node knows them
 //! - `log`:       local seq (u64 BE) → scribe id (32)
 //! - `by_stream`: stream id (32) ‖ local seq (u64 BE) → scribe id (32) ‖ for scribes received from
 //!   a peer: its node id (32) ‖ its log epoch (16), so they are never sent back to it
@@ -24,8 +31,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::scribe::{Parts, Proof};
+use crate::scribe::{merkle, Parts, Proof};
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 use rocksdb::{
@@ -195,9 +203,21 @@ pub struct NewEntry {
     pub payload_sha256: [u8; 32],
     /// sha256 of the seal (the key it is stored under).
     pub seal_id: [u8; 32],
+    /// Every id the seal covers, in order, when this node made the seal: then the proof is not
+    /// stored per scribe but derived from these, stored once with the seal.
+    pub seal_leaves: Option<Arc<[ScribeId]>>,
     /// The peer it was received from, if any.
     pub origin: Option<PeerOrigin>,
 }
+
+/// Sibling count of a record whose proof is derived from its seal's leaves.
+const PROOF_FROM_LEAVES: u8 = 0xff;
+
+/// Largest payload kept in its scribe's record rather than in `payloads` (stored once per hash).
+pub const INLINE_PAYLOAD_BYTES: usize = 1024;
+
+/// Payload length of a record whose payload is in `payloads`.
+const PAYLOAD_APART: u32 = u32::MAX;
 
 /// A stored scribe with its local seq.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,7 +237,11 @@ struct Record {
     seq: u64,
     payload_sha256: [u8; 32],
     seal_id: [u8; 32],
-    proof: Proof,
+    index: u64,
+    /// `None`: derive the proof from the seal's leaves.
+    siblings: Option<Vec<[u8; 32]>>,
+    /// `None`: the payload is in `payloads`.
+    payload: Option<Bytes>,
     envelope: Bytes,
 }
 
@@ -228,9 +252,19 @@ impl Record {
         out.extend_from_slice(&entry.payload_sha256);
         out.extend_from_slice(&entry.seal_id);
         out.extend_from_slice(&entry.parts.proof.index.to_be_bytes());
-        out.push(entry.parts.proof.siblings.len() as u8);
-        for sibling in &entry.parts.proof.siblings {
-            out.extend_from_slice(sibling);
+        if entry.seal_leaves.is_some() {
+            out.push(PROOF_FROM_LEAVES);
+        } else {
+            out.push(entry.parts.proof.siblings.len() as u8);
+            for sibling in &entry.parts.proof.siblings {
+                out.extend_from_slice(sibling);
+            }
+        }
+        if entry.parts.payload.len() <= INLINE_PAYLOAD_BYTES {
+            out.extend_from_slice(&(entry.parts.payload.len() as u32).to_be_bytes());
+            out.extend_from_slice(&entry.parts.payload);
+        } else {
+            out.extend_from_slice(&PAYLOAD_APART.to_be_bytes());
         }
         out.extend_from_slice(&entry.parts.envelope);
     }
@@ -240,22 +274,36 @@ impl Record {
         if value.len() < 81 {
             return Err(damaged());
         }
-        let siblings = value[80] as usize;
-        let envelope_at = 81 + siblings * 32;
-        if value.len() < envelope_at {
-            return Err(damaged());
-        }
+        let (siblings, payload_at) = match value[80] {
+            PROOF_FROM_LEAVES => (None, 81),
+            count => {
+                let payload_at = 81 + count as usize * 32;
+                if value.len() < payload_at {
+                    return Err(damaged());
+                }
+                let siblings = value[81..payload_at]
+                    .chunks_exact(32)
+                    .map(|chunk| chunk.try_into().unwrap())
+                    .collect();
+                (Some(siblings), payload_at)
+            }
+        };
+        let length = value.get(payload_at..payload_at + 4).ok_or_else(damaged)?;
+        let (payload, envelope_at) = match u32::from_be_bytes(length.try_into().unwrap()) {
+            PAYLOAD_APART => (None, payload_at + 4),
+            length => {
+                let end = payload_at + 4 + length as usize;
+                let payload = value.get(payload_at + 4..end).ok_or_else(damaged)?;
+                (Some(Bytes::copy_from_slice(payload)), end)
+            }
+        };
         Ok(Record {
             seq: u64::from_be_bytes(value[..8].try_into().unwrap()),
             payload_sha256: value[8..40].try_into().unwrap(),
             seal_id: value[40..72].try_into().unwrap(),
-            proof: Proof {
-                index: u64::from_be_bytes(value[72..80].try_into().unwrap()),
-                siblings: value[81..envelope_at]
-                    .chunks_exact(32)
-                    .map(|chunk| chunk.try_into().unwrap())
-                    .collect(),
-            },
+            index: u64::from_be_bytes(value[72..80].try_into().unwrap()),
+            siblings,
+            payload,
             envelope: Bytes::copy_from_slice(&value[envelope_at..]),
         })
     }
@@ -436,7 +484,8 @@ impl Store {
             batch.put_cf(by_stream, stream_key(&entry.stream, entry.seq), index_value);
             // A payload or seal already stored is not written again: the same file in two
             // streams takes the space of one.
-            if written_payloads.insert(entry.payload_sha256)
+            if entry.parts.payload.len() > INLINE_PAYLOAD_BYTES
+                && written_payloads.insert(entry.payload_sha256)
                 && self
                     .db
                     .get_pinned_cf(payloads, entry.payload_sha256)?
@@ -447,7 +496,14 @@ impl Store {
             if written_seals.insert(entry.seal_id)
                 && self.db.get_pinned_cf(seals, entry.seal_id)?.is_none()
             {
-                batch.put_cf(seals, entry.seal_id, &entry.parts.seal);
+                let leaves = entry.seal_leaves.as_deref().unwrap_or_default();
+                let mut value = Vec::with_capacity(2 + entry.parts.seal.len() + leaves.len() * 32);
+                value.extend_from_slice(&(entry.parts.seal.len() as u16).to_be_bytes());
+                value.extend_from_slice(&entry.parts.seal);
+                for leaf in leaves {
+                    value.extend_from_slice(leaf.as_bytes());
+                }
+                batch.put_cf(seals, entry.seal_id, value);
             }
         }
         for (stream, record) in &commit.streams {
@@ -543,7 +599,10 @@ impl Store {
     ) -> Result<Vec<StoredEntry>, StoreError> {
         let payloads = self.values_by_hash(
             CF_PAYLOADS,
-            records.iter().map(|(.., record)| record.payload_sha256),
+            records
+                .iter()
+                .filter(|(.., record)| record.payload.is_none())
+                .map(|(.., record)| record.payload_sha256),
             "payload",
         )?;
         let seals = self.values_by_hash(
@@ -551,20 +610,56 @@ impl Store {
             records.iter().map(|(.., record)| record.seal_id),
             "seal",
         )?;
-        Ok(records
+        // Proofs derived from a seal's leaves: its tree is built once for the whole read.
+        let mut trees: HashMap<[u8; 32], Vec<Proof>> = HashMap::new();
+        records
             .into_iter()
-            .map(|(id, origin, record)| StoredEntry {
-                seq: record.seq,
-                id,
-                parts: Parts {
-                    envelope: record.envelope,
-                    payload: payloads[&record.payload_sha256].clone(),
-                    seal: seals[&record.seal_id].clone(),
-                    proof: record.proof,
-                },
-                origin,
+            .map(|(id, origin, record)| {
+                let stored = &seals[&record.seal_id];
+                let (seal, leaves) = split_seal_value(stored).ok_or_else(|| {
+                    StoreError::Damaged(format!("seal {}", hex::encode(record.seal_id)))
+                })?;
+                let proof = match record.siblings {
+                    Some(siblings) => Proof {
+                        index: record.index,
+                        siblings,
+                    },
+                    None => {
+                        let tree = trees.entry(record.seal_id).or_insert_with(|| {
+                            let leaves: Vec<ScribeId> = leaves
+                                .chunks_exact(32)
+                                .map(|leaf| ScribeId(leaf.try_into().unwrap()))
+                                .collect();
+                            if leaves.is_empty() {
+                                Vec::new()
+                            } else {
+                                merkle::tree(&leaves).1
+                            }
+                        });
+                        tree.get(record.index as usize).cloned().ok_or_else(|| {
+                            StoreError::Damaged(format!(
+                                "scribe {id}: its seal has no stored leaf {}",
+                                record.index
+                            ))
+                        })?
+                    }
+                };
+                Ok(StoredEntry {
+                    seq: record.seq,
+                    id,
+                    parts: Parts {
+                        envelope: record.envelope,
+                        payload: match record.payload {
+                            Some(payload) => payload,
+                            None => payloads[&record.payload_sha256].clone(),
+                        },
+                        seal: stored.slice_ref(seal),
+                        proof,
+                    },
+                    origin,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// The values of `cf` under each distinct key of `keys` (all must be stored).
@@ -903,6 +998,14 @@ fn refuse_other_format(path: &Path) -> Result<(), StoreError> {
         None => return Err(StoreError::Damaged("no storage format recorded".into())),
     };
     Err(StoreError::Format { found })
+}
+
+/// A `seals` value: the encoded seal and its leaves (empty when not stored).
+fn split_seal_value(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    let length = u16::from_be_bytes(value.get(..2)?.try_into().ok()?) as usize;
+    let seal = value.get(2..2 + length)?;
+    let leaves = &value[2 + length..];
+    (leaves.len() % 32 == 0).then_some((seal, leaves))
 }
 
 fn stream_key(stream: &StreamId, seq: u64) -> [u8; 40] {

@@ -269,3 +269,55 @@ fn a_format_1_data_directory_is_refused_on_open_and_left_as_it_was() {
     .unwrap();
     assert_eq!(db.get(b"format").unwrap().unwrap(), 1u64.to_be_bytes());
 }
+
+/// A node-signed batch is sealed once: every scribe shares one seal over the group, and each one
+/// read back (its proof derived from the seal's stored leaves) verifies, also after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_signed_batch_shares_one_seal_and_every_proof_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "sealed once", None).await;
+    let appends = (0..37)
+        .map(|index| pb::AppendRequest {
+            stream: bytes_of(&stream),
+            kind: "x.note".into(),
+            payload: Bytes::from(format!("note {index}")),
+            ..Default::default()
+        })
+        .collect();
+    let results = clients
+        .log
+        .append_batch(pb::AppendBatchRequest {
+            appends,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    for round in 0..2 {
+        let mut seals = std::collections::HashSet::new();
+        for (index, result) in results.iter().enumerate() {
+            let entry = clients
+                .log
+                .get(pb::GetScribeRequest {
+                    id: result.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let scribe = Scribe::decode(entry_parts(&entry)).unwrap();
+            assert!(scribe.seal.count >= 37, "one seal over the whole group");
+            assert_eq!(&scribe.body.payload[..], format!("note {index}").as_bytes());
+            seals.insert(entry.seal);
+        }
+        assert_eq!(seals.len(), 1, "round {round}: one seal for the batch");
+        if round == 0 {
+            node.stop().await.unwrap();
+            node = start_node(dir.path()).await;
+            clients = crate::common::clients(&node.url()).await;
+        }
+    }
+    node.stop().await.unwrap();
+}

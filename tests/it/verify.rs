@@ -13,7 +13,12 @@ async fn verify_passes_clean_data_and_reports_a_flipped_byte() {
     let stream = create_stream(&mut clients, "verify", None).await;
     let mut last = None;
     for index in 0..20 {
-        last = Some(append_note(&mut clients, &stream, &format!("note {index}")).await);
+        // Note 3 is large enough to be stored apart from its envelope, in `payloads`.
+        let text = match index {
+            3 => format!("note 3 {}", "x".repeat(2000)),
+            _ => format!("note {index}"),
+        };
+        last = Some(append_note(&mut clients, &stream, &text).await);
     }
     // It works beside a running node.
     let output = Command::new(quire_bin())
@@ -47,7 +52,7 @@ async fn verify_passes_clean_data_and_reports_a_flipped_byte() {
         let (key, payload) = db
             .iterator_cf(payloads, rocksdb::IteratorMode::Start)
             .map(Result::unwrap)
-            .find(|(_, payload)| payload.as_ref() == b"note 3")
+            .find(|(_, payload)| payload.starts_with(b"note 3"))
             .unwrap();
         let mut payload = payload.to_vec();
         payload[0] ^= 0x01;
