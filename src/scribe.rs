@@ -435,6 +435,11 @@ pub struct Parts {
     pub seal: Bytes,
     /// Its proof.
     pub proof: Proof,
+    /// Every id the seal covers, in order, when whoever holds these parts knows them (the node
+    /// made the seal, or a peer sent them): a store keeps them once instead of a proof per scribe,
+    /// and a peer can be sent them instead of proofs. Checked on decode: they must be as many as
+    /// the seal counts, and the proof must lead to the seal's root.
+    pub leaves: Option<Arc<[ScribeId]>>,
 }
 
 impl Parts {
@@ -460,6 +465,7 @@ impl Parts {
             payload: sealed.payload,
             seal: sealed.seal,
             proof: Proof::from_proto(sealed.proof)?,
+            leaves: None,
         })
     }
 }
@@ -552,6 +558,7 @@ impl Scribe {
             payload: self.body.payload.clone(),
             seal: self.seal.bytes.clone(),
             proof: self.proof.clone(),
+            leaves: self.leaves.clone(),
         }
     }
 
@@ -606,6 +613,22 @@ impl Scribe {
         }
         merkle::check(&id, &parts.proof, seal.count, &seal.root)
             .map_err(|reason| ScribeError::NotCovered { id, reason })?;
+        if let Some(leaves) = &parts.leaves {
+            // The proof checks, so these leaves are the sealed list only if they are as many.
+            if leaves.len() as u64 != seal.count
+                || leaves.get(parts.proof.index as usize) != Some(&id)
+            {
+                return Err(ScribeError::NotCovered {
+                    id,
+                    reason: format!(
+                        "the seal's leaves ({} ids) are not the {} it seals, with this id at {}",
+                        leaves.len(),
+                        seal.count,
+                        parts.proof.index
+                    ),
+                });
+            }
+        }
         Ok(Scribe {
             envelope: parts.envelope,
             id,
@@ -613,7 +636,7 @@ impl Scribe {
             payload_sha256,
             seal,
             proof: parts.proof,
-            leaves: None,
+            leaves: parts.leaves,
         })
     }
 

@@ -77,6 +77,7 @@ fn signed(request: pb::AppendSignedRequest) -> Result<Draft, Status> {
             seal: request.seal,
             proof: Proof::from_proto(request.proof)
                 .map_err(|error| append_status(&AppendError::Scribe(error)))?,
+            leaves: None,
         },
         claimed_id,
     })
@@ -110,6 +111,7 @@ fn sealed_batch(batch: pb::SealedBatch) -> Result<Vec<Draft>, Status> {
                 payload: unsealed.payload,
                 seal: batch.seal.clone(),
                 proof,
+                leaves: None,
             },
             claimed_id: None,
         })

@@ -207,6 +207,7 @@ pub(crate) async fn get(url: &str, args: GetArgs) -> Result<()> {
         seal: entry.seal.clone(),
         proof: crate::scribe::Proof::from_proto(entry.proof.clone())
             .context("the node sent a malformed proof")?,
+        leaves: None,
     };
     let scribe = crate::scribe::Scribe::decode_claimed(parts, args.id)
         .context("the node sent a scribe that does not verify")?;

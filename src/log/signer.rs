@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::store::CursorUpdate;
 use super::{AppendError, Draft, Job, Origin, Reply, Shared};
 use crate::identity;
-use crate::scribe::{hash, seal_all, Body, Parts, Scribe, ScribeError, Seal, Unsealed};
+use crate::scribe::{hash, merkle, seal_all, Body, Parts, Scribe, ScribeError, Seal, Unsealed};
 
 /// Most drafts the signer gathers into one group.
 const MAX_GROUP_DRAFTS: usize = 8192;
@@ -158,17 +158,26 @@ fn prepare(
         }
     }
     let mut sealed = seal_all(unsealed, &shared.key).into_iter();
-    let mut seals: HashMap<[u8; 32], Arc<Seal>> = HashMap::new();
+    // Each distinct seal once: its signature and, when its leaves came with it, that they are the
+    // list it seals.
+    let mut seals: HashMap<[u8; 32], (Arc<Seal>, Option<Arc<[ScribeId]>>)> = HashMap::new();
     for (_, stage) in &staged {
         if let Stage::Decoded(Ok(scribe)) = stage {
-            seals
+            let entry = seals
                 .entry(scribe.seal.id)
-                .or_insert_with(|| scribe.seal.clone());
+                .or_insert_with(|| (scribe.seal.clone(), None));
+            if entry.1.is_none() {
+                entry.1 = scribe.leaves.clone();
+            }
         }
     }
     let refused: HashMap<[u8; 32], ScribeError> = seals
         .into_par_iter()
-        .filter_map(|(id, seal)| seal.verify().err().map(|error| (id, error)))
+        .filter_map(|(id, (seal, leaves))| {
+            check_seal(&seal, leaves.as_deref())
+                .err()
+                .map(|error| (id, error))
+        })
         .collect();
     staged
         .into_iter()
@@ -183,6 +192,17 @@ fn prepare(
             Stage::Decoded(Err(error)) => (job_index, Err(error), false),
         })
         .collect()
+}
+
+/// A seal's signature, and that `leaves` (if any) hash to its root.
+fn check_seal(seal: &Seal, leaves: Option<&[ScribeId]>) -> Result<(), ScribeError> {
+    seal.verify()?;
+    match leaves {
+        Some(leaves) if leaves.is_empty() || merkle::root(leaves) != seal.root => Err(
+            ScribeError::Malformed("the seal's leaves do not hash to its root".into()),
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Decodes a client-sealed scribe, all but its seal's signature.

@@ -203,8 +203,9 @@ pub struct NewEntry {
     pub payload_sha256: [u8; 32],
     /// sha256 of the seal (the key it is stored under).
     pub seal_id: [u8; 32],
-    /// Every id the seal covers, in order, when this node made the seal: then the proof is not
-    /// stored per scribe but derived from these, stored once with the seal.
+    /// Every id the seal covers, in order, when this node knows them (it made the seal, or a peer
+    /// sent them): then the proof is not stored per scribe but derived from these, stored once
+    /// with the seal.
     pub seal_leaves: Option<Arc<[ScribeId]>>,
     /// The peer it was received from, if any.
     pub origin: Option<PeerOrigin>,
@@ -468,9 +469,9 @@ impl Store {
             self.cf(CF_STREAMS),
             self.cf(CF_CURSORS),
         );
-        let (payloads, seals) = (self.cf(CF_PAYLOADS), self.cf(CF_SEALS));
+        let payloads = self.cf(CF_PAYLOADS);
         let mut written_payloads = HashSet::new();
-        let mut written_seals = HashSet::new();
+        let mut written_seals = HashMap::new();
         let mut value = Vec::new();
         for entry in &commit.scribes {
             Record::encode(entry, &mut value);
@@ -493,18 +494,7 @@ impl Store {
             {
                 batch.put_cf(payloads, entry.payload_sha256, &entry.parts.payload);
             }
-            if written_seals.insert(entry.seal_id)
-                && self.db.get_pinned_cf(seals, entry.seal_id)?.is_none()
-            {
-                let leaves = entry.seal_leaves.as_deref().unwrap_or_default();
-                let mut value = Vec::with_capacity(2 + entry.parts.seal.len() + leaves.len() * 32);
-                value.extend_from_slice(&(entry.parts.seal.len() as u16).to_be_bytes());
-                value.extend_from_slice(&entry.parts.seal);
-                for leaf in leaves {
-                    value.extend_from_slice(leaf.as_bytes());
-                }
-                batch.put_cf(seals, entry.seal_id, value);
-            }
+            self.put_seal(&mut batch, &mut written_seals, entry)?;
         }
         for (stream, record) in &commit.streams {
             batch.put_cf(streams, stream.as_bytes(), record.encode());
@@ -517,6 +507,41 @@ impl Store {
         batch.put(META_HEAD, commit.head.to_be_bytes());
         batch.put(META_HLC, commit.hlc.to_be_bytes());
         self.db.write_opt(batch, &self.write_options)?;
+        Ok(())
+    }
+
+    /// Adds `entry`'s seal to `batch` unless it is stored (or written earlier in this batch)
+    /// already; `written` says for each seal of the batch whether it has its leaves. A seal stored
+    /// without leaves gets them when an entry brings them (its record then derives its proof).
+    fn put_seal(
+        &self,
+        batch: &mut WriteBatch,
+        written: &mut HashMap<[u8; 32], bool>,
+        entry: &NewEntry,
+    ) -> Result<(), StoreError> {
+        let brings = entry.seal_leaves.is_some();
+        let has = match written.get(&entry.seal_id) {
+            Some(has) => Some(*has),
+            None => self
+                .db
+                .get_pinned_cf(self.cf(CF_SEALS), entry.seal_id)?
+                .map(|value| {
+                    split_seal_value(&value).is_some_and(|(_, leaves)| !leaves.is_empty())
+                }),
+        };
+        if has == Some(true) || (has == Some(false) && !brings) {
+            written.insert(entry.seal_id, has == Some(true));
+            return Ok(());
+        }
+        let leaves = entry.seal_leaves.as_deref().unwrap_or_default();
+        let mut value = Vec::with_capacity(2 + entry.parts.seal.len() + leaves.len() * 32);
+        value.extend_from_slice(&(entry.parts.seal.len() as u16).to_be_bytes());
+        value.extend_from_slice(&entry.parts.seal);
+        for leaf in leaves {
+            value.extend_from_slice(leaf.as_bytes());
+        }
+        batch.put_cf(self.cf(CF_SEALS), entry.seal_id, value);
+        written.insert(entry.seal_id, brings);
         Ok(())
     }
 
@@ -611,7 +636,7 @@ impl Store {
             "seal",
         )?;
         // Proofs derived from a seal's leaves: its tree is built once for the whole read.
-        let mut trees: HashMap<[u8; 32], Vec<Proof>> = HashMap::new();
+        let mut trees: HashMap<[u8; 32], (Arc<[ScribeId]>, Vec<Proof>)> = HashMap::new();
         records
             .into_iter()
             .map(|(id, origin, record)| {
@@ -619,29 +644,35 @@ impl Store {
                 let (seal, leaves) = split_seal_value(stored).ok_or_else(|| {
                     StoreError::Damaged(format!("seal {}", hex::encode(record.seal_id)))
                 })?;
-                let proof = match record.siblings {
-                    Some(siblings) => Proof {
-                        index: record.index,
-                        siblings,
-                    },
+                let (proof, leaves) = match record.siblings {
+                    Some(siblings) => (
+                        Proof {
+                            index: record.index,
+                            siblings,
+                        },
+                        None,
+                    ),
                     None => {
-                        let tree = trees.entry(record.seal_id).or_insert_with(|| {
-                            let leaves: Vec<ScribeId> = leaves
+                        let (leaves, proofs) = trees.entry(record.seal_id).or_insert_with(|| {
+                            let leaves: Arc<[ScribeId]> = leaves
                                 .chunks_exact(32)
                                 .map(|leaf| ScribeId(leaf.try_into().unwrap()))
                                 .collect();
-                            if leaves.is_empty() {
+                            let proofs = if leaves.is_empty() {
                                 Vec::new()
                             } else {
                                 merkle::tree(&leaves).1
-                            }
+                            };
+                            (leaves, proofs)
                         });
-                        tree.get(record.index as usize).cloned().ok_or_else(|| {
-                            StoreError::Damaged(format!(
-                                "scribe {id}: its seal has no stored leaf {}",
-                                record.index
-                            ))
-                        })?
+                        let proof =
+                            proofs.get(record.index as usize).cloned().ok_or_else(|| {
+                                StoreError::Damaged(format!(
+                                    "scribe {id}: its seal has no stored leaf {}",
+                                    record.index
+                                ))
+                            })?;
+                        (proof, Some(leaves.clone()))
                     }
                 };
                 Ok(StoredEntry {
@@ -655,6 +686,7 @@ impl Store {
                         },
                         seal: stored.slice_ref(seal),
                         proof,
+                        leaves,
                     },
                     origin,
                 })

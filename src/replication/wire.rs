@@ -4,14 +4,14 @@
 //! Decoding never trusts a peer: every fixed-size field is checked, and the error says which one
 //! was wrong (it is sent back to the peer before the connection closes).
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 
 use super::session::{Message, WireScribe, PROTOCOL_VERSION};
 use crate::pb;
-use crate::scribe::{Parts, Proof};
+use crate::scribe::{merkle, Parts, Proof, MAX_SEAL_COUNT};
 
 /// Why a peer's message could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,23 +85,22 @@ pub fn to_proto(message: &Message) -> pb::PeerMessage {
             through,
             head,
         } => {
-            // Each seal once; scribes name theirs by index.
-            let mut seals: Vec<Bytes> = Vec::new();
-            let mut seal_index: HashMap<&Bytes, u32> = HashMap::new();
+            let (seals, with_leaves) = batch_seals(scribes);
             let scribes = scribes
                 .iter()
                 .map(|scribe| {
-                    let seal = *seal_index.entry(&scribe.parts.seal).or_insert_with(|| {
-                        seals.push(scribe.parts.seal.clone());
-                        (seals.len() - 1) as u32
-                    });
+                    let seal = seals
+                        .iter()
+                        .position(|seal| seal.seal == scribe.parts.seal)
+                        .expect("every seal of the batch is listed")
+                        as u32;
                     pb::PeerScribe {
                         seq: scribe.seq,
                         id: id(&scribe.id),
                         envelope: scribe.parts.envelope.clone(),
                         payload: scribe.parts.payload.clone(),
                         seal,
-                        proof: Some(scribe.parts.proof.to_proto()),
+                        proof: (!with_leaves[seal as usize]).then(|| scribe.parts.proof.to_proto()),
                     }
                 })
                 .collect();
@@ -131,6 +130,79 @@ pub fn to_proto(message: &Message) -> pb::PeerMessage {
     pb::PeerMessage {
         message: Some(wire),
     }
+}
+
+/// The distinct seals of a batch's scribes, in order of first use, and for each whether it is sent
+/// with its leaves (known, and fewer bytes than the proofs of the batch's scribes it covers).
+fn batch_seals(scribes: &[WireScribe]) -> (Vec<pb::PeerSeal>, Vec<bool>) {
+    let mut seals: Vec<(&Bytes, Option<&[ScribeId]>, usize)> = Vec::new();
+    for scribe in scribes {
+        let proof_bytes = scribe.parts.proof.siblings.len();
+        match seals
+            .iter_mut()
+            .find(|(seal, ..)| **seal == scribe.parts.seal)
+        {
+            Some((_, _, siblings)) => *siblings += proof_bytes,
+            None => seals.push((
+                &scribe.parts.seal,
+                scribe.parts.leaves.as_deref(),
+                proof_bytes,
+            )),
+        }
+    }
+    seals
+        .into_iter()
+        .map(|(seal, leaves, siblings)| match leaves {
+            Some(leaves) if leaves.len() < siblings => (
+                pb::PeerSeal {
+                    seal: seal.clone(),
+                    leaves: leaves
+                        .iter()
+                        .map(|leaf| Bytes::copy_from_slice(leaf.as_bytes()))
+                        .collect(),
+                },
+                true,
+            ),
+            _ => (
+                pb::PeerSeal {
+                    seal: seal.clone(),
+                    leaves: Vec::new(),
+                },
+                false,
+            ),
+        })
+        .unzip()
+}
+
+/// The leaves a batch's seal came with, and each leaf's proof (derived once per seal).
+type Derived = Option<(Arc<[ScribeId]>, Vec<Proof>)>;
+
+fn derive(seal: &pb::PeerSeal, index: usize) -> Result<Derived, WireError> {
+    if seal.leaves.is_empty() {
+        return Ok(None);
+    }
+    if seal.leaves.len() as u64 > MAX_SEAL_COUNT {
+        return Err(WireError::BadProof {
+            index,
+            reason: format!(
+                "a seal of {} leaves; a seal covers at most {MAX_SEAL_COUNT}",
+                seal.leaves.len()
+            ),
+        });
+    }
+    let leaves: Arc<[ScribeId]> = seal
+        .leaves
+        .iter()
+        .map(|leaf| {
+            ScribeId::from_slice(leaf).map_err(|_| WireError::Length {
+                field: "seal leaf",
+                expected: 32,
+                got: leaf.len(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let proofs = merkle::tree(&leaves).1;
+    Ok(Some((leaves, proofs)))
 }
 
 /// A peer-protocol message from its wire form; the error says what was wrong with it.
@@ -186,38 +258,53 @@ pub fn from_proto(message: pb::PeerMessage) -> Result<Message, WireError> {
         },
         Wire::Batch(batch) => {
             let seals = batch.seals;
+            let mut derived: Vec<Option<Derived>> = vec![None; seals.len()];
+            let mut scribes = Vec::with_capacity(batch.scribes.len());
+            for (index, scribe) in batch.scribes.into_iter().enumerate() {
+                let slot = scribe.seal as usize;
+                let seal = seals.get(slot).ok_or(WireError::NoSuchSeal {
+                    index,
+                    seal: scribe.seal,
+                    seals: seals.len(),
+                })?;
+                if derived[slot].is_none() {
+                    derived[slot] = Some(derive(seal, index)?);
+                }
+                let (proof, leaves) = match (&derived[slot], scribe.proof) {
+                    // Sent with its leaves: the proof is the one they give for this id's index.
+                    (Some(Some((leaves, proofs))), _) => {
+                        let id = ScribeId(fixed(&scribe.id, "scribe id")?);
+                        let at = leaves.iter().position(|leaf| *leaf == id).ok_or_else(|| {
+                            WireError::BadProof {
+                                index,
+                                reason: format!("its seal's leaves do not include {id}"),
+                            }
+                        })?;
+                        (proofs[at].clone(), Some(leaves.clone()))
+                    }
+                    (_, proof) => (
+                        Proof::from_proto(proof).map_err(|error| WireError::BadProof {
+                            index,
+                            reason: error.to_string(),
+                        })?,
+                        None,
+                    ),
+                };
+                scribes.push(WireScribe {
+                    seq: scribe.seq,
+                    id: ScribeId(fixed(&scribe.id, "scribe id")?),
+                    parts: Parts {
+                        envelope: scribe.envelope,
+                        payload: scribe.payload,
+                        seal: seal.seal.clone(),
+                        proof,
+                        leaves,
+                    },
+                });
+            }
             Message::Batch {
                 stream: StreamId::from(fixed(&batch.stream, "stream")?),
-                scribes: batch
-                    .scribes
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, scribe)| {
-                        let seal =
-                            seals
-                                .get(scribe.seal as usize)
-                                .ok_or(WireError::NoSuchSeal {
-                                    index,
-                                    seal: scribe.seal,
-                                    seals: seals.len(),
-                                })?;
-                        Ok(WireScribe {
-                            seq: scribe.seq,
-                            id: ScribeId(fixed(&scribe.id, "scribe id")?),
-                            parts: Parts {
-                                envelope: scribe.envelope,
-                                payload: scribe.payload,
-                                seal: seal.clone(),
-                                proof: Proof::from_proto(scribe.proof).map_err(|error| {
-                                    WireError::BadProof {
-                                        index,
-                                        reason: error.to_string(),
-                                    }
-                                })?,
-                            },
-                        })
-                    })
-                    .collect::<Result<_, WireError>>()?,
+                scribes,
                 through: batch.through_seq,
                 head: batch.head_seq,
             }

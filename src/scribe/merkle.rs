@@ -42,6 +42,24 @@ pub fn tree(ids: &[ScribeId]) -> ([u8; 32], Vec<Proof>) {
     (root, proofs)
 }
 
+/// The root of the tree of `ids` (at least one), without the proofs.
+pub fn root(ids: &[ScribeId]) -> [u8; 32] {
+    assert!(!ids.is_empty(), "a tree has at least one leaf");
+    let leaves: Vec<[u8; 32]> = ids.iter().map(leaf_hash).collect();
+    subtree_root(&leaves)
+}
+
+fn subtree_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    if leaves.len() == 1 {
+        return leaves[0];
+    }
+    let split = split_point(leaves.len());
+    node_hash(
+        &subtree_root(&leaves[..split]),
+        &subtree_root(&leaves[split..]),
+    )
+}
+
 /// The root of `leaves`, appending each leaf's siblings at this level and above to its proof.
 fn subtree(leaves: &[[u8; 32]], proofs: &mut [Proof]) -> [u8; 32] {
     if leaves.len() == 1 {

@@ -322,6 +322,7 @@ fn seal_as(body: Body, key: &ed25519_dalek::SigningKey) -> Parts {
         payload: unsealed.body.payload,
         seal: seal.bytes,
         proof: Proof::default(),
+        leaves: None,
     }
 }
 

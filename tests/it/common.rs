@@ -134,6 +134,7 @@ pub fn entry_parts(entry: &pb::Entry) -> Parts {
         payload: entry.payload.clone(),
         seal: entry.seal.clone(),
         proof: Proof::from_proto(entry.proof.clone()).unwrap(),
+        leaves: None,
     }
 }
 

@@ -222,12 +222,15 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
         (orphan_upvote.parts(), orphan_upvote.id),
     ];
     let refused_count = sent.len() as u64;
-    let mut seals: Vec<Bytes> = Vec::new();
+    let mut seals: Vec<pb::PeerSeal> = Vec::new();
     let scribes: Vec<pb::PeerScribe> = sent
         .into_iter()
         .enumerate()
         .map(|(index, (parts, id))| {
-            seals.push(parts.seal.clone());
+            seals.push(pb::PeerSeal {
+                seal: parts.seal.clone(),
+                leaves: vec![],
+            });
             pb::PeerScribe {
                 seq: index as u64 + 1,
                 id: Bytes::copy_from_slice(id.as_bytes()),
@@ -436,7 +439,10 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
                 scribes: vec![scribe(3, pb::Proof::default())],
                 through_seq: 1,
                 head_seq: 1,
-                seals: vec![good.seal.bytes.clone()],
+                seals: vec![pb::PeerSeal {
+                    seal: good.seal.bytes.clone(),
+                    leaves: vec![],
+                }],
             },
             "names seal 3, but the batch carries 1 seals",
         ),
@@ -452,7 +458,10 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
                 )],
                 through_seq: 1,
                 head_seq: 1,
-                seals: vec![good.seal.bytes.clone()],
+                seals: vec![pb::PeerSeal {
+                    seal: good.seal.bytes.clone(),
+                    leaves: vec![],
+                }],
             },
             "proof siblings must be 32 bytes, got 31",
         ),

@@ -170,7 +170,7 @@ proptest! {
         seal in proptest::collection::vec(any::<u8>(), 0..200),
         payload in proptest::collection::vec(any::<u8>(), 0..50),
     ) {
-        let parts = Parts { envelope: Bytes::from(envelope), payload: Bytes::from(payload), seal: Bytes::from(seal), proof: Proof::default() };
+        let parts = Parts { envelope: Bytes::from(envelope), payload: Bytes::from(payload), seal: Bytes::from(seal), proof: Proof::default(), leaves: None };
         prop_assert!(Scribe::decode(parts).is_err());
     }
 }
@@ -244,6 +244,7 @@ fn a_non_canonical_envelope_is_refused_even_when_correctly_sealed() {
         payload: good.body.payload.clone(),
         seal,
         proof,
+        leaves: None,
     };
     let error = Scribe::decode(parts).unwrap_err();
     assert!(
@@ -289,6 +290,7 @@ fn other_formats_are_refused_with_a_clear_error() {
         payload: good.body.payload.clone(),
         seal,
         proof,
+        leaves: None,
     })
     .unwrap_err();
     assert!(
@@ -393,6 +395,7 @@ fn ed25519_edge_cases_are_refused() {
         payload: unsealed.body.payload.clone(),
         seal: raw_seal(identity, 1, merkle::leaf_hash(&unsealed.id), signature),
         proof: Proof::default(),
+        leaves: None,
     };
     assert!(matches!(
         Scribe::decode(parts),
