@@ -370,6 +370,9 @@ pub fn seal_message(count: u64, root: &[u8; 32]) -> [u8; 56] {
     message
 }
 
+/// Every id a seal covers, in order (shared by the scribes it covers).
+pub type Leaves = Arc<[ScribeId]>;
+
 /// Proof that a seal covers one id: the leaf's index and its audit path (RFC 9162).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Proof {
@@ -439,7 +442,7 @@ pub struct Parts {
     /// made the seal, or a peer sent them): a store keeps them once instead of a proof per scribe,
     /// and a peer can be sent them instead of proofs. Checked on decode: they must be as many as
     /// the seal counts, and the proof must lead to the seal's root.
-    pub leaves: Option<Arc<[ScribeId]>>,
+    pub leaves: Option<Leaves>,
 }
 
 impl Parts {
@@ -487,7 +490,7 @@ pub struct Scribe {
     pub proof: Proof,
     /// Every id `seal` covers, in order, when they are known here (the seal was just made by
     /// [`seal_all`]): a store can then keep them once instead of a proof per scribe.
-    pub leaves: Option<Arc<[ScribeId]>>,
+    pub leaves: Option<Leaves>,
 }
 
 /// SHA-256 of `bytes` as a scribe id.
@@ -518,7 +521,7 @@ pub fn seal_all(unsealed: Vec<Unsealed>, key: &SigningKey) -> Vec<Scribe> {
     let ids: Vec<ScribeId> = unsealed.iter().map(|u| u.id).collect();
     let (root, proofs) = merkle::tree(&ids);
     let seal = Arc::new(Seal::sign(key, ids.len() as u64, root));
-    let leaves: Option<Arc<[ScribeId]>> = (ids.len() > 1).then(|| ids.into());
+    let leaves: Option<Leaves> = (ids.len() > 1).then(|| ids.into());
     unsealed
         .into_iter()
         .zip(proofs)

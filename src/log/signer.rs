@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 use super::store::CursorUpdate;
 use super::{AppendError, Draft, Job, Origin, Reply, Shared};
 use crate::identity;
-use crate::scribe::{hash, merkle, seal_all, Body, Parts, Scribe, ScribeError, Seal, Unsealed};
+use crate::scribe::{
+    hash, merkle, seal_all, Body, Leaves, Parts, Scribe, ScribeError, Seal, Unsealed,
+};
 
 /// Most drafts the signer gathers into one group.
 const MAX_GROUP_DRAFTS: usize = 8192;
@@ -160,7 +162,7 @@ fn prepare(
     let mut sealed = seal_all(unsealed, &shared.key).into_iter();
     // Each distinct seal once: its signature and, when its leaves came with it, that they are the
     // list it seals.
-    let mut seals: HashMap<[u8; 32], (Arc<Seal>, Option<Arc<[ScribeId]>>)> = HashMap::new();
+    let mut seals: HashMap<[u8; 32], (Arc<Seal>, Option<Leaves>)> = HashMap::new();
     for (_, stage) in &staged {
         if let Stage::Decoded(Ok(scribe)) = stage {
             let entry = seals

@@ -31,9 +31,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
 
-use crate::scribe::{merkle, Parts, Proof};
+use crate::scribe::{merkle, Leaves, Parts, Proof};
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 use rocksdb::{
@@ -206,7 +205,7 @@ pub struct NewEntry {
     /// Every id the seal covers, in order, when this node knows them (it made the seal, or a peer
     /// sent them): then the proof is not stored per scribe but derived from these, stored once
     /// with the seal.
-    pub seal_leaves: Option<Arc<[ScribeId]>>,
+    pub seal_leaves: Option<Leaves>,
     /// The peer it was received from, if any.
     pub origin: Option<PeerOrigin>,
 }
@@ -636,7 +635,7 @@ impl Store {
             "seal",
         )?;
         // Proofs derived from a seal's leaves: its tree is built once for the whole read.
-        let mut trees: HashMap<[u8; 32], (Arc<[ScribeId]>, Vec<Proof>)> = HashMap::new();
+        let mut trees: HashMap<[u8; 32], (Leaves, Vec<Proof>)> = HashMap::new();
         records
             .into_iter()
             .map(|(id, origin, record)| {
@@ -654,7 +653,7 @@ impl Store {
                     ),
                     None => {
                         let (leaves, proofs) = trees.entry(record.seal_id).or_insert_with(|| {
-                            let leaves: Arc<[ScribeId]> = leaves
+                            let leaves: Leaves = leaves
                                 .chunks_exact(32)
                                 .map(|leaf| ScribeId(leaf.try_into().unwrap()))
                                 .collect();

@@ -4,14 +4,12 @@
 //! Decoding never trusts a peer: every fixed-size field is checked, and the error says which one
 //! was wrong (it is sent back to the peer before the connection closes).
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 
 use super::session::{Message, WireScribe, PROTOCOL_VERSION};
 use crate::pb;
-use crate::scribe::{merkle, Parts, Proof, MAX_SEAL_COUNT};
+use crate::scribe::{merkle, Leaves, Parts, Proof, MAX_SEAL_COUNT};
 
 /// Why a peer's message could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,7 +173,7 @@ fn batch_seals(scribes: &[WireScribe]) -> (Vec<pb::PeerSeal>, Vec<bool>) {
 }
 
 /// The leaves a batch's seal came with, and each leaf's proof (derived once per seal).
-type Derived = Option<(Arc<[ScribeId]>, Vec<Proof>)>;
+type Derived = Option<(Leaves, Vec<Proof>)>;
 
 fn derive(seal: &pb::PeerSeal, index: usize) -> Result<Derived, WireError> {
     if seal.leaves.is_empty() {
@@ -190,7 +188,7 @@ fn derive(seal: &pb::PeerSeal, index: usize) -> Result<Derived, WireError> {
             ),
         });
     }
-    let leaves: Arc<[ScribeId]> = seal
+    let leaves: Leaves = seal
         .leaves
         .iter()
         .map(|leaf| {
