@@ -488,6 +488,85 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
         let error = intruder.error().await;
         assert!(error.contains(expected), "{expected:?} not in {error:?}");
     }
+    // A seal sent with leaves that include the scribe's id but are not the list it seals: each
+    // proof is derived from them, they do not hash to the seal's root, the scribe is refused and
+    // counted (a valid message, so the connection stays).
+    let pair = quire::scribe::seal_all(
+        ["a", "b"]
+            .iter()
+            .map(|text| {
+                client_scribe(
+                    &key,
+                    &stream,
+                    "x.note",
+                    text.as_bytes(),
+                    node.log.clock().now(),
+                )
+                .body
+                .into_unsealed(0)
+            })
+            .collect(),
+        &key,
+    );
+    let liar = client_key(90);
+    let mut intruder = Intruder::connect(addr, liar.clone(), true).await;
+    intruder
+        .send(Wire::Streams(pb::PeerStreams {
+            streams: vec![bytes_of(&stream)],
+        }))
+        .await;
+    loop {
+        match intruder.next().await {
+            Some(Wire::Want(want)) if want.stream == bytes_of(&stream) => break,
+            Some(_) => continue,
+            None => panic!("the node closed the connection"),
+        }
+    }
+    let forged_leaves = vec![
+        bytes_of(&pair[0].id),
+        bytes_of(&quire::scribe::hash(b"not b")),
+    ];
+    intruder
+        .send(Wire::Batch(pb::PeerBatch {
+            stream: bytes_of(&stream),
+            scribes: vec![pb::PeerScribe {
+                seq: 1,
+                id: bytes_of(&pair[0].id),
+                envelope: pair[0].envelope.clone(),
+                payload: pair[0].body.payload.clone(),
+                seal: 0,
+                proof: None,
+            }],
+            through_seq: 1,
+            head_seq: 1,
+            seals: vec![pb::PeerSeal {
+                seal: pair[0].seal.bytes.clone(),
+                leaves: forged_leaves,
+            }],
+        }))
+        .await;
+    let liar_id = AuthorKey(liar.verifying_key().to_bytes()).to_hex();
+    let admin = clients(&node.url()).await.admin;
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the node to refuse the scribe sent with forged leaves",
+        || {
+            let mut admin = admin.clone();
+            let liar_id = liar_id.clone();
+            async move {
+                let status = admin
+                    .status(pb::StatusRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                status
+                    .peers
+                    .iter()
+                    .any(|peer| peer.node_id == liar_id && peer.refused == 1)
+            }
+        },
+    )
+    .await;
     assert_eq!(stream_ids(&node, &stream).await, before, "nothing stored");
     node.stop().await.unwrap();
 }
