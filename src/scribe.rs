@@ -513,11 +513,21 @@ pub fn leading_zero_bits(hash: &[u8; 32]) -> u32 {
 }
 
 /// Seals `unsealed` (every one by `key`'s author) with one signature over the Merkle root of their
-/// ids, in order.
+/// ids, in order: one signature per [`MAX_SEAL_COUNT`] ids, since no node accepts a seal over more
+/// (a node-signed group of that many comes from one large `AppendBatch`).
 pub fn seal_all(unsealed: Vec<Unsealed>, key: &SigningKey) -> Vec<Scribe> {
-    if unsealed.is_empty() {
-        return Vec::new();
+    let mut sealed = Vec::with_capacity(unsealed.len());
+    let mut rest = unsealed.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<Unsealed> = rest.by_ref().take(MAX_SEAL_COUNT as usize).collect();
+        sealed.extend(seal_one_tree(chunk, key));
     }
+    sealed
+}
+
+/// Seals 1 to [`MAX_SEAL_COUNT`] envelopes with one signature.
+fn seal_one_tree(unsealed: Vec<Unsealed>, key: &SigningKey) -> Vec<Scribe> {
+    debug_assert!(!unsealed.is_empty() && unsealed.len() as u64 <= MAX_SEAL_COUNT);
     let ids: Vec<ScribeId> = unsealed.iter().map(|u| u.id).collect();
     let (root, proofs) = merkle::tree(&ids);
     let seal = Arc::new(Seal::sign(key, ids.len() as u64, root));

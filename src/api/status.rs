@@ -17,7 +17,11 @@ use crate::projection::{RunnerError, SlotError};
 pub fn append_status(error: &AppendError) -> Status {
     use tonic::Code;
     let code = match error.root() {
-        AppendError::Scribe(crate::scribe::ScribeError::TooLarge { .. }) => Code::ResourceExhausted,
+        // A payload too large for any policy is a resource limit; an envelope over 4 KiB is
+        // malformed (docs/protocol.md, validation step 1).
+        AppendError::Scribe(crate::scribe::ScribeError::TooLarge {
+            part: "payload", ..
+        }) => Code::ResourceExhausted,
         AppendError::Scribe(_)
         | AppendError::WrongStream { .. }
         | AppendError::BadGenesis(_)

@@ -387,6 +387,7 @@ impl Store {
 
     /// Opens the store at `path` read-only (works while a node is running on it).
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        refuse_other_format(path)?;
         let db = DB::open_cf_descriptors_read_only(&db_options(), path, descriptors(), false)?;
         let store = Store {
             db,
@@ -1007,15 +1008,18 @@ impl Store {
 
 /// An existing store that lacks a column family of this format was written by another format:
 /// refuse it *before* opening it for writing (which would add the missing families), reading its
-/// recorded format read-only. Nothing of it is changed.
+/// recorded format read-only. Nothing of it is changed. One that says it is of this format but
+/// lacks some of its families is damaged, and refused the same way.
 fn refuse_other_format(path: &Path) -> Result<(), StoreError> {
     let Ok(existing) = DB::list_cf(&Options::default(), path) else {
         return Ok(()); // no store yet
     };
-    if COLUMN_FAMILIES
+    let missing: Vec<&str> = COLUMN_FAMILIES
         .iter()
-        .all(|name| existing.iter().any(|have| have == name))
-    {
+        .copied()
+        .filter(|name| !existing.iter().any(|have| have == name))
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
     let db = DB::open_cf_for_read_only(&Options::default(), path, &existing, false)?;
@@ -1028,6 +1032,12 @@ fn refuse_other_format(path: &Path) -> Result<(), StoreError> {
         ),
         None => return Err(StoreError::Damaged("no storage format recorded".into())),
     };
+    if found == STORE_FORMAT {
+        return Err(StoreError::Damaged(format!(
+            "the data directory has storage format {found} but lacks its column families {} (nothing was changed)",
+            missing.join(", ")
+        )));
+    }
     Err(StoreError::Format { found })
 }
 

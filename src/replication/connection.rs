@@ -28,8 +28,8 @@ use crate::log::AppendError;
 use crate::pb;
 use crate::scribe::{self, Parts};
 
-/// Most scribes read into one batch.
-pub const BATCH_SCRIBES: usize = 512;
+/// Most scribes read into one batch: as many as a receiver takes.
+pub const BATCH_SCRIBES: usize = super::session::MAX_BATCH_SCRIBES;
 /// A batch is cut once it holds this many bytes (it always holds at least one scribe).
 pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Time allowed for the handshake (Hello and Proof both ways).
@@ -334,15 +334,34 @@ impl Driver {
 
     async fn read(&mut self, plan: ReadPlan) -> Result<Option<Message>, ConnectionError> {
         let log = self.inner.log.clone();
-        let entries = tokio::task::spawn_blocking(move || {
+        let read = tokio::task::spawn_blocking(move || {
             log.store()
                 .read_stream(&plan.stream, plan.from, plan.to, BATCH_SCRIBES)
         })
-        .await?
-        .map_err(|source| ConnectionError::Read {
-            stream: plan.stream,
-            source,
-        })?;
+        .await?;
+        let entries = match read {
+            Ok(entries) => entries,
+            // Damage (a payload or seal missing, a malformed record) is local and lasting: stop
+            // sending this stream, not every stream (closing would only reconnect and fail again).
+            Err(source @ StoreError::Damaged(_)) => {
+                let error = ConnectionError::Read {
+                    stream: plan.stream,
+                    source,
+                };
+                tracing::error!(peer = %self.peer.map(|peer| peer.short()).unwrap_or_default(), %error, "not sending this stream to the peer; its other streams go on");
+                let key = self.state_key();
+                self.inner
+                    .with_peer(&key, |state| state.last_error = Some(error.to_string()));
+                self.session_mut().stop_serving(&plan.stream);
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(ConnectionError::Read {
+                    stream: plan.stream,
+                    source,
+                })
+            }
+        };
         let mut limit = BATCH_SCRIBES;
         let mut bytes = 0;
         let mut kept = Vec::with_capacity(entries.len());

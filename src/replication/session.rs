@@ -32,6 +32,10 @@ use crate::scribe::Parts;
 pub const PROOF_PREFIX: &[u8; 14] = b"quire.peer.v1\0";
 /// Protocol version spoken.
 pub const PROTOCOL_VERSION: u32 = 2;
+/// Most scribes one batch may hold (the sender cuts its batches there). A longer batch is a
+/// protocol error: every scribe of a batch is verified before its refusals are counted, so an
+/// unbounded batch would let one peer message occupy the node's append pipeline for seconds.
+pub const MAX_BATCH_SCRIBES: usize = 512;
 
 /// A scribe on the wire: the sender's seq, the claimed id, the envelope, payload, seal and proof.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,6 +320,12 @@ impl Session {
                         "protocol error: a batch of stream {stream}, which was not asked for"
                     ));
                 }
+                if scribes.len() > MAX_BATCH_SCRIBES {
+                    return close(&format!(
+                        "protocol error: a batch of {} scribes; at most {MAX_BATCH_SCRIBES} allowed",
+                        scribes.len()
+                    ));
+                }
                 if scribes.windows(2).any(|pair| pair[0].seq >= pair[1].seq)
                     || scribes.last().is_some_and(|last| last.seq > through)
                 {
@@ -426,6 +436,12 @@ impl Session {
                 Action::Send(Message::Want { stream, after })
             })
             .collect()
+    }
+
+    /// Stops sending `stream` on this connection: its scribes cannot be read (the local store is
+    /// damaged there). The other streams go on; the peer asks for it again when it reconnects.
+    pub fn stop_serving(&mut self, stream: &StreamId) {
+        self.serving.remove(stream);
     }
 
     /// The last peer seq taken of `stream` on this connection.

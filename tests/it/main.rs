@@ -3,6 +3,7 @@
 //! sleeps to synchronise.
 
 mod api;
+mod attack_format;
 mod browser;
 mod common;
 mod consumer;

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::common::*;
 use crate::replication::{connect, join, stream_ids, wait_for_count};
 
-struct Intruder {
+pub(crate) struct Intruder {
     key: SigningKey,
     outgoing: mpsc::Sender<pb::PeerMessage>,
     incoming: tonic::Streaming<pb::PeerMessage>,
@@ -23,7 +23,11 @@ struct Intruder {
 
 impl Intruder {
     /// Dials `addr` and says hello; `honest` decides whether the proof is right.
-    async fn connect(addr: std::net::SocketAddr, key: SigningKey, honest: bool) -> Intruder {
+    pub(crate) async fn connect(
+        addr: std::net::SocketAddr,
+        key: SigningKey,
+        honest: bool,
+    ) -> Intruder {
         let hello = pb::PeerHello {
             node_id: Bytes::copy_from_slice(&key.verifying_key().to_bytes()),
             epoch: Bytes::from(vec![1u8; 16]),
@@ -37,7 +41,7 @@ impl Intruder {
     }
 
     /// Dials `addr` and says nothing yet.
-    async fn dial(addr: std::net::SocketAddr, key: SigningKey) -> Intruder {
+    pub(crate) async fn dial(addr: std::net::SocketAddr, key: SigningKey) -> Intruder {
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -58,7 +62,7 @@ impl Intruder {
     }
 
     /// Answers the node's Hello with a proof of this key (`honest`) or a wrong one.
-    async fn prove(&mut self, honest: bool) {
+    pub(crate) async fn prove(&mut self, honest: bool) {
         let intruder = self;
         let Some(Wire::Hello(hello)) = intruder.next().await else {
             panic!("expected Hello")
@@ -79,7 +83,7 @@ impl Intruder {
     }
 
     /// The reason of the node's `Error` message before it closes the stream.
-    async fn error(&mut self) -> String {
+    pub(crate) async fn error(&mut self) -> String {
         while let Some(message) = self.next().await {
             if let Wire::Error(reason) = message {
                 return reason.message;
@@ -88,7 +92,7 @@ impl Intruder {
         panic!("the node closed the stream without an error message")
     }
 
-    async fn send(&self, message: Wire) {
+    pub(crate) async fn send(&self, message: Wire) {
         let _ = self
             .outgoing
             .send(pb::PeerMessage {
@@ -97,7 +101,7 @@ impl Intruder {
             .await;
     }
 
-    async fn next(&mut self) -> Option<Wire> {
+    pub(crate) async fn next(&mut self) -> Option<Wire> {
         match tokio::time::timeout(std::time::Duration::from_secs(30), self.incoming.next())
             .await
             .expect("the node answers")
