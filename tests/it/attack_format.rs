@@ -54,12 +54,21 @@ fn sealed_batch(scribes: &[Scribe]) -> pb::SealedBatch {
     }
 }
 
+/// A seal entry of a peer batch, without leaves (each scribe carries its proof).
+fn peer_seal(seal: &Bytes) -> pb::PeerSeal {
+    pb::PeerSeal {
+        seal: seal.clone(),
+        leaves: vec![],
+    }
+}
+
 fn request(envelope: Bytes, payload: Bytes, seal: Bytes, proof: Proof) -> pb::AppendSignedRequest {
     signed_request(Parts {
         envelope,
         payload,
         seal,
         proof,
+        leaves: None,
     })
 }
 
@@ -1361,15 +1370,15 @@ async fn intrude(node: &quire::node::RunningNode, key: SigningKey, stream: &Stre
 
 /// A batch of `scribes` with each distinct seal once.
 fn peer_batch(stream: &StreamId, scribes: &[Parts]) -> pb::PeerBatch {
-    let mut seals: Vec<Bytes> = Vec::new();
+    let mut seals: Vec<pb::PeerSeal> = Vec::new();
     let scribes: Vec<pb::PeerScribe> = scribes
         .iter()
         .enumerate()
         .map(|(index, parts)| {
-            let seal = match seals.iter().position(|seal| *seal == parts.seal) {
+            let seal = match seals.iter().position(|seal| seal.seal == parts.seal) {
                 Some(seal) => seal,
                 None => {
-                    seals.push(parts.seal.clone());
+                    seals.push(peer_seal(&parts.seal));
                     seals.len() - 1
                 }
             };
@@ -1443,8 +1452,8 @@ async fn a_peer_batch_is_judged_scribe_by_scribe_and_bounded() {
     let lonely = note("lonely");
     let mut batch = peer_batch(&stream, &[lonely.parts()]);
     let forged_seal = flip_last(&lonely.seal.bytes);
-    batch.seals = vec![forged_seal.clone(); 9_999];
-    batch.seals.push(lonely.seal.bytes.clone());
+    batch.seals = vec![peer_seal(&forged_seal); 9_999];
+    batch.seals.push(peer_seal(&lonely.seal.bytes));
     batch.scribes[0].seal = 9_999;
     intruder.send(Wire::Batch(batch)).await;
     wait_until(CONVERGE, "the lonely scribe", || {
@@ -1598,7 +1607,9 @@ async fn a_missing_payload_or_seal_is_reported_and_stops_only_its_stream() {
     let y = create_stream(&mut clients_a, "y", None).await;
     // The damaged stream is the one served first (streams are served in id order).
     let (damaged, healthy) = if x < y { (x, y) } else { (y, x) };
-    let lost_payload = append_note(&mut clients_a, &damaged, "payload to lose").await;
+    // Over 1 KiB, so it is stored apart from its envelope, in `payloads`.
+    let lost_text = format!("payload to lose {}", "x".repeat(2000));
+    let lost_payload = append_note(&mut clients_a, &damaged, &lost_text).await;
     let lost_seal = append_note(&mut clients_a, &damaged, "seal to lose").await;
     append_note(&mut clients_a, &damaged, "after").await;
     for index in 0..3 {
@@ -1613,7 +1624,7 @@ async fn a_missing_payload_or_seal_is_reported_and_stops_only_its_stream() {
         .unwrap()
         .into_inner();
     let seal_id = sha256(&seal_entry.seal);
-    let payload_id = sha256(b"payload to lose");
+    let payload_id = sha256(lost_text.as_bytes());
     a.stop().await.unwrap();
     {
         let db = open_db(dir_a.path());
