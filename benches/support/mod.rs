@@ -32,3 +32,21 @@ pub fn unlimited() -> pb::Policy {
         ..Default::default()
     }
 }
+
+/// A `Log` client on `channel` that takes batches of up to 64 MiB each way.
+pub fn log_client(channel: Channel) -> pb::log_client::LogClient<Channel> {
+    pb::log_client::LogClient::new(channel)
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20)
+}
+
+/// How many scribes of `stream` (genesis included) the node on `channel` holds; 0 if none.
+pub async fn scribes_held(channel: &Channel, stream: &Bytes) -> u64 {
+    pb::streams_client::StreamsClient::new(channel.clone())
+        .get(pb::GetStreamRequest {
+            stream: stream.clone(),
+        })
+        .await
+        .map(|info| info.into_inner().scribes)
+        .unwrap_or(0)
+}
