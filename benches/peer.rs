@@ -231,7 +231,7 @@ async fn append_batches(url: &str, stream: &Bytes, count: usize, clients: usize)
                         .collect();
                     log.append_batch(pb::AppendBatchRequest {
                         appends,
-                        signed: vec![],
+                        ..Default::default()
                     })
                     .await
                     .unwrap();
