@@ -561,15 +561,17 @@ impl Store {
     /// Bytes the `payloads` column family holds, as RocksDB estimates them (live data in its
     /// files and memtables).
     pub fn payload_bytes(&self) -> u64 {
-        let cf = self.cf(CF_PAYLOADS);
-        let property = |key: &str| {
-            self.db
-                .property_int_value_cf(cf, key)
-                .ok()
-                .flatten()
-                .unwrap_or(0)
-        };
-        property("rocksdb.estimate-live-data-size") + property("rocksdb.cur-size-all-mem-tables")
+        self.property(CF_PAYLOADS, "rocksdb.estimate-live-data-size")
+            + self.property(CF_PAYLOADS, "rocksdb.cur-size-all-mem-tables")
+    }
+
+    /// An integer property of one column family (0 when RocksDB has none).
+    fn property(&self, cf: &str, key: &str) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(cf), key)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
     }
 
     /// A stored scribe by id.
@@ -829,14 +831,7 @@ impl Store {
         let mut block_cache = 0;
         let mut pinned = 0;
         for name in COLUMN_FAMILIES {
-            let cf = self.cf(name);
-            let property = |key: &str| {
-                self.db
-                    .property_int_value_cf(cf, key)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0)
-            };
+            let property = |key: &str| self.property(name, key);
             memtables += property("rocksdb.cur-size-all-mem-tables");
             table_readers += property("rocksdb.estimate-table-readers-mem");
             // One cache is shared by every column family: count it once.

@@ -1354,18 +1354,8 @@ async fn no_route_takes_a_record_with_too_little_work() {
 /// An intruder with `key`, connected to `node`, asked for `stream`.
 async fn intrude(node: &quire::node::RunningNode, key: SigningKey, stream: &StreamId) -> Intruder {
     let mut intruder = Intruder::connect(node.peer_addr.unwrap(), key, true).await;
+    intruder.offer(stream).await;
     intruder
-        .send(Wire::Streams(pb::PeerStreams {
-            streams: vec![bytes_of(stream)],
-        }))
-        .await;
-    loop {
-        match intruder.next().await {
-            Some(Wire::Want(want)) if want.stream == bytes_of(stream) => return intruder,
-            Some(_) => continue,
-            None => panic!("the node closed the connection"),
-        }
-    }
 }
 
 /// A batch of `scribes` with each distinct seal once.

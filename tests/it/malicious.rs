@@ -82,6 +82,21 @@ impl Intruder {
             .await;
     }
 
+    /// Says it holds `stream` and waits until the node asks for it.
+    pub(crate) async fn offer(&mut self, stream: &StreamId) {
+        self.send(Wire::Streams(pb::PeerStreams {
+            streams: vec![bytes_of(stream)],
+        }))
+        .await;
+        loop {
+            match self.next().await {
+                Some(Wire::Want(want)) if want.stream == bytes_of(stream) => return,
+                Some(_) => continue,
+                None => panic!("the node closed the connection"),
+            }
+        }
+    }
+
     /// The reason of the node's `Error` message before it closes the stream.
     pub(crate) async fn error(&mut self) -> String {
         while let Some(message) = self.next().await {
@@ -139,19 +154,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     let before_node = stream_ids(&node, &stream).await;
 
     let mut intruder = Intruder::connect(node.peer_addr.unwrap(), key.clone(), true).await;
-    intruder
-        .send(Wire::Streams(pb::PeerStreams {
-            streams: vec![bytes_of(&stream)],
-        }))
-        .await;
-    // Wait for the node to ask for the stream.
-    loop {
-        match intruder.next().await {
-            Some(Wire::Want(want)) if want.stream == bytes_of(&stream) => break,
-            Some(_) => continue,
-            None => panic!("the node closed the connection"),
-        }
-    }
+    intruder.offer(&stream).await;
     let hlc = node.log.clock().now();
     let good = client_scribe(&key, &stream, "x.note", b"looks fine", hlc);
     // A forged seal signature.
@@ -514,18 +517,7 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
     );
     let liar = client_key(90);
     let mut intruder = Intruder::connect(addr, liar.clone(), true).await;
-    intruder
-        .send(Wire::Streams(pb::PeerStreams {
-            streams: vec![bytes_of(&stream)],
-        }))
-        .await;
-    loop {
-        match intruder.next().await {
-            Some(Wire::Want(want)) if want.stream == bytes_of(&stream) => break,
-            Some(_) => continue,
-            None => panic!("the node closed the connection"),
-        }
-    }
+    intruder.offer(&stream).await;
     let forged_leaves = vec![
         bytes_of(&pair[0].id),
         bytes_of(&quire::scribe::hash(b"not b")),
