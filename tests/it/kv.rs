@@ -545,10 +545,20 @@ async fn a_watch_started_during_heavy_writes_ends_with_exactly_the_final_state()
             }
         })
     };
-    // Start watching once the writer is well under way.
-    wait_until(WAIT_WRITES, "the writer to be under way", || {
-        let head = node.log.stream(&stream).map_or(0, |s| s.record.head_seq);
-        async move { head > 50 }
+    // Start watching once the writer is well under way: once the kv table (not just the log, which
+    // runs ahead of it) holds a write past seq 50.
+    let reader = kv(&node).await;
+    wait_until(WAIT_WRITES, "the kv table to pass seq 50", || {
+        let mut reader = reader.clone();
+        async move {
+            reader
+                .get(pb::KvGetRequest {
+                    stream: bytes_of(&stream),
+                    key: Bytes::from("key0"),
+                })
+                .await
+                .is_ok_and(|entry| entry.into_inner().seq > 50)
+        }
     })
     .await;
     let mut watch = kv(&node)
