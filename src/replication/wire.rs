@@ -4,10 +4,12 @@
 //! Decoding never trusts a peer: every fixed-size field is checked, and the error says which one
 //! was wrong (it is sent back to the peer before the connection closes).
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 
-use super::session::{Message, WireScribe, PROTOCOL_VERSION};
+use super::session::{Message, WireScribe, MAX_BATCH_SCRIBES, PROTOCOL_VERSION};
 use crate::pb;
 use crate::scribe::{merkle, Leaves, Parts, Proof, MAX_SEAL_COUNT};
 
@@ -172,18 +174,25 @@ fn batch_seals(scribes: &[WireScribe]) -> (Vec<pb::PeerSeal>, Vec<bool>) {
         .unzip()
 }
 
-/// The leaves a batch's seal came with, and each leaf's proof (derived once per seal).
-type Derived = Option<(Leaves, Vec<Proof>)>;
+/// Most leaves a batch's seal may come with. A sender sends leaves only when they are fewer than
+/// the sibling hashes of the proofs they replace, and a batch holds at most
+/// [`MAX_BATCH_SCRIBES`] scribes of proofs at most 20 deep: more is never needed, and would let a
+/// peer make the receiver build a tree of a million leaves for one scribe.
+pub const MAX_SENT_LEAVES: usize = MAX_BATCH_SCRIBES * MAX_SEAL_COUNT.trailing_zeros() as usize;
+
+/// The leaves a batch's seal came with, each leaf's proof, and where each id stands among them
+/// (derived once per seal).
+type Derived = Option<(Leaves, Vec<Proof>, HashMap<ScribeId, usize>)>;
 
 fn derive(seal: &pb::PeerSeal, index: usize) -> Result<Derived, WireError> {
     if seal.leaves.is_empty() {
         return Ok(None);
     }
-    if seal.leaves.len() as u64 > MAX_SEAL_COUNT {
+    if seal.leaves.len() > MAX_SENT_LEAVES {
         return Err(WireError::BadProof {
             index,
             reason: format!(
-                "a seal of {} leaves; a seal covers at most {MAX_SEAL_COUNT}",
+                "its seal comes with {} leaves; at most {MAX_SENT_LEAVES} are ever sent (send proofs instead)",
                 seal.leaves.len()
             ),
         });
@@ -200,7 +209,12 @@ fn derive(seal: &pb::PeerSeal, index: usize) -> Result<Derived, WireError> {
         })
         .collect::<Result<_, _>>()?;
     let proofs = merkle::tree(&leaves).1;
-    Ok(Some((leaves, proofs)))
+    // The first place of each id (an id twice in one seal is one scribe).
+    let mut at = HashMap::with_capacity(leaves.len());
+    for (position, leaf) in leaves.iter().enumerate() {
+        at.entry(*leaf).or_insert(position);
+    }
+    Ok(Some((leaves, proofs, at)))
 }
 
 /// A peer-protocol message from its wire form; the error says what was wrong with it.
@@ -270,13 +284,11 @@ pub fn from_proto(message: pb::PeerMessage) -> Result<Message, WireError> {
                 }
                 let (proof, leaves) = match (&derived[slot], scribe.proof) {
                     // Sent with its leaves: the proof is the one they give for this id's index.
-                    (Some(Some((leaves, proofs))), _) => {
+                    (Some(Some((leaves, proofs, at))), _) => {
                         let id = ScribeId(fixed(&scribe.id, "scribe id")?);
-                        let at = leaves.iter().position(|leaf| *leaf == id).ok_or_else(|| {
-                            WireError::BadProof {
-                                index,
-                                reason: format!("its seal's leaves do not include {id}"),
-                            }
+                        let at = *at.get(&id).ok_or_else(|| WireError::BadProof {
+                            index,
+                            reason: format!("its seal's leaves do not include {id}"),
                         })?;
                         (proofs[at].clone(), Some(leaves.clone()))
                     }

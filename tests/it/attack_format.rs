@@ -19,7 +19,7 @@ use quire::scribe::{
 use tonic::Code;
 
 use crate::common::*;
-use crate::malicious::Intruder;
+use crate::malicious::{wait_for_peer, Intruder};
 use crate::replication::{connect, join, wait_for_count, CONVERGE};
 
 /// Head and every stored entry: what a refusal must leave alone.
@@ -1389,36 +1389,6 @@ fn peer_batch(stream: &StreamId, scribes: &[Parts]) -> pb::PeerBatch {
         through_seq: through,
         head_seq: through,
         seals,
-    }
-}
-
-/// What `node` knows of the peer with `key`, once `condition` holds.
-async fn wait_for_peer(
-    node: &quire::node::RunningNode,
-    key: &SigningKey,
-    condition: impl Fn(&pb::PeerStatus) -> bool,
-) -> pb::PeerStatus {
-    let node_id = author_of(key).to_hex();
-    let mut admin = clients(&node.url()).await.admin;
-    let deadline = tokio::time::Instant::now() + CONVERGE;
-    loop {
-        let status = admin
-            .status(pb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(peer) = status
-            .peers
-            .into_iter()
-            .find(|peer| peer.node_id == node_id && condition(peer))
-        {
-            return peer;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting on peer {node_id}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
 

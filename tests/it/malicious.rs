@@ -127,6 +127,37 @@ impl Intruder {
     }
 }
 
+/// Waits until `node` reports a peer with `key` for which `condition` holds; that peer's status.
+pub(crate) async fn wait_for_peer(
+    node: &quire::node::RunningNode,
+    key: &SigningKey,
+    condition: impl Fn(&pb::PeerStatus) -> bool,
+) -> pb::PeerStatus {
+    let node_id = AuthorKey(key.verifying_key().to_bytes()).to_hex();
+    let mut admin = clients(&node.url()).await.admin;
+    let deadline = tokio::time::Instant::now() + crate::replication::CONVERGE;
+    loop {
+        let status = admin
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(peer) = status
+            .peers
+            .into_iter()
+            .find(|peer| peer.node_id == node_id && condition(peer))
+        {
+            return peer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting on peer {node_id}"
+        );
+        // Polling the node's status: the condition is the node's, not this test's.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -265,38 +296,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
         }))
         .await;
 
-    let intruder_id = AuthorKey(key.verifying_key().to_bytes()).to_hex();
-    let mut admin = clients(&node.url()).await.admin;
-    wait_until(
-        std::time::Duration::from_secs(30),
-        "the node to count every refused scribe",
-        || {
-            let mut admin = admin.clone();
-            let intruder_id = intruder_id.clone();
-            async move {
-                let status = admin
-                    .status(pb::StatusRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner();
-                status
-                    .peers
-                    .iter()
-                    .any(|peer| peer.node_id == intruder_id && peer.refused == refused_count)
-            }
-        },
-    )
-    .await;
-    let status = admin
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let peer = status
-        .peers
-        .iter()
-        .find(|peer| peer.node_id == intruder_id)
-        .unwrap();
+    let peer = wait_for_peer(&node, &key, |peer| peer.refused == refused_count).await;
     assert_eq!(peer.streams[0].refused, refused_count);
     assert_eq!(
         node.log.stream_ids().len(),
@@ -482,6 +482,24 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
             },
             "stream must be 32 bytes, got 33",
         ),
+        (
+            // More leaves than any sender ever sends in place of proofs: refused before any tree
+            // is built from them.
+            pb::PeerBatch {
+                stream: bytes_of(&stream),
+                scribes: vec![pb::PeerScribe {
+                    proof: None,
+                    ..scribe(0, pb::Proof::default())
+                }],
+                through_seq: 1,
+                head_seq: 1,
+                seals: vec![pb::PeerSeal {
+                    seal: good.seal.bytes.clone(),
+                    leaves: vec![bytes_of(&good.id); quire::replication::wire::MAX_SENT_LEAVES + 1],
+                }],
+            },
+            "its seal comes with 10241 leaves; at most 10240 are ever sent",
+        ),
     ];
     for (index, (batch, expected)) in batches.into_iter().enumerate() {
         // A key per connection: the node keeps one connection per peer key.
@@ -541,28 +559,7 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
             }],
         }))
         .await;
-    let liar_id = AuthorKey(liar.verifying_key().to_bytes()).to_hex();
-    let admin = clients(&node.url()).await.admin;
-    wait_until(
-        std::time::Duration::from_secs(30),
-        "the node to refuse the scribe sent with forged leaves",
-        || {
-            let mut admin = admin.clone();
-            let liar_id = liar_id.clone();
-            async move {
-                let status = admin
-                    .status(pb::StatusRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner();
-                status
-                    .peers
-                    .iter()
-                    .any(|peer| peer.node_id == liar_id && peer.refused == 1)
-            }
-        },
-    )
-    .await;
+    wait_for_peer(&node, &liar, |peer| peer.refused == 1).await;
     assert_eq!(stream_ids(&node, &stream).await, before, "nothing stored");
     node.stop().await.unwrap();
 }
