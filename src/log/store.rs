@@ -637,8 +637,9 @@ impl Store {
             records.iter().map(|(.., record)| record.seal_id),
             "seal",
         )?;
-        // Proofs derived from a seal's leaves: its tree is built once for the whole read.
-        let mut trees: HashMap<[u8; 32], (Leaves, Vec<Proof>)> = HashMap::new();
+        // Proofs derived from a seal's leaves: its tree's levels are built once for the whole
+        // read (about 2n hashes), and only the proofs read are taken from them.
+        let mut trees: HashMap<[u8; 32], Option<(Leaves, merkle::Levels)>> = HashMap::new();
         records
             .into_iter()
             .map(|(id, origin, record)| {
@@ -655,26 +656,26 @@ impl Store {
                         None,
                     ),
                     None => {
-                        let (leaves, proofs) = trees.entry(record.seal_id).or_insert_with(|| {
+                        let tree = trees.entry(record.seal_id).or_insert_with(|| {
                             let leaves: Leaves = leaves
                                 .chunks_exact(32)
                                 .map(|leaf| ScribeId(leaf.try_into().unwrap()))
                                 .collect();
-                            let proofs = if leaves.is_empty() {
-                                Vec::new()
-                            } else {
-                                merkle::tree(&leaves).1
-                            };
-                            (leaves, proofs)
+                            (!leaves.is_empty()).then(|| {
+                                let levels = merkle::Levels::new(&leaves);
+                                (leaves, levels)
+                            })
                         });
-                        let proof =
-                            proofs.get(record.index as usize).cloned().ok_or_else(|| {
-                                StoreError::Damaged(format!(
-                                    "scribe {id}: its seal has no stored leaf {}",
-                                    record.index
-                                ))
-                            })?;
-                        (proof, Some(leaves.clone()))
+                        let found = tree.as_ref().and_then(|(leaves, levels)| {
+                            Some((levels.proof(record.index)?, leaves.clone()))
+                        });
+                        let (proof, leaves) = found.ok_or_else(|| {
+                            StoreError::Damaged(format!(
+                                "scribe {id}: its seal has no stored leaf {}",
+                                record.index
+                            ))
+                        })?;
+                        (proof, Some(leaves))
                     }
                 };
                 Ok(StoredEntry {

@@ -194,6 +194,17 @@ fn every_proof_of_every_tree_size_checks_and_no_other_does() {
             assert!(merkle::check(&ids[i], &long, n, &root).is_err());
         }
     }
+    // The levels a store keeps give the same proofs, and nothing past the last leaf.
+    for n in 1..=70u64 {
+        let ids: Vec<ScribeId> = (0..n).map(|i| hash(&(i + 1000).to_be_bytes())).collect();
+        let levels = merkle::Levels::new(&ids);
+        assert_eq!(levels.count(), n);
+        let (_, proofs) = merkle::tree(&ids);
+        for (i, proof) in proofs.into_iter().enumerate() {
+            assert_eq!(levels.proof(i as u64), Some(proof), "n {n}, leaf {i}");
+        }
+        assert_eq!(levels.proof(n), None);
+    }
     // RFC 9162: the root of one id is its leaf hash.
     let id = hash(b"one");
     assert_eq!(merkle::tree(&[id]).0, merkle::leaf_hash(&id));
