@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::api::access::{Access, Token};
 use crate::api::{Api, NodeFacts};
 use crate::hlc::WallClock;
 use crate::log::{Log, LogOptions, OpenError, PayloadChecks};
@@ -37,6 +38,9 @@ pub struct NodeConfig {
     pub registry: Registry,
     /// Time and row limits of SQL queries.
     pub sql_limits: quire_projection_sql::Limits,
+    /// Host names the client API answers to besides IP addresses and `localhost`
+    /// (`--api-host`); apps are served at `<label>.<name>` too.
+    pub api_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -47,6 +51,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("peers", &self.peers)
             .field("registry", &self.registry)
             .field("sql_limits", &self.sql_limits)
+            .field("api_hosts", &self.api_hosts)
             .finish()
     }
 }
@@ -61,6 +66,7 @@ impl NodeConfig {
             peers: Vec::new(),
             registry: Registry::builtin(),
             sql_limits: quire_projection_sql::Limits::default(),
+            api_hosts: Vec::new(),
         }
     }
 }
@@ -129,6 +135,7 @@ pub async fn serve(
         Some(listener) => Some(listener.local_addr()?),
         None => None,
     };
+    let access = Access::open(&config.data_dir, &config.api_hosts, false)?;
     let addr_file = config.data_dir.join(API_ADDR_FILE);
     std::fs::write(&addr_file, format!("http://{api_addr}\n"))?;
     let mut listeners = vec![("api".to_string(), format!("http://{api_addr}"))];
@@ -165,12 +172,18 @@ pub async fn serve(
         // HTTP/1.1 for the HTTP API (browsers, curl); gRPC clients speak HTTP/2.
         .accept_http1(true)
         .add_routes(
-            Api::new(log.clone(), replicator.clone(), projections.clone(), facts)
-                .routes(
-                    sql,
-                    crate::api::files::FilesService::new(log.clone(), projections.clone()),
-                )
-                .await,
+            Api::new(
+                log.clone(),
+                replicator.clone(),
+                projections.clone(),
+                facts,
+                access,
+            )
+            .routes(
+                sql,
+                crate::api::files::FilesService::new(log.clone(), projections.clone()),
+            )
+            .await,
         )
         .serve_with_incoming_shutdown(no_delay(api), stopped(stop_rx.clone()));
     let peer_server = async {
@@ -233,6 +246,8 @@ pub struct RunningNode {
     pub log: Log,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// The owner's token (as in `api.token` when the node started).
+    pub token: Token,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), NodeError>>,
 }
@@ -246,6 +261,7 @@ impl RunningNode {
         peer: Option<SocketAddr>,
     ) -> Result<RunningNode, NodeError> {
         let log = open_log(&config)?;
+        let token = Token::load_or_create(&config.data_dir)?;
         let api_listener = TcpListener::bind(api).await?;
         let api_addr = api_listener.local_addr()?;
         let peer_listener = match peer {
@@ -272,6 +288,7 @@ impl RunningNode {
             peer_addr,
             log,
             data_dir,
+            token,
             stop: Some(stop),
             task,
         })

@@ -1,5 +1,5 @@
 //! The `Admin` gRPC service: the node's status (log, streams, projections, peers, memory) and
-//! adding peers. A thin impl; errors map in [`super::status`].
+//! adding and removing peers, rotating the owner's token. A thin impl; errors map in [`super::status`].
 
 // Handlers return `tonic::Status` by design; boxing it would only move the allocation.
 #![allow(clippy::result_large_err)]
@@ -74,5 +74,36 @@ impl pb::admin_server::Admin for Api {
                 other => Status::internal(other.to_string()),
             })?;
         Ok(Response::new(pb::AddPeerReply { addr }))
+    }
+
+    async fn remove_peer(
+        &self,
+        request: Request<pb::RemovePeerRequest>,
+    ) -> Result<Response<pb::RemovePeerReply>, Status> {
+        let addr = self
+            .replicator
+            .remove_peer(&request.into_inner().addr)
+            .map_err(|error| match error {
+                ReplicationError::BadAddress(_) => Status::invalid_argument(error.to_string()),
+                ReplicationError::UnknownPeer(_) => Status::not_found(error.to_string()),
+                other => Status::internal(other.to_string()),
+            })?;
+        Ok(Response::new(pb::RemovePeerReply { addr }))
+    }
+
+    async fn rotate_token(
+        &self,
+        _request: Request<pb::RotateTokenRequest>,
+    ) -> Result<Response<pb::RotateTokenReply>, Status> {
+        let access = self.access.clone();
+        let token = tokio::task::spawn_blocking(move || access.rotate())
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?
+            .map_err(|error| {
+                Status::internal(format!("cannot write the new token file: {error}"))
+            })?;
+        Ok(Response::new(pb::RotateTokenReply {
+            token: token.as_str().to_string(),
+        }))
     }
 }

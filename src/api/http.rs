@@ -19,7 +19,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,6 +29,7 @@ use quire_projection_sql::{to_sql, Params, Value};
 use serde_json::{json, Map, Value as Json};
 use tonic::{Code, Status};
 
+use crate::api::access::{as_owner, needs_token, Admitted, Caller, Refusal, Target};
 use crate::api::files::FilesService;
 use crate::api::sql::SqlService;
 use crate::api::Api;
@@ -46,45 +47,231 @@ struct Http {
     files: FilesService,
 }
 
-/// The routes of the HTTP API.
+/// The routes of the HTTP API: the node's own host (`127.0.0.1`, `localhost`, `--api-host`
+/// names) and each app's host (`<label>.localhost`), told apart by the [`Admitted`] target the
+/// access check put in the request.
 pub fn router(api: Api, sql: SqlService, files: FilesService) -> Router {
-    Router::new()
+    let state = Http { api, sql, files };
+    let node = Router::new()
         .route("/create_app", post(create_app))
-        .route("/:tid", get(app_root))
-        .route("/:tid/", get(index).head(index))
+        .route("/remove_peer", post(remove_peer))
+        .route("/:tid", get(app_root).head(app_root))
+        .route("/:tid/", get(node_index).head(node_index))
         .route(
             "/:tid/*path",
-            get(file_get)
-                .head(file_get)
-                .put(file_put)
-                .delete(file_delete)
+            get(node_file)
+                .head(node_file)
+                .put(node_put)
+                .delete(node_delete)
                 .post(action),
         )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(Http { api, sql, files })
+        .layer(axum::middleware::map_response(node_headers))
+        .with_state(state.clone());
+    let app = Router::new()
+        .route("/", get(app_index).head(app_index))
+        .route(
+            "/*path",
+            get(app_file)
+                .head(app_file)
+                .put(app_put)
+                .delete(app_delete)
+                .post(app_action),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(app_headers))
+        .with_state(state);
+    Router::new().fallback_service(tower::service_fn(move |request: axum::extract::Request| {
+        let on_app = matches!(
+            request.extensions().get::<Admitted>().map(|a| &a.target),
+            Some(Target::App { .. })
+        );
+        let router = if on_app { app.clone() } else { node.clone() };
+        async move {
+            use tower::ServiceExt;
+            router.oneshot(request).await
+        }
+    }))
 }
 
-/// `POST /<tid>/<action>`.
-async fn action(
-    State(http): State<Http>,
-    Path((tid, action)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, HttpError> {
-    match action.trim_start_matches('/') {
-        "join_app" => join_app(http, tid, headers, body).await,
-        "add_peer" => add_peer(http, tid, headers, body).await,
-        "add_record" => add_record(http, tid, headers, body).await,
-        "query" => query(http, tid, headers, body).await,
-        "upvote" => upvote(http, tid, headers, body).await,
-        _ => Err(not_found().await),
+/// The Content-Security-Policy of every answer from an app's origin: the page may load and call
+/// its own origin and nothing else (inline scripts and styles allowed, as flock apps use them).
+pub const APP_CSP: &str = "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval'; \
+style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; media-src 'self' data: blob:; \
+font-src 'self' data:; connect-src 'self'; frame-src 'self'; worker-src 'self' blob:; \
+object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'self'";
+
+async fn app_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(APP_CSP),
+    );
+    safe_headers(headers);
+    response
+}
+
+/// Files served on the node's own host run nothing: a sandboxed page has no origin to act as.
+async fn node_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("sandbox; default-src 'none'; frame-ancestors 'none'"),
+    );
+    safe_headers(headers);
+    response
+}
+
+fn safe_headers(headers: &mut HeaderMap) {
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        "cross-origin-resource-policy",
+        header::HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(
+        "cross-origin-opener-policy",
+        header::HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+}
+
+/// The answer to a request the access check refused: 401 (token missing or wrong) or 403.
+pub fn refused(refusal: &Refusal) -> Response {
+    let (status, message) = match refusal {
+        Refusal::Unauthenticated(message) => (StatusCode::UNAUTHORIZED, message),
+        Refusal::Forbidden(message) => (StatusCode::FORBIDDEN, message),
+    };
+    let mut response = HttpError(status, message.clone()).into_response();
+    safe_headers(response.headers_mut());
+    response
+}
+
+/// What a request asks to do with a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Right {
+    /// Read files, query: anyone.
+    Read,
+    /// Add a record or an upvote (node-signed): the owner, or the app itself.
+    Record,
+    /// Write files, join, peers, create apps: the owner only.
+    Manage,
+}
+
+/// Refuses `admitted` the `right` on `stream` unless it has it.
+fn allow(
+    admitted: &Admitted,
+    stream: Option<StreamId>,
+    right: Right,
+    what: &str,
+) -> Result<(), HttpError> {
+    match admitted.caller {
+        Caller::Owner => Ok(()),
+        Caller::App(app) if right != Right::Manage && Some(app) == stream => Ok(()),
+        Caller::App(_) => Err(HttpError(
+            StatusCode::FORBIDDEN,
+            format!("an app may only query, add records, upvote and read the files of its own stream, not {what}"),
+        )),
+        Caller::Anyone if right == Right::Read => Ok(()),
+        Caller::Anyone => Err(HttpError(StatusCode::UNAUTHORIZED, needs_token(what))),
     }
 }
 
-/// `GET /<tid>`: on to `/<tid>/`, so the app's relative links resolve under its id.
-async fn app_root(Path(text): Path<String>) -> Result<Response, HttpError> {
-    // Only ever to an app id: never an open redirect (`/%2F%2Fevil.example`).
+/// `POST /<tid>/<action>` on the node's host.
+async fn action(
+    State(http): State<Http>,
+    Extension(admitted): Extension<Admitted>,
+    Path((text, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let action = action.trim_start_matches('/');
+    if right_of(action).is_none() {
+        return Err(not_found().await);
+    }
+    run_action(http, admitted, tid(&text)?, action, headers, body).await
+}
+
+/// `POST /<action>` (or `/<tid>/<action>`, flock-style, with the app's own id) on an app's host.
+async fn app_action(
+    State(http): State<Http>,
+    Extension(admitted): Extension<Admitted>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let stream = app_of(&admitted)?;
+    let path = path.trim_start_matches('/');
+    let action = match path.split_once('/') {
+        Some((first, rest)) if tid(first).ok() == Some(stream) => rest,
+        _ => path,
+    };
+    run_action(http, admitted, stream, action, headers, body).await
+}
+
+async fn run_action(
+    http: Http,
+    admitted: Admitted,
+    stream: StreamId,
+    action: &str,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let Some(right) = right_of(action) else {
+        return Err(not_found().await);
+    };
+    allow(&admitted, Some(stream), right, action)?;
+    if admitted.caller != Caller::Owner {
+        // A page can send a form (no preflight) but not JSON to another origin.
+        check_json_type(&headers)?;
+    }
+    match action {
+        "join_app" => join_app(http, stream, headers, body).await,
+        "cancel_join" => cancel_join(http, stream, headers, body).await,
+        "add_peer" => add_peer(http, headers, body).await,
+        "add_record" => add_record(http, stream, headers, body).await,
+        "query" => query(http, stream, headers, body).await,
+        _ => upvote(http, stream, headers, body).await,
+    }
+}
+
+/// The right each `POST` action needs (None: no such action).
+fn right_of(action: &str) -> Option<Right> {
+    match action {
+        "query" => Some(Right::Read),
+        "add_record" | "upvote" => Some(Right::Record),
+        "join_app" | "add_peer" | "cancel_join" => Some(Right::Manage),
+        _ => None,
+    }
+}
+
+/// The app whose host a request came to.
+fn app_of(admitted: &Admitted) -> Result<StreamId, HttpError> {
+    match &admitted.target {
+        Target::App { stream, .. } => Ok(*stream),
+        Target::Node { .. } => Err(HttpError(StatusCode::NOT_FOUND, "not an app's host".into())),
+    }
+}
+
+/// `GET /<tid>` on the node's host: a browser goes on to the app's own origin
+/// (`http://<label>.localhost:<port>/`); another client to `/<tid>/`.
+async fn app_root(
+    State(http): State<Http>,
+    Extension(admitted): Extension<Admitted>,
+    Path(text): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    if admitted.browser {
+        return node_serve(&http, &admitted, &text, "", &headers).await;
+    }
+    // Elsewhere on to `/<tid>/`, so relative links resolve under the app's id.
     let stream = tid(&text)?;
     Ok((
         StatusCode::MOVED_PERMANENTLY,
@@ -93,38 +280,108 @@ async fn app_root(Path(text): Path<String>) -> Result<Response, HttpError> {
         .into_response())
 }
 
-/// `GET /<tid>/`: the app's `index.html`.
-async fn index(
+/// `GET /<tid>/` on the node's host: a browser goes on to the app's own origin; another client
+/// gets `index.html` here (sandboxed: nothing on the node's host runs).
+async fn node_index(
     State(http): State<Http>,
-    Path(tid): Path<String>,
+    Extension(admitted): Extension<Admitted>,
+    Path(text): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, HttpError> {
-    serve_file(&http, &tid, "index.html", &headers).await
+    node_serve(&http, &admitted, &text, "", &headers).await
 }
 
-async fn file_get(
+async fn node_file(
     State(http): State<Http>,
-    Path((tid, path)): Path<(String, String)>,
+    Extension(admitted): Extension<Admitted>,
+    Path((text, path)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, HttpError> {
+    node_serve(
+        &http,
+        &admitted,
+        &text,
+        path.trim_start_matches('/'),
+        &headers,
+    )
+    .await
+}
+
+/// A file of app `text` asked for on the node's host: browsers are sent to the app's origin
+/// (only ever to an app id: never an open redirect); other clients get the file, sandboxed.
+async fn node_serve(
+    http: &Http,
+    admitted: &Admitted,
+    text: &str,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<Response, HttpError> {
+    let stream = tid(text)?;
+    if admitted.browser {
+        if let Some(origin) = http.api.access.app_origin(&stream, admitted) {
+            return Ok((
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, format!("{origin}/{path}"))],
+            )
+                .into_response());
+        }
+    }
+    serve_file(http, stream, &index_path(path), headers).await
+}
+
+async fn app_index(
+    State(http): State<Http>,
+    Extension(admitted): Extension<Admitted>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    serve_file(&http, app_of(&admitted)?, "index.html", &headers).await
+}
+
+async fn app_file(
+    State(http): State<Http>,
+    Extension(admitted): Extension<Admitted>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    let stream = app_of(&admitted)?;
+    serve_file(
+        &http,
+        stream,
+        &index_path(own_path(stream, &path)),
+        &headers,
+    )
+    .await
+}
+
+/// A path on an app's host, without a leading `<tid>/` of the app itself (flock's absolute
+/// links).
+fn own_path(stream: StreamId, path: &str) -> &str {
     let path = path.trim_start_matches('/');
-    let path = if path.is_empty() || path.ends_with('/') {
+    match path.split_once('/') {
+        Some((first, rest)) if tid(first).ok() == Some(stream) => rest,
+        _ if tid(path).ok() == Some(stream) => "",
+        _ => path,
+    }
+}
+
+/// `dir/` and the empty path name the `index.html` under them.
+fn index_path(path: &str) -> String {
+    if path.is_empty() || path.ends_with('/') {
         format!("{path}index.html")
     } else {
         path.to_string()
-    };
-    serve_file(&http, &tid, &path, &headers).await
+    }
 }
 
 /// A file with its stored content type and `ETag` (its SHA-256); `304` when `If-None-Match` names
 /// it. HEAD gets the same headers without the body.
 async fn serve_file(
     http: &Http,
-    tid_text: &str,
+    stream: StreamId,
     path: &str,
     headers: &HeaderMap,
 ) -> Result<Response, HttpError> {
-    let stream = http.files.held(tid(tid_text)?)?;
+    let stream = http.files.held(stream)?;
     if let Err(reason) = quire_projection_api::files::check_path(path) {
         return Err(HttpError(StatusCode::BAD_REQUEST, reason));
     }
@@ -166,16 +423,42 @@ fn header_value(text: &str) -> header::HeaderValue {
         .unwrap_or_else(|_| header::HeaderValue::from_static("application/octet-stream"))
 }
 
-/// `PUT /<tid>/<path>`: the body is the file, the request's content type is stored (guessed from
-/// the extension if absent). 204 with the new `ETag`.
-async fn file_put(
+/// `PUT /<tid>/<path>` (owner): the body is the file, the request's content type is stored
+/// (guessed from the extension if absent). 204 with the new `ETag`.
+async fn node_put(
     State(http): State<Http>,
-    Path((tid_text, path)): Path<(String, String)>,
+    Extension(admitted): Extension<Admitted>,
+    Path((text, path)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
+    file_put(http, &admitted, tid(&text)?, &path, headers, body).await
+}
+
+/// `PUT /<path>` on an app's host (owner).
+async fn app_put(
+    State(http): State<Http>,
+    Extension(admitted): Extension<Admitted>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let stream = app_of(&admitted)?;
+    let path = own_path(stream, &path).to_string();
+    file_put(http, &admitted, stream, &path, headers, body).await
+}
+
+async fn file_put(
+    http: Http,
+    admitted: &Admitted,
+    stream: StreamId,
+    path: &str,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    allow(admitted, Some(stream), Right::Manage, "writing files")?;
     let body = body?;
-    let stream = http.files.held(tid(&tid_text)?)?;
+    let stream = http.files.held(stream)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -198,12 +481,34 @@ async fn file_put(
     Ok(response)
 }
 
-/// `DELETE /<tid>/<path>`: 204, or 404 if there is no such file.
-async fn file_delete(
+/// `DELETE /<tid>/<path>` (owner): 204, or 404 if there is no such file.
+async fn node_delete(
     State(http): State<Http>,
-    Path((tid_text, path)): Path<(String, String)>,
+    Extension(admitted): Extension<Admitted>,
+    Path((text, path)): Path<(String, String)>,
 ) -> Result<Response, HttpError> {
-    let stream = http.files.held(tid(&tid_text)?)?;
+    file_delete(http, &admitted, tid(&text)?, &path).await
+}
+
+/// `DELETE /<path>` on an app's host (owner).
+async fn app_delete(
+    State(http): State<Http>,
+    Extension(admitted): Extension<Admitted>,
+    Path(path): Path<String>,
+) -> Result<Response, HttpError> {
+    let stream = app_of(&admitted)?;
+    let path = own_path(stream, &path).to_string();
+    file_delete(http, &admitted, stream, &path).await
+}
+
+async fn file_delete(
+    http: Http,
+    admitted: &Admitted,
+    stream: StreamId,
+    path: &str,
+) -> Result<Response, HttpError> {
+    allow(admitted, Some(stream), Right::Manage, "deleting files")?;
+    let stream = http.files.held(stream)?;
     http.files
         .delete(stream, path.trim_start_matches('/').to_string())
         .await?;
@@ -237,7 +542,8 @@ pub fn http_code(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
         Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
-        Code::PermissionDenied | Code::Unauthenticated => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
         Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
@@ -323,9 +629,11 @@ fn tid(text: &str) -> Result<StreamId, HttpError> {
 
 async fn create_app(
     State(http): State<Http>,
+    Extension(admitted): Extension<Admitted>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
+    allow(&admitted, None, Right::Manage, "create_app")?;
     let body = json_body(&headers, body)?;
     let name = match body.get("name") {
         None | Some(Json::Null) => String::new(),
@@ -357,11 +665,11 @@ async fn create_app(
     };
     let info = http
         .api
-        .create(tonic::Request::new(pb::CreateStreamRequest {
+        .create(as_owner(tonic::Request::new(pb::CreateStreamRequest {
             name,
             policy,
             owner: Default::default(),
-        }))
+        })))
         .await?
         .into_inner();
     Ok(ok(Map::from_iter([(
@@ -372,19 +680,18 @@ async fn create_app(
 
 async fn join_app(
     http: Http,
-    text: String,
+    stream: StreamId,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     json_body(&headers, body)?;
-    let stream = tid(&text)?;
     let joined = http
         .api
-        .join(tonic::Request::new(pb::JoinStreamRequest {
+        .join(as_owner(tonic::Request::new(pb::JoinStreamRequest {
             stream: stream.0.to_vec().into(),
             // Do not wait: a flock client joins first and adds the peer that has the app next.
             timeout_ms: 1,
-        }))
+        })))
         .await;
     match joined {
         Ok(_) => Ok(ok(Map::new())),
@@ -395,22 +702,71 @@ async fn join_app(
     }
 }
 
-async fn add_peer(
+/// `POST /<tid>/cancel_join` (owner): stops waiting for a pending join.
+async fn cancel_join(
     http: Http,
-    text: String,
+    stream: StreamId,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
-    let body = json_body(&headers, body)?;
-    tid(&text)?;
+    json_body(&headers, body)?;
+    http.api
+        .cancel_join(as_owner(tonic::Request::new(pb::CancelJoinRequest {
+            stream: stream.0.to_vec().into(),
+        })))
+        .await?;
+    Ok(ok(Map::new()))
+}
+
+/// `POST /remove_peer {"addr": "...", "port": N}` (owner).
+async fn remove_peer(
+    State(http): State<Http>,
+    Extension(admitted): Extension<Admitted>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    allow(&admitted, None, Right::Manage, "remove_peer")?;
+    let addr = peer_addr(&json_body(&headers, body)?)?;
+    let removed = http
+        .api
+        .remove_peer(as_owner(tonic::Request::new(pb::RemovePeerRequest {
+            addr,
+        })))
+        .await?
+        .into_inner();
+    Ok(ok(Map::from_iter([(
+        "addr".into(),
+        Json::String(removed.addr),
+    )])))
+}
+
+async fn add_peer(
+    http: Http,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let addr = peer_addr(&json_body(&headers, body)?)?;
+    let added = http
+        .api
+        .add_peer(as_owner(tonic::Request::new(pb::AddPeerRequest { addr })))
+        .await?
+        .into_inner();
+    Ok(ok(Map::from_iter([(
+        "addr".into(),
+        Json::String(added.addr),
+    )])))
+}
+
+/// `host:port` from `{"addr": host, "port": N}` (flock's add_peer body).
+fn peer_addr(body: &Map<String, Json>) -> Result<String, HttpError> {
     let host = body.get("addr").and_then(Json::as_str).ok_or_else(|| {
         HttpError(
             StatusCode::BAD_REQUEST,
             "give \"addr\": the peer's host, and \"port\": its peer port".into(),
         )
     })?;
-    let addr = match body.get("port") {
-        None | Some(Json::Null) => host.to_string(),
+    match body.get("port") {
+        None | Some(Json::Null) => Ok(host.to_string()),
         Some(port) => {
             let port = port
                 .as_u64()
@@ -421,41 +777,32 @@ async fn add_peer(
                         "\"port\" must be a number from 1 to 65535".into(),
                     )
                 })?;
-            format!("{host}:{port}")
+            Ok(format!("{host}:{port}"))
         }
-    };
-    let added = http
-        .api
-        .add_peer(tonic::Request::new(pb::AddPeerRequest { addr }))
-        .await?
-        .into_inner();
-    Ok(ok(Map::from_iter([(
-        "addr".into(),
-        Json::String(added.addr),
-    )])))
+    }
 }
 
 async fn add_record(
     http: Http,
-    text: String,
+    stream: StreamId,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let body = body?;
     check_json_type(&headers)?;
-    let stream = http.sql.held(tid(&text)?)?;
+    let stream = http.sql.held(stream)?;
     let appended = http.sql.add_record(stream, body).await?;
     Ok(appended_reply(&appended))
 }
 
 async fn upvote(
     http: Http,
-    text: String,
+    stream: StreamId,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let body = json_body(&headers, body)?;
-    let stream = http.sql.held(tid(&text)?)?;
+    let stream = http.sql.held(stream)?;
     let record = body
         .get("id")
         .and_then(Json::as_str)
@@ -484,12 +831,12 @@ fn param(value: &Json) -> Value {
 
 async fn query(
     http: Http,
-    text: String,
+    stream: StreamId,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let body = json_body(&headers, body)?;
-    let stream = http.sql.held(tid(&text)?)?;
+    let stream = http.sql.held(stream)?;
     let sql = body.get("query").and_then(Json::as_str).ok_or_else(|| {
         HttpError(
             StatusCode::BAD_REQUEST,

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use super::access;
 use super::status::{append_status, blocking, invalid, projections_status, store_status};
 use super::{convert, Api, ResponseStream, READ_DEFAULT_LIMIT, READ_MAX_LIMIT, SUBSCRIBE_BUFFER};
 use crate::log::subscribe::LogEvent;
@@ -171,6 +172,9 @@ impl pb::log_server::Log for Api {
         &self,
         request: Request<pb::AppendBatchRequest>,
     ) -> Result<Response<pb::AppendBatchReply>, Status> {
+        if !request.get_ref().appends.is_empty() {
+            access::require_owner(&request, "a batch with node-signed `appends`")?;
+        }
         let request = request.into_inner();
         let mut drafts = Vec::with_capacity(request.appends.len() + request.signed.len());
         for (index, append) in request.appends.into_iter().enumerate() {
@@ -278,6 +282,12 @@ impl pb::log_server::Log for Api {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        if !request.get_ref().consumer.is_empty() {
+            access::require_owner(
+                &request,
+                "a durable consumer (its cursor is kept on the node)",
+            )?;
+        }
         let request = request.into_inner();
         let stream = convert::optional_stream(&request.stream)?;
         if let Some(stream) = stream {

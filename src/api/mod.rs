@@ -3,7 +3,10 @@
 //! `docs/invariants.md`).
 //!
 //! # Layout
-//! - [`router`]: where a request becomes a service call — gRPC by content type, HTTP otherwise.
+//! - [`access`]: the trust boundary — who calls (the owner with the token, an app at its own
+//!   origin, anyone), which host, which gRPC method needs what.
+//! - [`router`]: where a request becomes a service call — refused by [`access`], or gRPC by
+//!   content type, HTTP otherwise.
 //! - [`streams`], [`log`], [`projections`], [`admin`]: thin tonic services over the log, the
 //!   projection runner and the replicator.
 //! - [`kv`], [`sql`], [`files`]: the services over the built-in projections, sharing
@@ -16,6 +19,7 @@
 //!
 //! Nothing below this layer (`projection`, `replication`, `log`, the scribe) imports from it.
 
+pub mod access;
 pub mod admin;
 pub mod convert;
 pub mod files;
@@ -67,6 +71,7 @@ pub struct Api {
     replicator: Replicator,
     projections: Projections,
     facts: Arc<NodeFacts>,
+    access: access::Access,
 }
 
 impl Api {
@@ -76,12 +81,14 @@ impl Api {
         replicator: Replicator,
         projections: Projections,
         facts: NodeFacts,
+        access: access::Access,
     ) -> Api {
         Api {
             log,
             replicator,
             projections,
             facts: Arc::new(facts),
+            access,
         }
     }
 }

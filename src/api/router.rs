@@ -1,8 +1,11 @@
 //! Where a request on the client API listener becomes a service call: every gRPC service (plus
-//! health and reflection) and the HTTP router on one set of routes, split by content type — a
-//! request whose content type is `application/grpc…` goes to tonic, any other to
+//! health and reflection) and the HTTP router on one set of routes. Each request first passes
+//! [`super::access::Access::admit`] (host, origin, token; for gRPC, the method's rule) and
+//! carries the admitted caller in its extensions; then it is split by content type — a request
+//! whose content type is `application/grpc…` goes to tonic, any other to
 //! [`super::http::router`]. Nothing else: no service logic lives here.
 
+use super::access::{grpc_rule, needs_token, Caller, Refusal, Rule};
 use super::files::FilesService;
 use super::kv::KvService;
 use super::sql::SqlService;
@@ -13,6 +16,7 @@ impl Api {
     /// Every service of the client API over gRPC, and the HTTP API, on one set of routes: a
     /// request whose content type is `application/grpc…` goes to gRPC, any other to HTTP.
     pub async fn routes(self, sql: SqlService, files: FilesService) -> tonic::service::Routes {
+        let access = self.access.clone();
         let (mut reporter, health_service) = tonic_health::server::health_reporter();
         reporter
             .set_serving::<pb::log_server::LogServer<Api>>()
@@ -81,9 +85,10 @@ impl Api {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
         let grpc = grpc.routes().into_axum_router();
-        let dispatch = tower::service_fn(move |request: axum::extract::Request| {
+        let dispatch = tower::service_fn(move |mut request: axum::extract::Request| {
             let grpc = grpc.clone();
             let http = http.clone();
+            let access = access.clone();
             async move {
                 use tower::ServiceExt;
                 let is_grpc = request
@@ -91,6 +96,26 @@ impl Api {
                     .get(axum::http::header::CONTENT_TYPE)
                     .and_then(|value| value.to_str().ok())
                     .is_some_and(|value| value.starts_with("application/grpc"));
+                let admitted = access
+                    .admit(request.method(), request.uri(), request.headers(), is_grpc)
+                    .and_then(|admitted| {
+                        let owner_only = grpc_rule(request.uri().path()) == Rule::Owner;
+                        if is_grpc && owner_only && admitted.caller != Caller::Owner {
+                            return Err(Refusal::Unauthenticated(needs_token(
+                                request.uri().path(),
+                            )));
+                        }
+                        Ok(admitted)
+                    });
+                let admitted = match admitted {
+                    Ok(admitted) => admitted,
+                    Err(refusal) if is_grpc => {
+                        return Ok(refusal.status().into_http().map(axum::body::Body::new))
+                    }
+                    Err(refusal) => return Ok(super::http::refused(&refusal)),
+                };
+                request.extensions_mut().insert(admitted.caller);
+                request.extensions_mut().insert(admitted);
                 if is_grpc {
                     grpc.oneshot(request).await
                 } else {

@@ -89,6 +89,21 @@ impl pb::streams_server::Streams for Api {
         Ok(Response::new(convert::stream_info(&state)))
     }
 
+    async fn cancel_join(
+        &self,
+        request: Request<pb::CancelJoinRequest>,
+    ) -> Result<Response<pb::CancelJoinReply>, Status> {
+        let stream = convert::id_field(&request.into_inner().stream, "stream")?;
+        self.replicator
+            .cancel_join(stream)
+            .map_err(|error| match error {
+                ReplicationError::NoJoin(_) => Status::not_found(error.to_string()),
+                ReplicationError::AlreadyHeld(_) => Status::failed_precondition(error.to_string()),
+                other => Status::internal(other.to_string()),
+            })?;
+        Ok(Response::new(pb::CancelJoinReply {}))
+    }
+
     async fn list(
         &self,
         _request: Request<pb::ListStreamsRequest>,

@@ -1,15 +1,25 @@
-//! `quire join`, `status` and `peer`: the node, its peers and the streams it joins, over the
-//! `Admin` and `Streams` services.
+//! `quire join`, `status`, `peer` and `token`: the node, its peers, the streams it joins and
+//! the owner's token, over the `Admin` and `Streams` services.
 
 use anyhow::Result;
 use bytes::Bytes;
 
-use super::client::{channel, status_error, streams_client};
+use super::client::{channel, status_error, streams_client, Node};
 use super::JoinArgs;
 use crate::pb;
 
-pub(crate) async fn join(url: &str, args: JoinArgs) -> Result<()> {
+pub(crate) async fn join(url: &Node, args: JoinArgs) -> Result<()> {
     let mut client = streams_client(url).await?;
+    if args.cancel {
+        client
+            .cancel_join(pb::CancelJoinRequest {
+                stream: Bytes::copy_from_slice(args.stream.as_bytes()),
+            })
+            .await
+            .map_err(status_error)?;
+        println!("the join of {} is cancelled", args.stream);
+        return Ok(());
+    }
     let info = client
         .join(pb::JoinStreamRequest {
             stream: Bytes::copy_from_slice(args.stream.as_bytes()),
@@ -69,7 +79,7 @@ fn print_peers(peers: &[pb::PeerStatus]) {
 }
 
 /// The node's `Admin.Status`.
-async fn node_status(url: &str) -> Result<pb::StatusReply> {
+async fn node_status(url: &Node) -> Result<pb::StatusReply> {
     let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
     Ok(client
         .status(pb::StatusRequest {})
@@ -78,7 +88,7 @@ async fn node_status(url: &str) -> Result<pb::StatusReply> {
         .into_inner())
 }
 
-pub(crate) async fn status(url: &str) -> Result<()> {
+pub(crate) async fn status(url: &Node) -> Result<()> {
     let status = node_status(url).await?;
     println!("node        {}", status.node_id);
     println!("version     {}", status.version);
@@ -147,7 +157,7 @@ pub(crate) async fn status(url: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn peer_add(url: &str, addr: String) -> Result<()> {
+pub(crate) async fn peer_add(url: &Node, addr: String) -> Result<()> {
     let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
     let reply = client
         .add_peer(pb::AddPeerRequest { addr })
@@ -161,8 +171,45 @@ pub(crate) async fn peer_add(url: &str, addr: String) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn peer_list(url: &str) -> Result<()> {
+pub(crate) async fn peer_list(url: &Node) -> Result<()> {
     let status = node_status(url).await?;
     print_peers(&status.peers);
+    Ok(())
+}
+
+pub(crate) async fn peer_remove(url: &Node, addr: String) -> Result<()> {
+    let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
+    let reply = client
+        .remove_peer(pb::RemovePeerRequest { addr })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("peer {} removed; it is no longer dialed", reply.addr);
+    Ok(())
+}
+
+pub(crate) async fn token_rotate(
+    url: &Node,
+    data_dir: &std::path::Path,
+    print: bool,
+) -> Result<()> {
+    let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
+    let reply = client
+        .rotate_token(pb::RotateTokenRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if print {
+        println!("{}", reply.token);
+    } else {
+        println!(
+            "the owner's token is replaced; the node wrote the new one to api.token in its data directory{}",
+            if data_dir.join(crate::api::access::TOKEN_FILE).exists() {
+                format!(" ({})", data_dir.display())
+            } else {
+                String::new()
+            }
+        );
+    }
     Ok(())
 }

@@ -1,21 +1,110 @@
-//! The CLI's connection to a running node: one channel, the typed clients, and a gRPC status
-//! turned into an error that names its code.
+//! The CLI's connection to a running node: which node, with which token, one channel, the typed
+//! clients, and a gRPC status turned into an error that names its code and says what to do.
+//!
+//! The node is `--node` (or `$QUIRE_NODE`), else the node serving the data directory (`-d DIR`,
+//! default the default data directory: its `api.addr`), else `http://127.0.0.1:8000`. The token
+//! is `--token` (or `$QUIRE_TOKEN`), else the data directory's `api.token` — sent only to the
+//! node whose `api.addr` that directory holds, so one node's token never goes to another.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use tonic::transport::Channel;
 
+use crate::api::access::{AuthChannel, Bearer, TOKEN_FILE};
 use crate::api::MAX_MESSAGE_BYTES;
+use crate::node::API_ADDR_FILE;
 use crate::pb;
 
-pub(crate) async fn channel(url: &str) -> Result<Channel> {
-    Channel::from_shared(url.to_string())
+/// The node a command talks to, and how it proves to be its owner.
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    url: String,
+    token: Option<String>,
+}
+
+/// Where the token came from (or why there is none), for the message of a refusal.
+static TOKEN_NOTE: OnceLock<String> = OnceLock::new();
+
+impl Node {
+    /// The node and token the command line names (see the module docs).
+    pub(crate) fn resolve(
+        node: Option<&str>,
+        token: Option<&str>,
+        data_dir: &Path,
+    ) -> Result<Node> {
+        let served = read_trimmed(&data_dir.join(API_ADDR_FILE));
+        let url = match node {
+            Some(node) => with_scheme(node),
+            None => served
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", super::DEFAULT_API)),
+        };
+        let (token, note) = match token {
+            Some(token) => (Some(token.trim().to_string()), "the token given by --token / QUIRE_TOKEN was refused: it is not this node's (see its data directory's api.token; `quire token rotate` changes it)".to_string()),
+            None if served.as_deref() == Some(url.as_str()) => {
+                let path = data_dir.join(TOKEN_FILE);
+                match read_trimmed(&path) {
+                    Some(token) => (Some(token), format!("the token read from {} was refused (was it rotated?)", path.display())),
+                    None => (None, format!("cannot read {}: run as the user who runs the node, or pass --token / QUIRE_TOKEN", path.display())),
+                }
+            }
+            None => (None, format!(
+                "no token was sent: {url} is not the node serving {} (its api.addr), so its token is not used; pass -d <that node's data directory>, or --token / QUIRE_TOKEN",
+                data_dir.display()
+            )),
+        };
+        let _ = TOKEN_NOTE.set(note);
+        Ok(Node { url, token })
+    }
+
+    /// The client API URL.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl std::fmt::Display for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+fn read_trimmed(path: &PathBuf) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
+}
+
+/// `127.0.0.1:8000` → `http://127.0.0.1:8000`.
+fn with_scheme(node: &str) -> String {
+    if node.contains("://") {
+        node.to_string()
+    } else {
+        format!("http://{node}")
+    }
+}
+
+/// A channel to `node` that sends its token with every call.
+pub(crate) async fn channel(node: &Node) -> Result<AuthChannel> {
+    let url = node.url();
+    let channel = Channel::from_shared(url.to_string())
         .with_context(|| format!("--node {url:?} is not a URL like http://127.0.0.1:8000"))?
         .connect()
         .await
-        .with_context(|| format!("cannot reach a quire node at {url}: is `quire serve` running there? (set --node or QUIRE_NODE)"))
+        .with_context(|| format!("cannot reach a quire node at {url}: is `quire serve` running there? (set --node or QUIRE_NODE)"))?;
+    let bearer = Bearer::new(node.token.as_deref())
+        .context("the token has characters a header cannot carry")?;
+    Ok(AuthChannel::new(channel, bearer))
 }
 
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
+    if status.code() == tonic::Code::Unauthenticated {
+        if let Some(note) = TOKEN_NOTE.get() {
+            return anyhow::anyhow!("unauthenticated: {}\n{note}", status.message());
+        }
+    }
     anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
 }
 
@@ -25,6 +114,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         Code::InvalidArgument => "invalid argument",
         Code::NotFound => "not found",
         Code::PermissionDenied => "permission denied",
+        Code::Unauthenticated => "unauthenticated",
         Code::ResourceExhausted => "too large",
         Code::FailedPrecondition => "failed precondition",
         Code::Unavailable => "unavailable",
@@ -34,15 +124,15 @@ fn code_name(code: tonic::Code) -> &'static str {
 }
 
 pub(crate) async fn streams_client(
-    url: &str,
-) -> Result<pb::streams_client::StreamsClient<Channel>> {
-    Ok(pb::streams_client::StreamsClient::new(channel(url).await?)
+    node: &Node,
+) -> Result<pb::streams_client::StreamsClient<AuthChannel>> {
+    Ok(pb::streams_client::StreamsClient::new(channel(node).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-pub(crate) async fn log_client(url: &str) -> Result<pb::log_client::LogClient<Channel>> {
-    Ok(pb::log_client::LogClient::new(channel(url).await?)
+pub(crate) async fn log_client(node: &Node) -> Result<pb::log_client::LogClient<AuthChannel>> {
+    Ok(pb::log_client::LogClient::new(channel(node).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }

@@ -12,7 +12,9 @@ use quire_projection_api::StreamId;
 use quire_projection_files::content_type_for;
 use sha2::{Digest, Sha256};
 
+use super::client::Node;
 use super::{channel, status_error};
+use crate::api::access::AuthChannel;
 use crate::api::MAX_MESSAGE_BYTES;
 use crate::pb;
 
@@ -62,7 +64,7 @@ pub enum FilesCommand {
     },
 }
 
-type Client = pb::files_client::FilesClient<tonic::transport::Channel>;
+type Client = pb::files_client::FilesClient<AuthChannel>;
 
 fn id(stream: &StreamId) -> Bytes {
     Bytes::copy_from_slice(stream.as_bytes())
@@ -120,7 +122,7 @@ async fn remote_files(
 }
 
 /// Runs a `quire files` command against the node at `url`.
-pub async fn run(url: &str, command: FilesCommand) -> Result<()> {
+pub async fn run(url: &Node, command: FilesCommand) -> Result<()> {
     let mut client = pb::files_client::FilesClient::new(channel(url).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

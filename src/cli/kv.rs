@@ -7,6 +7,7 @@ use bytes::Bytes;
 use clap::Subcommand;
 use quire_projection_api::StreamId;
 
+use super::client::Node;
 use super::{channel, status_error};
 use crate::api::MAX_MESSAGE_BYTES;
 use crate::pb;
@@ -114,7 +115,7 @@ fn describe(entry: &pb::KvEntry) -> String {
 }
 
 /// Runs a `quire kv` command against the node at `url`.
-pub async fn run(url: &str, command: KvCommand) -> Result<std::process::ExitCode> {
+pub async fn run(url: &Node, command: KvCommand) -> Result<std::process::ExitCode> {
     let mut client = pb::kv_client::KvClient::new(channel(url).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -26,7 +26,7 @@ mod serve;
 mod sql;
 mod stream;
 
-pub(crate) use client::{channel, status_error};
+pub(crate) use client::{channel, status_error, Node};
 use projections::{DigestArgs, QuarantineCommand, RebuildArgs, ReplayArgs};
 
 /// Default client API address.
@@ -37,19 +37,26 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7000";
 /// quire: a replicated, content-addressed event log with pluggable projections.
 ///
 /// Run a node with `quire serve`; every other command (but `verify`, `replay` and
-/// `rebuild --offline`, which open a data directory) talks to a running node's client API, given
-/// by --node (default http://127.0.0.1:8000).
+/// `rebuild --offline`, which open a data directory) talks to a running node's client API: by
+/// default the node serving the data directory (-d), else --node.
+///
+/// Commands that act as the node (create streams, append, write files or kv, peers, joins,
+/// rebuilds) need the node owner's token. On the node's machine the CLI reads it from the data
+/// directory (file api.token, readable by the node's user only); for another node pass --token.
 #[derive(Debug, Parser)]
 #[command(name = "quire", version, propagate_version = true)]
 pub struct Cli {
-    /// Client API of the node to talk to.
-    #[arg(
-        long,
-        global = true,
-        env = "QUIRE_NODE",
-        default_value = "http://127.0.0.1:8000"
-    )]
-    pub node: String,
+    /// Client API of the node to talk to. Default: the node serving the data directory (its
+    /// api.addr), else http://127.0.0.1:8000.
+    #[arg(long, global = true, env = "QUIRE_NODE")]
+    pub node: Option<String>,
+    /// The node owner's token (default: read from the data directory's api.token, and sent only
+    /// to the node serving that directory).
+    #[arg(long, global = true, env = "QUIRE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory. Default: $XDG_DATA_HOME/quire or ~/.local/share/quire.
+    #[arg(short = 'd', long = "data-dir", global = true, env = "QUIRE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -76,6 +83,9 @@ pub enum Command {
     /// Manage peers.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// The node owner's token.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Re-hash and re-verify every scribe stored in a data directory; exit status 1 on damage.
     Verify(VerifyArgs),
     /// Show each projection (projector per scope, and durable consumer): checkpoint, lag,
@@ -105,16 +115,23 @@ pub enum Command {
     Files(files::FilesCommand),
 }
 
-/// `quire serve`.
+/// `quire serve` (the data directory, -d, is created if missing; at first start the node writes
+/// the owner's token to api.token in it, mode 0600).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Data directory (created if missing). Default: $XDG_DATA_HOME/quire or ~/.local/share/quire.
-    #[arg(short = 'd', long = "data-dir", env = "QUIRE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
     /// Address of the client API: gRPC and the HTTP API share it, told apart by content type.
-    /// Keep it on loopback: it can append as the node.
+    /// Keep it on loopback: an address others can reach needs --insecure-api.
     #[arg(long, env = "QUIRE_API", default_value = DEFAULT_API)]
     pub api: SocketAddr,
+    /// A host name the client API answers to, besides IP addresses and localhost (requests
+    /// naming any other host are refused, against DNS rebinding); apps are then served at
+    /// <label>.NAME too. Repeatable.
+    #[arg(long = "api-host", value_name = "NAME")]
+    pub api_hosts: Vec<String>,
+    /// Allow --api on an address other than loopback. The API speaks plain HTTP: the token and
+    /// every answer cross the network in clear text, so put a TLS-terminating proxy in front.
+    #[arg(long)]
+    pub insecure_api: bool,
     /// fsync every group commit, so acknowledged appends survive power loss (not only a crash).
     #[arg(long)]
     pub sync: bool,
@@ -146,6 +163,22 @@ pub struct JoinArgs {
     /// Seconds to wait for a peer to send the stream's genesis (the join stays pending after).
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// Cancel the pending join of the stream instead (a genesis that arrives later is ignored).
+    #[arg(long, conflicts_with = "timeout")]
+    pub cancel: bool,
+}
+
+/// `quire token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Replace the owner's token with a new random one: the node writes it to api.token in its
+    /// data directory and the old one stops working at once. Prints where the new one is (and,
+    /// with --print, the token itself, for use on another machine).
+    Rotate {
+        /// Print the new token on standard output.
+        #[arg(long)]
+        print: bool,
+    },
 }
 
 /// `quire peer ...`.
@@ -158,6 +191,11 @@ pub enum PeerCommand {
     },
     /// List peers with their connection state and per-stream counters.
     List,
+    /// Forget a remembered peer and stop dialing it (its connection, if up, ends).
+    Remove {
+        /// host:port as added (port 7000 if omitted).
+        addr: String,
+    },
 }
 
 /// `quire stream ...`.
@@ -247,13 +285,9 @@ pub struct LogArgs {
     pub follow: bool,
 }
 
-/// `quire verify`.
+/// `quire verify` (of the data directory, -d; works while a node runs on it).
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
-    /// Data directory to verify (works while a node runs on it).
-    #[arg(short = 'd', long = "data-dir", env = "QUIRE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-}
+pub struct VerifyArgs {}
 
 /// Parses the command line and runs it, with quire's built-in projectors.
 pub fn main() -> std::process::ExitCode {
@@ -284,18 +318,24 @@ pub fn main_with(registry: Registry) -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
-    let node_url = cli.node.clone();
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::node::default_data_dir);
+    let node_url = Node::resolve(cli.node.as_deref(), cli.token.as_deref(), &data_dir)?;
     match cli.command {
-        Command::Serve(args) => serve::serve(args, registry).await?,
+        Command::Serve(args) => serve::serve(args, &data_dir, registry).await?,
         Command::Projections => projections::list(&node_url).await?,
-        Command::Rebuild(args) => projections::rebuild(&node_url, args, &registry).await?,
-        Command::Replay(args) => projections::replay(args, &registry)?,
+        Command::Rebuild(args) => {
+            projections::rebuild(&node_url, args, &data_dir, &registry).await?
+        }
+        Command::Replay(args) => projections::replay(args, &data_dir, &registry)?,
         Command::Digest(args) => projections::digest(&node_url, args).await?,
         Command::Quarantine(command) => projections::quarantine(&node_url, command).await?,
         Command::Kv(command) => return kv::run(&node_url, command).await,
         Command::Sql(command) => sql::run(&node_url, command).await?,
         Command::Files(command) => files::run(&node_url, command).await?,
-        Command::Verify(args) => return serve::verify(args),
+        Command::Verify(VerifyArgs {}) => return serve::verify(&data_dir),
         Command::Stream(command) => stream::stream(&node_url, command).await?,
         Command::Append(args) => stream::append(&node_url, args).await?,
         Command::Get(args) => stream::get(&node_url, args).await?,
@@ -304,6 +344,10 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         Command::Join(args) => admin::join(&node_url, args).await?,
         Command::Peer(PeerCommand::Add { addr }) => admin::peer_add(&node_url, addr).await?,
         Command::Peer(PeerCommand::List) => admin::peer_list(&node_url).await?,
+        Command::Peer(PeerCommand::Remove { addr }) => admin::peer_remove(&node_url, addr).await?,
+        Command::Token(TokenCommand::Rotate { print }) => {
+            admin::token_rotate(&node_url, &data_dir, print).await?
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -9,13 +9,14 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use quire_projection_api::{ScribeId, StreamId};
-use tonic::transport::Channel;
 
+use super::client::Node;
 use super::{channel, status_error};
+use crate::api::access::AuthChannel;
 use crate::log::store::Store;
-use crate::node;
 use crate::pb;
 use crate::projection::{self, Registry};
+use std::path::Path;
 
 /// `quire rebuild`.
 #[derive(Debug, Args)]
@@ -31,14 +32,6 @@ pub struct RebuildArgs {
     /// Work on a stopped node's data directory (-d) instead of through a running node.
     #[arg(long)]
     pub offline: bool,
-    /// Data directory, with --offline. Default: $XDG_DATA_HOME/quire or ~/.local/share/quire.
-    #[arg(
-        short = 'd',
-        long = "data-dir",
-        env = "QUIRE_DATA_DIR",
-        requires = "offline"
-    )]
-    pub data_dir: Option<PathBuf>,
     /// Start the rebuild and return without waiting for the swap.
     #[arg(long, conflicts_with = "offline")]
     pub no_wait: bool,
@@ -61,9 +54,6 @@ pub struct ReplayArgs {
     /// Only this stream (for per-stream projections).
     #[arg(long)]
     pub stream: Option<StreamId>,
-    /// The node's data directory (read-only; works while the node runs).
-    #[arg(short = 'd', long = "data-dir", env = "QUIRE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
 }
 
 /// `quire digest`.
@@ -99,7 +89,7 @@ pub enum QuarantineCommand {
     },
 }
 
-async fn client(url: &str) -> Result<pb::projections_client::ProjectionsClient<Channel>> {
+async fn client(url: &Node) -> Result<pb::projections_client::ProjectionsClient<AuthChannel>> {
     Ok(pb::projections_client::ProjectionsClient::new(
         channel(url).await?,
     ))
@@ -120,7 +110,7 @@ fn scope_of(status: &pb::ProjectionStatus) -> String {
 }
 
 /// `quire projections`.
-pub async fn list(url: &str) -> Result<()> {
+pub async fn list(url: &Node) -> Result<()> {
     let reply = client(url)
         .await?
         .list(pb::ListProjectionsRequest { with_digests: true })
@@ -180,7 +170,7 @@ pub async fn list(url: &str) -> Result<()> {
 }
 
 /// `quire digest`.
-pub async fn digest(url: &str, args: DigestArgs) -> Result<()> {
+pub async fn digest(url: &Node, args: DigestArgs) -> Result<()> {
     let reply = client(url)
         .await?
         .digest(pb::DigestRequest {
@@ -199,7 +189,7 @@ pub async fn digest(url: &str, args: DigestArgs) -> Result<()> {
 }
 
 /// `quire quarantine ...`.
-pub async fn quarantine(url: &str, command: QuarantineCommand) -> Result<()> {
+pub async fn quarantine(url: &Node, command: QuarantineCommand) -> Result<()> {
     let mut client = client(url).await?;
     let (verb, reply) = match command {
         QuarantineCommand::List => (None, client.quarantined(pb::QuarantinedRequest {}).await),
@@ -248,9 +238,14 @@ pub async fn quarantine(url: &str, command: QuarantineCommand) -> Result<()> {
 }
 
 /// `quire rebuild`.
-pub async fn rebuild(url: &str, args: RebuildArgs, registry: &Registry) -> Result<()> {
+pub async fn rebuild(
+    url: &Node,
+    args: RebuildArgs,
+    data_dir: &Path,
+    registry: &Registry,
+) -> Result<()> {
     if args.offline {
-        return rebuild_offline(args, registry);
+        return rebuild_offline(args, data_dir, registry);
     }
     let mut client = client(url).await?;
     let before = client
@@ -358,8 +353,7 @@ pub async fn rebuild(url: &str, args: RebuildArgs, registry: &Registry) -> Resul
     }
 }
 
-fn rebuild_offline(args: RebuildArgs, registry: &Registry) -> Result<()> {
-    let data_dir = args.data_dir.unwrap_or_else(node::default_data_dir);
+fn rebuild_offline(args: RebuildArgs, data_dir: &Path, registry: &Registry) -> Result<()> {
     let Some(plugin) = registry.get(&args.name) else {
         let names: Vec<&str> = registry.plugins().iter().map(|p| p.name()).collect();
         bail!(
@@ -372,7 +366,7 @@ fn rebuild_offline(args: RebuildArgs, registry: &Registry) -> Result<()> {
             }
         );
     };
-    let store = Store::open(&crate::log::store_path(&data_dir), true).map_err(|error| {
+    let store = Store::open(&crate::log::store_path(data_dir), true).map_err(|error| {
         let text = error.to_string();
         if text.contains("lock") {
             anyhow::anyhow!("{} is in use by a running node: stop it first, or drop --offline to rebuild through it", data_dir.display())
@@ -389,7 +383,7 @@ fn rebuild_offline(args: RebuildArgs, registry: &Registry) -> Result<()> {
     let mut progress = Progress::new(&args.name);
     let digests = projection::rebuild_offline(
         &store,
-        &data_dir,
+        data_dir,
         Arc::clone(plugin),
         args.stream,
         |done, total| progress.update(done, total),
@@ -410,8 +404,7 @@ fn rebuild_offline(args: RebuildArgs, registry: &Registry) -> Result<()> {
 }
 
 /// `quire replay`.
-pub fn replay(args: ReplayArgs, registry: &Registry) -> Result<()> {
-    let data_dir = args.data_dir.unwrap_or_else(node::default_data_dir);
+pub fn replay(args: ReplayArgs, data_dir: &Path, registry: &Registry) -> Result<()> {
     if args
         .into
         .read_dir()
@@ -433,7 +426,7 @@ pub fn replay(args: ReplayArgs, registry: &Registry) -> Result<()> {
     if plugins.is_empty() {
         bail!("this quire binary has no projectors to replay into (see docs/plugins.md)");
     }
-    let store = Store::open_read_only(&crate::log::store_path(&data_dir))
+    let store = Store::open_read_only(&crate::log::store_path(data_dir))
         .with_context(|| format!("opening {} read-only", data_dir.display()))?;
     let to = args.to.unwrap_or(u64::MAX);
     for plugin in plugins {

@@ -2,14 +2,15 @@
 //! others are gRPC clients of a running node).
 
 use std::io::{IsTerminal, Write as _};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{ServeArgs, VerifyArgs};
+use super::ServeArgs;
 use crate::node::{self, NodeConfig};
 use crate::projection::Registry;
 
-pub(crate) async fn serve(args: ServeArgs, registry: Registry) -> Result<()> {
+pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("QUIRE_LOG")
@@ -18,9 +19,11 @@ pub(crate) async fn serve(args: ServeArgs, registry: Registry) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let data_dir = args.data_dir.unwrap_or_else(node::default_data_dir);
+    let data_dir = data_dir.to_path_buf();
+    check_api_exposure(&args)?;
     let config = NodeConfig {
         data_dir: data_dir.clone(),
+        api_hosts: args.api_hosts.clone(),
         sync: args.sync,
         wall: None,
         peers: args.peers.clone(),
@@ -32,6 +35,13 @@ pub(crate) async fn serve(args: ServeArgs, registry: Registry) -> Result<()> {
     };
     let log = node::open_log(&config)
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;
+    // Made before the API listens, so a client that sees the address finds the token.
+    crate::api::access::Token::load_or_create(&data_dir).with_context(|| {
+        format!(
+            "the owner's token file {}",
+            data_dir.join(crate::api::access::TOKEN_FILE).display()
+        )
+    })?;
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| {
@@ -53,6 +63,10 @@ pub(crate) async fn serve(args: ServeArgs, registry: Registry) -> Result<()> {
     println!("quire node {}", log.node_key());
     println!("data directory {}", data_dir.display());
     println!("client API listening on http://{addr}");
+    println!(
+        "owner's token in {} (the CLI reads it there)",
+        data_dir.join(crate::api::access::TOKEN_FILE).display()
+    );
     if let Some(peer_listener) = &peer_listener {
         println!("peer listener on {}", peer_listener.local_addr()?);
     }
@@ -70,9 +84,26 @@ pub(crate) async fn serve(args: ServeArgs, registry: Registry) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn verify(args: VerifyArgs) -> Result<std::process::ExitCode> {
-    let data_dir = args.data_dir.unwrap_or_else(node::default_data_dir);
-    let report = crate::verify::verify(&data_dir)
+/// Refuses an API address others can reach unless `--insecure-api` says so (and then warns).
+fn check_api_exposure(args: &ServeArgs) -> Result<()> {
+    if args.api.ip().is_loopback() {
+        return Ok(());
+    }
+    if !args.insecure_api {
+        anyhow::bail!(
+            "--api {} can be reached from other machines, and the client API speaks plain HTTP: the owner's token would cross the network in clear text. Keep it on 127.0.0.1 (and reach it over SSH), or pass --insecure-api with a TLS-terminating proxy in front",
+            args.api
+        );
+    }
+    eprintln!(
+        "warning: the client API on {} is reachable from other machines without TLS (--insecure-api): the owner's token and every answer cross the network in clear text",
+        args.api
+    );
+    Ok(())
+}
+
+pub(crate) fn verify(data_dir: &Path) -> Result<std::process::ExitCode> {
+    let report = crate::verify::verify(data_dir)
         .with_context(|| format!("opening {}", data_dir.display()))?;
     for line in &report.damage {
         println!("DAMAGE {line}");

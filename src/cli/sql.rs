@@ -8,7 +8,9 @@ use clap::Subcommand;
 use quire_projection_api::files::{FileChange, CONTENT_TYPE, SCHEMA_PATH};
 use quire_projection_api::{Kind, StreamId};
 
+use super::client::Node;
 use super::{channel, status_error};
+use crate::api::access::AuthChannel;
 use crate::api::MAX_MESSAGE_BYTES;
 use crate::pb;
 
@@ -74,7 +76,7 @@ fn value_text(value: &pb::SqlValue, json: bool) -> serde_json::Value {
 }
 
 /// Runs a `quire sql` command against the node at `url`.
-pub async fn run(url: &str, command: SqlCommand) -> Result<()> {
+pub async fn run(url: &Node, command: SqlCommand) -> Result<()> {
     let channel = channel(url).await?;
     match command {
         SqlCommand::Query {
@@ -166,7 +168,7 @@ pub async fn run(url: &str, command: SqlCommand) -> Result<()> {
 }
 
 async fn append(
-    channel: tonic::transport::Channel,
+    channel: AuthChannel,
     stream: StreamId,
     kind: Kind,
     content_type: &str,

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, Kind, ScribeId};
 
+use super::client::Node;
 use super::client::{log_client, status_error, streams_client};
 use super::{AppendArgs, GetArgs, LogArgs, StreamCommand};
 use crate::pb;
@@ -40,7 +41,7 @@ fn parse_allow(rule: &str) -> Result<pb::KindRule> {
     })
 }
 
-pub(crate) async fn stream(url: &str, command: StreamCommand) -> Result<()> {
+pub(crate) async fn stream(url: &Node, command: StreamCommand) -> Result<()> {
     let mut client = streams_client(url).await?;
     match command {
         StreamCommand::Create(args) => {
@@ -149,7 +150,7 @@ fn print_stream(info: &pb::StreamInfo) {
     }
 }
 
-pub(crate) async fn append(url: &str, args: AppendArgs) -> Result<()> {
+pub(crate) async fn append(url: &Node, args: AppendArgs) -> Result<()> {
     let payload = match (&args.data, &args.file) {
         (Some(data), _) => data.clone().into_bytes(),
         (None, Some(path)) if path.as_os_str() == "-" => {
@@ -191,7 +192,7 @@ pub(crate) async fn append(url: &str, args: AppendArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn get(url: &str, args: GetArgs) -> Result<()> {
+pub(crate) async fn get(url: &Node, args: GetArgs) -> Result<()> {
     let mut client = log_client(url).await?;
     let entry = client
         .get(pb::GetScribeRequest {
@@ -253,7 +254,7 @@ pub(crate) async fn get(url: &str, args: GetArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn log(url: &str, args: LogArgs) -> Result<()> {
+pub(crate) async fn log(url: &Node, args: LogArgs) -> Result<()> {
     let stream = if args.stream == "all" {
         Bytes::new()
     } else {

@@ -906,6 +906,15 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets a remembered peer address (synced, like [`Store::add_peer`]).
+    pub fn remove_peer(&self, addr: &str) -> Result<(), StoreError> {
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db
+            .delete_cf_opt(self.cf(CF_PEERS), addr.as_bytes(), &sync)?;
+        Ok(())
+    }
+
     /// Every remembered peer address.
     pub fn peers(&self) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();

@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::session::{Action, Message, ReadPlan, Session, Step};
@@ -147,6 +147,18 @@ pub enum ConnectionError {
     },
 }
 
+/// A connection's place in [`Inner::live`], given up when dropped.
+struct Registered {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.inner.unregister(self.id);
+    }
+}
+
 /// Runs one connection to its end. `dialed`: this side dialed (the peer is at `addr`).
 pub(crate) async fn run<S>(
     inner: Arc<Inner>,
@@ -160,6 +172,11 @@ where
 {
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let id = inner.register(commands_tx);
+    // Unregisters even if this future is dropped (a removed peer's dial loop drops it).
+    let registered = Registered {
+        inner: inner.clone(),
+        id,
+    };
     let mut driver = Driver {
         inner: inner.clone(),
         session: None,
@@ -176,7 +193,7 @@ where
     if let Err(reason) = &result {
         let _ = outgoing.try_send(wire::to_proto(&Message::Error(reason.to_string())));
     }
-    inner.unregister(id);
+    drop(registered);
     if !driver.dialed && driver.peer.is_none() {
         // An inbound connection that never completed the handshake leaves no trace in the
         // peer table (scanners and self-dials would otherwise fill it).
@@ -574,11 +591,11 @@ impl Driver {
 
 /// Dials `addr` again and again, with exponential backoff and jitter between failures, until the
 /// node shuts down.
-pub(crate) async fn dial_loop(inner: Arc<Inner>, addr: String) {
+pub(crate) async fn dial_loop(inner: Arc<Inner>, addr: String, mut stop: watch::Receiver<bool>) {
     let mut failures: u32 = 0;
     let mut closing = inner.closing.clone();
     loop {
-        if *closing.borrow() {
+        if *closing.borrow() || stop.has_changed().is_err() {
             return;
         }
         let connects_before = inner.with_peer(&addr, |state| state.connects);
@@ -586,6 +603,8 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, addr: String) {
         let result = tokio::select! {
             result = dial_once(inner.clone(), &addr) => result,
             _ = closing.changed() => return,
+            // The peer was removed: dropping `dial_once` ends its connection.
+            _ = stop.changed() => return,
         };
         let connected = inner.with_peer(&addr, |state| {
             if let Err(error) = &result {
@@ -608,6 +627,7 @@ pub(crate) async fn dial_loop(inner: Arc<Inner>, addr: String) {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = closing.changed() => return,
+            _ = stop.changed() => return,
         }
     }
 }

@@ -102,6 +102,8 @@ pub(crate) struct Inner {
     /// Peer states: dialed ones by address, accepted ones by node id (hex).
     pub(crate) peers: Mutex<BTreeMap<String, PeerState>>,
     pub(crate) pending_joins: Mutex<HashSet<StreamId>>,
+    /// The dial loop of each remembered peer, by address: dropping the sender stops it.
+    dialers: Mutex<HashMap<String, watch::Sender<bool>>>,
     pub(crate) bans: Mutex<HashMap<AuthorKey, (tokio::time::Instant, u32)>>,
     pub(crate) closing: watch::Receiver<bool>,
     closer: watch::Sender<bool>,
@@ -131,8 +133,17 @@ pub enum ReplicationError {
     #[error(transparent)]
     Store(#[from] crate::log::store::StoreError),
     /// No connected peer had the stream within the time given; the join stays pending.
-    #[error("no connected peer has sent the genesis of stream {0} yet; the join stays pending and completes when a peer that holds it connects (add one with `quire peer add`)")]
+    #[error("no connected peer has sent the genesis of stream {0} yet; the join stays pending and completes when a peer that holds it connects (add one with `quire peer add`, or cancel it with `quire join --cancel`)")]
     JoinPending(StreamId),
+    /// No peer is remembered at this address.
+    #[error("no peer {0} is remembered (see `quire peer list`)")]
+    UnknownPeer(String),
+    /// No join of this stream is pending.
+    #[error("no join of stream {0} is pending")]
+    NoJoin(StreamId),
+    /// The stream is already held: there is no join to cancel.
+    #[error("stream {0} is already held: its join completed")]
+    AlreadyHeld(StreamId),
 }
 
 impl Replicator {
@@ -147,6 +158,7 @@ impl Replicator {
                 live: Mutex::new(HashMap::new()),
                 peers: Mutex::new(BTreeMap::new()),
                 pending_joins: Mutex::new(HashSet::new()),
+                dialers: Mutex::new(HashMap::new()),
                 bans: Mutex::new(HashMap::new()),
                 closing,
                 closer,
@@ -201,7 +213,49 @@ impl Replicator {
             state.dialed = true;
             state.addr = addr.clone();
         }
-        tokio::spawn(connection::dial_loop(self.inner.clone(), addr));
+        let (stop, stopped) = watch::channel(false);
+        self.inner
+            .dialers
+            .lock()
+            .expect("dialers lock")
+            .insert(addr.clone(), stop);
+        tokio::spawn(connection::dial_loop(self.inner.clone(), addr, stopped));
+    }
+
+    /// Forgets the remembered peer at `addr` and stops dialing it; a connection to it that is up
+    /// ends. Returns the address as it was remembered.
+    pub fn remove_peer(&self, addr: &str) -> Result<String, ReplicationError> {
+        let addr = normalise_addr(addr)?;
+        if !self.inner.log.store().peers()?.contains(&addr) {
+            return Err(ReplicationError::UnknownPeer(addr));
+        }
+        self.inner.log.store().remove_peer(&addr)?;
+        // Dropping the sender ends the dial loop, and with it the connection it runs.
+        self.inner
+            .dialers
+            .lock()
+            .expect("dialers lock")
+            .remove(&addr);
+        self.inner.peers.lock().expect("peers lock").remove(&addr);
+        Ok(addr)
+    }
+
+    /// Cancels the pending join of `stream`: a genesis that arrives later is ignored.
+    pub fn cancel_join(&self, stream: StreamId) -> Result<(), ReplicationError> {
+        if self.inner.log.stream(&stream).is_some() {
+            return Err(ReplicationError::AlreadyHeld(stream));
+        }
+        let was_pending = self
+            .inner
+            .pending_joins
+            .lock()
+            .expect("joins lock")
+            .remove(&stream);
+        if !was_pending && !self.inner.log.store().pending_joins()?.contains(&stream) {
+            return Err(ReplicationError::NoJoin(stream));
+        }
+        self.inner.log.store().set_join_pending(&stream, false)?;
+        Ok(())
     }
 
     /// Joins `stream`: asks every connected peer for its genesis, checks that it hashes to the

@@ -390,9 +390,7 @@ async fn restart_keeps_every_scribe_and_seqs_continue_without_a_gap() {
     let ahead = quire::hlc::system_wall_clock()() + 86_400_000;
     let mut config = quire::node::NodeConfig::new(dir.path());
     config.wall = Some(std::sync::Arc::new(move || ahead));
-    let node = quire::node::RunningNode::start(config, "127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let node = start_config(config, false).await;
     let mut clients = clients(&node.url()).await;
     let stream = create_stream(&mut clients, "restart", None).await;
     for index in 0..50 {
@@ -575,11 +573,7 @@ fn work_scribe(key: &ed25519_dalek::SigningKey, stream: &StreamId, hlc: u64, non
 async fn health_and_reflection_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
-    let channel = tonic::transport::Channel::from_shared(node.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = owner_channel(&node.url()).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let reply = health
         .check(tonic_health::pb::HealthCheckRequest {

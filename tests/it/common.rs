@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
+use quire::api::access::{AuthChannel, Bearer};
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 use quire::projection_api::{AuthorKey, Kind, ScribeId, StreamId};
@@ -17,28 +18,89 @@ use tonic::transport::Channel;
 
 /// Starts a node on `dir` with its API on a free loopback port.
 pub async fn start_node(dir: &Path) -> RunningNode {
-    RunningNode::start(
+    let node = RunningNode::start(
         NodeConfig::new(dir),
         "127.0.0.1:0".parse().unwrap(),
         Some("127.0.0.1:0".parse().unwrap()),
     )
     .await
-    .expect("node starts")
+    .expect("node starts");
+    remember(&node);
+    node
 }
 
-/// gRPC clients of one node.
-pub struct Clients {
-    pub log: pb::log_client::LogClient<Channel>,
-    pub streams: pb::streams_client::StreamsClient<Channel>,
-    pub admin: pb::admin_client::AdminClient<Channel>,
+/// Starts a node on `config` with its API (and, if `peer`, a peer listener) on free loopback
+/// ports, remembering its token.
+pub async fn start_config(config: NodeConfig, peer: bool) -> RunningNode {
+    let node = RunningNode::start(
+        config,
+        "127.0.0.1:0".parse().unwrap(),
+        peer.then(|| "127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .expect("node starts");
+    remember(&node);
+    node
 }
 
-pub async fn clients(url: &str) -> Clients {
+/// The owner's token of each node a test started, by API URL: [`owner_channel`] and
+/// [`clients`] send it.
+static TOKENS: std::sync::Mutex<Option<std::collections::HashMap<String, String>>> =
+    std::sync::Mutex::new(None);
+
+/// Makes [`clients`] and [`owner_channel`] of `node`'s URL send its token.
+pub fn remember(node: &RunningNode) {
+    remember_token(&node.url(), node.token.as_str());
+}
+
+/// Makes [`clients`] and [`owner_channel`] of `url` send `token`.
+pub fn remember_token(url: &str, token: &str) {
+    TOKENS
+        .lock()
+        .unwrap()
+        .get_or_insert_with(Default::default)
+        .insert(url.trim_end_matches('/').to_string(), token.to_string());
+}
+
+/// The token remembered for `url`.
+pub fn token_of(url: &str) -> Option<String> {
+    TOKENS
+        .lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|tokens| tokens.get(url.trim_end_matches('/')).cloned())
+}
+
+/// A channel to `url` that sends the node owner's token (if the test started that node).
+pub async fn owner_channel(url: &str) -> AuthChannel {
     let channel = Channel::from_shared(url.to_string())
         .unwrap()
         .connect()
         .await
         .expect("connect to node");
+    AuthChannel::new(channel, Bearer::new(token_of(url).as_deref()).unwrap())
+}
+
+/// A channel to `url` that sends no token: a stranger.
+pub async fn stranger_channel(url: &str) -> AuthChannel {
+    let channel = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to node");
+    AuthChannel::new(channel, Bearer::default())
+}
+
+/// gRPC clients of one node.
+pub struct Clients {
+    pub log: pb::log_client::LogClient<AuthChannel>,
+    pub streams: pb::streams_client::StreamsClient<AuthChannel>,
+    pub admin: pb::admin_client::AdminClient<AuthChannel>,
+}
+
+/// The node owner's clients of `url` (see [`remember`]).
+pub async fn clients(url: &str) -> Clients {
+    let channel = owner_channel(url).await;
     Clients {
         log: pb::log_client::LogClient::new(channel.clone())
             .max_decoding_message_size(64 << 20)
@@ -218,4 +280,14 @@ where
 
 pub fn quire_bin() -> &'static str {
     env!("CARGO_BIN_EXE_quire")
+}
+
+/// `quire` with `--node url` and, if the test started that node, `--token`.
+pub fn quire_cli(url: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(quire_bin());
+    command.args(["--node", url]);
+    if let Some(token) = token_of(url) {
+        command.args(["--token", &token]);
+    }
+    command
 }

@@ -13,17 +13,15 @@ use quire::pb;
 use quire::pb::subscribe_event::Event;
 use quire::projection_api::StreamId;
 use tokio::process::Command;
-use tonic::transport::Channel;
 
 use crate::common::*;
 use crate::python::python_stubs;
+use quire::api::access::AuthChannel;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn projections(url: &str) -> pb::projections_client::ProjectionsClient<Channel> {
-    pb::projections_client::ProjectionsClient::connect(url.to_string())
-        .await
-        .expect("connect to node")
+async fn projections(url: &str) -> pb::projections_client::ProjectionsClient<AuthChannel> {
+    pb::projections_client::ProjectionsClient::new(owner_channel(url).await)
 }
 
 /// The consumer `name` as `Projections.List` shows it, if the node knows it.
@@ -302,6 +300,11 @@ impl PythonConsumer {
             .arg(&self.db)
             .args(extra)
             .env("PYTHONPATH", &self.stubs)
+            // A durable consumer keeps its cursor on the node: the owner's call.
+            .env(
+                "QUIRE_TOKEN",
+                token_of(&format!("http://{}", self.node)).expect("the test started the node"),
+            )
             .stdin(Stdio::null())
             .kill_on_drop(true);
         command

@@ -56,7 +56,11 @@ pub async fn spawn_binary(
             let peer = peer.trim().to_string();
             // Keep draining stdout so the child never blocks on a full pipe.
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return (child, url.expect("the API line comes first"), peer);
+            let url = url.expect("the API line comes first");
+            // The node wrote its token before it listened.
+            let token = std::fs::read_to_string(dir.join("api.token")).expect("api.token");
+            remember_token(&url, token.trim());
+            return (child, url, peer);
         }
     }
     panic!("quire serve exited before listening");

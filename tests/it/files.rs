@@ -5,26 +5,19 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
 use quire::node::RunningNode;
 use quire::pb;
 use quire::projection_api::StreamId;
-use tonic::transport::Channel;
 
 use crate::common::*;
 use crate::replication::{connect, join, CONVERGE};
+use quire::api::access::AuthChannel;
 
-async fn files_client(node: &RunningNode) -> pb::files_client::FilesClient<Channel> {
-    pb::files_client::FilesClient::new(
-        Channel::from_shared(node.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    )
+async fn files_client(node: &RunningNode) -> pb::files_client::FilesClient<AuthChannel> {
+    pb::files_client::FilesClient::new(owner_channel(&node.url()).await)
 }
 
 async fn list(node: &RunningNode, stream: &StreamId) -> Vec<pb::FileInfo> {
@@ -54,7 +47,9 @@ async fn http(
     path: &str,
     body: Option<(&str, Vec<u8>)>,
 ) -> Got {
-    let mut request = reqwest::Client::new().request(method, format!("{}{path}", node.url()));
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}{path}", node.url()))
+        .bearer_auth(node.token.as_str());
     if let Some((content_type, data)) = body {
         request = request.header("content-type", content_type).body(data);
     }
@@ -85,11 +80,10 @@ fn tree_dir(data_dir: &Path, stream: &StreamId) -> PathBuf {
 }
 
 fn push(node: &RunningNode, stream: &StreamId, dir: &Path, extra: &[&str]) -> String {
-    let output = Command::new(quire_bin())
+    let output = quire_cli(&node.url())
         .args(["files", "push", &stream.to_hex()])
         .arg(dir)
         .args(extra)
-        .args(["--node", &node.url()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -392,19 +386,13 @@ async fn a_site_published_on_a_is_served_identically_by_b_and_follows_updates() 
         .unwrap();
     assert_eq!(cached.status(), 304);
     // The `_schema` file made the tables.
-    let tables = pb::sql_client::SqlClient::new(
-        Channel::from_shared(b.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    )
-    .query(pb::SqlQueryRequest {
-        stream: bytes_of(&stream),
-        sql: "SELECT count(*) FROM note".into(),
-        ..Default::default()
-    })
-    .await;
+    let tables = pb::sql_client::SqlClient::new(owner_channel(&b.url()).await)
+        .query(pb::SqlQueryRequest {
+            stream: bytes_of(&stream),
+            sql: "SELECT count(*) FROM note".into(),
+            ..Default::default()
+        })
+        .await;
     assert!(tables.is_ok(), "{tables:?}");
 
     // An update and a delete on A reach B.

@@ -11,10 +11,10 @@ use bytes::Bytes;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 use quire::projection_api::StreamId;
-use tonic::transport::Channel;
 
 use crate::common::*;
 use crate::replication::{connect, join, CONVERGE};
+use quire::api::access::AuthChannel;
 
 const HOUR_MS: u64 = 3_600_000;
 const WAIT_WRITES: Duration = Duration::from_secs(60);
@@ -24,26 +24,16 @@ async fn node_at(dir: &std::path::Path, clock: &Arc<AtomicU64>) -> RunningNode {
     let mut config = NodeConfig::new(dir);
     let clock = clock.clone();
     config.wall = Some(Arc::new(move || clock.load(Ordering::SeqCst)));
-    RunningNode::start(
-        config,
-        "127.0.0.1:0".parse().unwrap(),
-        Some("127.0.0.1:0".parse().unwrap()),
-    )
-    .await
-    .expect("node starts")
+    start_config(config, true).await
 }
 
-async fn kv(node: &RunningNode) -> pb::kv_client::KvClient<Channel> {
-    let channel = Channel::from_shared(node.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+async fn kv(node: &RunningNode) -> pb::kv_client::KvClient<AuthChannel> {
+    let channel = owner_channel(&node.url()).await;
     pb::kv_client::KvClient::new(channel)
 }
 
 async fn set(
-    kv: &mut pb::kv_client::KvClient<Channel>,
+    kv: &mut pb::kv_client::KvClient<AuthChannel>,
     stream: &StreamId,
     key: &[u8],
     value: &[u8],
@@ -58,7 +48,7 @@ async fn set(
 }
 
 async fn get(
-    kv: &mut pb::kv_client::KvClient<Channel>,
+    kv: &mut pb::kv_client::KvClient<AuthChannel>,
     stream: &StreamId,
     key: &[u8],
 ) -> Result<pb::KvEntry, tonic::Status> {
@@ -71,7 +61,7 @@ async fn get(
 }
 
 async fn delete(
-    kv: &mut pb::kv_client::KvClient<Channel>,
+    kv: &mut pb::kv_client::KvClient<AuthChannel>,
     stream: &StreamId,
     key: &[u8],
 ) -> Result<pb::KvEntry, tonic::Status> {

@@ -2,6 +2,7 @@
 //! processes where a crash must be real. `common` starts nodes and waits on conditions; nothing here
 //! sleeps to synchronise.
 
+mod access;
 mod api;
 mod attack_format;
 mod browser;

@@ -20,10 +20,10 @@ use quire::projection_api::{
     ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope, Scribe, StreamId,
 };
 use quire_example_latest::Latest;
-use tonic::transport::Channel;
 
 use crate::common::*;
 use crate::crash::spawn_binary;
+use quire::api::access::AuthChannel;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -153,22 +153,16 @@ impl Projector for TestProjector {
 async fn start_with(dir: &Path, plugin: TestPlugin) -> RunningNode {
     let mut config = NodeConfig::new(dir);
     config.registry = Registry::builtin().with(plugin);
-    RunningNode::start(config, "127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .expect("node starts")
+    start_config(config, false).await
 }
 
-async fn projections_client(url: &str) -> pb::projections_client::ProjectionsClient<Channel> {
-    let channel = Channel::from_shared(url.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+async fn projections_client(url: &str) -> pb::projections_client::ProjectionsClient<AuthChannel> {
+    let channel = owner_channel(url).await;
     pb::projections_client::ProjectionsClient::new(channel)
 }
 
 async fn status_of(
-    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+    client: &mut pb::projections_client::ProjectionsClient<AuthChannel>,
     name: &str,
 ) -> pb::ProjectionStatus {
     list_all(client)
@@ -183,7 +177,7 @@ fn stream_field(stream: Option<&StreamId>) -> Bytes {
 }
 
 async fn digest_in(
-    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+    client: &mut pb::projections_client::ProjectionsClient<AuthChannel>,
     name: &str,
     stream: Option<&StreamId>,
 ) -> Result<Bytes, tonic::Status> {
@@ -198,7 +192,7 @@ async fn digest_in(
 }
 
 async fn rebuild(
-    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+    client: &mut pb::projections_client::ProjectionsClient<AuthChannel>,
     name: &str,
     stream: Option<&StreamId>,
 ) -> Result<Vec<pb::ProjectionStatus>, tonic::Status> {
@@ -214,7 +208,7 @@ async fn rebuild(
 
 /// Every projection but the built-in ones (the node runs `kv` beside the projector under test).
 async fn list_all(
-    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+    client: &mut pb::projections_client::ProjectionsClient<AuthChannel>,
 ) -> Vec<pb::ProjectionStatus> {
     client
         .list(pb::ListProjectionsRequest::default())
@@ -240,7 +234,7 @@ fn assert_refused<T: std::fmt::Debug>(
 }
 
 async fn digest_of(
-    client: &mut pb::projections_client::ProjectionsClient<Channel>,
+    client: &mut pb::projections_client::ProjectionsClient<AuthChannel>,
     name: &str,
 ) -> Bytes {
     digest_in(client, name, None).await.unwrap()

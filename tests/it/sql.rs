@@ -11,10 +11,10 @@ use quire::pb;
 use quire::projection_api::files::{FileChange, CONTENT_TYPE};
 use quire::projection_api::StreamId;
 use serde_json::{json, Value as Json};
-use tonic::transport::Channel;
 
 use crate::common::*;
 use crate::replication::CONVERGE;
+use quire::api::access::AuthChannel;
 
 /// POSTs `body` as JSON to `path` on `node`; returns the status and the JSON reply.
 async fn post(node: &RunningNode, path: &str, body: Json) -> (u16, Json) {
@@ -24,6 +24,7 @@ async fn post(node: &RunningNode, path: &str, body: Json) -> (u16, Json) {
 async fn post_raw(node: &RunningNode, path: &str, content_type: &str, body: String) -> (u16, Json) {
     let reply = reqwest::Client::new()
         .post(format!("{}{path}", node.url()))
+        .bearer_auth(node.token.as_str())
         .header("content-type", content_type)
         .body(body)
         .send()
@@ -86,22 +87,12 @@ async fn results(node: &RunningNode, tid: &str, sql: &str, params: Json) -> Json
     reply["results"].clone()
 }
 
-async fn sql_client(node: &RunningNode) -> pb::sql_client::SqlClient<Channel> {
-    pb::sql_client::SqlClient::new(
-        Channel::from_shared(node.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    )
+async fn sql_client(node: &RunningNode) -> pb::sql_client::SqlClient<AuthChannel> {
+    pb::sql_client::SqlClient::new(owner_channel(&node.url()).await)
 }
 
 async fn digest(node: &RunningNode, tid: &str) -> Bytes {
-    let channel = Channel::from_shared(node.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = owner_channel(&node.url()).await;
     let reply = pb::projections_client::ProjectionsClient::new(channel)
         .digest(pb::DigestRequest {
             name: "sql".into(),
@@ -283,9 +274,7 @@ async fn refused_statements_limits_and_bad_requests_change_nothing() {
         time: Duration::from_millis(300),
         rows: 5,
     };
-    let node = RunningNode::start(config, "127.0.0.1:0".parse().unwrap(), None)
-        .await
-        .unwrap();
+    let node = start_config(config, false).await;
     let tid = create_app(&node).await;
     put_schema(&node, &tid, r#"{"schema": {"t": {"foo": "int"}}}"#)
         .await
