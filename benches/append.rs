@@ -47,8 +47,9 @@ fn main() {
         ))
         .unwrap();
     let url = node.url();
+    let token = node.token.as_str().to_string();
     let stream = runtime.block_on(async {
-        let channel = support::connect(url.clone()).await;
+        let channel = support::owner(&node).await;
         StreamId::from_slice(&support::create_stream(&channel, "bench", None).await).unwrap()
     });
 
@@ -57,13 +58,9 @@ fn main() {
     runtime.block_on(async {
         let mut tasks = Vec::new();
         for client in 0..clients {
-            let url = url.clone();
+            let (url, token) = (url.clone(), token.clone());
             tasks.push(tokio::spawn(async move {
-                let channel = tonic::transport::Channel::from_shared(url)
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap();
+                let channel = support::connect(url, &token).await;
                 let mut log = pb::log_client::LogClient::new(channel)
                     .max_encoding_message_size(64 << 20)
                     .max_decoding_message_size(64 << 20);
@@ -165,11 +162,7 @@ fn main() {
 
     // Single Append latency, one at a time.
     let mut latencies = runtime.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = support::connect(url.clone(), &token).await;
         let mut log = pb::log_client::LogClient::new(channel);
         let mut latencies = Vec::with_capacity(latency_samples);
         for index in 0..latency_samples {

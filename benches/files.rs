@@ -15,9 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use quire::api::access::AuthChannel;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
-use tonic::transport::Channel;
 
 mod support;
 
@@ -50,7 +50,7 @@ async fn start(dir: &Path) -> RunningNode {
     .unwrap()
 }
 
-async fn count(channel: &Channel, stream: &Bytes) -> usize {
+async fn count(channel: &AuthChannel, stream: &Bytes) -> usize {
     pb::files_client::FilesClient::new(channel.clone())
         .list(pb::FilesListRequest {
             stream: stream.clone(),
@@ -88,13 +88,13 @@ async fn publish(files: usize, size: usize) {
 
     let dir_a = tempfile::tempdir().unwrap();
     let a = start(dir_a.path()).await;
-    let channel_a = support::connect(a.url()).await;
+    let channel_a = support::owner(&a).await;
     let stream = support::create_stream(&channel_a, "site", Some(support::unlimited())).await;
     let started = Instant::now();
     let pushed = Command::new(env!("CARGO_BIN_EXE_quire"))
         .args(["files", "push", &hex::encode(&stream)])
         .arg(&site)
-        .args(["--node", &a.url()])
+        .args(["--node", &a.url(), "--token", a.token.as_str()])
         .output()
         .unwrap();
     assert!(
@@ -107,7 +107,7 @@ async fn publish(files: usize, size: usize) {
 
     let dir_b = tempfile::tempdir().unwrap();
     let b = start(dir_b.path()).await;
-    let channel_b = support::connect(b.url()).await;
+    let channel_b = support::owner(&b).await;
     let started = Instant::now();
     pb::admin_client::AdminClient::new(channel_b.clone())
         .add_peer(pb::AddPeerRequest {
@@ -144,7 +144,7 @@ async fn publish(files: usize, size: usize) {
 async fn gets(run_for: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path()).await;
-    let channel = support::connect(node.url()).await;
+    let channel = support::owner(&node).await;
     let stream = support::create_stream(&channel, "get", None).await;
     pb::files_client::FilesClient::new(channel.clone())
         .put(pb::FilesPutRequest {

@@ -17,7 +17,7 @@ use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 
 mod support;
-use support::{connect as channel, create_stream};
+use support::{create_stream, owner};
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
@@ -44,7 +44,7 @@ fn main() {
         let b = RunningNode::start(NodeConfig::new(dir_b.path()), loopback(), Some(loopback()))
             .await
             .unwrap();
-        let channel_a = channel(a.url()).await;
+        let channel_a = owner(&a).await;
         let stream = create_stream(&channel_a, "bench", None).await;
         let mut kv_a = pb::kv_client::KvClient::new(channel_a.clone());
 
@@ -113,20 +113,20 @@ fn main() {
         }
 
         // A → B: B joins, watches; each write on A is timed until B's watch delivers it.
-        pb::admin_client::AdminClient::new(channel(b.url()).await)
+        pb::admin_client::AdminClient::new(owner(&b).await)
             .add_peer(pb::AddPeerRequest {
                 addr: a.peer_addr.unwrap().to_string(),
             })
             .await
             .unwrap();
-        pb::streams_client::StreamsClient::new(channel(b.url()).await)
+        pb::streams_client::StreamsClient::new(owner(&b).await)
             .join(pb::JoinStreamRequest {
                 stream: stream.clone(),
                 timeout_ms: 60_000,
             })
             .await
             .unwrap();
-        let mut watch = pb::kv_client::KvClient::new(channel(b.url()).await)
+        let mut watch = pb::kv_client::KvClient::new(owner(&b).await)
             .watch(pb::KvWatchRequest {
                 stream: stream.clone(),
                 key: Bytes::from("watched"),

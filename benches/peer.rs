@@ -199,9 +199,9 @@ async fn start_node(config: NodeConfig, peer_listener: bool) -> RunningNode {
         .unwrap()
 }
 
-/// Creates a stream without the per-stream size limit on the node at `url`; returns its id.
-async fn create_stream(url: &str, name: &str) -> Bytes {
-    let channel = support::connect(url.to_string()).await;
+/// Creates a stream without the per-stream size limit on `node`; returns its id.
+async fn create_stream(node: &RunningNode, name: &str) -> Bytes {
+    let channel = support::owner(node).await;
     support::create_stream(&channel, name, Some(support::unlimited())).await
 }
 
@@ -216,15 +216,21 @@ fn draft(stream: &Bytes, index: usize) -> pb::AppendRequest {
     }
 }
 
-/// Appends `count` scribes to `stream` in batches of 1000 from `clients` connections at once, as
-/// the `append` bench does; returns how long it took.
-async fn append_batches(url: &str, stream: &Bytes, count: usize, clients: usize) -> Duration {
+/// Appends `count` scribes to `stream` in batches of 1000 from `clients` connections at once to
+/// `node`, as the `append` bench does; returns how long it took.
+async fn append_batches(
+    node: &RunningNode,
+    stream: &Bytes,
+    count: usize,
+    clients: usize,
+) -> Duration {
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|client| {
-            let (url, stream) = (url.to_string(), stream.clone());
+            let (url, token, stream) =
+                (node.url(), node.token.as_str().to_string(), stream.clone());
             tokio::spawn(async move {
-                let mut log = support::log_client(support::connect(url).await);
+                let mut log = support::log_client(support::connect(url, &token).await);
                 for first in (client * BATCH..count).step_by(clients * BATCH) {
                     let appends = (first..(first + BATCH).min(count))
                         .map(|index| draft(&stream, index))
@@ -249,16 +255,16 @@ async fn append_batches(url: &str, stream: &Bytes, count: usize, clients: usize)
 async fn quire_append(sizes: &Sizes) -> (f64, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(NodeConfig::new(dir.path()), false).await;
-    let stream = create_stream(&node.url(), "append").await;
-    let elapsed = append_batches(&node.url(), &stream, sizes.append, sizes.append_clients).await;
-    let p50 = append_p50(&node.url(), &stream, sizes.latency_samples, sizes.append).await;
+    let stream = create_stream(&node, "append").await;
+    let elapsed = append_batches(&node, &stream, sizes.append, sizes.append_clients).await;
+    let p50 = append_p50(&node, &stream, sizes.latency_samples, sizes.append).await;
     node.stop().await.unwrap();
     (sizes.append as f64 / elapsed.as_secs_f64(), p50)
 }
 
-/// p50 of single `Append` calls, one at a time, of scribes numbered from `first`.
-async fn append_p50(url: &str, stream: &Bytes, samples: usize, first: usize) -> Duration {
-    let mut log = support::log_client(support::connect(url.to_string()).await);
+/// p50 of single `Append` calls to `node`, one at a time, of scribes numbered from `first`.
+async fn append_p50(node: &RunningNode, stream: &Bytes, samples: usize, first: usize) -> Duration {
+    let mut log = support::log_client(support::owner(node).await);
     let mut latencies = Vec::with_capacity(samples);
     for index in first..first + samples {
         let request = draft(stream, index);
@@ -279,10 +285,10 @@ async fn quire_durable(sizes: &Sizes) -> (f64, Duration, Duration) {
         ..NodeConfig::new(dir.path())
     };
     let node = start_node(config, false).await;
-    let stream = create_stream(&node.url(), "durable").await;
+    let stream = create_stream(&node, "durable").await;
     let mut clients = Vec::new();
     for _ in 0..DURABLE_CLIENTS {
-        clients.push(support::log_client(support::connect(node.url()).await));
+        clients.push(support::log_client(support::owner(&node).await));
     }
     let each = sizes.durable_each;
     let started = Instant::now();
@@ -303,7 +309,7 @@ async fn quire_durable(sizes: &Sizes) -> (f64, Duration, Duration) {
     }
     let rate = (DURABLE_CLIENTS * each) as f64 / started.elapsed().as_secs_f64();
 
-    let mut log = support::log_client(support::connect(node.url()).await);
+    let mut log = support::log_client(support::owner(&node).await);
     let mut raw = RawLog::new();
     let (mut quire, mut raw_latencies) = (Vec::new(), Vec::new());
     for index in DURABLE_CLIENTS * each..DURABLE_CLIENTS * each + sizes.latency_samples {
@@ -322,8 +328,8 @@ async fn quire_durable(sizes: &Sizes) -> (f64, Duration, Duration) {
 async fn quire_catch_up(count: usize) -> f64 {
     let dir_a = tempfile::tempdir().unwrap();
     let a = start_node(NodeConfig::new(dir_a.path()), true).await;
-    let stream = create_stream(&a.url(), "origin").await;
-    append_batches(&a.url(), &stream, count, 4).await;
+    let stream = create_stream(&a, "origin").await;
+    append_batches(&a, &stream, count, 4).await;
 
     let dir_b = tempfile::tempdir().unwrap();
     let config = NodeConfig {
@@ -331,7 +337,7 @@ async fn quire_catch_up(count: usize) -> f64 {
         ..NodeConfig::new(dir_b.path())
     };
     let b = start_node(config, false).await;
-    let channel = support::connect(b.url()).await;
+    let channel = support::owner(&b).await;
     let started = Instant::now();
     pb::streams_client::StreamsClient::new(channel.clone())
         .join(pb::JoinStreamRequest {

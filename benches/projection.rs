@@ -133,7 +133,7 @@ fn write_log(dir: &std::path::Path, batches: usize) {
         let node = RunningNode::start(NodeConfig::new(dir), "127.0.0.1:0".parse().unwrap(), None)
             .await
             .unwrap();
-        let channel = support::connect(node.url()).await;
+        let channel = support::owner(&node).await;
         let stream = support::create_stream(&channel, "bench", Some(support::unlimited())).await;
         let mut log = pb::log_client::LogClient::new(channel)
             .max_encoding_message_size(64 << 20)

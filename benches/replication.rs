@@ -10,12 +10,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use quire::api::access::{AuthChannel, Bearer};
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
 use quire::projection_api::StreamId;
 use quire::scribe::Scribe;
 use rayon::prelude::*;
 use tonic::transport::Channel;
+
+mod support;
 
 const PAYLOAD: usize = 256;
 
@@ -85,17 +88,20 @@ fn main() {
     });
 }
 
+/// Clients of the node at `url`, sending its owner's `token` with every call.
 async fn client(
     url: &str,
+    token: &str,
 ) -> (
-    pb::log_client::LogClient<Channel>,
-    pb::streams_client::StreamsClient<Channel>,
+    pb::log_client::LogClient<AuthChannel>,
+    pb::streams_client::StreamsClient<AuthChannel>,
 ) {
     let channel = Channel::from_shared(url.to_string())
         .unwrap()
         .connect()
         .await
         .unwrap();
+    let channel = AuthChannel::new(channel, Bearer::new(Some(token)).unwrap());
     (
         pb::log_client::LogClient::new(channel.clone())
             .max_decoding_message_size(64 << 20)
@@ -111,7 +117,7 @@ fn payload(index: usize) -> Bytes {
 }
 
 async fn fill(node: &RunningNode, name: &str, count: usize) -> StreamId {
-    let (mut log, mut streams) = client(&node.url()).await;
+    let (mut log, mut streams) = client(&node.url(), node.token.as_str()).await;
     // A million scribes are far over the default 100 MiB per stream.
     let policy = pb::Policy {
         max_stream_bytes: 1 << 40,
@@ -132,7 +138,7 @@ async fn fill(node: &RunningNode, name: &str, count: usize) -> StreamId {
 }
 
 async fn append(
-    log: &mut pb::log_client::LogClient<Channel>,
+    log: &mut pb::log_client::LogClient<AuthChannel>,
     stream: &StreamId,
     count: usize,
     offset: usize,
@@ -162,6 +168,8 @@ async fn append(
 struct ChildNode {
     child: Child,
     url: String,
+    /// The owner's token, from `api.token` in its data directory.
+    token: String,
 }
 
 fn spawn_b(dir: &Path, peer: &str) -> ChildNode {
@@ -202,7 +210,8 @@ fn spawn_b(dir: &Path, peer: &str) -> ChildNode {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    ChildNode { child, url }
+    let token = support::token_of(dir);
+    ChildNode { child, url, token }
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -222,8 +231,8 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn held(url: &str, stream: &StreamId) -> u64 {
-    let (_, mut streams) = client(url).await;
+async fn held(b: &ChildNode, stream: &StreamId) -> u64 {
+    let (_, mut streams) = client(&b.url, &b.token).await;
     streams
         .get(pb::GetStreamRequest {
             stream: Bytes::copy_from_slice(stream.as_bytes()),
@@ -234,8 +243,8 @@ async fn held(url: &str, stream: &StreamId) -> u64 {
 }
 
 /// Polls (a benchmark may) until B holds `count` scribes of `stream`.
-async fn wait_for(url: &str, stream: &StreamId, count: u64) {
-    while held(url, stream).await < count {
+async fn wait_for(b: &ChildNode, stream: &StreamId, count: u64) {
+    while held(b, stream).await < count {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -251,7 +260,7 @@ fn stop(mut b: ChildNode) {
 async fn catch_up(peer_a: &str, stream: &StreamId, count: u64) -> (f64, u64, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let b = spawn_b(dir.path(), peer_a);
-    let (_, mut streams) = client(&b.url).await;
+    let (_, mut streams) = client(&b.url, &b.token).await;
     let started = Instant::now();
     streams
         .join(pb::JoinStreamRequest {
@@ -260,7 +269,7 @@ async fn catch_up(peer_a: &str, stream: &StreamId, count: u64) -> (f64, u64, tem
         })
         .await
         .unwrap();
-    wait_for(&b.url, stream, count).await;
+    wait_for(&b, stream, count).await;
     let rate = count as f64 / started.elapsed().as_secs_f64();
     let rss = peak_rss_kib(b.child.id());
     stop(b);
@@ -274,18 +283,18 @@ async fn resume(
     stream: &StreamId,
     held_before: u64,
 ) -> Duration {
-    let (mut log, _) = client(&a.url()).await;
+    let (mut log, _) = client(&a.url(), a.token.as_str()).await;
     append(&mut log, stream, 1_000, 10_000_000).await;
     let started = Instant::now();
     let b = spawn_b(dir_b, peer_a);
-    wait_for(&b.url, stream, held_before + 1_000).await;
+    wait_for(&b, stream, held_before + 1_000).await;
     let elapsed = started.elapsed();
     stop(b);
     elapsed
 }
 
 async fn live_latency(a: &RunningNode, peer_a: &str, count: usize) -> (Duration, Duration) {
-    let (mut log_a, mut streams_a) = client(&a.url()).await;
+    let (mut log_a, mut streams_a) = client(&a.url(), a.token.as_str()).await;
     let info = streams_a
         .create(pb::CreateStreamRequest {
             name: "live".into(),
@@ -297,7 +306,7 @@ async fn live_latency(a: &RunningNode, peer_a: &str, count: usize) -> (Duration,
     let stream = StreamId::from_slice(&info.stream).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let b = spawn_b(dir.path(), peer_a);
-    let (mut log_b, mut streams_b) = client(&b.url).await;
+    let (mut log_b, mut streams_b) = client(&b.url, &b.token).await;
     streams_b
         .join(pb::JoinStreamRequest {
             stream: info.stream.clone(),

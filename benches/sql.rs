@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use quire::api::access::AuthChannel;
 use quire::log::store::Store;
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
@@ -26,7 +27,6 @@ use quire::projection;
 use quire::projection_api::files::{FileChange, CONTENT_TYPE};
 use quire::projection_api::{ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe};
 use quire_projection_sql::{parse_record, to_sql, Schema, Sql};
-use tonic::transport::Channel;
 
 mod support;
 
@@ -65,7 +65,7 @@ fn schema_append(stream: &Bytes) -> pb::AppendRequest {
     append(stream, kind.as_str(), CONTENT_TYPE, payload)
 }
 
-async fn fill(channel: &Channel, stream: &Bytes, records: usize) {
+async fn fill(channel: &AuthChannel, stream: &Bytes, records: usize) {
     let mut log = pb::log_client::LogClient::new(channel.clone())
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20);
@@ -122,7 +122,7 @@ fn rebuild(runtime: &tokio::runtime::Runtime, records: usize) {
         )
         .await
         .unwrap();
-        let channel = support::connect(node.url()).await;
+        let channel = support::owner(&node).await;
         let stream = support::create_stream(&channel, "bench", Some(support::unlimited())).await;
         let started = Instant::now();
         fill(&channel, &stream, records).await;
@@ -270,7 +270,7 @@ fn point_queries(runtime: &tokio::runtime::Runtime, records: usize, run_for: Dur
         let node = RunningNode::start(NodeConfig::new(dir.path()), "127.0.0.1:0".parse().unwrap(), None)
             .await
             .unwrap();
-        let channel = support::connect(node.url()).await;
+        let channel = support::owner(&node).await;
         let stream = support::create_stream(&channel, "bench", Some(support::unlimited())).await;
         fill(&channel, &stream, records).await;
         let tid = hex::encode(&stream);

@@ -5,8 +5,11 @@
 //!
 //! ```text
 //! cargo run --example latest-node -- serve -d /tmp/q
-//! cargo run --example latest-node -- projections
+//! cargo run --example latest-node -- projections -d /tmp/q
 //! ```
+//!
+//! (`-d` names the node serving that directory and the owner's token the CLI reads there,
+//! `api.token`: listing projections, like every call that acts as the node, needs it.)
 //!
 //! For the crash tests only: `QUIRE_EXAMPLE_BATCH_DELAY_MS=N` makes `latest` take batches of at
 //! most 1,024 scribes, each at least N ms longer, so a test can kill the process in the middle of

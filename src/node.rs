@@ -41,6 +41,8 @@ pub struct NodeConfig {
     /// Host names the client API answers to besides IP addresses and `localhost`
     /// (`--api-host`); apps are served at `<label>.<name>` too.
     pub api_hosts: Vec<String>,
+    /// Serve the client API over TLS: (certificate chain, private key), PEM files.
+    pub api_tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -52,6 +54,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("registry", &self.registry)
             .field("sql_limits", &self.sql_limits)
             .field("api_hosts", &self.api_hosts)
+            .field("api_tls", &self.api_tls)
             .finish()
     }
 }
@@ -67,6 +70,7 @@ impl NodeConfig {
             registry: Registry::builtin(),
             sql_limits: quire_projection_sql::Limits::default(),
             api_hosts: Vec::new(),
+            api_tls: None,
         }
     }
 }
@@ -84,6 +88,9 @@ pub enum NodeError {
     /// The gRPC server failed.
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS certificate or key of the client API could not be used.
+    #[error("--api-tls-cert/--api-tls-key: {0}")]
+    Tls(String),
     /// Peers could not be set up.
     #[error(transparent)]
     Replication(#[from] ReplicationError),
@@ -135,10 +142,15 @@ pub async fn serve(
         Some(listener) => Some(listener.local_addr()?),
         None => None,
     };
-    let access = Access::open(&config.data_dir, &config.api_hosts, false)?;
+    let tls = match &config.api_tls {
+        Some((cert, key)) => Some(tls_config(cert, key)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let access = Access::open(&config.data_dir, &config.api_hosts, tls.is_some())?;
     let addr_file = config.data_dir.join(API_ADDR_FILE);
-    std::fs::write(&addr_file, format!("http://{api_addr}\n"))?;
-    let mut listeners = vec![("api".to_string(), format!("http://{api_addr}"))];
+    std::fs::write(&addr_file, format!("{scheme}://{api_addr}\n"))?;
+    let mut listeners = vec![("api".to_string(), format!("{scheme}://{api_addr}"))];
     if let Some(peer_addr) = peer_addr {
         listeners.push(("peer".to_string(), peer_addr.to_string()));
     }
@@ -168,7 +180,11 @@ pub async fn serve(
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
     let sql = crate::api::sql::SqlService::new(log.clone(), projections.clone(), config.sql_limits);
-    let api_server = tonic::transport::Server::builder()
+    let mut api_builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        api_builder = api_builder.tls_config(tls)?;
+    }
+    let api_server = api_builder
         // HTTP/1.1 for the HTTP API (browsers, curl); gRPC clients speak HTTP/2.
         .accept_http1(true)
         .add_routes(
@@ -222,6 +238,30 @@ pub async fn serve(
     result
 }
 
+/// The TLS identity of the client API from PEM files (certificate chain and private key),
+/// checked here so a bad file fails at start with its name.
+fn tls_config(cert: &Path, key: &Path) -> Result<tonic::transport::ServerTlsConfig, NodeError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| NodeError::Tls(format!("{}: {error}", path.display())))
+    };
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    let text = String::from_utf8_lossy(&cert_pem);
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(NodeError::Tls(format!(
+            "{} holds no PEM certificate",
+            cert.display()
+        )));
+    }
+    if !String::from_utf8_lossy(&key_pem).contains("PRIVATE KEY-----") {
+        return Err(NodeError::Tls(format!(
+            "{} holds no PEM private key",
+            key.display()
+        )));
+    }
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem)))
+}
+
 /// Accepted connections with Nagle's algorithm off: small gRPC messages (a live scribe, an
 /// append's reply) go out at once instead of waiting for a delayed ACK (~40 ms).
 fn no_delay(
@@ -248,6 +288,7 @@ pub struct RunningNode {
     pub data_dir: PathBuf,
     /// The owner's token (as in `api.token` when the node started).
     pub token: Token,
+    scheme: &'static str,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), NodeError>>,
 }
@@ -274,6 +315,11 @@ impl RunningNode {
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let data_dir = config.data_dir.clone();
+        let scheme = if config.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let task = tokio::spawn({
             let log = log.clone();
             async move {
@@ -289,14 +335,15 @@ impl RunningNode {
             log,
             data_dir,
             token,
+            scheme,
             stop: Some(stop),
             task,
         })
     }
 
-    /// `http://` URL of the client API.
+    /// `http://` URL of the client API (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.api_addr)
+        format!("{}://{}", self.scheme, self.api_addr)
     }
 
     /// Stops the node and waits until its data directory is closed.

@@ -3,16 +3,45 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
+use quire::api::access::{AuthChannel, Bearer};
+use quire::node::RunningNode;
 use quire::pb;
 use tonic::transport::Channel;
 
-/// A connected channel to the node at `url`.
-pub async fn connect(url: String) -> Channel {
-    Channel::from_shared(url).unwrap().connect().await.unwrap()
+/// A connected channel to the node at `url` that sends the node owner's `token` with every call
+/// (creating streams, appending and the like need it).
+pub async fn connect(url: String, token: &str) -> AuthChannel {
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    AuthChannel::new(channel, Bearer::new(Some(token)).unwrap())
+}
+
+/// A connected channel to the in-process `node`, as its owner.
+pub async fn owner(node: &RunningNode) -> AuthChannel {
+    connect(node.url(), node.token.as_str()).await
+}
+
+/// The owner's token of the node serving `data_dir` (a `quire serve` child process), once the
+/// node has written it.
+pub fn token_of(data_dir: &std::path::Path) -> String {
+    let path = data_dir.join(quire::api::access::TOKEN_FILE);
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if !text.trim().is_empty() {
+                return text.trim().to_string();
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{} was not written",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Creates a stream named `name` with `policy` (`None`: the defaults); returns its id bytes.
-pub async fn create_stream(channel: &Channel, name: &str, policy: Option<pb::Policy>) -> Bytes {
+pub async fn create_stream(channel: &AuthChannel, name: &str, policy: Option<pb::Policy>) -> Bytes {
     pb::streams_client::StreamsClient::new(channel.clone())
         .create(pb::CreateStreamRequest {
             name: name.into(),
@@ -34,14 +63,14 @@ pub fn unlimited() -> pb::Policy {
 }
 
 /// A `Log` client on `channel` that takes batches of up to 64 MiB each way.
-pub fn log_client(channel: Channel) -> pb::log_client::LogClient<Channel> {
+pub fn log_client(channel: AuthChannel) -> pb::log_client::LogClient<AuthChannel> {
     pb::log_client::LogClient::new(channel)
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20)
 }
 
 /// How many scribes of `stream` (genesis included) the node on `channel` holds; 0 if none.
-pub async fn scribes_held(channel: &Channel, stream: &Bytes) -> u64 {
+pub async fn scribes_held(channel: &AuthChannel, stream: &Bytes) -> u64 {
     pb::streams_client::StreamsClient::new(channel.clone())
         .get(pb::GetStreamRequest {
             stream: stream.clone(),

@@ -18,6 +18,12 @@ It acks every scribe: simple, and the cost is one small RPC per scribe. A busier
 apply a batch of scribes in one transaction and ack only the batch's last seq; the checkpoint
 makes either way safe.
 
+The node owner's token
+----------------------
+A durable consumer's cursor lives on the node, so subscribing as one and acking change the node:
+both need the node owner's token, sent as `authorization: Bearer TOKEN`. The node writes it to
+`api.token` in its data directory at first start; pass it with --token or $QUIRE_TOKEN.
+
 Generating the stubs
 --------------------
 From the repository root (needs `pip install grpcio grpcio-tools`):
@@ -29,9 +35,11 @@ From the repository root (needs `pip install grpcio grpcio-tools`):
 
 Usage
 -----
-    PYTHONPATH=/tmp/quire-stubs python3 consumer.py --node 127.0.0.1:8000 --name counter \\
-        --db counter.sqlite [--stream HEX] [--exit-after N | --until-seq S] [--print-counts]
+    PYTHONPATH=/tmp/quire-stubs QUIRE_TOKEN=$(cat ~/.local/share/quire/api.token) \\
+        python3 consumer.py --node 127.0.0.1:8000 --name counter --db counter.sqlite \\
+        [--stream HEX] [--exit-after N | --until-seq S] [--print-counts]
 
+--token TOKEN    the node owner's token (default: $QUIRE_TOKEN).
 --stream HEX     follow one stream (default: the whole log). A consumer name follows one scope
                  for life.
 --exit-after N   exit (status 0) after counting N scribes in this run.
@@ -40,11 +48,13 @@ Usage
 --print-counts   on such an exit, print the counts as one JSON object.
 
 Without --exit-after/--until-seq it runs until killed. It prints `caught up at seq N` once it has
-seen every scribe that existed when it subscribed. Exit status 2: the node cannot be reached.
+seen every scribe that existed when it subscribed. Exit status 2: the node cannot be reached;
+status 1: the node refused (for instance, no token or a wrong one).
 """
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 
@@ -105,6 +115,11 @@ def parse_args(argv):
     parser.add_argument("--name", required=True, help="durable consumer name (letters, digits, '-', '_', '.')")
     parser.add_argument("--db", required=True, help="SQLite file of this consumer's state")
     parser.add_argument("--stream", default="", help="hex id of the stream to follow (default: the whole log)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("QUIRE_TOKEN", ""),
+        help="the node owner's token, file api.token in its data directory (default: $QUIRE_TOKEN)",
+    )
     stop = parser.add_mutually_exclusive_group()
     stop.add_argument("--exit-after", type=int, metavar="N", help="exit after counting N scribes in this run")
     stop.add_argument("--until-seq", type=int, metavar="S", help="exit once the checkpoint is >= S")
@@ -115,6 +130,9 @@ def parse_args(argv):
         if node.startswith(prefix):
             node = node[len(prefix):]
     args.node = node.rstrip("/")
+    args.token = args.token.strip()
+    if not args.token:
+        parser.error("a durable consumer needs the node owner's token: pass --token or set QUIRE_TOKEN (the node's data directory holds it, file api.token)")
     try:
         args.stream_id = bytes.fromhex(args.stream)
     except ValueError:
@@ -131,6 +149,8 @@ def run(args, counter: Counter) -> None:
     except grpc.FutureTimeoutError:
         unreachable(args.node, f"no answer within {CONNECT_TIMEOUT_S:g} s")
     log = api_pb2_grpc.LogStub(channel)
+    # Sent with both calls: the consumer's cursor is the node's to keep.
+    owner = (("authorization", "Bearer " + args.token),)
 
     counted = 0
 
@@ -140,7 +160,7 @@ def run(args, counter: Counter) -> None:
         if args.until_seq is not None and counter.checkpoint() >= args.until_seq:
             raise Done
 
-    events = log.Subscribe(api_pb2.SubscribeRequest(stream=args.stream_id, consumer=args.name))
+    events = log.Subscribe(api_pb2.SubscribeRequest(stream=args.stream_id, consumer=args.name), metadata=owner)
     try:
         if args.exit_after is not None and args.exit_after <= 0:
             raise Done
@@ -155,7 +175,7 @@ def run(args, counter: Counter) -> None:
                     counted += 1
                 # Acked only after the commit: a crash before this line means redelivery, which
                 # apply() skips.
-                log.Ack(api_pb2.AckRequest(consumer=args.name, seq=entry.seq))
+                log.Ack(api_pb2.AckRequest(consumer=args.name, seq=entry.seq), metadata=owner)
                 check_done()
         # The node ended the subscription (it is shutting down).
         unreachable(args.node, "the node closed the subscription")

@@ -22,6 +22,7 @@ use crate::pb;
 pub(crate) struct Node {
     url: String,
     token: Option<String>,
+    ca_cert: Option<PathBuf>,
 }
 
 /// Where the token came from (or why there is none), for the message of a refusal.
@@ -32,6 +33,7 @@ impl Node {
     pub(crate) fn resolve(
         node: Option<&str>,
         token: Option<&str>,
+        ca_cert: Option<&Path>,
         data_dir: &Path,
     ) -> Result<Node> {
         let served = read_trimmed(&data_dir.join(API_ADDR_FILE));
@@ -56,7 +58,11 @@ impl Node {
             )),
         };
         let _ = TOKEN_NOTE.set(note);
-        Ok(Node { url, token })
+        Ok(Node {
+            url,
+            token,
+            ca_cert: ca_cert.map(Path::to_path_buf),
+        })
     }
 
     /// The client API URL.
@@ -71,7 +77,7 @@ impl std::fmt::Display for Node {
     }
 }
 
-fn read_trimmed(path: &PathBuf) -> Option<String> {
+fn read_trimmed(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     let text = text.trim();
     (!text.is_empty()).then(|| text.to_string())
@@ -89,8 +95,18 @@ fn with_scheme(node: &str) -> String {
 /// A channel to `node` that sends its token with every call.
 pub(crate) async fn channel(node: &Node) -> Result<AuthChannel> {
     let url = node.url();
-    let channel = Channel::from_shared(url.to_string())
-        .with_context(|| format!("--node {url:?} is not a URL like http://127.0.0.1:8000"))?
+    let mut endpoint = Channel::from_shared(url.to_string())
+        .with_context(|| format!("--node {url:?} is not a URL like http://127.0.0.1:8000"))?;
+    if url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+        if let Some(path) = &node.ca_cert {
+            let pem =
+                std::fs::read(path).with_context(|| format!("--ca-cert {}", path.display()))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach a quire node at {url}: is `quire serve` running there? (set --node or QUIRE_NODE)"))?;

@@ -54,6 +54,10 @@ pub struct Cli {
     /// to the node serving that directory).
     #[arg(long, global = true, env = "QUIRE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A CA certificate (PEM) to trust, besides the system's, for an https:// --node (for
+    /// example a node's self-signed --api-tls-cert).
+    #[arg(long, global = true, env = "QUIRE_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
     /// Data directory. Default: $XDG_DATA_HOME/quire or ~/.local/share/quire.
     #[arg(short = 'd', long = "data-dir", global = true, env = "QUIRE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -120,7 +124,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address of the client API: gRPC and the HTTP API share it, told apart by content type.
-    /// Keep it on loopback: an address others can reach needs --insecure-api.
+    /// Keep it on loopback: an address others can reach needs TLS (--api-tls-cert/--api-tls-key)
+    /// or --insecure-api.
     #[arg(long, env = "QUIRE_API", default_value = DEFAULT_API)]
     pub api: SocketAddr,
     /// A host name the client API answers to, besides IP addresses and localhost (requests
@@ -128,8 +133,14 @@ pub struct ServeArgs {
     /// <label>.NAME too. Repeatable.
     #[arg(long = "api-host", value_name = "NAME")]
     pub api_hosts: Vec<String>,
-    /// Allow --api on an address other than loopback. The API speaks plain HTTP: the token and
-    /// every answer cross the network in clear text, so put a TLS-terminating proxy in front.
+    /// Serve the client API over TLS (HTTPS, gRPC over TLS) with this certificate chain (PEM).
+    #[arg(long, requires = "api_tls_key", value_name = "PEM")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// The private key of --api-tls-cert (PEM).
+    #[arg(long, requires = "api_tls_cert", value_name = "PEM")]
+    pub api_tls_key: Option<PathBuf>,
+    /// Allow --api on an address other than loopback without TLS: the token and every answer
+    /// cross the network in clear text.
     #[arg(long)]
     pub insecure_api: bool,
     /// fsync every group commit, so acknowledged appends survive power loss (not only a crash).
@@ -322,7 +333,12 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         .data_dir
         .clone()
         .unwrap_or_else(crate::node::default_data_dir);
-    let node_url = Node::resolve(cli.node.as_deref(), cli.token.as_deref(), &data_dir)?;
+    let node_url = Node::resolve(
+        cli.node.as_deref(),
+        cli.token.as_deref(),
+        cli.ca_cert.as_deref(),
+        &data_dir,
+    )?;
     match cli.command {
         Command::Serve(args) => serve::serve(args, &data_dir, registry).await?,
         Command::Projections => projections::list(&node_url).await?,

@@ -24,6 +24,7 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
     let config = NodeConfig {
         data_dir: data_dir.clone(),
         api_hosts: args.api_hosts.clone(),
+        api_tls: args.api_tls_cert.clone().zip(args.api_tls_key.clone()),
         sync: args.sync,
         wall: None,
         peers: args.peers.clone(),
@@ -62,7 +63,12 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
     };
     println!("quire node {}", log.node_key());
     println!("data directory {}", data_dir.display());
-    println!("client API listening on http://{addr}");
+    let scheme = if args.api_tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("client API listening on {scheme}://{addr}");
     println!(
         "owner's token in {} (the CLI reads it there)",
         data_dir.join(crate::api::access::TOKEN_FILE).display()
@@ -86,12 +92,12 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
 
 /// Refuses an API address others can reach unless `--insecure-api` says so (and then warns).
 fn check_api_exposure(args: &ServeArgs) -> Result<()> {
-    if args.api.ip().is_loopback() {
+    if args.api.ip().is_loopback() || args.api_tls_cert.is_some() {
         return Ok(());
     }
     if !args.insecure_api {
         anyhow::bail!(
-            "--api {} can be reached from other machines, and the client API speaks plain HTTP: the owner's token would cross the network in clear text. Keep it on 127.0.0.1 (and reach it over SSH), or pass --insecure-api with a TLS-terminating proxy in front",
+            "--api {} can be reached from other machines, and without TLS the owner's token would cross the network in clear text. Keep it on 127.0.0.1, serve TLS (--api-tls-cert/--api-tls-key), or pass --insecure-api (e.g. behind a TLS-terminating proxy)",
             args.api
         );
     }

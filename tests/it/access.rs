@@ -812,3 +812,80 @@ fn an_api_others_can_reach_needs_insecure_api() {
         "nothing is written before the refusal"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_cli_and_https_clients_reach_the_node_and_plain_http_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let data = dir.path().join("node");
+    std::fs::create_dir(&data).unwrap();
+    let mut config = quire::node::NodeConfig::new(&data);
+    config.api_tls = Some((cert.clone(), key.clone()));
+    let node = start_config(config, false).await;
+    assert!(node.url().starts_with("https://"));
+    let https = format!("https://localhost:{}", node.api_addr.port());
+    // The owner's CLI over TLS, trusting the node's own certificate.
+    let (ok, out, err) = run(cli(&data)
+        .args(["--node", &https, "--ca-cert"])
+        .arg(&cert)
+        .args([
+            "--token",
+            node.token.as_str(),
+            "stream",
+            "create",
+            "over tls",
+        ]));
+    assert!(ok, "{out}{err}");
+    // Without trusting the certificate: refused by the client, nothing sent.
+    let (ok, _, err) = run(cli(&data).args(["--node", &https, "stream", "list"]));
+    assert!(!ok && err.contains("cannot reach"), "{err}");
+    let (ok, out, err) = run(cli(&data)
+        .args(["--node", &https, "--ca-cert"])
+        .arg(&cert)
+        .args(["stream", "list"]));
+    assert!(ok && out.contains("over tls"), "{out}{err}");
+    // Plain HTTP to the TLS port gets no answer from the API.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/", node.api_addr.port()))
+        .send()
+        .await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    // The CLI in the node's own data directory finds https:// in api.addr by itself.
+    let served = std::fs::read_to_string(data.join("api.addr")).unwrap();
+    assert!(served.starts_with("https://"), "{served}");
+    node.stop().await.unwrap();
+
+    // With TLS, an API others can reach is allowed.
+    let mut child = tokio::process::Command::new(quire_bin())
+        .arg("-d")
+        .arg(&data)
+        .args([
+            "serve",
+            "--api",
+            "0.0.0.0:0",
+            "--no-listen",
+            "--api-tls-cert",
+        ])
+        .arg(&cert)
+        .arg("--api-tls-key")
+        .arg(&key)
+        .env("QUIRE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut listening = None;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(addr) = line.strip_prefix("client API listening on ") {
+            listening = Some(addr.to_string());
+            break;
+        }
+    }
+    assert!(listening.unwrap().starts_with("https://0.0.0.0:"));
+    child.kill().await.unwrap();
+}

@@ -1,6 +1,8 @@
 //! A Python client generated from `proto/` with grpcio-tools at test time creates a stream,
-//! appends and subscribes: the API works with no Rust. Needs `pip install grpcio grpcio-tools`
-//! (the README's test command and `.ci/run` install them).
+//! appends and subscribes: the API works with no Rust. It sends the node owner's token only with
+//! the calls that need it, and shows that those fail without it (UNAUTHENTICATED) while a batch it
+//! seals itself and the reads do not need it. Needs `pip install grpcio grpcio-tools` (the
+//! README's test command and `.ci/run` install them).
 
 use std::path::Path;
 use std::process::Command;
@@ -31,7 +33,8 @@ pub fn python_stubs(root: &Path) -> tempfile::TempDir {
 }
 
 /// Runs the Python script `script` (under the repository `root`) against `node` with `stubs` on
-/// its path; returns its stdout, failing with its output if it fails.
+/// its path and the node owner's token in `QUIRE_TOKEN`; returns its stdout, failing with its
+/// output if it fails.
 pub async fn run_script(
     root: &Path,
     stubs: &tempfile::TempDir,
@@ -39,6 +42,7 @@ pub async fn run_script(
     node: &quire::node::RunningNode,
 ) -> String {
     let address = node.api_addr.to_string();
+    let token = node.token.as_str().to_string();
     let script = root.join(script);
     let stub_path = stubs.path().to_path_buf();
     let output = tokio::task::spawn_blocking(move || {
@@ -46,6 +50,7 @@ pub async fn run_script(
             .arg(script)
             .arg(address)
             .env("PYTHONPATH", stub_path)
+            .env("QUIRE_TOKEN", token)
             .output()
             .unwrap()
     })
@@ -69,5 +74,11 @@ async fn a_python_client_generated_from_the_protos_works() {
     let node = start_node(dir.path()).await;
     let stdout = run_script(root, &stubs, "tests/python/client.py", &node).await;
     assert!(stdout.contains("python client ok: 8 scribes"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "python client ok: owner calls need the token, sealed batches and reads do not"
+        ),
+        "{stdout}"
+    );
     node.stop().await.unwrap();
 }
