@@ -170,6 +170,12 @@ fn main() {
             percentile(&mut grpc, 0.5),
             percentile(&mut grpc, 0.99)
         );
+        let get_p50 = percentile(&mut grpc, 0.5);
+        let check = support::access_check_cost("/quire.v1.Kv/Get", true, true);
+        println!(
+            "  access check per Get   {check:?} = {:.2}% of the Get p50 (Host, Origin, token, method rule)",
+            check.as_secs_f64() / get_p50.as_secs_f64() * 100.0
+        );
         println!(
             "  Get in-process         p50 {:?}  p99 {:?}",
             percentile(&mut local, 0.5),

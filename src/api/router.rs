@@ -107,9 +107,13 @@ impl Api {
                         }
                         Ok(admitted)
                     });
+                // A page sees only the HTTP status (a gRPC status rides in an HTTP 200): it gets
+                // 401/403 like any HTTP refusal; a gRPC client gets its status.
+                let from_page = request.headers().contains_key(axum::http::header::ORIGIN)
+                    || request.headers().contains_key("sec-fetch-site");
                 let admitted = match admitted {
                     Ok(admitted) => admitted,
-                    Err(refusal) if is_grpc => {
+                    Err(refusal) if is_grpc && !from_page => {
                         return Ok(refusal.status().into_http().map(axum::body::Body::new))
                     }
                     Err(refusal) => return Ok(super::http::refused(&refusal)),
