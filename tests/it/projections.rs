@@ -595,11 +595,20 @@ fn latest_node_bin() -> PathBuf {
     path
 }
 
+/// Runs `latest-node` with `args`; a `--node URL` of a node the test started also gets its token.
 fn run_cli(args: &[&str]) -> String {
-    let output = std::process::Command::new(latest_node_bin())
-        .args(args)
-        .output()
-        .unwrap();
+    let mut command = std::process::Command::new(latest_node_bin());
+    command.args(args);
+    if let Some(url) = args
+        .iter()
+        .position(|a| *a == "--node")
+        .map(|at| args[at + 1])
+    {
+        if let Some(token) = token_of(url) {
+            command.args(["--token", &token]);
+        }
+    }
+    let output = command.output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
