@@ -111,7 +111,9 @@ pub fn access_check_cost(path: &str, grpc: bool, token: bool) -> std::time::Dura
     for _ in 0..200 {
         let started = std::time::Instant::now();
         for _ in 0..1000 {
-            let admitted = access.admit(&Method::POST, &uri, &headers, grpc).unwrap();
+            let admitted = access
+                .admit(&Method::POST, &uri, &headers, grpc, true)
+                .unwrap();
             let rule = quire::api::access::grpc_rule(uri.path());
             std::hint::black_box((admitted, rule));
         }

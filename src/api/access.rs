@@ -121,6 +121,7 @@ pub const GRPC_METHODS: &[(&str, Rule)] = &[
     ("/quire.v1.Admin/AddPeer", Rule::Owner),
     ("/quire.v1.Admin/RemovePeer", Rule::Owner),
     ("/quire.v1.Admin/RotateToken", Rule::Owner),
+    ("/quire.v1.Admin/Prove", Rule::Public),
     ("/quire.v1.Projections/List", Rule::Owner),
     ("/quire.v1.Projections/Rebuild", Rule::Owner),
     ("/quire.v1.Projections/Digest", Rule::Owner),
@@ -221,9 +222,31 @@ impl Token {
         &self.0
     }
 
-    /// Whether `presented` is this token, in time independent of where they differ.
+    /// Whether `presented` is this token, in time independent of where they differ and of
+    /// either's length (their SHA-256 digests are compared in constant time).
     pub fn matches(&self, presented: &str) -> bool {
-        self.0.len() == presented.len() && bool::from(self.0.as_bytes().ct_eq(presented.as_bytes()))
+        use sha2::{Digest, Sha256};
+        let (ours, theirs) = (
+            Sha256::digest(self.0.as_bytes()),
+            Sha256::digest(presented.as_bytes()),
+        );
+        bool::from(ours.as_slice().ct_eq(theirs.as_slice()))
+    }
+
+    /// The proof that a node holds this token, for `nonce` (`Admin.Prove`):
+    /// HMAC-SHA256(key = token, message = "quire.prove.v1" ‖ nonce).
+    pub fn prove(&self, nonce: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(self.0.as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(b"quire.prove.v1");
+        mac.update(nonce);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `mac` is this token's proof for `nonce` (in constant time).
+    pub fn verify_proof(&self, nonce: &[u8], mac: &[u8]) -> bool {
+        bool::from(self.prove(nonce).as_slice().ct_eq(mac))
     }
 
     /// Reads the token of `data_dir`, writing a new one (mode 0600) if there is none. A token
@@ -368,13 +391,16 @@ impl Access {
         Some(format!("{scheme}://{}.{name}{port}", app_label(stream)))
     }
 
-    /// Decides who sends a request, or refuses it. `grpc`: the request is gRPC (by content type).
+    /// Decides who sends a request, or refuses it. `grpc`: the request is gRPC (by content type);
+    /// `local`: it came over a loopback connection. An app's page counts as the app only over
+    /// loopback: elsewhere anyone can claim an app's Origin, so such a page is a plain visitor.
     pub fn admit(
         &self,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         grpc: bool,
+        local: bool,
     ) -> Result<Admitted, Refusal> {
         let (host, port) = request_host(uri, headers);
         let target = self.target(host.as_deref())?;
@@ -401,7 +427,8 @@ impl Access {
                 None => site == Some("same-origin"),
             };
             return match (&target, same_origin) {
-                (Target::App { stream, .. }, true) => Ok(admitted(Caller::App(*stream))),
+                (Target::App { stream, .. }, true) if local => Ok(admitted(Caller::App(*stream))),
+                (Target::App { .. }, true) => Ok(admitted(Caller::Anyone)),
                 _ if is_navigation(method, headers) => Ok(admitted(Caller::Anyone)),
                 _ => Err(Refusal::Forbidden(format!(
                     "a page at {} may not call {}: an app's page may only call its own origin",
@@ -423,6 +450,9 @@ impl Access {
         let Some(host) = host else {
             return Ok(Target::Node { name: None });
         };
+        if host.contains(['@', '/', '\\', ' ']) {
+            return Err(Refusal::Forbidden(format!("{host:?} is not a host name")));
+        }
         if host.parse::<IpAddr>().is_ok() {
             return Ok(Target::Node { name: None });
         }
@@ -480,7 +510,6 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> (Option<String>, Option<u16>)
 }
 
 fn split_host(authority: &str) -> (Option<String>, Option<u16>) {
-    let authority = authority.rsplit('@').next().unwrap_or(authority);
     if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']').unwrap_or((rest, ""));
         let port = after.strip_prefix(':').and_then(|p| p.parse().ok());
@@ -612,7 +641,13 @@ mod tests {
 
     fn admit(access: &Access, method: Method, pairs: &[(&str, &str)]) -> Result<Caller, Refusal> {
         access
-            .admit(&method, &Uri::from_static("/x"), &request(pairs), false)
+            .admit(
+                &method,
+                &Uri::from_static("/x"),
+                &request(pairs),
+                false,
+                true,
+            )
             .map(|admitted| admitted.caller)
     }
 
@@ -708,6 +743,7 @@ mod tests {
                 &Uri::from_static("/"),
                 &request(&[("host", &format!("{label}.localhost:8000"))]),
                 false,
+                true,
             )
             .unwrap();
         assert_eq!(
@@ -722,6 +758,7 @@ mod tests {
             "localhost.evil.example",
             &format!("{label}.evil.example"),
             "nope.localhost",
+            "evil.example@localhost",
             &format!("x{label}.localhost"),
         ] {
             assert!(
@@ -834,10 +871,22 @@ mod tests {
                 &Method::POST,
                 &Uri::from_static("/quire.v1.Log/Read"),
                 &request(&[("host", &my_host), ("origin", &my_origin)]),
-                true
+                true,
+                true,
             ),
             Err(Refusal::Forbidden(_))
         ));
+        // Over a connection from elsewhere, a page claiming the app's origin is a visitor.
+        let remote = access
+            .admit(
+                &Method::POST,
+                &Uri::from_static("/add_record"),
+                &request(&[("host", &my_host), ("origin", &my_origin)]),
+                false,
+                false,
+            )
+            .unwrap();
+        assert_eq!(remote.caller, Caller::Anyone);
     }
 
     #[test]

@@ -91,6 +91,22 @@ impl pb::admin_server::Admin for Api {
         Ok(Response::new(pb::RemovePeerReply { addr }))
     }
 
+    async fn prove(
+        &self,
+        request: Request<pb::ProveRequest>,
+    ) -> Result<Response<pb::ProveReply>, Status> {
+        let nonce = request.into_inner().nonce;
+        if !(16..=64).contains(&nonce.len()) {
+            return Err(Status::invalid_argument(format!(
+                "the nonce must be 16 to 64 bytes, got {}",
+                nonce.len()
+            )));
+        }
+        Ok(Response::new(pb::ProveReply {
+            mac: Bytes::copy_from_slice(&self.access.token().prove(&nonce)),
+        }))
+    }
+
     async fn rotate_token(
         &self,
         _request: Request<pb::RotateTokenRequest>,

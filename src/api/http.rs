@@ -24,7 +24,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use quire_projection_api::StreamId;
+use quire_projection_api::{Kind, StreamId};
 use quire_projection_sql::{to_sql, Params, Value};
 use serde_json::{json, Map, Value as Json};
 use tonic::{Code, Status};
@@ -228,6 +228,9 @@ async fn run_action(
         return Err(not_found().await);
     };
     allow(&admitted, Some(stream), right, action)?;
+    if let Caller::App(_) = admitted.caller {
+        app_may_record(&http, stream, action)?;
+    }
     if admitted.caller != Caller::Owner {
         // A page can send a form (no preflight) but not JSON to another origin.
         check_json_type(&headers)?;
@@ -240,6 +243,40 @@ async fn run_action(
         "query" => query(http, stream, headers, body).await,
         _ => upvote(http, stream, headers, body).await,
     }
+}
+
+/// An app's page writes as the node only what anyone may write to its stream, and never makes
+/// the node do the work a stream asks of each record: anyone can claim an app's origin, so the
+/// node must not sign for it what the policy keeps from strangers.
+fn app_may_record(http: &Http, stream: StreamId, action: &str) -> Result<(), HttpError> {
+    let Some(state) = http.api.log.stream(&stream) else {
+        return Ok(()); // answered "not held" by the action itself
+    };
+    let kind = match action {
+        "add_record" => Kind::RecordAdd,
+        "upvote" => Kind::RecordUpvote,
+        _ => return Ok(()),
+    };
+    if !state.policy.authors_for(&kind).anyone {
+        return Err(HttpError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this stream's policy lets only {} write {}: an app's page may write as the node only what anyone may write (send the owner's token, or sign the scribe yourself)",
+                state.policy.authors_for(&kind),
+                kind.as_str()
+            ),
+        ));
+    }
+    if kind == Kind::RecordAdd && state.policy.work_bits > 0 {
+        return Err(HttpError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this stream asks {} bits of work of every record: the node does not do that work for a page; sign the record yourself (Log.AppendSigned) or send the owner's token",
+                state.policy.work_bits
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The right each `POST` action needs (None: no such action).

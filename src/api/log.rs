@@ -141,6 +141,27 @@ fn sealed_batch(batch: pb::SealedBatch) -> Result<Vec<Draft>, Status> {
         .collect())
 }
 
+/// A client-signed genesis makes the node hold, project and serve a new stream: that is the
+/// owner's call, whoever signed it.
+#[allow(clippy::result_large_err)]
+fn genesis_needs_owner(caller: access::Caller, drafts: &[Draft]) -> Result<(), Status> {
+    if caller == access::Caller::Owner {
+        return Ok(());
+    }
+    let creates = drafts.iter().any(|draft| match draft {
+        Draft::Signed { parts, .. } => decode_envelope(&parts.envelope)
+            .is_ok_and(|(body, _, _)| body.kind == Kind::StreamCreate),
+        Draft::New(_) => false,
+    });
+    if creates {
+        return Err(access::Refusal::Unauthenticated(access::needs_token(
+            "a stream.create (a genesis makes this node hold a new stream)",
+        ))
+        .status());
+    }
+    Ok(())
+}
+
 impl Api {
     async fn append_draft(&self, draft: Draft) -> Result<Response<pb::AppendReply>, Status> {
         let appended = self
@@ -165,7 +186,10 @@ impl pb::log_server::Log for Api {
         &self,
         request: Request<pb::AppendSignedRequest>,
     ) -> Result<Response<pb::AppendReply>, Status> {
-        self.append_draft(signed(request.into_inner())?).await
+        let caller = access::caller_of(&request);
+        let draft = signed(request.into_inner())?;
+        genesis_needs_owner(caller, std::slice::from_ref(&draft))?;
+        self.append_draft(draft).await
     }
 
     async fn append_batch(
@@ -175,6 +199,7 @@ impl pb::log_server::Log for Api {
         if !request.get_ref().appends.is_empty() {
             access::require_owner(&request, "a batch with node-signed `appends`")?;
         }
+        let caller = access::caller_of(&request);
         let request = request.into_inner();
         let mut drafts = Vec::with_capacity(request.appends.len() + request.signed.len());
         for (index, append) in request.appends.into_iter().enumerate() {
@@ -197,6 +222,7 @@ impl pb::log_server::Log for Api {
                 )
             })?);
         }
+        genesis_needs_owner(caller, &drafts)?;
         let appended = self
             .log
             .append(drafts, Origin::Local)

@@ -96,8 +96,19 @@ impl Api {
                     .get(axum::http::header::CONTENT_TYPE)
                     .and_then(|value| value.to_str().ok())
                     .is_some_and(|value| value.starts_with("application/grpc"));
+                let local = request
+                    .extensions()
+                    .get::<tonic::transport::server::TcpConnectInfo>()
+                    .and_then(|info| info.remote_addr())
+                    .is_some_and(|addr| addr.ip().is_loopback());
                 let admitted = access
-                    .admit(request.method(), request.uri(), request.headers(), is_grpc)
+                    .admit(
+                        request.method(),
+                        request.uri(),
+                        request.headers(),
+                        is_grpc,
+                        local,
+                    )
                     .and_then(|admitted| {
                         let owner_only = grpc_rule(request.uri().path()) == Rule::Owner;
                         if is_grpc && owner_only && admitted.caller != Caller::Owner {

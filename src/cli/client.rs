@@ -22,6 +22,8 @@ use crate::pb;
 pub(crate) struct Node {
     url: String,
     token: Option<String>,
+    /// The token was read from a data directory: the node must prove it holds it first.
+    token_from_dir: bool,
     ca_cert: Option<PathBuf>,
 }
 
@@ -43,6 +45,7 @@ impl Node {
                 .clone()
                 .unwrap_or_else(|| format!("http://{}", super::DEFAULT_API)),
         };
+        let token_from_dir = token.is_none();
         let (token, note) = match token {
             Some(token) => (Some(token.trim().to_string()), "the token given by --token / QUIRE_TOKEN was refused: it is not this node's (see its data directory's api.token; `quire token rotate` changes it)".to_string()),
             None if served.as_deref() == Some(url.as_str()) => {
@@ -60,6 +63,7 @@ impl Node {
         let _ = TOKEN_NOTE.set(note);
         Ok(Node {
             url,
+            token_from_dir: token_from_dir && token.is_some(),
             token,
             ca_cert: ca_cert.map(Path::to_path_buf),
         })
@@ -110,13 +114,43 @@ pub(crate) async fn channel(node: &Node) -> Result<AuthChannel> {
         .connect()
         .await
         .with_context(|| format!("cannot reach a quire node at {url}: is `quire serve` running there? (set --node or QUIRE_NODE)"))?;
-    let bearer = Bearer::new(node.token.as_deref())
-        .context("the token has characters a header cannot carry")?;
+    let mut token = node.token.as_deref();
+    if node.token_from_dir && !proves_token(&channel, token.unwrap_or_default()).await {
+        // A stale api.addr: whoever listens there now must not get the token.
+        token = None;
+        STALE.set(()).ok();
+    }
+    let bearer = Bearer::new(token).context("the token has characters a header cannot carry")?;
     Ok(AuthChannel::new(channel, bearer))
+}
+
+/// Set when the node at a data directory's api.addr could not prove it holds its token.
+static STALE: OnceLock<()> = OnceLock::new();
+
+/// Whether the node on `channel` proves it holds `token` (`Admin.Prove` with a fresh nonce).
+async fn proves_token(channel: &Channel, token: &str) -> bool {
+    use rand::RngCore;
+    let Some(token) = crate::api::access::Token::parse(token) else {
+        return false;
+    };
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let reply = pb::admin_client::AdminClient::new(channel.clone())
+        .prove(pb::ProveRequest {
+            nonce: bytes::Bytes::copy_from_slice(&nonce),
+        })
+        .await;
+    reply.is_ok_and(|reply| token.verify_proof(&nonce, &reply.into_inner().mac))
 }
 
 pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     if status.code() == tonic::Code::Unauthenticated {
+        if STALE.get().is_some() {
+            return anyhow::anyhow!(
+                "unauthenticated: {}\nthe token of the data directory was not sent: the node at its api.addr could not prove it holds that token (the node is not running and another program listens there, or api.token changed by hand); start the node, or pass --node and --token",
+                status.message()
+            );
+        }
         if let Some(note) = TOKEN_NOTE.get() {
             return anyhow::anyhow!("unauthenticated: {}\n{note}", status.message());
         }

@@ -4,6 +4,7 @@
 
 mod access;
 mod api;
+mod attack_access;
 mod attack_format;
 mod browser;
 mod common;
