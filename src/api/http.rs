@@ -208,12 +208,8 @@ async fn app_action(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
     let stream = app_of(&admitted)?;
-    let path = path.trim_start_matches('/');
-    let action = match path.split_once('/') {
-        Some((first, rest)) if tid(first).ok() == Some(stream) => rest,
-        _ => path,
-    };
-    run_action(http, admitted, stream, action, headers, body).await
+    let action = own_path(stream, &path).to_string();
+    run_action(http, admitted, stream, &action, headers, body).await
 }
 
 async fn run_action(

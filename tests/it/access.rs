@@ -346,37 +346,6 @@ async fn strangers_read_and_append_what_they_sign_themselves() {
     node.stop().await.unwrap();
 }
 
-/// One HTTP request: method, path, headers; returns status and body.
-async fn http(
-    node: &RunningNode,
-    host: Option<&str>,
-    method: reqwest::Method,
-    path: &str,
-    headers: &[(&str, String)],
-    body: Option<Json>,
-) -> (u16, String) {
-    let mut client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
-    if let Some(host) = host {
-        // `<label>.localhost` reaches the node's port like a browser's resolver makes it.
-        client = client.resolve(host, node.api_addr);
-    }
-    let client = client.build().unwrap();
-    let base = match host {
-        Some(host) => format!("http://{host}:{}", node.api_addr.port()),
-        None => node.url(),
-    };
-    let mut request = client.request(method, format!("{base}{path}"));
-    for (name, value) in headers {
-        request = request.header(*name, value);
-    }
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let reply = request.send().await.unwrap();
-    let status = reply.status().as_u16();
-    (status, reply.text().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
     let dir = tempfile::tempdir().unwrap();
@@ -389,7 +358,7 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
     let m_host = format!("{}.localhost", app_label(&mallory));
     let v_host = format!("{}.localhost", app_label(&victim));
     let m_origin = format!("http://{m_host}:{port}");
-    let index_before = http(
+    let index_before = http_to(
         &node,
         None,
         reqwest::Method::GET,
@@ -444,21 +413,23 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
     for (method, path, body) in &owner_actions {
         let what = format!("{method} {path}");
         // No token, a wrong token: 401, saying where the token is.
-        let (status, reply) = http(&node, None, method.clone(), path, &[], body.clone()).await;
+        let (status, reply) = http_to(&node, None, method.clone(), path, &[], body.clone()).await;
         assert_eq!(status, 401, "{what}: {reply}");
         assert!(reply.contains("api.token"), "{what}: {reply}");
         let wrong = [("authorization", "Bearer not-the-token-at-all".to_string())];
-        let (status, reply) = http(&node, None, method.clone(), path, &wrong, body.clone()).await;
+        let (status, reply) =
+            http_to(&node, None, method.clone(), path, &wrong, body.clone()).await;
         assert_eq!(status, 401, "{what}: {reply}");
         // A page of app M, on the node's host and on V's host: 403, even with the token.
         let from_m = [
             ("origin", m_origin.clone()),
             ("authorization", format!("Bearer {token}")),
         ];
-        let (status, reply) = http(&node, None, method.clone(), path, &from_m, body.clone()).await;
+        let (status, reply) =
+            http_to(&node, None, method.clone(), path, &from_m, body.clone()).await;
         assert_eq!(status, 403, "{what} from M's page: {reply}");
         let on_v = path.replacen(&format!("/{v}"), "", 1);
-        let (status, reply) = http(
+        let (status, reply) = http_to(
             &node,
             Some(&v_host),
             method.clone(),
@@ -473,7 +444,8 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
             ("host", format!("evil.example:{port}")),
             ("authorization", format!("Bearer {token}")),
         ];
-        let (status, reply) = http(&node, None, method.clone(), path, &rebound, body.clone()).await;
+        let (status, reply) =
+            http_to(&node, None, method.clone(), path, &rebound, body.clone()).await;
         assert_eq!(status, 403, "{what} with Host evil.example: {reply}");
         assert!(
             reply.contains("does not answer to the host name"),
@@ -482,7 +454,7 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
     }
     // V's own page may add records but not write V's files or manage the node.
     let from_v = [("origin", format!("http://{v_host}:{port}"))];
-    let (status, reply) = http(
+    let (status, reply) = http_to(
         &node,
         Some(&v_host),
         reqwest::Method::PUT,
@@ -493,7 +465,7 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
     .await;
     assert_eq!(status, 403, "{reply}");
     // A form post (no preflight) from the app's own page: refused, it must be JSON.
-    let (status, reply) = http(
+    let (status, reply) = http_to(
         &node,
         Some(&v_host),
         reqwest::Method::POST,
@@ -507,7 +479,7 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
     .await;
     assert_eq!(status, 415, "{reply}");
     assert_eq!(snapshot(&url).await, before);
-    let index_after = http(
+    let index_after = http_to(
         &node,
         None,
         reqwest::Method::GET,
@@ -520,7 +492,7 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
     assert_eq!(query_notes(&url, &v).await.len(), 1);
 
     // What an app may do: add a record to its own stream, from its own origin, and query it.
-    let (status, reply) = http(
+    let (status, reply) = http_to(
         &node,
         Some(&v_host),
         reqwest::Method::POST,
@@ -531,7 +503,7 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
     .await;
     assert_eq!(status, 200, "{reply}");
     // Flock-style absolute paths of its own id work too.
-    let (status, reply) = http(
+    let (status, reply) = http_to(
         &node,
         Some(&v_host),
         reqwest::Method::POST,
@@ -542,7 +514,7 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
     .await;
     assert_eq!((status, reply.contains("[[2]]")), (200, true), "{reply}");
     // ...but not another app's id on its host.
-    let (status, _) = http(
+    let (status, _) = http_to(
         &node,
         Some(&v_host),
         reqwest::Method::POST,
@@ -628,7 +600,7 @@ async fn apps_are_served_at_their_own_origin_with_a_policy_that_keeps_them_there
         .starts_with("sandbox"));
     assert_eq!(reply.bytes().await.unwrap().as_ref(), index);
     // A cross-site subresource load (a <script src> on another site) is refused.
-    let (status, _) = http(
+    let (status, _) = http_to(
         &node,
         Some(&host),
         reqwest::Method::GET,
@@ -642,7 +614,7 @@ async fn apps_are_served_at_their_own_origin_with_a_policy_that_keeps_them_there
     .await;
     assert_eq!(status, 403);
     // A label that is no app's id is no host of this node.
-    let (status, _) = http(
+    let (status, _) = http_to(
         &node,
         Some("notanapp.localhost"),
         reqwest::Method::GET,

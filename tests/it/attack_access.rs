@@ -47,37 +47,6 @@ async fn fingerprint(url: &str) -> Fingerprint {
     }
 }
 
-/// One HTTP request through reqwest (no redirects followed); `host` is resolved to the node like
-/// a browser resolves `*.localhost`. Returns status and body.
-async fn http(
-    node: &RunningNode,
-    host: Option<&str>,
-    method: reqwest::Method,
-    path: &str,
-    headers: &[(&str, String)],
-    body: Option<Json>,
-) -> (u16, String) {
-    let mut client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
-    if let Some(host) = host {
-        client = client.resolve(host, node.api_addr);
-    }
-    let client = client.build().unwrap();
-    let base = match host {
-        Some(host) => format!("http://{host}:{}", node.api_addr.port()),
-        None => node.url(),
-    };
-    let mut request = client.request(method, format!("{base}{path}"));
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    for (name, value) in headers {
-        request = request.header(*name, value);
-    }
-    let reply = request.send().await.unwrap();
-    let status = reply.status().as_u16();
-    (status, reply.text().await.unwrap())
-}
-
 /// Writes `request` as is to the node's API port and reads until the node closes the connection
 /// (or 5 s pass). Returns everything read.
 async fn raw(node: &RunningNode, request: &str) -> String {
@@ -191,7 +160,7 @@ async fn a_forged_app_origin_cannot_sign_past_an_owner_only_record_rule() {
     // Not a browser: a program that says it is the diary's page.
     let host = format!("{}.localhost", app_label(&diary));
     let origin = format!("http://{host}:{}", node.api_addr.port());
-    let (status, reply) = http(
+    let (status, reply) = http_to(
         &node,
         Some(&host),
         reqwest::Method::POST,
@@ -245,7 +214,7 @@ async fn a_forged_app_origin_cannot_make_the_node_do_a_strangers_work() {
     );
     let host = format!("{}.localhost", app_label(&app));
     let origin = format!("http://{host}:{}", node.api_addr.port());
-    let (status, reply) = http(
+    let (status, reply) = http_to(
         &node,
         Some(&host),
         reqwest::Method::POST,
@@ -499,7 +468,7 @@ async fn look_alike_origins_are_not_the_app() {
         ],
     ];
     for headers in &headers {
-        let (status, reply) = http(
+        let (status, reply) = http_to(
             &node,
             Some(&host),
             reqwest::Method::POST,
@@ -511,7 +480,7 @@ async fn look_alike_origins_are_not_the_app() {
         assert_eq!(status, 403, "{headers:?}: {reply}");
     }
     // The app's own page on the node's host, with the token it somehow got: still refused.
-    let (status, reply) = http(
+    let (status, reply) = http_to(
         &node,
         None,
         reqwest::Method::POST,
@@ -695,7 +664,7 @@ async fn only_the_exact_token_makes_the_owner() {
         ],
     ];
     for headers in &attempts {
-        let (status, _) = http(
+        let (status, _) = http_to(
             &node,
             None,
             reqwest::Method::POST,

@@ -291,3 +291,34 @@ pub fn quire_cli(url: &str) -> std::process::Command {
     }
     command
 }
+
+/// One HTTP request through reqwest (no redirects followed); `host` is resolved to the node like
+/// a browser resolves `*.localhost`. Returns status and body.
+pub async fn http_to(
+    node: &RunningNode,
+    host: Option<&str>,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<serde_json::Value>,
+) -> (u16, String) {
+    let mut client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+    if let Some(host) = host {
+        client = client.resolve(host, node.api_addr);
+    }
+    let client = client.build().unwrap();
+    let base = match host {
+        Some(host) => format!("http://{host}:{}", node.api_addr.port()),
+        None => node.url(),
+    };
+    let mut request = client.request(method, format!("{base}{path}"));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let reply = request.send().await.unwrap();
+    let status = reply.status().as_u16();
+    (status, reply.text().await.unwrap())
+}
