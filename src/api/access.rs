@@ -439,7 +439,10 @@ impl Access {
         }
         match bearer(headers) {
             None => Ok(admitted(Caller::Anyone)),
-            Some(presented) if self.token().matches(presented) => Ok(admitted(Caller::Owner)),
+            // Compared under the read lock: no copy of the token per request.
+            Some(presented) if self.inner.token.read().expect("token lock").matches(presented) => {
+                Ok(admitted(Caller::Owner))
+            }
             Some(_) => Err(Refusal::Unauthenticated(format!(
                 "wrong token: the node owner's token is in the node's data directory, file {TOKEN_FILE} (it changes with `quire token rotate`)"
             ))),
@@ -691,6 +694,10 @@ mod tests {
             );
         }
         assert_eq!(Token::load_or_create(dir.path()).unwrap(), first);
+        // A file that holds no token stops the start, saying which file.
+        std::fs::write(dir.path().join(TOKEN_FILE), "short\n").unwrap();
+        let error = Token::load_or_create(dir.path()).unwrap_err();
+        assert!(error.to_string().contains(TOKEN_FILE), "{error}");
     }
 
     #[test]

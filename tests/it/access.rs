@@ -169,19 +169,6 @@ async fn busy_node(dir: &std::path::Path) -> (RunningNode, StreamId) {
     (node, app)
 }
 
-async fn query_notes(url: &str, tid: &str) -> Vec<Json> {
-    let reply: Json = reqwest::Client::new()
-        .post(format!("{url}/{tid}/query"))
-        .json(&json!({"query": "SELECT text FROM note ORDER BY rowid"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    reply["results"].as_array().cloned().unwrap_or_default()
-}
-
 #[test]
 fn every_grpc_method_of_the_api_has_a_rule() {
     let set = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
@@ -857,4 +844,39 @@ async fn over_tls_the_cli_and_https_clients_reach_the_node_and_plain_http_does_n
     }
     assert!(listening.unwrap().starts_with("https://0.0.0.0:"));
     child.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prove_answers_a_fresh_nonce_with_a_mac_and_refuses_odd_nonces() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut admin = pb::admin_client::AdminClient::new(stranger_channel(&node.url()).await);
+    let nonce = vec![7u8; 32];
+    let mac = admin
+        .prove(pb::ProveRequest {
+            nonce: Bytes::from(nonce.clone()),
+        })
+        .await
+        .expect("anyone may ask for a proof")
+        .into_inner()
+        .mac;
+    assert!(node.token.verify_proof(&nonce, &mac));
+    assert!(
+        !node.token.verify_proof(&[8u8; 32], &mac),
+        "bound to the nonce"
+    );
+    assert!(!mac
+        .windows(8)
+        .any(|w| node.token.as_str().as_bytes().windows(8).any(|t| t == w)));
+    // Too short (a replayable proof), too long (work for nothing): refused.
+    for size in [0usize, 15, 65, 1 << 20] {
+        let refused = admin
+            .prove(pb::ProveRequest {
+                nonce: Bytes::from(vec![1u8; size]),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{size} bytes");
+    }
+    node.stop().await.unwrap();
 }

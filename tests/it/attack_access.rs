@@ -77,20 +77,6 @@ async fn put_schema(node: &RunningNode, stream: &StreamId) {
     assert_eq!(put.status(), 204);
 }
 
-/// Every `note` of `stream`, by the anonymous query route.
-async fn notes(node: &RunningNode, stream: &StreamId) -> Vec<Json> {
-    let reply: Json = reqwest::Client::new()
-        .post(format!("{}/{}/query", node.url(), stream.to_hex()))
-        .json(&json!({"query": "SELECT text FROM note ORDER BY rowid"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    reply["results"].as_array().cloned().unwrap_or_default()
-}
-
 /// A `record.add` a stranger signs into `stream` (nonce 0: no work token).
 fn stranger_record(stream: &StreamId, text: &str) -> Scribe {
     let key = client_key(77);
@@ -173,7 +159,7 @@ async fn a_forged_app_origin_cannot_sign_past_an_owner_only_record_rule() {
         status == 401 || status == 403,
         "a client without the token made the node sign a record.add into an owner-only stream: {status} {reply}"
     );
-    assert!(notes(&node, &diary).await.is_empty());
+    assert!(query_notes(&node.url(), &diary.to_hex()).await.is_empty());
     node.stop().await.unwrap();
 }
 
@@ -494,7 +480,7 @@ async fn look_alike_origins_are_not_the_app() {
     .await;
     assert_eq!(status, 403, "{reply}");
     assert_eq!(fingerprint(&url).await, before);
-    assert!(notes(&node, &victim).await.is_empty());
+    assert!(query_notes(&node.url(), &victim.to_hex()).await.is_empty());
     node.stop().await.unwrap();
 }
 
@@ -554,7 +540,7 @@ async fn an_apps_page_cannot_path_its_way_into_another_app() {
         );
     }
     assert_eq!(fingerprint(&url).await, before);
-    assert!(notes(&node, &theirs).await.is_empty());
+    assert!(query_notes(&node.url(), &theirs.to_hex()).await.is_empty());
     node.stop().await.unwrap();
 }
 
@@ -729,7 +715,7 @@ async fn a_refused_request_smuggles_nothing() {
         );
     }
     assert_eq!(fingerprint(&url).await, before);
-    assert!(notes(&node, &app).await.is_empty());
+    assert!(query_notes(&node.url(), &app.to_hex()).await.is_empty());
     node.stop().await.unwrap();
 }
 

@@ -322,3 +322,17 @@ pub async fn http_to(
     let status = reply.status().as_u16();
     (status, reply.text().await.unwrap())
 }
+
+/// Every `note` row (its `text`) of app `tid`, by the anonymous HTTP query route.
+pub async fn query_notes(url: &str, tid: &str) -> Vec<serde_json::Value> {
+    let reply: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/{tid}/query"))
+        .json(&serde_json::json!({"query": "SELECT text FROM note ORDER BY rowid"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    reply["results"].as_array().cloned().unwrap_or_default()
+}
