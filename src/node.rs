@@ -143,7 +143,9 @@ pub async fn serve(
         None => None,
     };
     let tls = match &config.api_tls {
-        Some((cert, key)) => Some(tls_config(cert, key)?),
+        Some((cert, key)) => {
+            Some(crate::api::listen::tls_acceptor(cert, key).map_err(NodeError::Tls)?)
+        }
         None => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -180,28 +182,29 @@ pub async fn serve(
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
     let sql = crate::api::sql::SqlService::new(log.clone(), projections.clone(), config.sql_limits);
-    let mut api_builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        api_builder = api_builder.tls_config(tls)?;
-    }
-    let api_server = api_builder
-        // HTTP/1.1 for the HTTP API (browsers, curl); gRPC clients speak HTTP/2.
-        .accept_http1(true)
-        .add_routes(
-            Api::new(
-                log.clone(),
-                replicator.clone(),
-                projections.clone(),
-                facts,
-                access,
-            )
-            .routes(
-                sql,
-                crate::api::files::FilesService::new(log.clone(), projections.clone()),
-            )
-            .await,
+    let routes = Api::new(
+        log.clone(),
+        replicator.clone(),
+        projections.clone(),
+        facts,
+        access,
+    )
+    .routes(
+        sql,
+        crate::api::files::FilesService::new(log.clone(), projections.clone()),
+    )
+    .await;
+    // HTTP/1.1 (browsers, curl, the live binding's WebSocket) and HTTP/2 (gRPC) on one port.
+    let api_server = async {
+        crate::api::listen::serve(
+            api,
+            tls,
+            routes.into_axum_router(),
+            stopped(stop_rx.clone()),
         )
-        .serve_with_incoming_shutdown(no_delay(api), stopped(stop_rx.clone()));
+        .await;
+        Ok::<(), tonic::transport::Error>(())
+    };
     let peer_server = async {
         match peer {
             Some(listener) => {
@@ -236,30 +239,6 @@ pub async fn serve(
     drop(projections);
     log.close().await;
     result
-}
-
-/// The TLS identity of the client API from PEM files (certificate chain and private key),
-/// checked here so a bad file fails at start with its name.
-fn tls_config(cert: &Path, key: &Path) -> Result<tonic::transport::ServerTlsConfig, NodeError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|error| NodeError::Tls(format!("{}: {error}", path.display())))
-    };
-    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
-    let text = String::from_utf8_lossy(&cert_pem);
-    if !text.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(NodeError::Tls(format!(
-            "{} holds no PEM certificate",
-            cert.display()
-        )));
-    }
-    if !String::from_utf8_lossy(&key_pem).contains("PRIVATE KEY-----") {
-        return Err(NodeError::Tls(format!(
-            "{} holds no PEM private key",
-            key.display()
-        )));
-    }
-    Ok(tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem)))
 }
 
 /// Accepted connections with Nagle's algorithm off: small gRPC messages (a live scribe, an

@@ -19,6 +19,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +32,8 @@ use tonic::{Code, Status};
 
 use crate::api::access::{as_owner, needs_token, Admitted, Caller, Refusal, Target};
 use crate::api::files::FilesService;
+use crate::api::kv::KvService;
+use crate::api::live::{self, Hub};
 use crate::api::sql::SqlService;
 use crate::api::Api;
 use crate::pb;
@@ -40,20 +43,36 @@ use crate::pb::streams_server::Streams;
 /// Largest request body (a record is further held to its stream's per-scribe limit).
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// What the HTTP API and the live binding ([`crate::api::live`]) serve from.
 #[derive(Clone, Debug)]
-struct Http {
-    api: Api,
-    sql: SqlService,
-    files: FilesService,
+pub(crate) struct Http {
+    pub(crate) api: Api,
+    pub(crate) sql: SqlService,
+    pub(crate) files: FilesService,
+    pub(crate) kv: KvService,
+    pub(crate) hub: Hub,
 }
 
 /// The routes of the HTTP API: the node's own host (`127.0.0.1`, `localhost`, `--api-host`
 /// names) and each app's host (`<label>.localhost`), told apart by the [`Admitted`] target the
 /// access check put in the request.
-pub fn router(api: Api, sql: SqlService, files: FilesService) -> Router {
-    let state = Http { api, sql, files };
+pub fn router(api: Api, sql: SqlService, files: FilesService, kv: KvService) -> Router {
+    let hub = Hub::new(
+        api.log.clone(),
+        api.projections.clone(),
+        sql.clone(),
+        kv.clone(),
+    );
+    let state = Http {
+        api,
+        sql,
+        files,
+        kv,
+        hub,
+    };
     let node = Router::new()
         .route("/create_app", post(create_app))
+        .route(CLIENT_PATH, get(live_client).head(live_client))
         .route("/remove_peer", post(remove_peer))
         .route("/:tid", get(app_root).head(app_root))
         .route("/:tid/", get(node_index).head(node_index))
@@ -71,6 +90,7 @@ pub fn router(api: Api, sql: SqlService, files: FilesService) -> Router {
         .with_state(state.clone());
     let app = Router::new()
         .route("/", get(app_index).head(app_index))
+        .route(CLIENT_PATH, get(live_client).head(live_client))
         .route(
             "/*path",
             get(app_file)
@@ -94,6 +114,22 @@ pub fn router(api: Api, sql: SqlService, files: FilesService) -> Router {
             router.oneshot(request).await
         }
     }))
+}
+
+/// Where the node serves the live binding's browser client, on every host.
+pub const CLIENT_PATH: &str = "/_quire/socksync.js";
+
+/// The live binding's browser client: a plain ES module (`import {connect} from
+/// "/_quire/socksync.js"`).
+async fn live_client() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("socksync.js"),
+    )
+        .into_response()
 }
 
 /// The Content-Security-Policy of every answer from an app's origin: the page may load and call
@@ -235,10 +271,86 @@ async fn run_action(
         "join_app" => join_app(http, stream, headers, body).await,
         "cancel_join" => cancel_join(http, stream, headers, body).await,
         "add_peer" => add_peer(http, headers, body).await,
-        "add_record" => add_record(http, stream, headers, body).await,
-        "query" => query(http, stream, headers, body).await,
-        _ => upvote(http, stream, headers, body).await,
+        "add_record" => {
+            let body = body?;
+            check_json_type(&headers)?;
+            Ok(ok(add_record(&http, stream, body).await?))
+        }
+        "query" => Ok(ok(query(&http, stream, json_body(&headers, body)?).await?)),
+        _ => Ok(ok(upvote(&http, stream, json_body(&headers, body)?).await?)),
     }
+}
+
+/// A function of the live binding ([`crate::api::live`]): the same rights and the same code as
+/// the HTTP action of the same name, plus `kv_set {key, value}` and `kv_delete {key}` (the
+/// value is stored as its JSON text). Its answer's fields, without `success`.
+pub(crate) async fn perform(
+    http: &Http,
+    admitted: &Admitted,
+    stream: StreamId,
+    action: &str,
+    args: Map<String, Json>,
+) -> Result<Map<String, Json>, HttpError> {
+    let right = match action {
+        "query" => Right::Read,
+        _ => Right::Record,
+    };
+    allow(admitted, Some(stream), right, action)?;
+    if let Caller::App(_) = admitted.caller {
+        app_may_record(http, stream, action)?;
+    }
+    match action {
+        "query" => query(http, stream, args).await,
+        "upvote" => upvote(http, stream, args).await,
+        "add_record" => {
+            let record = Json::Object(args).to_string();
+            add_record(http, stream, Bytes::from(record)).await
+        }
+        "kv_set" | "kv_delete" => kv_write(http, stream, action == "kv_set", args).await,
+        _ => Err(HttpError(
+            StatusCode::NOT_FOUND,
+            format!("no function {action}"),
+        )),
+    }
+}
+
+async fn kv_write(
+    http: &Http,
+    stream: StreamId,
+    set: bool,
+    args: Map<String, Json>,
+) -> Result<Map<String, Json>, HttpError> {
+    use crate::pb::kv_server::Kv;
+    let bad = |message: &str| HttpError(StatusCode::BAD_REQUEST, message.into());
+    let key = args
+        .get("key")
+        .and_then(Json::as_str)
+        .ok_or_else(|| bad("give \"key\": the key, a string"))?;
+    let stream_bytes = bytes::Bytes::copy_from_slice(stream.as_bytes());
+    let key = bytes::Bytes::copy_from_slice(key.as_bytes());
+    let entry = if set {
+        let value = args
+            .get("value")
+            .ok_or_else(|| bad("give \"value\": any JSON value"))?;
+        let request = pb::KvSetRequest {
+            stream: stream_bytes,
+            key,
+            value: bytes::Bytes::from(value.to_string()),
+        };
+        http.kv.set(tonic::Request::new(request)).await?
+    } else {
+        let request = pb::KvDeleteRequest {
+            stream: stream_bytes,
+            key,
+        };
+        http.kv.delete(tonic::Request::new(request)).await?
+    };
+    let entry = entry.into_inner();
+    Ok(Map::from_iter([
+        ("id".into(), Json::String(hex::encode(&entry.id))),
+        ("seq".into(), Json::from(entry.seq)),
+        ("fence".into(), Json::from(entry.fence)),
+    ]))
 }
 
 /// An app's page writes as the node only what anyone may write to its stream, and never makes
@@ -251,6 +363,8 @@ fn app_may_record(http: &Http, stream: StreamId, action: &str) -> Result<(), Htt
     let kind = match action {
         "add_record" => Kind::RecordAdd,
         "upvote" => Kind::RecordUpvote,
+        "kv_set" => Kind::KvSet,
+        "kv_delete" => Kind::KvDelete,
         _ => return Ok(()),
     };
     if !state.policy.authors_for(&kind).anyone {
@@ -329,7 +443,12 @@ async fn node_file(
     Extension(admitted): Extension<Admitted>,
     Path((text, path)): Path<(String, String)>,
     headers: HeaderMap,
+    ws: Option<WebSocketUpgrade>,
 ) -> Result<Response, HttpError> {
+    if let (Some(ws), live::PATH) = (ws, path.trim_start_matches('/')) {
+        let stream = http.sql.held(tid(&text)?)?;
+        return Ok(live::upgrade(http, admitted, stream, ws));
+    }
     node_serve(
         &http,
         &admitted,
@@ -375,8 +494,13 @@ async fn app_file(
     Extension(admitted): Extension<Admitted>,
     Path(path): Path<String>,
     headers: HeaderMap,
+    ws: Option<WebSocketUpgrade>,
 ) -> Result<Response, HttpError> {
     let stream = app_of(&admitted)?;
+    if let (Some(ws), live::PATH) = (ws, own_path(stream, &path)) {
+        let stream = http.sql.held(stream)?;
+        return Ok(live::upgrade(http, admitted, stream, ws));
+    }
     serve_file(
         &http,
         stream,
@@ -816,25 +940,20 @@ fn peer_addr(body: &Map<String, Json>) -> Result<String, HttpError> {
 }
 
 async fn add_record(
-    http: Http,
+    http: &Http,
     stream: StreamId,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, HttpError> {
-    let body = body?;
-    check_json_type(&headers)?;
+    record: Bytes,
+) -> Result<Map<String, Json>, HttpError> {
     let stream = http.sql.held(stream)?;
-    let appended = http.sql.add_record(stream, body).await?;
-    Ok(appended_reply(&appended))
+    let appended = http.sql.add_record(stream, record).await?;
+    Ok(appended_fields(&appended))
 }
 
 async fn upvote(
-    http: Http,
+    http: &Http,
     stream: StreamId,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, HttpError> {
-    let body = json_body(&headers, body)?;
+    body: Map<String, Json>,
+) -> Result<Map<String, Json>, HttpError> {
     let stream = http.sql.held(stream)?;
     let record = body
         .get("id")
@@ -847,15 +966,15 @@ async fn upvote(
             )
         })?;
     let appended = http.sql.upvote(stream, record).await?;
-    Ok(appended_reply(&appended))
+    Ok(appended_fields(&appended))
 }
 
 /// `{"success": true, "id": "<scribe id>", "seq": N}`.
-fn appended_reply(appended: &crate::log::Appended) -> Response {
-    ok(Map::from_iter([
+fn appended_fields(appended: &crate::log::Appended) -> Map<String, Json> {
+    Map::from_iter([
         ("id".into(), Json::String(appended.id.to_hex())),
         ("seq".into(), Json::from(appended.seq)),
-    ]))
+    ])
 }
 
 fn param(value: &Json) -> Value {
@@ -863,12 +982,10 @@ fn param(value: &Json) -> Value {
 }
 
 async fn query(
-    http: Http,
+    http: &Http,
     stream: StreamId,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, HttpError> {
-    let body = json_body(&headers, body)?;
+    body: Map<String, Json>,
+) -> Result<Map<String, Json>, HttpError> {
     let stream = http.sql.held(stream)?;
     let sql = body.get("query").and_then(Json::as_str).ok_or_else(|| {
         HttpError(
@@ -902,7 +1019,7 @@ async fn query(
         .sql
         .query(stream, sql.to_string(), params, after_seq)
         .await?;
-    Ok(ok(Map::from_iter([
+    Ok(Map::from_iter([
         ("columns".into(), Json::from(rows.columns)),
         (
             "results".into(),
@@ -920,5 +1037,5 @@ async fn query(
             ),
         ),
         ("seq".into(), Json::from(rows.checkpoint)),
-    ])))
+    ]))
 }

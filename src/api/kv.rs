@@ -119,6 +119,15 @@ impl KvService {
         )))
     }
 
+    /// The value of `key` in `stream`'s table (`None`: unset or deleted). Blocks on SQLite: call
+    /// it off the async executor.
+    pub fn value(&self, stream: &StreamId, key: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+        check_key(key).map_err(Status::invalid_argument)?;
+        Ok(self
+            .get_entry(stream, key)?
+            .and_then(|entry| entry.state.value))
+    }
+
     fn get_entry(&self, stream: &StreamId, key: &[u8]) -> Result<Option<Entry>, Status> {
         self.read(stream, |reader| reader.get(key))
     }

@@ -25,6 +25,8 @@ pub mod convert;
 pub mod files;
 pub mod http;
 pub mod kv;
+pub mod listen;
+pub mod live;
 pub mod log;
 pub mod projections;
 pub mod router;

@@ -49,7 +49,8 @@ impl Api {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .expect("quire's descriptor set is valid");
-        let http = super::http::router(self.clone(), sql.clone(), files.clone());
+        let kv = KvService::new(self.log.clone(), self.projections.clone());
+        let http = super::http::router(self.clone(), sql.clone(), files.clone(), kv.clone());
         let mut grpc = tonic::service::Routes::builder();
         grpc.add_service(health_service)
             .add_service(reflection_v1)
@@ -66,12 +67,9 @@ impl Api {
             )
             .add_service(pb::projections_server::ProjectionsServer::new(self.clone()))
             .add_service(
-                pb::kv_server::KvServer::new(KvService::new(
-                    self.log.clone(),
-                    self.projections.clone(),
-                ))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                pb::kv_server::KvServer::new(kv)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(pb::sql_server::SqlServer::new(sql))
             .add_service(
@@ -98,9 +96,8 @@ impl Api {
                     .is_some_and(|value| value.starts_with("application/grpc"));
                 let local = request
                     .extensions()
-                    .get::<tonic::transport::server::TcpConnectInfo>()
-                    .and_then(|info| info.remote_addr())
-                    .is_some_and(|addr| addr.ip().is_loopback());
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                    .is_some_and(|info| info.0.ip().is_loopback());
                 let admitted = access
                     .admit(
                         request.method(),

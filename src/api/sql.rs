@@ -8,10 +8,14 @@
 // Service code returns tonic's `Status`, as every client API service does.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use quire_projection_api::{Kind, ScribeId, StreamId};
 pub use quire_projection_sql::Limits;
-use quire_projection_sql::{Params, QueryError, Reader, Rows, Value, NAME, RECORD_CONTENT_TYPE};
+use quire_projection_sql::{
+    List, Params, QueryError, Reader, Rows, Value, Window, NAME, RECORD_CONTENT_TYPE,
+};
 use tonic::{Request, Response, Status};
 
 use crate::api::served::Served;
@@ -71,6 +75,32 @@ impl SqlService {
                 move |reader: &mut Reader| reader.query(&sql, &params, limits),
                 query_status,
             )
+            .await
+    }
+
+    /// One page of list `name` of `stream` (see [`quire_projection_sql::Reader::window`]);
+    /// `Ok(None)` when the schema in force declares no such list.
+    pub async fn window(
+        &self,
+        stream: StreamId,
+        name: String,
+        page: u64,
+        page_size: Option<u64>,
+    ) -> Result<Option<Window>, Status> {
+        let limits = self.limits;
+        self.served
+            .read(
+                stream,
+                move |reader: &mut Reader| reader.window(&name, page, page_size, limits),
+                query_status,
+            )
+            .await
+    }
+
+    /// The lists `stream`'s schema in force declares.
+    pub async fn lists(&self, stream: StreamId) -> Result<BTreeMap<String, List>, Status> {
+        self.served
+            .read(stream, |reader: &mut Reader| reader.lists(), query_status)
             .await
     }
 

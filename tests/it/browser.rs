@@ -258,6 +258,16 @@ async fn the_message_board_posted_on_a_appears_on_b_without_a_reload() {
     .await;
     // Marks this page load: a reload would lose it.
     on_b.script("window.loadedOnce = 'yes'; return 1").await;
+    // B's page is bound to its list over the live binding: wait for the socket, then forget
+    // everything the load sent, so what follows is only what the page does while it waits.
+    let loaded = std::cell::RefCell::new(Wire::default());
+    wait_until(CONVERGE, "B's page to open its live binding", || async {
+        let more = Wire::drain(&on_b).await;
+        let mut loaded = loaded.borrow_mut();
+        loaded.merge(more);
+        loaded.sockets.iter().any(|url| url.ends_with("/socksync"))
+    })
+    .await;
 
     let on_a = session(&driver, "a").await;
     on_a.open(&format!("{}/{}/", a.url(), stream.to_hex()))
@@ -279,6 +289,13 @@ async fn the_message_board_posted_on_a_appears_on_b_without_a_reload() {
         "B's page was not reloaded"
     );
     assert!(on_b.messages().await.contains("ann"));
+    // The message reached B's page as a frame on its socket, not by polling.
+    let after = Wire::drain(&on_b).await;
+    let requests: Vec<&(String, String)> = after.requests.values().collect();
+    assert!(
+        requests.is_empty(),
+        "B's page made HTTP requests after load (it should only listen): {requests:?}"
+    );
     for session in [on_a, on_b] {
         session.call(reqwest::Method::DELETE, "", json!({})).await;
     }
@@ -300,6 +317,8 @@ async fn the_message_board_posted_on_a_appears_on_b_without_a_reload() {
 struct Wire {
     requests: std::collections::HashMap<String, (String, String)>,
     answers: Vec<(String, u64)>,
+    /// URLs of the WebSockets the page opened.
+    sockets: Vec<String>,
 }
 
 impl Wire {
@@ -330,6 +349,9 @@ impl Wire {
                         request["url"].as_str().unwrap_or_default().to_string(),
                     ),
                 );
+            } else if method == "Network.webSocketCreated" {
+                wire.sockets
+                    .push(params["url"].as_str().unwrap_or_default().to_string());
             } else if method == "Network.responseReceivedExtraInfo" {
                 if let Some(status) = params["statusCode"].as_u64() {
                     wire.answers.push((id, status));
@@ -342,6 +364,7 @@ impl Wire {
     fn merge(&mut self, more: Wire) {
         self.requests.extend(more.requests);
         self.answers.extend(more.answers);
+        self.sockets.extend(more.sockets);
     }
 
     /// Reads the log until it holds an answer to a request for `url`; returns every answer to

@@ -82,3 +82,61 @@ async fn a_python_client_generated_from_the_protos_works() {
     );
     node.stop().await.unwrap();
 }
+
+/// `examples/python-live/live.py`, a standard WebSocket client (`websockets`), binds the message
+/// board's list `latest` and a kv key over the live binding, adds a record and sets the key as the
+/// owner, and ends holding exactly the page and value the node has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_live_example_binds_a_list_and_a_var() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "board", None).await;
+    let pushed = quire_cli(&node.url())
+        .args(["files", "push", &stream.to_hex()])
+        .arg(root.join("examples/message-board"))
+        .output()
+        .unwrap();
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let (address, token, script) = (
+        node.api_addr.to_string(),
+        node.token.as_str().to_string(),
+        root.join("examples/python-live/live.py"),
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .args([address, stream.to_hex()])
+            .env("QUIRE_TOKEN", token)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "python live client failed (pip install websockets?):\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(
+        summary["var"],
+        serde_json::json!({"text": "set from Python"})
+    );
+    assert_eq!(summary["list"]["total"], 1);
+    let item = &summary["list"]["items"][0];
+    assert_eq!(item["text"], "hello from Python");
+    assert_eq!(item["id"], summary["record"]["id"]);
+    eprintln!(
+        "python live client: record pushed in {} ms, var in {} ms",
+        summary["record_ms"], summary["var_ms"]
+    );
+    node.stop().await.unwrap();
+}

@@ -48,10 +48,10 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 pub use admission::SchemaCheck;
-pub use query::{Limits, Params, QueryError, Reader, Rows};
+pub use query::{Limits, Params, QueryError, Reader, Rows, Window};
 /// A SQL value (rusqlite's).
 pub use rusqlite::types::Value;
-pub use schema::{Schema, Type};
+pub use schema::{List, Schema, Type};
 
 /// The projection's name.
 pub const NAME: &str = "sql";
@@ -122,7 +122,7 @@ pub(crate) const DB: Database = Database {
 };
 
 /// The schema in force: the winning `_schema` scribe and what it says (`None`: deleted).
-type Applied = Option<(ScribeId, Option<Schema>)>;
+pub(crate) type Applied = Option<(ScribeId, Option<Schema>)>;
 
 /// One copy of a stream's tables.
 pub struct SqlProjector {
@@ -311,7 +311,7 @@ impl SqlProjector {
     }
 }
 
-fn load_applied(db: &Connection) -> rusqlite::Result<Applied> {
+pub(crate) fn load_applied(db: &Connection) -> rusqlite::Result<Applied> {
     let id: Option<Vec<u8>> = db
         .query_row(
             "SELECT value FROM _quire_meta WHERE name = 'schema'",

@@ -6,6 +6,7 @@
 //! PRAGMAs other than the read-only introspection ones, and `load_extension`. One statement per
 //! query.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::Value;
 use rusqlite::{Connection, ErrorCode};
 
+use crate::schema::List;
 use crate::{db_error, describe, DB};
 
 /// PRAGMAs a query may use: they only read the schema.
@@ -70,6 +72,23 @@ pub struct Rows {
     /// Rows, each with one value per column.
     pub rows: Vec<Vec<Value>>,
     /// The copy's checkpoint when the query ran: the local seq its answer includes.
+    pub checkpoint: u64,
+}
+
+/// One page of a list, and the list's size, from one snapshot.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Window {
+    /// The page (from 0).
+    pub page: u64,
+    /// Rows per page (the request's, clamped to the list's).
+    pub page_size: u64,
+    /// Rows of the whole list.
+    pub total: u64,
+    /// Column names, in order.
+    pub columns: Vec<String>,
+    /// The page's rows.
+    pub rows: Vec<Vec<Value>>,
+    /// The copy's checkpoint the page is from.
     pub checkpoint: u64,
 }
 
@@ -272,6 +291,105 @@ impl Reader {
         let checkpoint = self
             .trusted(|db| DB.checkpoint(db))
             .map_err(|e| QueryError::Storage(e.to_string()))?;
+        let (columns, rows) = self.statement(sql, params, limits)?;
+        Ok(Rows {
+            columns,
+            rows,
+            checkpoint,
+        })
+    }
+
+    /// The lists the schema in force declares (none before a schema is put).
+    pub fn lists(&self) -> Result<BTreeMap<String, List>, QueryError> {
+        let applied = self
+            .trusted(crate::load_applied)
+            .map_err(|e| QueryError::Storage(e.to_string()))?;
+        Ok(applied
+            .and_then(|(_, schema)| schema)
+            .map(|schema| schema.lists)
+            .unwrap_or_default())
+    }
+
+    /// One page of list `name` (at most `page_size` rows, clamped to the list's own), with the
+    /// list's total row count, from one snapshot. `Ok(None)`: the schema in force declares no
+    /// such list.
+    pub fn window(
+        &mut self,
+        name: &str,
+        page: u64,
+        page_size: Option<u64>,
+        limits: Limits,
+    ) -> Result<Option<Window>, QueryError> {
+        *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let deadline = Instant::now() + limits.time;
+        self.db
+            .progress_handler(1_000, Some(move || Instant::now() >= deadline));
+        self.trusted(|db| db.execute_batch("BEGIN"))
+            .map_err(|e| QueryError::Storage(e.to_string()))?;
+        let result = self.window_in_transaction(name, page, page_size, limits);
+        let _ = self.trusted(|db| db.execute_batch("COMMIT"));
+        self.db.progress_handler(0, None::<fn() -> bool>);
+        result
+    }
+
+    fn window_in_transaction(
+        &mut self,
+        name: &str,
+        page: u64,
+        page_size: Option<u64>,
+        limits: Limits,
+    ) -> Result<Option<Window>, QueryError> {
+        let Some(list) = self.lists()?.remove(name) else {
+            return Ok(None);
+        };
+        let checkpoint = self
+            .trusted(|db| DB.checkpoint(db))
+            .map_err(|e| QueryError::Storage(e.to_string()))?;
+        let page_size = page_size.unwrap_or(list.page_size).clamp(1, list.page_size);
+        let offset = page
+            .checked_mul(page_size)
+            .filter(|o| *o <= i64::MAX as u64);
+        let Some(offset) = offset else {
+            return Err(QueryError::Invalid(format!("page {page} is out of range")));
+        };
+        let (_, count) = self.statement(
+            &format!("SELECT count(*) FROM ({})", list.query),
+            &Params::default(),
+            limits,
+        )?;
+        let total = match count.first().and_then(|row| row.first()) {
+            Some(Value::Integer(n)) => *n as u64,
+            _ => 0,
+        };
+        let (columns, rows) = self.statement(
+            &format!("SELECT * FROM ({}) LIMIT ?1 OFFSET ?2", list.query),
+            &Params::Positional(vec![
+                Value::Integer(page_size as i64),
+                Value::Integer(offset as i64),
+            ]),
+            Limits {
+                rows: page_size as usize,
+                ..limits
+            },
+        )?;
+        Ok(Some(Window {
+            page,
+            page_size,
+            total,
+            columns,
+            rows,
+            checkpoint,
+        }))
+    }
+
+    /// Prepares and runs one read-only statement: its column names and rows.
+    #[allow(clippy::type_complexity)]
+    fn statement(
+        &mut self,
+        sql: &str,
+        params: &Params,
+        limits: Limits,
+    ) -> Result<(Vec<String>, Vec<Vec<Value>>), QueryError> {
         let mut batch = rusqlite::Batch::new(&self.db, sql);
         let mut statement = match batch.next() {
             Ok(Some(statement)) => statement,
@@ -332,11 +450,7 @@ impl Reader {
                 Err(error) => return Err(self.explain(error, limits)),
             }
         }
-        Ok(Rows {
-            columns,
-            rows: out,
-            checkpoint,
-        })
+        Ok((columns, out))
     }
 
     fn explain(&self, error: rusqlite::Error, limits: Limits) -> QueryError {

@@ -8,6 +8,11 @@
 //! `fulltext`. Every table also has the implicit columns `id`, `timestamp` and `score`, so fields
 //! may not use those names. An index entry is the table and then one or more columns: one
 //! compound index.
+//!
+//! `"lists"` (optional) names read-only queries that clients bind to over the live binding
+//! (`/socksync`): `{"latest": {"query": "SELECT ...", "page_size": 25}}`. Each query is checked
+//! here against the schema's tables (one read-only statement, no parameters); `page_size` is the
+//! most rows one page may hold (1 to [`MAX_PAGE_SIZE`], default [`DEFAULT_PAGE_SIZE`]).
 
 use std::collections::BTreeMap;
 
@@ -21,6 +26,27 @@ pub const RESERVED: [&str; 4] = ["rowid", "oid", "_rowid_", "rank"];
 
 /// Most fields of one table (SQLite allows 2,000 columns; the implicit ones take three).
 pub const MAX_FIELDS: usize = 1_000;
+
+/// Most rows one page of a list may hold.
+pub const MAX_PAGE_SIZE: u64 = 1_000;
+
+/// A list's page size when its definition gives none.
+pub const DEFAULT_PAGE_SIZE: u64 = 25;
+
+/// Longest query of a list, in bytes.
+pub const MAX_LIST_QUERY: usize = 16 * 1024;
+
+/// Most lists one schema may declare.
+pub const MAX_LISTS: usize = 256;
+
+/// A named, read-only query a client may bind to, page by page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct List {
+    /// One read-only SELECT, without parameters.
+    pub query: String,
+    /// The most rows one page may hold.
+    pub page_size: u64,
+}
 
 /// Suffix of the FTS5 table that indexes a table's `fulltext` columns.
 pub const FTS_SUFFIX: &str = "_fts";
@@ -72,6 +98,8 @@ pub struct Schema {
     pub tables: BTreeMap<String, BTreeMap<String, Type>>,
     /// Indexes: table, then columns.
     pub indexes: Vec<(String, Vec<String>)>,
+    /// Lists by name.
+    pub lists: BTreeMap<String, List>,
     /// The statements that insert a record into each table, made once.
     inserts: BTreeMap<String, Insert>,
 }
@@ -102,9 +130,12 @@ impl Schema {
         let Json::Object(top) = json else {
             return Err("_schema must be a JSON object with \"schema\" and \"indexes\"".into());
         };
-        if let Some(key) = top.keys().find(|k| *k != "schema" && *k != "indexes") {
+        if let Some(key) = top
+            .keys()
+            .find(|k| !["schema", "indexes", "lists"].contains(&k.as_str()))
+        {
             return Err(format!(
-                "_schema has an unknown key {key:?}: only \"schema\" and \"indexes\" are allowed"
+                "_schema has an unknown key {key:?}: only \"schema\", \"indexes\" and \"lists\" are allowed"
             ));
         }
         let Some(Json::Object(tables)) = top.get("schema") else {
@@ -199,6 +230,23 @@ impl Schema {
                 return Err("\"indexes\" must be a list of [table, column, ...] lists".into())
             }
         }
+        match top.get("lists") {
+            None | Some(Json::Null) => {}
+            Some(Json::Object(lists)) => {
+                if lists.len() > MAX_LISTS {
+                    return Err(format!("\"lists\" names {} lists; at most {MAX_LISTS}", lists.len()));
+                }
+                for (name, list) in lists {
+                    schema.lists.insert(name.clone(), parse_list(name, list)?);
+                }
+            }
+            Some(_) => {
+                return Err(
+                    "\"lists\" must be an object of name: {\"query\": \"SELECT ...\", \"page_size\": N}"
+                        .into(),
+                )
+            }
+        }
         for (table, fields) in &schema.tables {
             let columns: String = fields.keys().map(|f| format!(", \"{f}\"")).collect();
             let marks = ", ?".repeat(fields.len());
@@ -237,6 +285,32 @@ impl Schema {
         for statement in self.create_statements() {
             db.execute(&statement, [])
                 .map_err(|error| format!("SQLite refuses this schema: {error}"))?;
+        }
+        for (name, list) in &self.lists {
+            let refused = |error: rusqlite::Error| {
+                format!("list {name:?}: SQLite refuses its query: {error}")
+            };
+            let mut batch = rusqlite::Batch::new(&db, &list.query);
+            let statement = batch
+                .next()
+                .map_err(refused)?
+                .ok_or_else(|| format!("list {name:?}: its query is empty"))?;
+            if !matches!(batch.next(), Ok(None)) {
+                return Err(format!("list {name:?}: its query must be one statement"));
+            }
+            if !statement.readonly() {
+                return Err(format!(
+                    "list {name:?}: its query writes; a list is one read-only SELECT"
+                ));
+            }
+            if statement.parameter_count() > 0 {
+                return Err(format!(
+                    "list {name:?}: its query has parameters; a list's query has none"
+                ));
+            }
+            if statement.column_count() == 0 {
+                return Err(format!("list {name:?}: its query returns no columns"));
+            }
         }
         Ok(())
     }
@@ -296,6 +370,52 @@ impl Schema {
     }
 }
 
+fn parse_list(name: &str, list: &Json) -> Result<List, String> {
+    if !valid_name(name) {
+        return Err(format!(
+            "list name {name:?} must match ^[A-Za-z][_a-zA-Z0-9]*$ (at most 64 characters)"
+        ));
+    }
+    let Json::Object(fields) = list else {
+        return Err(format!(
+            "list {name:?} must be an object: {{\"query\": \"SELECT ...\", \"page_size\": N}}"
+        ));
+    };
+    if let Some(key) = fields.keys().find(|k| *k != "query" && *k != "page_size") {
+        return Err(format!(
+            "list {name:?} has an unknown key {key:?}: only \"query\" and \"page_size\" are allowed"
+        ));
+    }
+    let query = match fields.get("query") {
+        Some(Json::String(query)) if !query.trim().is_empty() => query.trim().to_string(),
+        _ => {
+            return Err(format!(
+                "list {name:?} needs \"query\": one read-only SELECT"
+            ))
+        }
+    };
+    if query.len() > MAX_LIST_QUERY {
+        return Err(format!(
+            "list {name:?}: its query is {} bytes; at most {MAX_LIST_QUERY}",
+            query.len()
+        ));
+    }
+    // The query becomes a subquery when a page is read: no trailing `;`.
+    let query = query
+        .trim_end_matches([';', ' ', '\n', '\t', '\r'])
+        .to_string();
+    let page_size = match fields.get("page_size") {
+        None | Some(Json::Null) => DEFAULT_PAGE_SIZE,
+        Some(size) => size
+            .as_u64()
+            .filter(|size| (1..=MAX_PAGE_SIZE).contains(size))
+            .ok_or_else(|| {
+                format!("list {name:?}: \"page_size\" must be an integer from 1 to {MAX_PAGE_SIZE}")
+            })?,
+    };
+    Ok(List { query, page_size })
+}
+
 fn parse_index(schema: &Schema, n: usize, index: &Json) -> Result<(String, Vec<String>), String> {
     let parts: Option<Vec<&str>> = index
         .as_array()
@@ -348,6 +468,58 @@ mod tests {
         let statements = schema.create_statements().join(";\n");
         let db = rusqlite::Connection::open_in_memory().unwrap();
         db.execute_batch(&statements).unwrap();
+    }
+
+    #[test]
+    fn lists_are_checked_against_the_tables() {
+        let schema = Schema::parse(
+            br#"{"schema": {"m": {"text": "text"}},
+                 "lists": {"latest": {"query": "SELECT id, text FROM m ORDER BY timestamp DESC;"},
+                           "top": {"query": "SELECT * FROM m ORDER BY score DESC", "page_size": 3}}}"#,
+        )
+        .unwrap();
+        assert_eq!(schema.lists["latest"].page_size, DEFAULT_PAGE_SIZE);
+        assert_eq!(
+            schema.lists["latest"].query,
+            "SELECT id, text FROM m ORDER BY timestamp DESC"
+        );
+        assert_eq!(schema.lists["top"].page_size, 3);
+        let list =
+            |list: &str| format!(r#"{{"schema": {{"m": {{"text": "text"}}}}, "lists": {list}}}"#);
+        for (bad, says) in [
+            (list("[]"), "\"lists\" must be an object"),
+            (list(r#"{"1": {"query": "SELECT 1"}}"#), "must match"),
+            (list(r#"{"l": "SELECT 1"}"#), "must be an object"),
+            (list(r#"{"l": {}}"#), "needs \"query\""),
+            (
+                list(r#"{"l": {"query": "SELECT 1", "size": 2}}"#),
+                "unknown key \"size\"",
+            ),
+            (
+                list(r#"{"l": {"query": "SELECT 1", "page_size": 0}}"#),
+                "from 1 to 1000",
+            ),
+            (
+                list(r#"{"l": {"query": "SELECT 1", "page_size": 1001}}"#),
+                "from 1 to 1000",
+            ),
+            (
+                list(r#"{"l": {"query": "SELECT * FROM nope"}}"#),
+                "no such table",
+            ),
+            (list(r#"{"l": {"query": "DELETE FROM m"}}"#), "writes"),
+            (
+                list(r#"{"l": {"query": "SELECT * FROM m WHERE id = ?"}}"#),
+                "parameters",
+            ),
+            (
+                list(r#"{"l": {"query": "SELECT 1; SELECT 2"}}"#),
+                "one statement",
+            ),
+        ] {
+            let error = Schema::parse(bad.as_bytes()).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -1,0 +1,133 @@
+//! The client API's listener: one TCP port (TLS when configured) speaking HTTP/1.1 and HTTP/2
+//! (gRPC, the HTTP API), with HTTP/1.1 upgrades, which the live binding's WebSocket
+//! (`/socksync`, [`super::live`]) needs. Each request carries its connection's remote address
+//! as axum's [`ConnectInfo`], which the access check reads (a loopback caller).
+//!
+//! tonic's own server cannot upgrade a connection, so the node serves its routes here with
+//! hyper-util: accept, TLS handshake (bounded by [`HANDSHAKE_TIMEOUT`], off the accept loop),
+//! then one connection task; on shutdown every connection is told to finish gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// How long a client has to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client API's TLS identity from PEM files (certificate chain, private key), offering
+/// HTTP/2 and HTTP/1.1 by ALPN. The error names the file and what is wrong with it.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|error| format!("{}: {error}", path.display()))
+    };
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|error| format!("{}: {error}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", cert.display()));
+    }
+    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|error| format!("{}: {error}", key.display()))?
+        .ok_or_else(|| format!("{} holds no PEM private key", key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| error.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|error| {
+            format!(
+                "{} and {} do not make a TLS identity: {error}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `router` on `listener` until `stop` completes, then lets open connections finish
+/// (callers bound how long with their own grace period).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: axum::Router,
+    stop: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Builder::new(TokioExecutor::new());
+    tokio::pin!(stop);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!(%error, "accepting a client API connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        // Small answers (an append's reply, a live frame) go out at once.
+        let _ = tcp.set_nodelay(true);
+        let router = router.clone();
+        let service = tower::service_fn(move |mut request: axum::extract::Request| {
+            request
+                .extensions_mut()
+                .insert(ConnectInfo::<SocketAddr>(remote));
+            use tower::ServiceExt;
+            router.clone().oneshot(request)
+        });
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            service,
+            |request: hyper::Request<hyper::body::Incoming>| request.map(axum::body::Body::new),
+        ));
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let served = match tls {
+                None => {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+                Some(tls) => {
+                    let stream =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%remote, %error, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+            };
+            if let Err(error) = served {
+                tracing::debug!(%remote, %error, "client API connection ended");
+            }
+        });
+    }
+    graceful.shutdown().await;
+}
