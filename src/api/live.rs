@@ -285,19 +285,40 @@ fn kept_in_order<'a>(old: &'a [Item], position: &HashMap<&str, usize>) -> HashSe
     kept
 }
 
+/// The frames from one page to the next, made once per change for every client that held the
+/// first (most clients of a busy page hold the same one).
+#[derive(Debug)]
+struct Delta {
+    from: Arc<Snapshot>,
+    frames: Vec<String>,
+}
+
 /// What a feed last computed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 enum Value {
     /// Not computed yet.
     Pending,
     /// A kv key's value (null when unset).
     Var(Json),
-    /// A page of a list.
-    Page(Arc<Snapshot>),
+    /// A page of a list, and the frames from the page published before it.
+    Page(Arc<Snapshot>, Option<Arc<Delta>>),
     /// The schema in force declares no such list (any more).
     Unregistered,
     /// It could not be read; why.
     Failed(String),
+}
+
+impl PartialEq for Value {
+    /// Equal values: a page equal to the last one is no change (its delta does not matter).
+    fn eq(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::Pending, Value::Pending) | (Value::Unregistered, Value::Unregistered) => true,
+            (Value::Var(a), Value::Var(b)) => a == b,
+            (Value::Page(a, _), Value::Page(b, _)) => a == b,
+            (Value::Failed(a), Value::Failed(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -406,11 +427,27 @@ impl Hub {
         };
         let publish = |value: Value| {
             feed.send_if_modified(|current| {
-                let changed = **current != value;
-                if changed {
-                    *current = Arc::new(value);
+                if **current == value {
+                    return false;
                 }
-                changed
+                let value = match (&**current, value, key) {
+                    (Value::Page(from, _), Value::Page(to, None), FeedKey::Page { list, .. })
+                        if (from.page, from.page_size) == (to.page, to.page_size) =>
+                    {
+                        let frames = diff(from, &to)
+                            .iter()
+                            .map(|op| op.frame(list).to_string())
+                            .collect();
+                        let delta = Delta {
+                            from: from.clone(),
+                            frames,
+                        };
+                        Value::Page(to, Some(Arc::new(delta)))
+                    }
+                    (_, value, _) => value,
+                };
+                *current = Arc::new(value);
+                true
             });
         };
         loop {
@@ -484,7 +521,7 @@ impl Hub {
                     .window(*stream, list.clone(), *page, *page_size)
                     .await;
                 match window {
-                    Ok(Some(window)) => Value::Page(Arc::new(Snapshot::of(window))),
+                    Ok(Some(window)) => Value::Page(Arc::new(Snapshot::of(window)), None),
                     Ok(None) => Value::Unregistered,
                     Err(status) => Value::Failed(status.message().to_string()),
                 }
@@ -543,26 +580,38 @@ struct Session {
     http: Http,
     admitted: Admitted,
     stream: StreamId,
-    out: mpsc::Sender<Json>,
+    out: mpsc::Sender<String>,
     subscriptions: HashMap<(Group, String), Subscription>,
     calls: Arc<Semaphore>,
 }
 
 async fn session(http: Http, admitted: Admitted, stream: StreamId, socket: WebSocket) {
     let (mut sink, mut source) = socket.split();
-    let (out, mut outbox) = mpsc::channel::<Json>(OUTBOX);
+    let (out, mut outbox) = mpsc::channel::<String>(OUTBOX);
     let mut closing = http.api.log.watch_closing();
     let writer = tokio::spawn(async move {
-        while let Some(frame) = outbox.recv().await {
-            let sent =
-                tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(frame.to_string())))
-                    .await;
-            if !matches!(sent, Ok(Ok(()))) {
-                tracing::debug!("a live client took no frame for {SEND_TIMEOUT:?}: disconnected");
-                return;
+        // Every frame waiting goes out in one write: a diff's frames, a burst of changes.
+        let send = async {
+            while let Some(frame) = outbox.recv().await {
+                sink.feed(Message::Text(frame)).await?;
+                while let Ok(frame) = outbox.try_recv() {
+                    sink.feed(Message::Text(frame)).await?;
+                }
+                // A client that takes nothing for SEND_TIMEOUT is gone.
+                match tokio::time::timeout(SEND_TIMEOUT, sink.flush()).await {
+                    Ok(flushed) => flushed?,
+                    Err(_) => {
+                        tracing::debug!(
+                            "a live client took no frame for {SEND_TIMEOUT:?}: disconnected"
+                        );
+                        return Ok(());
+                    }
+                }
             }
-        }
-        let _ = tokio::time::timeout(SEND_TIMEOUT, sink.close()).await;
+            let _ = tokio::time::timeout(SEND_TIMEOUT, sink.close()).await;
+            Ok::<(), axum::Error>(())
+        };
+        let _ = send.await;
     });
     let mut session = Session {
         http,
@@ -593,7 +642,7 @@ async fn session(http: Http, admitted: Admitted, stream: StreamId, socket: WebSo
 
 impl Session {
     async fn send(&self, frame: Json) {
-        let _ = self.out.send(frame).await;
+        let _ = self.out.send(frame.to_string()).await;
     }
 
     async fn fail(&self, code: u8, message: impl Into<String>) {
@@ -768,7 +817,7 @@ impl Session {
                             format!("call {} of {name} failed: {}", text_of(&id), error.1),
                         ),
                     };
-                    let _ = out.send(frame).await;
+                    let _ = out.send(frame.to_string()).await;
                 });
                 Ok(())
             }
@@ -826,7 +875,7 @@ async fn follow_var(
     stream: StreamId,
     name: String,
     mut commands: mpsc::Receiver<Command>,
-    out: mpsc::Sender<Json>,
+    out: mpsc::Sender<String>,
 ) {
     let mut feed = hub.watch(FeedKey::Var {
         stream,
@@ -836,6 +885,8 @@ async fn follow_var(
     // What the client holds (or, before its first get, what the key was when it subscribed).
     let mut last: Option<Json> = None;
     let mut failure: Option<String> = None;
+    // The client asked for the value and got an error instead: it is owed a `set`.
+    let mut owed = false;
     loop {
         let (value, asked) = tokio::select! {
             command = commands.recv() => match command {
@@ -854,18 +905,20 @@ async fn follow_var(
             Value::Var(value) => {
                 failure = None;
                 let changed = last.as_ref().is_some_and(|last| last != value);
-                let frame = (asked || changed).then(|| set(value));
+                let frame = (asked || owed || changed).then(|| set(value));
+                owed = false;
                 last = Some(value.clone());
                 frame
             }
             Value::Failed(message) if failure.as_ref() != Some(message) || asked => {
                 failure = Some(message.clone());
+                owed |= asked;
                 Some(error_frame(code::OTHER, format!("var {name}: {message}")))
             }
             _ => None,
         };
         if let Some(frame) = frame {
-            if out.send(frame).await.is_err() {
+            if out.send(frame.to_string()).await.is_err() {
                 return;
             }
         }
@@ -879,7 +932,7 @@ async fn follow_list(
     stream: StreamId,
     name: String,
     mut commands: mpsc::Receiver<Command>,
-    out: mpsc::Sender<Json>,
+    out: mpsc::Sender<String>,
 ) {
     let mut feed: Option<watch::Receiver<Arc<Value>>> = None;
     // The page the client holds (None: nothing yet, or it was told the list failed).
@@ -916,28 +969,37 @@ async fn follow_list(
             },
         };
         let frames = match &*value {
-            Value::Page(page) => {
+            Value::Page(page, delta) => {
                 failure = None;
-                let frames = match (&shown, asked) {
-                    (Some(shown), false) => {
-                        diff(shown, page).iter().map(|op| op.frame(&name)).collect()
+                let frames = match (&shown, asked, delta) {
+                    // The common case: this client held the page the feed published before.
+                    (Some(shown), false, Some(delta)) if Arc::ptr_eq(shown, &delta.from) => {
+                        delta.frames.clone()
                     }
-                    _ => vec![page.set_all(&name)],
+                    (Some(shown), false, _)
+                        if (shown.page, shown.page_size) == (page.page, page.page_size) =>
+                    {
+                        diff(shown, page)
+                            .iter()
+                            .map(|op| op.frame(&name).to_string())
+                            .collect()
+                    }
+                    _ => vec![page.set_all(&name).to_string()],
                 };
                 shown = Some(page.clone());
                 frames
             }
             Value::Unregistered => {
                 shown = None;
-                vec![error_frame(
-                    code::INVALID_NAME,
-                    format!("{name} is not registered."),
-                )]
+                vec![
+                    error_frame(code::INVALID_NAME, format!("{name} is not registered."))
+                        .to_string(),
+                ]
             }
             Value::Failed(message) if failure.as_ref() != Some(message) || asked => {
                 failure = Some(message.clone());
                 shown = None;
-                vec![error_frame(code::OTHER, format!("list {name}: {message}"))]
+                vec![error_frame(code::OTHER, format!("list {name}: {message}")).to_string()]
             }
             _ => Vec::new(),
         };
