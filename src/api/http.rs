@@ -45,12 +45,12 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// What the HTTP API and the live binding ([`crate::api::live`]) serve from.
 #[derive(Clone, Debug)]
-pub(crate) struct Http {
-    pub(crate) api: Api,
-    pub(crate) sql: SqlService,
-    pub(crate) files: FilesService,
-    pub(crate) kv: KvService,
-    pub(crate) hub: Hub,
+struct Http {
+    api: Api,
+    sql: SqlService,
+    files: FilesService,
+    kv: KvService,
+    hub: Hub,
 }
 
 /// The routes of the HTTP API: the node's own host (`127.0.0.1`, `localhost`, `--api-host`
@@ -281,10 +281,34 @@ async fn run_action(
     }
 }
 
+impl Http {
+    /// A live-binding session ([`live`]) whose calls run [`perform`].
+    fn live(self, admitted: Admitted, stream: StreamId, ws: WebSocketUpgrade) -> Response {
+        let hub = self.hub.clone();
+        live::upgrade(hub, std::sync::Arc::new(self), admitted, stream, ws)
+    }
+}
+
+impl live::Functions for Http {
+    fn call<'a>(
+        &'a self,
+        admitted: &'a Admitted,
+        stream: StreamId,
+        name: &'a str,
+        args: Map<String, Json>,
+    ) -> futures::future::BoxFuture<'a, Result<Map<String, Json>, String>> {
+        Box::pin(async move {
+            perform(self, admitted, stream, name, args)
+                .await
+                .map_err(|error| error.1)
+        })
+    }
+}
+
 /// A function of the live binding ([`crate::api::live`]): the same rights and the same code as
 /// the HTTP action of the same name, plus `kv_set {key, value}` and `kv_delete {key}` (the
 /// value is stored as its JSON text). Its answer's fields, without `success`.
-pub(crate) async fn perform(
+async fn perform(
     http: &Http,
     admitted: &Admitted,
     stream: StreamId,
@@ -447,7 +471,7 @@ async fn node_file(
 ) -> Result<Response, HttpError> {
     if let (Some(ws), live::PATH) = (ws, path.trim_start_matches('/')) {
         let stream = http.sql.held(tid(&text)?)?;
-        return Ok(live::upgrade(http, admitted, stream, ws));
+        return Ok(http.live(admitted, stream, ws));
     }
     node_serve(
         &http,
@@ -499,7 +523,7 @@ async fn app_file(
     let stream = app_of(&admitted)?;
     if let (Some(ws), live::PATH) = (ws, own_path(stream, &path)) {
         let stream = http.sql.held(stream)?;
-        return Ok(live::upgrade(http, admitted, stream, ws));
+        return Ok(http.live(admitted, stream, ws));
     }
     serve_file(
         &http,

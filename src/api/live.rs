@@ -31,7 +31,6 @@ use serde_json::{json, Map, Value as Json};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::api::access::Admitted;
-use crate::api::http::{perform, Http};
 use crate::api::kv::KvService;
 use crate::api::sql::{value_to_json, SqlService};
 use crate::log::Log;
@@ -539,16 +538,31 @@ pub fn var_value(value: Option<Vec<u8>>) -> Json {
     }
 }
 
-/// Answers a WebSocket upgrade on `stream`'s endpoint with a live session for `admitted`.
-pub(crate) fn upgrade(
-    http: Http,
+/// What a `call` runs: the code of the HTTP action of the same name, with its rights (the HTTP
+/// API implements it, so the two cannot drift apart). The error is the message of error 8.
+pub trait Functions: Send + Sync + 'static {
+    /// Runs function `name` of `stream` with `args` for `admitted`; its answer's fields.
+    fn call<'a>(
+        &'a self,
+        admitted: &'a Admitted,
+        stream: StreamId,
+        name: &'a str,
+        args: Map<String, Json>,
+    ) -> futures::future::BoxFuture<'a, Result<Map<String, Json>, String>>;
+}
+
+/// Answers a WebSocket upgrade on `stream`'s endpoint with a live session for `admitted`, its
+/// calls run by `functions`.
+pub fn upgrade(
+    hub: Hub,
+    functions: Arc<dyn Functions>,
     admitted: Admitted,
     stream: StreamId,
     ws: WebSocketUpgrade,
 ) -> Response {
     ws.max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
-        .on_upgrade(move |socket| session(http, admitted, stream, socket))
+        .on_upgrade(move |socket| session(hub, functions, admitted, stream, socket))
 }
 
 /// What a subscription's task is asked to do.
@@ -577,7 +591,8 @@ impl Drop for Subscription {
 }
 
 struct Session {
-    http: Http,
+    hub: Hub,
+    functions: Arc<dyn Functions>,
     admitted: Admitted,
     stream: StreamId,
     out: mpsc::Sender<String>,
@@ -585,10 +600,16 @@ struct Session {
     calls: Arc<Semaphore>,
 }
 
-async fn session(http: Http, admitted: Admitted, stream: StreamId, socket: WebSocket) {
+async fn session(
+    hub: Hub,
+    functions: Arc<dyn Functions>,
+    admitted: Admitted,
+    stream: StreamId,
+    socket: WebSocket,
+) {
     let (mut sink, mut source) = socket.split();
     let (out, mut outbox) = mpsc::channel::<String>(OUTBOX);
-    let mut closing = http.api.log.watch_closing();
+    let mut closing = hub.inner.log.watch_closing();
     let writer = tokio::spawn(async move {
         // Every frame waiting goes out in one write: a diff's frames, a burst of changes.
         let send = async {
@@ -614,7 +635,8 @@ async fn session(http: Http, admitted: Admitted, stream: StreamId, socket: WebSo
         let _ = send.await;
     });
     let mut session = Session {
-        http,
+        hub,
+        functions,
         admitted,
         stream,
         out,
@@ -716,12 +738,9 @@ impl Session {
                 if !request["name"].is_string() {
                     false
                 } else {
-                    let stream = self
-                        .http
-                        .sql
-                        .held(self.stream)
-                        .map_err(|s| s.message().to_string())?;
-                    match self.http.sql.lists(stream).await {
+                    let sql = &self.hub.inner.sql;
+                    let stream = sql.held(self.stream).map_err(|s| s.message().to_string())?;
+                    match sql.lists(stream).await {
                         Ok(lists) => lists.contains_key(name),
                         Err(status) => {
                             return Err(format!("{} ({})", not_registered(), status.message()))
@@ -764,11 +783,12 @@ impl Session {
                 Ok(())
             }
             "get" => {
-                let page = match request.get("page") {
+                // A var's get has no page: its fields are not read.
+                let page = match request.get("page").filter(|_| group == Group::List) {
                     None | Some(Json::Null) => 0,
                     Some(page) => whole(page).ok_or("page must be a whole number (from 0)")?,
                 };
-                let page_size = match request.get("page_size") {
+                let page_size = match request.get("page_size").filter(|_| group == Group::List) {
                     None | Some(Json::Null) => None,
                     Some(size) => Some(
                         whole(size)
@@ -788,7 +808,11 @@ impl Session {
                     None | Some(Json::Null) => Map::new(),
                     Some(Json::Object(args)) => args.clone(),
                     Some(_) => {
-                        return Err(format!("call {}: args must be an object", text_of(&id)))
+                        return Err(format!(
+                            "call {} of {} failed: args must be an object",
+                            text_of(&id),
+                            key.1
+                        ))
                     }
                 };
                 let permit = self
@@ -797,15 +821,15 @@ impl Session {
                     .acquire_owned()
                     .await
                     .map_err(|e| e.to_string())?;
-                let (http, admitted, stream, out) = (
-                    self.http.clone(),
+                let (functions, admitted, stream, out) = (
+                    self.functions.clone(),
                     self.admitted.clone(),
                     self.stream,
                     self.out.clone(),
                 );
                 let name = key.1;
                 tokio::spawn(async move {
-                    let done = perform(&http, &admitted, stream, &name, args).await;
+                    let done = functions.call(&admitted, stream, &name, args).await;
                     drop(permit);
                     let frame = match done {
                         Ok(value) => json!({
@@ -814,7 +838,7 @@ impl Session {
                         }),
                         Err(error) => error_frame(
                             code::OTHER,
-                            format!("call {} of {name} failed: {}", text_of(&id), error.1),
+                            format!("call {} of {name} failed: {error}", text_of(&id)),
                         ),
                     };
                     let _ = out.send(frame.to_string()).await;
@@ -827,7 +851,7 @@ impl Session {
     fn subscribe(&self, group: Group, name: &str) -> Subscription {
         let (commands, received) = mpsc::channel(16);
         let (hub, out, stream, name) = (
-            self.http.hub.clone(),
+            self.hub.clone(),
             self.out.clone(),
             self.stream,
             name.to_string(),

@@ -13,6 +13,7 @@ mod crash;
 mod files;
 mod format;
 mod kv;
+mod live;
 mod malicious;
 mod projections;
 mod python;
