@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -22,6 +22,9 @@ use tokio_rustls::TlsAcceptor;
 
 /// How long a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an HTTP/1.1 client has to send a request's head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The client API's TLS identity from PEM files (certificate chain, private key), offering
 /// HTTP/2 and HTTP/1.1 by ALPN. The error names the file and what is wrong with it.
@@ -65,7 +68,18 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(TokioExecutor::new());
+    // A client that sends no complete request head in time is dropped (slowloris), and an idle
+    // HTTP/2 connection (gRPC) is pinged so a dead peer does not hold it forever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     tokio::pin!(stop);
     loop {
         let (tcp, remote) = tokio::select! {
