@@ -32,6 +32,7 @@
 //! scaffold of [`quire_projection_api::sqlite`].
 
 pub mod admission;
+pub mod functions;
 pub mod query;
 pub mod schema;
 

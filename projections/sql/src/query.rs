@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use quire_projection_api::ProjectionError;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
-use rusqlite::types::Value;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, ErrorCode};
 
 use crate::schema::List;
@@ -122,6 +122,94 @@ pub enum QueryError {
 /// Most bytes of one query's answer, and of any one value computed in it.
 pub const MAX_RESULT_BYTES: usize = 32 << 20;
 
+/// Most columns of one answer.
+pub const MAX_COLUMNS: usize = 1_024;
+
+/// Longest LIKE or GLOB pattern (bytes): matching is quadratic in it.
+pub const MAX_PATTERN_BYTES: i32 = 1_000;
+
+/// Stops queries that run past their deadline from outside the query's thread
+/// (`sqlite3_interrupt`), so a single long SQL function call — which never reaches the progress
+/// handler — is stopped at the time limit too. One thread for the whole process.
+struct Watchdog {
+    armed: Mutex<BTreeMap<(Instant, u64), rusqlite::InterruptHandle>>,
+    wake: std::sync::Condvar,
+}
+
+static WATCHDOG: std::sync::OnceLock<Arc<Watchdog>> = std::sync::OnceLock::new();
+static NEXT_ARMED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn watchdog() -> &'static Arc<Watchdog> {
+    WATCHDOG.get_or_init(|| {
+        let watchdog = Arc::new(Watchdog {
+            armed: Mutex::default(),
+            wake: std::sync::Condvar::new(),
+        });
+        let watching = watchdog.clone();
+        std::thread::Builder::new()
+            .name("sql-watchdog".into())
+            .spawn(move || watching.run())
+            .expect("the SQL watchdog thread starts");
+        watchdog
+    })
+}
+
+impl Watchdog {
+    fn run(&self) {
+        let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = Instant::now();
+            // Interrupting under the lock: once `Armed` is dropped, its query is never hit.
+            while let Some(entry) = armed.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                entry.remove().interrupt();
+            }
+            armed = match armed.keys().next().map(|(deadline, _)| *deadline) {
+                Some(deadline) => {
+                    let wait = deadline.saturating_duration_since(now);
+                    self.wake
+                        .wait_timeout(armed, wait)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+                None => self.wake.wait(armed).unwrap_or_else(|p| p.into_inner()),
+            };
+        }
+    }
+
+    /// Interrupts `handle` at `deadline` unless the returned guard is dropped first.
+    fn arm(&'static self, deadline: Instant, handle: rusqlite::InterruptHandle) -> Armed {
+        let key = (deadline, NEXT_ARMED.fetch_add(1, Ordering::Relaxed));
+        self.armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, handle);
+        self.wake.notify_one();
+        Armed {
+            watchdog: self,
+            key,
+        }
+    }
+}
+
+/// A query's deadline with the watchdog; dropping it disarms.
+struct Armed {
+    watchdog: &'static Watchdog,
+    key: (Instant, u64),
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        self.watchdog
+            .armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// A read-only connection to one copy.
 pub struct Reader {
     db: Connection,
@@ -221,6 +309,12 @@ impl Reader {
             rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH,
             MAX_RESULT_BYTES as i32,
         );
+        db.set_limit(
+            rusqlite::limits::Limit::SQLITE_LIMIT_LIKE_PATTERN_LENGTH,
+            MAX_PATTERN_BYTES,
+        );
+        // No function call that cannot be stopped at the time limit.
+        crate::functions::install(&db).map_err(db_error)?;
         let refusal: Arc<Mutex<Option<String>>> = Arc::default();
         let noted = refusal.clone();
         let trusted: Arc<AtomicBool> = Arc::default();
@@ -268,16 +362,24 @@ impl Reader {
         let deadline = Instant::now() + limits.time;
         self.db
             .progress_handler(1_000, Some(move || Instant::now() >= deadline));
-        let result = self.run(sql, params, limits);
+        let result = self.run(sql, params, limits, deadline);
         self.db.progress_handler(0, None::<fn() -> bool>);
         result
     }
 
-    fn run(&mut self, sql: &str, params: &Params, limits: Limits) -> Result<Rows, QueryError> {
+    fn run(
+        &mut self,
+        sql: &str,
+        params: &Params,
+        limits: Limits,
+        deadline: Instant,
+    ) -> Result<Rows, QueryError> {
         // One read transaction: the checkpoint and the answer come from the same snapshot.
         self.trusted(|db| db.execute_batch("BEGIN"))
             .map_err(|e| QueryError::Storage(e.to_string()))?;
+        let armed = watchdog().arm(deadline, self.db.get_interrupt_handle());
         let result = self.run_in_transaction(sql, params, limits);
+        drop(armed);
         let _ = self.trusted(|db| db.execute_batch("COMMIT"));
         result
     }
@@ -326,7 +428,9 @@ impl Reader {
             .progress_handler(1_000, Some(move || Instant::now() >= deadline));
         self.trusted(|db| db.execute_batch("BEGIN"))
             .map_err(|e| QueryError::Storage(e.to_string()))?;
+        let armed = watchdog().arm(deadline, self.db.get_interrupt_handle());
         let result = self.window_in_transaction(name, page, page_size, limits);
+        drop(armed);
         let _ = self.trusted(|db| db.execute_batch("COMMIT"));
         self.db.progress_handler(0, None::<fn() -> bool>);
         result
@@ -420,6 +524,11 @@ impl Reader {
             .map(|c| c.to_string())
             .collect();
         let width = columns.len();
+        if width > MAX_COLUMNS {
+            return Err(QueryError::Refused(format!(
+                "the query returns {width} columns; at most {MAX_COLUMNS}: select fewer"
+            )));
+        }
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut rows = statement.raw_query();
@@ -431,18 +540,18 @@ impl Reader {
                     }
                     let mut values = Vec::with_capacity(width);
                     for n in 0..width {
+                        // Sized where SQLite holds it, before anything is copied.
                         let value = row
-                            .get::<_, Value>(n)
+                            .get_ref(n)
                             .map_err(|e| QueryError::Storage(e.to_string()))?;
-                        bytes += match &value {
-                            Value::Text(t) => t.len(),
-                            Value::Blob(b) => b.len(),
+                        bytes += match value {
+                            ValueRef::Text(t) | ValueRef::Blob(t) => t.len(),
                             _ => 8,
                         };
-                        values.push(value);
-                    }
-                    if bytes > MAX_RESULT_BYTES {
-                        return Err(QueryError::TooLarge(MAX_RESULT_BYTES));
+                        if bytes > MAX_RESULT_BYTES {
+                            return Err(QueryError::TooLarge(MAX_RESULT_BYTES));
+                        }
+                        values.push(crate::functions::owned(value));
                     }
                     out.push(values);
                 }

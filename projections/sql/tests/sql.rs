@@ -503,3 +503,75 @@ fn queries_keep_answering_whole_tables_while_a_new_schema_remaps() {
         vec![vec![Value::Integer(1)]]
     );
 }
+
+/// One SQL function call never reaches the progress handler or an interrupt (it runs between two
+/// VM steps): `instr` over two long strings ran 23 s against a 2 s limit (issue 17). The readers'
+/// `instr`, `replace` and two-argument `trim`s are linear, so every call is short and a query of
+/// many calls is stopped at its limit. Long LIKE patterns are refused, and a query with more
+/// columns than the cap is refused before it runs.
+#[test]
+fn the_time_limit_holds_for_one_long_function_call() {
+    let mut copy = Copy::new();
+    copy.apply(&[schema_put(1, r#"{"schema": {"t": {"foo": "int"}}}"#)]);
+    let limits = Limits {
+        time: Duration::from_millis(200),
+        rows: 10,
+    };
+    // SQLite's own instr is quadratic and ran 16 s here, unstoppable: quire's is linear.
+    let long = "SELECT instr(printf('%.*c', 1600000, 'a'), printf('%.*c', 800000, 'a') || 'b')";
+    let started = std::time::Instant::now();
+    let answer = copy
+        .reader
+        .query(long, &Params::default(), Limits::default())
+        .unwrap();
+    assert_eq!(answer.rows, vec![vec![Value::Integer(0)]]);
+    let replaced =
+        "SELECT length(replace(printf('%.*c', 1600000, 'a'), printf('%.*c', 800000, 'a'), 'b')), \
+                    length(trim(printf('%.*c', 1600000, 'a'), printf('%.*c', 800000, 'b') || 'a'))";
+    let answer = copy
+        .reader
+        .query(replaced, &Params::default(), Limits::default())
+        .unwrap();
+    assert_eq!(
+        answer.rows,
+        vec![vec![Value::Integer(2), Value::Integer(0)]]
+    );
+    // Many calls are stopped between two of them, from outside (the watchdog) or by the
+    // progress handler.
+    let many = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \
+                SELECT sum(instr(printf('%.*c', 100000, 'a') || i, 'b')) FROM n";
+    let stopped = copy
+        .reader
+        .query(many, &Params::default(), limits)
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(stopped, QueryError::TimeLimit(Duration::from_millis(200)));
+    // Unstopped, these take minutes; the margin is for a loaded machine.
+    assert!(
+        took < Duration::from_secs(5),
+        "answered or stopped only after {took:?}"
+    );
+    let pattern = format!("SELECT 'a' LIKE '{}'", "%a".repeat(10_000));
+    let refused = copy
+        .reader
+        .query(&pattern, &Params::default(), limits)
+        .unwrap_err();
+    assert!(
+        matches!(&refused, QueryError::Invalid(m) if m.contains("LIKE or GLOB pattern too complex")),
+        "{refused:?}"
+    );
+    let columns: Vec<String> = (0..=quire_projection_sql::query::MAX_COLUMNS)
+        .map(|n| n.to_string())
+        .collect();
+    let wide = format!("SELECT {}", columns.join(", "));
+    let refused = copy
+        .reader
+        .query(&wide, &Params::default(), limits)
+        .unwrap_err();
+    assert!(
+        matches!(&refused, QueryError::Refused(m) if m.contains("columns")),
+        "{refused:?}"
+    );
+    // The reader answers the next query: no interrupt is left over for it.
+    assert_eq!(copy.rows("SELECT 1"), vec![vec![Value::Integer(1)]]);
+}
