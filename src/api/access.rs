@@ -329,6 +329,9 @@ struct Inner {
     names: Vec<String>,
     /// Whether the API is served over TLS (app links are `https://`).
     tls: bool,
+    /// How many times the token was rotated: what an open connection admitted as the owner
+    /// watches, to end when its token no longer works.
+    rotations: tokio::sync::watch::Sender<u64>,
 }
 
 impl Access {
@@ -349,6 +352,7 @@ impl Access {
                 data_dir: data_dir.to_path_buf(),
                 names,
                 tls,
+                rotations: tokio::sync::watch::Sender::new(0),
             }),
         })
     }
@@ -364,7 +368,14 @@ impl Access {
         let fresh = Token::generate();
         fresh.store(&self.inner.data_dir)?;
         *token = fresh.clone();
+        self.inner.rotations.send_modify(|n| *n += 1);
         Ok(fresh)
+    }
+
+    /// Changes each time the token is rotated: a long-lived connection admitted as the owner
+    /// (the live binding's WebSocket) ends when it does.
+    pub fn watch_rotations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.rotations.subscribe()
     }
 
     /// The names the node answers to (`localhost` first).

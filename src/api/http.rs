@@ -285,7 +285,15 @@ impl Http {
     /// A live-binding session ([`live`]) whose calls run [`perform`].
     fn live(self, admitted: Admitted, stream: StreamId, ws: WebSocketUpgrade) -> Response {
         let hub = self.hub.clone();
-        live::upgrade(hub, std::sync::Arc::new(self), admitted, stream, ws)
+        let revoked = (admitted.caller == Caller::Owner).then(|| self.api.access.watch_rotations());
+        live::upgrade(
+            hub,
+            std::sync::Arc::new(self),
+            admitted,
+            stream,
+            revoked,
+            ws,
+        )
     }
 }
 

@@ -553,16 +553,32 @@ pub trait Functions: Send + Sync + 'static {
 
 /// Answers a WebSocket upgrade on `stream`'s endpoint with a live session for `admitted`, its
 /// calls run by `functions`.
+///
+/// `revoked` changes when what admitted the caller stops holding (the owner's token rotated):
+/// the session then ends, so an open socket never outlives its token.
 pub fn upgrade(
     hub: Hub,
     functions: Arc<dyn Functions>,
     admitted: Admitted,
     stream: StreamId,
+    revoked: Option<watch::Receiver<u64>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     ws.max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
-        .on_upgrade(move |socket| session(hub, functions, admitted, stream, socket))
+        .on_upgrade(move |socket| session(hub, functions, admitted, stream, revoked, socket))
+}
+
+/// Completes when `revoked` changes (never, for `None`).
+async fn changed(revoked: &mut Option<watch::Receiver<u64>>) {
+    match revoked {
+        Some(revoked) => {
+            if revoked.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// What a subscription's task is asked to do.
@@ -605,6 +621,7 @@ async fn session(
     functions: Arc<dyn Functions>,
     admitted: Admitted,
     stream: StreamId,
+    mut revoked: Option<watch::Receiver<u64>>,
     socket: WebSocket,
 ) {
     let (mut sink, mut source) = socket.split();
@@ -643,11 +660,16 @@ async fn session(
         subscriptions: HashMap::new(),
         calls: Arc::new(Semaphore::new(MAX_CALLS)),
     };
+    let mut ended_by_rotation = false;
     loop {
         let message = tokio::select! {
             message = source.next() => message,
             _ = closing.wait_for(|closing| *closing) => break,
             () = session.out.closed() => break,
+            () = changed(&mut revoked) => {
+                ended_by_rotation = true;
+                break;
+            }
         };
         let text = match message {
             Some(Ok(Message::Text(text))) => text,
@@ -658,6 +680,10 @@ async fn session(
         session.receive(&text).await;
     }
     session.subscriptions.clear();
+    if ended_by_rotation {
+        let message = "the owner's token was rotated: this connection is closed; connect again with the new token";
+        session.fail(code::OTHER, message).await;
+    }
     drop(session);
     let _ = writer.await;
 }

@@ -97,7 +97,8 @@ impl Api {
                 let local = request
                     .extensions()
                     .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                    .is_some_and(|info| info.0.ip().is_loopback());
+                    // An IPv4 client of a dual-stack (`[::]`) listener shows as `::ffff:127.0.0.1`.
+                    .is_some_and(|info| info.0.ip().to_canonical().is_loopback());
                 let admitted = access
                     .admit(
                         request.method(),

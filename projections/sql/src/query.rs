@@ -412,7 +412,8 @@ impl Reader {
             .unwrap_or_default())
     }
 
-    /// One page of list `name` (at most `page_size` rows, clamped to the list's own), with the
+    /// One page of list `name` (at most `page_size` rows, clamped to the list's own and to the
+    /// row limit), with the
     /// list's total row count, from one snapshot. `Ok(None)`: the schema in force declares no
     /// such list.
     pub fn window(
@@ -449,7 +450,9 @@ impl Reader {
         let checkpoint = self
             .trusted(|db| DB.checkpoint(db))
             .map_err(|e| QueryError::Storage(e.to_string()))?;
-        let page_size = page_size.unwrap_or(list.page_size).clamp(1, list.page_size);
+        // At most the list's page size, and never more rows than any query may return.
+        let most = list.page_size.min(limits.rows as u64).max(1);
+        let page_size = page_size.unwrap_or(most).clamp(1, most);
         let offset = page
             .checked_mul(page_size)
             .filter(|o| *o <= i64::MAX as u64);
