@@ -9,7 +9,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -17,14 +19,104 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 /// How long a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long an HTTP/1.1 client has to send a request's head.
+/// How long an HTTP/1.1 client has to send a request's head, and any client its first bytes.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long open requests may take to finish once the node stops.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Bytes that tell HTTP/1.1 from HTTP/2: the length of the HTTP/2 connection preface.
+const PREFACE_BYTES: usize = 24;
+
+/// An accepted connection whose first [`PREFACE_BYTES`] must arrive by a deadline: hyper-util
+/// reads them to tell HTTP/1.1 from HTTP/2 and has no deadline of its own, so a client that
+/// connects and sends nothing (or half a preface) would hold its connection forever.
+struct FirstBytes<IO> {
+    io: IO,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    needed: usize,
+}
+
+impl<IO> FirstBytes<IO> {
+    fn new(io: IO) -> FirstBytes<IO> {
+        FirstBytes {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(HEADER_TIMEOUT))),
+            needed: PREFACE_BYTES,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FirstBytes<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let read = buf.filled().len() - before;
+                self.needed = self.needed.saturating_sub(read);
+                if self.needed == 0 || read == 0 {
+                    self.deadline = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = self
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if expired {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no request in time",
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstBytes<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
 
 /// The client API's TLS identity from PEM files (certificate chain, private key), offering
 /// HTTP/2 and HTTP/1.1 by ALPN. The error names the file and what is wrong with it.
@@ -68,6 +160,9 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    // Connections still in their TLS handshake are not hyper's yet: this ends them at shutdown.
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     let mut builder = Builder::new(TokioExecutor::new());
     // A client that sends no complete request head in time is dropped (slowloris), and an idle
     // HTTP/2 connection (gRPC) is pinged so a dead peer does not hold it forever.
@@ -94,8 +189,13 @@ pub async fn serve(
             },
             () = &mut stop => break,
         };
-        // Small answers (an append's reply, a live frame) go out at once.
+        // Small answers (an append's reply, a live frame) go out at once; a peer that vanished
+        // without a word is noticed by the kernel's keepalive probes.
         let _ = tcp.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(15));
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let router = router.clone();
         let service = tower::service_fn(move |mut request: axum::extract::Request| {
             request
@@ -111,17 +211,21 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let mut stopped = stopped.clone();
+        // Forget connections that ended (the set holds each until it is joined).
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             let served = match tls {
                 None => {
                     let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                        .serve_connection_with_upgrades(TokioIo::new(FirstBytes::new(tcp)), service)
                         .into_owned();
                     watcher.watch(connection).await
                 }
                 Some(tls) => {
-                    let stream =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp));
+                    let stream = tokio::select! {
+                        shaken = handshake => match shaken {
                             Ok(Ok(stream)) => stream,
                             Ok(Err(error)) => {
                                 tracing::debug!(%remote, %error, "TLS handshake failed");
@@ -131,9 +235,14 @@ pub async fn serve(
                                 tracing::debug!(%remote, "TLS handshake timed out");
                                 return;
                             }
-                        };
+                        },
+                        _ = stopped.wait_for(|stopped| *stopped) => return,
+                    };
                     let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(FirstBytes::new(stream)),
+                            service,
+                        )
                         .into_owned();
                     watcher.watch(connection).await
                 }
@@ -143,5 +252,14 @@ pub async fn serve(
             }
         });
     }
-    graceful.shutdown().await;
+    let _ = stopping.send(true);
+    // Requests in flight get a grace period to finish; then every connection is cut (a client
+    // that sent half a request head must not hold the node open).
+    if tokio::time::timeout(STOP_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        connections.abort_all();
+    }
+    while connections.join_next().await.is_some() {}
 }

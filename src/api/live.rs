@@ -51,6 +51,16 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// Calls of one connection that may run at once; more wait their turn.
 pub const MAX_CALLS: usize = 16;
 
+/// Frames written to a client in one write, at most.
+const WRITE_BATCH: usize = 64;
+
+/// How often the node pings a live client; one that answered nothing since the last ping is
+/// dropped (so a vanished client is let go within two intervals).
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Frames read from a client and not yet dispatched.
+const INBOX: usize = 8;
+
 /// Subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS: usize = 1024;
 
@@ -569,6 +579,20 @@ pub fn upgrade(
         .on_upgrade(move |socket| session(hub, functions, admitted, stream, revoked, socket))
 }
 
+/// Why a session ended.
+enum Ended {
+    /// The client left, stopped answering, or sent a close.
+    Client,
+    /// The node is shutting down.
+    Shutdown,
+    /// The owner's token was rotated.
+    Rotated,
+}
+
+/// The error a session opened with a rotated token ends with.
+const ROTATED: &str =
+    "the owner's token was rotated: this connection is closed; connect again with the new token";
+
 /// Completes when `revoked` changes (never, for `None`).
 async fn changed(revoked: &mut Option<watch::Receiver<u64>>) {
     match revoked {
@@ -611,7 +635,9 @@ struct Session {
     functions: Arc<dyn Functions>,
     admitted: Admitted,
     stream: StreamId,
-    out: mpsc::Sender<String>,
+    /// Changes when the token that admitted the owner is rotated: calls after it are refused.
+    revoked: Option<watch::Receiver<u64>>,
+    out: mpsc::Sender<Message>,
     subscriptions: HashMap<(Group, String), Subscription>,
     calls: Arc<Semaphore>,
 }
@@ -625,72 +651,135 @@ async fn session(
     socket: WebSocket,
 ) {
     let (mut sink, mut source) = socket.split();
-    let (out, mut outbox) = mpsc::channel::<String>(OUTBOX);
+    let (out, mut outbox) = mpsc::channel::<Message>(OUTBOX);
     let mut closing = hub.inner.log.watch_closing();
     let writer = tokio::spawn(async move {
-        // Every frame waiting goes out in one write: a diff's frames, a burst of changes.
-        let send = async {
-            while let Some(frame) = outbox.recv().await {
-                sink.feed(Message::Text(frame)).await?;
-                while let Ok(frame) = outbox.try_recv() {
-                    sink.feed(Message::Text(frame)).await?;
-                }
-                // A client that takes nothing for SEND_TIMEOUT is gone.
-                match tokio::time::timeout(SEND_TIMEOUT, sink.flush()).await {
-                    Ok(flushed) => flushed?,
-                    Err(_) => {
-                        tracing::debug!(
-                            "a live client took no frame for {SEND_TIMEOUT:?}: disconnected"
-                        );
-                        return Ok(());
+        // Every frame waiting (up to a batch) goes out in one write; a client that does not take
+        // a batch within SEND_TIMEOUT is gone.
+        while let Some(first) = outbox.recv().await {
+            let batch = async {
+                sink.feed(first).await?;
+                for _ in 1..WRITE_BATCH {
+                    match outbox.try_recv() {
+                        Ok(frame) => sink.feed(frame).await?,
+                        Err(_) => break,
                     }
                 }
+                sink.flush().await
+            };
+            match tokio::time::timeout(SEND_TIMEOUT, batch).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::debug!("a live client took no frame for {SEND_TIMEOUT:?}: dropped");
+                    return;
+                }
             }
-            let _ = tokio::time::timeout(SEND_TIMEOUT, sink.close()).await;
-            Ok::<(), axum::Error>(())
-        };
-        let _ = send.await;
+        }
+        let _ = tokio::time::timeout(SEND_TIMEOUT, sink.close()).await;
     });
     let mut session = Session {
         hub,
         functions,
         admitted,
         stream,
+        revoked: revoked.clone(),
         out,
         subscriptions: HashMap::new(),
         calls: Arc::new(Semaphore::new(MAX_CALLS)),
     };
-    let mut ended_by_rotation = false;
+    // The socket is read by its own task, so the client leaving is seen even while a frame
+    // waits (for room in the outbox, for a call slot): what it sent before leaving is dropped.
+    let (inbox_tx, mut inbox) = mpsc::channel::<String>(INBOX);
+    let (left_tx, mut left) = watch::channel(false);
+    let started = tokio::time::Instant::now();
+    let heard = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = {
+        let heard = heard.clone();
+        tokio::spawn(async move {
+            while let Some(message) = source.next().await {
+                let at = started.elapsed().as_millis() as u64;
+                heard.store(at, std::sync::atomic::Ordering::Relaxed);
+                let text = match message {
+                    Ok(Message::Text(text)) => text,
+                    Ok(Message::Binary(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                    Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                    Ok(Message::Close(_)) | Err(_) => break,
+                };
+                if inbox_tx.send(text).await.is_err() {
+                    break;
+                }
+            }
+            let _ = left_tx.send(true);
+        })
+    };
+    let gone = session.out.clone();
+    let mut pings = tokio::time::interval(PING_INTERVAL);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pings.tick().await;
+    let mut pinged: Option<u64> = None;
+    let mut ended = Ended::Client;
     loop {
-        let message = tokio::select! {
-            message = source.next() => message,
-            _ = closing.wait_for(|closing| *closing) => break,
-            () = session.out.closed() => break,
-            () = changed(&mut revoked) => {
-                ended_by_rotation = true;
+        let text = tokio::select! {
+            biased;
+            _ = left.wait_for(|left| *left) => break,
+            _ = closing.wait_for(|closing| *closing) => {
+                ended = Ended::Shutdown;
                 break;
             }
+            () = changed(&mut revoked) => {
+                ended = Ended::Rotated;
+                break;
+            }
+            () = gone.closed() => break,
+            text = inbox.recv() => match text {
+                Some(text) => text,
+                None => break,
+            },
+            _ = pings.tick() => {
+                // A client that answered nothing since the last ping is gone (a half-open
+                // connection would otherwise hold its feeds forever).
+                let last = heard.load(std::sync::atomic::Ordering::Relaxed);
+                if pinged.is_some_and(|pinged| last < pinged) {
+                    tracing::debug!("a live client answered no ping: dropped");
+                    break;
+                }
+                pinged = Some(started.elapsed().as_millis() as u64);
+                let _ = session.out.try_send(Message::Ping(Vec::new()));
+                continue;
+            }
         };
-        let text = match message {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Binary(bytes))) => String::from_utf8_lossy(&bytes).into_owned(),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
-        };
-        session.receive(&text).await;
+        tokio::select! {
+            biased;
+            _ = left.wait_for(|left| *left) => break,
+            _ = closing.wait_for(|closing| *closing) => {
+                ended = Ended::Shutdown;
+                break;
+            }
+            () = changed(&mut revoked) => {
+                ended = Ended::Rotated;
+                break;
+            }
+            () = gone.closed() => break,
+            () = session.receive(&text) => {}
+        }
     }
+    reader.abort();
     session.subscriptions.clear();
-    if ended_by_rotation {
-        let message = "the owner's token was rotated: this connection is closed; connect again with the new token";
-        session.fail(code::OTHER, message).await;
+    match ended {
+        Ended::Shutdown => writer.abort(),
+        Ended::Rotated => {
+            let _ = session
+                .out
+                .try_send(Message::Text(error_frame(code::OTHER, ROTATED).to_string()));
+        }
+        Ended::Client => {}
     }
-    drop(session);
-    let _ = writer.await;
 }
 
 impl Session {
     async fn send(&self, frame: Json) {
-        let _ = self.out.send(frame.to_string()).await;
+        let _ = self.out.send(Message::Text(frame.to_string())).await;
     }
 
     async fn fail(&self, code: u8, message: impl Into<String>) {
@@ -841,21 +930,26 @@ impl Session {
                         ))
                     }
                 };
-                let permit = self
-                    .calls
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let (functions, admitted, stream, out) = (
+                let permit = tokio::select! {
+                    permit = self.calls.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
+                    () = self.out.closed() => return Ok(()),
+                };
+                let (functions, admitted, stream, out, revoked) = (
                     self.functions.clone(),
                     self.admitted.clone(),
                     self.stream,
                     self.out.clone(),
+                    self.revoked.clone(),
                 );
                 let name = key.1;
                 tokio::spawn(async move {
-                    let done = functions.call(&admitted, stream, &name, args).await;
+                    // Checked when the call runs, not when it arrived: it may have waited.
+                    let rotated = revoked.is_some_and(|r| r.has_changed().unwrap_or(true));
+                    let done = if rotated {
+                        Err(ROTATED.to_string())
+                    } else {
+                        functions.call(&admitted, stream, &name, args).await
+                    };
                     drop(permit);
                     let frame = match done {
                         Ok(value) => json!({
@@ -867,7 +961,7 @@ impl Session {
                             format!("call {} of {name} failed: {error}", text_of(&id)),
                         ),
                     };
-                    let _ = out.send(frame.to_string()).await;
+                    let _ = out.send(Message::Text(frame.to_string())).await;
                 });
                 Ok(())
             }
@@ -925,7 +1019,7 @@ async fn follow_var(
     stream: StreamId,
     name: String,
     mut commands: mpsc::Receiver<Command>,
-    out: mpsc::Sender<String>,
+    out: mpsc::Sender<Message>,
 ) {
     let mut feed = hub.watch(FeedKey::Var {
         stream,
@@ -968,7 +1062,7 @@ async fn follow_var(
             _ => None,
         };
         if let Some(frame) = frame {
-            if out.send(frame.to_string()).await.is_err() {
+            if out.send(Message::Text(frame.to_string())).await.is_err() {
                 return;
             }
         }
@@ -982,7 +1076,7 @@ async fn follow_list(
     stream: StreamId,
     name: String,
     mut commands: mpsc::Receiver<Command>,
-    out: mpsc::Sender<String>,
+    out: mpsc::Sender<Message>,
 ) {
     let mut feed: Option<watch::Receiver<Arc<Value>>> = None;
     // The page the client holds (None: nothing yet, or it was told the list failed).
@@ -1054,7 +1148,7 @@ async fn follow_list(
             _ => Vec::new(),
         };
         for frame in frames {
-            if out.send(frame).await.is_err() {
+            if out.send(Message::Text(frame)).await.is_err() {
                 return;
             }
         }

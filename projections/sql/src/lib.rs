@@ -329,7 +329,7 @@ pub(crate) fn load_applied(db: &Connection) -> rusqlite::Result<Applied> {
         |row| row.get(0),
     )?;
     // Only valid schemas are ever stored (`apply` parks the others).
-    let schema = body.and_then(|body| Schema::parse(&body).ok());
+    let schema = body.and_then(|body| Schema::parse_stored(&body).ok());
     Ok(Some((blob32(id), schema)))
 }
 

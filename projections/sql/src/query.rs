@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use quire_projection_api::ProjectionError;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::{Value, ValueRef};
-use rusqlite::{Connection, ErrorCode};
+use rusqlite::{Connection, ErrorCode, OptionalExtension};
 
 use crate::schema::List;
 use crate::{db_error, describe, DB};
@@ -216,6 +216,8 @@ pub struct Reader {
     refusal: Arc<Mutex<Option<String>>>,
     /// Set while the reader runs its own statements (the read transaction, the checkpoint).
     trusted: Arc<AtomicBool>,
+    /// The lists of the schema in force, by the id of the `_schema` scribe they come from.
+    lists: Option<(Vec<u8>, BTreeMap<String, List>)>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -336,6 +338,7 @@ impl Reader {
             db,
             refusal,
             trusted,
+            lists: None,
         })
     }
 
@@ -402,14 +405,34 @@ impl Reader {
     }
 
     /// The lists the schema in force declares (none before a schema is put).
-    pub fn lists(&self) -> Result<BTreeMap<String, List>, QueryError> {
-        let applied = self
-            .trusted(crate::load_applied)
-            .map_err(|e| QueryError::Storage(e.to_string()))?;
-        Ok(applied
+    /// Parsed once per schema: a frame that names a list costs one small read.
+    pub fn lists(&mut self) -> Result<BTreeMap<String, List>, QueryError> {
+        let storage = |e: rusqlite::Error| QueryError::Storage(e.to_string());
+        let id: Option<Vec<u8>> = self
+            .trusted(|db| {
+                db.query_row(
+                    "SELECT value FROM _quire_meta WHERE name = 'schema'",
+                    [],
+                    |row| row.get(0),
+                )
+                .optional()
+            })
+            .map_err(storage)?;
+        let Some(id) = id else {
+            return Ok(BTreeMap::new());
+        };
+        if let Some((cached, lists)) = &self.lists {
+            if *cached == id {
+                return Ok(lists.clone());
+            }
+        }
+        let applied = self.trusted(crate::load_applied).map_err(storage)?;
+        let lists = applied
             .and_then(|(_, schema)| schema)
             .map(|schema| schema.lists)
-            .unwrap_or_default())
+            .unwrap_or_default();
+        self.lists = Some((id, lists.clone()));
+        Ok(lists)
     }
 
     /// One page of list `name` (at most `page_size` rows, clamped to the list's own and to the
