@@ -6,6 +6,7 @@ mod access;
 mod api;
 mod attack_access;
 mod attack_format;
+mod attack_live;
 mod browser;
 mod common;
 mod consumer;
