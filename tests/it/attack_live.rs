@@ -13,7 +13,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
 use quire::api::access::app_label;
 use quire::api::live;
 use quire::node::{NodeConfig, RunningNode};
@@ -22,123 +21,18 @@ use quire::projection_api::StreamId;
 use serde_json::{json, Value as Json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::common::*;
-use crate::replication::CONVERGE;
-
-/// How long a frame the test expects may take.
-const WAIT: Duration = Duration::from_secs(30);
+use crate::ws::*;
 
 /// A stream of messages with one list, `latest`, five rows a page.
 const BOARD: &str = r#"{"schema": {"message": {"author": "text", "text": "text"}},
     "lists": {"latest": {"query": "SELECT id, author, text, score, timestamp FROM message ORDER BY timestamp DESC, id", "page_size": 5}}}"#;
 
 // ---------------------------------------------------------------------------------------------
-// Connections (after tests/it/live.rs, generic over the transport so TLS can use them too).
-
-/// One WebSocket to a node's live endpoint.
-struct Live<S = TcpStream> {
-    ws: WebSocketStream<S>,
-}
-
-/// What came next on a connection.
-#[derive(Debug)]
-enum Event {
-    Frame(Json),
-    /// The server closed the connection (a close frame, an error or the end of the stream).
-    Closed(String),
-    Timeout,
-}
-
-/// A TCP connection to `addr`, with a receive buffer of `recv_buffer` bytes if given.
-async fn tcp_to(addr: SocketAddr, recv_buffer: Option<u32>) -> TcpStream {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4().unwrap(),
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6().unwrap(),
-    };
-    if let Some(size) = recv_buffer {
-        socket.set_recv_buffer_size(size).unwrap();
-    }
-    socket.connect(addr).await.unwrap()
-}
-
-/// The WebSocket handshake for `ws://{authority}{path}` with extra `headers`, over `io`.
-async fn upgrade_over<S: AsyncRead + AsyncWrite + Unpin>(
-    io: S,
-    authority: &str,
-    path: &str,
-    headers: &[(&str, String)],
-) -> Result<Live<S>, WsError> {
-    let mut request = format!("ws://{authority}{path}").into_client_request()?;
-    for (name, value) in headers {
-        request.headers_mut().insert(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    let (ws, _) = tokio_tungstenite::client_async(request, io).await?;
-    Ok(Live { ws })
-}
-
-/// Opens `path` on `node`'s API port with `Host: host` (the node's own `127.0.0.1:<port>` when
-/// None) and extra `headers`; the TCP connection always goes to the node's address.
-async fn open_as(
-    node: &RunningNode,
-    host: Option<&str>,
-    path: &str,
-    headers: &[(&str, String)],
-) -> Result<Live, WsError> {
-    open_with(node, host, path, headers, None).await
-}
-
-/// [`open_as`] over a socket whose receive buffer is `recv_buffer` bytes.
-async fn open_with(
-    node: &RunningNode,
-    host: Option<&str>,
-    path: &str,
-    headers: &[(&str, String)],
-    recv_buffer: Option<u32>,
-) -> Result<Live, WsError> {
-    let authority = match host {
-        Some(host) => format!("{host}:{}", node.api_addr.port()),
-        None => node.api_addr.to_string(),
-    };
-    let tcp = tcp_to(node.api_addr, recv_buffer).await;
-    upgrade_over(tcp, &authority, path, headers).await
-}
-
-fn bearer(node: &RunningNode) -> (&'static str, String) {
-    ("authorization", format!("Bearer {}", node.token.as_str()))
-}
-
-/// `/<tid>/socksync` on the node's host, with the owner's token or none (anyone).
-async fn open(node: &RunningNode, stream: &StreamId, owner: bool) -> Live {
-    let headers = if owner { vec![bearer(node)] } else { vec![] };
-    open_as(
-        node,
-        None,
-        &format!("/{}/socksync", stream.to_hex()),
-        &headers,
-    )
-    .await
-    .expect("the live endpoint upgrades")
-}
-
-/// The host of `stream`'s app origin, without the port.
-fn app_host(stream: &StreamId) -> String {
-    format!("{}.localhost", app_label(stream))
-}
-
-/// Opens `path` as a page of `stream`'s app would: its Host and Origin.
-async fn open_app(node: &RunningNode, stream: &StreamId, path: &str) -> Result<Live, WsError> {
-    let host = app_host(stream);
-    let origin = format!("http://{host}:{}", node.api_addr.port());
-    open_as(node, Some(&host), path, &[("origin", origin)]).await
-}
+// Connections (the shared client, generic over the transport so TLS can use it too, is
+// `tests/it/ws.rs`).
 
 /// The HTTP status an upgrade was refused with.
 fn refused_with<S>(result: Result<Live<S>, WsError>) -> u16 {
@@ -150,97 +44,16 @@ fn refused_with<S>(result: Result<Live<S>, WsError>) -> u16 {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Live<S> {
-    async fn send(&mut self, frame: Json) {
-        self.raw(Message::Text(frame.to_string())).await;
-    }
-
-    async fn raw(&mut self, message: Message) {
-        self.ws.send(message).await.expect("the frame is sent");
-    }
-
-    /// The next frame, or why there is none within `within`.
-    async fn event(&mut self, within: Duration) -> Event {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let next = match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return Event::Timeout,
-                Ok(next) => next,
-            };
-            match next {
-                Some(Ok(Message::Text(text))) => {
-                    let frame = serde_json::from_str(&text)
-                        .unwrap_or_else(|e| panic!("the server sent JSON ({e}): {text}"));
-                    return Event::Frame(frame);
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Binary(bytes))) => {
-                    panic!(
-                        "the server sends text frames only, not {} bytes",
-                        bytes.len()
-                    )
-                }
-                Some(Ok(Message::Close(close))) => return Event::Closed(format!("{close:?}")),
-                Some(Err(error)) => return Event::Closed(error.to_string()),
-                None => return Event::Closed("end of stream".into()),
-            }
-        }
-    }
-
-    /// The next frame (the test fails without one within [`WAIT`]).
-    async fn next(&mut self) -> Json {
-        match self.event(WAIT).await {
-            Event::Frame(frame) => frame,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
-
-    /// Sends `frame` and returns the next frame.
-    async fn ask(&mut self, frame: Json) -> Json {
-        self.send(frame).await;
-        self.next().await
-    }
-
-    /// Sends `frame`, which must get no answer: the next frame is the answer to a probe sent
-    /// after it (an unknown list's error 3), so nothing came in between.
-    async fn silent(&mut self, frame: Json) {
-        self.send(frame.clone()).await;
-        self.probe(&format!("{frame} must get no answer")).await;
-    }
-
-    /// The session still reads and answers: an unknown list's error 3 comes back.
-    async fn probe(&mut self, what: &str) {
-        let probe = self
-            .ask(json!({"func": "get", "type": "list", "name": "silence_probe"}))
-            .await;
-        assert_eq!(
-            probe,
-            error(3, "silence_probe is not registered."),
-            "{what}"
-        );
-    }
-
-    async fn subscribe(&mut self, kind: &str, name: &str) {
-        self.silent(json!({"func": "subscribe", "type": kind, "name": name}))
-            .await;
-    }
-
     /// Calls function `name` (already subscribed): Ok(the returned value) or Err(the message of
     /// the error frame that names this call). Frames of other groups are skipped.
-    async fn call(&mut self, name: &str, id: &str, args: Json) -> Result<Json, String> {
-        self.send(
-            json!({"func": "call", "type": "function", "name": name, "id": id, "args": args}),
-        )
-        .await;
+    async fn try_call(&mut self, name: &str, id: &str, args: Json) -> Result<Json, String> {
         let failed = format!("call {id} of {name} failed: ");
-        loop {
-            let frame = self.next().await;
-            if frame["func"] == "return" && frame["id"] == id {
-                return Ok(frame["value"].clone());
-            }
-            if frame["func"] == "error" {
+        match self.call_frames(name, id, args).await.0 {
+            Ok(frame) => Ok(frame["value"].clone()),
+            Err(frame) => {
                 let message = frame["message"].as_str().unwrap_or_default();
                 assert!(message.starts_with(&failed), "unexpected error: {frame}");
-                return Err(message.to_string());
+                Err(message.to_string())
             }
         }
     }
@@ -273,81 +86,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Live<S> {
     }
 }
 
-/// An error frame: exactly these three keys.
-fn error(code: u64, message: &str) -> Json {
-    json!({"func": "error", "error_code": code, "message": message})
-}
-
 // ---------------------------------------------------------------------------------------------
-// Streams and records (over HTTP, as the owner unless said otherwise).
-
-/// A `POST /<tid>/<action>` on the node's host, with the owner's token if `owner`.
-async fn post(
-    node: &RunningNode,
-    stream: &StreamId,
-    action: &str,
-    owner: bool,
-    body: Json,
-) -> (u16, Json) {
-    let mut request = reqwest::Client::new()
-        .post(format!("{}/{}/{action}", node.url(), stream.to_hex()))
-        .json(&body);
-    if owner {
-        request = request.bearer_auth(node.token.as_str());
-    }
-    let reply = request.send().await.unwrap();
-    let status = reply.status().as_u16();
-    (status, reply.json().await.unwrap_or(Json::Null))
-}
-
-/// Puts `schema` as the stream's `_schema` (as its owner).
-async fn put_schema(node: &RunningNode, stream: &StreamId, schema: &str) {
-    let put = reqwest::Client::new()
-        .put(format!("{}/{}/_schema", node.url(), stream.to_hex()))
-        .bearer_auth(node.token.as_str())
-        .header("content-type", "application/json")
-        .body(schema.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = put.status().as_u16();
-    assert_eq!(status, 204, "{}", put.text().await.unwrap());
-}
-
-/// A new stream on `node` with `schema` in force.
-async fn stream_with(
-    node: &RunningNode,
-    name: &str,
-    schema: &str,
-    policy: Option<pb::Policy>,
-) -> StreamId {
-    let mut owner = clients(&node.url()).await;
-    let stream = create_stream(&mut owner, name, policy).await;
-    put_schema(node, &stream, schema).await;
-    wait_until(CONVERGE, "the schema to be in force", || async {
-        post(
-            node,
-            &stream,
-            "query",
-            false,
-            json!({"query": "SELECT count(*) FROM message"}),
-        )
-        .await
-        .0 == 200
-    })
-    .await;
-    stream
-}
-
-/// Adds a record as the node's owner: (record id, seq).
-async fn add(node: &RunningNode, stream: &StreamId, record: Json) -> (String, u64) {
-    let (status, reply) = post(node, stream, "add_record", true, record).await;
-    assert_eq!(status, 200, "{reply}");
-    (
-        reply["id"].as_str().unwrap().to_string(),
-        reply["seq"].as_u64().unwrap(),
-    )
-}
+// Streams and addresses.
 
 /// The newest seq of `stream` on `node`.
 fn head_of(node: &RunningNode, stream: &StreamId) -> u64 {
@@ -544,7 +284,7 @@ async fn cross_site_and_look_alike_upgrades_are_refused_before_the_socket_opens(
     assert_eq!(navigated.page("latest", 0).await["total_item_count"], 0);
     navigated.subscribe("function", "add_record").await;
     let refused = navigated
-        .call(
+        .try_call(
             "add_record",
             "n1",
             json!({"_table": "message", "author": "evil", "text": "csrf"}),
@@ -569,7 +309,7 @@ async fn a_stranger_can_call_no_write_and_a_refusal_changes_nothing() {
     let mut owner = open(&node, &stream, true).await;
     owner.subscribe("function", "kv_set").await;
     owner
-        .call("kv_set", "o1", json!({"key": "motd", "value": "hello"}))
+        .try_call("kv_set", "o1", json!({"key": "motd", "value": "hello"}))
         .await
         .unwrap();
     let head = head_of(&node, &stream);
@@ -586,7 +326,7 @@ async fn a_stranger_can_call_no_write_and_a_refusal_changes_nothing() {
     ];
     for (n, (name, args)) in calls.iter().enumerate() {
         let refused = stranger
-            .call(name, &format!("s{n}"), args.clone())
+            .try_call(name, &format!("s{n}"), args.clone())
             .await
             .unwrap_err();
         assert!(refused.contains("token"), "{name}: {refused}");
@@ -625,7 +365,7 @@ async fn an_app_page_writes_only_what_its_stream_lets_anyone_write() {
     let mut owner = open(&node, &stream, true).await;
     owner.subscribe("function", "kv_set").await;
     owner
-        .call("kv_set", "o1", json!({"key": "motd", "value": 1}))
+        .try_call("kv_set", "o1", json!({"key": "motd", "value": 1}))
         .await
         .expect("the owner may");
 
@@ -634,7 +374,7 @@ async fn an_app_page_writes_only_what_its_stream_lets_anyone_write() {
         page.subscribe("function", name).await;
     }
     let added = page
-        .call(
+        .try_call(
             "add_record",
             "p1",
             json!({"_table": "message", "text": "from the page"}),
@@ -650,7 +390,7 @@ async fn an_app_page_writes_only_what_its_stream_lets_anyone_write() {
     ];
     for (n, (name, args)) in calls.iter().enumerate() {
         let refused = page
-            .call(name, &format!("p{}", n + 2), args.clone())
+            .try_call(name, &format!("p{}", n + 2), args.clone())
             .await
             .unwrap_err();
         assert!(refused.contains("policy"), "{name}: {refused}");
@@ -672,7 +412,7 @@ async fn an_app_page_writes_only_what_its_stream_lets_anyone_write() {
     let mut page = open_app(&node, &worked, "/socksync").await.unwrap();
     page.subscribe("function", "add_record").await;
     let refused = page
-        .call(
+        .try_call(
             "add_record",
             "w1",
             json!({"_table": "message", "text": "free work"}),
@@ -723,7 +463,7 @@ async fn an_app_origin_claimed_from_another_address_is_a_visitor() {
     remote.page("latest", 0).await;
     remote.subscribe("function", "add_record").await;
     let refused = remote
-        .call(
+        .try_call(
             "add_record",
             "r1",
             json!({"_table": "message", "text": "remote"}),
@@ -738,7 +478,7 @@ async fn an_app_origin_claimed_from_another_address_is_a_visitor() {
         .unwrap();
     local.subscribe("function", "add_record").await;
     local
-        .call(
+        .try_call(
             "add_record",
             "l1",
             json!({"_table": "message", "text": "local"}),
@@ -776,7 +516,7 @@ async fn an_app_page_over_ipv4_on_a_dual_stack_listener_is_the_app() {
         .expect("the app's page opens it");
     page.subscribe("function", "kv_set").await;
     let set = page
-        .call("kv_set", "d1", json!({"key": "k", "value": 1}))
+        .try_call("kv_set", "d1", json!({"key": "k", "value": 1}))
         .await;
     assert!(
         set.is_ok(),
@@ -797,7 +537,7 @@ async fn a_rotated_token_closes_the_sockets_it_opened() {
     let stream = stream_with(&node, "rotate", BOARD, Some(policy)).await;
     let mut old = open(&node, &stream, true).await;
     old.subscribe("function", "kv_set").await;
-    old.call("kv_set", "before", json!({"key": "k", "value": 1}))
+    old.try_call("kv_set", "before", json!({"key": "k", "value": 1}))
         .await
         .expect("the owner writes");
     let mut stranger = open(&node, &stream, false).await;
@@ -1429,7 +1169,7 @@ async fn thousands_of_subscriptions_and_churn_leave_nothing_behind() {
 
     let started = Instant::now();
     owner
-        .call("kv_set", "w", json!({"key": "c3-7", "value": "seen"}))
+        .try_call("kv_set", "w", json!({"key": "c3-7", "value": "seen"}))
         .await
         .unwrap();
     let pushed = vars[3].next().await;
@@ -1518,7 +1258,7 @@ async fn slow_calls_hold_only_their_own_connection() {
     let mut other = open(&node, &stream, false).await;
     other.subscribe("function", "query").await;
     let value = other
-        .call("query", "q", json!({"query": "SELECT 2"}))
+        .try_call("query", "q", json!({"query": "SELECT 2"}))
         .await
         .unwrap();
     assert_eq!(value["results"], json!([[2]]));
@@ -1669,7 +1409,7 @@ async fn a_client_that_vanished_is_dropped_with_its_subscriptions() {
     gone.probe("after 1,024 subscriptions").await;
     let held = metrics.num_alive_tasks();
     owner
-        .call("kv_set", "w", json!({"key": "k1", "value": "pushed"}))
+        .try_call("kv_set", "w", json!({"key": "k1", "value": "pushed"}))
         .await
         .unwrap();
     // From here on the client neither reads nor writes (nor closes): it vanished.
@@ -1963,7 +1703,7 @@ async fn tls_handshakes_that_never_finish_block_no_one() {
     .await
     .expect("wss upgrades");
     live.subscribe("function", "kv_set").await;
-    live.call("kv_set", "t", json!({"key": "motd", "value": "over tls"}))
+    live.try_call("kv_set", "t", json!({"key": "motd", "value": "over tls"}))
         .await
         .unwrap();
     assert_eq!(live.var("motd").await, "over tls");

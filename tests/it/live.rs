@@ -7,222 +7,47 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use quire::api::access::app_label;
 use quire::api::live;
 use quire::node::RunningNode;
 use quire::pb;
 use quire::projection_api::{AuthorKey, ScribeId, StreamId};
 use quire::scribe::{Body, Scribe};
 use serde_json::{json, Value as Json};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::common::*;
-use crate::replication::{connect, join, CONVERGE};
-
-/// How long a frame the test expects may take.
-const WAIT: Duration = Duration::from_secs(30);
+use crate::replication::{connect, join};
+use crate::ws::*;
 
 /// A stream of messages with one list, `latest`, five rows a page.
 const BOARD: &str = r#"{"schema": {"message": {"author": "text", "text": "fulltext"}},
     "lists": {"latest": {"query": "SELECT id, author, text, timestamp FROM message ORDER BY timestamp DESC, id", "page_size": 5}}}"#;
 
 // ---------------------------------------------------------------------------------------------
-// Connections.
-
-/// One WebSocket to a node's live endpoint.
-struct Live {
-    ws: WebSocketStream<TcpStream>,
-    /// Frames received so far.
-    received: usize,
-}
-
-/// What came next on a connection.
-#[derive(Debug)]
-enum Event {
-    Frame(Json),
-    /// The server closed the connection (a close frame, an error or the end of the stream).
-    Closed(String),
-    Timeout,
-}
-
-/// Opens `path` on `node`'s API port with `Host: host` (the node's own `127.0.0.1:<port>` when
-/// None) and extra `headers`. The TCP connection always goes to 127.0.0.1, as a browser's to
-/// `*.localhost` does.
-async fn open_as(
-    node: &RunningNode,
-    host: Option<&str>,
-    path: &str,
-    headers: &[(&str, String)],
-) -> Result<Live, WsError> {
-    open_with(node, host, path, headers, None).await
-}
-
-/// [`open_as`] over a socket whose receive buffer is `recv_buffer` bytes (None: the system's,
-/// which grows as the client reads).
-async fn open_with(
-    node: &RunningNode,
-    host: Option<&str>,
-    path: &str,
-    headers: &[(&str, String)],
-    recv_buffer: Option<u32>,
-) -> Result<Live, WsError> {
-    let authority = match host {
-        Some(host) => format!("{host}:{}", node.api_addr.port()),
-        None => node.api_addr.to_string(),
-    };
-    let mut request = format!("ws://{authority}{path}").into_client_request()?;
-    for (name, value) in headers {
-        request.headers_mut().insert(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    if let Some(size) = recv_buffer {
-        socket.set_recv_buffer_size(size).unwrap();
-    }
-    let tcp = socket.connect(node.api_addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(request, tcp).await?;
-    Ok(Live { ws, received: 0 })
-}
-
-/// `/<tid>/socksync` on the node's host, with the owner's token or none (anyone).
-async fn open(node: &RunningNode, stream: &StreamId, owner: bool) -> Live {
-    let headers = match owner {
-        true => vec![("authorization", format!("Bearer {}", node.token.as_str()))],
-        false => vec![],
-    };
-    open_as(
-        node,
-        None,
-        &format!("/{}/socksync", stream.to_hex()),
-        &headers,
-    )
-    .await
-    .expect("the live endpoint upgrades")
-}
-
-/// The host of `stream`'s app origin, without the port.
-fn app_host(stream: &StreamId) -> String {
-    format!("{}.localhost", app_label(stream))
-}
-
-/// Opens `path` as a page of `stream`'s app would: its Host and Origin.
-async fn open_app(node: &RunningNode, stream: &StreamId, path: &str) -> Result<Live, WsError> {
-    let host = app_host(stream);
-    let origin = format!("http://{host}:{}", node.api_addr.port());
-    open_as(node, Some(&host), path, &[("origin", origin)]).await
-}
+// Connections (the shared client is `tests/it/ws.rs`).
 
 impl Live {
-    async fn send(&mut self, frame: Json) {
-        self.raw(Message::Text(frame.to_string())).await;
-    }
-
-    async fn raw(&mut self, message: Message) {
-        self.ws.send(message).await.expect("the frame is sent");
-    }
-
-    /// The next frame, or why there is none within `within`.
-    async fn event(&mut self, within: Duration) -> Event {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let next = match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return Event::Timeout,
-                Ok(next) => next,
-            };
-            match next {
-                Some(Ok(Message::Text(text))) => {
-                    self.received += 1;
-                    let frame = serde_json::from_str(&text)
-                        .unwrap_or_else(|e| panic!("the server sent JSON ({e}): {text}"));
-                    return Event::Frame(frame);
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Binary(bytes))) => {
-                    panic!(
-                        "the server sends text frames only, not {} bytes",
-                        bytes.len()
-                    )
-                }
-                Some(Ok(Message::Close(close))) => return Event::Closed(format!("{close:?}")),
-                Some(Err(error)) => return Event::Closed(error.to_string()),
-                None => return Event::Closed("end of stream".into()),
-            }
-        }
-    }
-
-    /// The next frame (the test fails without one within [`WAIT`]).
-    async fn next(&mut self) -> Json {
-        match self.event(WAIT).await {
-            Event::Frame(frame) => frame,
-            other => panic!("expected a frame, got {other:?}"),
-        }
-    }
-
-    /// Sends `frame` and returns the next frame.
-    async fn ask(&mut self, frame: Json) -> Json {
-        self.send(frame).await;
-        self.next().await
-    }
-
-    /// Sends `frame`, which must get no answer: the next frame is the answer to a probe sent
-    /// after it (an unknown list's error 3), so nothing came in between.
-    async fn silent(&mut self, frame: Json) {
-        self.send(frame.clone()).await;
-        let probe = self
-            .ask(json!({"func": "get", "type": "list", "name": "silence_probe"}))
-            .await;
-        assert_eq!(
-            probe,
-            error(3, "silence_probe is not registered."),
-            "{frame} must get no answer"
-        );
-    }
-
-    async fn subscribe(&mut self, kind: &str, name: &str) {
-        self.silent(json!({"func": "subscribe", "type": kind, "name": name}))
-            .await;
-    }
-
-    /// Calls function `name` (already subscribed) and returns the `return` frame's value;
-    /// frames of other groups that arrive meanwhile are returned too.
+    /// Calls function `name` (already subscribed) and returns the `return` frame's value (exactly
+    /// its five keys); frames of other groups that arrive meanwhile are returned too.
     async fn call(&mut self, name: &str, id: &str, args: Json) -> (Json, Vec<Json>) {
-        self.send(
-            json!({"func": "call", "type": "function", "name": name, "id": id, "args": args}),
-        )
-        .await;
-        let mut others = Vec::new();
-        loop {
-            let frame = self.next().await;
-            if frame["func"] == "return" && frame["id"] == id {
-                assert_eq!(
-                    keys(&frame),
-                    ["func", "id", "name", "type", "value"],
-                    "{frame}"
-                );
-                assert_eq!(
-                    (&frame["type"], &frame["name"]),
-                    (&json!("function"), &json!(name))
-                );
-                return (frame["value"].clone(), others);
-            }
-            assert_ne!(
-                frame["func"], "error",
-                "call {id} of {name} failed: {frame}"
-            );
-            others.push(frame);
-        }
+        let (frame, others) = self.call_frames(name, id, args).await;
+        let frame = frame.unwrap_or_else(|frame| panic!("call {id} of {name} failed: {frame}"));
+        assert_eq!(
+            keys(&frame),
+            ["func", "id", "name", "type", "value"],
+            "{frame}"
+        );
+        assert_eq!(
+            (&frame["type"], &frame["name"]),
+            (&json!("function"), &json!(name))
+        );
+        (frame["value"].clone(), others)
     }
 
     /// Subscribes list `name` and gets page `page` (`page_size` if given): the `set_all`.
@@ -243,11 +68,6 @@ fn get_list(name: &str, page: u64, page_size: Option<u64>) -> Json {
         }
         None => json!({"func": "get", "type": "list", "name": name, "page": page}),
     }
-}
-
-/// An error frame: exactly these three keys.
-fn error(code: u64, message: &str) -> Json {
-    json!({"func": "error", "error_code": code, "message": message})
 }
 
 /// A frame's keys, sorted.
@@ -430,80 +250,7 @@ async fn truth(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Streams and records.
-
-/// A `POST /<tid>/<action>` on the node's host, with the owner's token if `owner`.
-async fn post(
-    node: &RunningNode,
-    stream: &StreamId,
-    action: &str,
-    owner: bool,
-    body: Json,
-) -> (u16, Json) {
-    let mut request = reqwest::Client::new()
-        .post(format!("{}/{}/{action}", node.url(), stream.to_hex()))
-        .json(&body);
-    if owner {
-        request = request.bearer_auth(node.token.as_str());
-    }
-    let reply = request.send().await.unwrap();
-    let status = reply.status().as_u16();
-    (status, reply.json().await.unwrap_or(Json::Null))
-}
-
-/// Puts `schema` as the stream's `_schema` (as its owner).
-async fn put_schema(node: &RunningNode, stream: &StreamId, schema: &str) {
-    let put = reqwest::Client::new()
-        .put(format!("{}/{}/_schema", node.url(), stream.to_hex()))
-        .bearer_auth(node.token.as_str())
-        .header("content-type", "application/json")
-        .body(schema.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = put.status().as_u16();
-    assert_eq!(status, 204, "{}", put.text().await.unwrap());
-}
-
-/// A new stream on `node` with `schema` in force (its lists registered).
-async fn stream_with(
-    node: &RunningNode,
-    name: &str,
-    schema: &str,
-    policy: Option<pb::Policy>,
-) -> StreamId {
-    let mut owner = clients(&node.url()).await;
-    let stream = create_stream(&mut owner, name, policy).await;
-    put_schema(node, &stream, schema).await;
-    wait_for_table(node, &stream).await;
-    stream
-}
-
-/// Waits until `node`'s copy of `stream` has table `message` (its schema is in force).
-async fn wait_for_table(node: &RunningNode, stream: &StreamId) {
-    wait_until(CONVERGE, "the schema to be in force", || async {
-        post(
-            node,
-            stream,
-            "query",
-            false,
-            json!({"query": "SELECT count(*) FROM message"}),
-        )
-        .await
-        .0 == 200
-    })
-    .await;
-}
-
-/// Adds a record as the node's owner over HTTP: (record id, seq).
-async fn add(node: &RunningNode, stream: &StreamId, record: Json) -> (String, u64) {
-    let (status, reply) = post(node, stream, "add_record", true, record).await;
-    assert_eq!(status, 200, "{reply}");
-    (
-        reply["id"].as_str().unwrap().to_string(),
-        reply["seq"].as_u64().unwrap(),
-    )
-}
+// Records.
 
 /// An upvote of `record` signed by client key `seed` (another author than the node): its seq.
 async fn signed_upvote(node: &RunningNode, stream: &StreamId, record: &str, seed: u8) -> u64 {

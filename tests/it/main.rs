@@ -25,3 +25,4 @@ mod sql;
 mod subscribe;
 mod tidy;
 mod verify;
+mod ws;
