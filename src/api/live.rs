@@ -366,7 +366,22 @@ struct HubInner {
     sql: SqlService,
     kv: KvService,
     feeds: Mutex<HashMap<FeedKey, Weak<Feed>>>,
+    /// The kv keys each watched stream's newest scribes wrote: a var feed re-reads its key only
+    /// when a write touched it, not on every write to the stream.
+    touched: Mutex<HashMap<StreamId, Touched>>,
 }
+
+/// Kv keys written by one stream's scribes, by local seq: the newest [`TOUCHED_MAX`].
+#[derive(Debug, Default)]
+struct Touched {
+    /// Every kv write of the stream in `from..=through` is in `keys`.
+    from: u64,
+    through: u64,
+    keys: std::collections::VecDeque<(u64, Vec<u8>)>,
+}
+
+/// Kv writes remembered per stream; a var feed further behind just re-reads its key.
+const TOUCHED_MAX: usize = 4_096;
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -384,6 +399,7 @@ impl Hub {
                 sql,
                 kv,
                 feeds: Mutex::default(),
+                touched: Mutex::default(),
             }),
         }
     }
@@ -421,6 +437,18 @@ impl Hub {
                     .is_some_and(|weak| std::ptr::eq(weak.as_ptr(), Arc::as_ptr(&feed)))
                 {
                     feeds.remove(&key);
+                }
+                if let FeedKey::Var { stream, .. } = &key {
+                    let watched = feeds
+                        .keys()
+                        .any(|k| matches!(k, FeedKey::Var { stream: s, .. } if s == stream));
+                    if !watched {
+                        self.inner
+                            .touched
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(stream);
+                    }
                 }
                 return;
             }
@@ -483,12 +511,24 @@ impl Hub {
                 };
                 if covered.is_none_or(|covered| head > covered) {
                     let seen = *applied.borrow_and_update();
-                    let value = self.compute(key).await;
-                    covered = match value {
-                        Value::Failed(_) => None,
-                        _ => Some(head.min(seen)),
+                    let through = head.min(seen);
+                    // A var whose key no write in between touched keeps its value.
+                    let unchanged = match (covered, key) {
+                        (Some(after), FeedKey::Var { stream, key }) => {
+                            self.touched(stream, key.as_bytes(), after, through) == Some(false)
+                        }
+                        _ => false,
                     };
-                    publish(value);
+                    if unchanged {
+                        covered = Some(through);
+                    } else {
+                        let value = self.compute(key).await;
+                        covered = match value {
+                            Value::Failed(_) => None,
+                            _ => Some(through),
+                        };
+                        publish(value);
+                    }
                 }
                 tokio::select! {
                     changed = applied.changed() => if changed.is_err() {
@@ -503,6 +543,54 @@ impl Hub {
                 () = feed.closed() => return,
             }
         }
+    }
+
+    /// Whether a kv write of `stream` with a local seq in `after + 1 ..= through` wrote `key`;
+    /// `None` when that is not known (too far back, or the log could not be read).
+    fn touched(&self, stream: &StreamId, key: &[u8], after: u64, through: u64) -> Option<bool> {
+        let mut all = self.inner.touched.lock().unwrap_or_else(|p| p.into_inner());
+        let touched = all.entry(*stream).or_default();
+        if touched.through == 0 {
+            touched.from = after + 1;
+            touched.through = after;
+        }
+        while touched.through < through {
+            let entries = self
+                .inner
+                .log
+                .read(Some(stream), touched.through + 1, 32)
+                .ok()?;
+            let Some(last) = entries.last().map(|e| e.seq) else {
+                break;
+            };
+            for entry in &entries {
+                let written = crate::projection::to_view(entry).ok().and_then(|view| {
+                    quire_projection_kv::decode(&view.kind, &view.payload)
+                        .ok()
+                        .flatten()
+                });
+                if let Some((key, _)) = written {
+                    touched.keys.push_back((entry.seq, key));
+                }
+            }
+            touched.through = last;
+        }
+        while touched.keys.len() > TOUCHED_MAX {
+            if let Some((seq, _)) = touched.keys.pop_front() {
+                touched.from = seq + 1;
+            }
+        }
+        if after + 1 < touched.from || through > touched.through {
+            return None;
+        }
+        let start = touched.keys.partition_point(|(seq, _)| *seq <= after);
+        Some(
+            touched
+                .keys
+                .range(start..)
+                .take_while(|(seq, _)| *seq <= through)
+                .any(|(_, written)| written == key),
+        )
     }
 
     async fn compute(&self, key: &FeedKey) -> Value {
