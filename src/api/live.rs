@@ -681,6 +681,23 @@ enum Ended {
 const ROTATED: &str =
     "the owner's token was rotated: this connection is closed; connect again with the new token";
 
+/// Completes with why a session must end now: the client left (or its writer gave up on it),
+/// the node is shutting down, or the owner's token was rotated.
+async fn ending(
+    left: &mut watch::Receiver<bool>,
+    closing: &mut watch::Receiver<bool>,
+    revoked: &mut Option<watch::Receiver<u64>>,
+    gone: &mpsc::Sender<Message>,
+) -> Ended {
+    tokio::select! {
+        biased;
+        _ = left.wait_for(|left| *left) => Ended::Client,
+        _ = closing.wait_for(|closing| *closing) => Ended::Shutdown,
+        () = changed(revoked) => Ended::Rotated,
+        () = gone.closed() => Ended::Client,
+    }
+}
+
 /// Completes when `revoked` changes (never, for `None`).
 async fn changed(revoked: &mut Option<watch::Receiver<u64>>) {
     match revoked {
@@ -810,16 +827,10 @@ async fn session(
     loop {
         let text = tokio::select! {
             biased;
-            _ = left.wait_for(|left| *left) => break,
-            _ = closing.wait_for(|closing| *closing) => {
-                ended = Ended::Shutdown;
+            why = ending(&mut left, &mut closing, &mut revoked, &gone) => {
+                ended = why;
                 break;
             }
-            () = changed(&mut revoked) => {
-                ended = Ended::Rotated;
-                break;
-            }
-            () = gone.closed() => break,
             text = inbox.recv() => match text {
                 Some(text) => text,
                 None => break,
@@ -839,16 +850,10 @@ async fn session(
         };
         tokio::select! {
             biased;
-            _ = left.wait_for(|left| *left) => break,
-            _ = closing.wait_for(|closing| *closing) => {
-                ended = Ended::Shutdown;
+            why = ending(&mut left, &mut closing, &mut revoked, &gone) => {
+                ended = why;
                 break;
             }
-            () = changed(&mut revoked) => {
-                ended = Ended::Rotated;
-                break;
-            }
-            () = gone.closed() => break,
             () = session.receive(&text) => {}
         }
     }

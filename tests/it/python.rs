@@ -41,25 +41,35 @@ pub async fn run_script(
     script: &str,
     node: &quire::node::RunningNode,
 ) -> String {
-    let address = node.api_addr.to_string();
-    let token = node.token.as_str().to_string();
-    let script = root.join(script);
-    let stub_path = stubs.path().to_path_buf();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .arg(address)
-            .env("PYTHONPATH", stub_path)
-            .env("QUIRE_TOKEN", token)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    run_python(root, Some(stubs), script, node, &[]).await
+}
+
+/// Runs `script` (under `root`) with the node's address and then `args` as arguments, `stubs`
+/// (if any) on its path and the owner's token in `QUIRE_TOKEN`; its stdout, failing with its
+/// output if it fails.
+async fn run_python(
+    root: &Path,
+    stubs: Option<&tempfile::TempDir>,
+    script: &str,
+    node: &quire::node::RunningNode,
+    args: &[String],
+) -> String {
+    let mut command = Command::new("python3");
+    command
+        .arg(root.join(script))
+        .arg(node.api_addr.to_string())
+        .args(args)
+        .env("QUIRE_TOKEN", node.token.as_str());
+    if let Some(stubs) = stubs {
+        command.env("PYTHONPATH", stubs.path());
+    }
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "python client failed:\n{stdout}\n{}",
+        "python {script} failed (pip install grpcio grpcio-tools cryptography websockets?):\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
@@ -103,27 +113,14 @@ async fn the_python_live_example_binds_a_list_and_a_var() {
         "{}",
         String::from_utf8_lossy(&pushed.stderr)
     );
-    let (address, token, script) = (
-        node.api_addr.to_string(),
-        node.token.as_str().to_string(),
-        root.join("examples/python-live/live.py"),
-    );
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .args([address, stream.to_hex()])
-            .env("QUIRE_TOKEN", token)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "python live client failed (pip install websockets?):\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_python(
+        root,
+        None,
+        "examples/python-live/live.py",
+        &node,
+        &[stream.to_hex()],
+    )
+    .await;
     let summary: serde_json::Value =
         serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
     assert_eq!(
