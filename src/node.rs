@@ -163,6 +163,7 @@ pub async fn serve(
     };
     let replicator = Replicator::new(log.clone());
     replicator.start(&config.peers)?;
+    tokio::spawn(crate::log::held::release_loop(log.clone()));
     let projections = Projections::start(log.clone(), config.registry.clone(), &config.data_dir)?;
     tracing::info!(node = %log.node_key(), api = %api_addr, peer = ?peer_addr, data_dir = %config.data_dir.display(), "node serving");
 

@@ -109,6 +109,7 @@ pub fn peer_status(state: &crate::replication::PeerState) -> pb::PeerStatus {
                 duplicates: counters.duplicates,
                 refused: counters.refused,
                 caught_up: counters.caught_up,
+                held: counters.held,
             })
             .collect(),
     }

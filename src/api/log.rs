@@ -26,6 +26,7 @@ fn reply(appended: Appended) -> pb::AppendReply {
         seq: appended.seq,
         duplicate: appended.duplicate,
         hlc: appended.hlc,
+        held: appended.held,
     }
 }
 

@@ -31,9 +31,10 @@ pub fn append_status(error: &AppendError) -> Status {
         AppendError::PermissionDenied { .. } | AppendError::MissingWork { .. } => {
             Code::PermissionDenied
         }
-        AppendError::PayloadTooLarge { .. } | AppendError::StreamFull { .. } => {
-            Code::ResourceExhausted
-        }
+        AppendError::PayloadTooLarge { .. }
+        | AppendError::StreamFull { .. }
+        | AppendError::HeldFull { .. } => Code::ResourceExhausted,
+        AppendError::FutureInBatch { .. } => Code::FailedPrecondition,
         AppendError::ShuttingDown => Code::Unavailable,
         _ => Code::Internal,
     };

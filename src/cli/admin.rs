@@ -64,7 +64,7 @@ fn print_peers(peers: &[pb::PeerStatus]) {
         }
         for stream in &peer.streams {
             println!(
-                "    stream {}  cursor {}  lag {}  sent {}  received {}  duplicates {}  refused {}{}",
+                "    stream {}  cursor {}  lag {}  sent {}  received {}  duplicates {}  refused {}{}{}",
                 hex::encode(&stream.stream),
                 stream.cursor,
                 stream.lag,
@@ -72,6 +72,7 @@ fn print_peers(peers: &[pb::PeerStatus]) {
                 stream.received,
                 stream.duplicates,
                 stream.refused,
+                if stream.held > 0 { format!("  held (dated ahead) {}", stream.held) } else { String::new() },
                 if stream.caught_up { "  caught up" } else { "" }
             );
         }
@@ -100,9 +101,16 @@ pub(crate) async fn status(url: &Node) -> Result<()> {
         if status.sync_writes {
             "fsync per group commit (--sync)"
         } else {
-            "crash-safe, not fsynced"
+            "survive a process crash; a power loss may take the newest (peers give back what they hold)"
         }
     );
+    if status.held_scribes > 0 {
+        println!(
+            "held        {} scribes ({} KiB) dated ahead of this node's clock, kept aside until it catches up",
+            status.held_scribes,
+            status.held_bytes / 1024
+        );
+    }
     for listener in &status.listeners {
         println!("listener    {:<6} {}", listener.name, listener.addr);
     }

@@ -22,9 +22,10 @@ use std::sync::Arc;
 use quire_projection_api::{AuthorKey, Kind, ScribeId, StreamId};
 use tokio::sync::oneshot;
 
+use super::held;
 use super::rules::{self, Added, JobRules, PayloadChecks, Seen, Verdict};
 use super::signer::PreparedJob;
-use super::store::{Commit, CursorUpdate, NewEntry};
+use super::store::{Commit, CursorUpdate, HeldKey, NewEntry, PeerOrigin};
 use super::{AppendError, Appended, EachOutcome, Origin, Reply, Shared, StreamState};
 use crate::scribe::Scribe;
 
@@ -52,6 +53,10 @@ pub(super) struct Overlay {
     entries: Vec<NewEntry>,
     cursors: HashMap<(AuthorKey, StreamId), CursorUpdate>,
     new_streams: usize,
+    /// Scribes kept aside (see `log::held`), by key.
+    held: HashMap<HeldKey, Vec<u8>>,
+    /// Held scribes taken out of the held set, with their stored sizes.
+    released: Vec<(HeldKey, u64)>,
 }
 
 impl Overlay {
@@ -68,6 +73,8 @@ impl Overlay {
         self.streams.extend(job.streams);
         self.entries.extend(job.entries);
         self.new_streams += job.new_streams;
+        self.held.extend(job.held);
+        self.released.extend(job.released);
         for (key, cursor) in job.cursors {
             self.add_cursor_at(key, cursor);
         }
@@ -110,7 +117,50 @@ impl Overlay {
             seq,
             duplicate: false,
             hlc,
+            held: false,
         }
+    }
+
+    /// Keeps `scribe` aside under `key` (see `log::held`), unless it is already, within the
+    /// node-wide bounds counting what the group (`group`) holds already.
+    fn hold(
+        &mut self,
+        shared: &Shared,
+        group: &Overlay,
+        key: HeldKey,
+        scribe: &Scribe,
+        origin: Origin,
+    ) -> Result<Appended, AppendError> {
+        let appended = Appended {
+            id: scribe.id,
+            seq: 0,
+            duplicate: false,
+            hlc: scribe.body.hlc,
+            held: true,
+        };
+        let ahead_ms = (scribe.body.hlc >> 16).saturating_sub(shared.clock.wall_ms());
+        // A held scribe judged again now (its record is deleted by this very commit) is not
+        // held already: holding it again must write its record back.
+        let releasing = group.released.iter().any(|(released, _)| *released == key);
+        if self.held.contains_key(&key)
+            || group.held.contains_key(&key)
+            || (!releasing && shared.store.is_held(&key)?)
+        {
+            return Ok(appended);
+        }
+        let value = held::encode(origin, &scribe.parts());
+        let (count, bytes) = *shared.held.lock().expect("held lock");
+        let pending = self.held.values().chain(group.held.values());
+        let (count, bytes) = pending.fold((count, bytes), |(n, b), v| (n + 1, b + v.len() as u64));
+        if count >= held::MAX_HELD || bytes + value.len() as u64 > held::MAX_HELD_BYTES {
+            return Err(AppendError::HeldFull {
+                ahead_ms,
+                held: count,
+                bytes,
+            });
+        }
+        self.held.insert(key, value);
+        Ok(appended)
     }
 }
 
@@ -135,7 +185,11 @@ fn commit_group(shared: &Shared, checks: &PayloadChecks, group: Vec<PreparedJob>
         .into_iter()
         .map(|job| admit_job(shared, checks, head, &mut overlay, job))
         .collect();
-    if !overlay.entries.is_empty() || !overlay.cursors.is_empty() {
+    if !overlay.entries.is_empty()
+        || !overlay.cursors.is_empty()
+        || !overlay.held.is_empty()
+        || !overlay.released.is_empty()
+    {
         if let Err(error) = write_and_publish(shared, head, overlay) {
             tracing::error!(%error, "group commit failed; nothing of it was stored");
             let failed = || AppendError::Storage(error.clone());
@@ -171,33 +225,60 @@ fn admit_job(
     job: PreparedJob,
 ) -> Outcome {
     let multi = job.scribes.len() > 1;
+    let multi_atomic = multi && matches!(job.reply, Reply::Atomic(_));
+    if let Some(release) = job.release {
+        // Whatever the verdict, the held record goes: the scribe is judged now.
+        overlay.released.push(release);
+    }
     let next_seq = head + overlay.entries.len() as u64 + 1;
     let mut job_overlay = Overlay::default();
     let rules = JobRules {
         origin: job.origin,
         expect_stream: job.expect_stream,
     };
-    let admit =
-        |job_overlay: &mut Overlay, scribe: Scribe, fresh: bool| -> Result<Appended, AppendError> {
-            let seq = next_seq + job_overlay.entries.len() as u64;
-            let seen = Seen {
-                shared,
-                group: overlay.added(),
-                job: job_overlay.added(),
-            };
-            match rules::admit(&seen, checks, &rules, &scribe, seq, fresh)? {
-                Verdict::Duplicate(appended) => Ok(appended),
-                Verdict::New(state) => {
-                    shared.clock.observe(scribe.body.hlc);
-                    Ok(job_overlay.record(scribe, seq, state, rules.origin))
-                }
-            }
+    // A replicated scribe's origin names its own seq in the peer's log.
+    let origin_of = |index: usize| match rules.origin {
+        Origin::Peer(peer) => Origin::Peer(PeerOrigin {
+            seq: job.peer_seqs.get(index).copied().unwrap_or(u64::MAX),
+            ..peer
+        }),
+        Origin::Local => Origin::Local,
+    };
+    let admit = |job_overlay: &mut Overlay,
+                 scribe: Scribe,
+                 fresh: bool,
+                 origin: Origin|
+     -> Result<Appended, AppendError> {
+        let seq = next_seq + job_overlay.entries.len() as u64;
+        let seen = Seen {
+            shared,
+            group: overlay.added(),
+            job: job_overlay.added(),
         };
+        match rules::admit(&seen, checks, &rules, &scribe, seq, fresh)? {
+            Verdict::Duplicate(appended) => Ok(appended),
+            Verdict::Hold(key) => {
+                if multi_atomic {
+                    return Err(AppendError::FutureInBatch {
+                        ahead_ms: (scribe.body.hlc >> 16).saturating_sub(shared.clock.wall_ms()),
+                        limit_ms: held::MAX_AHEAD_MS,
+                    });
+                }
+                job_overlay.hold(shared, overlay, key, &scribe, origin)
+            }
+            Verdict::New(state) => {
+                shared.clock.observe(scribe.body.hlc);
+                Ok(job_overlay.record(scribe, seq, state, origin))
+            }
+        }
+    };
     match job.reply {
         Reply::Atomic(reply) => {
             let mut results = Vec::with_capacity(job.scribes.len());
             for (index, (scribe, fresh)) in job.scribes.into_iter().enumerate() {
-                match scribe.and_then(|scribe| admit(&mut job_overlay, scribe, fresh)) {
+                match scribe
+                    .and_then(|scribe| admit(&mut job_overlay, scribe, fresh, origin_of(index)))
+                {
                     Ok(appended) => results.push(appended),
                     Err(error) => {
                         let error = if multi {
@@ -217,8 +298,12 @@ fn admit_job(
         }
         Reply::Each(reply) => {
             let mut results = Vec::with_capacity(job.scribes.len());
-            for (scribe, fresh) in job.scribes {
-                results.push(scribe.and_then(|scribe| admit(&mut job_overlay, scribe, fresh)));
+            for (index, (scribe, fresh)) in job.scribes.into_iter().enumerate() {
+                results.push(
+                    scribe.and_then(|scribe| {
+                        admit(&mut job_overlay, scribe, fresh, origin_of(index))
+                    }),
+                );
             }
             if let Some(cursor) = job.cursor {
                 job_overlay.add_cursor_at((cursor.peer, cursor.stream), cursor);
@@ -248,8 +333,25 @@ fn write_and_publish(
         head: new_head,
         hlc: shared.clock.peek(),
         cursors: overlay.cursors.values().copied().collect(),
+        released: overlay.released.iter().map(|(key, _)| *key).collect(),
+        held: overlay
+            .held
+            .iter()
+            .map(|(key, value)| (*key, value.clone()))
+            .collect(),
     };
     shared.store.commit(&commit).map_err(Arc::new)?;
+    if !overlay.held.is_empty() || !overlay.released.is_empty() {
+        let mut held = shared.held.lock().expect("held lock");
+        for (_, size) in &overlay.released {
+            held.0 = held.0.saturating_sub(1);
+            held.1 = held.1.saturating_sub(*size);
+        }
+        for value in overlay.held.values() {
+            held.0 += 1;
+            held.1 += value.len() as u64;
+        }
+    }
     {
         let mut streams = shared.streams.write().expect("streams lock");
         streams.extend(overlay.streams);

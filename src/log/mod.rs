@@ -31,6 +31,8 @@
 //! [`LogOptions::payload_checks`]: this module depends on no projector crate.
 
 mod committer;
+pub mod epoch;
+pub mod held;
 mod rules;
 mod signer;
 pub mod store;
@@ -53,7 +55,8 @@ use crate::genesis::{genesis_from_payload, GenesisError};
 use crate::hlc::{Clock, WallClock};
 use crate::identity;
 use crate::scribe::{Parts, Scribe, ScribeError};
-use store::{CursorUpdate, PeerOrigin, Store, StoreError, StoredEntry, StreamRecord};
+use epoch::Epochs;
+use store::{CursorUpdate, HeldKey, PeerOrigin, Store, StoreError, StoredEntry, StreamRecord};
 
 /// Jobs waiting to be signed before `append` callers wait for room.
 const SUBMIT_QUEUE: usize = 1024;
@@ -164,6 +167,25 @@ pub enum AppendError {
         /// Why.
         source: Box<AppendError>,
     },
+    /// A scribe of a batch is dated too far ahead of this node's clock: only a scribe appended on
+    /// its own is kept aside until then (a batch is stored all at once or not at all).
+    #[error("the scribe is dated {ahead_ms} ms ahead of this node's clock, more than the {limit_ms} ms allowed; only a scribe appended on its own is kept aside until its time: append it alone, or fix the writer's clock")]
+    FutureInBatch {
+        /// How far ahead.
+        ahead_ms: u64,
+        /// [`held::MAX_AHEAD_MS`].
+        limit_ms: u64,
+    },
+    /// Too many scribes are held already (see [`held`]).
+    #[error("the scribe is dated {ahead_ms} ms ahead of this node's clock, and this node already keeps {held} scribes ({bytes} bytes) dated ahead aside, its limit; fix the writer's clock, or retry once their time has come")]
+    HeldFull {
+        /// How far ahead.
+        ahead_ms: u64,
+        /// Scribes held.
+        held: u64,
+        /// Bytes held.
+        bytes: u64,
+    },
     /// The store failed (to read what a scribe is checked against, or to write the group).
     /// Shared: one failed write fails every job of its group.
     #[error("storage failure, nothing stored: {0}")]
@@ -249,6 +271,9 @@ pub struct Appended {
     pub duplicate: bool,
     /// Its clock.
     pub hlc: u64,
+    /// True when it is dated too far ahead of this node's clock and was kept aside (see
+    /// [`held`]): it has no seq yet (`seq` is 0).
+    pub held: bool,
 }
 
 /// Where a job came from: local appends are held to the stream's total size limit; scribes from a
@@ -314,6 +339,11 @@ impl Default for LogOptions {
 struct Job {
     drafts: Vec<Draft>,
     origin: Origin,
+    /// For a replicated batch: each draft's seq in the peer's log (its origin's seq).
+    peer_seqs: Vec<u64>,
+    /// A held scribe entering the log now: its record (and stored size) goes, whatever the
+    /// verdict.
+    release: Option<(HeldKey, u64)>,
     cursor: Option<CursorUpdate>,
     /// Replicated batches: every scribe must belong to this stream (a genesis only if it is the
     /// stream's own).
@@ -336,7 +366,9 @@ pub(crate) struct Shared {
     pub(crate) closing: watch::Sender<bool>,
     clock: Clock,
     key: SigningKey,
-    epoch: [u8; 16],
+    epochs: Epochs,
+    /// Scribes and bytes held (see [`held`]).
+    held: std::sync::Mutex<(u64, u64)>,
     /// Fires when this value is dropped: declared last, so after `store` is closed.
     _closed: ClosedSignal,
 }
@@ -379,7 +411,22 @@ impl Log {
         let store = Store::open(&store_path(data_dir), options.sync)?;
         let head = store.head()?;
         let clock = Clock::new(store.hlc_high_water()?, options.wall.clone());
-        let epoch = store.epoch()?;
+        let epochs = store.epochs()?;
+        let held_totals = store
+            .held(u64::MAX, usize::MAX)?
+            .iter()
+            .fold((0, 0), |(n, bytes), (_, value)| {
+                (n + 1, bytes + value.len() as u64)
+            });
+        if let Some((_, ended_at)) = epochs.ended.last() {
+            tracing::info!(
+                head,
+                ended_at,
+                "log epoch {} begins at seq {}",
+                hex::encode(epochs.current),
+                head + 1
+            );
+        }
         let mut streams = HashMap::new();
         for (stream, record) in store.streams()? {
             let genesis = store.get(&stream)?.ok_or_else(|| {
@@ -413,7 +460,8 @@ impl Log {
             closing,
             clock,
             key,
-            epoch,
+            epochs,
+            held: std::sync::Mutex::new(held_totals),
             _closed: ClosedSignal(Some(closed_tx)),
         });
         let (submit, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
@@ -462,6 +510,8 @@ impl Log {
             .send(Job {
                 drafts,
                 origin,
+                peer_seqs: Vec::new(),
+                release: None,
                 cursor: None,
                 expect_stream: None,
                 reply,
@@ -471,14 +521,15 @@ impl Log {
         answer.await.map_err(|_| AppendError::ShuttingDown)?
     }
 
-    /// Stores a batch of scribes received from `peer`: each is validated exactly like an append and
+    /// Stores a batch of scribes received from `peer`, each with its seq in the peer's log (the
+    /// `seq` of `peer` itself is not used): each is validated exactly like an append and
     /// stored or refused on its own; `cursor` (if any) is written in the same write batch as the
     /// scribes it covers (invariant 6), even when every scribe was a duplicate or refused.
     pub async fn replicate(
         &self,
         peer: PeerOrigin,
         stream: StreamId,
-        scribes: Vec<(Parts, Option<ScribeId>)>,
+        scribes: Vec<(Parts, Option<ScribeId>, u64)>,
         cursor: Option<CursorUpdate>,
     ) -> Result<EachOutcome, AppendError> {
         if scribes.is_empty() && cursor.is_none() {
@@ -491,14 +542,17 @@ impl Log {
             .expect("submit lock")
             .clone()
             .ok_or(AppendError::ShuttingDown)?;
+        let peer_seqs = scribes.iter().map(|(_, _, seq)| *seq).collect();
         let drafts = scribes
             .into_iter()
-            .map(|(parts, claimed_id)| Draft::Signed { parts, claimed_id })
+            .map(|(parts, claimed_id, _)| Draft::Signed { parts, claimed_id })
             .collect();
         submit
             .send(Job {
                 drafts,
                 origin: Origin::Peer(peer),
+                peer_seqs,
+                release: None,
                 cursor,
                 expect_stream: Some(stream),
                 reply: Reply::Each(reply),
@@ -506,6 +560,71 @@ impl Log {
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
+    /// Scribes kept aside and bytes they take (see [`held`]).
+    pub fn held(&self) -> (u64, u64) {
+        *self.shared.held.lock().expect("held lock")
+    }
+
+    /// Sends up to `limit` held scribes whose time has come to be judged and stored like any
+    /// other (see [`held`]); returns how many were taken out of the held set.
+    pub async fn release_due(&self, limit: usize) -> Result<usize, AppendError> {
+        let now = self.shared.clock.wall_ms();
+        let due = self.shared.store.held(now, limit)?;
+        let count = due.len();
+        for (key, value) in due {
+            let size = value.len() as u64;
+            let (origin, drafts, peer_seqs) = match held::decode(&value) {
+                Some((origin, parts)) => {
+                    let seq = match origin {
+                        Origin::Peer(peer) => peer.seq,
+                        Origin::Local => 0,
+                    };
+                    let draft = Draft::Signed {
+                        parts,
+                        claimed_id: Some(key.id),
+                    };
+                    (origin, vec![draft], vec![seq])
+                }
+                None => {
+                    tracing::error!(id = %key.id, "a held scribe's record is damaged; dropping it");
+                    (Origin::Local, Vec::new(), Vec::new())
+                }
+            };
+            let (reply, answer) = oneshot::channel();
+            let submit = self
+                .submit
+                .read()
+                .expect("submit lock")
+                .clone()
+                .ok_or(AppendError::ShuttingDown)?;
+            submit
+                .send(Job {
+                    drafts,
+                    origin,
+                    peer_seqs,
+                    release: Some((key, size)),
+                    cursor: None,
+                    expect_stream: None,
+                    reply: Reply::Each(reply),
+                })
+                .await
+                .map_err(|_| AppendError::ShuttingDown)?;
+            let outcomes = answer.await.map_err(|_| AppendError::ShuttingDown)??;
+            for outcome in outcomes {
+                match outcome {
+                    Ok(appended) if appended.held => {}
+                    Ok(appended) => {
+                        tracing::info!(id = %key.id, seq = appended.seq, "a scribe dated ahead entered the log: its time has come");
+                    }
+                    Err(error) => {
+                        tracing::warn!(id = %key.id, %error, "a scribe dated ahead was refused when its time came");
+                    }
+                }
+            }
+        }
+        Ok(count)
     }
 
     /// Replication cursors on `peer`.
@@ -560,9 +679,14 @@ impl Log {
         identity::author_key(&self.shared.key)
     }
 
-    /// The random id of this data directory.
+    /// The log's current epoch: a random id, new every time the node starts (see `log::epoch`).
     pub fn epoch(&self) -> [u8; 16] {
-        self.shared.epoch
+        self.shared.epochs.current
+    }
+
+    /// The current epoch and the earlier ones remembered, with the heads they ended at.
+    pub fn epochs(&self) -> &Epochs {
+        &self.shared.epochs
     }
 
     /// The node's clock.

@@ -4,7 +4,8 @@
 //! [`admit`] takes one scribe of a job, on the committer thread, and checks it in named steps
 //! against the store, the group being committed and the job so far: the batch's stream (replicated
 //! batches), duplicates (idempotence), the genesis or the stream it belongs to, the author against
-//! the stream's policy, the size limits, the payload rules, the work token and the parents. It
+//! the stream's policy, the size limits, the payload rules, the work token, the clock (a scribe
+//! dated too far ahead is held: `log::held`) and the parents. It
 //! answers a [`Verdict`] and changes nothing; recording an admitted scribe is the committer's.
 //!
 //! The payload rules are not the log's own: [`PayloadChecks`] holds the [`PayloadCheck`]s that
@@ -20,7 +21,8 @@ use std::sync::Arc;
 
 use quire_projection_api::{Candidate, Kind, PayloadCheck, PayloadError, ScribeId, StreamId};
 
-use super::store::{StoreError, StreamRecord};
+use super::held;
+use super::store::{HeldKey, StoreError, StreamRecord};
 use super::{AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
 use crate::scribe::{decode_envelope, leading_zero_bits, Body, Scribe};
@@ -138,6 +140,9 @@ pub(super) enum Verdict {
     Duplicate(Appended),
     /// New: store it at the seq asked about; this is its stream with the scribe counted in.
     New(StreamState),
+    /// Valid so far, but dated too far ahead of the node's clock: keep it aside under this key
+    /// (see `log::held`). Its parents are checked when it enters the log.
+    Hold(HeldKey),
 }
 
 /// Checks one scribe, to be stored at `seq`, against the store, the group and the job so far.
@@ -160,7 +165,11 @@ pub(super) fn admit(
         }
     }
     if scribe.body.kind == Kind::StreamCreate {
-        return genesis_state(scribe, seq).map(Verdict::New);
+        let state = genesis_state(scribe, seq)?;
+        if let Some(key) = too_early(seen, scribe) {
+            return Ok(Verdict::Hold(key));
+        }
+        return Ok(Verdict::New(state));
     }
     let stream = scribe.stream_id();
     let mut state = seen
@@ -170,11 +179,19 @@ pub(super) fn admit(
     check_size(&state, scribe, rules.origin)?;
     check_payload(checks, &scribe.body)?;
     check_work(&state, scribe)?;
+    if let Some(key) = too_early(seen, scribe) {
+        return Ok(Verdict::Hold(key));
+    }
     check_parents(seen, scribe)?;
     state.record.head_seq = seq;
     state.record.scribes += 1;
     state.record.bytes += scribe.size();
     Ok(Verdict::New(state))
+}
+
+/// The key to hold the scribe under if it is dated too far ahead of the node's wall clock.
+fn too_early(seen: &Seen<'_>, scribe: &Scribe) -> Option<HeldKey> {
+    held::hold_key(scribe.body.hlc, scribe.id, seen.shared.clock.wall_ms())
 }
 
 /// A replicated batch of one stream carries scribes of that stream only (a genesis only if it is
@@ -197,6 +214,7 @@ fn find_duplicate(seen: &Seen<'_>, scribe: &Scribe) -> Result<Option<Appended>, 
             seq: *seq,
             duplicate: true,
             hlc: *hlc,
+            held: false,
         }));
     }
     Ok(seen.shared.store.seq_of(&scribe.id)?.map(|seq| Appended {
@@ -204,6 +222,7 @@ fn find_duplicate(seen: &Seen<'_>, scribe: &Scribe) -> Result<Option<Appended>, 
         seq,
         duplicate: true,
         hlc: scribe.body.hlc,
+        held: false,
     }))
 }
 

@@ -32,6 +32,8 @@ pub(super) struct PreparedJob {
     /// Each scribe, and whether the node signed it just now (so it cannot be stored already).
     pub(super) scribes: Vec<(Result<Scribe, AppendError>, bool)>,
     pub(super) origin: Origin,
+    pub(super) peer_seqs: Vec<u64>,
+    pub(super) release: Option<(super::store::HeldKey, u64)>,
     pub(super) cursor: Option<CursorUpdate>,
     pub(super) expect_stream: Option<StreamId>,
     pub(super) reply: Reply,
@@ -105,6 +107,8 @@ pub(super) fn signer_loop(
             .map(|(job, scribes)| PreparedJob {
                 scribes,
                 origin: job.origin,
+                peer_seqs: job.peer_seqs,
+                release: job.release,
                 cursor: job.cursor,
                 expect_stream: job.expect_stream,
                 reply: job.reply,

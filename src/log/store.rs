@@ -14,14 +14,20 @@
 //!   its leaves, the ids it covers in order (32 each), when this node knows them
 //! - `log`:       local seq (u64 BE) → scribe id (32)
 //! - `by_stream`: stream id (32) ‖ local seq (u64 BE) → scribe id (32) ‖ for scribes received from
-//!   a peer: its node id (32) ‖ its log epoch (16), so they are never sent back to it
+//!   a peer: its node id (32) ‖ its log epoch (16) ‖ the scribe's seq there (u64 BE; absent in
+//!   records written before epochs had histories), so they are not sent back while it holds them
 //! - `streams`:   stream id (32) → [`StreamRecord`] (4 × u64 BE)
 //! - `cursors`:   peer node id (32) ‖ stream id (32) → peer log epoch (16) ‖ last peer seq taken (u64 BE)
 //! - `peers`:     peer address (UTF-8) → empty (peers to dial, remembered across restarts)
 //! - `joins`:     stream id (32) → empty (joins waiting for a peer that has the genesis)
 //! - `projections`: the projection runner's own records (live and shadow generations, quarantine,
 //!   durable consumers' acks), laid out by `crate::projection`; this module only stores them
-//! - `default`:   metadata: `format`, `epoch`, `head`, `hlc`
+//! - `held`:      when it may enter the log (unix ms, u64 BE) ‖ scribe id (32) → where it came from
+//!   (0: a client of this node; 1: a peer, then its node id (32) ‖ epoch (16) ‖ the scribe's seq
+//!   there (u64 BE)) ‖ the scribe as an encoded `quire.v1.SealedScribe`: scribes dated too far
+//!   ahead of this node's clock, kept aside until it catches up (see `log::held`)
+//! - `default`:   metadata: `format`, `epoch` (the current log epoch (16) ‖ the earlier ones, oldest
+//!   first: epoch (16) ‖ the head it ended at (u64 BE); see `log::epoch`), `head`, `hlc`
 //!
 //! Contract: [`Store::commit`] writes a whole [`Commit`] in one RocksDB write batch (all or
 //! nothing), so the log, its indexes, the stream records, the head and the clock high-water mark can
@@ -32,6 +38,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use super::epoch::Epochs;
 use crate::scribe::{merkle, Leaves, Parts, Proof};
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
@@ -50,7 +57,8 @@ const CF_JOINS: &str = "joins";
 const CF_PROJECTIONS: &str = "projections";
 const CF_PAYLOADS: &str = "payloads";
 const CF_SEALS: &str = "seals";
-const COLUMN_FAMILIES: [&str; 10] = [
+const CF_HELD: &str = "held";
+const COLUMN_FAMILIES: [&str; 11] = [
     CF_SCRIBES,
     CF_PAYLOADS,
     CF_SEALS,
@@ -61,6 +69,7 @@ const COLUMN_FAMILIES: [&str; 10] = [
     CF_PEERS,
     CF_JOINS,
     CF_PROJECTIONS,
+    CF_HELD,
 ];
 
 const META_FORMAT: &[u8] = b"format";
@@ -153,16 +162,52 @@ pub struct Commit {
     pub hlc: u64,
     /// Replication cursors covered by this commit (written in the same batch: invariant 6).
     pub cursors: Vec<CursorUpdate>,
+    /// Held scribes released by this commit (admitted or refused now): deleted first.
+    pub released: Vec<HeldKey>,
+    /// Scribes kept aside by this commit, to enter the log later.
+    pub held: Vec<(HeldKey, Vec<u8>)>,
 }
 
-/// Where a replicated scribe came from: the peer and the log epoch it had then. A scribe is never
-/// sent back to the same peer *in the same epoch*; a peer whose log was wiped gets it back.
+/// The key of a held scribe: when it may enter the log (unix ms), then its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HeldKey {
+    /// Unix ms from which its clock is within the allowed drift of the node's.
+    pub ready_ms: u64,
+    /// The scribe.
+    pub id: ScribeId,
+}
+
+impl HeldKey {
+    fn encode(&self) -> [u8; 40] {
+        let mut key = [0u8; 40];
+        key[..8].copy_from_slice(&self.ready_ms.to_be_bytes());
+        key[8..].copy_from_slice(self.id.as_bytes());
+        key
+    }
+
+    fn decode(key: &[u8]) -> Option<HeldKey> {
+        Some(HeldKey {
+            ready_ms: u64::from_be_bytes(key.get(..8)?.try_into().ok()?),
+            id: ScribeId::from_slice(key.get(8..40)?).ok()?,
+        })
+    }
+}
+
+/// A held scribe as stored: its key and value bytes (see `log::held` for the value's layout).
+pub type HeldRecord = (HeldKey, Vec<u8>);
+
+/// Where a replicated scribe came from: the peer, its log epoch then and the scribe's seq there. A
+/// scribe is not sent back to that peer while the peer still holds it at that seq (see
+/// `log::epoch`); a peer whose log was wiped or lost its tail gets it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerOrigin {
     /// The peer's node id.
     pub peer: AuthorKey,
     /// The peer's log epoch.
     pub epoch: [u8; 16],
+    /// The scribe's seq in the peer's log ([`u64::MAX`]: not recorded, by a version before
+    /// epochs had histories; the peer holds it only while that epoch is current).
+    pub seq: u64,
 }
 
 /// "Everything of `stream` up to the peer's local seq `seq` (in log epoch `epoch`) has been taken."
@@ -381,8 +426,23 @@ impl Store {
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync);
         let store = Store { db, write_options };
-        store.initialise()?;
+        if !store.initialise()? {
+            store.start_epoch()?;
+        }
         Ok(store)
+    }
+
+    /// Starts a new log epoch (see `log::epoch`): the current one ends at the head as found now,
+    /// which is everything that survived however the last run ended. Written with fsync before any
+    /// new seq can be given out.
+    fn start_epoch(&self) -> Result<(), StoreError> {
+        let mut epochs = self.epochs()?;
+        let head = self.head()?;
+        epochs.rotate(head, rand::random());
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.put_opt(META_EPOCH, epochs.encode(), &sync)?;
+        Ok(())
     }
 
     /// Opens the store at `path` read-only (works while a node is running on it).
@@ -400,9 +460,10 @@ impl Store {
         }
     }
 
-    fn initialise(&self) -> Result<(), StoreError> {
+    /// Writes a new store's metadata; true if the store was new.
+    fn initialise(&self) -> Result<bool, StoreError> {
         match self.meta_u64(META_FORMAT)? {
-            Some(STORE_FORMAT) => Ok(()),
+            Some(STORE_FORMAT) => Ok(false),
             Some(found) => Err(StoreError::Format { found }),
             None => {
                 let mut batch = WriteBatch::default();
@@ -414,7 +475,7 @@ impl Store {
                 let mut sync = WriteOptions::default();
                 sync.set_sync(true);
                 self.db.write_opt(batch, &sync)?;
-                Ok(())
+                Ok(true)
             }
         }
     }
@@ -437,16 +498,15 @@ impl Store {
         }
     }
 
-    /// The random id of this data directory, made when it was created.
-    pub fn epoch(&self) -> Result<[u8; 16], StoreError> {
+    /// The log's current epoch and the earlier ones it remembers (a new epoch begins every time
+    /// the store is opened for writing).
+    pub fn epochs(&self) -> Result<Epochs, StoreError> {
         let value = self
             .db
             .get_pinned(META_EPOCH)?
             .ok_or_else(|| StoreError::Damaged("no epoch".into()))?;
-        value
-            .as_ref()
-            .try_into()
-            .map_err(|_| StoreError::Damaged("epoch is not 16 bytes".into()))
+        Epochs::decode(&value)
+            .ok_or_else(|| StoreError::Damaged("the epoch record has the wrong length".into()))
     }
 
     /// The last committed local seq (0 for an empty log).
@@ -481,6 +541,7 @@ impl Store {
             if let Some(origin) = entry.origin {
                 index_value.extend_from_slice(origin.peer.as_bytes());
                 index_value.extend_from_slice(&origin.epoch);
+                index_value.extend_from_slice(&origin.seq.to_be_bytes());
             }
             batch.put_cf(by_stream, stream_key(&entry.stream, entry.seq), index_value);
             // A payload or seal already stored is not written again: the same file in two
@@ -504,10 +565,41 @@ impl Store {
             value.extend_from_slice(&cursor.seq.to_be_bytes());
             batch.put_cf(cursors, cursor_key(&cursor.peer, &cursor.stream), value);
         }
+        let held = self.cf(CF_HELD);
+        for key in &commit.released {
+            batch.delete_cf(held, key.encode());
+        }
+        for (key, value) in &commit.held {
+            batch.put_cf(held, key.encode(), value);
+        }
         batch.put(META_HEAD, commit.head.to_be_bytes());
         batch.put(META_HLC, commit.hlc.to_be_bytes());
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())
+    }
+
+    /// Held scribes in key order (the earliest to enter the log first), up to `limit`, whose
+    /// `ready_ms` is at most `until`.
+    pub fn held(&self, until: u64, limit: usize) -> Result<Vec<HeldRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_HELD), IteratorMode::Start) {
+            let (key, value) = item?;
+            let key = HeldKey::decode(&key)
+                .ok_or_else(|| StoreError::Damaged("a held scribe's key is not 40 bytes".into()))?;
+            if key.ready_ms > until || out.len() >= limit {
+                break;
+            }
+            out.push((key, value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Whether this scribe is held under this key.
+    pub fn is_held(&self, key: &HeldKey) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_HELD), key.encode())?
+            .is_some())
     }
 
     /// Adds `entry`'s seal to `batch` unless it is stored (or written earlier in this batch)
@@ -1064,11 +1156,14 @@ fn stream_key(stream: &StreamId, seq: u64) -> [u8; 40] {
 fn decode_index_value(value: &[u8]) -> Option<(ScribeId, Option<PeerOrigin>)> {
     match value.len() {
         32 => Some((ScribeId::from_slice(value).ok()?, None)),
-        80 => Some((
+        80 | 88 => Some((
             ScribeId::from_slice(&value[..32]).ok()?,
             Some(PeerOrigin {
                 peer: AuthorKey::from_slice(&value[32..64]).ok()?,
-                epoch: value[64..].try_into().ok()?,
+                epoch: value[64..80].try_into().ok()?,
+                seq: value.get(80..88).map_or(u64::MAX, |seq| {
+                    u64::from_be_bytes(seq.try_into().expect("8 bytes"))
+                }),
             }),
         )),
         _ => None,

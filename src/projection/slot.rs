@@ -226,9 +226,44 @@ impl Slot {
         let open = |(generation, fingerprint): (u64, String)| {
             open_instance(store, &*plugin, &dir, stream, generation, fingerprint)
         };
-        let live = open(record.live)?;
-        let shadow = record.shadow.map(open).transpose()?;
-        let next = record.next;
+        let mut live = open(record.live)?;
+        let mut shadow = record.shadow.map(open).transpose()?;
+        let mut next = record.next;
+        // A copy ahead of the log holds scribes the log no longer has: it lost its unsynced tail
+        // (a power loss without `--sync`) or was restored from a backup, and its next seqs will
+        // name other scribes. Such a copy starts over from the log (the lost scribes come back
+        // from peers that have them, as new seqs).
+        let head = store.head()?;
+        let mut rewrite = discard_shadow;
+        let ahead = |copy: &Instance, which: &str| {
+            let ahead = copy.checkpoint > head;
+            if ahead {
+                tracing::warn!(
+                    slot = %key,
+                    copy = which,
+                    checkpoint = copy.checkpoint,
+                    head,
+                    "projection copy is ahead of the log (the log lost its unsynced tail, or was \
+                     restored from a backup): rebuilding it from the log"
+                );
+            }
+            ahead
+        };
+        if shadow.as_ref().is_some_and(|copy| ahead(copy, "shadow")) {
+            let copy = shadow.take().expect("checked");
+            let generation_dir = dir.join(copy.generation.to_string());
+            drop(copy);
+            let _ = std::fs::remove_dir_all(generation_dir);
+            rewrite = true;
+        }
+        let mut stale_live = None;
+        if ahead(&live, "live") {
+            let _ = std::fs::remove_dir_all(dir.join(next.to_string()));
+            let fresh = open((next, fingerprint.clone()))?;
+            stale_live = Some(std::mem::replace(&mut live, fresh).generation);
+            next += 1;
+            rewrite = true;
+        }
         let shown = (live.state(), shadow.as_ref().map(Instance::state));
         let slot = Slot {
             plugin,
@@ -242,9 +277,15 @@ impl Slot {
             next: Mutex::new(next),
             flags: Mutex::new(Flags::default()),
         };
-        if discard_shadow {
+        if rewrite {
             let live = lock(&slot.live);
-            slot.write_record(store, &live, None, next)?;
+            let shadow = lock(&slot.shadow);
+            slot.write_record(store, &live, shadow.as_ref(), next)?;
+        }
+        if let Some(generation) = stale_live {
+            // Only once the record names the fresh copy (a crash before this leaves a directory
+            // no record names, removed at the next open).
+            let _ = std::fs::remove_dir_all(slot.dir.join(generation.to_string()));
         }
         slot.rebuild_if_stale(store, &fingerprint)?;
         Ok(slot)

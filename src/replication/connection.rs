@@ -245,7 +245,8 @@ impl Driver {
         S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin + Send,
     {
         let log = self.inner.log.clone();
-        let (session, actions) = Session::new(self.inner.key.clone(), log.epoch(), rand::random());
+        let (session, actions) =
+            Session::new(self.inner.key.clone(), log.epochs().clone(), rand::random());
         self.session = Some(session);
         self.execute(actions).await?;
         let mut heads = log.watch_head();
@@ -489,13 +490,14 @@ impl Driver {
             epoch: self.epoch,
             seq: through,
         };
-        let drafts: Vec<(Parts, Option<ScribeId>)> = scribes
+        let drafts: Vec<(Parts, Option<ScribeId>, u64)> = scribes
             .into_iter()
-            .map(|scribe| (scribe.parts, Some(scribe.id)))
+            .map(|scribe| (scribe.parts, Some(scribe.id), scribe.seq))
             .collect();
         let origin = PeerOrigin {
             peer,
             epoch: self.epoch,
+            seq: u64::MAX, // each scribe's own
         };
         let outcomes = self
             .inner
@@ -503,10 +505,11 @@ impl Driver {
             .replicate(origin, stream, drafts, Some(cursor))
             .await
             .map_err(ConnectionError::Replicate)?;
-        let (mut received, mut duplicates, mut refused) = (0, 0, 0);
+        let (mut received, mut duplicates, mut refused, mut held) = (0, 0, 0, 0);
         for outcome in &outcomes {
             match outcome {
                 Ok(appended) if appended.duplicate => duplicates += 1,
+                Ok(appended) if appended.held => held += 1,
                 Ok(_) => received += 1,
                 Err(error) => {
                     refused += 1;
@@ -519,6 +522,7 @@ impl Driver {
             counters.received += received;
             counters.duplicates += duplicates;
             counters.refused += refused;
+            counters.held += held;
             counters.cursor = cursor_now;
             counters.peer_head = counters.peer_head.max(head);
         });
@@ -556,14 +560,17 @@ impl Driver {
             self.inner.with_peer(&key, |state| state.refused += 1);
             return Ok(());
         }
+        // A genesis is served without its seq: the peer gets it back whenever its epoch changes
+        // (a duplicate it ignores).
         let origin = PeerOrigin {
             peer,
             epoch: self.epoch,
+            seq: u64::MAX,
         };
         let outcome = self
             .inner
             .log
-            .replicate(origin, stream, vec![(scribe, Some(stream))], None)
+            .replicate(origin, stream, vec![(scribe, Some(stream), u64::MAX)], None)
             .await
             .map_err(ConnectionError::Replicate)?;
         match outcome.first() {

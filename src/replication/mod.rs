@@ -58,6 +58,8 @@ pub struct StreamCounters {
     pub duplicates: u64,
     /// Scribes from the peer refused as invalid.
     pub refused: u64,
+    /// Scribes from the peer dated too far ahead, kept aside (`log::held`).
+    pub held: u64,
     /// Whether the peer said `CaughtUp` on this connection.
     pub caught_up: bool,
 }

@@ -11,20 +11,22 @@
 //! simulated network of the tests drive the very same code.
 //!
 //! # The conversation
-//! 1. Both sides send `Hello {node id, log epoch, nonce}`; each answers the other's with
+//! 1. Both sides send `Hello {node id, log epochs, nonce}`; each answers the other's with
 //!    `Proof`, an Ed25519 signature over `PROOF_PREFIX ‖ their nonce ‖ my id ‖ their id`. A bad
 //!    proof closes the connection.
 //! 2. Both send `Streams` (what they hold), and for each stream both hold, `Want {stream,
-//!    after_seq}` where `after_seq` is the cursor on that peer (0 if none, or if the peer's epoch
-//!    changed: its log was wiped).
+//!    after_seq}` where `after_seq` is the cursor on that peer, as far as the peer's epochs say
+//!    those seqs still name the same scribes (0 if none; see `log::epoch`).
 //! 3. For each `Want`, the other side sends `Batch`es of the stream in its local order, skipping
-//!    scribes it received from this very peer, then one `CaughtUp`, then live batches.
+//!    scribes it received from this very peer and the peer still holds, then one `CaughtUp`, then
+//!    live batches.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 
+use crate::log::epoch::Epochs;
 use crate::log::store::{Cursor, PeerOrigin};
 use crate::scribe::Parts;
 
@@ -51,12 +53,12 @@ pub struct WireScribe {
 /// A peer-protocol message (see `proto/quire/v1/peer.proto`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Node id, log epoch, nonce.
+    /// Node id, log epochs, nonce.
     Hello {
         /// The sender's node id.
         node: AuthorKey,
-        /// The sender's log epoch.
-        epoch: [u8; 16],
+        /// The sender's log epoch and the earlier ones it remembers.
+        epochs: Epochs,
         /// What the receiver must sign.
         nonce: [u8; 32],
     },
@@ -177,7 +179,7 @@ pub struct Session {
     key: SigningKey,
     local: AuthorKey,
     nonce: [u8; 32],
-    peer: Option<(AuthorKey, [u8; 16])>,
+    peer: Option<(AuthorKey, Epochs)>,
     proven: bool,
     started: bool,
     local_streams: BTreeSet<StreamId>,
@@ -192,7 +194,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("local", &self.local)
-            .field("peer", &self.peer.map(|(peer, _)| peer))
+            .field("peer", &self.peer.as_ref().map(|(peer, _)| *peer))
             .field("started", &self.started)
             .finish()
     }
@@ -200,7 +202,7 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// A new session; the returned actions send our `Hello`.
-    pub fn new(key: SigningKey, local_epoch: [u8; 16], nonce: [u8; 32]) -> (Session, Vec<Action>) {
+    pub fn new(key: SigningKey, local_epochs: Epochs, nonce: [u8; 32]) -> (Session, Vec<Action>) {
         let local = AuthorKey(key.verifying_key().to_bytes());
         let session = Session {
             key,
@@ -218,7 +220,7 @@ impl Session {
         };
         let hello = Message::Hello {
             node: local,
-            epoch: local_epoch,
+            epochs: local_epochs,
             nonce,
         };
         (session, vec![Action::Send(hello)])
@@ -226,12 +228,15 @@ impl Session {
 
     /// The proven peer, once the handshake is done.
     pub fn peer(&self) -> Option<AuthorKey> {
-        self.peer.filter(|_| self.proven).map(|(peer, _)| peer)
+        self.peer
+            .as_ref()
+            .filter(|_| self.proven)
+            .map(|(peer, _)| *peer)
     }
 
     /// The peer's log epoch, once known.
     pub fn peer_epoch(&self) -> Option<[u8; 16]> {
-        self.peer.map(|(_, epoch)| epoch)
+        self.peer.as_ref().map(|(_, epochs)| epochs.current)
     }
 
     /// Whether [`Session::start`] has run.
@@ -250,7 +255,11 @@ impl Session {
     /// Handles one message from the peer.
     pub fn handle(&mut self, message: Message) -> Vec<Action> {
         match message {
-            Message::Hello { node, epoch, nonce } => {
+            Message::Hello {
+                node,
+                epochs,
+                nonce,
+            } => {
                 if self.peer.is_some() {
                     return close("protocol error: a second Hello");
                 }
@@ -259,14 +268,18 @@ impl Session {
                         "connected to itself (this address is this node's own peer listener)",
                     );
                 }
-                self.peer = Some((node, epoch));
+                self.peer = Some((node, epochs));
                 let signature = self
                     .key
                     .sign(&Self::proof_message(&nonce, &self.local, &node));
                 vec![Action::Send(Message::Proof(signature))]
             }
             Message::Proof(signature) => {
-                let Some((peer, epoch)) = self.peer else {
+                let Some((peer, epoch)) = self
+                    .peer
+                    .as_ref()
+                    .map(|(peer, epochs)| (*peer, epochs.current))
+                else {
                     return close("protocol error: Proof before Hello");
                 };
                 if self.proven {
@@ -376,17 +389,21 @@ impl Session {
     }
 
     /// After [`Action::Ready`]: the stored cursors on this peer and the streams held locally.
-    /// Cursors of another epoch of the peer are ignored (its log was wiped: start over).
+    /// A cursor of an earlier epoch of the peer counts only as far as the peer still holds those
+    /// seqs; one of an epoch it does not remember counts for nothing (its log was wiped or
+    /// restored from a backup: start over). See `log::epoch`.
     pub fn start(
         &mut self,
         cursors: Vec<(StreamId, Cursor)>,
         local_streams: Vec<StreamId>,
     ) -> Vec<Action> {
-        let epoch = self.peer_epoch().expect("start after Ready");
+        let (_, epochs) = self.peer.as_ref().expect("start after Ready");
         self.cursors = cursors
             .into_iter()
-            .filter(|(_, cursor)| cursor.epoch == epoch)
-            .map(|(stream, cursor)| (stream, cursor.seq))
+            .filter_map(|(stream, cursor)| {
+                let seq = epochs.valid_through(&cursor.epoch, cursor.seq)?;
+                (seq > 0).then_some((stream, seq))
+            })
             .collect();
         self.started = true;
         self.local_streams = local_streams.into_iter().collect();
@@ -486,7 +503,7 @@ impl Session {
 
     /// The result of a [`Step::Read`]: `entries` (seq, id, parts, origin) read from `plan.from`,
     /// at most `limit`. Returns the batch to send, if any: scribes that came from this peer are
-    /// never sent back to it.
+    /// not sent back to it while it still holds them.
     pub fn read_done(
         &mut self,
         plan: ReadPlan,
@@ -502,13 +519,15 @@ impl Session {
             _ => plan.to + 1,
         };
         let through = serving.next - 1;
-        let peer = self
-            .peer
-            .filter(|_| self.proven)
-            .map(|(peer, epoch)| PeerOrigin { peer, epoch });
+        let peer = self.peer.as_ref().filter(|_| self.proven);
+        let held_by_peer = |origin: &PeerOrigin| {
+            peer.is_some_and(|(peer, epochs)| {
+                origin.peer == *peer && epochs.still_holds(&origin.epoch, origin.seq)
+            })
+        };
         let scribes: Vec<WireScribe> = entries
             .into_iter()
-            .filter(|(_, _, _, origin)| origin.is_none() || *origin != peer)
+            .filter(|(_, _, _, origin)| !origin.as_ref().is_some_and(held_by_peer))
             .map(|(seq, id, parts, _)| WireScribe { seq, id, parts })
             .collect();
         // Sent even when empty (everything read came from this peer): the peer's cursor moves

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 
 use super::session::{Message, WireScribe, MAX_BATCH_SCRIBES, PROTOCOL_VERSION};
+use crate::log::epoch::{Epochs, MAX_ENDED};
 use crate::pb;
 use crate::scribe::{merkle, Leaves, Parts, Proof, MAX_SEAL_COUNT};
 
@@ -38,6 +39,16 @@ pub enum WireError {
         /// Its length in the message.
         got: usize,
     },
+    /// A repeated field has more entries than allowed.
+    #[error("{field} may have at most {most} entries, got {got}")]
+    TooMany {
+        /// The field.
+        field: &'static str,
+        /// The most allowed.
+        most: usize,
+        /// Entries in the message.
+        got: usize,
+    },
     /// A scribe names a seal the batch does not carry.
     #[error("scribe {index} of the batch names seal {seal}, but the batch carries {seals} seals")]
     NoSuchSeal {
@@ -63,11 +74,23 @@ pub fn to_proto(message: &Message) -> pb::PeerMessage {
     use pb::peer_message::Message as Wire;
     let id = |id: &ScribeId| Bytes::copy_from_slice(id.as_bytes());
     let wire = match message {
-        Message::Hello { node, epoch, nonce } => Wire::Hello(pb::PeerHello {
+        Message::Hello {
+            node,
+            epochs,
+            nonce,
+        } => Wire::Hello(pb::PeerHello {
             node_id: Bytes::copy_from_slice(node.as_bytes()),
-            epoch: Bytes::copy_from_slice(epoch),
+            epoch: Bytes::copy_from_slice(&epochs.current),
             nonce: Bytes::copy_from_slice(nonce),
             protocol: PROTOCOL_VERSION,
+            ended_epochs: epochs
+                .ended
+                .iter()
+                .map(|(epoch, ended_at)| pb::PeerEpoch {
+                    epoch: Bytes::copy_from_slice(epoch),
+                    ended_at: *ended_at,
+                })
+                .collect(),
         }),
         Message::Proof(signature) => Wire::Proof(pb::PeerProof {
             signature: Bytes::copy_from_slice(&signature.to_bytes()),
@@ -234,17 +257,30 @@ pub fn from_proto(message: pb::PeerMessage) -> Result<Message, WireError> {
                     peer: hello.protocol,
                 });
             }
+            let epoch = |bytes: &Bytes| -> Result<[u8; 16], WireError> {
+                bytes.as_ref().try_into().map_err(|_| WireError::Length {
+                    field: "epoch",
+                    expected: 16,
+                    got: bytes.len(),
+                })
+            };
+            if hello.ended_epochs.len() > MAX_ENDED {
+                return Err(WireError::TooMany {
+                    field: "ended_epochs",
+                    most: MAX_ENDED,
+                    got: hello.ended_epochs.len(),
+                });
+            }
             Message::Hello {
                 node: AuthorKey(fixed(&hello.node_id, "node_id")?),
-                epoch: hello
-                    .epoch
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| WireError::Length {
-                        field: "epoch",
-                        expected: 16,
-                        got: hello.epoch.len(),
-                    })?,
+                epochs: Epochs {
+                    current: epoch(&hello.epoch)?,
+                    ended: hello
+                        .ended_epochs
+                        .iter()
+                        .map(|ended| Ok((epoch(&ended.epoch)?, ended.ended_at)))
+                        .collect::<Result<_, WireError>>()?,
+                },
                 nonce: fixed(&hello.nonce, "nonce")?,
             }
         }

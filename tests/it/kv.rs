@@ -20,19 +20,19 @@ const HOUR_MS: u64 = 3_600_000;
 const WAIT_WRITES: Duration = Duration::from_secs(60);
 
 /// A node whose wall clock the test sets.
-async fn node_at(dir: &std::path::Path, clock: &Arc<AtomicU64>) -> RunningNode {
+pub async fn node_at(dir: &std::path::Path, clock: &Arc<AtomicU64>) -> RunningNode {
     let mut config = NodeConfig::new(dir);
     let clock = clock.clone();
     config.wall = Some(Arc::new(move || clock.load(Ordering::SeqCst)));
     start_config(config, true).await
 }
 
-async fn kv(node: &RunningNode) -> pb::kv_client::KvClient<AuthChannel> {
+pub async fn kv(node: &RunningNode) -> pb::kv_client::KvClient<AuthChannel> {
     let channel = owner_channel(&node.url()).await;
     pb::kv_client::KvClient::new(channel)
 }
 
-async fn set(
+pub async fn set(
     kv: &mut pb::kv_client::KvClient<AuthChannel>,
     stream: &StreamId,
     key: &[u8],
@@ -47,7 +47,7 @@ async fn set(
     .map(|reply| reply.into_inner())
 }
 
-async fn get(
+pub async fn get(
     kv: &mut pb::kv_client::KvClient<AuthChannel>,
     stream: &StreamId,
     key: &[u8],
@@ -93,7 +93,7 @@ async fn dict(node: &RunningNode, stream: &StreamId) -> BTreeMap<Vec<u8>, (Vec<u
 
 /// Gives `to` the stream's genesis by hand (no peer link): `to` holds the stream while the two
 /// nodes are still partitioned.
-async fn hand_over_genesis(from: &RunningNode, to: &RunningNode, stream: &StreamId) {
+pub async fn hand_over_genesis(from: &RunningNode, to: &RunningNode, stream: &StreamId) {
     let genesis = clients(&from.url())
         .await
         .log
@@ -130,7 +130,10 @@ async fn table_caught_up(node: &RunningNode, stream: &StreamId) -> bool {
 }
 
 /// Waits until every node holds the same scribes of `stream` and the same kv table; returns it.
-async fn converged(nodes: &[&RunningNode], stream: &StreamId) -> BTreeMap<Vec<u8>, (Vec<u8>, u64)> {
+pub async fn converged(
+    nodes: &[&RunningNode],
+    stream: &StreamId,
+) -> BTreeMap<Vec<u8>, (Vec<u8>, u64)> {
     wait_until(
         CONVERGE,
         "every node's scribes and kv table to agree",

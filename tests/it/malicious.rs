@@ -33,6 +33,7 @@ impl Intruder {
             epoch: Bytes::from(vec![1u8; 16]),
             nonce: Bytes::copy_from_slice(&[9u8; 32]),
             protocol: quire::replication::session::PROTOCOL_VERSION,
+            ended_epochs: vec![],
         };
         let mut intruder = Intruder::dial(addr, key).await;
         intruder.send(Wire::Hello(hello)).await;
@@ -392,6 +393,7 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
         epoch: Bytes::from(vec![1u8; 16]),
         nonce: Bytes::copy_from_slice(&[9u8; 32]),
         protocol: quire::replication::session::PROTOCOL_VERSION,
+        ended_epochs: vec![],
     };
     let cases: Vec<(pb::PeerHello, &str)> = vec![
         (
@@ -421,6 +423,29 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
                 ..hello.clone()
             },
             "nonce must be 32 bytes, got 0",
+        ),
+        (
+            pb::PeerHello {
+                ended_epochs: vec![pb::PeerEpoch {
+                    epoch: Bytes::from(vec![2u8; 17]),
+                    ended_at: 5,
+                }],
+                ..hello.clone()
+            },
+            "epoch must be 16 bytes, got 17",
+        ),
+        (
+            pb::PeerHello {
+                ended_epochs: vec![
+                    pb::PeerEpoch {
+                        epoch: Bytes::from(vec![2u8; 16]),
+                        ended_at: 5,
+                    };
+                    65
+                ],
+                ..hello.clone()
+            },
+            "ended_epochs may have at most 64 entries, got 65",
         ),
     ];
     for (bad, expected) in cases {

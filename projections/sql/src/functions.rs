@@ -108,7 +108,7 @@ fn instr(ctx: &Context<'_>) -> rusqlite::Result<Value> {
 }
 
 /// `replace(X, Y, Z)`: X with every Y, left to right and not overlapping, replaced by Z; X (as
-/// text) if Y is empty; NULL if X, Y, or (for a non-empty Y) Z is NULL.
+/// text) if Y is empty or starts with a NUL byte; NULL if X, Y, or (for a non-empty Y) Z is NULL.
 fn replace(ctx: &Context<'_>) -> rusqlite::Result<Value> {
     if let Some(answer) = builtin(ctx, "replace(?1, ?2, ?3)") {
         return answer;
@@ -119,7 +119,8 @@ fn replace(ctx: &Context<'_>) -> rusqlite::Result<Value> {
     let Some(pattern) = text(ctx, 1) else {
         return Ok(Value::Null);
     };
-    if pattern.is_empty() {
+    // SQLite reads Y's first byte as a C string's: a Y that starts with a NUL counts as empty.
+    if pattern.first().is_none_or(|&byte| byte == 0) {
         // X, as text.
         return Ok(Value::Text(into_text(string)));
     }
@@ -160,9 +161,13 @@ fn trim(ctx: &Context<'_>, name: &str, left: bool, right: bool) -> rusqlite::Res
     if let Some(answer) = builtin(ctx, &format!("{name}(?1, ?2)")) {
         return answer;
     }
-    let (Some(string), Some(set)) = (text(ctx, 0), text(ctx, 1)) else {
+    let (Some(string), Some(mut set)) = (text(ctx, 0), text(ctx, 1)) else {
         return Ok(Value::Null);
     };
+    // SQLite walks Y as a C string: its characters end at the first NUL.
+    if let Some(nul) = set.iter().position(|&byte| byte == 0) {
+        set.truncate(nul);
+    }
     let chars = characters(&set);
     let mut first: HashMap<&[u8], usize> = HashMap::new();
     for (n, c) in chars.iter().enumerate() {
@@ -236,6 +241,9 @@ mod tests {
             text.clone().prop_map(Value::Text),
             text.prop_map(|t| Value::Blob(t.into_bytes())),
             proptest::collection::vec(any::<u8>(), 0..6).prop_map(Value::Blob),
+            // NUL bytes, which SQLite's C code reads as a string's end in some places.
+            proptest::collection::vec(prop_oneof![Just(0u8), Just(b'a'), Just(b' ')], 0..4)
+                .prop_map(Value::Blob),
         ]
     }
 

@@ -1,0 +1,249 @@
+//! Clocks from the future: a scribe dated more than 60 s ahead of a node's clock is held (not
+//! refused, not lost, not in the log) until the node's (injected) clock catches up, then judged
+//! like any scribe; on a peer it does not count as misbehaviour.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+use quire::log::held::MAX_AHEAD_MS;
+use quire::node::RunningNode;
+use quire::pb;
+use quire::projection_api::StreamId;
+use quire_projection_kv::{KvSet, CONTENT_TYPE};
+
+use crate::common::*;
+use crate::kv::{get, kv, node_at, set};
+use crate::replication::{connect, join, CONVERGE};
+
+const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
+
+/// A `kv.set` of `key` signed by client `seed`, dated `at_ms`.
+fn kv_set_at(
+    seed: u8,
+    stream: &StreamId,
+    key: &[u8],
+    value: &[u8],
+    at_ms: u64,
+) -> pb::AppendSignedRequest {
+    let payload = KvSet {
+        key: key.to_vec(),
+        value: value.to_vec(),
+    }
+    .encode_to_vec();
+    let mut scribe = client_scribe(&client_key(seed), stream, "kv.set", &payload, at_ms << 16);
+    // The kv content type, re-signed.
+    scribe.body.content_type = CONTENT_TYPE.into();
+    let scribe = quire::scribe::Scribe::sign(scribe.body, &client_key(seed));
+    signed_request(scribe.parts())
+}
+
+fn in_log(node: &RunningNode, id: &[u8]) -> bool {
+    node.log
+        .store()
+        .seq_of(&quire::projection_api::ScribeId::from_slice(id).unwrap())
+        .unwrap()
+        .is_some()
+}
+
+async fn held(node: &RunningNode) -> (u64, u64) {
+    let status = clients(&node.url())
+        .await
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    (status.held_scribes, status.held_bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_set_dated_a_year_ahead_waits_and_then_is_judged_like_any_write() {
+    let now = quire::hlc::system_wall_clock()();
+    let (clock_a, clock_b) = (Arc::new(AtomicU64::new(now)), Arc::new(AtomicU64::new(now)));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node_at(dir_a.path(), &clock_a).await;
+    let b = node_at(dir_b.path(), &clock_b).await;
+    let stream = create_stream(&mut clients(&a.url()).await, "clocks", None).await;
+    connect(&b, &a).await;
+    join(&b, &stream).await;
+    let mut kv_a = kv(&a).await;
+    let holder = set(&mut kv_a, &stream, b"lock", b"held by a")
+        .await
+        .unwrap();
+
+    // A client with a clock a year fast takes the lock through A: held, not refused.
+    let future = kv_set_at(40, &stream, b"lock", b"next year", now + YEAR_MS);
+    let reply = clients(&a.url())
+        .await
+        .log
+        .append_signed(future.clone())
+        .await
+        .expect("held, not refused")
+        .into_inner();
+    assert!(reply.held, "{reply:?}");
+    assert_eq!(reply.seq, 0);
+    assert!(!in_log(&a, &reply.id));
+    assert_eq!(held(&a).await.0, 1);
+    // Sent again: still one held.
+    let again = clients(&a.url())
+        .await
+        .log
+        .append_signed(future)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.held);
+    assert_eq!(held(&a).await.0, 1);
+
+    // The holder keeps the key everywhere, and the held scribe survives a restart.
+    let lock_a = get(&mut kv_a, &stream, b"lock").await.unwrap();
+    assert_eq!(
+        (lock_a.value.as_ref(), lock_a.fence),
+        (&b"held by a"[..], holder.fence)
+    );
+    a.stop().await.unwrap();
+    let a = node_at(dir_a.path(), &clock_a).await;
+    connect(&b, &a).await;
+    assert_eq!(held(&a).await.0, 1, "held across a restart");
+    let mut kv_a = kv(&a).await;
+    wait_until(CONVERGE, "B to hold the holder's value", || async {
+        let mut kv_b = kv(&b).await;
+        get(&mut kv_b, &stream, b"lock")
+            .await
+            .is_ok_and(|entry| entry.value == Bytes::from_static(b"held by a"))
+    })
+    .await;
+    assert!(!in_log(&b, &reply.id), "a held scribe is not replicated");
+
+    // A's clock reaches it: it enters the log and, the holder's hour long gone, takes the key.
+    clock_a.store(now + YEAR_MS, Ordering::SeqCst);
+    wait_until(CONVERGE, "the held scribe to enter A's log", || async {
+        in_log(&a, &reply.id)
+    })
+    .await;
+    assert_eq!(held(&a).await, (0, 0));
+    wait_until(CONVERGE, "A's kv table to judge it", || {
+        let mut kv_a = kv_a.clone();
+        async move {
+            get(&mut kv_a, &stream, b"lock")
+                .await
+                .is_ok_and(|entry| entry.value == Bytes::from_static(b"next year"))
+        }
+    })
+    .await;
+
+    // B's clock is still a year behind: it holds the scribe A sends (not refused, no ban) ...
+    wait_until(CONVERGE, "B to hold what A sent", || async {
+        held(&b).await.0 == 1
+    })
+    .await;
+    let peers = clients(&b.url())
+        .await
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .peers;
+    let counters: Vec<_> = peers.iter().flat_map(|peer| peer.streams.clone()).collect();
+    assert_eq!(counters.iter().map(|c| c.refused).sum::<u64>(), 0);
+    assert_eq!(counters.iter().map(|c| c.held).sum::<u64>(), 1);
+    let mut kv_b = kv(&b).await;
+    let lock_b = get(&mut kv_b, &stream, b"lock").await.unwrap();
+    assert_eq!(lock_b.value, Bytes::from_static(b"held by a"));
+
+    // ... and once its clock catches up, both agree.
+    clock_b.store(now + YEAR_MS, Ordering::SeqCst);
+    wait_until(CONVERGE, "B to judge it too", || {
+        let mut kv_b = kv_b.clone();
+        async move {
+            get(&mut kv_b, &stream, b"lock")
+                .await
+                .is_ok_and(|entry| entry.value == Bytes::from_static(b"next year"))
+        }
+    })
+    .await;
+    assert_eq!(held(&b).await, (0, 0));
+    let (lock_a, lock_b) = (
+        get(&mut kv_a, &stream, b"lock").await.unwrap(),
+        get(&mut kv_b, &stream, b"lock").await.unwrap(),
+    );
+    assert_eq!((lock_a.fence, &lock_a.id), (lock_b.fence, &lock_b.id));
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_a_scribe_from_the_future_is_refused_whole_and_within_the_limit_nothing_waits()
+{
+    let now = quire::hlc::system_wall_clock()();
+    let clock = Arc::new(AtomicU64::new(now));
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_at(dir.path(), &clock).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "batch", None).await;
+    let head = node.log.head();
+    let fine = kv_set_at(41, &stream, b"k", b"now", now);
+    let ahead = kv_set_at(41, &stream, b"k", b"later", now + MAX_AHEAD_MS + 5_000);
+    let status = clients
+        .log
+        .append_batch(pb::AppendBatchRequest {
+            appends: vec![],
+            signed: vec![fine.clone(), ahead],
+            sealed: vec![],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("append it alone"), "{status:?}");
+    assert_eq!(node.log.head(), head, "nothing of the batch was stored");
+    assert_eq!(held(&node).await, (0, 0));
+
+    // Dated within the limit ahead: stored at once.
+    let close = kv_set_at(41, &stream, b"k", b"soon", now + MAX_AHEAD_MS - 1_000);
+    let reply = clients.log.append_signed(close).await.unwrap().into_inner();
+    assert!(!reply.held && reply.seq > head, "{reply:?}");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_held_set_is_bounded() {
+    let now = quire::hlc::system_wall_clock()();
+    let clock = Arc::new(AtomicU64::new(now));
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_at(dir.path(), &clock).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "bounded", None).await;
+    let head = node.log.head();
+    let limit = quire::log::held::MAX_HELD;
+    for n in 0..limit {
+        let request = kv_set_at(
+            42,
+            &stream,
+            format!("k{n}").as_bytes(),
+            b"v",
+            now + YEAR_MS + n,
+        );
+        assert!(
+            clients
+                .log
+                .append_signed(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .held
+        );
+    }
+    let over = kv_set_at(42, &stream, b"one more", b"v", now + YEAR_MS);
+    let status = clients.log.append_signed(over).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("fix the writer's clock"),
+        "{status:?}"
+    );
+    assert_eq!(held(&node).await.0, limit);
+    assert_eq!(node.log.head(), head);
+    node.stop().await.unwrap();
+}
