@@ -176,7 +176,10 @@ impl KvService {
                 )));
             }
             refuse_if_leased(&state, &node, now, &policy, &op.key)?;
-            let (kind, payload) = encode(&op.key, op.value.as_deref());
+            // The write names the state it replaces: the rule makes it invalid if it lands
+            // anywhere but right after that state.
+            let replaces = (state.fence > 0).then_some(&state.id);
+            let (kind, payload) = encode(&op.key, op.value.as_deref(), replaces);
             drafts.push(Draft::New(NewScribe {
                 stream: Some(stream),
                 kind,
@@ -222,7 +225,7 @@ fn refuse_if_leased(
     policy: &Policy,
     key: &[u8],
 ) -> Result<(), Status> {
-    if state.admits(node, now, policy) {
+    if state.admits(node, now, &state.id, policy) {
         return Ok(());
     }
     let owner = state.owner.map(|o| o.to_hex()).unwrap_or_default();

@@ -34,7 +34,9 @@ pub fn append_status(error: &AppendError) -> Status {
         AppendError::PayloadTooLarge { .. }
         | AppendError::StreamFull { .. }
         | AppendError::HeldFull { .. } => Code::ResourceExhausted,
-        AppendError::FutureInBatch { .. } => Code::FailedPrecondition,
+        AppendError::FutureInBatch { .. } | AppendError::Backdated { .. } => {
+            Code::FailedPrecondition
+        }
         AppendError::ShuttingDown => Code::Unavailable,
         _ => Code::Internal,
     };

@@ -235,6 +235,7 @@ fn admit_job(
     let rules = JobRules {
         origin: job.origin,
         expect_stream: job.expect_stream,
+        from_client: job.origin == Origin::Local && job.release.is_none(),
     };
     // A replicated scribe's origin names its own seq in the peer's log.
     let origin_of = |index: usize| match rules.origin {

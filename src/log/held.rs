@@ -43,7 +43,7 @@ const RELEASE_ROUND: usize = 256;
 /// [`MAX_AHEAD_MS`] ahead of `wall_ms`.
 pub fn hold_key(hlc: u64, id: quire_projection_api::ScribeId, wall_ms: u64) -> Option<HeldKey> {
     let at_ms = hlc >> 16;
-    (at_ms > wall_ms.saturating_add(MAX_AHEAD_MS)).then_some(HeldKey {
+    (at_ms > wall_ms.saturating_add(MAX_AHEAD_MS)).then(|| HeldKey {
         ready_ms: at_ms - MAX_AHEAD_MS,
         id,
     })

@@ -176,6 +176,16 @@ pub enum AppendError {
         /// [`held::MAX_AHEAD_MS`].
         limit_ms: u64,
     },
+    /// A client's `kv.*` scribe is dated too far before this node's clock.
+    #[error("{kind} scribe is dated {behind_ms} ms before this node's clock, more than the {limit_ms} ms allowed for kv writes (leases are judged by the writers' clocks): sign it with a current clock")]
+    Backdated {
+        /// The scribe's kind.
+        kind: Kind,
+        /// How far behind.
+        behind_ms: u64,
+        /// [`held::MAX_AHEAD_MS`].
+        limit_ms: u64,
+    },
     /// Too many scribes are held already (see [`held`]).
     #[error("the scribe is dated {ahead_ms} ms ahead of this node's clock, and this node already keeps {held} scribes ({bytes} bytes) dated ahead aside, its limit; fix the writer's clock, or retry once their time has come")]
     HeldFull {
@@ -411,6 +421,14 @@ impl Log {
         let store = Store::open(&store_path(data_dir), options.sync)?;
         let head = store.head()?;
         let clock = Clock::new(store.hlc_high_water()?, options.wall.clone());
+        let ahead_ms = (clock.peek() >> 16).saturating_sub(clock.wall_ms());
+        if ahead_ms > held::MAX_AHEAD_MS {
+            tracing::warn!(
+                ahead_ms,
+                "this node's clock is ahead of its wall clock (it never goes back: was the wall \
+                 clock set back?); until the wall clock catches up, peers hold what this node signs"
+            );
+        }
         let epochs = store.epochs()?;
         let held_totals = store
             .held(u64::MAX, usize::MAX)?

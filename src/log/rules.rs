@@ -90,6 +90,9 @@ pub(super) struct JobRules {
     pub(super) origin: Origin,
     /// Replicated batches: the stream every scribe must belong to.
     pub(super) expect_stream: Option<StreamId>,
+    /// A client's own scribes (not a peer's, not a held one entering the log): a `kv.*` scribe
+    /// must not be dated more than [`held::MAX_AHEAD_MS`] before the node's clock.
+    pub(super) from_client: bool,
 }
 
 /// What [`admit`] reads besides the scribe: the store, what the group has added so far before
@@ -166,7 +169,7 @@ pub(super) fn admit(
     }
     if scribe.body.kind == Kind::StreamCreate {
         let state = genesis_state(scribe, seq)?;
-        if let Some(key) = too_early(seen, scribe) {
+        if let Some(key) = too_early(seen, scribe, fresh) {
             return Ok(Verdict::Hold(key));
         }
         return Ok(Verdict::New(state));
@@ -179,7 +182,10 @@ pub(super) fn admit(
     check_size(&state, scribe, rules.origin)?;
     check_payload(checks, &scribe.body)?;
     check_work(&state, scribe)?;
-    if let Some(key) = too_early(seen, scribe) {
+    if rules.from_client && !fresh {
+        check_not_backdated(seen, scribe)?;
+    }
+    if let Some(key) = too_early(seen, scribe, fresh) {
         return Ok(Verdict::Hold(key));
     }
     check_parents(seen, scribe)?;
@@ -189,9 +195,36 @@ pub(super) fn admit(
     Ok(Verdict::New(state))
 }
 
-/// The key to hold the scribe under if it is dated too far ahead of the node's wall clock.
-fn too_early(seen: &Seen<'_>, scribe: &Scribe) -> Option<HeldKey> {
+/// The key to hold the scribe under if it is dated too far ahead of the node's wall clock. A
+/// scribe the node signed just now (`fresh`) carries the node's own clock, which is its "now":
+/// it runs ahead of the wall clock only if the wall clock was set back, and then peers hold it.
+fn too_early(seen: &Seen<'_>, scribe: &Scribe, fresh: bool) -> Option<HeldKey> {
+    if fresh {
+        return None;
+    }
     held::hold_key(scribe.body.hlc, scribe.id, seen.shared.clock.wall_ms())
+}
+
+/// A lease is judged by the writers' clocks: a client's `kv.*` write may be at most
+/// [`held::MAX_AHEAD_MS`] older than the node's clock (from peers, older writes are normal: they
+/// were written during a partition, and the node that took them from their client checked this).
+fn check_not_backdated(seen: &Seen<'_>, scribe: &Scribe) -> Result<(), AppendError> {
+    if !matches!(scribe.body.kind, Kind::KvSet | Kind::KvDelete) {
+        return Ok(());
+    }
+    let behind_ms = seen
+        .shared
+        .clock
+        .wall_ms()
+        .saturating_sub(scribe.body.hlc >> 16);
+    if behind_ms > held::MAX_AHEAD_MS {
+        return Err(AppendError::Backdated {
+            kind: scribe.body.kind.clone(),
+            behind_ms,
+            limit_ms: held::MAX_AHEAD_MS,
+        });
+    }
+    Ok(())
 }
 
 /// A replicated batch of one stream carries scribes of that stream only (a genesis only if it is

@@ -19,7 +19,7 @@ use crate::replication::{connect, join, CONVERGE};
 
 const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
 
-/// A `kv.set` of `key` signed by client `seed`, dated `at_ms`.
+/// A `kv.set` of `key` signed by client `seed`, dated `at_ms`, replacing no write.
 fn kv_set_at(
     seed: u8,
     stream: &StreamId,
@@ -27,9 +27,23 @@ fn kv_set_at(
     value: &[u8],
     at_ms: u64,
 ) -> pb::AppendSignedRequest {
+    kv_set_replacing(seed, stream, key, value, at_ms, &[])
+}
+
+/// A `kv.set` of `key` signed by client `seed`, dated `at_ms`, naming `replaces` as the write it
+/// replaces.
+fn kv_set_replacing(
+    seed: u8,
+    stream: &StreamId,
+    key: &[u8],
+    value: &[u8],
+    at_ms: u64,
+    replaces: &[u8],
+) -> pb::AppendSignedRequest {
     let payload = KvSet {
         key: key.to_vec(),
         value: value.to_vec(),
+        replaces: replaces.to_vec(),
     }
     .encode_to_vec();
     let mut scribe = client_scribe(&client_key(seed), stream, "kv.set", &payload, at_ms << 16);
@@ -74,7 +88,14 @@ async fn a_kv_set_dated_a_year_ahead_waits_and_then_is_judged_like_any_write() {
         .unwrap();
 
     // A client with a clock a year fast takes the lock through A: held, not refused.
-    let future = kv_set_at(40, &stream, b"lock", b"next year", now + YEAR_MS);
+    let future = kv_set_replacing(
+        40,
+        &stream,
+        b"lock",
+        b"next year",
+        now + YEAR_MS,
+        &holder.id,
+    );
     let reply = clients(&a.url())
         .await
         .log
@@ -246,4 +267,123 @@ async fn the_held_set_is_bounded() {
     assert_eq!(held(&node).await.0, limit);
     assert_eq!(node.log.head(), head);
     node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_kv_write_dated_in_the_past_cannot_take_a_held_key() {
+    let now = quire::hlc::system_wall_clock()();
+    let clock = Arc::new(AtomicU64::new(now));
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_at(dir.path(), &clock).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "backdated", None).await;
+    let mut kv = kv(&node).await;
+    let holder = set(&mut kv, &stream, b"lock", b"held").await.unwrap();
+    let head = node.log.head();
+
+    // Dated two minutes back: refused, nothing stored.
+    let old = kv_set_at(
+        43,
+        &stream,
+        b"lock",
+        b"mine, long ago",
+        now - 2 * MAX_AHEAD_MS,
+    );
+    let status = clients.log.append_signed(old).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("sign it with a current clock"),
+        "{status:?}"
+    );
+    assert_eq!(node.log.head(), head);
+
+    // Dated 30 s back (within a minute of clock error), naming the holder's write it saw: stored,
+    // but it sorts before the write it names, so it is invalid and the holder keeps the key.
+    let early = kv_set_replacing(
+        43,
+        &stream,
+        b"lock",
+        b"mine, a bit ago",
+        now - 30_000,
+        &holder.id,
+    );
+    let reply = clients.log.append_signed(early).await.unwrap().into_inner();
+    assert!(reply.seq > head);
+    wait_until(CONVERGE, "the table to apply it", || {
+        let mut kv = kv.clone();
+        async move {
+            get(&mut kv, &stream, b"lock")
+                .await
+                .is_ok_and(|entry| entry.seq >= reply.seq)
+        }
+    })
+    .await;
+    let lock = get(&mut kv, &stream, b"lock").await.unwrap();
+    assert_eq!(lock.value, Bytes::from_static(b"held"));
+    assert_eq!((lock.fence, &lock.id), (holder.fence, &holder.id));
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_holders_get_different_tokens_and_one_keeps_the_key_after_healing() {
+    let now = quire::hlc::system_wall_clock()();
+    let (clock_a, clock_b) = (Arc::new(AtomicU64::new(now)), Arc::new(AtomicU64::new(now)));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node_at(dir_a.path(), &clock_a).await;
+    let b = node_at(dir_b.path(), &clock_b).await;
+    let stream = create_stream(&mut clients(&a.url()).await, "partition", None).await;
+    let lease_ms = a.log.stream(&stream).unwrap().policy.lease_ms;
+    let mut kv_a = kv(&a).await;
+    let first = set(&mut kv_a, &stream, b"lock", b"a").await.unwrap();
+    // B holds the stream and A's write, but the two are partitioned (no link).
+    crate::kv::hand_over_genesis(&a, &b, &stream).await;
+    let written = clients(&a.url())
+        .await
+        .log
+        .get(pb::GetScribeRequest {
+            id: first.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    clients(&b.url())
+        .await
+        .log
+        .append_signed(signed_request(entry_parts(&written)))
+        .await
+        .unwrap();
+
+    // A renews; on B the lease has run out, and B takes the key. Each believes it holds it.
+    clock_a.store(now + lease_ms / 2, Ordering::SeqCst);
+    let renewed = set(&mut kv_a, &stream, b"lock", b"a again").await.unwrap();
+    clock_b.store(now + lease_ms + 1_000, Ordering::SeqCst);
+    let mut kv_b = kv(&b).await;
+    let taken = set(&mut kv_b, &stream, b"lock", b"b").await.unwrap();
+    assert_eq!(
+        renewed.owner,
+        Bytes::copy_from_slice(a.log.node_key().as_bytes())
+    );
+    assert_eq!(
+        taken.owner,
+        Bytes::copy_from_slice(b.log.node_key().as_bytes())
+    );
+    assert_eq!(
+        renewed.fence, taken.fence,
+        "each side counted the same valid writes"
+    );
+    assert_ne!(renewed.id, taken.id, "but the tokens (fence, id) differ");
+
+    // Healed: one write is valid everywhere. A renewed before B took the key (by the writers'
+    // clocks), so A holds it; B's write named a replaced state.
+    clock_a.store(now + lease_ms + 1_000, Ordering::SeqCst);
+    connect(&b, &a).await;
+    let table = crate::kv::converged(&[&a, &b], &stream).await;
+    assert_eq!(
+        table[&b"lock".to_vec()],
+        (b"a again".to_vec(), renewed.fence)
+    );
+    let lock_b = get(&mut kv_b, &stream, b"lock").await.unwrap();
+    assert_eq!(lock_b.id, renewed.id);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
 }

@@ -15,12 +15,24 @@
 //! is a hybrid-logical-clock value, so a write made after seeing another always sorts after it;
 //! lease durations are measured in the clock's milliseconds):
 //! - **Leasing on** (the policy's default, `lease_ms` = 1 hour): a write by X at time t is valid if
-//!   the key is free at t: no live value, or the live value is X's, or X's predecessor wrote it at
-//!   least `lease_ms` before t. The owner's set renews the lease; the owner's delete releases it.
-//!   Two writes at the same instant by different authors: the lower author id comes first and
+//!   it names, as the write it `replaces`, the key's last valid write before it (empty if none),
+//!   and the key is free at t: no live value, or the live value is X's, or X's predecessor wrote
+//!   it at least `lease_ms` before t. The owner's set renews the lease; the owner's delete releases
+//!   it. Two writes at the same instant by different authors: the lower author id comes first and
 //!   takes the key, so the other is invalid.
-//! - **Leasing off**: every write is valid; the last by `(hlc, author, id)` wins.
-//! - The **fencing token** of a key is the number of valid writes so far.
+//! - **Leasing off**: every write is valid; the last by `(hlc, author, id)` wins (`replaces` is
+//!   not read).
+//! - The **fencing token** of a key is the pair (fence, id): the number of valid writes so far and
+//!   the last of them. Two writers partitioned from each other can each believe they hold the key
+//!   with the same fence (each saw the same predecessor), but never with the same id; once they
+//!   hear from each other, one of the two writes is invalid. A resource the key protects accepts
+//!   a request whose fence is above every fence it has seen, or equal with the same id.
+//!
+//! Naming the replaced write is what stops a write dated in the past from rewriting history: a
+//! writer that saw X's write and names it is invalid anywhere before it. A node refuses a client's
+//! `kv.*` scribe dated more than a minute before its own clock, and holds one dated more than a
+//! minute ahead until then (`quire::log::held`), so a lease can be taken early or late by at most
+//! a minute of clock error.
 //!
 //! Because the fold sorts the key's whole history, every node computes the same state from the
 //! same set of scribes in any arrival order (BRIEF invariant 7), and applying a scribe twice
@@ -46,7 +58,7 @@ use sha2::{Digest, Sha256};
 /// The projection's name.
 pub const NAME: &str = "kv";
 /// Bump when the same scribes would give a different state.
-pub const FINGERPRINT: &str = "kv v1";
+pub const FINGERPRINT: &str = "kv v2";
 /// The content type of `kv.*` payloads.
 pub const CONTENT_TYPE: &str = "application/vnd.quire.kv+protobuf";
 /// The longest key.
@@ -63,6 +75,9 @@ pub struct KvSet {
     /// The value.
     #[prost(bytes = "vec", tag = "2")]
     pub value: Vec<u8>,
+    /// The key's last valid write the writer saw (its scribe id), or empty if it saw none.
+    #[prost(bytes = "vec", tag = "3")]
+    pub replaces: Vec<u8>,
 }
 
 /// The payload of a `kv.delete` scribe.
@@ -71,6 +86,9 @@ pub struct KvDelete {
     /// The key.
     #[prost(bytes = "vec", tag = "1")]
     pub key: Vec<u8>,
+    /// The key's last valid write the writer saw (its scribe id), or empty if it saw none.
+    #[prost(bytes = "vec", tag = "2")]
+    pub replaces: Vec<u8>,
 }
 
 /// Checks a key's length.
@@ -98,6 +116,8 @@ pub struct Write {
     pub id: ScribeId,
     /// The value set, or `None` for a delete.
     pub value: Option<Vec<u8>>,
+    /// The last valid write the writer saw ([`ScribeId::default`]: none).
+    pub replaces: ScribeId,
 }
 
 /// The state of a key after folding its writes.
@@ -122,10 +142,22 @@ impl State {
             .then(|| hlc_millis(self.hlc).saturating_add(policy.lease_ms))
     }
 
-    /// Whether a write by `author` at `hlc` would be valid after this state.
-    pub fn admits(&self, author: &AuthorKey, hlc: u64, policy: &Policy) -> bool {
+    /// Whether a write by `author` at `hlc`, naming `replaces` as the write it replaces, would be
+    /// valid after this state.
+    pub fn admits(
+        &self,
+        author: &AuthorKey,
+        hlc: u64,
+        replaces: &ScribeId,
+        policy: &Policy,
+    ) -> bool {
         if !policy.leasing {
             return true;
+        }
+        if *replaces != self.id {
+            // It replaces another state than this one: it was written before this state
+            // existed (a backdated write), or concurrently with the write that made it.
+            return false;
         }
         match &self.owner {
             None => true,
@@ -148,7 +180,7 @@ pub fn fold(writes: &mut [Write], policy: &Policy) -> State {
             continue;
         }
         previous = Some(write);
-        if !state.admits(&write.author, write.hlc, policy) {
+        if !state.admits(&write.author, write.hlc, &write.replaces, policy) {
             continue;
         }
         state.fence += 1;
@@ -198,7 +230,7 @@ const DB: Database = Database {
     setup: "
     CREATE TABLE IF NOT EXISTS writes (
         key BLOB NOT NULL, hlc INTEGER NOT NULL, author BLOB NOT NULL, id BLOB NOT NULL,
-        value BLOB, PRIMARY KEY (key, hlc, author, id)) WITHOUT ROWID;
+        value BLOB, replaces BLOB NOT NULL, PRIMARY KEY (key, hlc, author, id)) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS current (
         key BLOB PRIMARY KEY, value BLOB, owner BLOB, hlc INTEGER NOT NULL, id BLOB NOT NULL,
         fence INTEGER NOT NULL, seq INTEGER NOT NULL) WITHOUT ROWID;
@@ -219,7 +251,7 @@ impl KvProjector {
     fn refold(&self, key: &[u8], seq: u64) -> rusqlite::Result<()> {
         let mut statement = self
             .db
-            .prepare_cached("SELECT hlc, author, id, value FROM writes WHERE key = ?1")?;
+            .prepare_cached("SELECT hlc, author, id, value, replaces FROM writes WHERE key = ?1")?;
         let mut writes: Vec<Write> = statement
             .query_map([key], |row| {
                 Ok(Write {
@@ -227,6 +259,7 @@ impl KvProjector {
                     author: AuthorKey(blob32(row.get(1)?)),
                     id: ScribeId(blob32(row.get(2)?)),
                     value: row.get(3)?,
+                    replaces: ScribeId(blob32(row.get(4)?)),
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -254,20 +287,39 @@ impl KvProjector {
 /// A key, and the value a write sets (`None` for a delete).
 pub type KeyAndValue = (Vec<u8>, Option<Vec<u8>>);
 
+/// What a kv scribe says: its key, the value it sets (`None` for a delete) and the write it
+/// replaces ([`ScribeId::default`]: none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvWrite {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value set, or `None` for a delete.
+    pub value: Option<Vec<u8>>,
+    /// The last valid write of the key the writer saw.
+    pub replaces: ScribeId,
+}
+
 /// The kind and payload of a write: a `kv.set` of `value`, or a `kv.delete` for `None`.
-pub fn encode(key: &[u8], value: Option<&[u8]>) -> (Kind, Vec<u8>) {
+/// `replaces` is the key's last valid write the writer saw (`None`: it saw none).
+pub fn encode(key: &[u8], value: Option<&[u8]>, replaces: Option<&ScribeId>) -> (Kind, Vec<u8>) {
+    let replaces = replaces.map(|id| id.0.to_vec()).unwrap_or_default();
     match value {
         Some(value) => (
             Kind::KvSet,
             KvSet {
                 key: key.to_vec(),
                 value: value.to_vec(),
+                replaces,
             }
             .encode_to_vec(),
         ),
         None => (
             Kind::KvDelete,
-            KvDelete { key: key.to_vec() }.encode_to_vec(),
+            KvDelete {
+                key: key.to_vec(),
+                replaces,
+            }
+            .encode_to_vec(),
         ),
     }
 }
@@ -275,29 +327,48 @@ pub fn encode(key: &[u8], value: Option<&[u8]>) -> (Kind, Vec<u8>) {
 /// A kv scribe's key and value (`None` for a delete); `Ok(None)` for other kinds; an error for a
 /// payload that does not decode or a bad key.
 pub fn decode(kind: &Kind, payload: &[u8]) -> Result<Option<KeyAndValue>, String> {
-    let (key, value) = match kind {
+    Ok(decode_write(kind, payload)?.map(|write| (write.key, write.value)))
+}
+
+/// A kv scribe's [`KvWrite`]; `Ok(None)` for other kinds; an error for a payload that does not
+/// decode, a bad key, or a `replaces` that is not empty or a 32-byte scribe id.
+pub fn decode_write(kind: &Kind, payload: &[u8]) -> Result<Option<KvWrite>, String> {
+    let (key, value, replaces) = match kind {
         Kind::KvSet => {
             let set = KvSet::decode(payload)
                 .map_err(|error| format!("kv.set payload is not a KvSet: {error}"))?;
-            (set.key, Some(set.value))
+            (set.key, Some(set.value), set.replaces)
         }
         Kind::KvDelete => {
             let delete = KvDelete::decode(payload)
                 .map_err(|error| format!("kv.delete payload is not a KvDelete: {error}"))?;
-            (delete.key, None)
+            (delete.key, None, delete.replaces)
         }
         _ => return Ok(None),
     };
     check_key(&key)?;
-    Ok(Some((key, value)))
+    let replaces = match replaces.len() {
+        0 => ScribeId::default(),
+        32 => ScribeId(blob32(replaces)),
+        other => {
+            return Err(format!(
+                "replaces must be empty or a 32-byte scribe id, it has {other} bytes"
+            ))
+        }
+    };
+    Ok(Some(KvWrite {
+        key,
+        value,
+        replaces,
+    }))
 }
 
 impl Projector for KvProjector {
     fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
         let mut writes = Vec::new();
         for (index, scribe) in batch.iter().enumerate() {
-            match decode(&scribe.kind, &scribe.payload) {
-                Ok(Some((key, value))) => writes.push((scribe, key, value)),
+            match decode_write(&scribe.kind, &scribe.payload) {
+                Ok(Some(write)) => writes.push((scribe, write)),
                 Ok(None) => {}
                 Err(reason) => return Err(ApplyError::Scribe { index, reason }),
             }
@@ -305,23 +376,24 @@ impl Projector for KvProjector {
         let storage = |error| DB.storage(error);
         let tx = self.db.unchecked_transaction().map_err(storage)?;
         let mut touched = std::collections::BTreeMap::new();
-        for (scribe, key, value) in writes {
+        for (scribe, write) in writes {
             self.db
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO writes (key, hlc, author, id, value)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT OR IGNORE INTO writes (key, hlc, author, id, value, replaces)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .and_then(|mut insert| {
                     insert.execute(params![
-                        key,
+                        write.key,
                         scribe.hlc as i64,
                         scribe.author.0.to_vec(),
                         scribe.id.0.to_vec(),
-                        value
+                        write.value,
+                        write.replaces.0.to_vec()
                     ])
                 })
                 .map_err(storage)?;
-            touched.insert(key, scribe.local_seq);
+            touched.insert(write.key, scribe.local_seq);
         }
         for (key, seq) in &touched {
             self.refold(key, *seq).map_err(storage)?;

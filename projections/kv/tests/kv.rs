@@ -6,12 +6,18 @@ use quire_projection_kv::{encode, fold, Kv, Write, CONTENT_TYPE};
 
 const MS: u64 = 1 << 16;
 
-fn write(ms: u64, author: u8, id: u8, value: Option<&[u8]>) -> Write {
+/// A write that names write `replaces` (0: none) as the one it replaces.
+fn write(ms: u64, author: u8, id: u8, value: Option<&[u8]>, replaces: u8) -> Write {
     Write {
         hlc: ms * MS,
         author: AuthorKey([author; 32]),
         id: ScribeId([id; 32]),
         value: value.map(<[u8]>::to_vec),
+        replaces: if replaces == 0 {
+            ScribeId::default()
+        } else {
+            ScribeId([replaces; 32])
+        },
     }
 }
 
@@ -27,9 +33,9 @@ fn leasing(lease_ms: u64) -> Policy {
 fn a_lease_keeps_others_out_until_it_ends() {
     let policy = leasing(1000);
     let mut writes = vec![
-        write(10, 1, 1, Some(b"mine")),
-        write(500, 2, 2, Some(b"theirs too early")),
-        write(1010, 2, 3, Some(b"theirs after the lease")),
+        write(10, 1, 1, Some(b"mine"), 0),
+        write(500, 2, 2, Some(b"theirs too early"), 1),
+        write(1010, 2, 3, Some(b"theirs after the lease"), 1),
     ];
     let state = fold(&mut writes, &policy);
     assert_eq!(state.value.as_deref(), Some(&b"theirs after the lease"[..]));
@@ -41,9 +47,9 @@ fn a_lease_keeps_others_out_until_it_ends() {
 fn the_owner_renews_and_its_delete_releases() {
     let policy = leasing(1000);
     let mut renewed = vec![
-        write(10, 1, 1, Some(b"a")),
-        write(900, 1, 2, Some(b"b")),
-        write(1500, 2, 3, Some(b"other")),
+        write(10, 1, 1, Some(b"a"), 0),
+        write(900, 1, 2, Some(b"b"), 1),
+        write(1500, 2, 3, Some(b"other"), 2),
     ];
     let state = fold(&mut renewed, &policy);
     assert_eq!(
@@ -52,14 +58,14 @@ fn the_owner_renews_and_its_delete_releases() {
         "renewed at 900: still held at 1500"
     );
     let mut released = vec![
-        write(10, 1, 1, Some(b"a")),
-        write(20, 1, 2, None),
-        write(30, 2, 3, Some(b"other")),
+        write(10, 1, 1, Some(b"a"), 0),
+        write(20, 1, 2, None, 1),
+        write(30, 2, 3, Some(b"other"), 2),
     ];
     let state = fold(&mut released, &policy);
     assert_eq!(state.value.as_deref(), Some(&b"other"[..]));
     assert_eq!(state.fence, 3);
-    let mut stolen_delete = vec![write(10, 1, 1, Some(b"a")), write(20, 2, 2, None)];
+    let mut stolen_delete = vec![write(10, 1, 1, Some(b"a"), 0), write(20, 2, 2, None, 1)];
     let state = fold(&mut stolen_delete, &policy);
     assert_eq!(
         state.value.as_deref(),
@@ -71,8 +77,8 @@ fn the_owner_renews_and_its_delete_releases() {
 #[test]
 fn at_the_same_instant_the_lower_author_wins_under_leases_and_the_last_without() {
     let mut writes = vec![
-        write(10, 9, 1, Some(b"nine")),
-        write(10, 3, 2, Some(b"three")),
+        write(10, 9, 1, Some(b"nine"), 0),
+        write(10, 3, 2, Some(b"three"), 0),
     ];
     let state = fold(&mut writes.clone(), &leasing(1000));
     assert_eq!(state.value.as_deref(), Some(&b"three"[..]));
@@ -91,8 +97,15 @@ fn at_the_same_instant_the_lower_author_wins_under_leases_and_the_last_without()
     assert_eq!(state.fence, 2);
 }
 
-fn kv_scribe(stream: StreamId, author: u8, ms: u64, key: &[u8], value: Option<Vec<u8>>) -> Scribe {
-    let (kind, payload) = encode(key, value.as_deref());
+fn kv_scribe(
+    stream: StreamId,
+    author: u8,
+    ms: u64,
+    key: &[u8],
+    value: Option<Vec<u8>>,
+    replaces: Option<&ScribeId>,
+) -> Scribe {
+    let (kind, payload) = encode(key, value.as_deref(), replaces);
     testing::scribe(
         stream,
         AuthorKey([author; 32]),
@@ -103,15 +116,33 @@ fn kv_scribe(stream: StreamId, author: u8, ms: u64, key: &[u8], value: Option<Ve
     )
 }
 
+/// Writes that name an earlier generated write (or none) as the one they replace, so chains of
+/// valid writes, stale names and backdated writes all occur.
 fn scribes() -> impl Strategy<Value = Vec<Scribe>> {
     let one = (
         1u8..4,
         0u64..3000,
         prop::sample::select(vec![&b"a"[..], b"b", b"c"]),
         prop::option::weighted(0.8, prop::collection::vec(any::<u8>(), 0..4)),
-    )
-        .prop_map(|(author, ms, key, value)| kv_scribe(ScribeId([7; 32]), author, ms, key, value));
-    prop::collection::vec(one, 0..30)
+        prop::option::weighted(0.8, any::<prop::sample::Index>()),
+    );
+    prop::collection::vec(one, 0..30).prop_map(|writes| {
+        let mut out: Vec<Scribe> = Vec::new();
+        for (author, ms, key, value, replaces) in writes {
+            let replaces = replaces
+                .filter(|_| !out.is_empty())
+                .map(|index| out[index.index(out.len())].id);
+            out.push(kv_scribe(
+                ScribeId([7; 32]),
+                author,
+                ms,
+                key,
+                value,
+                replaces.as_ref(),
+            ));
+        }
+        out
+    })
 }
 
 #[test]
@@ -138,9 +169,16 @@ fn a_bad_payload_is_refused_by_index() {
     let mut projector = Kv
         .open(&Place::new(dir.clone(), Some(ScribeId([7; 32]))))
         .unwrap();
-    let mut good = kv_scribe(ScribeId([7; 32]), 1, 1, b"k", Some(b"v".to_vec()));
+    let mut good = kv_scribe(ScribeId([7; 32]), 1, 1, b"k", Some(b"v".to_vec()), None);
     good.local_seq = 1;
-    let mut bad = kv_scribe(ScribeId([7; 32]), 1, 2, &[0u8; 1025], Some(b"v".to_vec()));
+    let mut bad = kv_scribe(
+        ScribeId([7; 32]),
+        1,
+        2,
+        &[0u8; 1025],
+        Some(b"v".to_vec()),
+        None,
+    );
     bad.local_seq = 2;
     match projector.apply(&[good, bad], 2) {
         Err(ApplyError::Scribe { index, reason }) => {
@@ -163,12 +201,14 @@ fn a_write_made_after_seeing_another_sorts_after_it_within_one_millisecond() {
             author: AuthorKey([9; 32]),
             id: ScribeId([1; 32]),
             value: None,
+            replaces: ScribeId::default(),
         },
         Write {
             hlc: 10 * MS + 3,
             author: AuthorKey([3; 32]),
             id: ScribeId([2; 32]),
             value: Some(b"three, after the delete".to_vec()),
+            replaces: ScribeId([1; 32]),
         },
     ];
     let state = fold(&mut writes, &leasing(1000));
@@ -181,8 +221,8 @@ fn a_write_made_after_seeing_another_sorts_after_it_within_one_millisecond() {
 #[test]
 fn a_lease_of_any_length_holds() {
     let mut writes = vec![
-        write(10, 1, 1, Some(b"mine")),
-        write(1 << 40, 2, 2, Some(b"theirs")),
+        write(10, 1, 1, Some(b"mine"), 0),
+        write(1 << 40, 2, 2, Some(b"theirs"), 1),
     ];
     let state = fold(&mut writes, &leasing(u64::MAX));
     assert_eq!(
@@ -190,4 +230,64 @@ fn a_lease_of_any_length_holds() {
         Some(&b"mine"[..]),
         "no overflow into a free key"
     );
+}
+
+#[test]
+fn a_backdated_write_that_names_what_it_saw_cannot_rewrite_history() {
+    let policy = leasing(1000);
+    // X takes the key at 100 and renews at 600; Y saw X's first write but its clock says 50.
+    let mut writes = vec![
+        write(100, 1, 1, Some(b"x"), 0),
+        write(600, 1, 2, Some(b"x renewed"), 1),
+        write(50, 2, 3, Some(b"y, backdated"), 1),
+    ];
+    let state = fold(&mut writes, &policy);
+    assert_eq!(state.value.as_deref(), Some(&b"x renewed"[..]));
+    assert_eq!((state.fence, state.id), (2, ScribeId([2; 32])));
+    // Without naming anything Y would have come first and taken the key from X, retroactively:
+    // naming nothing on a key that has a value is exactly such a claim, and within the minute of
+    // clock error a node accepts, it is a race Y may win; the same write naming X's is not.
+    let mut stale = vec![
+        write(100, 1, 1, Some(b"x"), 0),
+        write(1500, 2, 3, Some(b"y names nothing"), 0),
+    ];
+    let state = fold(&mut stale, &policy);
+    assert_eq!(
+        state.value.as_deref(),
+        Some(&b"x"[..]),
+        "a stale name is invalid"
+    );
+}
+
+#[test]
+fn partitioned_holders_share_a_fence_but_never_an_id() {
+    let policy = leasing(1000);
+    // X holds (write 1). Partitioned: X renews (2); Y, after X's lease ran out on its side,
+    // takes the key (3). Both name write 1; each side alone sees fence 2.
+    let x_side = fold(
+        &mut [
+            write(0, 1, 1, Some(b"x"), 0),
+            write(900, 1, 2, Some(b"x2"), 1),
+        ],
+        &policy,
+    );
+    let y_side = fold(
+        &mut [
+            write(0, 1, 1, Some(b"x"), 0),
+            write(1100, 2, 3, Some(b"y"), 1),
+        ],
+        &policy,
+    );
+    assert_eq!(x_side.fence, y_side.fence);
+    assert_ne!(x_side.id, y_side.id, "the tokens (fence, id) differ");
+    // Healed: X's renewal came first, so Y's write names a replaced state and is invalid.
+    let healed = fold(
+        &mut [
+            write(0, 1, 1, Some(b"x"), 0),
+            write(900, 1, 2, Some(b"x2"), 1),
+            write(1100, 2, 3, Some(b"y"), 1),
+        ],
+        &policy,
+    );
+    assert_eq!((healed.fence, healed.id), (x_side.fence, x_side.id));
 }
