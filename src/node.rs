@@ -43,6 +43,10 @@ pub struct NodeConfig {
     pub api_hosts: Vec<String>,
     /// Serve the client API over TLS: (certificate chain, private key), PEM files.
     pub api_tls: Option<(PathBuf, PathBuf)>,
+    /// The rules the node judges scribes by: their version and payload checks. `None` (always,
+    /// but in tests): this build's, [`crate::log::rules::RULES_VERSION`] and [`payload_checks`].
+    /// Tests set it to play a cluster of mixed versions.
+    pub rules: Option<(u32, PayloadChecks)>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -71,6 +75,7 @@ impl NodeConfig {
             sql_limits: quire_projection_sql::Limits::default(),
             api_hosts: Vec::new(),
             api_tls: None,
+            rules: None,
         }
     }
 }
@@ -106,6 +111,10 @@ pub fn open_log(config: &NodeConfig) -> Result<Log, OpenError> {
         payload_checks: payload_checks(),
         ..LogOptions::default()
     };
+    if let Some((version, checks)) = &config.rules {
+        options.rules_version = *version;
+        options.payload_checks = checks.clone();
+    }
     if let Some(wall) = &config.wall {
         options.wall = wall.clone();
     }

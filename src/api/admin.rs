@@ -44,6 +44,7 @@ impl pb::admin_server::Admin for Api {
             version: env!("CARGO_PKG_VERSION").to_string(),
             hlc: self.log.clock().peek(),
             sync_writes: self.facts.sync_writes,
+            rules: self.log.rules_version(),
             held_scribes: self.log.held().0,
             held_bytes: self.log.held().1,
             store_memory: Some({

@@ -97,6 +97,7 @@ pub fn peer_status(state: &crate::replication::PeerState) -> pb::PeerStatus {
         connects: state.connects,
         last_error: state.last_error.clone().unwrap_or_default(),
         refused: state.refused,
+        rules: state.rules,
         streams: state
             .streams
             .iter()

@@ -36,7 +36,7 @@ pub(crate) async fn join(url: &Node, args: JoinArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_peers(peers: &[pb::PeerStatus]) {
+fn print_peers(peers: &[pb::PeerStatus], rules: u32) {
     if peers.is_empty() {
         println!("no peers; add one with `quire peer add HOST:PORT`");
     }
@@ -56,6 +56,12 @@ fn print_peers(peers: &[pb::PeerStatus]) {
             },
             if peer.dialed { "" } else { " (dialed in)" },
         );
+        if peer.rules != 0 && peer.rules != rules {
+            println!(
+                "    judges scribes by rules version {} (this node: {}); what this node's rules refuse of it is kept aside",
+                peer.rules, rules
+            );
+        }
         if peer.refused > 0 {
             println!("    refused {} invalid scribes", peer.refused);
         }
@@ -96,6 +102,7 @@ pub(crate) async fn status(url: &Node) -> Result<()> {
     println!("data dir    {}", status.data_dir);
     println!("log epoch   {}", hex::encode(&status.log_epoch));
     println!("head seq    {}", status.head_seq);
+    println!("rules       version {}", status.rules);
     println!(
         "writes      {}",
         if status.sync_writes {
@@ -161,7 +168,7 @@ pub(crate) async fn status(url: &Node) -> Result<()> {
             projection.name, projection.kind, scope
         );
     }
-    print_peers(&status.peers);
+    print_peers(&status.peers, status.rules);
     Ok(())
 }
 
@@ -181,7 +188,7 @@ pub(crate) async fn peer_add(url: &Node, addr: String) -> Result<()> {
 
 pub(crate) async fn peer_list(url: &Node) -> Result<()> {
     let status = node_status(url).await?;
-    print_peers(&status.peers);
+    print_peers(&status.peers, status.rules);
     Ok(())
 }
 

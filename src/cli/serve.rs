@@ -33,6 +33,7 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
             time: std::time::Duration::from_millis(args.sql_time_limit_ms),
             rows: args.sql_max_rows,
         },
+        rules: None,
     };
     let log = node::open_log(&config)
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;

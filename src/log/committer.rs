@@ -226,6 +226,7 @@ fn admit_job(
 ) -> Outcome {
     let multi = job.scribes.len() > 1;
     let multi_atomic = multi && matches!(job.reply, Reply::Atomic(_));
+    let keep_refused = job.keep_refused;
     if let Some(release) = job.release {
         // Whatever the verdict, the held record goes: the scribe is judged now.
         overlay.released.push(release);
@@ -256,7 +257,16 @@ fn admit_job(
             group: overlay.added(),
             job: job_overlay.added(),
         };
-        match rules::admit(&seen, checks, &rules, &scribe, seq, fresh)? {
+        let verdict = match rules::admit(&seen, checks, &rules, &scribe, seq, fresh) {
+            Ok(verdict) => verdict,
+            Err(error) if keep_refused && rules::is_rule_refusal(&error) => {
+                tracing::info!(id = %scribe.id, %error, "kept aside: refused by this node's rules, from a peer with other rules");
+                let key = held::rules_key(scribe.id, shared.rules_version);
+                return job_overlay.hold(shared, overlay, key, &scribe, origin);
+            }
+            Err(error) => return Err(error),
+        };
+        match verdict {
             Verdict::Duplicate(appended) => Ok(appended),
             Verdict::Hold(key) => {
                 if multi_atomic {

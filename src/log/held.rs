@@ -23,6 +23,7 @@ use std::time::Duration;
 use prost::Message;
 use quire_projection_api::AuthorKey;
 
+pub use super::store::RULES_KEYS;
 use super::store::{HeldKey, PeerOrigin};
 use super::{Log, Origin};
 use crate::pb;
@@ -47,6 +48,14 @@ pub fn hold_key(hlc: u64, id: quire_projection_api::ScribeId, wall_ms: u64) -> O
         ready_ms: at_ms - MAX_AHEAD_MS,
         id,
     })
+}
+
+/// The key a scribe refused by rules `version` (from a peer whose rules differ) is kept under.
+pub fn rules_key(id: quire_projection_api::ScribeId, version: u32) -> HeldKey {
+    HeldKey {
+        ready_ms: u64::MAX - u64::from(version),
+        id,
+    }
 }
 
 /// A held scribe's stored value: where it came from, then its parts.

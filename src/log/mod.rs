@@ -33,7 +33,7 @@
 mod committer;
 pub mod epoch;
 pub mod held;
-mod rules;
+pub mod rules;
 mod signer;
 pub mod store;
 pub mod subscribe;
@@ -325,6 +325,9 @@ pub struct LogOptions {
     /// none. A node hands in the built-in kinds' rules and its projectors' (see
     /// `crate::node::open_log`); a log opened with none stores any payload its policy allows.
     pub payload_checks: PayloadChecks,
+    /// The version of the rules it applies ([`rules::RULES_VERSION`] unless a test plays an
+    /// older or newer node).
+    pub rules_version: u32,
 }
 
 impl std::fmt::Debug for LogOptions {
@@ -342,6 +345,7 @@ impl Default for LogOptions {
             sync: false,
             wall: crate::hlc::system_wall_clock(),
             payload_checks: PayloadChecks::default(),
+            rules_version: rules::RULES_VERSION,
         }
     }
 }
@@ -354,6 +358,9 @@ struct Job {
     /// A held scribe entering the log now: its record (and stored size) goes, whatever the
     /// verdict.
     release: Option<(HeldKey, u64)>,
+    /// From a peer whose rules differ: a scribe a rule refuses is kept aside, not refused (see
+    /// [`held`]).
+    keep_refused: bool,
     cursor: Option<CursorUpdate>,
     /// Replicated batches: every scribe must belong to this stream (a genesis only if it is the
     /// stream's own).
@@ -379,6 +386,8 @@ pub(crate) struct Shared {
     epochs: Epochs,
     /// Scribes and bytes held (see [`held`]).
     held: std::sync::Mutex<(u64, u64)>,
+    /// The version of the rules this log applies.
+    rules_version: u32,
     /// Fires when this value is dropped: declared last, so after `store` is closed.
     _closed: ClosedSignal,
 }
@@ -430,6 +439,14 @@ impl Log {
             );
         }
         let epochs = store.epochs()?;
+        let requeued = store.requeue_held_for_rules(options.rules_version)?;
+        if requeued > 0 {
+            tracing::info!(
+                requeued,
+                rules = options.rules_version,
+                "scribes kept aside under other rules are judged again by this version's"
+            );
+        }
         let held_totals = store
             .held(u64::MAX, usize::MAX)?
             .iter()
@@ -480,6 +497,7 @@ impl Log {
             key,
             epochs,
             held: std::sync::Mutex::new(held_totals),
+            rules_version: options.rules_version,
             _closed: ClosedSignal(Some(closed_tx)),
         });
         let (submit, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
@@ -530,6 +548,7 @@ impl Log {
                 origin,
                 peer_seqs: Vec::new(),
                 release: None,
+                keep_refused: false,
                 cursor: None,
                 expect_stream: None,
                 reply,
@@ -549,6 +568,7 @@ impl Log {
         stream: StreamId,
         scribes: Vec<(Parts, Option<ScribeId>, u64)>,
         cursor: Option<CursorUpdate>,
+        keep_refused: bool,
     ) -> Result<EachOutcome, AppendError> {
         if scribes.is_empty() && cursor.is_none() {
             return Ok(Vec::new());
@@ -571,6 +591,7 @@ impl Log {
                 origin: Origin::Peer(peer),
                 peer_seqs,
                 release: None,
+                keep_refused,
                 cursor,
                 expect_stream: Some(stream),
                 reply: Reply::Each(reply),
@@ -578,6 +599,11 @@ impl Log {
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         answer.await.map_err(|_| AppendError::ShuttingDown)?
+    }
+
+    /// The version of the rules this log judges scribes by.
+    pub fn rules_version(&self) -> u32 {
+        self.shared.rules_version
     }
 
     /// Scribes kept aside and bytes they take (see [`held`]).
@@ -623,6 +649,7 @@ impl Log {
                     origin,
                     peer_seqs,
                     release: Some((key, size)),
+                    keep_refused: false,
                     cursor: None,
                     expect_stream: None,
                     reply: Reply::Each(reply),

@@ -27,6 +27,26 @@ use super::{AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
 use crate::scribe::{decode_envelope, leading_zero_bits, Body, Scribe};
 
+/// The version of the rules this build judges scribes by: bumped whenever a scribe one version
+/// stores could be refused by the other. Peers tell each other theirs (see `log::held`: what this
+/// node's rules refuse of a peer with other rules is kept aside, not counted against it).
+pub const RULES_VERSION: u32 = 1;
+
+/// Whether `error` is a rule's verdict on a well-formed, correctly signed scribe (which another
+/// version of the rules may judge otherwise), rather than damage, a wrong batch or a local failure.
+pub(crate) fn is_rule_refusal(error: &AppendError) -> bool {
+    matches!(
+        error,
+        AppendError::ParentInOtherStream { .. }
+            | AppendError::PermissionDenied { .. }
+            | AppendError::PayloadTooLarge { .. }
+            | AppendError::StreamFull { .. }
+            | AppendError::MissingWork { .. }
+            | AppendError::BadPayload { .. }
+            | AppendError::BadGenesis(_)
+    )
+}
+
 /// The payload rules a log applies to every scribe but a genesis, local or from a peer, in the
 /// order they were added; the first refusal wins. Empty by default: a log checks no payload rule it
 /// was not handed. Cheap to clone.

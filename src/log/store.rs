@@ -168,6 +168,11 @@ pub struct Commit {
     pub held: Vec<(HeldKey, Vec<u8>)>,
 }
 
+/// Held keys at or above this are scribes a rule refused, from a peer with other rules: `u64::MAX
+/// - ready_ms` is the version of the rules that refused them. They wait for this node's rules to
+/// change ([`Store::requeue_held_for_rules`]), not for a time.
+pub const RULES_KEYS: u64 = u64::MAX - u32::MAX as u64;
+
 /// The key of a held scribe: when it may enter the log (unix ms), then its id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HeldKey {
@@ -592,6 +597,38 @@ impl Store {
             out.push((key, value.to_vec()));
         }
         Ok(out)
+    }
+
+    /// Makes every scribe kept aside by rules other than `version` (see [`RULES_KEYS`])
+    /// due now, so it is judged again by these; returns how many. Written with fsync.
+    pub fn requeue_held_for_rules(&self, version: u32) -> Result<usize, StoreError> {
+        let held = self.cf(CF_HELD);
+        let mut batch = WriteBatch::default();
+        let mut count = 0;
+        let from = HeldKey {
+            ready_ms: RULES_KEYS,
+            id: ScribeId::default(),
+        };
+        let mode = IteratorMode::From(&from.encode(), Direction::Forward);
+        for item in self.db.iterator_cf(held, mode) {
+            let (key, value) = item?;
+            let Some(mut parsed) = HeldKey::decode(&key) else {
+                continue;
+            };
+            if parsed.ready_ms == u64::MAX - u64::from(version) {
+                continue;
+            }
+            batch.delete_cf(held, &key);
+            parsed.ready_ms = 0;
+            batch.put_cf(held, parsed.encode(), value);
+            count += 1;
+        }
+        if count > 0 {
+            let mut sync = WriteOptions::default();
+            sync.set_sync(true);
+            self.db.write_opt(batch, &sync)?;
+        }
+        Ok(count)
     }
 
     /// Whether this scribe is held under this key.

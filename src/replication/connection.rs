@@ -183,6 +183,7 @@ where
         control: VecDeque::new(),
         peer: None,
         epoch: [0; 16],
+        peer_rules: 0,
         dialed,
         addr,
         refused_here: 0,
@@ -220,6 +221,8 @@ struct Driver {
     control: VecDeque<Message>,
     peer: Option<AuthorKey>,
     epoch: [u8; 16],
+    /// The version of the rules the peer judges scribes by.
+    peer_rules: u32,
     dialed: bool,
     addr: String,
     refused_here: u64,
@@ -245,8 +248,12 @@ impl Driver {
         S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin + Send,
     {
         let log = self.inner.log.clone();
-        let (session, actions) =
-            Session::new(self.inner.key.clone(), log.epochs().clone(), rand::random());
+        let (session, actions) = Session::new(
+            self.inner.key.clone(),
+            log.epochs().clone(),
+            log.rules_version(),
+            rand::random(),
+        );
         self.session = Some(session);
         self.execute(actions).await?;
         let mut heads = log.watch_head();
@@ -400,7 +407,7 @@ impl Driver {
             match action {
                 Action::Send(message) => self.control.push_back(message),
                 Action::Close(reason) => return Err(ConnectionError::Closed(reason)),
-                Action::Ready { peer, epoch } => self.ready(peer, epoch).await?,
+                Action::Ready { peer, epoch, rules } => self.ready(peer, epoch, rules).await?,
                 Action::Store {
                     stream,
                     scribes,
@@ -425,9 +432,24 @@ impl Driver {
         Ok(())
     }
 
-    async fn ready(&mut self, peer: AuthorKey, epoch: [u8; 16]) -> Result<(), ConnectionError> {
+    async fn ready(
+        &mut self,
+        peer: AuthorKey,
+        epoch: [u8; 16],
+        rules: u32,
+    ) -> Result<(), ConnectionError> {
         self.peer = Some(peer);
         self.epoch = epoch;
+        self.peer_rules = rules;
+        let own = self.inner.log.rules_version();
+        if rules != own {
+            tracing::warn!(
+                peer = %peer.short(),
+                peer_rules = rules,
+                rules = own,
+                "this peer judges scribes by other rules: what this node's rules refuse of it is kept aside (not counted against it) until this node's rules change"
+            );
+        }
         if let Some(left) = self.inner.banned(&peer) {
             return Err(ConnectionError::Banned {
                 peer,
@@ -443,6 +465,7 @@ impl Driver {
         let addr = self.addr.clone();
         self.inner.with_peer(&key, |state| {
             state.node = Some(peer);
+            state.rules = rules;
             state.connected = true;
             state.connects += 1;
             state.last_error = None;
@@ -499,10 +522,11 @@ impl Driver {
             epoch: self.epoch,
             seq: u64::MAX, // each scribe's own
         };
+        let keep_refused = self.peer_rules != self.inner.log.rules_version();
         let outcomes = self
             .inner
             .log
-            .replicate(origin, stream, drafts, Some(cursor))
+            .replicate(origin, stream, drafts, Some(cursor), keep_refused)
             .await
             .map_err(ConnectionError::Replicate)?;
         let (mut received, mut duplicates, mut refused, mut held) = (0, 0, 0, 0);
@@ -570,7 +594,13 @@ impl Driver {
         let outcome = self
             .inner
             .log
-            .replicate(origin, stream, vec![(scribe, Some(stream), u64::MAX)], None)
+            .replicate(
+                origin,
+                stream,
+                vec![(scribe, Some(stream), u64::MAX)],
+                None,
+                false,
+            )
             .await
             .map_err(ConnectionError::Replicate)?;
         match outcome.first() {

@@ -81,6 +81,8 @@ pub struct PeerState {
     pub last_error: Option<String>,
     /// Invalid scribes refused from it, all streams.
     pub refused: u64,
+    /// The version of the rules it judges scribes by (0: unknown, or before rule versions).
+    pub rules: u32,
     /// Per stream.
     pub streams: BTreeMap<StreamId, StreamCounters>,
 }

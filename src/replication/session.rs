@@ -59,6 +59,8 @@ pub enum Message {
         node: AuthorKey,
         /// The sender's log epoch and the earlier ones it remembers.
         epochs: Epochs,
+        /// The version of the rules the sender judges scribes by.
+        rules: u32,
         /// What the receiver must sign.
         nonce: [u8; 32],
     },
@@ -115,6 +117,8 @@ pub enum Action {
         peer: AuthorKey,
         /// The peer's log epoch.
         epoch: [u8; 16],
+        /// The version of the rules the peer judges scribes by.
+        rules: u32,
     },
     /// Store these scribes (each validated on its own) and, in the same write batch, the cursor
     /// `(peer, stream, peer epoch, through)`.
@@ -180,6 +184,7 @@ pub struct Session {
     local: AuthorKey,
     nonce: [u8; 32],
     peer: Option<(AuthorKey, Epochs)>,
+    peer_rules: u32,
     proven: bool,
     started: bool,
     local_streams: BTreeSet<StreamId>,
@@ -202,13 +207,19 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// A new session; the returned actions send our `Hello`.
-    pub fn new(key: SigningKey, local_epochs: Epochs, nonce: [u8; 32]) -> (Session, Vec<Action>) {
+    pub fn new(
+        key: SigningKey,
+        local_epochs: Epochs,
+        rules: u32,
+        nonce: [u8; 32],
+    ) -> (Session, Vec<Action>) {
         let local = AuthorKey(key.verifying_key().to_bytes());
         let session = Session {
             key,
             local,
             nonce,
             peer: None,
+            peer_rules: 0,
             proven: false,
             started: false,
             local_streams: BTreeSet::new(),
@@ -221,6 +232,7 @@ impl Session {
         let hello = Message::Hello {
             node: local,
             epochs: local_epochs,
+            rules,
             nonce,
         };
         (session, vec![Action::Send(hello)])
@@ -258,6 +270,7 @@ impl Session {
             Message::Hello {
                 node,
                 epochs,
+                rules,
                 nonce,
             } => {
                 if self.peer.is_some() {
@@ -269,6 +282,7 @@ impl Session {
                     );
                 }
                 self.peer = Some((node, epochs));
+                self.peer_rules = rules;
                 let signature = self
                     .key
                     .sign(&Self::proof_message(&nonce, &self.local, &node));
@@ -297,7 +311,11 @@ impl Session {
                     return close(&format!("peer failed to prove it holds the key of node {peer}: bad handshake signature"));
                 }
                 self.proven = true;
-                vec![Action::Ready { peer, epoch }]
+                vec![Action::Ready {
+                    peer,
+                    epoch,
+                    rules: self.peer_rules,
+                }]
             }
             Message::Error(reason) => vec![Action::Close(format!(
                 "peer closed the connection: {reason}"

@@ -77,8 +77,10 @@ pub fn to_proto(message: &Message) -> pb::PeerMessage {
         Message::Hello {
             node,
             epochs,
+            rules,
             nonce,
         } => Wire::Hello(pb::PeerHello {
+            rules: *rules,
             node_id: Bytes::copy_from_slice(node.as_bytes()),
             epoch: Bytes::copy_from_slice(&epochs.current),
             nonce: Bytes::copy_from_slice(nonce),
@@ -281,6 +283,7 @@ pub fn from_proto(message: pb::PeerMessage) -> Result<Message, WireError> {
                         .map(|ended| Ok((epoch(&ended.epoch)?, ended.ended_at)))
                         .collect::<Result<_, WireError>>()?,
                 },
+                rules: hello.rules,
                 nonce: fixed(&hello.nonce, "nonce")?,
             }
         }

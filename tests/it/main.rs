@@ -26,5 +26,6 @@ mod simulation;
 mod sql;
 mod subscribe;
 mod tidy;
+mod versions;
 mod verify;
 mod ws;

@@ -34,6 +34,7 @@ impl Intruder {
             nonce: Bytes::copy_from_slice(&[9u8; 32]),
             protocol: quire::replication::session::PROTOCOL_VERSION,
             ended_epochs: vec![],
+            rules: quire::log::rules::RULES_VERSION,
         };
         let mut intruder = Intruder::dial(addr, key).await;
         intruder.send(Wire::Hello(hello)).await;
@@ -394,6 +395,7 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
         nonce: Bytes::copy_from_slice(&[9u8; 32]),
         protocol: quire::replication::session::PROTOCOL_VERSION,
         ended_epochs: vec![],
+        rules: quire::log::rules::RULES_VERSION,
     };
     let cases: Vec<(pb::PeerHello, &str)> = vec![
         (

@@ -260,8 +260,12 @@ impl Network {
         let mut in_flight = [VecDeque::new(), VecDeque::new()];
         let mut make = |end: usize| {
             let node = &self.nodes[nodes[end]];
-            let (session, actions) =
-                Session::new(node.key.clone(), node.epochs.clone(), [end as u8 + 7; 32]);
+            let (session, actions) = Session::new(
+                node.key.clone(),
+                node.epochs.clone(),
+                1,
+                [end as u8 + 7; 32],
+            );
             for action in actions {
                 if let Action::Send(message) = action {
                     in_flight[1 - end].push_back(message);
