@@ -170,10 +170,12 @@ pub async fn serve(
         listeners,
         sync_writes: config.sync,
     };
+    // Projections first: a copy ahead of the log (after a lost tail) is found while the head is
+    // still the one the log came back with, before replication moves it.
+    let projections = Projections::start(log.clone(), config.registry.clone(), &config.data_dir)?;
     let replicator = Replicator::new(log.clone());
     replicator.start(&config.peers)?;
     tokio::spawn(crate::log::held::release_loop(log.clone()));
-    let projections = Projections::start(log.clone(), config.registry.clone(), &config.data_dir)?;
     tracing::info!(node = %log.node_key(), api = %api_addr, peer = ?peer_addr, data_dir = %config.data_dir.display(), "node serving");
 
     let (stop_tx, stop_rx) = watch::channel(false);

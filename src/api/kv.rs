@@ -31,10 +31,17 @@ use crate::projection::Projections;
 /// Most entries of one Scan.
 const SCAN_LIMIT: usize = 10_000;
 
+/// Locks that order this node's writes to one key (by a hash of stream and key).
+const WRITE_LOCKS: usize = 64;
+
 /// The `Kv` service.
 #[derive(Clone)]
 pub struct KvService {
     served: Served<Reader>,
+    /// A write names the state it replaces, read from the table: two writes of one key on this
+    /// node take turns, so the second names the first instead of both naming the same state (and
+    /// the rule making the second invalid).
+    locks: std::sync::Arc<Vec<tokio::sync::Mutex<()>>>,
 }
 
 impl std::fmt::Debug for KvService {
@@ -77,6 +84,11 @@ impl KvService {
     pub fn new(log: Log, projections: Projections) -> KvService {
         KvService {
             served: Served::new(log, projections, NAME, Reader::open),
+            locks: std::sync::Arc::new(
+                (0..WRITE_LOCKS)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
+            ),
         }
     }
 
@@ -149,6 +161,22 @@ impl KvService {
                     show_key(&op.key)
                 )));
             }
+        }
+        let mut shards: Vec<usize> = ops
+            .iter()
+            .map(|op| {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                (stream, &op.key).hash(&mut hasher);
+                hasher.finish() as usize % WRITE_LOCKS
+            })
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut _turns = Vec::with_capacity(shards.len());
+        for shard in shards {
+            // In index order: two multi-key writes never wait for each other in a circle.
+            _turns.push(self.locks[shard].lock().await);
         }
         // Judge the write against everything this node holds: wait for its table to apply the
         // stream's scribes received so far.

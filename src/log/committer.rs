@@ -149,7 +149,10 @@ impl Overlay {
             return Ok(appended);
         }
         let value = held::encode(origin, &scribe.parts());
-        let (count, bytes) = *shared.held.lock().expect("held lock");
+        let (count, bytes) = {
+            let held = shared.held.lock().expect("held lock");
+            (held.count, held.bytes)
+        };
         let pending = self.held.values().chain(group.held.values());
         let (count, bytes) = pending.fold((count, bytes), |(n, b), v| (n + 1, b + v.len() as u64));
         if count >= held::MAX_HELD || bytes + value.len() as u64 > held::MAX_HELD_BYTES {
@@ -261,8 +264,24 @@ fn admit_job(
             Ok(verdict) => verdict,
             Err(error) if keep_refused && rules::is_rule_refusal(&error) => {
                 tracing::info!(id = %scribe.id, %error, "kept aside: refused by this node's rules, from a peer with other rules");
-                let key = held::rules_key(scribe.id, shared.rules_version);
+                let key = held::rules_key(scribe.id, scribe.body.hlc, shared.rules_version);
                 return job_overlay.hold(shared, overlay, key, &scribe, origin);
+            }
+            Err(AppendError::UnknownParent { parent, .. }) if !multi_atomic => {
+                if let Some(parent_key) = held_key_of(shared, overlay, &job_overlay, &parent) {
+                    // Its parent waits in the held set: it waits with it (released together,
+                    // it is judged again once the parent is in the log).
+                    let key = HeldKey {
+                        hlc: parent_key.hlc.max(scribe.body.hlc),
+                        id: scribe.id,
+                        ..parent_key
+                    };
+                    return job_overlay.hold(shared, overlay, key, &scribe, origin);
+                }
+                return Err(AppendError::UnknownParent {
+                    parent,
+                    stream: scribe.stream_id(),
+                });
             }
             Err(error) => return Err(error),
         };
@@ -316,13 +335,35 @@ fn admit_job(
                     }),
                 );
             }
-            if let Some(cursor) = job.cursor {
+            // A scribe that could not be held for lack of room was not stored: the cursor must
+            // not move past it (the peer sends it again on a later connection).
+            let held_full = results
+                .iter()
+                .any(|result| matches!(result, Err(AppendError::HeldFull { .. })));
+            if let Some(cursor) = job.cursor.filter(|_| !held_full) {
                 job_overlay.add_cursor_at((cursor.peer, cursor.stream), cursor);
             }
             overlay.absorb(job_overlay);
             Outcome::Each(reply, results)
         }
     }
+}
+
+/// The held key of `id`, if it is held (or being held by this group), unless this group releases
+/// it.
+fn held_key_of(shared: &Shared, group: &Overlay, job: &Overlay, id: &ScribeId) -> Option<HeldKey> {
+    let pending = |overlay: &Overlay| overlay.held.keys().find(|key| key.id == *id).copied();
+    if let Some(key) = pending(job).or_else(|| pending(group)) {
+        return Some(key);
+    }
+    let key = shared
+        .held
+        .lock()
+        .expect("held lock")
+        .keys
+        .get(id)
+        .copied()?;
+    (!group.released.iter().any(|(released, _)| *released == key)).then_some(key)
 }
 
 /// Writes what the group added in one write batch; then publishes the new streams and the new
@@ -354,13 +395,11 @@ fn write_and_publish(
     shared.store.commit(&commit).map_err(Arc::new)?;
     if !overlay.held.is_empty() || !overlay.released.is_empty() {
         let mut held = shared.held.lock().expect("held lock");
-        for (_, size) in &overlay.released {
-            held.0 = held.0.saturating_sub(1);
-            held.1 = held.1.saturating_sub(*size);
+        for (key, size) in &overlay.released {
+            held.remove(key, *size);
         }
-        for value in overlay.held.values() {
-            held.0 += 1;
-            held.1 += value.len() as u64;
+        for (key, value) in &overlay.held {
+            held.add(*key, value.len() as u64);
         }
     }
     {

@@ -21,9 +21,10 @@
 use std::time::Duration;
 
 use prost::Message;
-use quire_projection_api::AuthorKey;
+use std::collections::HashMap;
 
-pub use super::store::RULES_KEYS;
+use quire_projection_api::{AuthorKey, ScribeId};
+
 use super::store::{HeldKey, PeerOrigin};
 use super::{Log, Origin};
 use crate::pb;
@@ -42,19 +43,69 @@ const RELEASE_ROUND: usize = 256;
 
 /// The key under which a scribe with clock `hlc` is held, if it is dated more than
 /// [`MAX_AHEAD_MS`] ahead of `wall_ms`.
-pub fn hold_key(hlc: u64, id: quire_projection_api::ScribeId, wall_ms: u64) -> Option<HeldKey> {
-    let at_ms = hlc >> 16;
-    (at_ms > wall_ms.saturating_add(MAX_AHEAD_MS)).then(|| HeldKey {
-        ready_ms: at_ms - MAX_AHEAD_MS,
+pub fn hold_key(hlc: u64, id: ScribeId, wall_ms: u64) -> Option<HeldKey> {
+    (hlc > due_until(wall_ms)).then_some(HeldKey {
+        rules: None,
+        hlc,
         id,
     })
 }
 
-/// The key a scribe refused by rules `version` (from a peer whose rules differ) is kept under.
-pub fn rules_key(id: quire_projection_api::ScribeId, version: u32) -> HeldKey {
+/// The newest clock that may enter the log when the wall clock says `wall_ms`.
+pub fn due_until(wall_ms: u64) -> u64 {
+    wall_ms
+        .saturating_add(MAX_AHEAD_MS)
+        .checked_mul(1 << 16)
+        .map_or(u64::MAX, |at| at | 0xffff)
+}
+
+/// The key a scribe with clock `hlc`, refused by rules `version` (from a peer whose rules
+/// differ), is kept under.
+pub fn rules_key(id: ScribeId, hlc: u64, version: u32) -> HeldKey {
     HeldKey {
-        ready_ms: u64::MAX - u64::from(version),
+        rules: Some(version),
+        hlc,
         id,
+    }
+}
+
+/// What the log keeps in memory of the held set: its size, and each scribe's key by id (a scribe
+/// whose parent is held waits with it).
+#[derive(Debug, Default)]
+pub(crate) struct HeldSet {
+    /// Scribes held.
+    pub(crate) count: u64,
+    /// Bytes of their records.
+    pub(crate) bytes: u64,
+    /// Their keys, by id.
+    pub(crate) keys: HashMap<ScribeId, HeldKey>,
+}
+
+impl HeldSet {
+    pub(crate) fn new(keys: Vec<(HeldKey, u64)>) -> HeldSet {
+        let mut set = HeldSet::default();
+        for (key, size) in keys {
+            set.add(key, size);
+        }
+        set
+    }
+
+    pub(crate) fn add(&mut self, key: HeldKey, size: u64) {
+        if let Some(old) = self.keys.insert(key.id, key) {
+            if old == key {
+                return; // already counted
+            }
+        }
+        self.count += 1;
+        self.bytes += size;
+    }
+
+    pub(crate) fn remove(&mut self, key: &HeldKey, size: u64) {
+        if self.keys.get(&key.id) == Some(key) {
+            self.keys.remove(&key.id);
+        }
+        self.count = self.count.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(size);
     }
 }
 
@@ -125,16 +176,21 @@ mod tests {
     fn only_scribes_dated_past_the_limit_are_held_until_they_are_within_it() {
         let id = ScribeId([7; 32]);
         let wall = 1_000_000;
-        assert_eq!(hold_key((wall + MAX_AHEAD_MS) << 16, id, wall), None);
-        let key = hold_key((wall + MAX_AHEAD_MS + 1) << 16 | 5, id, wall).unwrap();
-        assert_eq!(key.ready_ms, wall + 1);
         assert_eq!(
-            hold_key(((wall + MAX_AHEAD_MS + 1) << 16) | 5, id, key.ready_ms),
+            hold_key(((wall + MAX_AHEAD_MS) << 16) | 0xffff, id, wall),
             None
         );
+        let hlc = ((wall + MAX_AHEAD_MS + 1) << 16) | 5;
+        assert_eq!(hold_key(hlc, id, wall).unwrap().hlc, hlc);
         assert_eq!(
-            hold_key(u64::MAX, id, 0).unwrap().ready_ms,
-            (u64::MAX >> 16) - MAX_AHEAD_MS
+            hold_key(hlc, id, wall + 1),
+            None,
+            "one millisecond later it is due"
         );
+        assert!(hold_key(u64::MAX, id, 0).is_some());
+        assert_eq!(hold_key(u64::MAX, id, u64::MAX), None, "nothing overflows");
+        // Clocks near zero (a scribe dated 1970) are not held.
+        assert_eq!(hold_key(1, id, wall), None);
+        assert_eq!(hold_key(0, id, 0), None);
     }
 }

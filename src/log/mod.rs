@@ -384,8 +384,8 @@ pub(crate) struct Shared {
     clock: Clock,
     key: SigningKey,
     epochs: Epochs,
-    /// Scribes and bytes held (see [`held`]).
-    held: std::sync::Mutex<(u64, u64)>,
+    /// The held set (see [`held`]).
+    held: std::sync::Mutex<held::HeldSet>,
     /// The version of the rules this log applies.
     rules_version: u32,
     /// Fires when this value is dropped: declared last, so after `store` is closed.
@@ -440,6 +440,7 @@ impl Log {
         }
         let epochs = store.epochs()?;
         let requeued = store.requeue_held_for_rules(options.rules_version)?;
+        let held_set = held::HeldSet::new(store.held_keys()?);
         if requeued > 0 {
             tracing::info!(
                 requeued,
@@ -447,12 +448,6 @@ impl Log {
                 "scribes kept aside under other rules are judged again by this version's"
             );
         }
-        let held_totals = store
-            .held(u64::MAX, usize::MAX)?
-            .iter()
-            .fold((0, 0), |(n, bytes), (_, value)| {
-                (n + 1, bytes + value.len() as u64)
-            });
         if let Some((_, ended_at)) = epochs.ended.last() {
             tracing::info!(
                 head,
@@ -496,7 +491,7 @@ impl Log {
             clock,
             key,
             epochs,
-            held: std::sync::Mutex::new(held_totals),
+            held: std::sync::Mutex::new(held_set),
             rules_version: options.rules_version,
             _closed: ClosedSignal(Some(closed_tx)),
         });
@@ -608,14 +603,15 @@ impl Log {
 
     /// Scribes kept aside and bytes they take (see [`held`]).
     pub fn held(&self) -> (u64, u64) {
-        *self.shared.held.lock().expect("held lock")
+        let held = self.shared.held.lock().expect("held lock");
+        (held.count, held.bytes)
     }
 
     /// Sends up to `limit` held scribes whose time has come to be judged and stored like any
     /// other (see [`held`]); returns how many were taken out of the held set.
     pub async fn release_due(&self, limit: usize) -> Result<usize, AppendError> {
-        let now = self.shared.clock.wall_ms();
-        let due = self.shared.store.held(now, limit)?;
+        let until = held::due_until(self.shared.clock.wall_ms());
+        let due = self.shared.store.held_due(until, limit)?;
         let count = due.len();
         for (key, value) in due {
             let size = value.len() as u64;

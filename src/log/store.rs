@@ -22,7 +22,8 @@
 //! - `joins`:     stream id (32) → empty (joins waiting for a peer that has the genesis)
 //! - `projections`: the projection runner's own records (live and shadow generations, quarantine,
 //!   durable consumers' acks), laid out by `crate::projection`; this module only stores them
-//! - `held`:      when it may enter the log (unix ms, u64 BE) ‖ scribe id (32) → where it came from
+//! - `held`:      0 ‖ its clock (u64 BE) ‖ scribe id (32), or, refused by a rule of a peer's other
+//!   version, 1 ‖ the version (u32 BE) ‖ clock ‖ id → where it came from
 //!   (0: a client of this node; 1: a peer, then its node id (32) ‖ epoch (16) ‖ the scribe's seq
 //!   there (u64 BE)) ‖ the scribe as an encoded `quire.v1.SealedScribe`: scribes dated too far
 //!   ahead of this node's clock, kept aside until it catches up (see `log::held`)
@@ -168,32 +169,52 @@ pub struct Commit {
     pub held: Vec<(HeldKey, Vec<u8>)>,
 }
 
-/// Held keys at or above this are scribes a rule refused, from a peer with other rules: `u64::MAX
-/// - ready_ms` is the version of the rules that refused them. They wait for this node's rules to
-/// change ([`Store::requeue_held_for_rules`]), not for a time.
-pub const RULES_KEYS: u64 = u64::MAX - u32::MAX as u64;
-
-/// The key of a held scribe: when it may enter the log (unix ms), then its id.
+/// The key of a held scribe. Scribes waiting for the clock come first, in clock order (so a
+/// parent enters the log before its children: a child's clock is above its parent's); then
+/// scribes a rule refused, from a peer with other rules, by the version that refused them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HeldKey {
-    /// Unix ms from which its clock is within the allowed drift of the node's.
-    pub ready_ms: u64,
+    /// `Some(version)`: refused by that version of the rules, waiting for the node's rules to
+    /// change ([`Store::requeue_held_for_rules`]); `None`: waiting for the clock.
+    pub rules: Option<u32>,
+    /// The scribe's clock.
+    pub hlc: u64,
     /// The scribe.
     pub id: ScribeId,
 }
 
 impl HeldKey {
-    fn encode(&self) -> [u8; 40] {
-        let mut key = [0u8; 40];
-        key[..8].copy_from_slice(&self.ready_ms.to_be_bytes());
-        key[8..].copy_from_slice(self.id.as_bytes());
+    /// 0 ‖ hlc (u64 BE) ‖ id (32), or 1 ‖ rules version (u32 BE) ‖ hlc ‖ id.
+    fn encode(&self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(45);
+        match self.rules {
+            None => key.push(0),
+            Some(version) => {
+                key.push(1);
+                key.extend_from_slice(&version.to_be_bytes());
+            }
+        }
+        key.extend_from_slice(&self.hlc.to_be_bytes());
+        key.extend_from_slice(self.id.as_bytes());
         key
     }
 
     fn decode(key: &[u8]) -> Option<HeldKey> {
+        let (rules, rest) = match key.first()? {
+            0 => (None, &key[1..]),
+            1 => (
+                Some(u32::from_be_bytes(key.get(1..5)?.try_into().ok()?)),
+                &key[5..],
+            ),
+            _ => return None,
+        };
+        if rest.len() != 40 {
+            return None;
+        }
         Some(HeldKey {
-            ready_ms: u64::from_be_bytes(key.get(..8)?.try_into().ok()?),
-            id: ScribeId::from_slice(key.get(8..40)?).ok()?,
+            rules,
+            hlc: u64::from_be_bytes(rest[..8].try_into().ok()?),
+            id: ScribeId::from_slice(&rest[8..]).ok()?,
         })
     }
 }
@@ -583,15 +604,16 @@ impl Store {
         Ok(())
     }
 
-    /// Held scribes in key order (the earliest to enter the log first), up to `limit`, whose
-    /// `ready_ms` is at most `until`.
-    pub fn held(&self, until: u64, limit: usize) -> Result<Vec<HeldRecord>, StoreError> {
+    /// Scribes waiting for the clock whose clock is at most `until_hlc`, in clock order, up to
+    /// `limit`.
+    pub fn held_due(&self, until_hlc: u64, limit: usize) -> Result<Vec<HeldRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_HELD), IteratorMode::Start) {
             let (key, value) = item?;
-            let key = HeldKey::decode(&key)
-                .ok_or_else(|| StoreError::Damaged("a held scribe's key is not 40 bytes".into()))?;
-            if key.ready_ms > until || out.len() >= limit {
+            let key = HeldKey::decode(&key).ok_or_else(|| {
+                StoreError::Damaged("a held scribe's key has the wrong shape".into())
+            })?;
+            if key.rules.is_some() || key.hlc > until_hlc || out.len() >= limit {
                 break;
             }
             out.push((key, value.to_vec()));
@@ -599,28 +621,42 @@ impl Store {
         Ok(out)
     }
 
-    /// Makes every scribe kept aside by rules other than `version` (see [`RULES_KEYS`])
-    /// due now, so it is judged again by these; returns how many. Written with fsync.
+    /// Every held scribe's key and the bytes of its record.
+    pub fn held_keys(&self) -> Result<Vec<(HeldKey, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_HELD), IteratorMode::Start) {
+            let (key, value) = item?;
+            let key = HeldKey::decode(&key).ok_or_else(|| {
+                StoreError::Damaged("a held scribe's key has the wrong shape".into())
+            })?;
+            out.push((key, value.len() as u64));
+        }
+        Ok(out)
+    }
+
+    /// Makes every scribe a rule of another version than `version` refused wait for the clock
+    /// only, so it is judged again by these rules; returns how many. Written with fsync.
     pub fn requeue_held_for_rules(&self, version: u32) -> Result<usize, StoreError> {
         let held = self.cf(CF_HELD);
         let mut batch = WriteBatch::default();
         let mut count = 0;
-        let from = HeldKey {
-            ready_ms: RULES_KEYS,
-            id: ScribeId::default(),
-        };
-        let mode = IteratorMode::From(&from.encode(), Direction::Forward);
-        for item in self.db.iterator_cf(held, mode) {
+        for item in self
+            .db
+            .iterator_cf(held, IteratorMode::From(&[1], Direction::Forward))
+        {
             let (key, value) = item?;
-            let Some(mut parsed) = HeldKey::decode(&key) else {
+            let Some(parsed) = HeldKey::decode(&key) else {
                 continue;
             };
-            if parsed.ready_ms == u64::MAX - u64::from(version) {
+            if parsed.rules.is_none() || parsed.rules == Some(version) {
                 continue;
             }
             batch.delete_cf(held, &key);
-            parsed.ready_ms = 0;
-            batch.put_cf(held, parsed.encode(), value);
+            let requeued = HeldKey {
+                rules: None,
+                ..parsed
+            };
+            batch.put_cf(held, requeued.encode(), value);
             count += 1;
         }
         if count > 0 {

@@ -76,6 +76,13 @@ pub enum ConnectionError {
     /// removed) closed the connection, with this reason.
     #[error("{0}")]
     Closed(String),
+    /// This node keeps as many scribes aside as it may (see `log::held`): what the peer sent
+    /// was not stored and its cursor did not move; the peer sends it again on a later connection.
+    #[error("this node already keeps as many scribes dated ahead aside as it may; the rest of stream {stream} waits for a later connection")]
+    HeldFull {
+        /// The stream of the batch.
+        stream: StreamId,
+    },
     /// The peer is banned for sending invalid scribes.
     #[error("node {peer} sent too many invalid scribes; refused for another {seconds} s")]
     Banned {
@@ -530,10 +537,13 @@ impl Driver {
             .await
             .map_err(ConnectionError::Replicate)?;
         let (mut received, mut duplicates, mut refused, mut held) = (0, 0, 0, 0);
+        let mut held_full = false;
         for outcome in &outcomes {
             match outcome {
                 Ok(appended) if appended.duplicate => duplicates += 1,
                 Ok(appended) if appended.held => held += 1,
+                // Not the peer's fault: the log did not move the cursor past it either.
+                Err(AppendError::HeldFull { .. }) => held_full = true,
                 Ok(_) => received += 1,
                 Err(error) => {
                     refused += 1;
@@ -550,6 +560,9 @@ impl Driver {
             counters.cursor = cursor_now;
             counters.peer_head = counters.peer_head.max(head);
         });
+        if held_full {
+            return Err(ConnectionError::HeldFull { stream });
+        }
         if refused > 0 {
             let key = self.state_key();
             self.inner.with_peer(&key, |state| state.refused += refused);

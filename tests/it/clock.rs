@@ -387,3 +387,38 @@ async fn partitioned_holders_get_different_tokens_and_one_keeps_the_key_after_he
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scribe_whose_parent_is_held_waits_with_it_whatever_its_own_clock() {
+    let now = quire::hlc::system_wall_clock()();
+    let clock = Arc::new(AtomicU64::new(now));
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_at(dir.path(), &clock).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "parents", None).await;
+    let key = client_key(44);
+    let parent = client_scribe(&key, &stream, "x.note", b"parent", (now + YEAR_MS) << 16);
+    // The child is dated now (a client may sign any clock): only its parent is ahead.
+    let mut child = client_scribe(&key, &stream, "x.note", b"child", now << 16);
+    child.body.parents = vec![parent.id];
+    let child = quire::scribe::Scribe::sign(child.body, &key);
+    for scribe in [&parent, &child] {
+        let reply = clients
+            .log
+            .append_signed(signed_request(scribe.parts()))
+            .await
+            .expect("held, not refused")
+            .into_inner();
+        assert!(reply.held, "{reply:?}");
+    }
+    assert_eq!(held(&node).await.0, 2);
+    clock.store(now + YEAR_MS, Ordering::SeqCst);
+    wait_until(CONVERGE, "both to enter the log", || async {
+        in_log(&node, parent.id.as_bytes()) && in_log(&node, child.id.as_bytes())
+    })
+    .await;
+    let seq = |id: &quire::projection_api::ScribeId| node.log.store().seq_of(id).unwrap().unwrap();
+    assert!(seq(&parent.id) < seq(&child.id));
+    assert_eq!(held(&node).await, (0, 0));
+    node.stop().await.unwrap();
+}

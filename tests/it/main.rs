@@ -5,6 +5,7 @@
 mod access;
 mod api;
 mod attack_access;
+mod attack_clock;
 mod attack_format;
 mod attack_live;
 mod browser;
@@ -26,6 +27,6 @@ mod simulation;
 mod sql;
 mod subscribe;
 mod tidy;
-mod versions;
 mod verify;
+mod versions;
 mod ws;
