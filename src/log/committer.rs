@@ -268,7 +268,7 @@ fn admit_job(
                 return job_overlay.hold(shared, overlay, key, &scribe, origin);
             }
             Err(AppendError::UnknownParent { parent, .. }) if !multi_atomic => {
-                if let Some(parent_key) = held_key_of(shared, overlay, &job_overlay, &parent) {
+                if let Some(parent_key) = held_key_of(shared, overlay, job_overlay, &parent) {
                     // Its parent waits in the held set: it waits with it (released together,
                     // it is judged again once the parent is in the log).
                     let key = HeldKey {
