@@ -144,23 +144,43 @@ impl Overlay {
         let releasing = group.released.iter().any(|(released, _)| *released == key);
         if self.held.contains_key(&key)
             || group.held.contains_key(&key)
-            || (!releasing && shared.store.is_held(&key)?)
+            || (!releasing && shared.held.lock().expect("held lock").key_of(&key.id) == Some(key))
         {
             return Ok(appended);
         }
         let value = held::encode(origin, &scribe.parts());
-        let (count, bytes) = {
+        let share = held::share_of(&value);
+        let (all, mine) = {
             let held = shared.held.lock().expect("held lock");
-            (held.count, held.bytes)
+            let mine = held.shares.get(&share).copied().unwrap_or_default();
+            ((held.count, held.bytes), mine)
         };
-        let pending = self.held.values().chain(group.held.values());
-        let (count, bytes) = pending.fold((count, bytes), |(n, b), v| (n + 1, b + v.len() as u64));
-        if count >= held::MAX_HELD || bytes + value.len() as u64 > held::MAX_HELD_BYTES {
-            return Err(AppendError::HeldFull {
+        let pending: Vec<&Vec<u8>> = self.held.values().chain(group.held.values()).collect();
+        let add = |(n, b): (u64, u64), v: &&Vec<u8>| (n + 1, b + v.len() as u64);
+        let all = pending.iter().fold(all, add);
+        let mine = pending
+            .iter()
+            .filter(|v| held::share_of(v) == share)
+            .fold(mine, add);
+        let (most, most_bytes) = held::share_limit(&share);
+        let size = value.len() as u64;
+        let full = |(count, bytes): (u64, u64), most: u64, most_bytes: u64, whose| {
+            (count >= most || bytes + size > most_bytes).then_some(AppendError::HeldFull {
                 ahead_ms,
                 held: count,
                 bytes,
-            });
+                whose,
+            })
+        };
+        let whose = if share.is_none() {
+            "from this node's clients"
+        } else {
+            "from this peer"
+        };
+        if let Some(error) = full(all, held::MAX_HELD, held::MAX_HELD_BYTES, "in all")
+            .or_else(|| full(mine, most, most_bytes, whose))
+        {
+            return Err(error);
         }
         self.held.insert(key, value);
         Ok(appended)
@@ -356,13 +376,7 @@ fn held_key_of(shared: &Shared, group: &Overlay, job: &Overlay, id: &ScribeId) -
     if let Some(key) = pending(job).or_else(|| pending(group)) {
         return Some(key);
     }
-    let key = shared
-        .held
-        .lock()
-        .expect("held lock")
-        .keys
-        .get(id)
-        .copied()?;
+    let key = shared.held.lock().expect("held lock").key_of(id)?;
     (!group.released.iter().any(|(released, _)| *released == key)).then_some(key)
 }
 
@@ -395,11 +409,11 @@ fn write_and_publish(
     shared.store.commit(&commit).map_err(Arc::new)?;
     if !overlay.held.is_empty() || !overlay.released.is_empty() {
         let mut held = shared.held.lock().expect("held lock");
-        for (key, size) in &overlay.released {
-            held.remove(key, *size);
+        for (key, _) in &overlay.released {
+            held.remove(key);
         }
         for (key, value) in &overlay.held {
-            held.add(*key, value.len() as u64);
+            held.add(*key, held::share_of(value), value.len() as u64);
         }
     }
     {

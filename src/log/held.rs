@@ -12,8 +12,10 @@
 //!   copy until its own clock allows it), not a parent any scribe may name yet.
 //! - A client appending one future-dated scribe is told it is held (`AppendReply.held`); a batch
 //!   with one is refused whole (a batch is stored all at once or not at all).
-//! - Bounded: at most [`MAX_HELD`] scribes and [`MAX_HELD_BYTES`] bytes node-wide; past that a
-//!   future-dated scribe is refused.
+//! - Bounded: at most [`MAX_HELD`] scribes and [`MAX_HELD_BYTES`] bytes node-wide, in shares
+//!   ([`share_limit`]: the node's clients together half, each peer a quarter). Past its share a
+//!   client's scribe is refused; a peer's batch is not stored and its cursor does not move (the
+//!   connection ends, and the peer sends it again later).
 //!
 //! A node's own scribes are never future-dated: its clock is at most [`MAX_AHEAD_MS`] ahead of its
 //! wall clock (it ignores clocks further ahead, `crate::hlc`).
@@ -69,43 +71,87 @@ pub fn rules_key(id: ScribeId, hlc: u64, version: u32) -> HeldKey {
     }
 }
 
-/// What the log keeps in memory of the held set: its size, and each scribe's key by id (a scribe
-/// whose parent is held waits with it).
+/// Whose a held scribe is, for the shares of the held set: `None` for this node's clients, or the
+/// peer it came from.
+pub type Share = Option<AuthorKey>;
+
+/// The most one share may hold: this node's clients together half of the held set, each peer a
+/// quarter, so neither a client (anyone may append what they sign) nor one peer can fill it for
+/// everyone else.
+pub fn share_limit(share: &Share) -> (u64, u64) {
+    match share {
+        None => (MAX_HELD / 2, MAX_HELD_BYTES / 2),
+        Some(_) => (MAX_HELD / 4, MAX_HELD_BYTES / 4),
+    }
+}
+
+/// The share of a held record (see [`encode`]).
+pub fn share_of(value: &[u8]) -> Share {
+    match value.first() {
+        Some(1) => value
+            .get(1..33)
+            .and_then(|peer| AuthorKey::from_slice(peer).ok()),
+        _ => None,
+    }
+}
+
+/// What the log keeps in memory of the held set: its size, each share's, and each scribe's key by
+/// id (a scribe whose parent is held waits with it).
 #[derive(Debug, Default)]
 pub(crate) struct HeldSet {
     /// Scribes held.
     pub(crate) count: u64,
     /// Bytes of their records.
     pub(crate) bytes: u64,
-    /// Their keys, by id.
-    pub(crate) keys: HashMap<ScribeId, HeldKey>,
+    /// Scribes and bytes by share.
+    pub(crate) shares: HashMap<Share, (u64, u64)>,
+    /// Each scribe's key, share and record size, by id.
+    keys: HashMap<ScribeId, (HeldKey, Share, u64)>,
 }
 
 impl HeldSet {
-    pub(crate) fn new(keys: Vec<(HeldKey, u64)>) -> HeldSet {
+    pub(crate) fn new(keys: Vec<(HeldKey, Share, u64)>) -> HeldSet {
         let mut set = HeldSet::default();
-        for (key, size) in keys {
-            set.add(key, size);
+        for (key, share, size) in keys {
+            set.add(key, share, size);
         }
         set
     }
 
-    pub(crate) fn add(&mut self, key: HeldKey, size: u64) {
-        if let Some(old) = self.keys.insert(key.id, key) {
-            if old == key {
-                return; // already counted
-            }
+    pub(crate) fn add(&mut self, key: HeldKey, share: Share, size: u64) {
+        if let Some(old) = self.keys.insert(key.id, (key, share, size)) {
+            self.subtract(&old.1, old.2);
         }
         self.count += 1;
         self.bytes += size;
+        let used = self.shares.entry(share).or_default();
+        used.0 += 1;
+        used.1 += size;
     }
 
-    pub(crate) fn remove(&mut self, key: &HeldKey, size: u64) {
-        if self.keys.get(&key.id) == Some(key) {
-            self.keys.remove(&key.id);
+    pub(crate) fn remove(&mut self, key: &HeldKey) {
+        if self
+            .keys
+            .get(&key.id)
+            .is_some_and(|(held, _, _)| held == key)
+        {
+            let (_, share, size) = self.keys.remove(&key.id).expect("checked");
+            self.subtract(&share, size);
         }
+    }
+
+    fn subtract(&mut self, share: &Share, size: u64) {
         self.count = self.count.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(size);
+        if let Some(used) = self.shares.get_mut(share) {
+            used.0 = used.0.saturating_sub(1);
+            used.1 = used.1.saturating_sub(size);
+        }
+    }
+
+    /// The key of held scribe `id`.
+    pub(crate) fn key_of(&self, id: &ScribeId) -> Option<HeldKey> {
+        self.keys.get(id).map(|(key, _, _)| *key)
     }
 }
 

@@ -186,15 +186,17 @@ pub enum AppendError {
         /// [`held::MAX_AHEAD_MS`].
         limit_ms: u64,
     },
-    /// Too many scribes are held already (see [`held`]).
-    #[error("the scribe is dated {ahead_ms} ms ahead of this node's clock, and this node already keeps {held} scribes ({bytes} bytes) dated ahead aside, its limit; fix the writer's clock, or retry once their time has come")]
+    /// Too many scribes are held already, in all or in the writer's share (see [`held`]).
+    #[error("the scribe is dated {ahead_ms} ms ahead of this node's clock, and this node already keeps {held} scribes ({bytes} bytes) {whose} aside, the most it may; fix the writer's clock, or retry once their time has come")]
     HeldFull {
         /// How far ahead.
         ahead_ms: u64,
         /// Scribes held.
         held: u64,
-        /// Bytes held.
+        /// Bytes held (likewise).
         bytes: u64,
+        /// Whose: "in all", "from this node's clients", "from this peer".
+        whose: &'static str,
     },
     /// The store failed (to read what a scribe is checked against, or to write the group).
     /// Shared: one failed write fails every job of its group.
@@ -440,7 +442,7 @@ impl Log {
         }
         let epochs = store.epochs()?;
         let requeued = store.requeue_held_for_rules(options.rules_version)?;
-        let held_set = held::HeldSet::new(store.held_keys()?);
+        let held_set = held::HeldSet::new(store.held_keys(held::share_of)?);
         if requeued > 0 {
             tracing::info!(
                 requeued,

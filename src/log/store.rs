@@ -621,15 +621,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Every held scribe's key and the bytes of its record.
-    pub fn held_keys(&self) -> Result<Vec<(HeldKey, u64)>, StoreError> {
+    /// Every held scribe's key, what `read` makes of its record, and the record's size.
+    pub fn held_keys<T>(
+        &self,
+        read: impl Fn(&[u8]) -> T,
+    ) -> Result<Vec<(HeldKey, T, u64)>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_HELD), IteratorMode::Start) {
             let (key, value) = item?;
             let key = HeldKey::decode(&key).ok_or_else(|| {
                 StoreError::Damaged("a held scribe's key has the wrong shape".into())
             })?;
-            out.push((key, value.len() as u64));
+            out.push((key, read(&value), value.len() as u64));
         }
         Ok(out)
     }
@@ -665,14 +668,6 @@ impl Store {
             self.db.write_opt(batch, &sync)?;
         }
         Ok(count)
-    }
-
-    /// Whether this scribe is held under this key.
-    pub fn is_held(&self, key: &HeldKey) -> Result<bool, StoreError> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_HELD), key.encode())?
-            .is_some())
     }
 
     /// Adds `entry`'s seal to `batch` unless it is stored (or written earlier in this batch)
