@@ -423,3 +423,80 @@ async fn a_scribe_whose_parent_is_held_waits_with_it_whatever_its_own_clock() {
     assert_eq!(held(&node).await, (0, 0));
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_past_its_share_is_turned_away_for_now_not_refused_and_nothing_is_lost() {
+    let now = quire::hlc::system_wall_clock()();
+    let (clock_v, clock_b) = (
+        Arc::new(AtomicU64::new(now)),
+        Arc::new(AtomicU64::new(now + YEAR_MS)),
+    );
+    let (dir_v, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let v = node_at(dir_v.path(), &clock_v).await;
+    let b = node_at(dir_b.path(), &clock_b).await;
+    let stream = create_stream(&mut clients(&v.url()).await, "share", None).await;
+    connect(&b, &v).await;
+    join(&b, &stream).await;
+    // B's clock is a year fast: its notes wait on V, and 5 × 4 MiB is past a peer's 16 MiB share.
+    let share_bytes = quire::log::held::share_limit(&Some(b.log.node_key())).1;
+    let note = vec![b'n'; 4 << 20];
+    let mut clients_b = clients(&b.url()).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let reply = clients_b
+            .log
+            .append(pb::AppendRequest {
+                stream: bytes_of(&stream),
+                kind: "x.note".into(),
+                content_type: "text/plain".into(),
+                payload: Bytes::from(note.clone()),
+                parents: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(reply.id);
+    }
+    let b_hex = b.log.node_key().to_hex();
+    let peer_of_b = || async {
+        clients(&v.url())
+            .await
+            .admin
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .peers
+            .into_iter()
+            .find(|peer| peer.node_id == b_hex)
+    };
+    wait_until(CONVERGE, "V to turn B away for now", || async {
+        peer_of_b()
+            .await
+            .is_some_and(|peer| peer.last_error.contains("dated ahead aside"))
+    })
+    .await;
+    let (count, bytes) = held(&v).await;
+    assert!(
+        bytes <= share_bytes && count == 3,
+        "held {count} ({bytes} bytes)"
+    );
+    let peer = peer_of_b().await.unwrap();
+    assert_eq!(peer.refused, 0, "{peer:?}");
+    assert!(peer.streams.iter().all(|s| s.refused == 0), "{peer:?}");
+    assert!(!ids.iter().any(|id| in_log(&v, id)));
+
+    // V's clock catches up: every note arrives, each once, and nothing stays held.
+    clock_v.store(now + YEAR_MS, Ordering::SeqCst);
+    wait_until(CONVERGE, "every note of B on V", || async {
+        ids.iter().all(|id| in_log(&v, id))
+    })
+    .await;
+    wait_until(CONVERGE, "V's held set to empty", || async {
+        held(&v).await == (0, 0)
+    })
+    .await;
+    assert_eq!(v.log.stream(&stream).unwrap().record.scribes, 6);
+    v.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
