@@ -149,6 +149,17 @@ impl Overlay {
             return Ok(appended);
         }
         let value = held::encode(origin, &scribe.parts());
+        // Held again as it is released (its parent is still held, or the clock went back): it
+        // replaces its own record, so it takes no more room than it had, and must not be dropped
+        // for want of room (its record is deleted by this commit).
+        if group
+            .released
+            .iter()
+            .any(|(released, _)| released.id == key.id)
+        {
+            self.held.insert(key, value);
+            return Ok(appended);
+        }
         let share = held::share_of(&value);
         let (all, mine) = {
             let held = shared.held.lock().expect("held lock");

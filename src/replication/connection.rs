@@ -520,6 +520,7 @@ impl Driver {
             epoch: self.epoch,
             seq: through,
         };
+        let ids: Vec<ScribeId> = scribes.iter().map(|scribe| scribe.id).collect();
         let drafts: Vec<(Parts, Option<ScribeId>, u64)> = scribes
             .into_iter()
             .map(|scribe| (scribe.parts, Some(scribe.id), scribe.seq))
@@ -537,13 +538,27 @@ impl Driver {
             .await
             .map_err(ConnectionError::Replicate)?;
         let (mut received, mut duplicates, mut refused, mut held) = (0, 0, 0, 0);
-        let mut held_full = false;
-        for outcome in &outcomes {
+        // A scribe this node had no room to hold is not the peer's fault: the log did not move
+        // the cursor past it either, and the batch comes again on a later connection. Its
+        // descendants in the batch miss their parent for the same reason; every other refusal
+        // counts, so a peer cannot hide refusals behind a scribe that does not fit.
+        let mut not_stored = std::collections::HashSet::new();
+        for (id, outcome) in ids.iter().zip(&outcomes) {
+            let waits = match outcome {
+                Err(AppendError::HeldFull { .. }) => true,
+                Err(AppendError::UnknownParent { parent, .. }) => not_stored.contains(parent),
+                _ => false,
+            };
+            if waits {
+                not_stored.insert(*id);
+            }
+        }
+        let held_full = !not_stored.is_empty();
+        for (id, outcome) in ids.iter().zip(&outcomes) {
             match outcome {
+                _ if not_stored.contains(id) => {}
                 Ok(appended) if appended.duplicate => duplicates += 1,
                 Ok(appended) if appended.held => held += 1,
-                // Not the peer's fault: the log did not move the cursor past it either.
-                Err(AppendError::HeldFull { .. }) => held_full = true,
                 Ok(_) => received += 1,
                 Err(error) => {
                     refused += 1;
@@ -560,9 +575,6 @@ impl Driver {
             counters.cursor = cursor_now;
             counters.peer_head = counters.peer_head.max(head);
         });
-        if held_full {
-            return Err(ConnectionError::HeldFull { stream });
-        }
         if refused > 0 {
             let key = self.state_key();
             self.inner.with_peer(&key, |state| state.refused += refused);
@@ -574,6 +586,9 @@ impl Driver {
                     seconds: ban.as_secs(),
                 });
             }
+        }
+        if held_full {
+            return Err(ConnectionError::HeldFull { stream });
         }
         Ok(())
     }
