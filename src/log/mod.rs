@@ -522,6 +522,20 @@ impl Log {
         })
     }
 
+    /// Hands `job` to the signer (then the committer).
+    async fn submit(&self, job: Job) -> Result<(), AppendError> {
+        let submit = self
+            .submit
+            .read()
+            .expect("submit lock")
+            .clone()
+            .ok_or(AppendError::ShuttingDown)?;
+        submit
+            .send(job)
+            .await
+            .map_err(|_| AppendError::ShuttingDown)
+    }
+
     /// Appends one job: every draft is stored, in order, in one commit, or none is.
     pub async fn append(
         &self,
@@ -533,25 +547,17 @@ impl Log {
         }
         let (reply, answer) = oneshot::channel();
         let reply = Reply::Atomic(reply);
-        let submit = self
-            .submit
-            .read()
-            .expect("submit lock")
-            .clone()
-            .ok_or(AppendError::ShuttingDown)?;
-        submit
-            .send(Job {
-                drafts,
-                origin,
-                peer_seqs: Vec::new(),
-                release: None,
-                keep_refused: false,
-                cursor: None,
-                expect_stream: None,
-                reply,
-            })
-            .await
-            .map_err(|_| AppendError::ShuttingDown)?;
+        self.submit(Job {
+            drafts,
+            origin,
+            peer_seqs: Vec::new(),
+            release: None,
+            keep_refused: false,
+            cursor: None,
+            expect_stream: None,
+            reply,
+        })
+        .await?;
         answer.await.map_err(|_| AppendError::ShuttingDown)?
     }
 
@@ -571,30 +577,22 @@ impl Log {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
-        let submit = self
-            .submit
-            .read()
-            .expect("submit lock")
-            .clone()
-            .ok_or(AppendError::ShuttingDown)?;
         let peer_seqs = scribes.iter().map(|(_, _, seq)| *seq).collect();
         let drafts = scribes
             .into_iter()
             .map(|(parts, claimed_id, _)| Draft::Signed { parts, claimed_id })
             .collect();
-        submit
-            .send(Job {
-                drafts,
-                origin: Origin::Peer(peer),
-                peer_seqs,
-                release: None,
-                keep_refused,
-                cursor,
-                expect_stream: Some(stream),
-                reply: Reply::Each(reply),
-            })
-            .await
-            .map_err(|_| AppendError::ShuttingDown)?;
+        self.submit(Job {
+            drafts,
+            origin: Origin::Peer(peer),
+            peer_seqs,
+            release: None,
+            keep_refused,
+            cursor,
+            expect_stream: Some(stream),
+            reply: Reply::Each(reply),
+        })
+        .await?;
         answer.await.map_err(|_| AppendError::ShuttingDown)?
     }
 
@@ -635,25 +633,17 @@ impl Log {
                 }
             };
             let (reply, answer) = oneshot::channel();
-            let submit = self
-                .submit
-                .read()
-                .expect("submit lock")
-                .clone()
-                .ok_or(AppendError::ShuttingDown)?;
-            submit
-                .send(Job {
-                    drafts,
-                    origin,
-                    peer_seqs,
-                    release: Some((key, size)),
-                    keep_refused: false,
-                    cursor: None,
-                    expect_stream: None,
-                    reply: Reply::Each(reply),
-                })
-                .await
-                .map_err(|_| AppendError::ShuttingDown)?;
+            self.submit(Job {
+                drafts,
+                origin,
+                peer_seqs,
+                release: Some((key, size)),
+                keep_refused: false,
+                cursor: None,
+                expect_stream: None,
+                reply: Reply::Each(reply),
+            })
+            .await?;
             let outcomes = answer.await.map_err(|_| AppendError::ShuttingDown)??;
             for outcome in outcomes {
                 match outcome {

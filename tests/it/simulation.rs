@@ -461,23 +461,7 @@ impl Network {
                 }
             }
             for link in 0..self.in_use {
-                for end in 0..2 {
-                    let before = self.links[link]
-                        .as_ref()
-                        .map_or(0, |l| l.in_flight[1 - end].len());
-                    self.pump(link, end);
-                    let after = self.links[link]
-                        .as_ref()
-                        .map_or(0, |l| l.in_flight[1 - end].len());
-                    moved |= after != before;
-                    if self.links[link]
-                        .as_ref()
-                        .is_some_and(|l| !l.in_flight[end].is_empty())
-                    {
-                        self.deliver(link, end, false);
-                        moved = true;
-                    }
-                }
+                moved |= self.step(link);
             }
             if !moved {
                 return;
@@ -558,29 +542,35 @@ impl Network {
     /// Pumps and delivers on `link` (if it is up) until nothing moves.
     fn exchange(&mut self, link: usize) {
         for _ in 0..1_000 {
-            let mut moved = false;
-            for end in 0..2 {
-                let Some(connection) = self.links[link].as_ref() else {
-                    return;
-                };
-                let before = connection.in_flight[1 - end].len();
-                self.pump(link, end);
-                let after = self.links[link]
-                    .as_ref()
-                    .map_or(0, |l| l.in_flight[1 - end].len());
-                moved |= after != before;
-                if self.links[link]
-                    .as_ref()
-                    .is_some_and(|l| !l.in_flight[end].is_empty())
-                {
-                    self.deliver(link, end, false);
-                    moved = true;
-                }
-            }
-            if !moved {
+            if !self.step(link) {
                 return;
             }
         }
+    }
+
+    /// Lets each end of `link` (if it is up) send one step and take one message; whether
+    /// anything moved.
+    fn step(&mut self, link: usize) -> bool {
+        let mut moved = false;
+        for end in 0..2 {
+            let Some(connection) = self.links[link].as_ref() else {
+                return moved;
+            };
+            let before = connection.in_flight[1 - end].len();
+            self.pump(link, end);
+            let after = self.links[link]
+                .as_ref()
+                .map_or(0, |l| l.in_flight[1 - end].len());
+            moved |= after != before;
+            if self.links[link]
+                .as_ref()
+                .is_some_and(|l| !l.in_flight[end].is_empty())
+            {
+                self.deliver(link, end, false);
+                moved = true;
+            }
+        }
+        moved
     }
 
     /// Runs only `links` (healed once) for a while: pump and deliver on every end.
