@@ -55,8 +55,8 @@ pub(super) struct Overlay {
     new_streams: usize,
     /// Scribes kept aside (see `log::held`), by key.
     held: HashMap<HeldKey, Vec<u8>>,
-    /// Held scribes taken out of the held set, with their stored sizes.
-    released: Vec<(HeldKey, u64)>,
+    /// Held scribes taken out of the held set (judged now).
+    released: Vec<HeldKey>,
 }
 
 impl Overlay {
@@ -139,24 +139,18 @@ impl Overlay {
             held: true,
         };
         let ahead_ms = (scribe.body.hlc >> 16).saturating_sub(shared.clock.wall_ms());
-        // A held scribe judged again now (its record is deleted by this very commit) is not
-        // held already: holding it again must write its record back.
-        let releasing = group.released.iter().any(|(released, _)| *released == key);
+        // Held again as this commit releases it (its parent is still held, or the clock went
+        // back): its record is deleted by this commit, so it must be written back; it replaces
+        // itself, so it takes no more room than it had and is never dropped for want of room.
+        let rehold = group.released.iter().any(|released| released.id == key.id);
         if self.held.contains_key(&key)
             || group.held.contains_key(&key)
-            || (!releasing && shared.held.lock().expect("held lock").key_of(&key.id) == Some(key))
+            || (!rehold && shared.held.lock().expect("held lock").key_of(&key.id) == Some(key))
         {
             return Ok(appended);
         }
         let value = held::encode(origin, &scribe.parts());
-        // Held again as it is released (its parent is still held, or the clock went back): it
-        // replaces its own record, so it takes no more room than it had, and must not be dropped
-        // for want of room (its record is deleted by this commit).
-        if group
-            .released
-            .iter()
-            .any(|(released, _)| released.id == key.id)
-        {
+        if rehold {
             self.held.insert(key, value);
             return Ok(appended);
         }
@@ -388,7 +382,7 @@ fn held_key_of(shared: &Shared, group: &Overlay, job: &Overlay, id: &ScribeId) -
         return Some(key);
     }
     let key = shared.held.lock().expect("held lock").key_of(id)?;
-    (!group.released.iter().any(|(released, _)| *released == key)).then_some(key)
+    (!group.released.contains(&key)).then_some(key)
 }
 
 /// Writes what the group added in one write batch; then publishes the new streams and the new
@@ -410,20 +404,16 @@ fn write_and_publish(
         head: new_head,
         hlc: shared.clock.peek(),
         cursors: overlay.cursors.values().copied().collect(),
-        released: overlay.released.iter().map(|(key, _)| *key).collect(),
-        held: overlay
-            .held
-            .iter()
-            .map(|(key, value)| (*key, value.clone()))
-            .collect(),
+        released: std::mem::take(&mut overlay.released),
+        held: overlay.held.drain().collect(),
     };
     shared.store.commit(&commit).map_err(Arc::new)?;
-    if !overlay.held.is_empty() || !overlay.released.is_empty() {
+    if !commit.held.is_empty() || !commit.released.is_empty() {
         let mut held = shared.held.lock().expect("held lock");
-        for (key, _) in &overlay.released {
+        for key in &commit.released {
             held.remove(key);
         }
-        for (key, value) in &overlay.held {
+        for (key, value) in &commit.held {
             held.add(*key, held::share_of(value), value.len() as u64);
         }
     }

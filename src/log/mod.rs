@@ -357,9 +357,8 @@ struct Job {
     origin: Origin,
     /// For a replicated batch: each draft's seq in the peer's log (its origin's seq).
     peer_seqs: Vec<u64>,
-    /// A held scribe entering the log now: its record (and stored size) goes, whatever the
-    /// verdict.
-    release: Option<(HeldKey, u64)>,
+    /// A held scribe entering the log now: its record goes, whatever the verdict.
+    release: Option<HeldKey>,
     /// From a peer whose rules differ: a scribe a rule refuses is kept aside, not refused (see
     /// [`held`]).
     keep_refused: bool,
@@ -614,7 +613,6 @@ impl Log {
         let due = self.shared.store.held_due(until, limit)?;
         let count = due.len();
         for (key, value) in due {
-            let size = value.len() as u64;
             let (origin, drafts, peer_seqs) = match held::decode(&value) {
                 Some((origin, parts)) => {
                     let seq = match origin {
@@ -637,7 +635,7 @@ impl Log {
                 drafts,
                 origin,
                 peer_seqs,
-                release: Some((key, size)),
+                release: Some(key),
                 keep_refused: false,
                 cursor: None,
                 expect_stream: None,

@@ -33,7 +33,7 @@ pub(super) struct PreparedJob {
     pub(super) scribes: Vec<(Result<Scribe, AppendError>, bool)>,
     pub(super) origin: Origin,
     pub(super) peer_seqs: Vec<u64>,
-    pub(super) release: Option<(super::store::HeldKey, u64)>,
+    pub(super) release: Option<super::store::HeldKey>,
     pub(super) keep_refused: bool,
     pub(super) cursor: Option<CursorUpdate>,
     pub(super) expect_stream: Option<StreamId>,

@@ -78,7 +78,7 @@ pub enum ConnectionError {
     Closed(String),
     /// This node keeps as many scribes aside as it may (see `log::held`): what the peer sent
     /// was not stored and its cursor did not move; the peer sends it again on a later connection.
-    #[error("this node already keeps as many scribes dated ahead aside as it may; the rest of stream {stream} waits for a later connection")]
+    #[error("this node already keeps as many scribes aside as it may (dated ahead, or refused by rules the peer does not share); the rest of stream {stream} waits for a later connection")]
     HeldFull {
         /// The stream of the batch.
         stream: StreamId,

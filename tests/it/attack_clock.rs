@@ -62,20 +62,10 @@ fn in_log(node: &RunningNode, id: &ScribeId) -> bool {
     node.log.store().seq_of(id).unwrap().is_some()
 }
 
-async fn status(node: &RunningNode) -> pb::StatusReply {
-    clients(&node.url())
-        .await
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// `node`'s view of peer `peer` (by node id), if it has one.
 async fn peer_status(node: &RunningNode, peer: &AuthorKey) -> Option<pb::PeerStatus> {
     let hex = peer.to_hex();
-    status(node)
+    node_status(node)
         .await
         .peers
         .into_iter()
@@ -130,7 +120,7 @@ async fn fill_held_bytes(node: &RunningNode, now: u64) {
             }
         }
     }
-    assert!(status(node).await.held_bytes > MAX_HELD_BYTES / 2 - 64 * 1024);
+    assert!(node_status(node).await.held_bytes > MAX_HELD_BYTES / 2 - 64 * 1024);
 }
 
 /// An honest peer whose clock is a few minutes fast sends scribes while the node's clients have
@@ -1206,5 +1196,62 @@ async fn a_held_full_batch_stores_its_due_scribes_once_and_keeps_the_cursor() {
         assert_eq!(node.log.stream(&stream).unwrap().record.scribes, 3);
         assert_eq!(node.log.held().0, 1);
     }
+    node.stop().await.unwrap();
+}
+
+/// A peer that claims another rules version has every rule refusal kept aside instead of
+/// counted: a liar could use that to send invalid scribes forever without a ban. What it can make
+/// the node keep stays within its quarter of the held set, none of it reaches the log, and past
+/// its share the connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_lying_about_its_rules_version_gets_no_more_than_its_share_kept_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "liar", None).await;
+    let head = node.log.head();
+    let key = client_key(74);
+    let mut intruder = Intruder::dial(node.peer_addr.unwrap(), key.clone()).await;
+    let hello = pb::PeerHello {
+        node_id: Bytes::copy_from_slice(&key.verifying_key().to_bytes()),
+        epoch: Bytes::copy_from_slice(&[4u8; 16]),
+        nonce: Bytes::copy_from_slice(&[7u8; 32]),
+        protocol: PROTOCOL_VERSION,
+        rules: quire::log::rules::RULES_VERSION + 7,
+        ..Default::default()
+    };
+    intruder.send(Wire::Hello(hello)).await;
+    intruder.prove(true).await;
+    assert_eq!(want_after(&mut intruder, &stream).await, 0);
+    // Upvotes without a parent: refused by the built-in kinds' rule on every version.
+    let (most, most_bytes) =
+        quire::log::held::share_limit(&Some(AuthorKey(key.verifying_key().to_bytes())));
+    let hlc = node.log.clock().now();
+    // 3,000 of them: more than the 2,500 a peer's share holds.
+    for first in (1..=3_000).step_by(500) {
+        let scribes: Vec<Scribe> = (first..first + 500)
+            .map(|n| scribe_with(74, &stream, "record.upvote", b"", hlc + n, vec![], 0))
+            .collect();
+        intruder.send(batch_of(&stream, &scribes, first)).await;
+    }
+    let reason = tokio::time::timeout(CONVERGE, until_closed(&mut intruder))
+        .await
+        .expect("the connection ends once the liar's share is full");
+    let (held, bytes) = node.log.held();
+    assert!(
+        held <= most && bytes <= most_bytes,
+        "held {held} ({bytes} bytes), {reason:?}"
+    );
+    assert!(
+        held > most - 500,
+        "kept aside up to its share, not refused: held {held}, {reason:?}"
+    );
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains("scribes aside as it may")),
+        "the connection ended because the share was full: {reason:?}"
+    );
+    assert_eq!(node.log.head(), head, "none of it reached the log");
     node.stop().await.unwrap();
 }

@@ -62,13 +62,7 @@ fn in_log(node: &RunningNode, id: &[u8]) -> bool {
 }
 
 async fn held(node: &RunningNode) -> (u64, u64) {
-    let status = clients(&node.url())
-        .await
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = node_status(node).await;
     (status.held_scribes, status.held_bytes)
 }
 
@@ -160,14 +154,7 @@ async fn a_kv_set_dated_a_year_ahead_waits_and_then_is_judged_like_any_write() {
         held(&b).await.0 == 1
     })
     .await;
-    let peers = clients(&b.url())
-        .await
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .peers;
+    let peers = node_status(&b).await.peers;
     let counters: Vec<_> = peers.iter().flat_map(|peer| peer.streams.clone()).collect();
     assert_eq!(counters.iter().map(|c| c.refused).sum::<u64>(), 0);
     assert_eq!(counters.iter().map(|c| c.held).sum::<u64>(), 1);
@@ -459,13 +446,8 @@ async fn a_peer_past_its_share_is_turned_away_for_now_not_refused_and_nothing_is
     }
     let b_hex = b.log.node_key().to_hex();
     let peer_of_b = || async {
-        clients(&v.url())
+        node_status(&v)
             .await
-            .admin
-            .status(pb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
             .peers
             .into_iter()
             .find(|peer| peer.node_id == b_hex)
@@ -473,7 +455,7 @@ async fn a_peer_past_its_share_is_turned_away_for_now_not_refused_and_nothing_is
     wait_until(CONVERGE, "V to turn B away for now", || async {
         peer_of_b()
             .await
-            .is_some_and(|peer| peer.last_error.contains("dated ahead aside"))
+            .is_some_and(|peer| peer.last_error.contains("scribes aside as it may"))
     })
     .await;
     let (count, bytes) = held(&v).await;

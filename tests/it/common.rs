@@ -249,6 +249,17 @@ pub async fn read_all(clients: &mut Clients) -> Vec<pb::Entry> {
     }
 }
 
+/// `Admin.Status` of `node`, as its owner.
+pub async fn node_status(node: &RunningNode) -> pb::StatusReply {
+    clients(&node.url())
+        .await
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 pub async fn head(clients: &mut Clients) -> u64 {
     clients
         .admin

@@ -62,16 +62,6 @@ async fn append_kind(
     }
 }
 
-async fn status(node: &RunningNode) -> pb::StatusReply {
-    clients(&node.url())
-        .await
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_node_keeps_aside_what_its_rules_refuse_and_takes_it_once_upgraded() {
     let (dir_new, dir_old) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -85,10 +75,10 @@ async fn an_old_node_keeps_aside_what_its_rules_refuse_and_takes_it_once_upgrade
     append_kind(&new, &stream, "x.note", 5).await;
     wait_for_count(&[&old], &stream, 1 + 5).await;
     wait_until(CONVERGE, "the old node to keep the 100 aside", || async {
-        status(&old).await.held_scribes == 100
+        node_status(&old).await.held_scribes == 100
     })
     .await;
-    let peers = status(&old).await.peers;
+    let peers = node_status(&old).await.peers;
     let peer = peers
         .iter()
         .find(|peer| peer.node_id == new.log.node_key().to_hex())
@@ -106,7 +96,7 @@ async fn an_old_node_keeps_aside_what_its_rules_refuse_and_takes_it_once_upgrade
     connect(&upgraded, &new).await;
     wait_for_count(&[&upgraded, &new], &stream, 106).await;
     wait_until(CONVERGE, "nothing kept aside any more", || async {
-        status(&upgraded).await.held_scribes == 0
+        node_status(&upgraded).await.held_scribes == 0
     })
     .await;
     let (a, b) = (
@@ -137,10 +127,10 @@ async fn with_the_same_rules_a_refused_scribe_still_counts_against_the_peer() {
     append_kind(&a, &stream, "x.v2.note", 3).await;
     append_kind(&a, &stream, "x.note", 1).await;
     wait_for_count(&[&b], &stream, 2).await;
-    let peers = status(&b).await.peers;
+    let peers = node_status(&b).await.peers;
     let counters = &peers[0].streams[0];
     assert_eq!((counters.held, counters.refused), (0, 3));
-    assert_eq!(status(&b).await.held_scribes, 0);
+    assert_eq!(node_status(&b).await.held_scribes, 0);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
