@@ -38,7 +38,12 @@ fn main() {
     runtime.block_on(async move {
         let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let loopback = || "127.0.0.1:0".parse().unwrap();
-        let a = RunningNode::start(NodeConfig::new(dir_a.path()), loopback(), Some(loopback()))
+        // The trust boundary's cost, with and without, in one run (issue 14's target: at most 5 %
+        // of the Get p50): every other Get goes without.
+        let unchecked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut config_a = NodeConfig::new(dir_a.path());
+        config_a.without_access_checks = Some(unchecked.clone());
+        let a = RunningNode::start(config_a, loopback(), Some(loopback()))
             .await
             .unwrap();
         let b = RunningNode::start(NodeConfig::new(dir_b.path()), loopback(), Some(loopback()))
@@ -83,8 +88,11 @@ fn main() {
 
         // Get over gRPC.
         let mut grpc = Vec::with_capacity(keys);
-        for index in 0..keys {
-            let key = Bytes::from(format!("key{:06}", (index * 7919) % keys));
+        let mut without = Vec::with_capacity(keys);
+        for index in 0..keys * 2 {
+            let off = index % 2 == 1;
+            unchecked.store(off, std::sync::atomic::Ordering::Relaxed);
+            let key = Bytes::from(format!("key{:06}", (index / 2 * 7919) % keys));
             let started = Instant::now();
             kv_a.get(pb::KvGetRequest {
                 stream: stream.clone(),
@@ -92,8 +100,13 @@ fn main() {
             })
             .await
             .unwrap();
-            grpc.push(started.elapsed());
+            if off {
+                without.push(started.elapsed());
+            } else {
+                grpc.push(started.elapsed());
+            }
         }
+        unchecked.store(false, std::sync::atomic::Ordering::Relaxed);
 
         // Get in-process: the service's SQLite reader on the live copy.
         let stream_id = quire::projection_api::StreamId::from_slice(&stream).unwrap();
@@ -171,6 +184,11 @@ fn main() {
             percentile(&mut grpc, 0.99)
         );
         let get_p50 = percentile(&mut grpc, 0.5);
+        let without_p50 = percentile(&mut without, 0.5);
+        println!(
+            "  Get without the trust boundary, same run: p50 {without_p50:?}; with / without = {:.3}",
+            get_p50.as_secs_f64() / without_p50.as_secs_f64()
+        );
         let check = support::access_check_cost("/quire.v1.Kv/Get", true, true);
         println!(
             "  access check per Get   {check:?} = {:.2}% of the Get p50 (Host, Origin, token, method rule)",

@@ -6,8 +6,10 @@
 //! stored payload hashes to what the envelope names, the proof leads to its seal's root and the
 //! seal's signature verifies (each distinct seal once per chunk); its stream's genesis was stored
 //! before it, and so was every parent (the local order is causal); the stream index agrees. Then it
-//! recomputes every stream's counters and compares them with the stored ones, and counts the index
-//! entries. Checks run in parallel on every core.
+//! recomputes every stream's counters and compares them with the stored ones, counts the index
+//! entries, and checks that every payload stored apart is named by a stored scribe and every
+//! scribe's reference to one is stored. Seqs vacated by leaving a stream are counted, not gaps.
+//! Checks run in parallel on every core.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,6 +29,8 @@ pub struct VerifyReport {
     pub scribes: u64,
     /// Streams found.
     pub streams: u64,
+    /// Seqs vacated when this node left their streams (accounted for, not gaps).
+    pub vacated: u64,
     /// One line per problem; empty means no damage.
     pub damage: Vec<String>,
 }
@@ -47,7 +51,7 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
     let mut ids = store.log_ids();
     loop {
         chunk.clear();
-        for item in ids.by_ref().take(CHUNK) {
+        for item in ids.by_ref() {
             let (seq, id) = item?;
             if seq != expected_seq {
                 report.damage.push(format!(
@@ -55,7 +59,13 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
                 ));
             }
             expected_seq = seq + 1;
-            chunk.push((seq, id));
+            match id {
+                Some(id) => chunk.push((seq, id)),
+                None => report.vacated += 1,
+            }
+            if chunk.len() == CHUNK {
+                break;
+            }
         }
         if chunk.is_empty() {
             break;
@@ -141,6 +151,7 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
         ));
     }
     report.streams = seen.len() as u64;
+    check_payloads(&store, &mut report)?;
     let (scribes, indexed) = store.index_counts()?;
     if scribes != report.scribes {
         report.damage.push(format!(
@@ -155,6 +166,46 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
         ));
     }
     Ok(report)
+}
+
+/// Every payload stored apart is named by a stored scribe, and every reference to one names a
+/// stored scribe and a stored payload (a payload is deleted when the last scribe naming it goes).
+fn check_payloads(store: &Store, report: &mut VerifyReport) -> Result<(), StoreError> {
+    // Keys sort as: a payload's hash, then its references (hash ‖ id).
+    let mut current: Option<([u8; 32], bool)> = None;
+    let unnamed = |current: Option<([u8; 32], bool)>, report: &mut VerifyReport| {
+        if let Some((hash, false)) = current {
+            report.damage.push(format!(
+                "payload {} is named by no stored scribe (it should have been deleted with the last one)",
+                hex::encode(hash)
+            ));
+        }
+    };
+    for item in store.payload_keys() {
+        match item? {
+            (hash, None) => {
+                unnamed(current, report);
+                current = Some((hash, false));
+            }
+            (hash, Some(id)) => {
+                match &mut current {
+                    Some((payload, named)) if *payload == hash => *named = true,
+                    _ => report.damage.push(format!(
+                        "scribe {id} names payload {}, which is not stored",
+                        hex::encode(hash)
+                    )),
+                }
+                if store.seq_of(&id)?.is_none() {
+                    report.damage.push(format!(
+                        "payload {} is said to be named by scribe {id}, which is not stored",
+                        hex::encode(hash)
+                    ));
+                }
+            }
+        }
+    }
+    unnamed(current, report);
+    Ok(())
 }
 
 fn check_one(store: &Store, seq: u64, id: &ScribeId) -> Result<Scribe, String> {

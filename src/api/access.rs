@@ -108,6 +108,7 @@ pub const GRPC_METHODS: &[(&str, Rule)] = &[
     ("/quire.v1.Streams/List", Rule::Public),
     ("/quire.v1.Streams/Join", Rule::Owner),
     ("/quire.v1.Streams/CancelJoin", Rule::Owner),
+    ("/quire.v1.Streams/Leave", Rule::Owner),
     ("/quire.v1.Log/Append", Rule::Owner),
     ("/quire.v1.Log/AppendSigned", Rule::Public),
     // Node-signed `appends` need the owner; client-signed and sealed ones do not.
@@ -332,6 +333,8 @@ struct Inner {
     /// How many times the token was rotated: what an open connection admitted as the owner
     /// watches, to end when its token no longer works.
     rotations: tokio::sync::watch::Sender<u64>,
+    /// The benchmark's switch ([`crate::node::NodeConfig::without_access_checks`]).
+    unchecked: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Access {
@@ -353,8 +356,26 @@ impl Access {
                 names,
                 tls,
                 rotations: tokio::sync::watch::Sender::new(0),
+                unchecked: None,
             }),
         })
+    }
+
+    /// Hands the benchmark's switch over (see
+    /// [`crate::node::NodeConfig::without_access_checks`]); call before serving.
+    pub fn without_checks(mut self, switch: Option<Arc<std::sync::atomic::AtomicBool>>) -> Access {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.unchecked = switch;
+        }
+        self
+    }
+
+    /// Whether the benchmark's switch is on now: every request is the owner's, at the node's host.
+    pub(crate) fn unchecked(&self) -> bool {
+        self.inner
+            .unchecked
+            .as_ref()
+            .is_some_and(|switch| switch.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The current token.

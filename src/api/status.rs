@@ -34,9 +34,9 @@ pub fn append_status(error: &AppendError) -> Status {
         AppendError::PayloadTooLarge { .. }
         | AppendError::StreamFull { .. }
         | AppendError::HeldFull { .. } => Code::ResourceExhausted,
-        AppendError::FutureInBatch { .. } | AppendError::Backdated { .. } => {
-            Code::FailedPrecondition
-        }
+        AppendError::FutureInBatch { .. }
+        | AppendError::Backdated { .. }
+        | AppendError::Leaving(_) => Code::FailedPrecondition,
         AppendError::ShuttingDown => Code::Unavailable,
         _ => Code::Internal,
     };
@@ -47,6 +47,7 @@ pub fn append_status(error: &AppendError) -> Status {
 pub fn store_status(error: &StoreError) -> Status {
     match error {
         StoreError::Closed => Status::unavailable(error.to_string()),
+        StoreError::Left(_) => Status::not_found(error.to_string()),
         other => Status::internal(other.to_string()),
     }
 }

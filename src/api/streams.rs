@@ -8,10 +8,10 @@ use bytes::Bytes;
 use quire_projection_api::Kind;
 use tonic::{Request, Response, Status};
 
-use super::status::{append_status, invalid};
+use super::status::{append_status, invalid, projections_status};
 use super::{convert, Api};
 use crate::genesis;
-use crate::log::{Draft, NewScribe};
+use crate::log::{Draft, LeaveError, NewScribe};
 use crate::pb;
 use crate::replication::ReplicationError;
 
@@ -80,6 +80,9 @@ impl pb::streams_server::Streams for Api {
             Err(error @ ReplicationError::JoinPending(_)) => {
                 return Err(Status::deadline_exceeded(error.to_string()))
             }
+            Err(error @ ReplicationError::Leaving(_)) => {
+                return Err(Status::failed_precondition(error.to_string()))
+            }
             Err(error) => return Err(Status::internal(error.to_string())),
         }
         let state = self
@@ -102,6 +105,42 @@ impl pb::streams_server::Streams for Api {
                 other => Status::internal(other.to_string()),
             })?;
         Ok(Response::new(pb::CancelJoinReply {}))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveStreamRequest>,
+    ) -> Result<Response<pb::LeaveStreamReply>, Status> {
+        let stream = convert::id_field(&request.into_inner().stream, "stream")?;
+        let log_status = |error: LeaveError| match error {
+            LeaveError::NotHeld(_) => Status::not_found(error.to_string()),
+            LeaveError::Leaving(_) => Status::failed_precondition(error.to_string()),
+            LeaveError::ShuttingDown => Status::unavailable(error.to_string()),
+            other => Status::internal(other.to_string()),
+        };
+        self.log.begin_leave(stream).await.map_err(log_status)?;
+        tracing::info!(%stream, "leaving a stream: deleting its projections and scribes");
+        self.replicator.forget_stream(&stream);
+        let projections = self
+            .projections
+            .forget_stream(&stream)
+            .await
+            .map_err(|error| projections_status(&error))?;
+        let vacated = self.log.finish_leave(stream).await.map_err(log_status)?;
+        let rebuilding = self
+            .projections
+            .rebuild_log_scope()
+            .map_err(|error| projections_status(&error))?;
+        self.log.end_leave(stream).await.map_err(log_status)?;
+        tracing::info!(%stream, scribes = vacated.scribes, payload_bytes = vacated.payload_bytes, "left a stream");
+        Ok(Response::new(pb::LeaveStreamReply {
+            scribes: vacated.scribes,
+            payloads: vacated.payloads,
+            payload_bytes: vacated.payload_bytes,
+            seals: vacated.seals,
+            projections: projections as u64,
+            rebuilding,
+        }))
     }
 
     async fn list(

@@ -25,6 +25,8 @@ pub(crate) struct Node {
     /// The token was read from a data directory: the node must prove it holds it first.
     token_from_dir: bool,
     ca_cert: Option<PathBuf>,
+    /// `--insecure`: a token may go over plain http:// to another machine.
+    insecure: bool,
 }
 
 /// Where the token came from (or why there is none), for the message of a refusal.
@@ -66,7 +68,14 @@ impl Node {
             token_from_dir: token_from_dir && token.is_some(),
             token,
             ca_cert: ca_cert.map(Path::to_path_buf),
+            insecure: false,
         })
+    }
+
+    /// Lets the token go over plain http:// to another machine (`--insecure`).
+    pub(crate) fn insecure(mut self, insecure: bool) -> Node {
+        self.insecure = insecure;
+        self
     }
 
     /// The client API URL.
@@ -96,9 +105,33 @@ fn with_scheme(node: &str) -> String {
     }
 }
 
+/// Whether `url`'s host is this machine: a loopback address, the unspecified address (a node
+/// listening on all addresses writes that in its api.addr; connecting to it reaches this
+/// machine), `localhost` or a name under it.
+fn is_local(url: &str) -> bool {
+    let Ok(uri) = url.parse::<axum::http::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = host.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+}
+
 /// A channel to `node` that sends its token with every call.
 pub(crate) async fn channel(node: &Node) -> Result<AuthChannel> {
     let url = node.url();
+    if node.token.is_some() && !node.insecure && !url.starts_with("https://") && !is_local(url) {
+        anyhow::bail!(
+            "refusing to send the owner's token in clear text to {url}, which is not on this machine: serve the node with TLS (--api-tls-cert/--api-tls-key) and use https://, or pass --insecure if the network in between is trusted"
+        );
+    }
     let mut endpoint = Channel::from_shared(url.to_string())
         .with_context(|| format!("--node {url:?} is not a URL like http://127.0.0.1:8000"))?;
     if url.starts_with("https://") {
@@ -185,4 +218,34 @@ pub(crate) async fn log_client(node: &Node) -> Result<pb::log_client::LogClient<
     Ok(pb::log_client::LogClient::new(channel(node).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local;
+
+    #[test]
+    fn only_this_machine_is_local() {
+        for url in [
+            "http://127.0.0.1:8000",
+            "http://127.9.9.9:1",
+            "http://[::1]:8000",
+            "http://localhost:8000",
+            "http://LocalHost:8000",
+            "http://abc.localhost:8000",
+            "http://0.0.0.0:8000",
+        ] {
+            assert!(is_local(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:8000",
+            "http://example.com:8000",
+            "http://localhost.example.com:8000",
+            "http://127.0.0.1.nip.io:8000",
+            "http://[::ffff:10.0.0.1]:8000",
+            "not a url",
+        ] {
+            assert!(!is_local(url), "{url}");
+        }
+    }
 }

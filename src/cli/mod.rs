@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use quire_projection_api::{AuthorKey, ScribeId};
 
@@ -51,9 +51,23 @@ pub struct Cli {
     #[arg(long, global = true, env = "QUIRE_NODE")]
     pub node: Option<String>,
     /// The node owner's token (default: read from the data directory's api.token, and sent only
-    /// to the node serving that directory).
+    /// to the node serving that directory). Other users see a command line in `ps`: prefer
+    /// QUIRE_TOKEN or --token-file.
     #[arg(long, global = true, env = "QUIRE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the node owner's token from this file (e.g. a copy of another node's api.token).
+    #[arg(
+        long,
+        global = true,
+        env = "QUIRE_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<PathBuf>,
+    /// Send the owner's token over plain http:// to a --node that is not on this machine (it
+    /// crosses the network in clear text; refused without this flag).
+    #[arg(long, global = true)]
+    pub insecure: bool,
     /// A CA certificate (PEM) to trust, besides the system's, for an https:// --node (for
     /// example a node's self-signed --api-tls-cert).
     #[arg(long, global = true, env = "QUIRE_CA_CERT", value_name = "PEM")]
@@ -70,7 +84,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a node: open (or create) a data directory and serve the client API until Ctrl-C.
     Serve(ServeArgs),
-    /// Create, list and show streams.
+    /// Create, list, show and leave streams.
     #[command(subcommand)]
     Stream(StreamCommand),
     /// Append a scribe to a stream, signed by the node; prints its id and local seq.
@@ -221,6 +235,16 @@ pub enum StreamCommand {
         /// Stream id (64 hex characters).
         stream: ScribeId,
     },
+    /// Stop holding a stream and delete this node's copies of it: it is no longer replicated or
+    /// projected here, and its scribes, payloads and projection copies are deleted (other nodes
+    /// keep it; `quire join` fetches it whole again). Asks for confirmation unless --yes.
+    Leave {
+        /// Stream id (64 hex characters).
+        stream: ScribeId,
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 /// `quire stream create`.
@@ -333,12 +357,20 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         .data_dir
         .clone()
         .unwrap_or_else(crate::node::default_data_dir);
+    let token = match &cli.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file {}", path.display()))?,
+        ),
+        None => cli.token.clone(),
+    };
     let node_url = Node::resolve(
         cli.node.as_deref(),
-        cli.token.as_deref(),
+        token.as_deref(),
         cli.ca_cert.as_deref(),
         &data_dir,
-    )?;
+    )?
+    .insecure(cli.insecure);
     match cli.command {
         Command::Serve(args) => serve::serve(args, &data_dir, registry).await?,
         Command::Projections => projections::list(&node_url).await?,

@@ -34,6 +34,7 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
             rows: args.sql_max_rows,
         },
         rules: None,
+        without_access_checks: None,
     };
     let log = node::open_log(&config)
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;
@@ -116,10 +117,14 @@ pub(crate) fn verify(data_dir: &Path) -> Result<std::process::ExitCode> {
         println!("DAMAGE {line}");
     }
     println!(
-        "checked {} scribes in {} streams up to seq {}: {}",
+        "checked {} scribes in {} streams up to seq {}{}: {}",
         report.scribes,
         report.streams,
         report.head,
+        match report.vacated {
+            0 => String::new(),
+            n => format!(" ({n} seqs vacated by leaving their streams)"),
+        },
         match report.damage.len() {
             0 => "no damage".to_string(),
             1 => "1 problem".to_string(),

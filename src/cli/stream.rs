@@ -101,6 +101,54 @@ pub(crate) async fn stream(url: &Node, command: StreamCommand) -> Result<()> {
                 .into_inner();
             print_stream(&info);
         }
+        StreamCommand::Leave { stream, yes } => {
+            let id = Bytes::copy_from_slice(stream.as_bytes());
+            let info = client
+                .get(pb::GetStreamRequest { stream: id.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if !yes {
+                confirm_leave(&info)?;
+            }
+            let left = client
+                .leave(pb::LeaveStreamRequest { stream: id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "left {} ({}): deleted {} scribes, {} payloads ({} bytes), {} seals and {} projection copies",
+                stream, info.name, left.scribes, left.payloads, left.payload_bytes, left.seals, left.projections
+            );
+            if !left.rebuilding.is_empty() {
+                println!(
+                    "rebuilding whole-log projections without it: {} (`quire projections` shows progress)",
+                    left.rebuilding.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks on the terminal before a leave; refuses when stdin is not a terminal.
+fn confirm_leave(info: &pb::StreamInfo) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let what = format!(
+        "leave stream {} ({}) and delete this node's {} scribes of it and its projections?",
+        hex::encode(&info.stream),
+        info.name,
+        info.scribes
+    );
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("refusing to {what} Pass --yes to confirm (stdin is not a terminal)");
+    }
+    print!("{}{} [y/N] ", what[..1].to_uppercase(), &what[1..]);
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        anyhow::bail!("not confirmed: nothing was deleted");
     }
     Ok(())
 }

@@ -207,6 +207,7 @@ enum Outcome {
 /// Admits every job of the group, writes what they added in one write batch, publishes it, and
 /// answers every caller.
 fn commit_group(shared: &Shared, checks: &PayloadChecks, group: Vec<PreparedJob>) {
+    let _gate = shared.gate.lock().unwrap_or_else(|p| p.into_inner());
     let head = shared.head.load(Ordering::Acquire);
     let mut overlay = Overlay::default();
     let outcomes: Vec<Outcome> = group
@@ -365,7 +366,21 @@ fn admit_job(
             let held_full = results
                 .iter()
                 .any(|result| matches!(result, Err(AppendError::HeldFull { .. })));
-            if let Some(cursor) = job.cursor.filter(|_| !held_full) {
+            // Nor past a stream this node no longer holds (left while the batch was on its way):
+            // a cursor of a stream joined again later must start from nothing.
+            let held = |stream: &StreamId| {
+                overlay.streams.contains_key(stream)
+                    || job_overlay.streams.contains_key(stream)
+                    || shared
+                        .streams
+                        .read()
+                        .expect("streams lock")
+                        .contains_key(stream)
+            };
+            if let Some(cursor) = job
+                .cursor
+                .filter(|cursor| !held_full && held(&cursor.stream))
+            {
                 job_overlay.add_cursor_at((cursor.peer, cursor.stream), cursor);
             }
             overlay.absorb(job_overlay);

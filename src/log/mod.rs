@@ -33,14 +33,16 @@
 mod committer;
 pub mod epoch;
 pub mod held;
+mod leave;
 pub mod rules;
 mod signer;
 pub mod store;
 pub mod subscribe;
 
+pub use leave::LeaveError;
 pub use rules::PayloadChecks;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -71,6 +73,9 @@ pub enum AppendError {
     /// The scribe's stream is not held by this node.
     #[error("stream {0} is not held by this node; create it, or join it from a peer that has it")]
     UnknownStream(StreamId),
+    /// This node is leaving the scribe's stream (deleting its scribes).
+    #[error("this node is leaving stream {0} (deleting its scribes); join it again once the leave has finished")]
+    Leaving(StreamId),
     /// A parent named by the scribe is not stored here (in the same stream).
     #[error(
         "parent {parent} is not stored on this node in stream {stream}; append the parent first"
@@ -241,6 +246,54 @@ pub enum OpenError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Other users may write into the data directory (and so swap the node's key or its log).
+    #[error("data directory {path} can be written by other users (mode {mode:o}); make it private with `chmod 700 {path}`")]
+    DataDirMode {
+        /// The directory.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Creates the data directory private to this user (mode 0700) if it is missing; refuses one other
+/// users may write into, and warns about one they may read.
+fn private_data_dir(data_dir: &Path) -> Result<(), OpenError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let path = || data_dir.display().to_string();
+    let new = !data_dir.exists();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|source| OpenError::DataDir {
+            path: path(),
+            source,
+        })?;
+    let mode = std::fs::metadata(data_dir)
+        .map_err(|source| OpenError::DataDir {
+            path: path(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if new {
+        // The umask may have taken bits away, never added any; make it exactly 0700.
+        let _ = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700));
+        return Ok(());
+    }
+    if mode & 0o022 != 0 {
+        return Err(OpenError::DataDirMode { path: path(), mode });
+    }
+    if mode & 0o044 != 0 {
+        tracing::warn!(
+            dir = %data_dir.display(),
+            mode = format!("{mode:o}"),
+            "other users can list the data directory (its key and token files stay private); `chmod 700` it"
+        );
+    }
+    Ok(())
 }
 
 /// One thing to append.
@@ -389,8 +442,23 @@ pub(crate) struct Shared {
     held: std::sync::Mutex<held::HeldSet>,
     /// The version of the rules this log applies.
     rules_version: u32,
+    /// Held by the committer while it commits a group, and by a leave while it deletes (see
+    /// `leave.rs`): nothing is admitted against a store a leave is changing.
+    gate: std::sync::Mutex<()>,
+    /// Streams being left: their scribes are refused.
+    leaving: std::sync::Mutex<HashSet<StreamId>>,
     /// Fires when this value is dropped: declared last, so after `store` is closed.
     _closed: ClosedSignal,
+}
+
+impl Shared {
+    /// Whether the log holds `stream`.
+    pub(crate) fn holds(&self, stream: &StreamId) -> bool {
+        self.streams
+            .read()
+            .expect("streams lock")
+            .contains_key(stream)
+    }
 }
 
 /// Sends on drop: tells [`Log::close`] that the store is closed (a strong count of 0 is not
@@ -423,10 +491,7 @@ impl std::fmt::Debug for Log {
 impl Log {
     /// Opens the log of the data directory `data_dir` (created if missing, with a new node key).
     pub fn open(data_dir: &Path, options: LogOptions) -> Result<Log, OpenError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| OpenError::DataDir {
-            path: data_dir.display().to_string(),
-            source,
-        })?;
+        private_data_dir(data_dir)?;
         let key = identity::load_or_create(&data_dir.join(identity::KEY_FILE))?;
         let store = Store::open(&store_path(data_dir), options.sync)?;
         let head = store.head()?;
@@ -439,6 +504,7 @@ impl Log {
                  clock set back?); until the wall clock catches up, peers hold what this node signs"
             );
         }
+        let leaving = leave::finish_interrupted(&store)?;
         let epochs = store.epochs()?;
         let requeued = store.requeue_held_for_rules(options.rules_version)?;
         let held_set = held::HeldSet::new(store.held_keys(held::share_of)?);
@@ -494,6 +560,8 @@ impl Log {
             epochs,
             held: std::sync::Mutex::new(held_set),
             rules_version: options.rules_version,
+            gate: std::sync::Mutex::new(()),
+            leaving: std::sync::Mutex::new(leaving),
             _closed: ClosedSignal(Some(closed_tx)),
         });
         let (submit, submit_rx) = mpsc::channel(SUBMIT_QUEUE);

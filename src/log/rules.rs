@@ -182,6 +182,15 @@ pub(super) fn admit(
     // Idempotence: a scribe already stored (or earlier in this group) changes nothing. A scribe
     // the node has just signed cannot be stored already (its clock value is new), so the lookups
     // are skipped for it: one RocksDB read less per node-signed append.
+    if seen
+        .shared
+        .leaving
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&scribe.stream_id())
+    {
+        return Err(AppendError::Leaving(scribe.stream_id()));
+    }
     if !fresh {
         if let Some(duplicate) = find_duplicate(seen, scribe)? {
             return Ok(Verdict::Duplicate(duplicate));

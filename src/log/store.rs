@@ -9,10 +9,13 @@
 //!   [`INLINE_PAYLOAD_BYTES`], or 0xffffffff when it is in `payloads`.
 //! - `payloads`:  payload sha256 (32) → payload bytes, once however many scribes name it (payloads
 //!   over [`INLINE_PAYLOAD_BYTES`]; a small one is kept in its scribe's record: storing it apart
-//!   would cost a lookup on every write and read to save at most that many bytes)
+//!   would cost a lookup on every write and read to save at most that many bytes); and beside it,
+//!   payload sha256 (32) ‖ scribe id (32) → empty, one per scribe that names it, so a payload is
+//!   deleted only when no stored scribe names it any more (see [`Store::leave_chunk`])
 //! - `seals`:     seal id (sha256 of its bytes, 32) → seal length (u16 BE) ‖ exact encoded seal ‖
 //!   its leaves, the ids it covers in order (32 each), when this node knows them
-//! - `log`:       local seq (u64 BE) → scribe id (32)
+//! - `log`:       local seq (u64 BE) → scribe id (32), or empty: the seq was vacated when this
+//!   node left the scribe's stream (never given out again; readers skip it)
 //! - `by_stream`: stream id (32) ‖ local seq (u64 BE) → scribe id (32) ‖ for scribes received from
 //!   a peer: its node id (32) ‖ its log epoch (16) ‖ the scribe's seq there (u64 BE; absent in
 //!   records written before epochs had histories), so they are not sent back while it holds them
@@ -28,7 +31,9 @@
 //!   there (u64 BE)) ‖ the scribe as an encoded `quire.v1.SealedScribe`: scribes dated too far
 //!   ahead of this node's clock, kept aside until it catches up (see `log::held`)
 //! - `default`:   metadata: `format`, `epoch` (the current log epoch (16) ‖ the earlier ones, oldest
-//!   first: epoch (16) ‖ the head it ended at (u64 BE); see `log::epoch`), `head`, `hlc`
+//!   first: epoch (16) ‖ the head it ended at (u64 BE); see `log::epoch`), `head`, `hlc`,
+//!   `payload_refs` (present once every payload reference is indexed), `leaving/` ‖ stream id (32)
+//!   (a stream being left: its scribes are still being deleted)
 //!
 //! Contract: [`Store::commit`] writes a whole [`Commit`] in one RocksDB write batch (all or
 //! nothing), so the log, its indexes, the stream records, the head and the clock high-water mark can
@@ -77,6 +82,8 @@ const META_FORMAT: &[u8] = b"format";
 const META_EPOCH: &[u8] = b"epoch";
 const META_HEAD: &[u8] = b"head";
 const META_HLC: &[u8] = b"hlc";
+const META_PAYLOAD_REFS: &[u8] = b"payload_refs";
+const META_LEAVING: &[u8] = b"leaving/";
 
 /// The storage format this version writes; a data directory with another is refused. Format 2
 /// holds scribe format 2 (envelope, detached payload, seal); format 1 held format-1 scribes.
@@ -103,6 +110,9 @@ pub enum StoreError {
     /// A stored value has the wrong shape: the store is damaged.
     #[error("damaged store: {0}; run `quire verify -d <data dir>` for a full report")]
     Damaged(String),
+    /// The node left the stream being read (`quire stream leave`).
+    #[error("this node left stream {0} (`quire stream leave`): its scribes are deleted here; join it again to read it")]
+    Left(StreamId),
 }
 
 /// A raw key and value.
@@ -290,6 +300,28 @@ pub const INLINE_PAYLOAD_BYTES: usize = 1024;
 /// Payload length of a record whose payload is in `payloads`.
 const PAYLOAD_APART: u32 = u32::MAX;
 
+/// What leaving a stream deleted (see [`Store::leave_chunk`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Vacated {
+    /// Scribes deleted (their seqs vacated).
+    pub scribes: u64,
+    /// Payloads deleted (no stored scribe named them any more).
+    pub payloads: u64,
+    /// Their bytes.
+    pub payload_bytes: u64,
+    /// Seals deleted (none of their leaves is stored any more).
+    pub seals: u64,
+}
+
+impl std::ops::AddAssign for Vacated {
+    fn add_assign(&mut self, other: Vacated) {
+        self.scribes += other.scribes;
+        self.payloads += other.payloads;
+        self.payload_bytes += other.payload_bytes;
+        self.seals += other.seals;
+    }
+}
+
 /// A stored scribe with its local seq.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEntry {
@@ -455,6 +487,7 @@ impl Store {
         if !store.initialise()? {
             store.start_epoch()?;
         }
+        store.index_payload_refs()?;
         Ok(store)
     }
 
@@ -498,6 +531,7 @@ impl Store {
                 batch.put(META_EPOCH, epoch);
                 batch.put(META_HEAD, 0u64.to_be_bytes());
                 batch.put(META_HLC, 0u64.to_be_bytes());
+                batch.put(META_PAYLOAD_REFS, b"");
                 let mut sync = WriteOptions::default();
                 sync.set_sync(true);
                 self.db.write_opt(batch, &sync)?;
@@ -572,14 +606,16 @@ impl Store {
             batch.put_cf(by_stream, stream_key(&entry.stream, entry.seq), index_value);
             // A payload or seal already stored is not written again: the same file in two
             // streams takes the space of one.
-            if entry.parts.payload.len() > INLINE_PAYLOAD_BYTES
-                && written_payloads.insert(entry.payload_sha256)
-                && self
-                    .db
-                    .get_pinned_cf(payloads, entry.payload_sha256)?
-                    .is_none()
-            {
-                batch.put_cf(payloads, entry.payload_sha256, &entry.parts.payload);
+            if entry.parts.payload.len() > INLINE_PAYLOAD_BYTES {
+                batch.put_cf(payloads, payload_ref(&entry.payload_sha256, &entry.id), b"");
+                if written_payloads.insert(entry.payload_sha256)
+                    && self
+                        .db
+                        .get_pinned_cf(payloads, entry.payload_sha256)?
+                        .is_none()
+                {
+                    batch.put_cf(payloads, entry.payload_sha256, &entry.parts.payload);
+                }
             }
             self.put_seal(&mut batch, &mut written_seals, entry)?;
         }
@@ -899,16 +935,22 @@ impl Store {
             IteratorMode::From(&start, Direction::Forward),
         );
         let mut ids = Vec::new();
-        for item in iter.take(limit) {
+        for item in iter {
             let (key, value) = item?;
             let seq = u64::from_be_bytes(
                 key.as_ref()
                     .try_into()
                     .map_err(|_| StoreError::Damaged("log key".into()))?,
             );
+            if value.is_empty() {
+                continue; // vacated: its stream was left
+            }
             let id = ScribeId::from_slice(&value)
                 .map_err(|_| StoreError::Damaged(format!("log value at seq {seq}")))?;
             ids.push((seq, id, None));
+            if ids.len() == limit {
+                break;
+            }
         }
         self.ids_to_entries(ids)
     }
@@ -967,8 +1009,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Every (seq, id) of the `log` column family, in order, for verification.
-    pub fn log_ids(&self) -> impl Iterator<Item = Result<(u64, ScribeId), StoreError>> + '_ {
+    /// Every (seq, id) of the `log` column family, in order, for verification (`None`: the seq was
+    /// vacated when its stream was left).
+    pub fn log_ids(
+        &self,
+    ) -> impl Iterator<Item = Result<(u64, Option<ScribeId>), StoreError>> + '_ {
         self.db
             .iterator_cf(self.cf(CF_LOG), IteratorMode::Start)
             .map(|item| {
@@ -978,10 +1023,38 @@ impl Store {
                         .try_into()
                         .map_err(|_| StoreError::Damaged("log key is not 8 bytes".into()))?,
                 );
+                if value.is_empty() {
+                    return Ok((seq, None));
+                }
                 let id = ScribeId::from_slice(&value).map_err(|_| {
                     StoreError::Damaged(format!("log value at seq {seq} is not 32 bytes"))
                 })?;
-                Ok((seq, id))
+                Ok((seq, Some(id)))
+            })
+    }
+
+    /// Every key of the `payloads` family in order, for verification: a payload's hash with no
+    /// id, or a reference (the hash and the id of a scribe that names it), which sorts right
+    /// after its payload.
+    pub fn payload_keys(
+        &self,
+    ) -> impl Iterator<Item = Result<([u8; 32], Option<ScribeId>), StoreError>> + '_ {
+        self.db
+            .iterator_cf(self.cf(CF_PAYLOADS), IteratorMode::Start)
+            .map(|item| {
+                let (key, _) = item?;
+                let hash: [u8; 32] = key
+                    .get(..32)
+                    .and_then(|hash| hash.try_into().ok())
+                    .ok_or_else(|| StoreError::Damaged("a payloads key under 32 bytes".into()))?;
+                match key.len() {
+                    32 => Ok((hash, None)),
+                    64 => Ok((
+                        hash,
+                        Some(ScribeId::from_slice(&key[32..]).expect("32 bytes")),
+                    )),
+                    n => Err(StoreError::Damaged(format!("a payloads key of {n} bytes"))),
+                }
             })
     }
 
@@ -1159,6 +1232,236 @@ impl Store {
         Ok(out)
     }
 
+    /// Indexes which scribe names which payload (see the module docs), once, for a store written
+    /// before that index existed. Written with fsync.
+    fn index_payload_refs(&self) -> Result<(), StoreError> {
+        if self.db.get_pinned(META_PAYLOAD_REFS)?.is_some() {
+            return Ok(());
+        }
+        let payloads = self.cf(CF_PAYLOADS);
+        let mut batch = WriteBatch::default();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_SCRIBES), IteratorMode::Start)
+        {
+            let (key, value) = item?;
+            let id = ScribeId::from_slice(&key)
+                .map_err(|_| StoreError::Damaged("scribe key is not 32 bytes".into()))?;
+            let record = Record::decode(&id, &value)?;
+            if record.payload.is_none() {
+                batch.put_cf(payloads, payload_ref(&record.payload_sha256, &id), b"");
+            }
+            if batch.len() >= 4096 {
+                self.db.write(std::mem::take(&mut batch))?;
+            }
+        }
+        batch.put(META_PAYLOAD_REFS, b"");
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync)?;
+        Ok(())
+    }
+
+    /// Begins leaving `stream`, in one fsynced write: its record, its pending join, every peer's
+    /// cursor on it and the held scribes `of_stream` picks (by their held record) go, and a marker
+    /// says its scribes are being deleted ([`Store::leave_chunk`], then [`Store::end_leave`]; a
+    /// start finds the marker and finishes). Returns the held keys deleted.
+    pub fn begin_leave(
+        &self,
+        stream: &StreamId,
+        of_stream: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<HeldKey>, StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_STREAMS), stream.as_bytes());
+        batch.delete_cf(self.cf(CF_JOINS), stream.as_bytes());
+        let cursors = self.cf(CF_CURSORS);
+        for item in self.db.iterator_cf(cursors, IteratorMode::Start) {
+            let (key, _) = item?;
+            if key.len() == 64 && &key[32..] == stream.as_bytes() {
+                batch.delete_cf(cursors, &key);
+            }
+        }
+        let held = self.cf(CF_HELD);
+        let mut released = Vec::new();
+        for item in self.db.iterator_cf(held, IteratorMode::Start) {
+            let (key, value) = item?;
+            if of_stream(&value) {
+                batch.delete_cf(held, &key);
+                released.extend(HeldKey::decode(&key));
+            }
+        }
+        batch.put(leaving_key(stream), b"");
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync)?;
+        Ok(released)
+    }
+
+    /// Deletes up to `limit` scribes of a stream being left (oldest first): their records, stream
+    /// index entries and references to payloads; their seqs in `log` are vacated (kept, empty, so
+    /// no seq is given out twice and every seq up to the head is accounted for). Then every payload
+    /// no stored scribe names any more, and every seal none of whose leaves is stored any more, is
+    /// deleted. Returns what went; no scribes: the stream has none left.
+    pub fn leave_chunk(&self, stream: &StreamId, limit: usize) -> Result<Vacated, StoreError> {
+        let by_stream = self.cf(CF_BY_STREAM);
+        let mut keys = Vec::new();
+        for item in self.db.iterator_cf(
+            by_stream,
+            IteratorMode::From(&stream_key(stream, 0), Direction::Forward),
+        ) {
+            let (key, value) = item?;
+            if key.len() != 40 || &key[..32] != stream.as_bytes() || keys.len() >= limit {
+                break;
+            }
+            let seq = u64::from_be_bytes(key[32..].try_into().expect("8 bytes"));
+            let (id, _) = decode_index_value(&value)
+                .ok_or_else(|| StoreError::Damaged(format!("stream index value at seq {seq}")))?;
+            keys.push((seq, id));
+        }
+        let mut vacated = Vacated::default();
+        if keys.is_empty() {
+            return Ok(vacated);
+        }
+        let (scribes, log, payloads, seals) = (
+            self.cf(CF_SCRIBES),
+            self.cf(CF_LOG),
+            self.cf(CF_PAYLOADS),
+            self.cf(CF_SEALS),
+        );
+        let records =
+            self.db
+                .batched_multi_get_cf(scribes, keys.iter().map(|(_, id)| id.as_bytes()), false);
+        let mut batch = WriteBatch::default();
+        let mut hashes = HashSet::new();
+        let mut seal_ids = HashSet::new();
+        for ((seq, id), record) in keys.iter().zip(records) {
+            if let Some(value) = record? {
+                let record = Record::decode(id, &value)?;
+                if record.payload.is_none() {
+                    batch.delete_cf(payloads, payload_ref(&record.payload_sha256, id));
+                    hashes.insert(record.payload_sha256);
+                }
+                seal_ids.insert(record.seal_id);
+                batch.delete_cf(scribes, id.as_bytes());
+            }
+            batch.put_cf(log, seq.to_be_bytes(), b"");
+            batch.delete_cf(by_stream, stream_key(stream, *seq));
+            vacated.scribes += 1;
+        }
+        self.db.write_opt(batch, &self.write_options)?;
+        let mut batch = WriteBatch::default();
+        for hash in hashes {
+            let named = self
+                .db
+                .iterator_cf(
+                    payloads,
+                    IteratorMode::From(
+                        &payload_ref(&hash, &ScribeId::default()),
+                        Direction::Forward,
+                    ),
+                )
+                .next()
+                .transpose()?
+                .is_some_and(|(key, _)| key.len() == 64 && key[..32] == hash);
+            if named {
+                continue;
+            }
+            if let Some(payload) = self.db.get_pinned_cf(payloads, hash)? {
+                vacated.payloads += 1;
+                vacated.payload_bytes += payload.len() as u64;
+                batch.delete_cf(payloads, hash);
+            }
+        }
+        for seal_id in seal_ids {
+            let Some(value) = self.db.get_pinned_cf(seals, seal_id)? else {
+                continue;
+            };
+            let Some((seal, leaves)) = split_seal_value(&value) else {
+                continue;
+            };
+            if leaves.is_empty() {
+                // Stored without its leaves: a seal over one scribe named only the one just
+                // deleted; one over more may cover scribes of other streams, and stays.
+                let sole = crate::scribe::Seal::decode(Bytes::copy_from_slice(seal))
+                    .is_ok_and(|seal| seal.count == 1);
+                if sole {
+                    vacated.seals += 1;
+                    batch.delete_cf(seals, seal_id);
+                }
+                continue;
+            }
+            let stored = self
+                .db
+                .batched_multi_get_cf(scribes, leaves.chunks_exact(32), false)
+                .into_iter()
+                .try_fold(false, |any, found| {
+                    Ok::<_, StoreError>(any || found?.is_some())
+                })?;
+            if !stored {
+                vacated.seals += 1;
+                batch.delete_cf(seals, seal_id);
+            }
+        }
+        if !batch.is_empty() {
+            self.db.write_opt(batch, &self.write_options)?;
+        }
+        Ok(vacated)
+    }
+
+    /// Makes what was deleted leave the disk: flushes every memtable (so the write-ahead log that
+    /// still holds deleted values is dropped), then compacts every family a leave deletes from down
+    /// to the last level (so no table file keeps a deleted value). Costs a pass over those
+    /// families: done once per leave.
+    pub fn purge(&self) -> Result<(), StoreError> {
+        let families: Vec<&rocksdb::ColumnFamily> =
+            COLUMN_FAMILIES.iter().map(|name| self.cf(name)).collect();
+        self.db
+            .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())?;
+        self.db.flush()?;
+        let mut options = rocksdb::CompactOptions::default();
+        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for name in [
+            CF_SCRIBES,
+            CF_PAYLOADS,
+            CF_SEALS,
+            CF_LOG,
+            CF_BY_STREAM,
+            CF_HELD,
+            CF_CURSORS,
+        ] {
+            self.db
+                .compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &options);
+        }
+        Ok(())
+    }
+
+    /// Ends leaving `stream` (fsynced): every scribe of it is gone.
+    pub fn end_leave(&self, stream: &StreamId) -> Result<(), StoreError> {
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.delete_opt(leaving_key(stream), &sync)?;
+        Ok(())
+    }
+
+    /// Streams being left whose scribes are not all deleted yet.
+    pub fn leaving(&self) -> Result<Vec<StreamId>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(META_LEAVING, Direction::Forward))
+        {
+            let (key, _) = item?;
+            let Some(id) = key.strip_prefix(META_LEAVING) else {
+                break;
+            };
+            out.push(
+                StreamId::from_slice(id)
+                    .map_err(|_| StoreError::Damaged("a leaving marker's stream id".into()))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// The record of one stream, if this node holds it.
     pub fn stream_record(&self, stream: &StreamId) -> Result<Option<StreamRecord>, StoreError> {
         match self
@@ -1236,6 +1539,18 @@ fn decode_index_value(value: &[u8]) -> Option<(ScribeId, Option<PeerOrigin>)> {
         )),
         _ => None,
     }
+}
+
+fn leaving_key(stream: &StreamId) -> Vec<u8> {
+    [META_LEAVING, stream.as_bytes()].concat()
+}
+
+/// The key in `payloads` that says scribe `id` names the payload `hash`.
+fn payload_ref(hash: &[u8; 32], id: &ScribeId) -> [u8; 64] {
+    let mut key = [0u8; 64];
+    key[..32].copy_from_slice(hash);
+    key[32..].copy_from_slice(id.as_bytes());
+    key
 }
 
 fn cursor_key(peer: &AuthorKey, stream: &StreamId) -> [u8; 64] {

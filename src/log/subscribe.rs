@@ -56,6 +56,7 @@ async fn run(
 ) {
     let mut heads = shared.head_tx.subscribe();
     let mut closing = shared.closing.subscribe();
+    let mut streams = shared.streams_tx.subscribe();
     // CaughtUp is due once everything up to the head at the start has been delivered, even if
     // writes keep the head moving (the subscriber would otherwise chase it forever).
     let mut caught_up_at = Some(*heads.borrow_and_update());
@@ -63,6 +64,13 @@ async fn run(
         if *closing.borrow() {
             let _ = events.try_send(Err(StoreError::Closed));
             return;
+        }
+        streams.borrow_and_update();
+        if let Some(stream) = stream {
+            if !shared.holds(&stream) {
+                let _ = events.send(Err(StoreError::Left(stream))).await;
+                return;
+            }
         }
         if let Some(target) = caught_up_at {
             if next > target {
@@ -108,6 +116,7 @@ async fn run(
             changed = heads.changed() => if changed.is_err() { return },
             _ = events.closed() => return,
             _ = closing.changed() => {}
+            _ = streams.changed(), if stream.is_some() => {}
         }
     }
 }

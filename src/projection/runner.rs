@@ -94,6 +94,10 @@ impl ProjectionStatus {
 struct SlotTask {
     slot: Arc<Slot>,
     wake: Arc<Notify>,
+    /// Turned `true` to end the slot's task (its stream was left).
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The task, until someone waits for it to end.
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 struct Inner {
@@ -146,6 +150,7 @@ impl Projections {
                 )),
             }),
         };
+        projections.forget_orphans()?;
         projections.open_missing_slots()?;
         if projections
             .inner
@@ -226,13 +231,118 @@ impl Projections {
             &inner.root,
         )?);
         let wake = Arc::new(Notify::new());
-        tokio::spawn(run_slot(
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run_slot(
             inner.log.clone(),
             slot.clone(),
             wake.clone(),
+            stopped,
             inner.working.clone(),
         ));
-        lock(&inner.slots).insert(key.to_string(), SlotTask { slot, wake });
+        lock(&inner.slots).insert(
+            key.to_string(),
+            SlotTask {
+                slot,
+                wake,
+                stop: Arc::new(stop),
+                task: Arc::new(Mutex::new(Some(task))),
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops projecting `stream`, which this node no longer holds (it is being left): ends its
+    /// slots' tasks, then deletes their copies and records. Returns how many slots went.
+    pub async fn forget_stream(&self, stream: &StreamId) -> Result<usize, RunnerError> {
+        let tasks: Vec<SlotTask> = {
+            let _opening = lock(&self.inner.opening);
+            let mut slots = lock(&self.inner.slots);
+            let keys: Vec<String> = slots
+                .iter()
+                .filter(|(_, task)| task.slot.stream.as_ref() == Some(stream))
+                .map(|(key, _)| key.clone())
+                .collect();
+            keys.iter().filter_map(|key| slots.remove(key)).collect()
+        };
+        for task in &tasks {
+            task.stop.send_replace(true);
+        }
+        for task in &tasks {
+            let handle = lock(&task.task).take();
+            if let Some(handle) = handle {
+                let _ = handle.await;
+            }
+        }
+        let names: Vec<String> = tasks
+            .iter()
+            .map(|task| task.slot.plugin.name().to_string())
+            .collect();
+        drop(tasks);
+        let count = names.len();
+        let inner = self.inner.clone();
+        let stream = *stream;
+        tokio::task::spawn_blocking(move || {
+            for name in names {
+                forget_slot(inner.log.store(), &inner.root, &name, &stream)?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await
+        .map_err(|_| RunnerError::NotReady("the node is shutting down".into()))??;
+        Ok(count)
+    }
+
+    /// Starts a rebuild of every whole-log projection (after a stream was left, so they forget
+    /// what they made of it). Returns their names.
+    pub fn rebuild_log_scope(&self) -> Result<Vec<String>, RunnerError> {
+        let names: Vec<String> = self
+            .inner
+            .registry
+            .plugins()
+            .iter()
+            .filter(|plugin| plugin.scope() == Scope::Log)
+            .map(|plugin| plugin.name().to_string())
+            .collect();
+        for name in &names {
+            self.rebuild(name, None)?;
+        }
+        Ok(names)
+    }
+
+    /// Deletes the copies and records of per-stream slots whose stream this node does not hold
+    /// (a stop interrupted a leave before its projections went).
+    fn forget_orphans(&self) -> Result<(), RunnerError> {
+        let inner = &self.inner;
+        let held: std::collections::HashSet<StreamId> =
+            inner.log.stream_ids().into_iter().collect();
+        for plugin in inner.registry.plugins() {
+            if plugin.scope() != Scope::Stream {
+                continue;
+            }
+            let dir = inner.root.join(plugin.name());
+            let mut orphans = std::collections::BTreeSet::new();
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    if let Some(stream) = name.to_str().and_then(|n| n.parse::<StreamId>().ok()) {
+                        orphans.insert(stream);
+                    }
+                }
+            }
+            let prefix = format!("s/{}/", plugin.name());
+            for (key, _) in inner.log.store().projection_records(prefix.as_bytes())? {
+                if let Some(stream) = std::str::from_utf8(&key[prefix.len()..])
+                    .ok()
+                    .and_then(|hex| hex.parse::<StreamId>().ok())
+                {
+                    orphans.insert(stream);
+                }
+            }
+            for stream in orphans.into_iter().filter(|stream| !held.contains(stream)) {
+                tracing::info!(projection = plugin.name(), %stream, "deleting the copy of a stream this node no longer holds");
+                forget_slot(inner.log.store(), &inner.root, plugin.name(), &stream)?;
+            }
+        }
         Ok(())
     }
 
@@ -557,6 +667,30 @@ fn consumer_status(
     })
 }
 
+/// Deletes the records (slot, parked scribes) and the copies of `name`'s slot of `stream`.
+fn forget_slot(
+    store: &Store,
+    root: &Path,
+    name: &str,
+    stream: &StreamId,
+) -> Result<(), StoreError> {
+    let key = format!("{name}/{}", stream.to_hex());
+    let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = store
+        .projection_records(format!("q/{key}/").as_bytes())?
+        .into_iter()
+        .map(|(key, _)| (key, None))
+        .collect();
+    records.push((format!("s/{key}").into_bytes(), None));
+    store.put_projection_records(&records)?;
+    let dir = super::slot::scope_dir(root, name, Some(stream));
+    if let Err(error) = std::fs::remove_dir_all(&dir) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), %error, "could not delete a projection copy");
+        }
+    }
+    Ok(())
+}
+
 /// How long a failing projection waits before trying again (doubling up to the cap).
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(30);
@@ -567,13 +701,14 @@ async fn run_slot(
     log: Log,
     slot: Arc<Slot>,
     wake: Arc<Notify>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
     working: Arc<tokio::sync::Semaphore>,
 ) {
     let mut heads = log.watch_head();
     let mut closing = log.watch_closing();
     let mut backoff = RETRY_FIRST;
     loop {
-        if *closing.borrow() {
+        if *closing.borrow() || *stop.borrow() {
             return;
         }
         let head = *heads.borrow_and_update();
@@ -594,6 +729,7 @@ async fn run_slot(
                     () = tokio::time::sleep(backoff) => {}
                     () = wake.notified() => {}
                     _ = closing.wait_for(|closing| *closing) => return,
+                    _ = stop.wait_for(|stop| *stop) => return,
                 }
                 backoff = (backoff * 2).min(RETRY_CAP);
                 continue;
@@ -603,6 +739,7 @@ async fn run_slot(
             changed = heads.changed() => if changed.is_err() { return },
             () = wake.notified() => {}
             _ = closing.wait_for(|closing| *closing) => return,
+            _ = stop.wait_for(|stop| *stop) => return,
         }
     }
 }

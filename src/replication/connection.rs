@@ -514,6 +514,9 @@ impl Driver {
         head: u64,
     ) -> Result<(), ConnectionError> {
         let peer = self.peer.ok_or(ConnectionError::BeforeHandshake("store"))?;
+        if self.inner.log.stream(&stream).is_none() {
+            return Ok(()); // left while the batch was on its way
+        }
         let cursor = CursorUpdate {
             peer,
             stream,
@@ -554,9 +557,15 @@ impl Driver {
             }
         }
         let held_full = !not_stored.is_empty();
+        // The stream was left while the batch was being stored: not the peer's fault.
+        let left = |outcome: &Result<_, AppendError>| match outcome {
+            Err(AppendError::Leaving(_)) => true,
+            Err(AppendError::UnknownStream(_)) => self.inner.log.stream(&stream).is_none(),
+            _ => false,
+        };
         for (id, outcome) in ids.iter().zip(&outcomes) {
             match outcome {
-                _ if not_stored.contains(id) => {}
+                _ if not_stored.contains(id) || left(outcome) => {}
                 Ok(appended) if appended.duplicate => duplicates += 1,
                 Ok(appended) if appended.held => held += 1,
                 Ok(_) => received += 1,

@@ -148,6 +148,11 @@ pub enum ReplicationError {
     /// The stream is already held: there is no join to cancel.
     #[error("stream {0} is already held: its join completed")]
     AlreadyHeld(StreamId),
+    /// This node is leaving the stream: it cannot be joined until the leave has finished.
+    #[error(
+        "this node is leaving stream {0}; join it again once `quire stream leave` has returned"
+    )]
+    Leaving(StreamId),
 }
 
 impl Replicator {
@@ -244,6 +249,19 @@ impl Replicator {
         Ok(addr)
     }
 
+    /// Forgets what replication knows of `stream`, which this node left: its pending join and
+    /// every peer's counters for it.
+    pub fn forget_stream(&self, stream: &StreamId) {
+        self.inner
+            .pending_joins
+            .lock()
+            .expect("joins lock")
+            .remove(stream);
+        for state in self.inner.peers.lock().expect("peers lock").values_mut() {
+            state.streams.remove(stream);
+        }
+    }
+
     /// Cancels the pending join of `stream`: a genesis that arrives later is ignored.
     pub fn cancel_join(&self, stream: StreamId) -> Result<(), ReplicationError> {
         if self.inner.log.stream(&stream).is_some() {
@@ -268,6 +286,9 @@ impl Replicator {
     pub async fn join(&self, stream: StreamId, timeout: Duration) -> Result<(), ReplicationError> {
         if self.inner.log.stream(&stream).is_some() {
             return Ok(());
+        }
+        if self.inner.log.is_leaving(&stream) {
+            return Err(ReplicationError::Leaving(stream));
         }
         let mut streams = self.inner.log.watch_streams();
         self.inner.log.store().set_join_pending(&stream, true)?;

@@ -191,6 +191,9 @@ pub struct Session {
     peer_streams: BTreeSet<StreamId>,
     cursors: HashMap<StreamId, u64>,
     wanted: BTreeSet<StreamId>,
+    /// Streams asked for on this connection, then left: what the peer still sends of them (it
+    /// was on its way, or the peer predates `Streams` ending a subscription) is dropped.
+    dropped: BTreeSet<StreamId>,
     serving: BTreeMap<StreamId, Serving>,
     last_served: Option<StreamId>,
 }
@@ -226,6 +229,7 @@ impl Session {
             peer_streams: BTreeSet::new(),
             cursors: HashMap::new(),
             wanted: BTreeSet::new(),
+            dropped: BTreeSet::new(),
             serving: BTreeMap::new(),
             last_served: None,
         };
@@ -326,6 +330,10 @@ impl Session {
             )),
             Message::Streams(streams) => {
                 self.peer_streams = streams.into_iter().collect();
+                // A stream the peer no longer holds (it left it) is no longer sent to it.
+                let peer_streams = &self.peer_streams;
+                self.serving
+                    .retain(|stream, _| peer_streams.contains(stream));
                 self.wants()
             }
             Message::Want { stream, after } => {
@@ -346,6 +354,9 @@ impl Session {
                 through,
                 head,
             } => {
+                if self.dropped.contains(&stream) {
+                    return Vec::new();
+                }
                 if !self.wanted.contains(&stream) {
                     return close(&format!(
                         "protocol error: a batch of stream {stream}, which was not asked for"
@@ -372,6 +383,9 @@ impl Session {
                 }]
             }
             Message::CaughtUp { stream, seq } => {
+                if self.dropped.contains(&stream) {
+                    return Vec::new();
+                }
                 if !self.wanted.contains(&stream) {
                     return close(&format!(
                         "protocol error: CaughtUp for stream {stream}, which was not asked for"
@@ -438,6 +452,27 @@ impl Session {
         if !self.started || local_streams == self.local_streams {
             self.local_streams = local_streams;
             return Vec::new();
+        }
+        // Streams left: nothing more is asked for, stored or sent of them here.
+        let left: Vec<StreamId> = self
+            .local_streams
+            .difference(&local_streams)
+            .copied()
+            .collect();
+        for stream in left {
+            if self.wanted.remove(&stream) {
+                self.dropped.insert(stream);
+            }
+            self.cursors.remove(&stream);
+            self.serving.remove(&stream);
+        }
+        // A stream left and joined again on one connection: what the peer still sends of the old
+        // subscription cannot be told from the new one's, so start a new connection.
+        if local_streams
+            .iter()
+            .any(|stream| self.dropped.contains(stream))
+        {
+            return close("a stream left on this connection was joined again; reconnecting to replicate it from the start");
         }
         self.local_streams = local_streams;
         let mut actions = vec![Action::Send(Message::Streams(

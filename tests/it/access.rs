@@ -377,6 +377,11 @@ async fn owner_only_http_actions_refuse_strangers_apps_and_foreign_hosts() {
         ),
         (
             reqwest::Method::POST,
+            format!("/{v}/leave"),
+            Some(json!({})),
+        ),
+        (
+            reqwest::Method::POST,
             "/remove_peer".into(),
             Some(json!({"addr": "127.0.0.1", "port": 9})),
         ),
@@ -620,6 +625,7 @@ fn cli(dir: &std::path::Path) -> std::process::Command {
         .arg("-d")
         .arg(dir)
         .env_remove("QUIRE_TOKEN")
+        .env_remove("QUIRE_TOKEN_FILE")
         .env_remove("QUIRE_NODE");
     command
 }
@@ -714,6 +720,83 @@ async fn the_cli_finds_the_owners_token_and_says_what_to_do_without_it() {
     assert!(!ok && err.contains("wrong token"), "{err}");
     let (ok, out, err) = run(cli(dir.path()).args(["stream", "create", "after rotation"]));
     assert!(ok, "{out}{err}");
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_stays_off_command_lines_and_off_the_network_in_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    // --token-file: the token never appears on the command line.
+    let file = elsewhere.path().join("token");
+    std::fs::write(&file, format!("{}\n", node.token.as_str())).unwrap();
+    let token_file = file.to_str().unwrap();
+    let (ok, out, err) = run(cli(elsewhere.path()).args([
+        "--node",
+        &node.url(),
+        "--token-file",
+        token_file,
+        "stream",
+        "create",
+        "by file",
+    ]));
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = run(cli(elsewhere.path()).args([
+        "--node",
+        &node.url(),
+        "--token-file",
+        token_file,
+        "--token",
+        "x",
+        "stream",
+        "list",
+    ]));
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    // A token is not sent over plain http:// to another machine (nothing is dialed: the
+    // address is not routed), unless --insecure says the network is trusted.
+    let before = node.log.head();
+    let (ok, _, err) = run(cli(elsewhere.path()).args([
+        "--node",
+        "http://192.0.2.1:8000",
+        "--token-file",
+        token_file,
+        "stream",
+        "create",
+        "x",
+    ]));
+    assert!(
+        !ok && err.contains("clear text") && err.contains("--insecure"),
+        "{err}"
+    );
+    assert_eq!(node.log.head(), before);
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_others_can_write_is_refused_and_a_new_one_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let fresh = parent.path().join("fresh");
+    let node = start_node(&fresh).await;
+    node.stop().await.unwrap();
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let refused = quire::node::RunningNode::start(
+        quire::node::NodeConfig::new(&fresh),
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("chmod 700") && refused.contains("777"),
+        "{refused}"
+    );
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let node = start_node(&fresh).await;
     node.stop().await.unwrap();
 }
 

@@ -1632,9 +1632,18 @@ async fn a_missing_payload_or_seal_is_reported_and_stops_only_its_stream() {
     // `quire verify` (its library function: the `quire` binary in a shared target directory may
     // be another checkout's).
     let report = quire::verify::verify(dir_a.path()).unwrap();
-    // Besides these two, the damaged stream's counters are reported as differing from the log's:
-    // verify cannot count a scribe it could not read.
-    assert_eq!(report.damage.len(), 3, "{:?}", report.damage);
+    // Besides these two, the damaged stream's counters are reported as differing from the log's
+    // (verify cannot count a scribe it could not read), and the payload's index names it as
+    // missing.
+    assert_eq!(report.damage.len(), 4, "{:?}", report.damage);
+    assert!(
+        report.damage.iter().any(|line| line.contains(&format!(
+            "names payload {}, which is not stored",
+            hex::encode(payload_id)
+        ))),
+        "{:?}",
+        report.damage
+    );
     for (seq, missing) in [
         (
             lost_payload.seq,

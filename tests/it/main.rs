@@ -16,6 +16,7 @@ mod crash;
 mod files;
 mod format;
 mod kv;
+mod leave;
 mod live;
 mod malicious;
 mod power;

@@ -13,7 +13,7 @@ use quire::pb::subscribe_event::Event;
 use quire::projection_api::StreamId;
 
 use crate::common::*;
-use crate::replication::{connect, join, stream_ids, wait_for_count, CONVERGE};
+use crate::replication::{connect, converge, join, stream_ids, CONVERGE};
 
 /// Copies the directory tree `from` to `to` (created).
 fn copy_tree(from: &Path, to: &Path) {
@@ -60,42 +60,6 @@ async fn add_records(node: &RunningNode, stream: &StreamId, prefix: &str, count:
         .await
         .expect("kv set");
     }
-}
-
-async fn digests(node: &RunningNode, stream: &StreamId) -> Vec<(String, Bytes)> {
-    let mut client =
-        pb::projections_client::ProjectionsClient::new(owner_channel(&node.url()).await);
-    let mut out = Vec::new();
-    for name in ["sql", "kv", "files"] {
-        let digest = client
-            .digest(pb::DigestRequest {
-                name: name.into(),
-                stream: bytes_of(stream),
-            })
-            .await
-            .unwrap_or_else(|status| panic!("digest of {name}: {status:?}"))
-            .into_inner()
-            .digest;
-        out.push((name.to_string(), digest));
-    }
-    out
-}
-
-/// Waits until both nodes hold `count` scribes of the stream, the same ones, and every projection
-/// of it has the same digest on both.
-async fn converge(a: &RunningNode, b: &RunningNode, stream: &StreamId, count: u64) {
-    wait_for_count(&[a, b], stream, count).await;
-    let (ids_a, ids_b) = (stream_ids(a, stream).await, stream_ids(b, stream).await);
-    assert_eq!(ids_a.len() as u64, count, "A stored each scribe once");
-    assert_eq!(ids_b.len() as u64, count, "B stored each scribe once");
-    assert_eq!(
-        ids_a.iter().collect::<HashSet<_>>(),
-        ids_b.iter().collect::<HashSet<_>>()
-    );
-    wait_until(CONVERGE, "equal projection digests", || async {
-        digests(a, stream).await == digests(b, stream).await
-    })
-    .await;
 }
 
 async fn consume(

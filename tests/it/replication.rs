@@ -389,3 +389,40 @@ async fn peers_and_joins_are_remembered_and_bad_input_is_refused() {
     );
     node.stop().await.unwrap();
 }
+
+/// The digests of the stream's sql, kv and files copies on `node`.
+pub async fn digests(node: &RunningNode, stream: &StreamId) -> Vec<(String, Bytes)> {
+    let mut client =
+        pb::projections_client::ProjectionsClient::new(owner_channel(&node.url()).await);
+    let mut out = Vec::new();
+    for name in ["sql", "kv", "files"] {
+        let digest = client
+            .digest(pb::DigestRequest {
+                name: name.into(),
+                stream: bytes_of(stream),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("digest of {name}: {status:?}"))
+            .into_inner()
+            .digest;
+        out.push((name.to_string(), digest));
+    }
+    out
+}
+
+/// Waits until both nodes hold `count` scribes of the stream, the same ones, and every projection
+/// of it has the same digest on both.
+pub async fn converge(a: &RunningNode, b: &RunningNode, stream: &StreamId, count: u64) {
+    wait_for_count(&[a, b], stream, count).await;
+    let (ids_a, ids_b) = (stream_ids(a, stream).await, stream_ids(b, stream).await);
+    assert_eq!(ids_a.len() as u64, count, "A stored each scribe once");
+    assert_eq!(ids_b.len() as u64, count, "B stored each scribe once");
+    assert_eq!(
+        ids_a.iter().collect::<HashSet<_>>(),
+        ids_b.iter().collect::<HashSet<_>>()
+    );
+    wait_until(CONVERGE, "equal projection digests", || async {
+        digests(a, stream).await == digests(b, stream).await
+    })
+    .await;
+}
