@@ -112,35 +112,21 @@ impl pb::streams_server::Streams for Api {
         request: Request<pb::LeaveStreamRequest>,
     ) -> Result<Response<pb::LeaveStreamReply>, Status> {
         let stream = convert::id_field(&request.into_inner().stream, "stream")?;
-        let log_status = |error: LeaveError| match error {
-            LeaveError::NotHeld(_) => Status::not_found(error.to_string()),
-            LeaveError::Leaving(_) => Status::failed_precondition(error.to_string()),
-            LeaveError::ShuttingDown => Status::unavailable(error.to_string()),
-            other => Status::internal(other.to_string()),
-        };
-        self.log.begin_leave(stream).await.map_err(log_status)?;
-        tracing::info!(%stream, "leaving a stream: deleting its projections and scribes");
-        self.replicator.forget_stream(&stream);
-        let projections = self
-            .projections
-            .forget_stream(&stream)
+        // Its own task: a client that goes away (a cancelled call, a timed-out CLI) does not
+        // stop a leave half way.
+        let (log, projections, replicator) = (
+            self.log.clone(),
+            self.projections.clone(),
+            self.replicator.clone(),
+        );
+        tokio::spawn(leave(log, projections, replicator, stream))
             .await
-            .map_err(|error| projections_status(&error))?;
-        let vacated = self.log.finish_leave(stream).await.map_err(log_status)?;
-        let rebuilding = self
-            .projections
-            .rebuild_log_scope()
-            .map_err(|error| projections_status(&error))?;
-        self.log.end_leave(stream).await.map_err(log_status)?;
-        tracing::info!(%stream, scribes = vacated.scribes, payload_bytes = vacated.payload_bytes, "left a stream");
-        Ok(Response::new(pb::LeaveStreamReply {
-            scribes: vacated.scribes,
-            payloads: vacated.payloads,
-            payload_bytes: vacated.payload_bytes,
-            seals: vacated.seals,
-            projections: projections as u64,
-            rebuilding,
-        }))
+            .map_err(|_| {
+                Status::unavailable(
+                    "the node is shutting down; the leave finishes when it starts again",
+                )
+            })?
+            .map(Response::new)
     }
 
     async fn list(
@@ -155,4 +141,40 @@ impl pb::streams_server::Streams for Api {
             .collect();
         Ok(Response::new(pb::ListStreamsReply { streams }))
     }
+}
+
+/// Leaves `stream`: the steps of `crate::log` `leave.rs`, with the projections' between.
+async fn leave(
+    log: crate::log::Log,
+    projections: crate::projection::Projections,
+    replicator: crate::replication::Replicator,
+    stream: quire_projection_api::StreamId,
+) -> Result<pb::LeaveStreamReply, Status> {
+    let log_status = |error: LeaveError| match error {
+        LeaveError::NotHeld(_) => Status::not_found(error.to_string()),
+        LeaveError::Leaving(_) => Status::failed_precondition(error.to_string()),
+        LeaveError::ShuttingDown => Status::unavailable(error.to_string()),
+        other => Status::internal(other.to_string()),
+    };
+    log.begin_leave(stream).await.map_err(log_status)?;
+    tracing::info!(%stream, "leaving a stream: deleting its projections and scribes");
+    replicator.forget_stream(&stream);
+    let copies = projections
+        .forget_stream(&stream)
+        .await
+        .map_err(|error| projections_status(&error))?;
+    let vacated = log.finish_leave(stream).await.map_err(log_status)?;
+    let rebuilding = projections
+        .rebuild_log_scope()
+        .map_err(|error| projections_status(&error))?;
+    log.end_leave(stream).await.map_err(log_status)?;
+    tracing::info!(%stream, scribes = vacated.scribes, payload_bytes = vacated.payload_bytes, "left a stream");
+    Ok(pb::LeaveStreamReply {
+        scribes: vacated.scribes,
+        payloads: vacated.payloads,
+        payload_bytes: vacated.payload_bytes,
+        seals: vacated.seals,
+        projections: copies as u64,
+        rebuilding,
+    })
 }

@@ -432,6 +432,11 @@ fn write_and_publish(
             held.add(*key, held::share_of(value), value.len() as u64);
         }
     }
+    let touched: Vec<(StreamId, u64)> = overlay
+        .streams
+        .iter()
+        .map(|(id, state)| (*id, state.record.head_seq))
+        .collect();
     {
         let mut streams = shared.streams.write().expect("streams lock");
         streams.extend(overlay.streams);
@@ -441,5 +446,21 @@ fn write_and_publish(
     }
     shared.head.store(new_head, Ordering::Release);
     shared.head_tx.send_replace(new_head);
+    // Then each touched stream's watchers, and only theirs.
+    let heads = shared
+        .stream_heads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    for (stream, head_seq) in touched {
+        if let Some(watchers) = heads.get(&stream) {
+            watchers.send_if_modified(|seen| {
+                let newer = head_seq > *seen;
+                if newer {
+                    *seen = head_seq;
+                }
+                newer
+            });
+        }
+    }
     Ok(())
 }

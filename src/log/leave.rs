@@ -187,5 +187,12 @@ fn begin(shared: &Shared, stream: StreamId) -> Result<(), LeaveError> {
     let mut streams = shared.streams.write().expect("streams lock");
     streams.remove(&stream);
     shared.streams_tx.send_replace(streams.len());
+    drop(streams);
+    // Its watchers' receivers close.
+    shared
+        .stream_heads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&stream);
     Ok(())
 }

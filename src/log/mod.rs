@@ -447,6 +447,9 @@ pub(crate) struct Shared {
     gate: std::sync::Mutex<()>,
     /// Streams being left: their scribes are refused.
     leaving: std::sync::Mutex<HashSet<StreamId>>,
+    /// The head seq of each stream someone watches ([`Log::watch_stream_head`]), published after
+    /// the log's head: a commit wakes only the watchers of the streams it touched.
+    stream_heads: std::sync::Mutex<HashMap<StreamId, watch::Sender<u64>>>,
     /// Fires when this value is dropped: declared last, so after `store` is closed.
     _closed: ClosedSignal,
 }
@@ -562,6 +565,7 @@ impl Log {
             rules_version: options.rules_version,
             gate: std::sync::Mutex::new(()),
             leaving: std::sync::Mutex::new(leaving),
+            stream_heads: std::sync::Mutex::new(HashMap::new()),
             _closed: ClosedSignal(Some(closed_tx)),
         });
         let (submit, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
@@ -771,6 +775,25 @@ impl Log {
     /// A receiver that sees every new head.
     pub fn watch_head(&self) -> watch::Receiver<u64> {
         self.shared.head_tx.subscribe()
+    }
+
+    /// A receiver that sees every new head seq of `stream` (never above the published head), and
+    /// wakes for nothing else: what a per-stream projection waits on, so an append wakes only the
+    /// slots of its own stream. `None` if the stream is not held; it closes when the stream is
+    /// left.
+    pub fn watch_stream_head(&self, stream: &StreamId) -> Option<watch::Receiver<u64>> {
+        let mut heads = self
+            .shared
+            .stream_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let head_seq = self.stream(stream)?.record.head_seq.min(self.head());
+        Some(
+            heads
+                .entry(*stream)
+                .or_insert_with(|| watch::Sender::new(head_seq))
+                .subscribe(),
+        )
     }
 
     /// This node's key.

@@ -1297,11 +1297,13 @@ impl Store {
         Ok(released)
     }
 
-    /// Deletes up to `limit` scribes of a stream being left (oldest first): their records, stream
-    /// index entries and references to payloads; their seqs in `log` are vacated (kept, empty, so
-    /// no seq is given out twice and every seq up to the head is accounted for). Then every payload
-    /// no stored scribe names any more, and every seal none of whose leaves is stored any more, is
-    /// deleted. Returns what went; no scribes: the stream has none left.
+    /// Deletes up to `limit` scribes of a stream being left (oldest first), in one write batch:
+    /// their records, stream index entries and references to payloads; their seqs in `log` are
+    /// vacated (kept, empty, so no seq is given out twice and every seq up to the head is
+    /// accounted for); and every payload no other stored scribe names, and every seal none of
+    /// whose other leaves is stored. One batch, so a crash leaves either the whole chunk or none
+    /// of it (a later chunk never sees the payloads of an earlier one). Returns what went; no
+    /// scribes: the stream has none left.
     pub fn leave_chunk(&self, stream: &StreamId, limit: usize) -> Result<Vacated, StoreError> {
         let by_stream = self.cf(CF_BY_STREAM);
         let mut keys = Vec::new();
@@ -1332,7 +1334,9 @@ impl Store {
             self.db
                 .batched_multi_get_cf(scribes, keys.iter().map(|(_, id)| id.as_bytes()), false);
         let mut batch = WriteBatch::default();
+        let deleted: HashSet<ScribeId> = keys.iter().map(|(_, id)| *id).collect();
         let mut hashes = HashSet::new();
+        // Each seal named, and whether a deleted scribe named it with no siblings and no leaves.
         let mut seal_ids = HashSet::new();
         for ((seq, id), record) in keys.iter().zip(records) {
             if let Some(value) = record? {
@@ -1348,21 +1352,26 @@ impl Store {
             batch.delete_cf(by_stream, stream_key(stream, *seq));
             vacated.scribes += 1;
         }
-        self.db.write_opt(batch, &self.write_options)?;
-        let mut batch = WriteBatch::default();
+        // A payload goes when no scribe but those deleted here names it.
         for hash in hashes {
-            let named = self
-                .db
-                .iterator_cf(
-                    payloads,
-                    IteratorMode::From(
-                        &payload_ref(&hash, &ScribeId::default()),
-                        Direction::Forward,
-                    ),
-                )
-                .next()
-                .transpose()?
-                .is_some_and(|(key, _)| key.len() == 64 && key[..32] == hash);
+            let mut named = false;
+            for item in self.db.iterator_cf(
+                payloads,
+                IteratorMode::From(
+                    &payload_ref(&hash, &ScribeId::default()),
+                    Direction::Forward,
+                ),
+            ) {
+                let (key, _) = item?;
+                if key.len() != 64 || key[..32] != hash {
+                    break;
+                }
+                let id = ScribeId::from_slice(&key[32..]).expect("32 bytes");
+                if !deleted.contains(&id) {
+                    named = true;
+                    break;
+                }
+            }
             if named {
                 continue;
             }
@@ -1372,6 +1381,7 @@ impl Store {
                 batch.delete_cf(payloads, hash);
             }
         }
+        // A seal goes when none of its leaves but those deleted here is stored.
         for seal_id in seal_ids {
             let Some(value) = self.db.get_pinned_cf(seals, seal_id)? else {
                 continue;
@@ -1379,32 +1389,32 @@ impl Store {
             let Some((seal, leaves)) = split_seal_value(&value) else {
                 continue;
             };
-            if leaves.is_empty() {
-                // Stored without its leaves: a seal over one scribe named only the one just
-                // deleted; one over more may cover scribes of other streams, and stays.
-                let sole = crate::scribe::Seal::decode(Bytes::copy_from_slice(seal))
-                    .is_ok_and(|seal| seal.count == 1);
-                if sole {
-                    vacated.seals += 1;
-                    batch.delete_cf(seals, seal_id);
-                }
-                continue;
-            }
-            let stored = self
-                .db
-                .batched_multi_get_cf(scribes, leaves.chunks_exact(32), false)
-                .into_iter()
-                .try_fold(false, |any, found| {
-                    Ok::<_, StoreError>(any || found?.is_some())
-                })?;
-            if !stored {
+            let gone = if leaves.is_empty() {
+                // Stored without its leaves: a seal over one scribe named only the one deleted
+                // here; one over more may cover scribes of other streams, and stays.
+                crate::scribe::Seal::decode(Bytes::copy_from_slice(seal))
+                    .is_ok_and(|seal| seal.count == 1)
+            } else {
+                let others: Vec<&[u8]> = leaves
+                    .chunks_exact(32)
+                    .filter(|leaf| {
+                        ScribeId::from_slice(leaf).is_ok_and(|leaf| !deleted.contains(&leaf))
+                    })
+                    .collect();
+                !self
+                    .db
+                    .batched_multi_get_cf(scribes, others, false)
+                    .into_iter()
+                    .try_fold(false, |any, found| {
+                        Ok::<_, StoreError>(any || found?.is_some())
+                    })?
+            };
+            if gone {
                 vacated.seals += 1;
                 batch.delete_cf(seals, seal_id);
             }
         }
-        if !batch.is_empty() {
-            self.db.write_opt(batch, &self.write_options)?;
-        }
+        self.db.write_opt(batch, &self.write_options)?;
         Ok(vacated)
     }
 

@@ -25,7 +25,23 @@ pub struct Readers<R> {
     name: &'static str,
     projections: Projections,
     open: fn(&Path) -> Result<R, ProjectionError>,
-    idle: Arc<Mutex<HashMap<PathBuf, Vec<R>>>>,
+    idle: Arc<Mutex<Idle<R>>>,
+}
+
+/// Idle readers by copy directory, and how many times copies were forgotten: a reader on loan
+/// from before a forget is closed when given back (its directory may hold a new copy by then).
+struct Idle<R> {
+    by_dir: HashMap<PathBuf, Vec<R>>,
+    forgets: u64,
+}
+
+impl<R> Default for Idle<R> {
+    fn default() -> Self {
+        Idle {
+            by_dir: HashMap::new(),
+            forgets: 0,
+        }
+    }
 }
 
 impl<R> Clone for Readers<R> {
@@ -68,6 +84,7 @@ pub struct Loan<R> {
     /// The reader.
     pub reader: R,
     dir: PathBuf,
+    forgets: u64,
 }
 
 impl<R> Readers<R> {
@@ -76,44 +93,73 @@ impl<R> Readers<R> {
         name: &'static str,
         projections: Projections,
         open: fn(&Path) -> Result<R, ProjectionError>,
-    ) -> Readers<R> {
+    ) -> Readers<R>
+    where
+        R: Send + 'static,
+    {
+        let idle: Arc<Mutex<Idle<R>>> = Arc::default();
+        // When a stream is left, its copies' readers are closed at once (they hold its files
+        // open, and a copy joined again later may reuse the path).
+        let weak = Arc::downgrade(&idle);
+        projections.on_forget(Box::new(move |dir: &Path| {
+            let Some(idle) = weak.upgrade() else {
+                return false;
+            };
+            let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.forgets += 1;
+            idle.by_dir.retain(|path, _| !path.starts_with(dir));
+            true
+        }));
         Readers {
             name,
             projections,
             open,
-            idle: Arc::default(),
+            idle,
         }
     }
 
     /// A reader of `stream`'s live copy.
     pub fn take(&self, stream: &StreamId) -> Result<Loan<R>, TakeError> {
         let (dir, _) = self.projections.live(self.name, stream)?;
-        {
+        let forgets = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(reader) = idle.get_mut(&dir).and_then(Vec::pop) {
-                return Ok(Loan { reader, dir });
+            let forgets = idle.forgets;
+            if let Some(reader) = idle.by_dir.get_mut(&dir).and_then(Vec::pop) {
+                return Ok(Loan {
+                    reader,
+                    dir,
+                    forgets,
+                });
             }
             // A new copy may have been swapped in: forget readers of removed ones.
-            idle.retain(|path, _| path.exists());
-        }
+            idle.by_dir.retain(|path, _| path.exists());
+            forgets
+        };
         let reader = (self.open)(&dir).map_err(|source| TakeError::Open {
             name: self.name,
             source,
         })?;
-        Ok(Loan { reader, dir })
+        Ok(Loan {
+            reader,
+            dir,
+            forgets,
+        })
     }
 
     /// Returns a reader after use (drop a loan instead if its reader failed).
     pub fn give(&self, loan: Loan<R>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.values().map(Vec::len).sum::<usize>() >= MAX_IDLE_TOTAL {
+        if loan.forgets != idle.forgets {
+            return; // taken before a stream was left: closed
+        }
+        if idle.by_dir.values().map(Vec::len).sum::<usize>() >= MAX_IDLE_TOTAL {
             // Make room: forget readers of removed copies, then of the most crowded copy.
-            idle.retain(|path, _| path.exists());
-            if let Some(crowded) = idle.values_mut().max_by_key(|readers| readers.len()) {
+            idle.by_dir.retain(|path, _| path.exists());
+            if let Some(crowded) = idle.by_dir.values_mut().max_by_key(|readers| readers.len()) {
                 crowded.pop();
             }
         }
-        let readers = idle.entry(loan.dir).or_default();
+        let readers = idle.by_dir.entry(loan.dir).or_default();
         if readers.len() < MAX_IDLE {
             readers.push(loan.reader);
         }

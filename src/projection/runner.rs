@@ -112,7 +112,13 @@ struct Inner {
     /// Slot steps running at once: each holds a batch (up to 32 MiB read, and its decoded
     /// views), so this bounds the runner's memory and CPU however many streams catch up together.
     working: Arc<tokio::sync::Semaphore>,
+    /// What holds copies open besides the slots (the services' reader pools): called with a
+    /// forgotten copy's directory, each closes what it holds under it; false once it is gone.
+    forget_hooks: Mutex<Vec<ForgetHook>>,
 }
+
+/// See `Inner::forget_hooks`.
+pub(crate) type ForgetHook = Box<dyn Fn(&Path) -> bool + Send + Sync>;
 
 /// The projections of a running node. Cheap to clone.
 #[derive(Clone)]
@@ -148,6 +154,7 @@ impl Projections {
                 working: Arc::new(tokio::sync::Semaphore::new(
                     std::thread::available_parallelism().map_or(2, |n| n.get()),
                 )),
+                forget_hooks: Mutex::new(Vec::new()),
             }),
         };
         projections.forget_orphans()?;
@@ -283,6 +290,8 @@ impl Projections {
         let stream = *stream;
         tokio::task::spawn_blocking(move || {
             for name in names {
+                let dir = super::slot::scope_dir(&inner.root, &name, Some(&stream));
+                lock(&inner.forget_hooks).retain(|hook| hook(&dir));
                 forget_slot(inner.log.store(), &inner.root, &name, &stream)?;
             }
             Ok::<_, StoreError>(())
@@ -290,6 +299,11 @@ impl Projections {
         .await
         .map_err(|_| RunnerError::NotReady("the node is shutting down".into()))??;
         Ok(count)
+    }
+
+    /// Registers what to call with the directory of every copy a left stream forgets.
+    pub(crate) fn on_forget(&self, hook: ForgetHook) {
+        lock(&self.inner.forget_hooks).push(hook);
     }
 
     /// Starts a rebuild of every whole-log projection (after a stream was left, so they forget
@@ -704,7 +718,15 @@ async fn run_slot(
     mut stop: tokio::sync::watch::Receiver<bool>,
     working: Arc<tokio::sync::Semaphore>,
 ) {
-    let mut heads = log.watch_head();
+    // A per-stream slot wakes for its own stream's commits only (10,000 quiet streams cost an
+    // append nothing); a whole-log slot for every commit.
+    let mut heads = match slot.stream.as_ref() {
+        Some(stream) => match log.watch_stream_head(stream) {
+            Some(heads) => heads,
+            None => return, // not held (any more)
+        },
+        None => log.watch_head(),
+    };
     let mut closing = log.watch_closing();
     let mut backoff = RETRY_FIRST;
     loop {

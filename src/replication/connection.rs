@@ -10,7 +10,7 @@
 //!
 //! Also here: the dial loop with exponential backoff and jitter.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -265,6 +265,16 @@ impl Driver {
         self.execute(actions).await?;
         let mut heads = log.watch_head();
         let mut streams = log.watch_streams();
+        // Each held stream's genesis seq when this connection last looked: a stream left and
+        // joined again between two looks has the same id but a new genesis seq.
+        let incarnations = |log: &crate::log::Log| -> HashMap<StreamId, u64> {
+            log.streams()
+                .into_iter()
+                .map(|state| (state.id, state.record.genesis_seq))
+                .collect()
+        };
+        let mut seen = incarnations(&log);
+        streams.borrow_and_update();
         let mut closing = self.inner.closing.clone();
         let mut maybe_more = true;
         let handshake_deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
@@ -331,6 +341,11 @@ impl Driver {
                 }
                 changed = streams.changed() => {
                     if changed.is_err() { return Err(ConnectionError::LogClosed); }
+                    let now = incarnations(&log);
+                    if now.iter().any(|(id, genesis)| seen.get(id).is_some_and(|was| was != genesis)) {
+                        return Err(ConnectionError::Closed("a stream was left and joined again; reconnecting to replicate it from the start".into()));
+                    }
+                    seen = now;
                     let ids = log.stream_ids();
                     let actions = self.session_mut().set_local_streams(ids);
                     self.execute(actions).await?;

@@ -911,3 +911,62 @@ async fn a_panicking_projector_is_reported_and_recovers_from_its_files() {
     );
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_wakes_only_the_watchers_of_its_own_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut owner = clients(&node.url()).await;
+    let quiet = create_stream(&mut owner, "quiet", None).await;
+    let busy = create_stream(&mut owner, "busy", None).await;
+    let mut quiet_heads = node.log.watch_stream_head(&quiet).unwrap();
+    let mut busy_heads = node.log.watch_stream_head(&busy).unwrap();
+    quiet_heads.borrow_and_update();
+    busy_heads.borrow_and_update();
+    // The watch is updated before the append is answered.
+    let appended = append_note(&mut owner, &busy, "one").await;
+    assert!(
+        !quiet_heads.has_changed().unwrap(),
+        "a quiet stream's watchers woke"
+    );
+    assert!(busy_heads.has_changed().unwrap());
+    assert_eq!(*busy_heads.borrow_and_update(), appended.seq);
+    assert!(*busy_heads.borrow() <= node.log.head());
+    let appended = append_note(&mut owner, &quiet, "two").await;
+    assert_eq!(*quiet_heads.borrow_and_update(), appended.seq);
+    assert!(!busy_heads.has_changed().unwrap());
+    // Both streams' projections follow.
+    for stream in [&quiet, &busy] {
+        let info = owner
+            .streams
+            .get(pb::GetStreamRequest {
+                stream: bytes_of(stream),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let projections =
+            pb::projections_client::ProjectionsClient::new(owner_channel(&node.url()).await);
+        wait_until(
+            Duration::from_secs(30),
+            "the stream's copies to follow",
+            || {
+                let mut projections = projections.clone();
+                let (stream, head) = (info.stream.clone(), info.head_seq);
+                async move {
+                    let list = projections
+                        .list(pb::ListProjectionsRequest::default())
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .projections;
+                    let copies: Vec<_> = list.iter().filter(|p| p.stream == stream).collect();
+                    copies.len() == 3 && copies.iter().all(|p| p.checkpoint >= head)
+                }
+            },
+        )
+        .await;
+    }
+    assert!(node.log.watch_stream_head(&quiet).is_some());
+    node.stop().await.unwrap();
+}
