@@ -12,37 +12,11 @@ use quire::projection_api::StreamId;
 
 use crate::common::*;
 use crate::crash::spawn_serve;
+use crate::leave::{big, files_containing, kv_set, put_file, verify_clean};
 use crate::replication::{connect, converge, digests, join, stream_ids, CONVERGE};
 
 /// Bytes only the stream that is left carries.
 const SECRET: &str = "attack-leave-c0ffee-secret";
-
-/// A file of `len` bytes made of `text` repeated (over 1 KiB: stored apart).
-fn big(text: &str, len: usize) -> Bytes {
-    Bytes::from(text.bytes().cycle().take(len).collect::<Vec<u8>>())
-}
-
-/// Every file under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if std::fs::read(&path)
-                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-            {
-                found.push(path);
-            }
-        }
-    }
-    found
-}
 
 /// Files under `dir` that are deleted but still open in this process and whose bytes contain
 /// `needle`: they still take room on the disk, with those bytes in it.
@@ -72,17 +46,6 @@ fn deleted_but_open_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     found
 }
 
-async fn kv_set(url: &str, stream: &StreamId, key: &str, value: &str) -> Result<(), tonic::Status> {
-    pb::kv_client::KvClient::new(owner_channel(url).await)
-        .set(pb::KvSetRequest {
-            stream: bytes_of(stream),
-            key: Bytes::from(key.to_string()),
-            value: Bytes::from(value.to_string()),
-        })
-        .await
-        .map(|_| ())
-}
-
 async fn kv_get(url: &str, stream: &StreamId, key: &str) -> Result<Bytes, tonic::Status> {
     pb::kv_client::KvClient::new(owner_channel(url).await)
         .get(pb::KvGetRequest {
@@ -91,23 +54,6 @@ async fn kv_get(url: &str, stream: &StreamId, key: &str) -> Result<Bytes, tonic:
         })
         .await
         .map(|reply| reply.into_inner().value)
-}
-
-async fn put_file(
-    url: &str,
-    stream: &StreamId,
-    path: &str,
-    data: Bytes,
-) -> Result<Bytes, tonic::Status> {
-    pb::files_client::FilesClient::new(owner_channel(url).await)
-        .put(pb::FilesPutRequest {
-            stream: bytes_of(stream),
-            path: path.into(),
-            content_type: String::new(),
-            data,
-        })
-        .await
-        .map(|reply| reply.into_inner().id)
 }
 
 async fn leave(url: &str, stream: &StreamId) -> pb::LeaveStreamReply {
@@ -120,21 +66,6 @@ async fn leave(url: &str, stream: &StreamId) -> pb::LeaveStreamReply {
         .await
         .expect("leave")
         .into_inner()
-}
-
-fn verify_clean(dir: &Path) -> String {
-    let output = std::process::Command::new(quire_bin())
-        .args(["verify", "-d"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success() && stdout.contains("no damage"),
-        "verify found damage:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
 }
 
 /// Whether every projection of `stream` on `node` has a copy (a digest) yet.

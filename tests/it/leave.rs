@@ -22,7 +22,7 @@ use crate::replication::{connect, converge, digests, join, stream_ids, wait_for_
 const SECRET: &str = "leave-me-7f3a9c-secret";
 
 /// Every file under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -44,12 +44,17 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 }
 
 /// A file of `len` bytes made of `text` repeated (over 1 KiB: stored apart, once per hash).
-fn big(text: &str, len: usize) -> Bytes {
+pub fn big(text: &str, len: usize) -> Bytes {
     Bytes::from(text.bytes().cycle().take(len).collect::<Vec<u8>>())
 }
 
-async fn put_file(node: &RunningNode, stream: &StreamId, path: &str, data: Bytes) -> Bytes {
-    pb::files_client::FilesClient::new(owner_channel(&node.url()).await)
+pub async fn put_file(
+    url: &str,
+    stream: &StreamId,
+    path: &str,
+    data: Bytes,
+) -> Result<Bytes, tonic::Status> {
+    pb::files_client::FilesClient::new(owner_channel(url).await)
         .put(pb::FilesPutRequest {
             stream: bytes_of(stream),
             path: path.into(),
@@ -57,9 +62,23 @@ async fn put_file(node: &RunningNode, stream: &StreamId, path: &str, data: Bytes
             data,
         })
         .await
-        .expect("put a file")
-        .into_inner()
-        .id
+        .map(|reply| reply.into_inner().id)
+}
+
+pub async fn kv_set(
+    url: &str,
+    stream: &StreamId,
+    key: &str,
+    value: &str,
+) -> Result<(), tonic::Status> {
+    pb::kv_client::KvClient::new(owner_channel(url).await)
+        .set(pb::KvSetRequest {
+            stream: bytes_of(stream),
+            key: Bytes::from(key.to_string()),
+            value: Bytes::from(value.to_string()),
+        })
+        .await
+        .map(|_| ())
 }
 
 async fn add_record(node: &RunningNode, stream: &StreamId, text: &str) {
@@ -77,44 +96,23 @@ async fn add_record(node: &RunningNode, stream: &StreamId, text: &str) {
         .expect("add a record");
 }
 
-async fn kv_set(node: &RunningNode, stream: &StreamId, key: &str, value: &str) {
-    pb::kv_client::KvClient::new(owner_channel(&node.url()).await)
-        .set(pb::KvSetRequest {
-            stream: bytes_of(stream),
-            key: Bytes::from(key.to_string()),
-            value: Bytes::from(value.to_string()),
-        })
-        .await
-        .expect("kv set");
-}
-
 /// Records, kv writes and files into `stream`, each carrying `text`; returns its file.put id of
 /// `shared.bin` (the same bytes in every stream this is called for).
 async fn fill(node: &RunningNode, stream: &StreamId, text: &str) -> Bytes {
+    let url = node.url();
     for index in 0..5 {
         add_record(node, stream, &format!("{text} {index}")).await;
-        kv_set(
-            node,
-            stream,
-            &format!("k{}", index % 2),
-            &format!("{text} {index}"),
-        )
-        .await;
+        let key = format!("k{}", index % 2);
+        kv_set(&url, stream, &key, &format!("{text} {index}"))
+            .await
+            .unwrap();
     }
-    put_file(
-        node,
-        stream,
-        "site/index.html",
-        big(&format!("<p>{text}</p>"), 4096),
-    )
-    .await;
-    put_file(
-        node,
-        stream,
-        "shared.bin",
-        big("the same bytes everywhere ", 2048),
-    )
-    .await
+    let page = big(&format!("<p>{text}</p>"), 4096);
+    put_file(&url, stream, "site/index.html", page)
+        .await
+        .unwrap();
+    let shared = big("the same bytes everywhere ", 2048);
+    put_file(&url, stream, "shared.bin", shared).await.unwrap()
 }
 
 /// The copies of `stream`'s projections under `dir`.
@@ -127,7 +125,7 @@ fn copies(dir: &Path, stream: &StreamId) -> Vec<PathBuf> {
 }
 
 /// `quire verify -d dir`: its output, which must report no damage.
-fn verify_clean(dir: &Path) -> String {
+pub fn verify_clean(dir: &Path) -> String {
     let output = std::process::Command::new(quire_bin())
         .args(["verify", "-d"])
         .arg(dir)
