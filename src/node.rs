@@ -133,14 +133,18 @@ pub fn open_log(config: &NodeConfig) -> Result<Log, OpenError> {
 
 /// The payload rules a node's log applies, handed to it here: the built-in kinds' own
 /// ([`BuiltinKinds`]: a file payload decodes and its path is valid, an upvote has one parent),
-/// then the SQLite projector's ([`SchemaCheck`]: a `_schema` it can apply).
+/// then the SQLite projector's ([`SchemaCheck`]: a `_schema` of at most 64 KiB it can apply) and
+/// the kv projector's (`KvCheck`: a `kv.*` payload decodes, with a valid key).
 ///
 /// The set is fixed for every node of this version, whatever projectors a binary registers: a
 /// rule that one node applies and another does not would let the two disagree about a scribe
 /// (invariant 2), and a node would refuse, and in the end ban, a peer for scribes that peer
 /// rightly stored. A projector that cannot use a scribe parks it in its quarantine instead.
 pub fn payload_checks() -> PayloadChecks {
-    PayloadChecks::new().with(BuiltinKinds).with(SchemaCheck)
+    PayloadChecks::new()
+        .with(BuiltinKinds)
+        .with(SchemaCheck)
+        .with(quire_projection_kv::KvCheck)
 }
 
 /// How long servers may take to finish open streams once shutdown begins.

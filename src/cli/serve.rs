@@ -21,6 +21,7 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
         .init();
     let data_dir = data_dir.to_path_buf();
     check_api_exposure(&args)?;
+    raise_open_files_limit();
     let config = NodeConfig {
         data_dir: data_dir.clone(),
         api_hosts: args.api_hosts.clone(),
@@ -108,6 +109,36 @@ fn check_api_exposure(args: &ServeArgs) -> Result<()> {
         args.api
     );
     Ok(())
+}
+
+/// Raises the soft limit of open files to the hard limit: every stream keeps its projection
+/// copies open (about 11 descriptors a stream), and the common soft default of 1,024 would stop a
+/// node of about 100 streams.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let below = match (limit.current, limit.maximum) {
+        (Some(current), Some(maximum)) => current < maximum,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if !below {
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(
+            from = ?limit.current,
+            to = ?limit.maximum,
+            "raised the open files limit to the hard limit"
+        ),
+        Err(error) => {
+            tracing::warn!(%error, current = ?limit.current, "could not raise the open files limit")
+        }
+    }
 }
 
 pub(crate) fn verify(data_dir: &Path) -> Result<std::process::ExitCode> {

@@ -30,7 +30,11 @@ use crate::scribe::{decode_envelope, leading_zero_bits, Body, Scribe};
 /// The version of the rules this build judges scribes by: bumped whenever a scribe one version
 /// stores could be refused by the other. Peers tell each other theirs (see `log::held`: what this
 /// node's rules refuse of a peer with other rules is kept aside, not counted against it).
-pub const RULES_VERSION: u32 = 1;
+///
+/// - 1: the rules of format 2.
+/// - 2: a `kv.*` payload must decode (`quire_projection_kv::KvCheck`), and a `_schema` is at most
+///   64 KiB (`quire_projection_sql::admission::MAX_SCHEMA_BYTES`).
+pub const RULES_VERSION: u32 = 2;
 
 /// Whether `error` is a rule's verdict on a well-formed, correctly signed scribe (which another
 /// version of the rules may judge otherwise), rather than damage, a wrong batch or a local failure.

@@ -281,3 +281,29 @@ async fn sigkill_during_catch_up_and_live_replication_loses_and_duplicates_nothi
     verify_clean(dir_a.path()).await;
     verify_clean(dir_b.path()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_raises_its_open_files_limit_to_the_hard_limit() {
+    // A soft limit of 256 (the hard limit stays): the node raises it at start.
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!("ulimit -Sn 256 && exec {} \"$@\"", quire_bin());
+    let wrapper = dir.path().join("quire-low-fd-limit");
+    std::fs::write(&wrapper, format!("#!/bin/sh\n{script}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let data = dir.path().join("node");
+    let (mut child, _, _) = spawn_binary(&wrapper, &data, &[], &[]).await;
+    let pid = child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "soft limit not raised: {line}");
+    assert_ne!(numbers[0], "256", "{line}");
+    child.kill().await.unwrap();
+}

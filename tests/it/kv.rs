@@ -672,3 +672,66 @@ async fn a_watch_resumes_from_a_seq_without_a_snapshot() {
     }
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_payload_that_does_not_decode_is_refused_at_admission_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut owner = clients(&node.url()).await;
+    let stream = create_stream(&mut owner, "kv", None).await;
+    let head = node.log.head();
+    let garbage: &[u8] = b"\xff\xfe not a protobuf KvSet";
+    // Node-signed, through Log.Append.
+    for kind in ["kv.set", "kv.delete"] {
+        let refused = owner
+            .log
+            .append(pb::AppendRequest {
+                stream: bytes_of(&stream),
+                kind: kind.into(),
+                content_type: "application/x-protobuf".into(),
+                payload: Bytes::from_static(garbage),
+                parents: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains("payload is not a Kv"),
+            "{refused:?}"
+        );
+    }
+    // Signed by a stranger (anyone may write kv.* by default), through AppendSigned.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let scribe = client_scribe(&client_key(9), &stream, "kv.set", garbage, now << 16);
+    let refused = pb::log_client::LogClient::new(stranger_channel(&node.url()).await)
+        .append_signed(signed_request(scribe.parts()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    // A key that is too long, in a well-formed payload.
+    let (kind, payload) = quire_projection_kv::encode(&vec![b'k'; 100_000], Some(b"v"), None);
+    let refused = owner
+        .log
+        .append(pb::AppendRequest {
+            stream: bytes_of(&stream),
+            kind: kind.to_string(),
+            content_type: quire_projection_kv::CONTENT_TYPE.into(),
+            payload: Bytes::from(payload),
+            parents: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    // Nothing was stored, and nothing waits in a quarantine.
+    assert_eq!(node.log.head(), head);
+    let parked = pb::projections_client::ProjectionsClient::new(owner_channel(&node.url()).await)
+        .quarantined(pb::QuarantinedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(parked.entries.is_empty(), "{parked:?}");
+    node.stop().await.unwrap();
+}

@@ -603,3 +603,22 @@ async fn a_python_client_queries_over_grpc_and_http() {
     assert!(stdout.contains("python sql ok"), "{stdout}");
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_over_64_kib_is_refused_when_it_is_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let tid = create_app(&node).await;
+    let head = node.log.head();
+    // Valid JSON and a valid schema, padded past the limit.
+    let big = format!(
+        r#"{{"schema": {{"t": {{"a": "text"}}}}, "lists": {{}}}}{}"#,
+        " ".repeat(64 * 1024)
+    );
+    let refused = put_schema(&node, &tid, &big).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("at most 65536"), "{refused:?}");
+    assert_eq!(node.log.head(), head);
+    put_schema(&node, &tid, big.trim_end()).await.unwrap();
+    node.stop().await.unwrap();
+}

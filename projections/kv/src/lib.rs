@@ -7,8 +7,9 @@
 //!   bring the key back.
 //!
 //! Keys are 1 to [`MAX_KEY_BYTES`] bytes; values are any bytes within the stream's per-file limit
-//! (checked when the node accepts the scribe). A scribe that breaks these rules is refused with
-//! [`ApplyError::Scribe`] and parked by the runner.
+//! (checked when the node accepts the scribe). A node refuses a kv scribe whose payload does not
+//! decode at admission ([`KvCheck`], one of its payload rules), so none is stored or replicated;
+//! one that still reaches the projector is refused with [`ApplyError::Scribe`] and parked.
 //!
 //! # The rule (judged by the scribes' own clocks and ids, never by arrival order)
 //! The state of a key is [`fold`] of every write to it, in `(hlc, author, id)` order (an instant
@@ -326,6 +327,28 @@ pub fn encode(key: &[u8], value: Option<&[u8]>, replaces: Option<&ScribeId>) -> 
 
 /// A kv scribe's key and value (`None` for a delete); `Ok(None)` for other kinds; an error for a
 /// payload that does not decode or a bad key.
+/// The payload rule this projector contributes to a node's admission rules: a `kv.set` or
+/// `kv.delete` whose payload does not decode (or has a bad key, or a `replaces` that is not a
+/// scribe id) is refused when it is appended or replicated, naming the problem, instead of being
+/// stored, replicated and parked by every replica. Every other scribe passes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KvCheck;
+
+impl quire_projection_api::PayloadCheck for KvCheck {
+    fn name(&self) -> &str {
+        "kv payloads"
+    }
+
+    fn check(
+        &self,
+        scribe: &quire_projection_api::Candidate<'_>,
+    ) -> Result<(), quire_projection_api::PayloadError> {
+        decode_write(scribe.kind, scribe.payload)
+            .map(|_| ())
+            .map_err(quire_projection_api::PayloadError::new)
+    }
+}
+
 pub fn decode(kind: &Kind, payload: &[u8]) -> Result<Option<KeyAndValue>, String> {
     Ok(decode_write(kind, payload)?.map(|write| (write.key, write.value)))
 }

@@ -12,8 +12,11 @@ use quire_projection_api::{Candidate, Kind, PayloadCheck, PayloadError};
 
 use crate::Schema;
 
-/// Refuses a `file.put` of [`SCHEMA_PATH`] whose content type is not `application/json` or whose
-/// content is not a valid schema. Every other scribe passes.
+/// Largest `_schema`: a schema is parsed on the commit path, and by every replica.
+pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
+
+/// Refuses a `file.put` of [`SCHEMA_PATH`] whose content type is not `application/json`, whose
+/// content is over [`MAX_SCHEMA_BYTES`] or is not a valid schema. Every other scribe passes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SchemaCheck;
 
@@ -46,6 +49,12 @@ impl PayloadCheck for SchemaCheck {
                 "{SCHEMA_PATH} must have content type application/json, not {content_type:?}"
             )));
         }
+        if data.len() > MAX_SCHEMA_BYTES {
+            return Err(PayloadError::new(format!(
+                "{SCHEMA_PATH} is {} bytes; at most {MAX_SCHEMA_BYTES} are allowed",
+                data.len()
+            )));
+        }
         Schema::parse(&data)?;
         Ok(())
     }
@@ -75,6 +84,20 @@ mod tests {
 
     fn check(kind: &Kind, payload: &[u8]) -> Result<(), PayloadError> {
         SchemaCheck.check(&Candidate::new(kind, "", payload, &[]))
+    }
+
+    #[test]
+    fn a_schema_over_the_limit_is_refused_before_it_is_parsed() {
+        let padding = " ".repeat(MAX_SCHEMA_BYTES);
+        let (kind, payload) = put(
+            SCHEMA_PATH,
+            "application/json",
+            &format!("{{\"schema\": {{}}}}{padding}"),
+        );
+        let refused = check(&kind, &payload).unwrap_err();
+        assert!(refused.reason().contains("at most 65536"), "{refused}");
+        let (kind, payload) = put(SCHEMA_PATH, "application/json", r#"{"schema": {}}"#);
+        assert!(check(&kind, &payload).is_ok());
     }
 
     #[test]
