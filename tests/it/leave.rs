@@ -415,29 +415,23 @@ async fn a_refused_leave_changes_nothing_and_an_owner_leave_over_http_answers_wh
     // The owner, over HTTP: the answer says what went; a second leave is NOT_FOUND.
     let app_scribes = node.log.stream(&app).unwrap().record.scribes;
     let bearer = [("authorization", format!("Bearer {}", node.token.as_str()))];
-    let (status, reply) = http_to(
-        &node,
-        None,
-        reqwest::Method::POST,
-        &path,
-        &bearer,
-        Some(json!({})),
-    )
-    .await;
+    let owner_leave = || {
+        http_to(
+            &node,
+            None,
+            reqwest::Method::POST,
+            &path,
+            &bearer,
+            Some(json!({})),
+        )
+    };
+    let (status, reply) = owner_leave().await;
     assert_eq!(status, 200, "{reply}");
     let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(reply["scribes"], app_scribes, "{reply}");
     assert_eq!(reply["payloads"], 1, "{reply}");
     assert_eq!(reply["projections"], 3, "{reply}");
-    let (status, reply) = http_to(
-        &node,
-        None,
-        reqwest::Method::POST,
-        &path,
-        &bearer,
-        Some(json!({})),
-    )
-    .await;
+    let (status, reply) = owner_leave().await;
     assert_eq!(status, 404, "{reply}");
     // The other stream is as it was.
     assert_eq!(digests(&node, &other).await, before.2[1]);
