@@ -17,14 +17,18 @@
 //!   [`log::subscribe`]: catch-up-then-live subscriptions).
 //! - [`scribe`]: the bytes of a scribe — encode, sign, decode, verify; [`genesis`]: what a
 //!   genesis says; [`hlc`]: the node's hybrid logical clock; [`identity`]: the node's key file;
-//!   [`pb`]: generated protobuf and gRPC code for `proto/quire/v1`.
+//!   [`pb`]: generated protobuf and gRPC code for `proto/quire/v1`; [`net`]: the node's two
+//!   listeners (connection caps, deadlines, HTTP/2 limits); [`fds`]: how the node spends its
+//!   file descriptors.
 
 pub mod api;
 pub mod cli;
+pub mod fds;
 pub mod genesis;
 pub mod hlc;
 pub mod identity;
 pub mod log;
+pub mod net;
 pub mod node;
 pub mod pb;
 pub mod projection;

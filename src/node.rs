@@ -11,12 +11,13 @@ use quire_projection_api::BuiltinKinds;
 use quire_projection_sql::SchemaCheck;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::access::{Access, Token};
 use crate::api::{Api, NodeFacts};
+use crate::fds::FdBudget;
 use crate::hlc::WallClock;
 use crate::log::{Log, LogOptions, OpenError, PayloadChecks};
+use crate::net::ConnectionLimits;
 use crate::projection::{Projections, Registry, RunnerError};
 use crate::replication::{ReplicationError, Replicator};
 
@@ -38,6 +39,14 @@ pub struct NodeConfig {
     pub registry: Registry,
     /// Time and row limits of SQL queries.
     pub sql_limits: quire_projection_sql::Limits,
+    /// Caps of the client API's listener: connections in all and per address, HTTP/2 streams
+    /// per connection (`--max-api-connections`, `--max-api-connections-per-address`).
+    pub api_limits: ConnectionLimits,
+    /// Caps of the peer listener (`--max-peer-connections`, `--max-peer-connections-per-address`).
+    pub peer_limits: ConnectionLimits,
+    /// How the node spends its file descriptors: open projection copies and idle readers (by
+    /// default the shares of the process's open-files limit; RocksDB's share always is).
+    pub fds: FdBudget,
     /// Host names the client API answers to besides IP addresses and `localhost`
     /// (`--api-host`); apps are served at `<label>.<name>` too.
     pub api_hosts: Vec<String>,
@@ -64,6 +73,9 @@ impl std::fmt::Debug for NodeConfig {
             .field("registry", &self.registry)
             .field("sql_limits", &self.sql_limits)
             .field("api_hosts", &self.api_hosts)
+            .field("api_limits", &self.api_limits)
+            .field("peer_limits", &self.peer_limits)
+            .field("fds", &self.fds)
             .field("api_tls", &self.api_tls)
             .finish()
     }
@@ -80,6 +92,9 @@ impl NodeConfig {
             registry: Registry::builtin(),
             sql_limits: quire_projection_sql::Limits::default(),
             api_hosts: Vec::new(),
+            api_limits: ConnectionLimits::API,
+            peer_limits: ConnectionLimits::PEER,
+            fds: FdBudget::from_limit(),
             api_tls: None,
             rules: None,
             without_access_checks: None,
@@ -166,9 +181,7 @@ pub async fn serve(
         None => None,
     };
     let tls = match &config.api_tls {
-        Some((cert, key)) => {
-            Some(crate::api::listen::tls_acceptor(cert, key).map_err(NodeError::Tls)?)
-        }
+        Some((cert, key)) => Some(crate::net::tls_acceptor(cert, key).map_err(NodeError::Tls)?),
         None => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -187,7 +200,12 @@ pub async fn serve(
     };
     // Projections first: a copy ahead of the log (after a lost tail) is found while the head is
     // still the one the log came back with, before replication moves it.
-    let projections = Projections::start(log.clone(), config.registry.clone(), &config.data_dir)?;
+    let projections = Projections::start(
+        log.clone(),
+        config.registry.clone(),
+        &config.data_dir,
+        config.fds,
+    )?;
     // A leave a stop interrupted: its scribes went at open and its copies as the projections
     // started; whole-log projections forget it, then it may be joined again.
     for stream in log.interrupted_leaves() {
@@ -217,6 +235,7 @@ pub async fn serve(
     let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
+    let (api_limits, peer_limits) = (config.api_limits, config.peer_limits);
     let sql = crate::api::sql::SqlService::new(log.clone(), projections.clone(), config.sql_limits);
     let routes = Api::new(
         log.clone(),
@@ -232,10 +251,11 @@ pub async fn serve(
     .await;
     // HTTP/1.1 (browsers, curl, the live binding's WebSocket) and HTTP/2 (gRPC) on one port.
     let api_server = async {
-        crate::api::listen::serve(
+        crate::net::serve(
             api,
             tls,
             routes.into_axum_router(),
+            api_limits,
             stopped(stop_rx.clone()),
         )
         .await;
@@ -244,13 +264,17 @@ pub async fn serve(
     let peer_server = async {
         match peer {
             Some(listener) => {
-                tonic::transport::Server::builder()
-                    // Notice dead peers even while a stream is idle.
-                    .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
-                    .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-                    .add_service(replicator.service())
-                    .serve_with_incoming_shutdown(no_delay(listener), stopped(stop_rx.clone()))
-                    .await
+                // HTTP/2 only, pinged so a dead peer is noticed while a stream is idle, within
+                // the peer listener's caps.
+                crate::net::serve(
+                    listener,
+                    None,
+                    tonic::service::Routes::new(replicator.service()).into_axum_router(),
+                    peer_limits,
+                    stopped(stop_rx.clone()),
+                )
+                .await;
+                Ok(())
             }
             None => {
                 stopped(stop_rx.clone()).await;
@@ -275,19 +299,6 @@ pub async fn serve(
     drop(projections);
     log.close().await;
     result
-}
-
-/// Accepted connections with Nagle's algorithm off: small gRPC messages (a live scribe, an
-/// append's reply) go out at once instead of waiting for a delayed ACK (~40 ms).
-fn no_delay(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|stream| {
-        stream.inspect(|stream| {
-            let _ = stream.set_nodelay(true);
-        })
-    })
 }
 
 /// A node running in this process (for tests and embedding).

@@ -47,6 +47,8 @@ impl pb::admin_server::Admin for Api {
             rules: self.log.rules_version(),
             held_scribes: self.log.held().0,
             held_bytes: self.log.held().1,
+            open_copies: self.projections.open_copies().0 as u64,
+            max_open_copies: self.projections.open_copies().1 as u64,
             store_memory: Some({
                 let (memtables, table_readers, block_cache, pinned) = self.log.store().memory();
                 pb::StoreMemory {

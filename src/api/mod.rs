@@ -25,7 +25,6 @@ pub mod convert;
 pub mod files;
 pub mod http;
 pub mod kv;
-pub mod listen;
 pub mod live;
 pub mod log;
 pub mod projections;

@@ -88,7 +88,14 @@ impl<R: Send + 'static> Served<R> {
         E: Send + 'static,
     {
         let readers = self.readers.clone();
+        // A turn first: reads beyond the node's few at once wait here, holding no reader and no
+        // thread, and are refused when too many wait.
+        let turn = readers
+            .turn()
+            .await
+            .map_err(|busy| Status::unavailable(busy.to_string()))?;
         tokio::task::spawn_blocking(move || {
+            let _turn = turn;
             let mut loan: Loan<R> = readers.take(&stream).map_err(|error| match error {
                 TakeError::Runner(error) => projections_status(&error),
                 other => Status::internal(other.to_string()),

@@ -121,6 +121,10 @@ pub(crate) async fn status(url: &Node) -> Result<()> {
     for listener in &status.listeners {
         println!("listener    {:<6} {}", listener.name, listener.addr);
     }
+    println!(
+        "copies      {} projection slots open of at most {} (quiet ones are closed, reopened when used)",
+        status.open_copies, status.max_open_copies
+    );
     if let Some(memory) = &status.store_memory {
         println!(
             "store memory {} KiB memtables, {} KiB table readers, {} KiB block cache ({} KiB pinned)",

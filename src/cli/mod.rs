@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use quire_projection_api::{AuthorKey, ScribeId};
 
+use crate::net::ConnectionLimits;
 use crate::projection::Registry;
 
 mod admin;
@@ -178,6 +179,21 @@ pub struct ServeArgs {
     /// Most rows one SQL query may return; a query with more is refused.
     #[arg(long, env = "QUIRE_SQL_MAX_ROWS", default_value_t = 10_000)]
     pub sql_max_rows: usize,
+    /// Most client API connections open at once; a connection past it is closed at once (a
+    /// plain HTTP client is told why with a 429).
+    #[arg(long, default_value_t = ConnectionLimits::API.max_connections as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_api_connections: u64,
+    /// Most client API connections open at once from one address (an IPv6 /64 counts as one):
+    /// a browser opens a few per page, a live binding holds one per open page.
+    #[arg(long, default_value_t = ConnectionLimits::API.max_per_address as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_api_connections_per_address: u64,
+    /// Most peer connections open at once (an honest peer holds one).
+    #[arg(long, default_value_t = ConnectionLimits::PEER.max_connections as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_peer_connections: u64,
+    /// Most peer connections open at once from one address (an IPv6 /64 counts as one): raise
+    /// it when many nodes share one address (behind a NAT, or on one host).
+    #[arg(long, default_value_t = ConnectionLimits::PEER.max_per_address as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_peer_connections_per_address: u64,
 }
 
 /// `quire join`.

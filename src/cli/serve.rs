@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::ServeArgs;
+use crate::net::ConnectionLimits;
 use crate::node::{self, NodeConfig};
 use crate::projection::Registry;
 
@@ -34,6 +35,18 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
             time: std::time::Duration::from_millis(args.sql_time_limit_ms),
             rows: args.sql_max_rows,
         },
+        api_limits: ConnectionLimits {
+            max_connections: args.max_api_connections as usize,
+            max_per_address: args.max_api_connections_per_address as usize,
+            ..ConnectionLimits::API
+        },
+        peer_limits: ConnectionLimits {
+            max_connections: args.max_peer_connections as usize,
+            max_per_address: args.max_peer_connections_per_address as usize,
+            ..ConnectionLimits::PEER
+        },
+        // After raising the open-files limit: the budget is its shares.
+        fds: crate::fds::FdBudget::from_limit(),
         rules: None,
         without_access_checks: None,
     };

@@ -442,6 +442,8 @@ fn db_options() -> Options {
     options.set_db_write_buffer_size(MEMTABLE_BUDGET);
     // Small memtables also keep the write-ahead log short, so a restart replays little.
     options.set_max_total_wal_size(4 * MEMTABLE_BUDGET as u64);
+    // Table files kept open: RocksDB's share of the node's descriptors, not one per file.
+    options.set_max_open_files(crate::fds::FdBudget::from_limit().store_files as i32);
     options
 }
 

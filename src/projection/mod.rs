@@ -16,6 +16,7 @@
 //! together with its checkpoint, and the runner always resumes from the checkpoint the projector
 //! reports after it is opened.
 
+mod budget;
 mod consumers;
 mod offline;
 mod quarantine;

@@ -178,7 +178,7 @@ impl Slot {
             } else {
                 let checkpoint = instance.checkpoint;
                 match instance
-                    .projector
+                    .projector(&*self.plugin)?
                     .apply(std::slice::from_ref(&view), checkpoint)
                 {
                     Ok(()) => {}

@@ -16,9 +16,6 @@ use super::{Projections, RunnerError};
 
 /// Idle readers kept per copy.
 const MAX_IDLE: usize = 8;
-/// Idle readers kept in all (each holds a few file descriptors): a node with many streams keeps
-/// the busiest ones open and reopens the others.
-const MAX_IDLE_TOTAL: usize = 64;
 
 /// A pool of readers of type `R` for the projection `name`.
 pub struct Readers<R> {
@@ -26,6 +23,12 @@ pub struct Readers<R> {
     projections: Projections,
     open: fn(&Path) -> Result<R, ProjectionError>,
     idle: Arc<Mutex<Idle<R>>>,
+    /// Idle readers kept in all (each holds a few file descriptors): the node's
+    /// [`crate::fds::FdBudget::idle_readers`]. A node with many streams keeps the busiest ones open
+    /// and reopens the others.
+    max_idle_total: usize,
+    /// The node's turns to read, shared by every pool.
+    turns: Arc<ReadTurns>,
 }
 
 /// Idle readers by copy directory, and how many times copies were forgotten: a reader on loan
@@ -51,6 +54,8 @@ impl<R> Clone for Readers<R> {
             projections: self.projections.clone(),
             open: self.open,
             idle: self.idle.clone(),
+            max_idle_total: self.max_idle_total,
+            turns: self.turns.clone(),
         }
     }
 }
@@ -112,6 +117,8 @@ impl<R> Readers<R> {
         }));
         Readers {
             name,
+            max_idle_total: projections.fds().idle_readers,
+            turns: projections.read_turns(),
             projections,
             open,
             idle,
@@ -146,13 +153,19 @@ impl<R> Readers<R> {
         })
     }
 
+    /// Waits for a turn to read (at most [`max_reads`] run at once on the node); hold the permit
+    /// while the reader works.
+    pub async fn turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, BusyError> {
+        self.turns.turn().await
+    }
+
     /// Returns a reader after use (drop a loan instead if its reader failed).
     pub fn give(&self, loan: Loan<R>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if loan.forgets != idle.forgets {
             return; // taken before a stream was left: closed
         }
-        if idle.by_dir.values().map(Vec::len).sum::<usize>() >= MAX_IDLE_TOTAL {
+        if idle.by_dir.values().map(Vec::len).sum::<usize>() >= self.max_idle_total {
             // Make room: forget readers of removed copies, then of the most crowded copy.
             idle.by_dir.retain(|path, _| path.exists());
             if let Some(crowded) = idle.by_dir.values_mut().max_by_key(|readers| readers.len()) {
@@ -162,6 +175,94 @@ impl<R> Readers<R> {
         let readers = idle.by_dir.entry(loan.dir).or_default();
         if readers.len() < MAX_IDLE {
             readers.push(loan.reader);
+        }
+    }
+}
+
+/// Reads running at once on a node, over every query service: each holds a reader (a few file
+/// descriptors) and a blocking thread, so a flood of queries queues here instead of opening a
+/// connection and a thread each.
+pub fn max_reads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+}
+
+/// Reads that may wait for a turn; one more is refused at once.
+pub const MAX_WAITING_READS: usize = 1024;
+
+/// How long a read may wait for its turn before it is refused.
+pub const READ_QUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The node's turns to read: [`max_reads`] at once, first come first served, at most
+/// [`MAX_WAITING_READS`] waiting for at most [`READ_QUEUE_TIMEOUT`].
+#[derive(Debug)]
+pub struct ReadTurns {
+    running: Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+    max: usize,
+    max_waiting: usize,
+    timeout: std::time::Duration,
+}
+
+/// Why a read got no turn.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BusyError {
+    /// Too many reads wait already.
+    #[error("the node is busy: {running} reads running and {waiting} waiting; try again shortly")]
+    Queue {
+        /// Reads running.
+        running: usize,
+        /// Reads waiting.
+        waiting: usize,
+    },
+    /// The read waited too long.
+    #[error(
+        "the node is busy: no turn to read within {0:?} ({1} reads run at once); try again shortly"
+    )]
+    Timeout(std::time::Duration, usize),
+}
+
+impl Default for ReadTurns {
+    fn default() -> Self {
+        ReadTurns::new(max_reads(), MAX_WAITING_READS, READ_QUEUE_TIMEOUT)
+    }
+}
+
+impl ReadTurns {
+    /// Turns for `max` reads at once, `max_waiting` waiting for at most `timeout`.
+    pub fn new(max: usize, max_waiting: usize, timeout: std::time::Duration) -> ReadTurns {
+        ReadTurns {
+            running: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            max: max.max(1),
+            max_waiting,
+            timeout,
+        }
+    }
+
+    /// Waits for a turn; the permit is the turn, given back when dropped.
+    pub async fn turn(&self) -> Result<tokio::sync::OwnedSemaphorePermit, BusyError> {
+        use std::sync::atomic::Ordering;
+        if let Ok(permit) = self.running.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let waiting = self.waiting.fetch_add(1, Ordering::AcqRel);
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+        }
+        let _waiting = Waiting(&self.waiting);
+        if waiting >= self.max_waiting {
+            return Err(BusyError::Queue {
+                running: self.max,
+                waiting,
+            });
+        }
+        match tokio::time::timeout(self.timeout, self.running.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(BusyError::Timeout(self.timeout, self.max)),
         }
     }
 }
@@ -202,12 +303,58 @@ impl<R> Readers<R> {
             .map(|result| result.map(|_| ()));
         match waited {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(WaitError::ShuttingDown),
+            // The copy went: the node is stopping, or the stream was left meanwhile.
+            Ok(Err(_)) if self.projections.holds(stream) => Err(WaitError::ShuttingDown),
+            Ok(Err(_)) => Err(WaitError::Runner(RunnerError::NotReady(format!(
+                "stream {stream} was left before its {} table applied seq {seq}",
+                self.name
+            )))),
             Err(_) => Err(WaitError::Timeout {
                 name: self.name,
                 seq,
                 timeout,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn turns_run_a_few_queue_a_bounded_number_and_refuse_the_rest() {
+        let turns = Arc::new(ReadTurns::new(1, 2, std::time::Duration::from_millis(100)));
+        let first = turns.turn().await.unwrap();
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let turns = turns.clone();
+                tokio::spawn(async move { turns.turn().await.map(drop) })
+            })
+            .collect();
+        while turns.waiting.load(std::sync::atomic::Ordering::Acquire) < 2 {
+            tokio::task::yield_now().await;
+        }
+        let refused = turns.turn().await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                BusyError::Queue {
+                    running: 1,
+                    waiting: 2
+                }
+            ),
+            "{refused}"
+        );
+        for waiter in waiters {
+            let timed_out = waiter.await.unwrap().unwrap_err();
+            assert!(matches!(timed_out, BusyError::Timeout(_, 1)), "{timed_out}");
+        }
+        assert_eq!(turns.waiting.load(std::sync::atomic::Ordering::Acquire), 0);
+        drop(first);
+        let _turn = turns
+            .turn()
+            .await
+            .expect("a turn once the first is given back");
     }
 }

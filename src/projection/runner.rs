@@ -13,10 +13,13 @@ use std::time::Duration;
 use quire_projection_api::{Plugin, Scope, ScribeId, StreamId};
 use tokio::sync::Notify;
 
+use super::budget::OpenCopies;
 use super::consumers::{self, Consumer};
 use super::quarantine::Parked;
+use super::readers::ReadTurns;
 use super::registry::Registry;
 use super::slot::{lock, slot_target, Slot, SlotError, Worked, PROJECTIONS_DIR};
+use crate::fds::FdBudget;
 use crate::log::store::{Store, StoreError};
 use crate::log::Log;
 
@@ -115,6 +118,12 @@ struct Inner {
     /// What holds copies open besides the slots (the services' reader pools): called with a
     /// forgotten copy's directory, each closes what it holds under it; false once it is gone.
     forget_hooks: Mutex<Vec<ForgetHook>>,
+    /// The slots whose copies are open; past the budget, the least recently used are closed.
+    open: Arc<OpenCopies>,
+    /// How the node spends its file descriptors.
+    fds: FdBudget,
+    /// Turns to read the copies (every query service's reads share them).
+    reads: Arc<ReadTurns>,
 }
 
 /// See `Inner::forget_hooks`.
@@ -138,10 +147,12 @@ impl Projections {
     /// Opens every slot of `registry` over `log` (data under `<data_dir>/projections`) and starts
     /// their tasks; per-stream slots follow as streams are created or joined. Tasks end when the
     /// log closes.
+    /// At most `fds.open_copies` copies are open at once.
     pub fn start(
         log: Log,
         registry: Registry,
         data_dir: &Path,
+        fds: FdBudget,
     ) -> Result<Projections, RunnerError> {
         let projections = Projections {
             inner: Arc::new(Inner {
@@ -155,6 +166,9 @@ impl Projections {
                     std::thread::available_parallelism().map_or(2, |n| n.get()),
                 )),
                 forget_hooks: Mutex::new(Vec::new()),
+                open: Arc::new(OpenCopies::new(fds.open_copies)),
+                fds,
+                reads: Arc::new(ReadTurns::default()),
             }),
         };
         projections.forget_orphans()?;
@@ -237,6 +251,8 @@ impl Projections {
             stream,
             &inner.root,
         )?);
+        // Opening read its checkpoint: the copy counts as used (and may close a quieter one).
+        inner.open.used(&slot);
         let wake = Arc::new(Notify::new());
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(run_slot(
@@ -245,6 +261,7 @@ impl Projections {
             wake.clone(),
             stopped,
             inner.working.clone(),
+            inner.open.clone(),
         ));
         lock(&inner.slots).insert(
             key.to_string(),
@@ -273,6 +290,7 @@ impl Projections {
         };
         for task in &tasks {
             task.stop.send_replace(true);
+            self.inner.open.forget(task.slot.key());
         }
         for task in &tasks {
             let handle = lock(&task.task).take();
@@ -299,6 +317,26 @@ impl Projections {
         .await
         .map_err(|_| RunnerError::NotReady("the node is shutting down".into()))??;
         Ok(count)
+    }
+
+    /// Whether this node holds `stream` (and is not leaving it).
+    pub fn holds(&self, stream: &StreamId) -> bool {
+        self.inner.log.stream(stream).is_some() && !self.inner.log.is_leaving(stream)
+    }
+
+    /// The node's turns to read projection copies.
+    pub fn read_turns(&self) -> Arc<ReadTurns> {
+        self.inner.reads.clone()
+    }
+
+    /// How the node spends its file descriptors.
+    pub fn fds(&self) -> FdBudget {
+        self.inner.fds
+    }
+
+    /// Projection slots whose copies are open now, and the most kept open.
+    pub fn open_copies(&self) -> (usize, usize) {
+        (self.inner.open.len(), self.inner.open.max())
     }
 
     /// Registers what to call with the directory of every copy a left stream forgets.
@@ -381,13 +419,23 @@ impl Projections {
                 )));
             }
         }
-        let slots = lock(&self.inner.slots);
-        Ok(slots
-            .values()
-            .filter(|task| task.slot.plugin.name() == name)
-            .filter(|task| stream.is_none() || task.slot.stream.as_ref() == stream)
-            .cloned()
-            .collect())
+        let matching = || -> Vec<SlotTask> {
+            lock(&self.inner.slots)
+                .values()
+                .filter(|task| task.slot.plugin.name() == name)
+                .filter(|task| stream.is_none() || task.slot.stream.as_ref() == stream)
+                .cloned()
+                .collect()
+        };
+        let slots = matching();
+        if slots.is_empty() && stream.is_some() {
+            // A stream created or joined a moment ago: its slots may not be open yet (they open
+            // when the runner next sees the set of streams change). Open them now; a slot that
+            // cannot be opened is logged there and answered as missing here.
+            let _ = self.open_missing_slots();
+            return Ok(matching());
+        }
+        Ok(slots)
     }
 
     /// Every slot, taken out of the map's lock.
@@ -544,7 +592,9 @@ impl Projections {
                 "projection {name} has no copy for that stream yet (it could not be opened: see the node's log)"
             ))
         })?;
-        Ok(task.slot.digest()?)
+        let digest = task.slot.digest()?;
+        self.inner.open.used(&task.slot);
+        Ok(digest)
     }
 
     /// The live copy of `name` for `stream`: its directory (for a built-in projector's readers)
@@ -554,12 +604,7 @@ impl Projections {
         name: &str,
         stream: &StreamId,
     ) -> Result<(PathBuf, tokio::sync::watch::Receiver<u64>), RunnerError> {
-        let mut slots = self.slots_of(name, Some(stream))?;
-        if slots.is_empty() {
-            // A stream created or joined a moment ago: its slots may not be open yet.
-            self.open_missing_slots()?;
-            slots = self.slots_of(name, Some(stream))?;
-        }
+        let slots = self.slots_of(name, Some(stream))?;
         let task = slots.into_iter().next().ok_or_else(|| {
             RunnerError::NotReady(format!(
                 "projection {name} has no copy for stream {stream} yet"
@@ -611,6 +656,9 @@ impl Projections {
                         Err(error) => {
                             failed.get_or_insert(error);
                         }
+                    }
+                    if task.slot.is_open() {
+                        self.inner.open.used(&task.slot);
                     }
                     task.wake.notify_one();
                 }
@@ -717,6 +765,7 @@ async fn run_slot(
     wake: Arc<Notify>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     working: Arc<tokio::sync::Semaphore>,
+    open: Arc<OpenCopies>,
 ) {
     // A per-stream slot wakes for its own stream's commits only (10,000 quiet streams cost an
     // append nothing); a whole-log slot for every commit.
@@ -734,7 +783,7 @@ async fn run_slot(
             return;
         }
         let head = *heads.borrow_and_update();
-        let Some(stepped) = step(&log, &slot, head, &working).await else {
+        let Some(stepped) = step(&log, &slot, head, &working, &open).await else {
             return;
         };
         match stepped {
@@ -774,15 +823,21 @@ async fn step(
     slot: &Arc<Slot>,
     head: u64,
     working: &Arc<tokio::sync::Semaphore>,
+    open: &Arc<OpenCopies>,
 ) -> Option<Result<Worked, String>> {
     let worker = slot.clone();
     let store_log = log.clone();
+    let used = open.clone();
     let permit = working.clone().acquire_owned().await.ok()?;
     let result = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let store = store_log.store();
         let target = worker.target(store, head)?;
-        worker.work(store, target, true)
+        let worked = worker.work(store, target, true);
+        if worker.is_open() {
+            used.used(&worker);
+        }
+        worked
     })
     .await;
     match result {
@@ -792,7 +847,13 @@ async fn step(
             // Its in-memory state may be half a batch: start again from its files.
             let reopened = slot.clone();
             let store_log = log.clone();
-            let _ = tokio::task::spawn_blocking(move || reopened.reopen(store_log.store())).await;
+            let open = open.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if reopened.reopen(store_log.store()).is_ok() {
+                    open.used(&reopened);
+                }
+            })
+            .await;
             Some(Err(format!(
                 "the projector panicked: {}",
                 panic_message(join)

@@ -106,11 +106,15 @@ pub(crate) fn read_batch(
     }
 }
 
-/// One copy of the state.
+/// One copy of the state. Its projector is open only while it is used: a quiet copy is closed
+/// (its files, a few descriptors each) when the node holds more open copies than its budget, and
+/// opened again from its place when it is next needed. Every batch commits with its checkpoint, so
+/// between two batches the files are the whole state.
 pub(crate) struct Instance {
     pub(crate) generation: u64,
     pub(crate) fingerprint: String,
-    pub(super) projector: Box<dyn Projector>,
+    projector: Option<Box<dyn Projector>>,
+    place: Place,
     /// The committed checkpoint.
     pub(crate) checkpoint: u64,
     /// How far the log has been read for it (≥ checkpoint: a per-stream instance skips other
@@ -119,6 +123,34 @@ pub(crate) struct Instance {
 }
 
 impl Instance {
+    /// The open projector, opening it again if it was closed.
+    pub(super) fn projector(
+        &mut self,
+        plugin: &dyn Plugin,
+    ) -> Result<&mut dyn Projector, SlotError> {
+        if self.projector.is_none() {
+            let projector = plugin.open(&self.place)?;
+            let checkpoint = projector.checkpoint()?;
+            if checkpoint != self.checkpoint {
+                // Only another process writing the copy's files could do this: believe them.
+                tracing::warn!(dir = %self.place.dir.display(), checkpoint, expected = self.checkpoint, "a projection copy reopened at another checkpoint");
+                self.checkpoint = checkpoint;
+                self.scanned = checkpoint;
+            }
+            self.projector = Some(projector);
+        }
+        Ok(&mut **self.projector.as_mut().expect("opened above"))
+    }
+
+    /// Closes the projector (its files); the next use opens it again.
+    pub(super) fn close(&mut self) -> bool {
+        self.projector.take().is_some()
+    }
+
+    fn is_open(&self) -> bool {
+        self.projector.is_some()
+    }
+
     fn state(&self) -> CopyState {
         CopyState {
             generation: self.generation,
@@ -479,7 +511,7 @@ impl Slot {
         while start < batch.len() {
             let part = &batch[start..end];
             let checkpoint = part.last().expect("non-empty part").local_seq;
-            match instance.projector.apply(part, checkpoint) {
+            match instance.projector(&*self.plugin)?.apply(part, checkpoint) {
                 Ok(()) => {
                     instance.checkpoint = checkpoint;
                     let first = part.first().expect("non-empty part").local_seq;
@@ -526,7 +558,7 @@ impl Slot {
         if seq <= instance.checkpoint {
             return Ok(());
         }
-        match instance.projector.apply(&[], seq) {
+        match instance.projector(&*self.plugin)?.apply(&[], seq) {
             Ok(()) => {
                 instance.checkpoint = seq;
                 Ok(())
@@ -562,8 +594,8 @@ impl Slot {
 
     /// The live copy's digest and checkpoint.
     pub(crate) fn digest(&self) -> Result<([u8; 32], u64), SlotError> {
-        let live = lock(&self.live);
-        let digest = live.projector.digest()?;
+        let mut live = lock(&self.live);
+        let digest = live.projector(&*self.plugin)?.digest()?;
         Ok((digest, live.checkpoint))
     }
 
@@ -582,6 +614,25 @@ impl Slot {
     /// The live copy's directory.
     pub(crate) fn live_dir(&self) -> PathBuf {
         self.dir.join(lock(&self.shown).0.generation.to_string())
+    }
+
+    /// Closes the copies' projectors unless one is in use now (then it says false: a busy copy
+    /// stays open). They open again when next needed.
+    pub(crate) fn close_copies(&self) -> bool {
+        let (Ok(mut live), Ok(mut shadow)) = (self.live.try_lock(), self.shadow.try_lock()) else {
+            return false;
+        };
+        live.close();
+        if let Some(shadow) = shadow.as_mut() {
+            shadow.close();
+        }
+        true
+    }
+
+    /// Whether a copy's projector is open.
+    pub(crate) fn is_open(&self) -> bool {
+        let open = |instance: Option<&Instance>| instance.is_some_and(Instance::is_open);
+        open(Some(&lock(&self.live))) || open(lock(&self.shadow).as_ref())
     }
 
     /// The live copy and the shadow copy, if any, as of their last step.
@@ -691,7 +742,8 @@ fn open_instance(
     Ok(Instance {
         generation,
         fingerprint,
-        projector,
+        projector: Some(projector),
+        place,
         checkpoint,
         scanned: checkpoint,
     })

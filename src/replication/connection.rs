@@ -25,6 +25,7 @@ use super::wire::{self, WireError};
 use super::{Command, Inner, FIRST_BACKOFF, MAX_BACKOFF, MAX_PEER_MESSAGE_BYTES, OUTBOUND_QUEUE};
 use crate::log::store::{CursorUpdate, PeerOrigin, StoreError};
 use crate::log::AppendError;
+use crate::net::Proven;
 use crate::pb;
 use crate::scribe::{self, Parts};
 
@@ -173,6 +174,7 @@ pub(crate) async fn run<S>(
     outgoing: mpsc::Sender<pb::PeerMessage>,
     dialed: bool,
     addr: String,
+    proven: Option<Proven>,
 ) -> Result<(), ConnectionError>
 where
     S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin + Send,
@@ -195,6 +197,7 @@ where
         addr,
         refused_here: 0,
         id,
+        proven,
     };
     let result = driver.drive(incoming, &outgoing, commands).await;
     // Best effort: tell the peer why.
@@ -234,6 +237,8 @@ struct Driver {
     addr: String,
     refused_here: u64,
     id: u64,
+    /// An accepted connection's mark for its listener: set once the peer proved its key.
+    proven: Option<Proven>,
 }
 
 impl Driver {
@@ -461,6 +466,10 @@ impl Driver {
         rules: u32,
     ) -> Result<(), ConnectionError> {
         self.peer = Some(peer);
+        if let Some(proven) = &self.proven {
+            // The listener stops counting what this peer sends against its unproven budget.
+            proven.set();
+        }
         self.epoch = epoch;
         self.peer_rules = rules;
         let own = self.inner.log.rules_version();
@@ -766,6 +775,7 @@ async fn dial_once(inner: Arc<Inner>, addr: &str) -> Result<(), ConnectionError>
         outgoing,
         true,
         addr.to_string(),
+        None,
     )
     .await
 }

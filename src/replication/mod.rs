@@ -34,8 +34,13 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::log::Log;
 use crate::pb;
 
-/// Largest peer message (a batch is cut at [`connection::BATCH_BYTES`], plus one maximal scribe).
-pub const MAX_PEER_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest peer message, derived from the largest scribe any policy allows: a batch is cut at
+/// [`connection::BATCH_BYTES`] unless its one scribe is larger, up to an envelope and a payload at
+/// [`crate::scribe::HARD_MAX_PAYLOAD_BYTES`]; 1 MiB more covers each scribe's seal, ids and
+/// framing. A peer that declares a larger message is cut off before it is read.
+pub const MAX_PEER_MESSAGE_BYTES: usize =
+    crate::scribe::HARD_MAX_PAYLOAD_BYTES as usize + crate::scribe::MAX_ENVELOPE_BYTES + (1 << 20);
+const _: () = assert!(connection::BATCH_BYTES + (1 << 20) <= MAX_PEER_MESSAGE_BYTES);
 /// Messages queued towards one peer before the connection stops reading from storage.
 pub const OUTBOUND_QUEUE: usize = 8;
 /// Longest wait between two dial attempts.
@@ -459,11 +464,14 @@ impl pb::peer_server::Peer for PeerService {
         let addr = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
+        // The listener's budget of what this connection may send before its peer proved its key.
+        let proven = request.extensions().get::<crate::net::Proven>().cloned();
         let incoming = request.into_inner();
         let (outgoing, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let result = connection::run(inner, incoming, outgoing, false, addr.clone()).await;
+            let result =
+                connection::run(inner, incoming, outgoing, false, addr.clone(), proven).await;
             if let Err(error) = result {
                 tracing::info!(peer = %addr, %error, "accepted peer connection ended");
             }

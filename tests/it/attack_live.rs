@@ -1470,14 +1470,14 @@ async fn silent_connections(
 }
 
 /// Pins the slowloris guard of the listener for the clients it covers: half an HTTP/1.1 request
-/// head is dropped after [`quire::api::listen::HEADER_TIMEOUT`], and an HTTP/2 preface with
+/// head is dropped after [`quire::net::HEADER_TIMEOUT`], and an HTTP/2 preface with
 /// nothing after it once the keep-alive ping goes unanswered; meanwhile a plain HTTP/1.1 GET and
 /// a gRPC call are answered on the same port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_head_and_a_silent_h2_connection_are_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
-    let header = quire::api::listen::HEADER_TIMEOUT;
+    let header = quire::net::HEADER_TIMEOUT;
     let cases = [
         (
             "half an HTTP/1.1 head",
@@ -1509,7 +1509,7 @@ async fn a_slow_request_head_and_a_silent_h2_connection_are_dropped() {
 }
 
 /// Pins that a connection that sends nothing at all, or only the start of the HTTP/2 preface,
-/// is dropped like a slow HTTP/1.1 head (within [`quire::api::listen::HEADER_TIMEOUT`] and a
+/// is dropped like a slow HTTP/1.1 head (within [`quire::net::HEADER_TIMEOUT`] and a
 /// margin). hyper-util's protocol detection (`auto::Builder`, reading the first 24 bytes to tell
 /// HTTP/2 from HTTP/1.1) has no timeout, and the header timeout starts only after it: such a
 /// connection, and its task and file descriptor, are held for as long as the client likes —
@@ -1518,7 +1518,7 @@ async fn a_slow_request_head_and_a_silent_h2_connection_are_dropped() {
 async fn a_connection_that_sends_nothing_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
-    let header = quire::api::listen::HEADER_TIMEOUT;
+    let header = quire::net::HEADER_TIMEOUT;
     let cases = [
         ("nothing", &b""[..]),
         ("16 bytes of the h2 preface", &H2_PREFACE[..16]),
@@ -1723,7 +1723,7 @@ async fn tls_handshakes_that_never_finish_block_no_one() {
     );
     let took = started.elapsed();
     assert!(
-        took < quire::api::listen::HANDSHAKE_TIMEOUT / 2,
+        took < quire::net::HANDSHAKE_TIMEOUT / 2,
         "51 stalled handshakes held a real client {took:?}"
     );
     drop(stalled);
@@ -1731,7 +1731,7 @@ async fn tls_handshakes_that_never_finish_block_no_one() {
 }
 
 /// Pins that strangers stalled in the TLS handshake do not hold the node's shutdown: with 51
-/// of them open, `stop()` must return well before [`quire::api::listen::HANDSHAKE_TIMEOUT`]. A
+/// of them open, `stop()` must return well before [`quire::net::HANDSHAKE_TIMEOUT`]. A
 /// connection's task holds the router (and with it the log) during its handshake, outside the
 /// graceful-shutdown watcher, so the log's close waits for each handshake to time out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1743,7 +1743,7 @@ async fn stop_is_not_held_by_stalled_tls_handshakes() {
     node.stop().await.unwrap();
     let took = started.elapsed();
     assert!(
-        took < quire::api::listen::HANDSHAKE_TIMEOUT / 2,
+        took < quire::net::HANDSHAKE_TIMEOUT / 2,
         "stop() waited {took:?} for stalled TLS handshakes"
     );
     drop(stalled);

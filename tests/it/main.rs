@@ -16,6 +16,7 @@ mod consumer;
 mod crash;
 mod files;
 mod format;
+mod hostile;
 mod kv;
 mod leave;
 mod live;

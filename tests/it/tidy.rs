@@ -23,7 +23,7 @@ const LAYERS: &[&[&str]] = &[
     &["api"],
     &["projection", "replication", "verify"],
     &["log"],
-    &["scribe", "genesis", "hlc", "identity", "pb"],
+    &["scribe", "genesis", "hlc", "identity", "pb", "net", "fds"],
 ];
 
 fn root() -> PathBuf {

@@ -140,7 +140,9 @@ pub trait Plugin: Send + Sync + 'static {
     }
 
     /// Opens the instance kept in `place.dir`, creating an empty state if the directory holds
-    /// none. Reopening a directory after a crash must give the last committed state.
+    /// none. Reopening a directory after a crash must give the last committed state. The runner
+    /// also drops an open instance between two batches when it keeps too many open (a node's
+    /// budget of open copies) and opens the place again when it is next needed.
     fn open(&self, place: &Place) -> Result<Box<dyn Projector>, ProjectionError>;
 }
 

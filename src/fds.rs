@@ -1,0 +1,66 @@
+//! How a node spends its file descriptors: RocksDB's open files, open projection copies and idle
+//! query readers each get a share of one budget (by default this process's soft `RLIMIT_NOFILE`,
+//! which `quire serve` raises to the hard limit first); what is left is for connections. So a node
+//! with 10,000 streams runs under a limit of 1,024 instead of stopping at about a hundred.
+
+/// Descriptors one open copy is counted as holding.
+pub const FDS_PER_COPY: u64 = 4;
+
+/// Fewest open copies, however small the budget (a node needs a few to make progress at all).
+pub(crate) const MIN_OPEN_COPIES: usize = 8;
+
+/// How a node spends its file descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    /// Open projection copies at once (half the budget, at [`FDS_PER_COPY`] each).
+    pub open_copies: usize,
+    /// Files RocksDB keeps open (an eighth of the budget).
+    pub store_files: usize,
+    /// Idle readers each query service keeps (a sixty-fourth of the budget, at most 64).
+    pub idle_readers: usize,
+}
+
+impl FdBudget {
+    /// The shares of `fds` descriptors; what is left is for connections and everything else.
+    pub fn of(fds: u64) -> FdBudget {
+        FdBudget {
+            open_copies: ((fds / 2 / FDS_PER_COPY) as usize).clamp(MIN_OPEN_COPIES, 4096),
+            store_files: ((fds / 8) as usize).clamp(32, 1024),
+            idle_readers: ((fds / 64) as usize).clamp(2, 64),
+        }
+    }
+
+    /// The shares of this process's soft `RLIMIT_NOFILE` (`quire serve` raises it to the hard
+    /// limit first).
+    pub fn from_limit() -> FdBudget {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        FdBudget::of(limit.current.unwrap_or(1 << 20))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_grow_with_the_budget_within_bounds() {
+        let small = FdBudget::of(1024);
+        assert_eq!(small.open_copies, 128);
+        assert_eq!(small.store_files, 128);
+        assert_eq!(small.idle_readers, 16);
+        let used = small.open_copies as u64 * FDS_PER_COPY
+            + small.store_files as u64
+            + 2 * small.idle_readers as u64 * 3;
+        assert!(
+            used < 800,
+            "{used} of 1024 descriptors before any connection"
+        );
+        let tiny = FdBudget::of(16);
+        assert_eq!(tiny.open_copies, MIN_OPEN_COPIES);
+        let huge = FdBudget::of(1 << 20);
+        assert_eq!(
+            (huge.open_copies, huge.store_files, huge.idle_readers),
+            (4096, 1024, 64)
+        );
+    }
+}
