@@ -11,6 +11,11 @@
 //!    records/s (gRPC `AppendBatch` of 10 every 10 ms) while another runs
 //!    `SELECT id, n FROM posts WHERE author = ?` over HTTP with keep-alive: p50 / p99 latency.
 //!
+//! 3. **Point queries beside slow ones.** A node with 10,000 records: the same point query over
+//!    HTTP, alone and then while 8 clients each run, again and again, a query that hits the time
+//!    limit (a recursive CTE counting up); a third client appends one record at a time throughout.
+//!    p50 / p99 of both, alone and beside the slow queries, and the ratios.
+//!
 //! `-- --test` runs a tiny version for CI. `QUIRE_BENCH_RECORDS=N` sets the rebuild's size;
 //! `QUIRE_BENCH_REBUILD_ONLY=1` skips part 2.
 
@@ -110,6 +115,148 @@ fn main() {
         if test_mode { 2_000 } else { 100_000 },
         Duration::from_millis(if test_mode { 300 } else { 10_000 }),
     );
+    slow_neighbours(
+        &runtime,
+        if test_mode { 500 } else { 10_000 },
+        Duration::from_millis(if test_mode { 300 } else { 8_000 }),
+    );
+}
+
+/// A query every client may send that runs until the node's time limit stops it.
+const SLOW_QUERY: &str =
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+
+fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    (at(0.5), at(0.99))
+}
+
+/// Part 3: point queries and appends alone, then beside 8 clients running slow queries.
+fn slow_neighbours(runtime: &tokio::runtime::Runtime, records: usize, run_for: Duration) {
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let node = RunningNode::start(
+            NodeConfig::new(dir.path()),
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        let channel = support::owner(&node).await;
+        let stream = support::create_stream(&channel, "slow", Some(support::unlimited())).await;
+        fill(&channel, &stream, records).await;
+        let url = format!("{}/{}/query", node.url(), hex::encode(&stream));
+        let http = reqwest::Client::new();
+        loop {
+            let reply: serde_json::Value = http
+                .post(&url)
+                .json(&serde_json::json!({"query": "SELECT count(*) FROM posts"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if reply["results"][0][0] == records {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // One phase: point queries and one-at-a-time appends for `run_for`.
+        let phase = |label: &'static str| {
+            let (http, url, channel, stream) =
+                (http.clone(), url.clone(), channel.clone(), stream.clone());
+            async move {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let appender = {
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        let mut log = pb::log_client::LogClient::new(channel);
+                        let mut took = Vec::new();
+                        let mut n = 0;
+                        while !stop.load(Ordering::Relaxed) {
+                            let asked = Instant::now();
+                            log.append(append(&stream, "record.add", "application/json", record(n).into_bytes()))
+                                .await
+                                .unwrap();
+                            took.push(asked.elapsed());
+                            n += 1;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        took
+                    })
+                };
+                let mut queries = Vec::new();
+                let started = Instant::now();
+                let mut n = 0usize;
+                while started.elapsed() < run_for {
+                    let author = format!("a{}", (n * 37) % AUTHORS);
+                    let asked = Instant::now();
+                    let reply: serde_json::Value = http
+                        .post(&url)
+                        .json(&serde_json::json!({"query": "SELECT id, n FROM posts WHERE author = ?", "params": [author]}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    assert_eq!(reply["success"], true, "{reply}");
+                    queries.push(asked.elapsed());
+                    n += 1;
+                }
+                stop.store(true, Ordering::Relaxed);
+                let mut appends = appender.await.unwrap();
+                let (q50, q99) = percentiles(&mut queries);
+                let (a50, a99) = percentiles(&mut appends);
+                println!(
+                    "  {label}: {} point queries p50 {q50:?} p99 {q99:?}; {} appends p50 {a50:?} p99 {a99:?}",
+                    queries.len(),
+                    appends.len()
+                );
+                (q50, q99, a50, a99)
+            }
+        };
+        println!(
+            "point queries and appends beside 8 clients whose queries hit the {:?} time limit ({records} records):",
+            quire_projection_sql::Limits::default().time
+        );
+        let alone = phase("alone").await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::new(AtomicU64::new(0));
+        let mut slow = Vec::new();
+        for _ in 0..8 {
+            let (http, url, stop, stopped) = (http.clone(), url.clone(), stop.clone(), stopped.clone());
+            slow.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let reply = http
+                        .post(&url)
+                        .json(&serde_json::json!({"query": SLOW_QUERY}))
+                        .send()
+                        .await
+                        .unwrap();
+                    // The node stops it at its time limit (504).
+                    assert_eq!(reply.status().as_u16(), 504, "{:?}", reply.text().await);
+                    stopped.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        let beside = phase("beside 8 slow").await;
+        stop.store(true, Ordering::Relaxed);
+        for task in slow {
+            task.await.unwrap();
+        }
+        println!(
+            "  {} slow queries stopped at the limit; beside / alone: query p50 {:.2} p99 {:.2}, append p50 {:.2} p99 {:.2}",
+            stopped.load(Ordering::Relaxed),
+            beside.0.as_secs_f64() / alone.0.as_secs_f64(),
+            beside.1.as_secs_f64() / alone.1.as_secs_f64(),
+            beside.2.as_secs_f64() / alone.2.as_secs_f64(),
+            beside.3.as_secs_f64() / alone.3.as_secs_f64()
+        );
+        node.stop().await.unwrap();
+    });
 }
 
 fn rebuild(runtime: &tokio::runtime::Runtime, records: usize) {

@@ -1,11 +1,12 @@
 //! Many quiet streams: does an append on one stream pay for the others?
 //!
 //! `cargo bench --bench streams` starts one node with a single stream and one with N quiet
-//! streams (default 1,000: created, each with a `_schema`, a record and a kv key, then idle; their
-//! sql, kv and files copies all open), waits until every copy has caught up, then times node-signed
+//! streams (default 1,000: created, each with a `_schema`, a record and a kv key, then idle),
+//! waits until every copy has caught up, then times node-signed
 //! appends (`Log.Append` over gRPC, one at a time, each answered once committed) on one stream of
 //! each, alternating between the two nodes so both see the same machine: p50 / p99, and the ratio.
-//! It also prints the process's open file descriptors and RSS with the N streams open.
+//! It also prints the process's open file descriptors and RSS with the N streams made, and how
+//! many projection copies the node keeps open of its budget (quiet ones are closed).
 //! `QUIRE_BENCH_STREAMS=N` sets N; `-- --test` runs a tiny version for CI.
 
 use std::time::{Duration, Instant};
@@ -136,6 +137,11 @@ fn main() {
         settled(&busy).await;
         let created = started.elapsed();
         let (fds_after, rss_after) = (open_fds(), rss_mib());
+        let status = pb::admin_client::AdminClient::new(support::owner(&busy).await)
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
 
         let mut log_one = support::log_client(support::owner(&one).await);
         let mut log_many = support::log_client(support::owner(&busy).await);
@@ -157,6 +163,15 @@ fn main() {
         println!(
             "  open fds {fds_before} -> {fds_after} ({:.1} per stream); RSS {rss_before:.0} -> {rss_after:.0} MiB",
             (fds_after.saturating_sub(fds_before)) as f64 / many as f64
+        );
+        println!(
+            "  open-files limit {}: projection copies open {} of at most {} (the budget's share: half the limit at {} descriptors a copy)",
+            rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(0),
+            status.open_copies,
+            status.max_open_copies,
+            quire::fds::FDS_PER_COPY
         );
         let (p50_one, p99_one) = (percentile(&mut with_one, 0.5), percentile(&mut with_one, 0.99));
         let (p50_many, p99_many) = (percentile(&mut with_many, 0.5), percentile(&mut with_many, 0.99));

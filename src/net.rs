@@ -57,11 +57,24 @@ pub struct ConnectionLimits {
     /// Serve HTTP/1.1 too (the client API), or only HTTP/2 (the peer listener).
     pub http1: bool,
     /// Bytes a connection may send before the service marks it [`Proven`] (the peer listener:
-    /// until the peer proved its node key); `None`: no such budget.
+    /// until the peer proved its node key), within [`UNPROVEN_TIMEOUT`] of its accept; `None`: no
+    /// such budget.
     pub unproven_bytes: Option<usize>,
 }
 
 impl ConnectionLimits {
+    /// These limits with at most `connections` in all (the listener's share of the node's file
+    /// descriptors) and at most a quarter of them from one address, so one address cannot fill
+    /// the listener alone.
+    pub fn within(self, connections: usize) -> ConnectionLimits {
+        let max_connections = self.max_connections.min(connections);
+        ConnectionLimits {
+            max_connections,
+            max_per_address: self.max_per_address.min((max_connections / 4).max(1)),
+            ..self
+        }
+    }
+
     /// The client API's caps: browsers and clients open several connections each, and the live
     /// binding holds one per open page.
     pub const API: ConnectionLimits = ConnectionLimits {
@@ -82,6 +95,17 @@ impl ConnectionLimits {
         http1: false,
         unproven_bytes: Some(UNPROVEN_PEER_BYTES),
     };
+}
+
+/// How long a peer connection may stay open without proving its key (the replication call's own
+/// handshake deadline is 10 s from the call's start).
+pub const UNPROVEN_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn unproven_timeout() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "did not prove its key in time",
+    )
 }
 
 /// What a peer may send before it proved its key: its handshake, and what HTTP/2 lets it send
@@ -137,7 +161,10 @@ impl Tally {
         let address = Tally::address_of(remote);
         let mut open = self.open.lock().expect("tally lock");
         let limits = self.limits;
-        if open.0 >= limits.max_connections {
+        // The node's own machine is served however many others connect (its per-address cap
+        // still holds): the owner's CLI reaches a node under a flood.
+        let loopback = remote.ip().is_loopback() || address.is_loopback();
+        if open.0 >= limits.max_connections && !loopback {
             return Err(format!(
                 "the node holds its most connections ({}); try again later",
                 limits.max_connections
@@ -180,9 +207,17 @@ struct Guarded<IO> {
     io: IO,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     needed: usize,
-    /// Until the flag is set, at most this many more bytes may be read.
-    unproven: Option<(Proven, usize)>,
+    /// Until the flag is set, at most this many more bytes may be read, and only until the
+    /// deadline.
+    unproven: Option<Unproven>,
     _admitted: Admitted,
+}
+
+/// What a connection may still do before its peer proves its key.
+struct Unproven {
+    proven: Proven,
+    left: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<IO> Guarded<IO> {
@@ -191,7 +226,11 @@ impl<IO> Guarded<IO> {
             io,
             deadline: Some(Box::pin(tokio::time::sleep(HEADER_TIMEOUT))),
             needed: PREFACE_BYTES,
-            unproven,
+            unproven: unproven.map(|(proven, left)| Unproven {
+                proven,
+                left,
+                deadline: Box::pin(tokio::time::sleep(UNPROVEN_TIMEOUT)),
+            }),
             _admitted: admitted,
         }
     }
@@ -203,19 +242,21 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if let Some((proven, left)) = &self.unproven {
-            if proven.is_set() {
+        if let Some(unproven) = &self.unproven {
+            if unproven.proven.is_set() {
                 self.unproven = None;
-            } else if *left == 0 {
+            } else if unproven.left == 0 {
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     "sent too much before proving its key",
                 )));
+            } else if unproven.deadline.is_elapsed() {
+                return Poll::Ready(Err(unproven_timeout()));
             }
         }
         let before = buf.filled().len();
         // Never read past what an unproven peer may still send.
-        let cap = self.unproven.as_ref().map(|(_, left)| *left);
+        let cap = self.unproven.as_ref().map(|unproven| unproven.left);
         let polled = match cap {
             Some(left) if left < buf.remaining() => {
                 let mut limited = ReadBuf::new(buf.initialize_unfilled_to(left));
@@ -233,12 +274,19 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                 if self.needed == 0 || read == 0 {
                     self.deadline = None;
                 }
-                if let Some((_, left)) = &mut self.unproven {
-                    *left -= read;
+                if let Some(unproven) = &mut self.unproven {
+                    unproven.left -= read;
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
+                // An idle connection that never proves a key (pings answered, no call) is cut.
+                let unproven_expired = self.unproven.as_mut().is_some_and(|unproven| {
+                    !unproven.proven.is_set() && unproven.deadline.as_mut().poll(cx).is_ready()
+                });
+                if unproven_expired {
+                    return Poll::Ready(Err(unproven_timeout()));
+                }
                 let expired = self
                     .deadline
                     .as_mut()

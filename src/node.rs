@@ -235,7 +235,10 @@ pub async fn serve(
     let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
-    let (api_limits, peer_limits) = (config.api_limits, config.peer_limits);
+    let (api_limits, peer_limits) = (
+        config.api_limits.within(config.fds.api_connections),
+        config.peer_limits.within(config.fds.peer_connections),
+    );
     let sql = crate::api::sql::SqlService::new(log.clone(), projections.clone(), config.sql_limits);
     let routes = Api::new(
         log.clone(),

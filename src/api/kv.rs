@@ -131,6 +131,25 @@ impl KvService {
         )))
     }
 
+    /// Up to `limit` entries of `stream`'s table whose keys start with `prefix`, and the seq the
+    /// table is at: on a blocking thread, in the node's turn to read (a scan may be long).
+    async fn scan_table(
+        &self,
+        stream: StreamId,
+        prefix: Vec<u8>,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, u64), Status> {
+        self.served
+            .read(
+                stream,
+                move |reader: &mut Reader| reader.scan(&prefix, limit),
+                |error: &quire_projection_api::ProjectionError| {
+                    internal(format!("reading the kv table: {error}"))
+                },
+            )
+            .await
+    }
+
     /// The value of `key` in `stream`'s table (`None`: unset or deleted). Blocks on SQLite: call
     /// it off the async executor.
     pub fn value(&self, stream: &StreamId, key: &[u8]) -> Result<Option<Vec<u8>>, Status> {
@@ -344,7 +363,9 @@ impl pb::kv_server::Kv for KvService {
             0 => SCAN_LIMIT,
             n => (n as usize).min(SCAN_LIMIT),
         };
-        let (entries, seq) = self.read(&stream, |reader| reader.scan(&request.prefix, limit))?;
+        let (entries, seq) = self
+            .scan_table(stream, request.prefix.to_vec(), limit)
+            .await?;
         Ok(Response::new(pb::KvScanReply {
             entries: entries.iter().map(|e| entry_to_proto(e, &policy)).collect(),
             seq,
@@ -384,7 +405,7 @@ impl pb::kv_server::Kv for KvService {
             } else {
                 request.prefix.to_vec()
             };
-            let (entries, seq) = self.read(&stream, |reader| reader.scan(&prefix, usize::MAX))?;
+            let (entries, seq) = self.scan_table(stream, prefix, usize::MAX).await?;
             let service = self.clone();
             let policy = policy.clone();
             let matches = matches.clone();

@@ -70,9 +70,20 @@ impl pb::projections_server::Projections for Api {
         _request: Request<pb::QuarantinedRequest>,
     ) -> Result<Response<pb::QuarantinedReply>, Status> {
         let projections = self.projections.clone();
-        let entries = blocking(move || projections.quarantined()).await?;
+        let (entries, not_kept) =
+            blocking(move || Ok((projections.quarantined()?, projections.not_kept()?))).await?;
         Ok(Response::new(pb::QuarantinedReply {
             entries: entries.iter().map(convert::quarantine_entry).collect(),
+            not_kept: not_kept
+                .into_iter()
+                .map(|(name, stream, count)| pb::NotKept {
+                    name,
+                    stream: stream.map_or_else(Bytes::new, |stream| {
+                        Bytes::copy_from_slice(stream.as_bytes())
+                    }),
+                    count,
+                })
+                .collect(),
         }))
     }
 
@@ -85,6 +96,7 @@ impl pb::projections_server::Projections for Api {
         let entries = blocking(move || projections.retry(&id, name.as_deref())).await?;
         Ok(Response::new(pb::QuarantinedReply {
             entries: entries.iter().map(convert::quarantine_entry).collect(),
+            not_kept: Vec::new(),
         }))
     }
 
@@ -97,6 +109,7 @@ impl pb::projections_server::Projections for Api {
         let entries = blocking(move || projections.skip(&id, name.as_deref())).await?;
         Ok(Response::new(pb::QuarantinedReply {
             entries: entries.iter().map(convert::quarantine_entry).collect(),
+            not_kept: Vec::new(),
         }))
     }
 }

@@ -212,9 +212,26 @@ pub async fn quarantine(url: &Node, command: QuarantineCommand) -> Result<()> {
                 .await,
         ),
     };
-    let entries = reply.map_err(status_error)?.into_inner().entries;
-    if entries.is_empty() {
+    let reply = reply.map_err(status_error)?.into_inner();
+    let entries = reply.entries;
+    if entries.is_empty() && reply.not_kept.is_empty() {
         println!("the quarantine is empty");
+    }
+    for not_kept in &reply.not_kept {
+        let projection = if not_kept.stream.is_empty() {
+            not_kept.name.clone()
+        } else {
+            format!("{}/{}", not_kept.name, hex::encode(&not_kept.stream))
+        };
+        let stream = if not_kept.stream.is_empty() {
+            String::new()
+        } else {
+            format!(" --stream {}", hex::encode(&not_kept.stream))
+        };
+        println!(
+            "{projection}: {} more refused scribes were passed over but not kept (its quarantine holds at most 1,000); `quire rebuild {}{stream}` applies them again",
+            not_kept.count, not_kept.name
+        );
     }
     for entry in entries {
         let projection = if entry.stream.is_empty() {

@@ -59,9 +59,15 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Scribes kept in one slot's quarantine. A scribe refused past it is passed over like a parked
+/// one (the copy goes on after it) but only counted, not kept: a stranger who makes a projector
+/// refuse scribes by the million fills no disk and no listing. A rebuild applies them again.
+pub const MAX_PARKED: usize = 1_000;
+
 impl Slot {
     /// Records that copy `generation` parked `scribe` (durably, before its checkpoint moves past
-    /// it). Returns whether an operator had already decided to skip it.
+    /// it). Returns whether an operator had already decided to skip it. Past [`MAX_PARKED`]
+    /// records, a newly refused scribe is only counted ([`Slot::not_kept`]).
     pub(super) fn park(
         &self,
         store: &Store,
@@ -70,7 +76,17 @@ impl Slot {
         generation: u64,
     ) -> Result<bool, SlotError> {
         let key = parked_key(&self.key, scribe.local_seq);
-        let mut parked = match store.projection_record(&key)? {
+        let existing = store.projection_record(&key)?;
+        if existing.is_none() && self.parked_count(store)? >= MAX_PARKED {
+            let count = self.not_kept(store)? + 1;
+            store.put_projection_records(&[(
+                not_kept_key(&self.key),
+                Some(count.to_be_bytes().to_vec()),
+            )])?;
+            tracing::warn!(slot = %self.key, seq = scribe.local_seq, id = %scribe.id, %reason, not_kept = count, "quarantine full ({MAX_PARKED}): a refused scribe is counted, not kept");
+            return Ok(false);
+        }
+        let mut parked = match existing {
             Some(existing) => decode_parked(&key, &existing)?,
             None => Parked {
                 name: self.plugin.name().to_string(),
@@ -111,6 +127,10 @@ impl Slot {
             .collect();
         if !stale.is_empty() {
             store.put_projection_records(&stale)?;
+        }
+        if self.not_kept(store)? > 0 {
+            // The rebuilt copy applied everything again (what it refused it parked anew).
+            store.put_projection_records(&[(not_kept_key(&self.key), None)])?;
         }
         Ok(())
     }
@@ -232,6 +252,26 @@ impl Slot {
         decode_parked(&key, &value)
     }
 
+    /// How many records this slot's quarantine holds.
+    fn parked_count(&self, store: &Store) -> Result<usize, SlotError> {
+        let prefix = format!("q/{}/", self.key);
+        Ok(store.projection_records(prefix.as_bytes())?.len())
+    }
+
+    /// Scribes refused while the quarantine was full (since the last swap of a rebuilt copy).
+    pub(crate) fn not_kept(&self, store: &Store) -> Result<u64, SlotError> {
+        let key = not_kept_key(&self.key);
+        Ok(match store.projection_record(&key)? {
+            Some(value) => u64::from_be_bytes(
+                value
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| SlotError::Damaged(format!("quarantine count {key:?}")))?,
+            ),
+            None => 0,
+        })
+    }
+
     /// Every parked or skipped scribe of this slot.
     pub(crate) fn parked(&self, store: &Store) -> Result<Vec<Parked>, SlotError> {
         let prefix = format!("q/{}/", self.key);
@@ -241,6 +281,11 @@ impl Slot {
             .map(|(key, value)| decode_parked(key, value))
             .collect()
     }
+}
+
+/// `n/<name>/<scope>`: how many refused scribes a full quarantine did not keep.
+pub(super) fn not_kept_key(key: &str) -> Vec<u8> {
+    format!("n/{key}").into_bytes()
 }
 
 fn parked_key(key: &str, seq: u64) -> Vec<u8> {

@@ -181,9 +181,10 @@ impl<R> Readers<R> {
 
 /// Reads running at once on a node, over every query service: each holds a reader (a few file
 /// descriptors) and a blocking thread, so a flood of queries queues here instead of opening a
-/// connection and a thread each.
+/// connection and a thread each. Eight per core: a few slow queries (each stopped at the time
+/// limit) hold a few turns while point queries go on beside them, sharing the cores.
 pub fn max_reads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 8
 }
 
 /// Reads that may wait for a turn; one more is refused at once.

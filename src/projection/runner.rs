@@ -613,6 +613,20 @@ impl Projections {
         Ok((task.slot.live_dir(), task.slot.watch_applied()))
     }
 
+    /// Scribes refused while a quarantine was full, by projection and stream (only those with
+    /// any).
+    pub fn not_kept(&self) -> Result<Vec<(String, Option<StreamId>, u64)>, RunnerError> {
+        let store = self.inner.log.store();
+        let mut out = Vec::new();
+        for slot in self.all_slots() {
+            let count = slot.not_kept(store)?;
+            if count > 0 {
+                out.push((slot.plugin.name().to_string(), slot.stream, count));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every parked and skipped scribe.
     pub fn quarantined(&self) -> Result<Vec<Parked>, RunnerError> {
         let store = self.inner.log.store();
@@ -743,6 +757,7 @@ fn forget_slot(
         .map(|(key, _)| (key, None))
         .collect();
     records.push((format!("s/{key}").into_bytes(), None));
+    records.push((super::quarantine::not_kept_key(&key), None));
     store.put_projection_records(&records)?;
     let dir = super::slot::scope_dir(root, name, Some(stream));
     if let Err(error) = std::fs::remove_dir_all(&dir) {

@@ -454,6 +454,7 @@ async fn a_node_keeps_only_its_budget_of_copies_open_and_every_stream_answers() 
         open_copies: 8,
         store_files: 64,
         idle_readers: 2,
+        ..FdBudget::of(1 << 20)
     };
     let config = |dir: &std::path::Path| NodeConfig {
         fds: small,

@@ -9,6 +9,7 @@ mod attack_clock;
 mod attack_format;
 mod attack_leave;
 mod attack_live;
+mod attack_load;
 mod browser;
 mod clock;
 mod common;

@@ -970,3 +970,103 @@ async fn an_append_wakes_only_the_watchers_of_its_own_stream() {
     assert!(node.log.watch_stream_head(&quiet).is_some());
     node.stop().await.unwrap();
 }
+
+/// A projector that refuses scribes by the thousand: its quarantine keeps 1,000 and counts the
+/// rest (passed over like parked ones, so the scribes after them are applied); a rebuild after
+/// the fix applies them all and empties both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_quarantine_counts_what_it_cannot_keep_and_a_rebuild_applies_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Arc::new(Hooks::default());
+    hooks.broken.store(true, Ordering::SeqCst);
+    let node = start_with(dir.path(), TestPlugin::new(&hooks)).await;
+    let url = node.url();
+    let mut clients = clients(&url).await;
+    let stream = create_stream(&mut clients, "refused", None).await;
+    for batch in 0..5 {
+        let appends = (0..201)
+            .map(|index| pb::AppendRequest {
+                stream: bytes_of(&stream),
+                kind: "x.flaky".into(),
+                content_type: "text/plain".into(),
+                payload: Bytes::from(format!("boom {batch}/{index}")),
+                parents: vec![],
+            })
+            .collect();
+        clients
+            .log
+            .append_batch(pb::AppendBatchRequest {
+                appends,
+                signed: vec![],
+                sealed: vec![],
+            })
+            .await
+            .unwrap();
+    }
+    let after = append_note(&mut clients, &stream, "after").await;
+    wait_caught_up(&url, "latest").await;
+    let mut client = projections_client(&url).await;
+    let status = status_of(&mut client, "latest").await;
+    assert_eq!(status.quarantined, 1_000);
+    assert_eq!(
+        status.checkpoint, after.seq,
+        "the scribes after them were applied"
+    );
+    let reply = client
+        .quarantined(pb::QuarantinedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.entries.len(), 1_000);
+    assert_eq!(reply.not_kept.len(), 1);
+    assert_eq!(
+        (reply.not_kept[0].name.as_str(), reply.not_kept[0].count),
+        ("latest", 5)
+    );
+    // The CLI says so, and what to do.
+    let mut cli = quire_cli(&url);
+    cli.args(["quarantine", "list"]);
+    let output = tokio::task::spawn_blocking(move || cli.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("latest: 5 more refused scribes were passed over but not kept"),
+        "{stdout}"
+    );
+
+    // Fixed and rebuilt: every scribe applied, nothing parked, nothing counted.
+    hooks.broken.store(false, Ordering::SeqCst);
+    client
+        .rebuild(pb::RebuildRequest {
+            name: "latest".into(),
+            stream: Bytes::new(),
+        })
+        .await
+        .unwrap();
+    wait_until(
+        WAIT,
+        "the rebuilt copy swapped in, its quarantine empty",
+        || {
+            let mut client = client.clone();
+            async move {
+                let reply = client
+                    .quarantined(pb::QuarantinedRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let status = status_of(&mut client, "latest").await;
+                reply.entries.is_empty()
+                    && reply.not_kept.is_empty()
+                    && status.generation == 2
+                    && status.checkpoint == after.seq
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        digest_of(&mut client, "latest").await.as_ref(),
+        clean_digest(dir.path())
+    );
+    node.stop().await.unwrap();
+}
