@@ -122,6 +122,25 @@ fn main() {
     );
 }
 
+/// Waits until the `posts` table behind the HTTP query route `url` holds `records` rows.
+async fn wait_for_records(http: &reqwest::Client, url: &str, records: usize) {
+    loop {
+        let reply: serde_json::Value = http
+            .post(url)
+            .json(&serde_json::json!({"query": "SELECT count(*) FROM posts"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if reply["results"][0][0] == records {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A query every client may send that runs until the node's time limit stops it.
 const SLOW_QUERY: &str =
     "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
@@ -148,21 +167,7 @@ fn slow_neighbours(runtime: &tokio::runtime::Runtime, records: usize, run_for: D
         fill(&channel, &stream, records).await;
         let url = format!("{}/{}/query", node.url(), hex::encode(&stream));
         let http = reqwest::Client::new();
-        loop {
-            let reply: serde_json::Value = http
-                .post(&url)
-                .json(&serde_json::json!({"query": "SELECT count(*) FROM posts"}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if reply["results"][0][0] == records {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_records(&http, &url, records).await;
         // One phase: point queries and one-at-a-time appends for `run_for`.
         let phase = |label: &'static str| {
             let (http, url, channel, stream) =
@@ -428,22 +433,7 @@ fn point_queries(runtime: &tokio::runtime::Runtime, records: usize, run_for: Dur
         let tid = hex::encode(&stream);
         let http = reqwest::Client::new();
         let url = format!("{}/{tid}/query", node.url());
-        // Wait until the table holds every record.
-        loop {
-            let reply: serde_json::Value = http
-                .post(&url)
-                .json(&serde_json::json!({"query": "SELECT count(*) FROM posts"}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if reply["results"][0][0] == records {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_records(&http, &url, records).await;
 
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {

@@ -13,7 +13,7 @@ pub(crate) const MIN_OPEN_COPIES: usize = 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FdBudget {
     /// Open projection copies at once (half the budget, at [`FDS_PER_COPY`] each, and at most
-    /// 1,024: each open SQLite copy also holds its page cache and statements, some 100 KB).
+    /// 512: each open SQLite copy also holds its page cache and statements, about 0.3 MiB).
     pub open_copies: usize,
     /// Files RocksDB keeps open (an eighth of the budget).
     pub store_files: usize,
@@ -31,7 +31,7 @@ impl FdBudget {
     /// The shares of `fds` descriptors; what is left is for connections and everything else.
     pub fn of(fds: u64) -> FdBudget {
         FdBudget {
-            open_copies: ((fds / 2 / FDS_PER_COPY) as usize).clamp(MIN_OPEN_COPIES, 1024),
+            open_copies: ((fds / 2 / FDS_PER_COPY) as usize).clamp(MIN_OPEN_COPIES, 512),
             store_files: ((fds / 8) as usize).clamp(32, 1024),
             idle_readers: ((fds / 64) as usize).clamp(2, 64),
             api_connections: ((fds / 8) as usize).max(8),
@@ -71,7 +71,7 @@ mod tests {
         let huge = FdBudget::of(1 << 20);
         assert_eq!(
             (huge.open_copies, huge.store_files, huge.idle_readers),
-            (1024, 1024, 64)
+            (512, 1024, 64)
         );
     }
 }

@@ -124,6 +124,9 @@ struct Inner {
     fds: FdBudget,
     /// Turns to read the copies (every query service's reads share them).
     reads: Arc<ReadTurns>,
+    /// Streams whose every slot is open: a new stream costs opening its own slots, not a look
+    /// at every stream's.
+    complete: Mutex<std::collections::HashSet<StreamId>>,
 }
 
 /// See `Inner::forget_hooks`.
@@ -169,6 +172,7 @@ impl Projections {
                 open: Arc::new(OpenCopies::new(fds.open_copies)),
                 fds,
                 reads: Arc::new(ReadTurns::default()),
+                complete: Mutex::new(std::collections::HashSet::new()),
             }),
         };
         projections.forget_orphans()?;
@@ -208,7 +212,16 @@ impl Projections {
         let inner = &self.inner;
         let _opening = lock(&inner.opening);
         let mut first_error = None;
-        let streams = inner.log.stream_ids();
+        let streams: Vec<StreamId> = {
+            let complete = lock(&inner.complete);
+            inner
+                .log
+                .stream_ids()
+                .into_iter()
+                .filter(|stream| !complete.contains(stream))
+                .collect()
+        };
+        let mut failed = std::collections::HashSet::new();
         for plugin in inner.registry.plugins() {
             let scopes: Vec<Option<StreamId>> = match plugin.scope() {
                 Scope::Log => vec![None],
@@ -228,9 +241,11 @@ impl Projections {
                     // streams next changes, or at the next start.
                     tracing::error!(slot = %key, %error, "cannot open projection");
                     first_error.get_or_insert(error);
+                    failed.extend(stream);
                 }
             }
         }
+        lock(&inner.complete).extend(streams.into_iter().filter(|s| !failed.contains(s)));
         match first_error {
             Some(error) => Err(error.into()),
             None => Ok(()),
@@ -288,6 +303,7 @@ impl Projections {
                 .collect();
             keys.iter().filter_map(|key| slots.remove(key)).collect()
         };
+        lock(&self.inner.complete).remove(stream);
         for task in &tasks {
             task.stop.send_replace(true);
             self.inner.open.forget(task.slot.key());

@@ -3,7 +3,7 @@
 //! other loopback addresses (127.0.0.2 and up: Linux routes all of 127/8 to the loopback
 //! interface), honest peers and clients from 127.0.0.1.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -14,34 +14,10 @@ use quire::pb::peer_message::Message as Wire;
 use quire::replication::session::PROOF_PREFIX;
 use quire_projection_api::StreamId;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
 
 use crate::common::*;
 use crate::crash::{spawn_binary, spawn_serve_with};
-
-const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-
-/// A TCP connection to `to` from `from` (any port).
-async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(from, 0)).unwrap();
-    socket.connect(to).await.unwrap()
-}
-
-/// The resident set of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .unwrap();
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib * 1024
-}
+use crate::hostile::{add_note_record, connect_from, limited_quire, new_stream, rss, ATTACKER};
 
 /// The most `pid`'s resident set reaches within `within`, sampled until it passes `bound` (then
 /// returned at once).
@@ -56,22 +32,6 @@ async fn most_rss(pid: u32, within: Duration, bound: u64) -> u64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     most
-}
-
-/// A script that runs `quire` under an open-files limit of `fds` (soft and hard).
-fn limited_quire(dir: &std::path::Path, fds: u64) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let script = dir.join(format!("quire-ulimit-{fds}"));
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nulimit -n {fds} || exit 1\nexec '{}' \"$@\"\n",
-            quire_bin()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    script
 }
 
 /// A gRPC message's frame: uncompressed, its length, its bytes.
@@ -248,11 +208,6 @@ impl Drop for Held {
             task.abort();
         }
     }
-}
-
-/// Creates a stream on the node at `url` and returns it.
-async fn new_stream(url: &str, name: &str) -> StreamId {
-    create_stream(&mut clients(url).await, name, None).await
 }
 
 /// FINDING. Keys are free, yet the 2 MiB budget of an unproven peer ends as soon as it proves
@@ -527,23 +482,6 @@ async fn unread_kv_watches_hold_their_whole_snapshot_in_memory() {
     drop(responses);
     connection.abort();
     drop(child);
-}
-
-/// Appends a `notes` record carrying `text` to `stream`; returns its local seq.
-async fn add_note_record(clients: &mut Clients, stream: &StreamId, text: &str) -> u64 {
-    clients
-        .log
-        .append(pb::AppendRequest {
-            stream: bytes_of(stream),
-            kind: "record.add".into(),
-            content_type: "application/json".into(),
-            payload: Bytes::from(serde_json::json!({"_table": "notes", "text": text}).to_string()),
-            parents: vec![],
-        })
-        .await
-        .expect("add a record")
-        .into_inner()
-        .seq
 }
 
 /// How many `notes` rows `stream` has once its table includes `after_seq`.

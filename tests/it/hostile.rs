@@ -15,11 +15,11 @@ use crate::common::*;
 use crate::crash::spawn_serve_with;
 use crate::replication::join;
 
-const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+pub const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const OTHER_ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 
 /// A TCP connection to `to` from `from` (any port).
-async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+pub async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(from, 0)).unwrap();
     socket.connect(to).await.unwrap()
@@ -41,7 +41,7 @@ async fn closed_by_node(tcp: &mut TcpStream, within: Duration) -> bool {
 }
 
 /// The resident set of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
+pub fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status
         .lines()
@@ -192,7 +192,7 @@ async fn unproven_message(from: IpAddr, to: SocketAddr, declared: u32, send: usi
 }
 
 /// Creates a stream on the node at `url` and returns it.
-async fn new_stream(url: &str, name: &str) -> StreamId {
+pub async fn new_stream(url: &str, name: &str) -> StreamId {
     create_stream(&mut clients(url).await, name, None).await
 }
 
@@ -401,7 +401,7 @@ async fn open_copies(node: &quire::node::RunningNode) -> (u64, u64) {
 }
 
 /// Appends a `notes` record carrying `text` to `stream`; returns its local seq.
-async fn add_note_record(clients: &mut Clients, stream: &StreamId, text: &str) -> u64 {
+pub async fn add_note_record(clients: &mut Clients, stream: &StreamId, text: &str) -> u64 {
     clients
         .log
         .append(pb::AppendRequest {
@@ -537,7 +537,7 @@ async fn a_node_keeps_only_its_budget_of_copies_open_and_every_stream_answers() 
 
 /// A script that runs `quire` under an open-files limit of `fds` (soft and hard: `quire serve`
 /// cannot raise it), for [`crate::crash::spawn_binary`].
-fn limited_quire(dir: &std::path::Path, fds: u64) -> std::path::PathBuf {
+pub fn limited_quire(dir: &std::path::Path, fds: u64) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let script = dir.join(format!("quire-ulimit-{fds}"));
     std::fs::write(
