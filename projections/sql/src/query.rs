@@ -128,6 +128,77 @@ pub const MAX_COLUMNS: usize = 1_024;
 /// Longest LIKE or GLOB pattern (bytes): matching is quadratic in it.
 pub const MAX_PATTERN_BYTES: i32 = 1_000;
 
+/// How long a query runs before it is slow: from then on it needs a turn in the slow lane.
+pub const SLOW_AFTER: Duration = Duration::from_millis(50);
+
+/// The slow lane: queries that have run past [`SLOW_AFTER`] go on at most half the cores at once
+/// (at least one); the others sleep in their progress handler until a turn frees or their
+/// deadline comes. So a few queries that run to the time limit leave cores to point queries,
+/// appends and projections instead of taking every core between them.
+struct SlowLane {
+    running: Mutex<usize>,
+    freed: std::sync::Condvar,
+    max: usize,
+}
+
+/// A slow query's turn in the [`SlowLane`], given back when dropped.
+struct SlowTurn(&'static SlowLane);
+
+impl Drop for SlowTurn {
+    fn drop(&mut self) {
+        *self.0.running.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+fn slow_lane() -> &'static SlowLane {
+    static LANE: std::sync::OnceLock<SlowLane> = std::sync::OnceLock::new();
+    LANE.get_or_init(|| SlowLane {
+        running: Mutex::new(0),
+        freed: std::sync::Condvar::new(),
+        max: (std::thread::available_parallelism().map_or(2, |n| n.get()) / 2).max(1),
+    })
+}
+
+impl SlowLane {
+    /// Waits for a turn until `deadline`; `None` once it passed.
+    fn turn(&'static self, deadline: Instant) -> Option<SlowTurn> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        while *running >= self.max {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            running = self
+                .freed
+                .wait_timeout(running, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *running += 1;
+        Some(SlowTurn(self))
+    }
+}
+
+/// The progress handler of a query that must end by `deadline`: true (stop) once it passed;
+/// past [`SLOW_AFTER`], it first waits for a turn in the slow lane.
+fn progress(
+    deadline: Instant,
+) -> impl FnMut() -> bool + Send + std::panic::RefUnwindSafe + 'static {
+    let started = Instant::now();
+    let mut turn: Option<SlowTurn> = None;
+    move || {
+        let now = Instant::now();
+        if now >= deadline {
+            return true;
+        }
+        if turn.is_none() && now.duration_since(started) >= SLOW_AFTER {
+            match slow_lane().turn(deadline) {
+                Some(slow) => turn = Some(slow),
+                None => return true,
+            }
+        }
+        false
+    }
+}
+
 /// Stops queries that run past their deadline from outside the query's thread
 /// (`sqlite3_interrupt`), so a single long SQL function call — which never reaches the progress
 /// handler — is stopped at the time limit too. One thread for the whole process.
@@ -363,8 +434,7 @@ impl Reader {
     ) -> Result<Rows, QueryError> {
         *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let deadline = Instant::now() + limits.time;
-        self.db
-            .progress_handler(1_000, Some(move || Instant::now() >= deadline));
+        self.db.progress_handler(1_000, Some(progress(deadline)));
         let result = self.run(sql, params, limits, deadline);
         self.db.progress_handler(0, None::<fn() -> bool>);
         result
@@ -448,8 +518,7 @@ impl Reader {
     ) -> Result<Option<Window>, QueryError> {
         *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let deadline = Instant::now() + limits.time;
-        self.db
-            .progress_handler(1_000, Some(move || Instant::now() >= deadline));
+        self.db.progress_handler(1_000, Some(progress(deadline)));
         self.trusted(|db| db.execute_batch("BEGIN"))
             .map_err(|e| QueryError::Storage(e.to_string()))?;
         let armed = watchdog().arm(deadline, self.db.get_interrupt_handle());
@@ -696,4 +765,40 @@ fn bind(statement: &mut rusqlite::Statement<'_>, params: &Params) -> Result<(), 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_slow_lane_lets_its_few_on_and_the_others_wait_until_their_deadline() {
+        let lane: &'static SlowLane = Box::leak(Box::new(SlowLane {
+            running: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            max: 1,
+        }));
+        let first = lane.turn(Instant::now() + Duration::from_secs(5)).unwrap();
+        let waited = Instant::now();
+        assert!(lane
+            .turn(Instant::now() + Duration::from_millis(50))
+            .is_none());
+        assert!(waited.elapsed() >= Duration::from_millis(50));
+        // A waiter gets the turn as soon as it is given back.
+        let waiter = std::thread::spawn(move || {
+            lane.turn(Instant::now() + Duration::from_secs(30))
+                .is_some()
+        });
+        drop(first);
+        assert!(waiter.join().unwrap());
+        assert_eq!(*lane.running.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_query_past_its_deadline_is_stopped_by_its_progress_handler() {
+        let mut handler = progress(Instant::now() + Duration::from_millis(20));
+        assert!(!handler());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(handler());
+    }
 }
