@@ -122,6 +122,18 @@ fn main() {
     );
 }
 
+/// The bench's point query (the rows of one author) through the HTTP query route `url`.
+async fn point_query(http: &reqwest::Client, url: &str, author: &str) -> serde_json::Value {
+    http.post(url)
+        .json(&serde_json::json!({"query": "SELECT id, n FROM posts WHERE author = ?", "params": [author]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Waits until the `posts` table behind the HTTP query route `url` holds `records` rows.
 async fn wait_for_records(http: &reqwest::Client, url: &str, records: usize) {
     loop {
@@ -198,15 +210,7 @@ fn slow_neighbours(runtime: &tokio::runtime::Runtime, records: usize, run_for: D
                 while started.elapsed() < run_for {
                     let author = format!("a{}", (n * 37) % AUTHORS);
                     let asked = Instant::now();
-                    let reply: serde_json::Value = http
-                        .post(&url)
-                        .json(&serde_json::json!({"query": "SELECT id, n FROM posts WHERE author = ?", "params": [author]}))
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
+                    let reply = point_query(&http, &url, &author).await;
                     assert_eq!(reply["success"], true, "{reply}");
                     queries.push(asked.elapsed());
                     n += 1;
@@ -467,15 +471,7 @@ fn point_queries(runtime: &tokio::runtime::Runtime, records: usize, run_for: Dur
             unchecked.store(off, std::sync::atomic::Ordering::Relaxed);
             let author = format!("a{}", (n * 37) % AUTHORS);
             let asked = Instant::now();
-            let reply: serde_json::Value = http
-                .post(&url)
-                .json(&serde_json::json!({"query": "SELECT id, n FROM posts WHERE author = ?", "params": [author]}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let reply = point_query(&http, &url, &author).await;
             if off {
                 without.push(asked.elapsed());
             } else {
