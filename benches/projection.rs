@@ -116,7 +116,10 @@ fn bare_read(store: &Store, head: u64) -> u64 {
     let mut next = 1;
     let mut bytes = 0u64;
     while next <= head {
-        let entries = store.read_log(next, head, 2048).unwrap();
+        let entries = store
+            .read_log(next, head, 2048, usize::MAX)
+            .unwrap()
+            .entries;
         let last = entries.last().expect("the log is gapless").seq;
         bytes += entries.iter().map(|e| e.parts.size()).sum::<u64>();
         next = last + 1;

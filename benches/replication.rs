@@ -51,7 +51,7 @@ fn main() {
         let mut from = 1;
         let mut verified = 0usize;
         loop {
-            let entries = a.log.store().read_stream(&big_stream, from, u64::MAX - 1, 10_000).unwrap();
+            let entries = a.log.store().read_stream(&big_stream, from, u64::MAX - 1, 10_000, usize::MAX).unwrap().entries;
             let Some(last) = entries.last() else { break };
             from = last.seq + 1;
             let scribes: Vec<Scribe> = entries.into_par_iter().filter_map(|entry| Scribe::decode_unverified(entry.parts, None).ok()).collect();

@@ -319,7 +319,10 @@ fn rebuild(runtime: &tokio::runtime::Runtime, records: usize) {
     let mut next = 1;
     let head = store.head().unwrap();
     while next <= head {
-        let entries = store.read_stream(&stream, next, head, 4096).unwrap();
+        let entries = store
+            .read_stream(&stream, next, head, 4096, usize::MAX)
+            .unwrap()
+            .entries;
         let Some(last) = entries.last() else { break };
         next = last.seq + 1;
         for entry in entries {

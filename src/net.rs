@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -113,19 +113,217 @@ fn unproven_timeout() -> std::io::Error {
 /// read.
 pub const UNPROVEN_PEER_BYTES: usize = 2 << 20;
 
+/// Largest peer message, derived from the largest scribe any policy allows: a replication batch
+/// is cut at 4 MiB unless its one scribe is larger, up to an envelope and a payload at
+/// [`crate::scribe::HARD_MAX_PAYLOAD_BYTES`]; 1 MiB more covers each scribe's seal, ids and
+/// framing. A peer that declares a larger message is cut off before it is read.
+pub const MAX_PEER_MESSAGE_BYTES: usize =
+    crate::scribe::HARD_MAX_PAYLOAD_BYTES as usize + crate::scribe::MAX_ENVELOPE_BYTES + (1 << 20);
+
+/// Bytes of unfinished messages all peer connections together may hold (read by the node, not yet
+/// a whole message): four of the largest messages a peer may send.
+pub const PEER_PENDING_BYTES: usize = 4 * PEER_PENDING_PER_ADDRESS;
+/// Bytes of unfinished messages the peer connections of one address may hold: one of the largest
+/// messages a peer may send ([`MAX_PEER_MESSAGE_BYTES`]), so one always goes through.
+pub const PEER_PENDING_PER_ADDRESS: usize = MAX_PEER_MESSAGE_BYTES;
+/// How long a peer has to finish a message once it has begun it.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Set by the service once a connection's peer is known (the peer listener: it proved its node
 /// key); until then the connection's reads count against [`ConnectionLimits::unproven_bytes`].
-#[derive(Clone, Debug, Default)]
-pub struct Proven(Arc<AtomicBool>);
+/// It also counts the bytes of the message the connection is receiving (see [`PendingBytes`]).
+#[derive(Clone, Debug)]
+pub struct Proven(Arc<ProvenState>);
+
+#[derive(Debug)]
+struct ProvenState {
+    flag: AtomicBool,
+    /// Bytes of this connection's call body read since its last whole message.
+    held: AtomicUsize,
+    pending: Arc<PendingBytes>,
+    address: IpAddr,
+}
 
 impl Proven {
+    fn new(pending: Arc<PendingBytes>, address: IpAddr) -> Proven {
+        Proven(Arc::new(ProvenState {
+            flag: AtomicBool::new(false),
+            held: AtomicUsize::new(0),
+            pending,
+            address,
+        }))
+    }
+
     /// The connection's peer is known: its reads no longer count.
     pub fn set(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.flag.store(true, Ordering::Release);
     }
 
     fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.flag.load(Ordering::Acquire)
+    }
+
+    /// The call received a whole message: the bytes it held for it are given back.
+    pub fn message_received(&self) {
+        let held = self.0.held.swap(0, Ordering::AcqRel);
+        self.0.pending.give_back(self.0.address, held);
+    }
+
+    fn holds(&self) -> bool {
+        self.0.held.load(Ordering::Acquire) > 0
+    }
+
+    fn took(&self, bytes: usize) {
+        self.0.held.fetch_add(bytes, Ordering::AcqRel);
+        self.0.pending.take(self.0.address, bytes);
+    }
+}
+
+impl Drop for ProvenState {
+    fn drop(&mut self) {
+        let held = std::mem::take(self.held.get_mut());
+        self.pending.give_back(self.address, held);
+    }
+}
+
+/// The bytes of unfinished messages the peer listener's connections hold, in all and per address:
+/// a connection in the middle of a message reads on only while both are under their caps
+/// ([`PEER_PENDING_BYTES`], [`PEER_PENDING_PER_ADDRESS`]); otherwise it waits (its peer is held
+/// back by HTTP/2 flow control) until another connection finishes a message or is cut — and every
+/// message must be finished within [`MESSAGE_TIMEOUT`] of its first byte. So strangers who prove
+/// fresh keys and then send half messages hold at most these bytes, not one message per connection.
+#[derive(Debug)]
+pub struct PendingBytes {
+    total: usize,
+    per_address: usize,
+    state: Mutex<PendingState>,
+}
+
+#[derive(Debug, Default)]
+struct PendingState {
+    used: usize,
+    by_address: HashMap<IpAddr, usize>,
+    waiting: Vec<std::task::Waker>,
+}
+
+impl PendingBytes {
+    fn new(total: usize, per_address: usize) -> PendingBytes {
+        PendingBytes {
+            total,
+            per_address,
+            state: Mutex::new(PendingState::default()),
+        }
+    }
+
+    /// Whether a connection of `address` in the middle of a message may read on; if not, `cx`
+    /// is woken when bytes are given back.
+    fn may_read(&self, address: IpAddr, cx: &Context<'_>) -> bool {
+        let mut state = self.state.lock().expect("pending lock");
+        let mine = state.by_address.get(&address).copied().unwrap_or(0);
+        if state.used < self.total && mine < self.per_address {
+            return true;
+        }
+        state.waiting.push(cx.waker().clone());
+        false
+    }
+
+    fn take(&self, address: IpAddr, bytes: usize) {
+        let mut state = self.state.lock().expect("pending lock");
+        state.used += bytes;
+        *state.by_address.entry(address).or_insert(0) += bytes;
+    }
+
+    fn give_back(&self, address: IpAddr, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let waiting = {
+            let mut state = self.state.lock().expect("pending lock");
+            state.used = state.used.saturating_sub(bytes);
+            if let Some(mine) = state.by_address.get_mut(&address) {
+                *mine = mine.saturating_sub(bytes);
+                if *mine == 0 {
+                    state.by_address.remove(&address);
+                }
+            }
+            std::mem::take(&mut state.waiting)
+        };
+        for waker in waiting {
+            waker.wake();
+        }
+    }
+
+    /// Bytes held now, in all.
+    pub fn used(&self) -> usize {
+        self.state.lock().expect("pending lock").used
+    }
+}
+
+/// A peer call's request body, counted against the listener's [`PendingBytes`] until the service
+/// says a whole message arrived ([`Proven::message_received`]).
+struct PeerBody<B> {
+    inner: B,
+    proven: Proven,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+fn message_timeout() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "a peer message was not finished within {} s of its first byte",
+            MESSAGE_TIMEOUT.as_secs()
+        ),
+    )
+}
+
+impl<B> hyper::body::Body for PeerBody<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::BoxError>>> {
+        let this = &mut *self;
+        let mid_message = this.proven.holds();
+        if !mid_message {
+            this.deadline = None;
+        } else {
+            let deadline = this
+                .deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(MESSAGE_TIMEOUT)));
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err(message_timeout().into())));
+            }
+            let pending = &this.proven.0.pending;
+            if !pending.may_read(this.proven.0.address, cx) {
+                return Poll::Pending;
+            }
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.proven.took(data.len());
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -384,6 +582,10 @@ pub async fn serve(
         limits,
         open: Mutex::new((0, HashMap::new())),
     });
+    let pending = Arc::new(PendingBytes::new(
+        PEER_PENDING_BYTES,
+        PEER_PENDING_PER_ADDRESS,
+    ));
     let mut builder = Builder::new(TokioExecutor::new());
     if !limits.http1 {
         builder = builder.http2_only();
@@ -451,8 +653,9 @@ pub async fn serve(
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let unproven = limits
             .unproven_bytes
-            .map(|budget| (Proven::default(), budget));
+            .map(|budget| (Proven::new(pending.clone(), admitted.address), budget));
         let proven = unproven.as_ref().map(|(proven, _)| proven.clone());
+        let body_proven = proven.clone();
         let local = tcp.local_addr().ok();
         let router = router.clone();
         let service = tower::service_fn(move |mut request: axum::extract::Request| {
@@ -468,9 +671,19 @@ pub async fn serve(
             use tower::ServiceExt;
             router.clone().oneshot(request)
         });
+        // A peer call's body counts against the listener's bytes of unfinished messages.
         let service = TowerToHyperService::new(tower::ServiceExt::map_request(
             service,
-            |request: hyper::Request<hyper::body::Incoming>| request.map(axum::body::Body::new),
+            move |request: hyper::Request<hyper::body::Incoming>| match &body_proven {
+                Some(proven) => request.map(|body| {
+                    axum::body::Body::new(PeerBody {
+                        inner: body,
+                        proven: proven.clone(),
+                        deadline: None,
+                    })
+                }),
+                None => request.map(axum::body::Body::new),
+            },
         ));
         let builder = builder.clone();
         let watcher = graceful.watcher();

@@ -182,16 +182,27 @@ impl Body {
 
     /// The envelope for this body, after choosing a nonce that gives its id at least `work_bits`
     /// leading zero bits (the stream policy's work token; with 0 the nonce stays as it is).
-    pub fn into_unsealed(mut self, work_bits: u32) -> Unsealed {
+    pub fn into_unsealed(self, work_bits: u32) -> Unsealed {
+        self.into_unsealed_unless(work_bits, &|| false)
+            .expect("a search nothing stops ends")
+    }
+
+    /// [`Body::into_unsealed`], giving up (`None`) if `stop` says so; it is asked every 65,536
+    /// tries of the search (a few milliseconds).
+    pub fn into_unsealed_unless(
+        mut self,
+        work_bits: u32,
+        stop: &dyn Fn() -> bool,
+    ) -> Option<Unsealed> {
         let payload_sha256 = sha256(&self.payload);
         if work_bits == 0 {
             let envelope = Bytes::from(self.to_envelope(payload_sha256).encode_to_vec());
-            return Unsealed {
+            return Some(Unsealed {
                 id: hash(&envelope),
                 envelope,
                 body: self,
                 payload_sha256,
-            };
+            });
         }
         // `nonce` is the envelope's last field, so the encoding is `prefix ‖ 0x58 ‖ varint(nonce)`
         // (nothing at all for nonce 0): hash the prefix once and only the nonce per try.
@@ -215,14 +226,17 @@ impl Body {
                 let mut envelope = prefix;
                 envelope.extend_from_slice(&suffix);
                 debug_assert_eq!(envelope, self.to_envelope(payload_sha256).encode_to_vec());
-                return Unsealed {
+                return Some(Unsealed {
                     envelope: Bytes::from(envelope),
                     id: ScribeId(id),
                     body: self,
                     payload_sha256,
-                };
+                });
             }
             nonce = nonce.wrapping_add(1);
+            if nonce % 65_536 == 0 && stop() {
+                return None;
+            }
         }
     }
 }

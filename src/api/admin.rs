@@ -49,6 +49,8 @@ impl pb::admin_server::Admin for Api {
             held_bytes: self.log.held().1,
             open_copies: self.projections.open_copies().0 as u64,
             max_open_copies: self.projections.open_copies().1 as u64,
+            work_searching: self.log.work_searches().0 as u64,
+            work_waiting: self.log.work_searches().1 as u64,
             store_memory: Some({
                 let (memtables, table_readers, block_cache, pinned) = self.log.store().memory();
                 pb::StoreMemory {

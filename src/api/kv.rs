@@ -15,14 +15,14 @@ use std::pin::Pin;
 use bytes::Bytes;
 use futures::Stream;
 use quire_projection_api::{hlc_millis, AuthorKey, Policy, StreamId};
-use quire_projection_kv::{check_key, decode, encode, Entry, Reader, State, CONTENT_TYPE, NAME};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use quire_projection_kv::{
+    check_key, decode, encode, Entry, Reader, ScanPage, State, CONTENT_TYPE, NAME,
+};
 use tonic::{Request, Response, Status};
 
 use crate::api::served::Served;
 use crate::api::{append_status, projections_status, store_status};
-use crate::log::subscribe::LogEvent;
+use crate::log::subscribe::{metered, LogEvent, MeteredSender, SUBSCRIPTION_BYTES};
 use crate::log::{Draft, Log, NewScribe, Origin};
 use crate::pb;
 use crate::projection::readers::TakeError;
@@ -30,6 +30,13 @@ use crate::projection::Projections;
 
 /// Most entries of one Scan.
 const SCAN_LIMIT: usize = 10_000;
+/// Most bytes of keys and values in one Scan reply (at least one entry): within the 4 MiB that
+/// gRPC clients accept by default.
+const SCAN_BYTES: usize = 2 << 20;
+/// Most entries and bytes of one page of a watch's snapshot: a watch holds about one page and
+/// [`SUBSCRIPTION_BYTES`] of events, however large the table and however slowly it is read.
+const WATCH_PAGE: usize = 256;
+const WATCH_PAGE_BYTES: usize = 1 << 20;
 
 /// Locks that order this node's writes to one key (by a hash of stream and key).
 const WRITE_LOCKS: usize = 64;
@@ -131,18 +138,21 @@ impl KvService {
         )))
     }
 
-    /// Up to `limit` entries of `stream`'s table whose keys start with `prefix`, and the seq the
-    /// table is at: on a blocking thread, in the node's turn to read (a scan may be long).
+    /// A page of `stream`'s table: entries whose keys start with `prefix` and sort after `after`,
+    /// at most `limit` and about `max_bytes`, and the seq the table is at: on a blocking thread, in
+    /// the node's turn to read (a scan may be long).
     async fn scan_table(
         &self,
         stream: StreamId,
         prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
         limit: usize,
-    ) -> Result<(Vec<Entry>, u64), Status> {
+        max_bytes: usize,
+    ) -> Result<ScanPage, Status> {
         self.served
             .read(
                 stream,
-                move |reader: &mut Reader| reader.scan(&prefix, limit),
+                move |reader: &mut Reader| reader.scan(&prefix, after.as_deref(), limit, max_bytes),
                 |error: &quire_projection_api::ProjectionError| {
                     internal(format!("reading the kv table: {error}"))
                 },
@@ -363,12 +373,18 @@ impl pb::kv_server::Kv for KvService {
             0 => SCAN_LIMIT,
             n => (n as usize).min(SCAN_LIMIT),
         };
-        let (entries, seq) = self
-            .scan_table(stream, request.prefix.to_vec(), limit)
+        let after = (!request.after.is_empty()).then(|| request.after.to_vec());
+        let page = self
+            .scan_table(stream, request.prefix.to_vec(), after, limit, SCAN_BYTES)
             .await?;
         Ok(Response::new(pb::KvScanReply {
-            entries: entries.iter().map(|e| entry_to_proto(e, &policy)).collect(),
-            seq,
+            entries: page
+                .entries
+                .iter()
+                .map(|e| entry_to_proto(e, &policy))
+                .collect(),
+            seq: page.seq,
+            more: page.more,
         }))
     }
 
@@ -396,51 +412,76 @@ impl pb::kv_server::Kv for KvService {
                 key.starts_with(&filter)
             }
         };
-        let (events, receiver) = mpsc::channel(256);
-        let mut next = request.from_seq;
+        let (events, receiver) = metered(256, SUBSCRIPTION_BYTES);
+        let next = request.from_seq;
         if next == 0 {
-            // The snapshot and the seq it is consistent with, in one read transaction.
             let prefix = if exact {
                 request.key.to_vec()
             } else {
                 request.prefix.to_vec()
             };
-            let (entries, seq) = self.scan_table(stream, prefix, usize::MAX).await?;
-            let service = self.clone();
-            let policy = policy.clone();
-            let matches = matches.clone();
-            let mut sink = Sink::new(events, &self.served.log);
-            tokio::spawn(async move {
-                for entry in entries.iter().filter(|e| matches(&e.key)) {
-                    let event = pb::kv_watch_event::Event::Entry(entry_to_proto(entry, &policy));
-                    if !sink.send(event).await {
-                        return;
-                    }
-                }
-                let caught_up = pb::kv_watch_event::Event::CaughtUp(pb::KvCaughtUp { seq });
-                if sink.send(caught_up).await {
-                    service.follow(stream, seq + 1, policy, matches, sink).await;
-                }
-            });
-        } else {
-            next = next.max(1);
+            // The first page is read now, so a watch of a stream with no table yet fails here.
+            let first = self
+                .scan_table(stream, prefix.clone(), None, WATCH_PAGE, WATCH_PAGE_BYTES)
+                .await?;
             let service = self.clone();
             let sink = Sink::new(events, &self.served.log);
-            tokio::spawn(async move { service.follow(stream, next, policy, matches, sink).await });
+            tokio::spawn(async move {
+                service
+                    .snapshot(stream, prefix, first, policy, matches, sink)
+                    .await
+            });
+        } else {
+            let service = self.clone();
+            let sink = Sink::new(events, &self.served.log);
+            let from = Follow {
+                from: next,
+                pages: Pages::default(),
+            };
+            tokio::spawn(async move { service.follow(stream, from, policy, matches, sink).await });
         }
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(receiver)))
     }
+}
+
+/// The pages a watch's snapshot was read in: each page's last key (`None`: through the end) and
+/// the seq it was read at, in key order. A change to a key at a seq its page was read at or
+/// before is in the snapshot already.
+#[derive(Default)]
+struct Pages {
+    pages: Vec<(Option<Vec<u8>>, u64)>,
+}
+
+impl Pages {
+    /// The seq the page holding `key` was read at (0 without pages).
+    fn read_at(&self, key: &[u8]) -> u64 {
+        let index = self
+            .pages
+            .partition_point(|(last, _)| last.as_deref().is_some_and(|last| last < key));
+        self.pages.get(index).map_or(0, |(_, seq)| *seq)
+    }
+
+    /// The seq the last page was read at.
+    fn last_seq(&self) -> u64 {
+        self.pages.last().map_or(0, |(_, seq)| *seq)
+    }
+}
+
+/// Where a watch's changes start, and the snapshot pages they complete.
+struct Follow {
+    from: u64,
+    pages: Pages,
 }
 
 /// The sending end of a watch: every send also ends when the client goes away or the node
 /// starts shutting down, so a watch never holds the node open.
 struct Sink {
-    events: mpsc::Sender<Result<pb::KvWatchEvent, Status>>,
+    events: MeteredSender<Result<pb::KvWatchEvent, Status>>,
     closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Sink {
-    fn new(events: mpsc::Sender<Result<pb::KvWatchEvent, Status>>, log: &Log) -> Sink {
+    fn new(events: MeteredSender<Result<pb::KvWatchEvent, Status>>, log: &Log) -> Sink {
         Sink {
             events,
             closing: log.watch_closing(),
@@ -449,9 +490,13 @@ impl Sink {
 
     /// Sends `event`; false when the watch is over.
     async fn send(&mut self, event: pb::kv_watch_event::Event) -> bool {
+        let size = match &event {
+            pb::kv_watch_event::Event::Entry(entry) => entry.key.len() + entry.value.len(),
+            pb::kv_watch_event::Event::CaughtUp(_) => 0,
+        };
         let event = Ok(pb::KvWatchEvent { event: Some(event) });
         let sent = tokio::select! {
-            sent = self.events.send(event) => Some(sent.is_ok()),
+            sent = self.events.send(event, size) => Some(sent.is_ok()),
             _ = self.closing.wait_for(|closing| *closing) => None,
         };
         sent.unwrap_or_else(|| {
@@ -464,7 +509,7 @@ impl Sink {
 
     /// Ends the watch with `status` (dropped if the client is not reading: it ends anyway).
     fn fail(&self, status: Status) {
-        let _ = self.events.try_send(Err(status));
+        self.events.try_send(Err(status));
     }
 
     /// Completes when the client is gone or the node is shutting down.
@@ -477,16 +522,71 @@ impl Sink {
 }
 
 impl KvService {
-    /// Sends a change for every kv scribe of `stream` from `from` on whose key `matches`.
-    async fn follow(
+    /// Sends a watch's snapshot, page by page from `first` (each page in its own read, so a
+    /// watch holds a page, not the table); then the changes made while it was read that its
+    /// pages do not hold, `CaughtUp` with the seq of the last page, and every change after.
+    async fn snapshot(
         &self,
         stream: StreamId,
-        from: u64,
+        prefix: Vec<u8>,
+        first: ScanPage,
         policy: Policy,
         matches: impl Fn(&[u8]) -> bool,
         mut sink: Sink,
     ) {
-        let mut log = self.served.log.subscribe(Some(stream), from, 256);
+        let from = first.seq + 1;
+        let mut pages = Pages::default();
+        let mut page = first;
+        loop {
+            for entry in page.entries.iter().filter(|e| matches(&e.key)) {
+                let event = pb::kv_watch_event::Event::Entry(entry_to_proto(entry, &policy));
+                if !sink.send(event).await {
+                    return;
+                }
+            }
+            let last = page.entries.last().map(|entry| entry.key.clone());
+            match last {
+                Some(last) if page.more => {
+                    pages.pages.push((Some(last.clone()), page.seq));
+                    let next = self
+                        .scan_table(
+                            stream,
+                            prefix.clone(),
+                            Some(last),
+                            WATCH_PAGE,
+                            WATCH_PAGE_BYTES,
+                        )
+                        .await;
+                    page = match next {
+                        Ok(page) => page,
+                        Err(status) => return sink.fail(status),
+                    };
+                }
+                _ => {
+                    pages.pages.push((None, page.seq));
+                    break;
+                }
+            }
+        }
+        let from = Follow { from, pages };
+        self.follow(stream, from, policy, matches, sink).await
+    }
+
+    /// Sends a change for every kv scribe of `stream` from `from.from` on whose key `matches`,
+    /// but those `from.pages` hold already; `CaughtUp` once every change up to the seq of their
+    /// last page is sent (if there are pages).
+    async fn follow(
+        &self,
+        stream: StreamId,
+        from: Follow,
+        policy: Policy,
+        matches: impl Fn(&[u8]) -> bool,
+        mut sink: Sink,
+    ) {
+        let Follow { from, pages } = from;
+        let snapshot_at = (!pages.pages.is_empty()).then(|| pages.last_seq());
+        let mut caught_up = snapshot_at.is_none();
+        let mut log = self.served.log.subscribe(Some(stream), from.max(1), 256);
         loop {
             let event = tokio::select! {
                 event = log.recv() => match event {
@@ -497,9 +597,27 @@ impl KvService {
             };
             let entry = match event {
                 Ok(LogEvent::Entry(entry)) => entry,
-                Ok(LogEvent::CaughtUp(_)) => continue,
+                Ok(LogEvent::CaughtUp(_)) => {
+                    // The log's head when the subscription began is at or past the snapshot's.
+                    if !caught_up {
+                        caught_up = true;
+                        let seq = snapshot_at.unwrap_or_default();
+                        let event = pb::kv_watch_event::Event::CaughtUp(pb::KvCaughtUp { seq });
+                        if !sink.send(event).await {
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 Err(error) => return sink.fail(store_status(&error)),
             };
+            if let Some(seq) = snapshot_at.filter(|seq| !caught_up && entry.seq > *seq) {
+                caught_up = true;
+                let event = pb::kv_watch_event::Event::CaughtUp(pb::KvCaughtUp { seq });
+                if !sink.send(event).await {
+                    return;
+                }
+            }
             let key = crate::projection::to_view(&entry)
                 .ok()
                 .and_then(|view| decode(&view.kind, &view.payload).ok().flatten())
@@ -507,6 +625,9 @@ impl KvService {
             let Some(key) = key.filter(|key| matches(key)) else {
                 continue;
             };
+            if entry.seq <= pages.read_at(&key) {
+                continue; // the snapshot's page of this key holds it already
+            }
             // A table that lags (catching up after a start) delays the watch, never ends it.
             let applied = async {
                 loop {

@@ -559,7 +559,8 @@ impl Hub {
                 .inner
                 .log
                 .read(Some(stream), touched.through + 1, 32)
-                .ok()?;
+                .ok()?
+                .entries;
             let Some(last) = entries.last().map(|e| e.seq) else {
                 break;
             };

@@ -7,15 +7,13 @@
 
 use bytes::Bytes;
 use quire_projection_api::Kind;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::access;
 use super::status::{append_status, blocking, invalid, projections_status, store_status};
 use super::{convert, Api, ResponseStream, READ_DEFAULT_LIMIT, READ_MAX_LIMIT, SUBSCRIBE_BUFFER};
-use crate::log::subscribe::LogEvent;
+use crate::log::subscribe::{metered, LogEvent, SUBSCRIPTION_BYTES};
 use crate::log::{AppendError, Appended, Draft, NewScribe, Origin};
 use crate::pb;
 use crate::scribe::{decode_envelope, hash, merkle, Parts, Proof, Seal, MAX_SEAL_COUNT};
@@ -152,7 +150,7 @@ fn genesis_needs_owner(caller: access::Caller, drafts: &[Draft]) -> Result<(), S
     let creates = drafts.iter().any(|draft| match draft {
         Draft::Signed { parts, .. } => decode_envelope(&parts.envelope)
             .is_ok_and(|(body, _, _)| body.kind == Kind::StreamCreate),
-        Draft::New(_) => false,
+        Draft::New(_) | Draft::Worked(_) => false,
     });
     if creates {
         return Err(access::Refusal::Unauthenticated(access::needs_token(
@@ -268,7 +266,7 @@ impl pb::log_server::Log for Api {
             0 => READ_DEFAULT_LIMIT,
             limit => limit.min(READ_MAX_LIMIT),
         } as usize;
-        let (entries, receiver) = mpsc::channel(64);
+        let (entries, receiver) = metered(64, SUBSCRIPTION_BYTES);
         let log = self.log.clone();
         let mut next = request.from_seq.max(1);
         tokio::spawn(async move {
@@ -282,16 +280,17 @@ impl pb::log_server::Log for Api {
                 let batch = match read {
                     Ok(Ok(batch)) => batch,
                     Ok(Err(error)) => {
-                        let _ = entries.send(Err(store_status(&error))).await;
+                        let _ = entries.send(Err(store_status(&error)), 0).await;
                         return;
                     }
                     Err(_) => return,
                 };
-                let done = batch.len() < chunk;
-                left -= batch.len();
-                for entry in batch {
+                let done = !batch.more;
+                left -= batch.entries.len();
+                for entry in batch.entries {
                     next = entry.seq + 1;
-                    if entries.send(Ok(convert::entry(entry))).await.is_err() {
+                    let size = entry.parts.size() as usize;
+                    if entries.send(Ok(convert::entry(entry)), size).await.is_err() {
                         return;
                     }
                 }
@@ -300,7 +299,7 @@ impl pb::log_server::Log for Api {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(receiver)))
     }
 
     type SubscribeStream = ResponseStream<pb::SubscribeEvent>;
@@ -343,7 +342,7 @@ impl pb::log_server::Log for Api {
             .map_err(|error| projections_status(&error))?
         };
         let events = self.log.subscribe(stream, from, SUBSCRIBE_BUFFER);
-        let events = ReceiverStream::new(events).map(|event| match event {
+        let events = events.map(|event| match event {
             Ok(LogEvent::Entry(entry)) => Ok(pb::SubscribeEvent {
                 event: Some(pb::subscribe_event::Event::Scribe(convert::entry(entry))),
             }),

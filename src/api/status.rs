@@ -37,7 +37,8 @@ pub fn append_status(error: &AppendError) -> Status {
         AppendError::FutureInBatch { .. }
         | AppendError::Backdated { .. }
         | AppendError::Leaving(_) => Code::FailedPrecondition,
-        AppendError::ShuttingDown => Code::Unavailable,
+        // Busy, not refused: the same append succeeds once a turn frees.
+        AppendError::ShuttingDown | AppendError::WorkBusy { .. } => Code::Unavailable,
         _ => Code::Internal,
     };
     Status::new(code, error.to_string())

@@ -125,6 +125,12 @@ pub(crate) async fn status(url: &Node) -> Result<()> {
         "copies      {} projection slots open of at most {} (quiet ones are closed, reopened when used)",
         status.open_copies, status.max_open_copies
     );
+    if status.work_searching + status.work_waiting > 0 {
+        println!(
+            "work        {} node-signed appends searching for a work token, {} waiting for a turn",
+            status.work_searching, status.work_waiting
+        );
+    }
     if let Some(memory) = &status.store_memory {
         println!(
             "store memory {} KiB memtables, {} KiB table readers, {} KiB block cache ({} KiB pinned)",

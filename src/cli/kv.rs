@@ -58,7 +58,8 @@ pub enum KvCommand {
         /// The prefix (default: every key).
         #[arg(default_value = "")]
         prefix: String,
-        /// At most this many (the node caps it at 10,000).
+        /// At most this many (0: every one). Asked for in pages (the node answers at most 10,000
+        /// entries and 2 MiB a page); each page is consistent with its own seq.
         #[arg(long, default_value_t = 1000)]
         limit: u32,
         /// Keys and values are hex.
@@ -184,23 +185,34 @@ pub async fn run(url: &Node, command: KvCommand) -> Result<std::process::ExitCod
             limit,
             hex,
         } => {
-            let reply = client
-                .scan(pb::KvScanRequest {
-                    stream: id(&stream),
-                    prefix: bytes_in(&prefix, hex)?,
-                    limit,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let mut stdout = std::io::stdout().lock();
-            for entry in &reply.entries {
-                writeln!(
-                    stdout,
-                    "{}\t{}",
-                    bytes_out(&entry.key, hex),
-                    bytes_out(&entry.value, hex)
-                )?;
+            let prefix = bytes_in(&prefix, hex)?;
+            let mut after = bytes::Bytes::new();
+            let mut left = if limit == 0 { u64::MAX } else { limit.into() };
+            while left > 0 {
+                let reply = client
+                    .scan(pb::KvScanRequest {
+                        stream: id(&stream),
+                        prefix: prefix.clone(),
+                        limit: left.min(u32::MAX.into()) as u32,
+                        after: after.clone(),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                let mut stdout = std::io::stdout().lock();
+                for entry in &reply.entries {
+                    writeln!(
+                        stdout,
+                        "{}\t{}",
+                        bytes_out(&entry.key, hex),
+                        bytes_out(&entry.value, hex)
+                    )?;
+                }
+                left = left.saturating_sub(reply.entries.len() as u64);
+                match reply.entries.last() {
+                    Some(last) if reply.more => after = last.key.clone(),
+                    _ => break,
+                }
             }
         }
         KvCommand::Watch {

@@ -23,7 +23,7 @@ use quire_projection_api::{AuthorKey, Kind, ScribeId, StreamId};
 use tokio::sync::oneshot;
 
 use super::held;
-use super::rules::{self, Added, JobRules, PayloadChecks, Seen, Verdict};
+use super::rules::{self, Added, JobRules, Seen, Verdict};
 use super::signer::PreparedJob;
 use super::store::{Commit, CursorUpdate, HeldKey, NewEntry, PeerOrigin};
 use super::{AppendError, Appended, EachOutcome, Origin, Reply, Shared, StreamState};
@@ -32,14 +32,13 @@ use crate::scribe::Scribe;
 /// The committer thread's body: runs until the signer is gone (the log is closing).
 pub(super) fn committer_loop(
     shared: &Shared,
-    checks: &PayloadChecks,
     prepared: std::sync::mpsc::Receiver<Vec<PreparedJob>>,
 ) {
     while let Ok(mut group) = prepared.recv() {
         while let Ok(more) = prepared.try_recv() {
             group.extend(more);
         }
-        commit_group(shared, checks, group);
+        commit_group(shared, group);
     }
 }
 
@@ -206,13 +205,13 @@ enum Outcome {
 
 /// Admits every job of the group, writes what they added in one write batch, publishes it, and
 /// answers every caller.
-fn commit_group(shared: &Shared, checks: &PayloadChecks, group: Vec<PreparedJob>) {
+fn commit_group(shared: &Shared, group: Vec<PreparedJob>) {
     let _gate = shared.gate.lock().unwrap_or_else(|p| p.into_inner());
     let head = shared.head.load(Ordering::Acquire);
     let mut overlay = Overlay::default();
     let outcomes: Vec<Outcome> = group
         .into_iter()
-        .map(|job| admit_job(shared, checks, head, &mut overlay, job))
+        .map(|job| admit_job(shared, head, &mut overlay, job))
         .collect();
     if !overlay.entries.is_empty()
         || !overlay.cursors.is_empty()
@@ -246,13 +245,7 @@ fn commit_group(shared: &Shared, checks: &PayloadChecks, group: Vec<PreparedJob>
 /// added before it (`overlay`), into which an admitted job's additions go. An atomic job adds
 /// nothing if one of its scribes is refused; a replicated batch adds each admitted scribe, and its
 /// cursor.
-fn admit_job(
-    shared: &Shared,
-    checks: &PayloadChecks,
-    head: u64,
-    overlay: &mut Overlay,
-    job: PreparedJob,
-) -> Outcome {
+fn admit_job(shared: &Shared, head: u64, overlay: &mut Overlay, job: PreparedJob) -> Outcome {
     let multi = job.scribes.len() > 1;
     let multi_atomic = multi && matches!(job.reply, Reply::Atomic(_));
     let keep_refused = job.keep_refused;
@@ -278,6 +271,7 @@ fn admit_job(
     let admit = |job_overlay: &mut Overlay,
                  scribe: Scribe,
                  fresh: bool,
+                 payload: Result<(), AppendError>,
                  origin: Origin|
      -> Result<Appended, AppendError> {
         let seq = next_seq + job_overlay.entries.len() as u64;
@@ -286,7 +280,7 @@ fn admit_job(
             group: overlay.added(),
             job: job_overlay.added(),
         };
-        let verdict = match rules::admit(&seen, checks, &rules, &scribe, seq, fresh) {
+        let verdict = match rules::admit(&seen, payload, &rules, &scribe, seq, fresh) {
             Ok(verdict) => verdict,
             Err(error) if keep_refused && rules::is_rule_refusal(&error) => {
                 tracing::info!(id = %scribe.id, %error, "kept aside: refused by this node's rules, from a peer with other rules");
@@ -331,10 +325,10 @@ fn admit_job(
     match job.reply {
         Reply::Atomic(reply) => {
             let mut results = Vec::with_capacity(job.scribes.len());
-            for (index, (scribe, fresh)) in job.scribes.into_iter().enumerate() {
-                match scribe
-                    .and_then(|scribe| admit(&mut job_overlay, scribe, fresh, origin_of(index)))
-                {
+            for (index, (scribe, fresh, payload)) in job.scribes.into_iter().enumerate() {
+                match scribe.and_then(|scribe| {
+                    admit(&mut job_overlay, scribe, fresh, payload, origin_of(index))
+                }) {
                     Ok(appended) => results.push(appended),
                     Err(error) => {
                         let error = if multi {
@@ -354,12 +348,10 @@ fn admit_job(
         }
         Reply::Each(reply) => {
             let mut results = Vec::with_capacity(job.scribes.len());
-            for (index, (scribe, fresh)) in job.scribes.into_iter().enumerate() {
-                results.push(
-                    scribe.and_then(|scribe| {
-                        admit(&mut job_overlay, scribe, fresh, origin_of(index))
-                    }),
-                );
+            for (index, (scribe, fresh, payload)) in job.scribes.into_iter().enumerate() {
+                results.push(scribe.and_then(|scribe| {
+                    admit(&mut job_overlay, scribe, fresh, payload, origin_of(index))
+                }));
             }
             // A scribe that could not be held for lack of room was not stored: the cursor must
             // not move past it (the peer sends it again on a later connection).

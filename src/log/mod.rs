@@ -38,6 +38,7 @@ pub mod rules;
 mod signer;
 pub mod store;
 pub mod subscribe;
+pub mod work;
 
 pub use leave::LeaveError;
 pub use rules::PayloadChecks;
@@ -210,6 +211,14 @@ pub enum AppendError {
     /// The node is shutting down.
     #[error("the node is shutting down; retry on a running node")]
     ShuttingDown,
+    /// Too many node-signed appends wait for a work-token search (see [`work`]).
+    #[error("{waiting} appends already wait for this node to search for work tokens ({turns} searches run at once, at most {max} wait); retry later, or find the token yourself and send the scribe signed", max = work::MAX_WAITING)]
+    WorkBusy {
+        /// Appends waiting.
+        waiting: usize,
+        /// Searches that run at once.
+        turns: usize,
+    },
 }
 
 impl From<StoreError> for AppendError {
@@ -308,6 +317,8 @@ pub enum Draft {
         /// The id the client claims, checked against the bytes if given.
         claimed_id: Option<ScribeId>,
     },
+    /// A new scribe whose work token the log has found (only the log makes these: see [`work`]).
+    Worked(work::Worked),
 }
 
 /// The fields of a scribe the node will sign.
@@ -450,6 +461,8 @@ pub(crate) struct Shared {
     /// The head seq of each stream someone watches ([`Log::watch_stream_head`]), published after
     /// the log's head: a commit wakes only the watchers of the streams it touched.
     stream_heads: std::sync::Mutex<HashMap<StreamId, watch::Sender<u64>>>,
+    /// Turns for the work-token searches of node-signed appends.
+    work: work::WorkTurns,
     /// Fires when this value is dropped: declared last, so after `store` is closed.
     _closed: ClosedSignal,
 }
@@ -566,23 +579,24 @@ impl Log {
             gate: std::sync::Mutex::new(()),
             leaving: std::sync::Mutex::new(leaving),
             stream_heads: std::sync::Mutex::new(HashMap::new()),
+            work: work::WorkTurns::new(),
             _closed: ClosedSignal(Some(closed_tx)),
         });
         let (submit, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
         let (prepared_tx, prepared_rx) = std::sync::mpsc::sync_channel(2);
         let signer = {
             let shared = shared.clone();
+            let checks = options.payload_checks;
             std::thread::Builder::new()
                 .name("quire-signer".into())
-                .spawn(move || signer::signer_loop(&shared, submit_rx, prepared_tx))
+                .spawn(move || signer::signer_loop(&shared, &checks, submit_rx, prepared_tx))
                 .expect("spawn signer thread")
         };
         let committer = {
             let shared = shared.clone();
-            let checks = options.payload_checks;
             std::thread::Builder::new()
                 .name("quire-committer".into())
-                .spawn(move || committer::committer_loop(&shared, &checks, prepared_rx))
+                .spawn(move || committer::committer_loop(&shared, prepared_rx))
                 .expect("spawn committer thread")
         };
         Ok(Log {
@@ -616,6 +630,7 @@ impl Log {
         if drafts.is_empty() {
             return Ok(Vec::new());
         }
+        let drafts = self.find_work(drafts).await?;
         let (reply, answer) = oneshot::channel();
         let reply = Reply::Atomic(reply);
         self.submit(Job {
@@ -824,15 +839,22 @@ impl Log {
         }
     }
 
-    /// Scribes from `from` (inclusive) up to the head, at most `limit`; `stream` `None` is the
-    /// whole log.
+    /// Scribes from `from` (inclusive) up to the head, at most `limit` and as many as fit in
+    /// [`store::READ_BYTES`] (at least one); `stream` `None` is the whole log.
     pub fn read(
         &self,
         stream: Option<&StreamId>,
         from: u64,
         limit: usize,
-    ) -> Result<Vec<StoredEntry>, StoreError> {
-        read_range(&self.shared.store, stream, from.max(1), self.head(), limit)
+    ) -> Result<store::Chunk, StoreError> {
+        read_range(
+            &self.shared.store,
+            stream,
+            from.max(1),
+            self.head(),
+            limit,
+            store::READ_BYTES,
+        )
     }
 
     /// The streams this node holds, by id.
@@ -911,15 +933,18 @@ pub fn store_path(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join("db")
 }
 
+/// Scribes of `stream` (`None`: the whole log) with `from <= seq <= to`: at most `limit`, and as
+/// many as fit in `max_bytes` (at least one).
 pub(crate) fn read_range(
     store: &Store,
     stream: Option<&StreamId>,
     from: u64,
     to: u64,
     limit: usize,
-) -> Result<Vec<StoredEntry>, StoreError> {
+    max_bytes: usize,
+) -> Result<store::Chunk, StoreError> {
     match stream {
-        Some(stream) => store.read_stream(stream, from, to, limit),
-        None => store.read_log(from, to, limit),
+        Some(stream) => store.read_stream(stream, from, to, limit, max_bytes),
+        None => store.read_log(from, to, limit, max_bytes),
     }
 }

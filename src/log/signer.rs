@@ -1,24 +1,30 @@
 //! The signer stage of the append pipeline: the `quire-signer` thread.
 //!
 //! It drains every job waiting on the submit queue (up to [`MAX_GROUP_DRAFTS`] drafts), gives each
-//! node-signed draft the next value of the node's hybrid logical clock in arrival order, makes
-//! their envelopes and decodes client-sealed ones in parallel on every core (rayon), seals every
+//! node-signed draft the next value of the node's hybrid logical clock in arrival order (a
+//! `record.add` whose stream asks for a work token came with its envelope made and its clock read
+//! when its search began, in `work`), makes their envelopes and decodes client-sealed ones in
+//! parallel on every core (rayon), seals every
 //! node-signed envelope of the group with one signature over their Merkle root, verifies each
 //! distinct client seal once, and hands the group to the committer as [`PreparedJob`]s. Nothing of
 //! this runs on the commit path.
 //!
-//! What does not live here: checks against stored state (duplicates, streams, policies, parents,
-//! payload rules) are the committer's, in [`super::rules`]; nothing here reads or writes the store.
+//! The payload rules (a `_schema`'s parse, a `kv.*` payload's decode, a file path's shape) depend
+//! on the scribe alone: they run here too, in parallel, and the committer takes their verdict.
+//!
+//! What does not live here: checks against stored state (duplicates, streams, policies, parents)
+//! are the committer's, in [`super::rules`]; nothing here reads or writes the store.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use quire_projection_api::{Kind, ScribeId, StreamId};
+use quire_projection_api::{ScribeId, StreamId};
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
+use super::rules::{self, PayloadChecks};
 use super::store::CursorUpdate;
-use super::{AppendError, Draft, Job, Origin, Reply, Shared};
+use super::{AppendError, Draft, Job, NewScribe, Origin, Reply, Shared};
 use crate::identity;
 use crate::scribe::{
     hash, merkle, seal_all, Body, Leaves, Parts, Scribe, ScribeError, Seal, Unsealed,
@@ -29,8 +35,9 @@ const MAX_GROUP_DRAFTS: usize = 8192;
 
 /// A job whose drafts are signed or verified: what the signer hands the committer.
 pub(super) struct PreparedJob {
-    /// Each scribe, and whether the node signed it just now (so it cannot be stored already).
-    pub(super) scribes: Vec<(Result<Scribe, AppendError>, bool)>,
+    /// Each scribe, whether the node signed it just now (so it cannot be stored already), and the
+    /// payload rules' verdict on it.
+    pub(super) scribes: Vec<Checked>,
     pub(super) origin: Origin,
     pub(super) peer_seqs: Vec<u64>,
     pub(super) release: Option<super::store::HeldKey>,
@@ -40,10 +47,15 @@ pub(super) struct PreparedJob {
     pub(super) reply: Reply,
 }
 
+/// A scribe as the signer hands it on: the scribe (or why it is refused), whether the node signed it
+/// just now, and the payload rules' verdict on it.
+pub(super) type Checked = (Result<Scribe, AppendError>, bool, Result<(), AppendError>);
+
 /// The signer thread's body: runs until the submit queue closes (the log is closing) or the
 /// committer is gone.
 pub(super) fn signer_loop(
     shared: &Shared,
+    checks: &PayloadChecks,
     mut submit: mpsc::Receiver<Job>,
     prepared: std::sync::mpsc::SyncSender<Vec<PreparedJob>>,
 ) {
@@ -66,41 +78,22 @@ pub(super) fn signer_loop(
         for (job_index, job) in jobs.iter_mut().enumerate() {
             for (draft_index, draft) in std::mem::take(&mut job.drafts).into_iter().enumerate() {
                 let prepared = match draft {
-                    Draft::New(new) => {
-                        let work_bits = match (&new.kind, new.stream) {
-                            (Kind::RecordAdd, Some(stream)) => shared
-                                .streams
-                                .read()
-                                .expect("streams lock")
-                                .get(&stream)
-                                .map_or(0, |state| state.policy.work_bits),
-                            _ => 0,
-                        };
-                        let body = Body {
-                            stream: new.stream,
-                            author,
-                            hlc: shared.clock.now(),
-                            kind: new.kind,
-                            content_type: new.content_type,
-                            payload: new.payload,
-                            parents: new.parents,
-                            membership: None,
-                            nonce: 0,
-                        };
-                        Prepared::Sign(body, work_bits)
-                    }
+                    // A work token is never searched for here (see `work`): a draft that needs
+                    // one and comes without is refused by the committer.
+                    Draft::New(new) => Prepared::Sign(body(shared, author, new)),
+                    Draft::Worked(worked) => Prepared::Sealable(worked.0),
                     Draft::Signed { parts, claimed_id } => Prepared::Verify(parts, claimed_id),
                 };
                 work.push((job_index, draft_index, prepared));
             }
         }
-        let results = prepare(shared, work);
-        let mut per_job: Vec<Vec<(Result<Scribe, AppendError>, bool)>> = jobs
+        let results = prepare(shared, checks, work);
+        let mut per_job: Vec<Vec<Checked>> = jobs
             .iter()
             .map(|job| Vec::with_capacity(job.drafts.len()))
             .collect();
-        for (job_index, result, fresh) in results {
-            per_job[job_index].push((result, fresh));
+        for (job_index, checked) in results {
+            per_job[job_index].push(checked);
         }
         let group: Vec<PreparedJob> = jobs
             .into_iter()
@@ -122,10 +115,31 @@ pub(super) fn signer_loop(
     }
 }
 
+/// The body the node signs for `new`, carrying the next value of the node's clock.
+pub(super) fn body(
+    shared: &Shared,
+    author: quire_projection_api::AuthorKey,
+    new: NewScribe,
+) -> Body {
+    Body {
+        stream: new.stream,
+        author,
+        hlc: shared.clock.now(),
+        kind: new.kind,
+        content_type: new.content_type,
+        payload: new.payload,
+        parents: new.parents,
+        membership: None,
+        nonce: 0,
+    }
+}
+
 /// The parallel work of one draft.
 enum Prepared {
-    /// A body to seal, with the work bits its stream asks of a `record.add`.
-    Sign(Body, u32),
+    /// A body to seal.
+    Sign(Body),
+    /// An envelope to seal, its work token found already.
+    Sealable(Unsealed),
     /// A client-sealed scribe to decode and verify, with the id the client claims.
     Verify(Parts, Option<ScribeId>),
 }
@@ -139,19 +153,21 @@ enum Stage {
     Decoded(Result<Scribe, AppendError>),
 }
 
-/// Signs and verifies one group's drafts: envelopes (with their work tokens) are made and client
-/// scribes decoded in parallel; then every node-signed envelope of the group is sealed with *one*
-/// signature, and every distinct client seal is verified once, in parallel. Answers
-/// `(job index, scribe, fresh)` in draft order.
+/// Signs and verifies one group's drafts: envelopes are made and client scribes decoded in
+/// parallel; then every node-signed envelope of the group is sealed with *one* signature, and every
+/// distinct client seal is verified once, in parallel; then the payload rules judge each scribe,
+/// in parallel. Answers `(job index, checked)` in draft order.
 fn prepare(
     shared: &Shared,
+    checks: &PayloadChecks,
     work: Vec<(usize, usize, Prepared)>,
-) -> Vec<(usize, Result<Scribe, AppendError>, bool)> {
+) -> Vec<(usize, Checked)> {
     let mut staged: Vec<(usize, Stage)> = work
         .into_par_iter()
         .map(|(job_index, _draft_index, prepared)| {
             let stage = match prepared {
-                Prepared::Sign(body, work_bits) => Stage::Unsealed(body.into_unsealed(work_bits)),
+                Prepared::Sign(body) => Stage::Unsealed(body.into_unsealed(0)),
+                Prepared::Sealable(unsealed) => Stage::Unsealed(unsealed),
                 Prepared::Verify(parts, claimed) => Stage::Decoded(decode(parts, claimed)),
             };
             (job_index, stage)
@@ -187,7 +203,7 @@ fn prepare(
                 .map(|error| (id, error))
         })
         .collect();
-    staged
+    let scribes: Vec<(usize, Result<Scribe, AppendError>, bool)> = staged
         .into_iter()
         .map(|(job_index, stage)| match stage {
             Stage::Unsealed(_) | Stage::Sealed => {
@@ -198,6 +214,16 @@ fn prepare(
                 None => (job_index, Ok(scribe), false),
             },
             Stage::Decoded(Err(error)) => (job_index, Err(error), false),
+        })
+        .collect();
+    scribes
+        .into_par_iter()
+        .map(|(job_index, scribe, fresh)| {
+            let payload = match &scribe {
+                Ok(scribe) => rules::check_payload(checks, &scribe.body),
+                Err(_) => Ok(()),
+            };
+            (job_index, (scribe, fresh, payload))
         })
         .collect()
 }

@@ -45,7 +45,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::epoch::Epochs;
-use crate::scribe::{merkle, Leaves, Parts, Proof};
+use crate::scribe::{decode_stored_envelope, merkle, Leaves, Parts, Proof};
 use bytes::Bytes;
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 use rocksdb::{
@@ -322,6 +322,20 @@ impl std::ops::AddAssign for Vacated {
     }
 }
 
+/// Most bytes of envelopes and payloads one read of a stream or of the log loads by default (it
+/// always loads at least one scribe, of at most an envelope and the hard payload limit).
+pub const READ_BYTES: usize = 8 << 20;
+
+/// What one read of a stream or of the log found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// The scribes, in seq order.
+    pub entries: Vec<StoredEntry>,
+    /// Whether a limit (the count or the bytes) ended it: more may follow the last before `to`.
+    /// When false, everything up to `to` was read.
+    pub more: bool,
+}
+
 /// A stored scribe with its local seq.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEntry {
@@ -349,6 +363,24 @@ struct Record {
 }
 
 impl Record {
+    /// Bytes of its envelope and payload, known before the payload is read (a payload kept apart
+    /// has its length in the envelope).
+    fn size(&self, id: &ScribeId) -> Result<usize, StoreError> {
+        let payload = match &self.payload {
+            Some(payload) => payload.len() as u64,
+            None => {
+                decode_stored_envelope(&self.envelope)
+                    .map_err(|error| {
+                        StoreError::Damaged(format!(
+                            "scribe {id} has a malformed envelope: {error}"
+                        ))
+                    })?
+                    .2
+            }
+        };
+        Ok(self.envelope.len().saturating_add(payload as usize))
+    }
+
     fn encode(entry: &NewEntry, out: &mut Vec<u8>) {
         out.clear();
         out.extend_from_slice(&entry.seq.to_be_bytes());
@@ -792,29 +824,45 @@ impl Store {
         }
     }
 
-    /// The entries of `ids` (seq, id, origin): their records, then their payloads and seals, each
-    /// distinct one read once.
+    /// The entries of `ids` (seq, id, origin), ids first: their records (an envelope and at most
+    /// [`INLINE_PAYLOAD_BYTES`] each), then — for as many as fit in `max_bytes` of envelopes and
+    /// payloads, at least one — their payloads and seals, each distinct one read once. `more` is
+    /// true when the bytes cut it short, or `full` (the ids reached their count limit).
     fn ids_to_entries(
         &self,
         ids: Vec<(u64, ScribeId, Option<PeerOrigin>)>,
-    ) -> Result<Vec<StoredEntry>, StoreError> {
+        max_bytes: usize,
+        full: bool,
+    ) -> Result<Chunk, StoreError> {
         let values = self.db.batched_multi_get_cf(
             self.cf(CF_SCRIBES),
             ids.iter().map(|(_, id, _)| id.as_bytes()),
             false,
         );
         let mut records = Vec::with_capacity(ids.len());
+        let mut bytes = 0usize;
+        let mut more = full;
         for ((seq, id, origin), value) in ids.into_iter().zip(values) {
-            match value? {
-                Some(value) => records.push((id, origin, Record::decode(&id, &value)?)),
+            let record = match value? {
+                Some(value) => Record::decode(&id, &value)?,
                 None => {
                     return Err(StoreError::Damaged(format!(
                         "seq {seq} names scribe {id}, which is not stored"
                     )))
                 }
+            };
+            let size = record.size(&id)?;
+            if !records.is_empty() && bytes.saturating_add(size) > max_bytes {
+                more = true;
+                break;
             }
+            bytes = bytes.saturating_add(size);
+            records.push((id, origin, record));
         }
-        self.complete(records)
+        Ok(Chunk {
+            entries: self.complete(records)?,
+            more,
+        })
     }
 
     /// Stored entries from their records: each distinct payload and seal read once.
@@ -918,15 +966,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Scribes of the whole log with `from <= seq <= to`, at most `limit`, in seq order.
+    /// Scribes of the whole log with `from <= seq <= to`, in seq order: at most `limit`, and as
+    /// many as fit in `max_bytes` of envelopes and payloads (at least one).
     pub fn read_log(
         &self,
         from: u64,
         to: u64,
         limit: usize,
-    ) -> Result<Vec<StoredEntry>, StoreError> {
+        max_bytes: usize,
+    ) -> Result<Chunk, StoreError> {
         if from > to || limit == 0 {
-            return Ok(Vec::new());
+            return Ok(Chunk::default());
         }
         let mut read_options = ReadOptions::default();
         read_options.set_iterate_upper_bound((to + 1).to_be_bytes().to_vec());
@@ -954,19 +1004,22 @@ impl Store {
                 break;
             }
         }
-        self.ids_to_entries(ids)
+        let full = ids.len() == limit;
+        self.ids_to_entries(ids, max_bytes, full)
     }
 
-    /// Scribes of one stream with `from <= seq <= to`, at most `limit`, in seq order.
+    /// Scribes of one stream with `from <= seq <= to`, in seq order: at most `limit`, and as many
+    /// as fit in `max_bytes` of envelopes and payloads (at least one).
     pub fn read_stream(
         &self,
         stream: &StreamId,
         from: u64,
         to: u64,
         limit: usize,
-    ) -> Result<Vec<StoredEntry>, StoreError> {
+        max_bytes: usize,
+    ) -> Result<Chunk, StoreError> {
         if from > to || limit == 0 {
-            return Ok(Vec::new());
+            return Ok(Chunk::default());
         }
         let mut read_options = ReadOptions::default();
         read_options.set_iterate_upper_bound(stream_key(stream, to.saturating_add(1)).to_vec());
@@ -993,7 +1046,8 @@ impl Store {
                 .ok_or_else(|| StoreError::Damaged(format!("stream index value at seq {seq}")))?;
             ids.push((seq, id, origin));
         }
-        self.ids_to_entries(ids)
+        let full = ids.len() == limit;
+        self.ids_to_entries(ids, max_bytes, full)
     }
 
     /// Every stream record.

@@ -89,15 +89,21 @@ pub(crate) fn read_batch(
     let mut next = from;
     loop {
         let want = READ_CHUNK.min(max - out.len());
-        let chunk = read_range(store, stream, next, to, want)?;
-        let more = chunk.len() == want;
-        let Some(last) = chunk.last() else {
+        // Bytes are counted before payloads are read: a batch ends at about BATCH_BYTES, or at
+        // its first scribe, whatever the payloads' sizes.
+        let room = BATCH_BYTES.saturating_sub(bytes);
+        let chunk = read_range(store, stream, next, to, want, room)?;
+        let Some(last) = chunk.entries.last() else {
             return Ok((out, false));
         };
         next = last.seq + 1;
-        bytes += chunk.iter().map(|e| e.parts.size() as usize).sum::<usize>();
-        out.extend(chunk);
-        if !more {
+        bytes += chunk
+            .entries
+            .iter()
+            .map(|e| e.parts.size() as usize)
+            .sum::<usize>();
+        out.extend(chunk.entries);
+        if !chunk.more {
             return Ok((out, false));
         }
         if out.len() >= max || bytes >= BATCH_BYTES {

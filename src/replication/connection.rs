@@ -18,12 +18,15 @@ use futures::{Stream, StreamExt};
 use quire_projection_api::{AuthorKey, ScribeId, StreamId};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::session::{Action, Message, ReadPlan, Session, Step};
 use super::wire::{self, WireError};
-use super::{Command, Inner, FIRST_BACKOFF, MAX_BACKOFF, MAX_PEER_MESSAGE_BYTES, OUTBOUND_QUEUE};
+use super::{
+    Command, Inner, FIRST_BACKOFF, MAX_BACKOFF, MAX_PEER_MESSAGE_BYTES, OUTBOUND_BYTES,
+    OUTBOUND_QUEUE,
+};
 use crate::log::store::{CursorUpdate, PeerOrigin, StoreError};
+use crate::log::subscribe::{metered, MeteredPermit, MeteredSender};
 use crate::log::AppendError;
 use crate::net::Proven;
 use crate::pb;
@@ -167,11 +170,18 @@ impl Drop for Registered {
     }
 }
 
+/// Sends `message` in the room `permit` holds, once the connection's byte budget has room for it.
+async fn send(permit: MeteredPermit<'_, pb::PeerMessage>, message: &Message) {
+    let message = wire::to_proto(message);
+    let size = prost::Message::encoded_len(&message);
+    permit.send(message, size).await;
+}
+
 /// Runs one connection to its end. `dialed`: this side dialed (the peer is at `addr`).
 pub(crate) async fn run<S>(
     inner: Arc<Inner>,
     incoming: S,
-    outgoing: mpsc::Sender<pb::PeerMessage>,
+    outgoing: MeteredSender<pb::PeerMessage>,
     dialed: bool,
     addr: String,
     proven: Option<Proven>,
@@ -202,7 +212,7 @@ where
     let result = driver.drive(incoming, &outgoing, commands).await;
     // Best effort: tell the peer why.
     if let Err(reason) = &result {
-        let _ = outgoing.try_send(wire::to_proto(&Message::Error(reason.to_string())));
+        outgoing.try_send(wire::to_proto(&Message::Error(reason.to_string())));
     }
     drop(registered);
     if !driver.dialed && driver.peer.is_none() {
@@ -253,7 +263,7 @@ impl Driver {
     async fn drive<S>(
         &mut self,
         mut incoming: S,
-        outgoing: &mpsc::Sender<pb::PeerMessage>,
+        outgoing: &MeteredSender<pb::PeerMessage>,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), ConnectionError>
     where
@@ -297,15 +307,15 @@ impl Driver {
                     return Err(ConnectionError::HandshakeTimeout);
                 }
                 permit = outgoing.reserve(), if want_room => {
-                    let permit = permit.map_err(|_| ConnectionError::PeerGone)?;
+                    let permit = permit.map_err(|()| ConnectionError::PeerGone)?;
                     if let Some(message) = self.control.pop_front() {
-                        permit.send(wire::to_proto(&message));
+                        send(permit, &message).await;
                         continue;
                     }
                     let step = self.session_mut().next_step(|stream| log.stream(stream).map_or(0, |state| state.record.head_seq));
                     match step {
                         None => maybe_more = false,
-                        Some(Step::Send(message)) => permit.send(wire::to_proto(&message)),
+                        Some(Step::Send(message)) => send(permit, &message).await,
                         Some(Step::Read(plan)) => {
                             if let Some(batch) = self.read(plan).await? {
                                 if let Message::Batch { stream, scribes, .. } = &batch {
@@ -313,7 +323,7 @@ impl Driver {
                                     let stream = *stream;
                                     self.counters(stream, |counters| counters.sent += sent);
                                 }
-                                permit.send(wire::to_proto(&batch));
+                                send(permit, &batch).await;
                             }
                         }
                     }
@@ -322,8 +332,13 @@ impl Driver {
                     let message = match message {
                         None => return Err(ConnectionError::PeerClosed),
                         Some(Err(status)) => return Err(ConnectionError::PeerStream(status.message().to_string())),
-                        Some(Ok(message)) => wire::from_proto(message)?,
+                        Some(Ok(message)) => message,
                     };
+                    // A whole message: the bytes the listener counted for it are given back.
+                    if let Some(proven) = &self.proven {
+                        proven.message_received();
+                    }
+                    let message = wire::from_proto(message)?;
                     // A peer that now holds a stream we are waiting to join: ask it for the genesis.
                     let joinable: Vec<StreamId> = match &message {
                         Message::Streams(streams) => {
@@ -388,11 +403,11 @@ impl Driver {
         let log = self.inner.log.clone();
         let read = tokio::task::spawn_blocking(move || {
             log.store()
-                .read_stream(&plan.stream, plan.from, plan.to, BATCH_SCRIBES)
+                .read_stream(&plan.stream, plan.from, plan.to, BATCH_SCRIBES, BATCH_BYTES)
         })
         .await?;
-        let entries = match read {
-            Ok(entries) => entries,
+        let chunk = match read {
+            Ok(chunk) => chunk,
             // Damage (a payload or seal missing, a malformed record) is local and lasting: stop
             // sending this stream, not every stream (closing would only reconnect and fail again).
             Err(source @ StoreError::Damaged(_)) => {
@@ -414,19 +429,14 @@ impl Driver {
                 })
             }
         };
-        let mut limit = BATCH_SCRIBES;
-        let mut bytes = 0;
-        let mut kept = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let size = entry.parts.size() as usize;
-            if !kept.is_empty() && bytes + size > BATCH_BYTES {
-                limit = kept.len();
-                break;
-            }
-            bytes += size;
-            kept.push((entry.seq, entry.id, entry.parts, entry.origin));
-        }
-        Ok(self.session_mut().read_done(plan, kept, limit))
+        // The store read counted bytes before loading payloads: a batch is at most BATCH_BYTES,
+        // or one scribe.
+        let kept = chunk
+            .entries
+            .into_iter()
+            .map(|entry| (entry.seq, entry.id, entry.parts, entry.origin))
+            .collect();
+        Ok(self.session_mut().read_done(plan, kept, chunk.more))
     }
 
     async fn execute(&mut self, actions: Vec<Action>) -> Result<(), ConnectionError> {
@@ -761,9 +771,9 @@ async fn dial_once(inner: Arc<Inner>, addr: &str) -> Result<(), ConnectionError>
     let mut client = pb::peer_client::PeerClient::new(channel)
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
-    let (outgoing, receiver) = mpsc::channel(OUTBOUND_QUEUE);
+    let (outgoing, receiver) = metered(OUTBOUND_QUEUE, OUTBOUND_BYTES);
     let response = client
-        .replicate(ReceiverStream::new(receiver))
+        .replicate(receiver)
         .await
         .map_err(|status| ConnectionError::Refused {
             addr: addr.to_string(),

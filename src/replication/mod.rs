@@ -27,22 +27,20 @@ use std::time::Duration;
 use futures::Stream;
 use quire_projection_api::{AuthorKey, StreamId};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::log::subscribe::metered;
 use crate::log::Log;
 use crate::pb;
 
-/// Largest peer message, derived from the largest scribe any policy allows: a batch is cut at
-/// [`connection::BATCH_BYTES`] unless its one scribe is larger, up to an envelope and a payload at
-/// [`crate::scribe::HARD_MAX_PAYLOAD_BYTES`]; 1 MiB more covers each scribe's seal, ids and
-/// framing. A peer that declares a larger message is cut off before it is read.
-pub const MAX_PEER_MESSAGE_BYTES: usize =
-    crate::scribe::HARD_MAX_PAYLOAD_BYTES as usize + crate::scribe::MAX_ENVELOPE_BYTES + (1 << 20);
+pub use crate::net::MAX_PEER_MESSAGE_BYTES;
 const _: () = assert!(connection::BATCH_BYTES + (1 << 20) <= MAX_PEER_MESSAGE_BYTES);
 /// Messages queued towards one peer before the connection stops reading from storage.
 pub const OUTBOUND_QUEUE: usize = 8;
+/// Bytes of messages queued towards one peer before the connection stops reading from storage
+/// (one message larger than this waits alone): two batches of [`connection::BATCH_BYTES`].
+pub const OUTBOUND_BYTES: usize = 2 * connection::BATCH_BYTES;
 /// Longest wait between two dial attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// First wait after a failed dial.
@@ -467,7 +465,7 @@ impl pb::peer_server::Peer for PeerService {
         // The listener's budget of what this connection may send before its peer proved its key.
         let proven = request.extensions().get::<crate::net::Proven>().cloned();
         let incoming = request.into_inner();
-        let (outgoing, receiver) = mpsc::channel(OUTBOUND_QUEUE);
+        let (outgoing, receiver) = metered(OUTBOUND_QUEUE, OUTBOUND_BYTES);
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let result =
@@ -476,8 +474,6 @@ impl pb::peer_server::Peer for PeerService {
                 tracing::info!(peer = %addr, %error, "accepted peer connection ended");
             }
         });
-        Ok(Response::new(Box::pin(
-            ReceiverStream::new(receiver).map(Ok),
-        )))
+        Ok(Response::new(Box::pin(receiver.map(Ok))))
     }
 }

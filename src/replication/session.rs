@@ -554,21 +554,21 @@ impl Session {
         None
     }
 
-    /// The result of a [`Step::Read`]: `entries` (seq, id, parts, origin) read from `plan.from`,
-    /// at most `limit`. Returns the batch to send, if any: scribes that came from this peer are
+    /// The result of a [`Step::Read`]: `entries` (seq, id, parts, origin) read from `plan.from`;
+    /// `more` when a limit ended the read before `plan.to`. Returns the batch to send, if any: scribes that came from this peer are
     /// not sent back to it while it still holds them.
     pub fn read_done(
         &mut self,
         plan: ReadPlan,
         entries: Vec<(u64, ScribeId, Parts, Option<PeerOrigin>)>,
-        limit: usize,
+        more: bool,
     ) -> Option<Message> {
         let serving = self.serving.get_mut(&plan.stream)?;
         if serving.next != plan.from {
             return None; // the peer re-sent Want meanwhile; this read is stale
         }
         serving.next = match entries.last() {
-            Some((seq, ..)) if entries.len() >= limit => seq + 1,
+            Some((seq, ..)) if more => seq + 1,
             _ => plan.to + 1,
         };
         let through = serving.next - 1;

@@ -671,3 +671,285 @@ async fn node_status_of(url: &str) -> pb::StatusReply {
         .unwrap()
         .into_inner()
 }
+
+/// `n` bytes that do not compress (a xorshift sequence from `seed`).
+fn noise(seed: u64, n: usize) -> bytes::Bytes {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(n);
+    bytes::Bytes::from(out)
+}
+
+/// A stream of 48 scribes of 4 MiB each (192 MiB): two subscribers and a `Log.Read` that each
+/// take one scribe and then read no more, and a peer replicating the stream, make the node hold a
+/// few scribes each, not the stream — reads are cut by bytes before payloads are loaded (each used
+/// to load 512 or 1,000 scribes whole: 192 MiB apiece here, and many GiB with larger files) —
+/// while a second client's appends to another stream go on, and the peer receives every scribe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_of_large_payloads_hold_a_few_scribes_not_the_stream() {
+    const SCRIBES: usize = 48;
+    const SIZE: usize = 4 << 20;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (child, url_a, peer_a) = spawn_serve_with(dir_a.path(), &[]).await;
+    let pid = child.id().unwrap();
+    let mut owner = clients(&url_a).await;
+    let stream = create_stream(
+        &mut owner,
+        "large",
+        Some(pb::Policy {
+            max_file_bytes: 8 << 20,
+            max_stream_bytes: 1 << 30,
+            ..Default::default()
+        }),
+    )
+    .await;
+    for index in 0..SCRIBES {
+        owner
+            .log
+            .append(pb::AppendRequest {
+                stream: bytes_of(&stream),
+                kind: "x.blob".into(),
+                content_type: "application/octet-stream".into(),
+                payload: noise(index as u64, SIZE),
+                parents: vec![],
+            })
+            .await
+            .expect("append a 4 MiB scribe");
+    }
+    let before = rss(pid);
+
+    // Two subscribers and a reader of the whole stream, each taking one scribe and no more.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut events = owner
+            .log
+            .subscribe(pb::SubscribeRequest {
+                stream: bytes_of(&stream),
+                from_seq: 1,
+                ..Default::default()
+            })
+            .await
+            .expect("subscribe")
+            .into_inner();
+        let first = events.message().await.unwrap().expect("a first event");
+        assert!(matches!(
+            first.event,
+            Some(pb::subscribe_event::Event::Scribe(_))
+        ));
+        held.push(Box::new(events) as Box<dyn std::any::Any + Send>);
+    }
+    let mut read = owner
+        .log
+        .read(pb::ReadRequest {
+            stream: bytes_of(&stream),
+            from_seq: 1,
+            limit: 1000,
+        })
+        .await
+        .expect("read")
+        .into_inner();
+    read.message().await.unwrap().expect("a first scribe");
+    held.push(Box::new(read));
+    let holding = rss(pid);
+
+    // A peer replicates the stream meanwhile, and a second client appends elsewhere.
+    let b = start_node(dir_b.path()).await;
+    clients(&b.url())
+        .await
+        .admin
+        .add_peer(pb::AddPeerRequest { addr: peer_a })
+        .await
+        .unwrap();
+    join(&b, &stream).await;
+    let other = new_stream(&url_a, "beside").await;
+    let mut second = clients(&url_a).await;
+    let mut most = holding;
+    let mut appended = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    // Each round appends one note beside (a few milliseconds), then looks again.
+    loop {
+        most = most.max(rss(pid));
+        let done = b
+            .log
+            .stream(&stream)
+            .is_some_and(|state| state.record.scribes as usize == SCRIBES + 1);
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B did not receive the stream within 120 s"
+        );
+        append_note(&mut second, &other, "beside").await;
+        appended += 1;
+    }
+    most = most.max(rss(pid));
+    assert!(appended > 0);
+    let grown = (most.saturating_sub(before)) >> 20;
+    eprintln!(
+        "large payloads: RSS {} MiB before, {} MiB with three readers holding, at most {} MiB \
+         while a peer read the stream ({appended} appends beside)",
+        before >> 20,
+        holding >> 20,
+        most >> 20
+    );
+    assert!(
+        grown < 160,
+        "the node grew by {grown} MiB while three readers and a peer read a 192 MiB stream \
+         (from {} MiB; {} MiB with the readers holding)",
+        before >> 20,
+        holding >> 20
+    );
+    drop(held);
+    b.stop().await.unwrap();
+}
+
+/// A node-signed `record.add` into `stream`, answered as the node answered it.
+async fn try_add_record(url: String, stream: StreamId) -> Result<u64, tonic::Status> {
+    let mut clients = clients(&url).await;
+    clients
+        .log
+        .append(pb::AppendRequest {
+            stream: bytes_of(&stream),
+            kind: "record.add".into(),
+            content_type: "application/json".into(),
+            payload: bytes::Bytes::from(r#"{"_table": "notes", "text": "worked"}"#),
+            parents: vec![],
+        })
+        .await
+        .map(|reply| reply.into_inner().seq)
+}
+
+/// A stream that asks every `record.add` for a 24-bit work token (about 16 million hashes: seconds
+/// of a core) makes the node search when it signs one for a client. The search runs beside the
+/// append pipeline: while one runs, appends to another stream commit (they used to wait for it);
+/// a client that gives up stops its search; past 64 waiting for a turn, more are refused
+/// UNAVAILABLE at once, and nothing of a refused or abandoned append is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_token_searches_run_beside_the_pipeline_and_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let url = node.url();
+    let mut owner = clients(&url).await;
+    let worked = create_stream(
+        &mut owner,
+        "worked",
+        Some(pb::Policy {
+            work_bits: 24,
+            ..Default::default()
+        }),
+    )
+    .await;
+    let other = new_stream(&url, "other").await;
+    let searching = || node.log.work_searches().0;
+
+    // Appends beside a running search: retried in the rare case the search ends first.
+    let mut shown = false;
+    for _ in 0..5 {
+        let search = tokio::spawn(try_add_record(url.clone(), worked));
+        wait_until(Duration::from_secs(30), "the search to begin", || async {
+            searching() == 1 || search.is_finished()
+        })
+        .await;
+        let mut beside = Vec::new();
+        for index in 0..20 {
+            beside.push(
+                append_note(&mut owner, &other, &format!("beside {index}"))
+                    .await
+                    .seq,
+            );
+        }
+        let still_searching = searching() == 1;
+        let seq = search.await.unwrap().expect("the worked record is stored");
+        if still_searching {
+            assert!(
+                beside.iter().all(|&other| other < seq),
+                "an append beside the search waited for it: {beside:?} vs {seq}"
+            );
+            shown = true;
+            break;
+        }
+    }
+    assert!(shown, "five 24-bit searches each ended within 20 appends");
+
+    // A client that gives up stops its search.
+    let head = node.log.head();
+    let search = tokio::spawn(try_add_record(url.clone(), worked));
+    wait_until(Duration::from_secs(30), "a search to begin", || async {
+        searching() == 1 || search.is_finished()
+    })
+    .await;
+    search.abort();
+    wait_until(
+        Duration::from_secs(10),
+        "the abandoned search to stop",
+        || async { searching() == 0 },
+    )
+    .await;
+
+    // 70 at once: one searches (two cores: one turn), 64 wait, the rest are refused at once.
+    let calls: Vec<_> = (0..70)
+        .map(|_| tokio::spawn(try_add_record(url.clone(), worked)))
+        .collect();
+    let mut refused = 0;
+    wait_until(
+        Duration::from_secs(30),
+        "the calls past the cap to be refused",
+        || {
+            let finished: Vec<_> = calls.iter().filter(|call| call.is_finished()).collect();
+            let count = finished.len();
+            async move { count >= 5 }
+        },
+    )
+    .await;
+    let (searching_now, waiting_now) = node.log.work_searches();
+    assert!(
+        searching_now <= 1,
+        "{searching_now} searches at once on two cores"
+    );
+    assert!(waiting_now <= 64, "{waiting_now} appends wait for a turn");
+    for call in calls {
+        if !call.is_finished() {
+            call.abort();
+            continue;
+        }
+        match call.await.unwrap() {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    status.message().contains("work token"),
+                    "{}",
+                    status.message()
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 1, "no call past the cap was refused");
+    wait_until(
+        Duration::from_secs(10),
+        "every abandoned search to stop",
+        || async { node.log.work_searches() == (0, 0) },
+    )
+    .await;
+    // Every record stored carries its work token.
+    let stored = node
+        .log
+        .read(Some(&worked), head + 1, 1000)
+        .unwrap()
+        .entries;
+    for entry in &stored {
+        assert!(
+            entry.id.as_bytes()[..3] == [0, 0, 0],
+            "a record without its token"
+        );
+    }
+    node.stop().await.unwrap();
+}

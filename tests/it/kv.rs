@@ -73,22 +73,30 @@ async fn delete(
     .map(|reply| reply.into_inner())
 }
 
-/// The whole dict of `stream` on `node`: key → (value, fence).
+/// The whole dict of `stream` on `node`: key → (value, fence), in pages.
 async fn dict(node: &RunningNode, stream: &StreamId) -> BTreeMap<Vec<u8>, (Vec<u8>, u64)> {
-    kv(node)
-        .await
-        .scan(pb::KvScanRequest {
-            stream: bytes_of(stream),
-            prefix: Bytes::new(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| (e.key.to_vec(), (e.value.to_vec(), e.fence)))
-        .collect()
+    let mut kv = kv(node).await;
+    let mut dict = BTreeMap::new();
+    let mut after = Bytes::new();
+    loop {
+        let page = kv
+            .scan(pb::KvScanRequest {
+                stream: bytes_of(stream),
+                prefix: Bytes::new(),
+                limit: 0,
+                after: after.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for entry in &page.entries {
+            dict.insert(entry.key.to_vec(), (entry.value.to_vec(), entry.fence));
+        }
+        match page.entries.last() {
+            Some(last) if page.more => after = last.key.clone(),
+            _ => return dict,
+        }
+    }
 }
 
 /// Gives `to` the stream's genesis by hand (no peer link): `to` holds the stream while the two
@@ -123,6 +131,7 @@ async fn table_caught_up(node: &RunningNode, stream: &StreamId) -> bool {
             stream: bytes_of(stream),
             prefix: Bytes::new(),
             limit: 1,
+            after: Bytes::new(),
         })
         .await
         .map(|reply| reply.into_inner().seq >= head)
@@ -733,5 +742,125 @@ async fn a_kv_payload_that_does_not_decode_is_refused_at_admission_and_stores_no
         .unwrap()
         .into_inner();
     assert!(parked.entries.is_empty(), "{parked:?}");
+    node.stop().await.unwrap();
+}
+
+/// A watch's snapshot of a table larger than a page (600 values of 64 KiB: about 16 a page) is
+/// read page by page as the client reads, so writes land between its pages. Applying the events
+/// in order, the client never sees a key go back to an older write (a change a page already holds
+/// is not sent again), ends with exactly the final state, and `CaughtUp` names the seq of the
+/// last page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_watch_snapshot_with_writes_between_its_pages_ends_with_the_final_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let stream = create_stream(&mut clients, "paged", None).await;
+    let mut writer = kv(&node).await;
+    let value = |round: u32, key: u32| {
+        let mut value = format!("round {round} key {key} ").into_bytes();
+        value.resize(64 << 10, b'.');
+        Bytes::from(value)
+    };
+    let key = |key: u32| Bytes::from(format!("k{key:04}"));
+    for batch in 0..20u32 {
+        writer
+            .update(pb::KvUpdateRequest {
+                stream: bytes_of(&stream),
+                sets: (batch * 30..(batch + 1) * 30)
+                    .map(|k| pb::KvSetRequest {
+                        stream: bytes_of(&stream),
+                        key: key(k),
+                        value: value(0, k),
+                    })
+                    .collect(),
+                deletes: vec![],
+            })
+            .await
+            .unwrap();
+    }
+    let mut watch = kv(&node)
+        .await
+        .watch(pb::KvWatchRequest {
+            stream: bytes_of(&stream),
+            prefix: Bytes::from("k"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().expect("a first entry");
+    // While the watch waits for its reader, keys all over the table change and some go.
+    for round in 1..=30u32 {
+        let k = (round * 197) % 600;
+        let deletes = if round % 5 == 0 {
+            vec![pb::KvDeleteRequest {
+                stream: bytes_of(&stream),
+                key: key((k + 300) % 600),
+            }]
+        } else {
+            vec![]
+        };
+        writer
+            .update(pb::KvUpdateRequest {
+                stream: bytes_of(&stream),
+                sets: vec![pb::KvSetRequest {
+                    stream: bytes_of(&stream),
+                    key: key(k),
+                    value: value(round, k),
+                }],
+                deletes,
+            })
+            .await
+            .unwrap();
+    }
+    let last_seq = node.log.stream(&stream).unwrap().record.head_seq;
+    let mut seen: BTreeMap<Vec<u8>, (Option<Vec<u8>>, u64)> = BTreeMap::new();
+    let mut caught_up_at = None;
+    let mut event = Some(first);
+    while caught_up_at.is_none() {
+        let next = match event.take() {
+            Some(event) => event,
+            None => tokio::time::timeout(Duration::from_secs(30), watch.message())
+                .await
+                .expect("the watch keeps delivering")
+                .unwrap()
+                .expect("the watch stays open"),
+        };
+        match next.event.unwrap() {
+            pb::kv_watch_event::Event::Entry(entry) => {
+                let key = entry.key.to_vec();
+                if let Some((_, seq)) = seen.get(&key) {
+                    assert!(
+                        entry.seq > *seq,
+                        "{:?} went from seq {seq} back to {}",
+                        String::from_utf8_lossy(&key),
+                        entry.seq
+                    );
+                }
+                seen.insert(
+                    key,
+                    (entry.present.then(|| entry.value.to_vec()), entry.seq),
+                );
+            }
+            pb::kv_watch_event::Event::CaughtUp(at) => caught_up_at = Some(at.seq),
+        }
+    }
+    // The pages after the first were read after the writes: CaughtUp is at the last of them.
+    assert_eq!(caught_up_at, Some(last_seq));
+    let live: BTreeMap<Vec<u8>, Vec<u8>> = dict(&node, &stream)
+        .await
+        .into_iter()
+        .map(|(key, (value, _))| (key, value))
+        .collect();
+    let seen_live: BTreeMap<Vec<u8>, Vec<u8>> = seen
+        .into_iter()
+        .filter_map(|(key, (value, _))| Some((key, value?)))
+        .collect();
+    assert_eq!(seen_live.len(), live.len());
+    assert!(
+        seen_live == live,
+        "snapshot pages + changes = the final state"
+    );
     node.stop().await.unwrap();
 }

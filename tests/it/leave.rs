@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use proptest::prelude::*;
 use quire::api::access::app_label;
+use quire::log::store::StoredEntry;
 use quire::log::{Draft, NewScribe};
 use quire::node::{NodeConfig, RunningNode};
 use quire::pb;
@@ -587,7 +588,14 @@ proptest! {
                     None => assert!(!kept.contains(stream), "a kept scribe is gone"),
                 }
             }
-            let read = log.read(None, 1, usize::MAX).unwrap();
+            let mut read = Vec::new();
+            loop {
+                let chunk = log.read(None, read.last().map_or(1, |e: &StoredEntry| e.seq + 1), usize::MAX).unwrap();
+                read.extend(chunk.entries);
+                if !chunk.more {
+                    break;
+                }
+            }
             assert!(read.windows(2).all(|pair| pair[0].seq < pair[1].seq));
             let expected = written.values().filter(|(stream, _)| kept.contains(stream)).count()
                 + kept.len();

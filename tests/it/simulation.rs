@@ -371,7 +371,8 @@ impl Network {
                             (seq, entry.id, entry.parts.clone(), entry.origin)
                         })
                         .collect();
-                    connection.ends[end].read_done(plan, entries, READ_LIMIT)
+                    let more = entries.len() == READ_LIMIT;
+                    connection.ends[end].read_done(plan, entries, more)
                 }
             };
             if let Some(message) = message {

@@ -48,7 +48,7 @@
 use std::path::Path;
 
 use prost::Message;
-use quire_projection_api::sqlite::{blob32, scan_prefix, Database};
+use quire_projection_api::sqlite::{blob32, Database};
 use quire_projection_api::{
     hlc_millis, ApplyError, AuthorKey, Kind, Place, Plugin, Policy, ProjectionError, Projector,
     Scope, Scribe, ScribeId,
@@ -475,6 +475,17 @@ pub struct Entry {
     pub seq: u64,
 }
 
+/// One page of a [`Reader::scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The entries, in key order.
+    pub entries: Vec<Entry>,
+    /// The local seq they are consistent with.
+    pub seq: u64,
+    /// Whether a limit ended the page: more entries of the prefix follow its last key.
+    pub more: bool,
+}
+
 /// Read-only access to a live instance (its own SQLite connection; reads never block the
 /// runner's writes, and see only committed batches).
 #[derive(Debug)]
@@ -500,27 +511,63 @@ impl Reader {
             .map_err(db_error)
     }
 
-    /// Live entries whose key starts with `prefix`, in key order, at most `limit`, and the
-    /// checkpoint they are consistent with (one read transaction).
+    /// Live entries whose key starts with `prefix` and sorts after `after` (from the first when
+    /// `None`), in key order: at most `limit`, and as many as fit in `max_bytes` of keys and values
+    /// (at least one). With the checkpoint they are consistent with (one read transaction), and
+    /// whether a limit ended the page before the prefix's last key.
     pub fn scan(
         &mut self,
         prefix: &[u8],
+        after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<(Vec<Entry>, u64), ProjectionError> {
+        max_bytes: usize,
+    ) -> Result<ScanPage, ProjectionError> {
         let tx = self.db.transaction().map_err(db_error)?;
         let checkpoint = DB.checkpoint(&tx).map_err(db_error)?;
-        let out = scan_prefix(
-            &tx,
-            "SELECT key, value, owner, hlc, id, fence, seq FROM current
-             WHERE key >= ?1 AND value IS NOT NULL ORDER BY key",
-            prefix,
-            limit,
-            entry,
-            |found| &found.key,
-        )
-        .map_err(db_error)?;
+        let mut entries = Vec::new();
+        let mut more = false;
+        {
+            // Sizes first: a value is read only once it is known to fit.
+            let mut statement = tx
+                .prepare_cached(
+                    "SELECT key, length(value) FROM current
+                     WHERE key >= ?1 AND key > ?2 AND value IS NOT NULL ORDER BY key",
+                )
+                .map_err(db_error)?;
+            let mut rows = statement
+                .query(rusqlite::params![prefix, after.unwrap_or(&[])])
+                .map_err(db_error)?;
+            let mut bytes = 0usize;
+            let mut keys = Vec::new();
+            while let Some(row) = rows.next().map_err(db_error)? {
+                let key: Vec<u8> = row.get(0).map_err(db_error)?;
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                let size = key.len() + row.get::<_, i64>(1).map_err(db_error)? as usize;
+                if keys.len() >= limit || (!keys.is_empty() && bytes + size > max_bytes) {
+                    more = true;
+                    break;
+                }
+                bytes += size;
+                keys.push(key);
+            }
+            drop(rows);
+            let mut read = tx
+                .prepare_cached(
+                    "SELECT key, value, owner, hlc, id, fence, seq FROM current WHERE key = ?1",
+                )
+                .map_err(db_error)?;
+            for key in keys {
+                entries.push(read.query_row([key], entry).map_err(db_error)?);
+            }
+        }
         tx.commit().map_err(db_error)?;
-        Ok((out, checkpoint))
+        Ok(ScanPage {
+            entries,
+            seq: checkpoint,
+            more,
+        })
     }
 
     /// The checkpoint of the committed state.
