@@ -173,6 +173,20 @@ impl KvService {
         self.read(stream, |reader| reader.get(key))
     }
 
+    /// [`KvService::get_entry`] for a caller's read (a `Get`, a watch's change): on a blocking
+    /// thread in the node's turn to read, as a value may be megabytes.
+    async fn read_entry(&self, stream: StreamId, key: Vec<u8>) -> Result<Option<Entry>, Status> {
+        self.served
+            .read(
+                stream,
+                move |reader: &mut Reader| reader.get(&key),
+                |error: &quire_projection_api::ProjectionError| {
+                    internal(format!("reading the kv table: {error}"))
+                },
+            )
+            .await
+    }
+
     /// Checks, appends and waits for `ops`; returns the entries after them.
     async fn write(&self, stream: &[u8], ops: Vec<Op>) -> Result<Vec<pb::KvEntry>, Status> {
         let (stream, policy) = self.policy(stream)?;
@@ -305,7 +319,7 @@ impl pb::kv_server::Kv for KvService {
         let request = request.into_inner();
         let (stream, policy) = self.policy(&request.stream)?;
         check_key(&request.key).map_err(Status::invalid_argument)?;
-        match self.get_entry(&stream, &request.key)? {
+        match self.read_entry(stream, request.key.to_vec()).await? {
             Some(entry) if entry.state.value.is_some() => {
                 Ok(Response::new(entry_to_proto(&entry, &policy)))
             }
@@ -644,7 +658,7 @@ impl KvService {
             if let Err(status) = applied {
                 return sink.fail(status);
             }
-            let change = match self.get_entry(&stream, &key) {
+            let change = match self.read_entry(stream, key).await {
                 Ok(Some(found)) => Entry {
                     seq: entry.seq,
                     ..found

@@ -13,15 +13,19 @@
 //!    the node's hybrid logical clock (in arrival order), then signs those drafts and decodes and
 //!    verifies client-signed ones *in parallel on every core* (rayon). Signing is the expensive part
 //!    of an append, so it never runs on the commit path.
+//!    The payload rules, which depend on the scribe alone, are judged there too. A work token is
+//!    found before a job reaches the signer (`work.rs`), so no search holds up the pipeline.
 //! 3. The **committer** thread takes prepared groups in order, checks each scribe against what is
 //!    stored (duplicate? stream known? author allowed by the stream's policy? within the limits?
-//!    payload rules? parents stored? — the rules are in `rules.rs`), assigns the next local seqs and
+//!    parents stored? — the rules are in `rules.rs`; the signer's payload verdict is taken in its
+//!    place among them), assigns the next local seqs and
 //!    writes the whole group in one RocksDB write batch (group commit; one fsync with `--sync`).
 //!    Only then does it publish the new head and answer the callers.
 //!
 //! Two threads in a pipeline means group N+1 is being signed while group N is being written, and
 //! node-signed scribes commit in the order of their clocks (a scribe is never stored before one its
-//! author wrote earlier).
+//! author wrote earlier) — but for a `record.add` whose work token was searched for: its clock is
+//! read when the search begins.
 //!
 //! **Architecture invariant:** only the committer thread writes to the store, and it publishes a new
 //! head only after the write batch holding every seq up to it has been written. Readers bound every
