@@ -128,6 +128,9 @@ pub const PEER_PENDING_BYTES: usize = 4 * PEER_PENDING_PER_ADDRESS;
 pub const PEER_PENDING_PER_ADDRESS: usize = MAX_PEER_MESSAGE_BYTES;
 /// How long a peer has to finish a message once it has begun it.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a peer connection whose key is proven may stay open with no call (an honest peer
+/// keeps its one replication call open; when the call ends it dials anew).
+pub const IDLE_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Set by the service once a connection's peer is known (the peer listener: it proved its node
 /// key); until then the connection's reads count against [`ConnectionLimits::unproven_bytes`].
@@ -140,6 +143,10 @@ struct ProvenState {
     flag: AtomicBool,
     /// Bytes of this connection's call body read since its last whole message.
     held: AtomicUsize,
+    /// Calls open on the connection now.
+    calls: AtomicUsize,
+    /// Woken when the last call ends, so the connection starts its idle deadline.
+    idle_waker: Mutex<Option<std::task::Waker>>,
     pending: Arc<PendingBytes>,
     address: IpAddr,
 }
@@ -149,6 +156,8 @@ impl Proven {
         Proven(Arc::new(ProvenState {
             flag: AtomicBool::new(false),
             held: AtomicUsize::new(0),
+            calls: AtomicUsize::new(0),
+            idle_waker: Mutex::new(None),
             pending,
             address,
         }))
@@ -171,6 +180,13 @@ impl Proven {
 
     fn holds(&self) -> bool {
         self.0.held.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether the connection's key is proven and it has no call open; `cx` is woken when its
+    /// last call ends.
+    fn idle(&self, cx: &Context<'_>) -> bool {
+        *self.0.idle_waker.lock().expect("idle waker lock") = Some(cx.waker().clone());
+        self.is_set() && self.0.calls.load(Ordering::Acquire) == 0
     }
 
     fn took(&self, bytes: usize) {
@@ -267,6 +283,37 @@ struct PeerBody<B> {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+impl<B> PeerBody<B> {
+    fn new(inner: B, proven: Proven) -> PeerBody<B> {
+        proven.0.calls.fetch_add(1, Ordering::AcqRel);
+        PeerBody {
+            inner,
+            proven,
+            deadline: None,
+        }
+    }
+}
+
+impl<B> Drop for PeerBody<B> {
+    /// A call that ends — whole, reset mid-message, refused — gives back what it held: the bytes
+    /// of a message that will never be whole must not stay counted while the connection lives.
+    fn drop(&mut self) {
+        self.proven.message_received();
+        if self.proven.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let waker = self
+                .proven
+                .0
+                .idle_waker
+                .lock()
+                .expect("idle waker lock")
+                .take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+}
+
 fn message_timeout() -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::TimedOut,
@@ -312,8 +359,14 @@ where
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(error))) => {
+                this.proven.message_received();
+                Poll::Ready(Some(Err(error.into())))
+            }
+            Poll::Ready(None) => {
+                this.proven.message_received();
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -337,6 +390,12 @@ struct Tally {
 struct Admitted {
     tally: Arc<Tally>,
     address: IpAddr,
+}
+
+/// The address a remote is counted by (connections, bytes held for it): an IPv6 address's /64
+/// prefix, an IPv4-mapped IPv6 address as IPv4.
+pub fn address_of(remote: &SocketAddr) -> IpAddr {
+    Tally::address_of(remote)
 }
 
 impl Tally {
@@ -408,6 +467,10 @@ struct Guarded<IO> {
     /// Until the flag is set, at most this many more bytes may be read, and only until the
     /// deadline.
     unproven: Option<Unproven>,
+    /// A peer connection's mark (kept once proven): a proven connection with no call open is cut
+    /// after [`IDLE_PEER_TIMEOUT`].
+    peer: Option<Proven>,
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
     _admitted: Admitted,
 }
 
@@ -424,6 +487,8 @@ impl<IO> Guarded<IO> {
             io,
             deadline: Some(Box::pin(tokio::time::sleep(HEADER_TIMEOUT))),
             needed: PREFACE_BYTES,
+            peer: unproven.as_ref().map(|(proven, _)| proven.clone()),
+            idle: None,
             unproven: unproven.map(|(proven, left)| Unproven {
                 proven,
                 left,
@@ -484,6 +549,22 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
                 });
                 if unproven_expired {
                     return Poll::Ready(Err(unproven_timeout()));
+                }
+                // A proven peer with no call open: pings do not keep it.
+                let this = &mut *self;
+                match &this.peer {
+                    Some(peer) if peer.idle(cx) => {
+                        let idle = this
+                            .idle
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(IDLE_PEER_TIMEOUT)));
+                        if idle.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "a peer kept its connection open with no call",
+                            )));
+                        }
+                    }
+                    _ => this.idle = None,
                 }
                 let expired = self
                     .deadline
@@ -675,13 +756,9 @@ pub async fn serve(
         let service = TowerToHyperService::new(tower::ServiceExt::map_request(
             service,
             move |request: hyper::Request<hyper::body::Incoming>| match &body_proven {
-                Some(proven) => request.map(|body| {
-                    axum::body::Body::new(PeerBody {
-                        inner: body,
-                        proven: proven.clone(),
-                        deadline: None,
-                    })
-                }),
+                Some(proven) => {
+                    request.map(|body| axum::body::Body::new(PeerBody::new(body, proven.clone())))
+                }
                 None => request.map(axum::body::Body::new),
             },
         ));

@@ -408,6 +408,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::KvWatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        let caller = request.remote_addr();
         let request = request.into_inner();
         let (stream, policy) = self.policy(&request.stream)?;
         let exact = !request.key.is_empty();
@@ -426,7 +427,8 @@ impl pb::kv_server::Kv for KvService {
                 key.starts_with(&filter)
             }
         };
-        let (events, receiver) = metered(256, SUBSCRIPTION_BYTES);
+        let share = self.served.log.reader_share(caller);
+        let (events, receiver) = metered(256, SUBSCRIPTION_BYTES, share);
         let next = request.from_seq;
         if next == 0 {
             let prefix = if exact {
@@ -439,7 +441,7 @@ impl pb::kv_server::Kv for KvService {
                 .scan_table(stream, prefix.clone(), None, WATCH_PAGE, WATCH_PAGE_BYTES)
                 .await?;
             let service = self.clone();
-            let sink = Sink::new(events, &self.served.log);
+            let sink = Sink::new(events, &self.served.log, caller);
             tokio::spawn(async move {
                 service
                     .snapshot(stream, prefix, first, policy, matches, sink)
@@ -447,7 +449,7 @@ impl pb::kv_server::Kv for KvService {
             });
         } else {
             let service = self.clone();
-            let sink = Sink::new(events, &self.served.log);
+            let sink = Sink::new(events, &self.served.log, caller);
             let from = Follow {
                 from: next,
                 pages: Pages::default(),
@@ -492,13 +494,20 @@ struct Follow {
 struct Sink {
     events: MeteredSender<Result<pb::KvWatchEvent, Status>>,
     closing: tokio::sync::watch::Receiver<bool>,
+    /// Who watches (the changes' subscription draws on their address's share too).
+    caller: Option<std::net::SocketAddr>,
 }
 
 impl Sink {
-    fn new(events: MeteredSender<Result<pb::KvWatchEvent, Status>>, log: &Log) -> Sink {
+    fn new(
+        events: MeteredSender<Result<pb::KvWatchEvent, Status>>,
+        log: &Log,
+        caller: Option<std::net::SocketAddr>,
+    ) -> Sink {
         Sink {
             events,
             closing: log.watch_closing(),
+            caller,
         }
     }
 
@@ -600,7 +609,10 @@ impl KvService {
         let Follow { from, pages } = from;
         let snapshot_at = (!pages.pages.is_empty()).then(|| pages.last_seq());
         let mut caught_up = snapshot_at.is_none();
-        let mut log = self.served.log.subscribe(Some(stream), from.max(1), 256);
+        let mut log = self
+            .served
+            .log
+            .subscribe(Some(stream), from.max(1), 256, sink.caller);
         loop {
             let event = tokio::select! {
                 event = log.recv() => match event {

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::access;
 use super::status::{append_status, blocking, invalid, projections_status, store_status};
 use super::{convert, Api, ResponseStream, READ_DEFAULT_LIMIT, READ_MAX_LIMIT, SUBSCRIBE_BUFFER};
-use crate::log::subscribe::{metered, LogEvent, SUBSCRIPTION_BYTES};
+use crate::log::subscribe::{metered, LogEvent, READ_BYTES, SUBSCRIPTION_BYTES};
 use crate::log::{AppendError, Appended, Draft, NewScribe, Origin};
 use crate::pb;
 use crate::scribe::{decode_envelope, hash, merkle, Parts, Proof, Seal, MAX_SEAL_COUNT};
@@ -253,6 +253,7 @@ impl pb::log_server::Log for Api {
         &self,
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        let caller = request.remote_addr();
         let request = request.into_inner();
         let stream = convert::optional_stream(&request.stream)?;
         if let Some(stream) = stream {
@@ -266,12 +267,15 @@ impl pb::log_server::Log for Api {
             0 => READ_DEFAULT_LIMIT,
             limit => limit.min(READ_MAX_LIMIT),
         } as usize;
-        let (entries, receiver) = metered(64, SUBSCRIPTION_BYTES);
+        let (entries, receiver) = metered(64, SUBSCRIPTION_BYTES, self.log.reader_share(caller));
         let log = self.log.clone();
         let mut next = request.from_seq.max(1);
         tokio::spawn(async move {
             let mut left = limit;
             while left > 0 {
+                let Some(mut ticket) = entries.ticket(READ_BYTES).await else {
+                    return;
+                };
                 let reader = log.clone();
                 let chunk = left.min(1000);
                 let read =
@@ -290,7 +294,8 @@ impl pb::log_server::Log for Api {
                 for entry in batch.entries {
                     next = entry.seq + 1;
                     let size = entry.parts.size() as usize;
-                    if entries.send(Ok(convert::entry(entry)), size).await.is_err() {
+                    let sent = entries.send_read(Ok(convert::entry(entry)), size, &mut ticket);
+                    if sent.await.is_err() {
                         return;
                     }
                 }
@@ -314,6 +319,7 @@ impl pb::log_server::Log for Api {
                 "a durable consumer (its cursor is kept on the node)",
             )?;
         }
+        let caller = request.remote_addr();
         let request = request.into_inner();
         let stream = convert::optional_stream(&request.stream)?;
         if let Some(stream) = stream {
@@ -341,7 +347,7 @@ impl pb::log_server::Log for Api {
             .map_err(|_| Status::unavailable("the node is shutting down"))?
             .map_err(|error| projections_status(&error))?
         };
-        let events = self.log.subscribe(stream, from, SUBSCRIBE_BUFFER);
+        let events = self.log.subscribe(stream, from, SUBSCRIBE_BUFFER, caller);
         let events = events.map(|event| match event {
             Ok(LogEvent::Entry(entry)) => Ok(pb::SubscribeEvent {
                 event: Some(pb::subscribe_event::Event::Scribe(convert::entry(entry))),

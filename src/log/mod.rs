@@ -467,6 +467,8 @@ pub(crate) struct Shared {
     stream_heads: std::sync::Mutex<HashMap<StreamId, watch::Sender<u64>>>,
     /// Turns for the work-token searches of node-signed appends.
     work: work::WorkTurns,
+    /// Bytes waiting in readers' channels, in all and per address.
+    readers: subscribe::ReaderBytes,
     /// Fires when this value is dropped: declared last, so after `store` is closed.
     _closed: ClosedSignal,
 }
@@ -584,6 +586,7 @@ impl Log {
             leaving: std::sync::Mutex::new(leaving),
             stream_heads: std::sync::Mutex::new(HashMap::new()),
             work: work::WorkTurns::new(),
+            readers: subscribe::ReaderBytes::default(),
             _closed: ClosedSignal(Some(closed_tx)),
         });
         let (submit, submit_rx) = mpsc::channel(SUBMIT_QUEUE);

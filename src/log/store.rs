@@ -324,7 +324,7 @@ impl std::ops::AddAssign for Vacated {
 
 /// Most bytes of envelopes and payloads one read of a stream or of the log loads by default (it
 /// always loads at least one scribe, of at most an envelope and the hard payload limit).
-pub const READ_BYTES: usize = 8 << 20;
+pub const READ_BYTES: usize = 4 << 20;
 
 /// What one read of a stream or of the log found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -26,7 +26,7 @@ use super::{
     OUTBOUND_QUEUE,
 };
 use crate::log::store::{CursorUpdate, PeerOrigin, StoreError};
-use crate::log::subscribe::{metered, MeteredPermit, MeteredSender};
+use crate::log::subscribe::{metered, MeteredPermit, MeteredSender, Share};
 use crate::log::AppendError;
 use crate::net::Proven;
 use crate::pb;
@@ -771,7 +771,7 @@ async fn dial_once(inner: Arc<Inner>, addr: &str) -> Result<(), ConnectionError>
     let mut client = pb::peer_client::PeerClient::new(channel)
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
-    let (outgoing, receiver) = metered(OUTBOUND_QUEUE, OUTBOUND_BYTES);
+    let (outgoing, receiver) = metered(OUTBOUND_QUEUE, OUTBOUND_BYTES, Share::default());
     let response = client
         .replicate(receiver)
         .await

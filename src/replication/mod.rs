@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::log::subscribe::metered;
+use crate::log::subscribe::{metered, Share};
 use crate::log::Log;
 use crate::pb;
 
@@ -465,7 +465,7 @@ impl pb::peer_server::Peer for PeerService {
         // The listener's budget of what this connection may send before its peer proved its key.
         let proven = request.extensions().get::<crate::net::Proven>().cloned();
         let incoming = request.into_inner();
-        let (outgoing, receiver) = metered(OUTBOUND_QUEUE, OUTBOUND_BYTES);
+        let (outgoing, receiver) = metered(OUTBOUND_QUEUE, OUTBOUND_BYTES, Share::default());
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let result =

@@ -10,6 +10,7 @@ mod attack_format;
 mod attack_leave;
 mod attack_live;
 mod attack_load;
+mod attack_load2;
 mod browser;
 mod clock;
 mod common;

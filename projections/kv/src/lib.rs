@@ -527,16 +527,22 @@ impl Reader {
         let mut entries = Vec::new();
         let mut more = false;
         {
-            // Sizes first: a value is read only once it is known to fit.
-            let mut statement = tx
-                .prepare_cached(
+            // Sizes first: a value is read only once it is known to fit. One lower bound, so
+            // SQLite seeks to it: a page costs its own keys, not every key before it.
+            let (sql, from) = match after {
+                Some(after) if after >= prefix => (
                     "SELECT key, length(value) FROM current
-                     WHERE key >= ?1 AND key > ?2 AND value IS NOT NULL ORDER BY key",
-                )
-                .map_err(db_error)?;
-            let mut rows = statement
-                .query(rusqlite::params![prefix, after.unwrap_or(&[])])
-                .map_err(db_error)?;
+                     WHERE key > ?1 AND value IS NOT NULL ORDER BY key",
+                    after,
+                ),
+                _ => (
+                    "SELECT key, length(value) FROM current
+                     WHERE key >= ?1 AND value IS NOT NULL ORDER BY key",
+                    prefix,
+                ),
+            };
+            let mut statement = tx.prepare_cached(sql).map_err(db_error)?;
+            let mut rows = statement.query([from]).map_err(db_error)?;
             let mut bytes = 0usize;
             let mut keys = Vec::new();
             while let Some(row) = rows.next().map_err(db_error)? {
