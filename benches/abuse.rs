@@ -203,10 +203,10 @@ fn main() {
         }
         let before = rss_mib();
         let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
-        // The stalled readers' own connection: their unread replies fill its windows, not the
-        // measured client's.
-        let mut log = support::log_client(support::owner(&node).await);
+        // Each stalled reader has a connection of its own: unread replies fill their
+        // connection's windows (on the client's side), not the measured client's.
         for _ in 0..8 {
+            let mut log = support::log_client(support::owner(&node).await);
             let mut events = log
                 .subscribe(pb::SubscribeRequest {
                     stream: large.clone(),
@@ -220,6 +220,7 @@ fn main() {
             held.push(Box::new(events));
         }
         for _ in 0..4 {
+            let mut log = support::log_client(support::owner(&node).await);
             let mut read = log
                 .read(pb::ReadRequest {
                     stream: large.clone(),
@@ -260,8 +261,8 @@ fn main() {
         }
         let before = rss_mib();
         let mut watches = Vec::new();
-        let mut kv = pb::kv_client::KvClient::new(support::owner(&node).await);
         for _ in 0..16 {
+            let mut kv = pb::kv_client::KvClient::new(support::owner(&node).await);
             let mut watch = kv
                 .watch(pb::KvWatchRequest {
                     stream: table.clone(),

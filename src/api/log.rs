@@ -289,6 +289,7 @@ impl pb::log_server::Log for Api {
                     }
                     Err(_) => return,
                 };
+                ticket.keep(batch.entries.iter().map(|e| e.parts.size() as usize).sum());
                 let done = !batch.more;
                 left -= batch.entries.len();
                 for entry in batch.entries {

@@ -245,6 +245,18 @@ pub(crate) struct Ticket {
     node: Option<OwnedSemaphorePermit>,
 }
 
+impl Ticket {
+    /// Gives back what the read did not take: the ticket keeps `bytes` (at least one).
+    pub(crate) fn keep(&mut self, bytes: usize) {
+        for permit in [&mut self.address, &mut self.node].into_iter().flatten() {
+            let excess = permit.num_permits().saturating_sub(bytes.max(1));
+            if excess > 0 {
+                drop(permit.split(excess));
+            }
+        }
+    }
+}
+
 /// `cost` permits split off `permit`, if it holds more than that.
 fn split(permit: &mut OwnedSemaphorePermit, cost: u32) -> Option<OwnedSemaphorePermit> {
     if permit.num_permits() > cost as usize {
@@ -400,6 +412,7 @@ async fn run(
                 }
                 Err(_) => return,
             };
+            ticket.keep(chunk.entries.iter().map(|e| e.parts.size() as usize).sum());
             // A chunk no limit ended means everything up to `head` was read; otherwise go on
             // after its last scribe.
             next = match chunk.entries.last() {
