@@ -63,9 +63,15 @@ impl Default for ReaderBytes {
 
 impl ReaderBytes {
     /// The shares a reader for `caller` draws on: the node's, and its address's (`None`: a
-    /// reader inside the node, which draws on the node's alone).
+    /// reader inside the node, which draws on the node's alone; so does the node's own machine,
+    /// at 127.0.0.1 or ::1 — the owner's tools and local apps, like the connection caps).
     pub fn share(&self, caller: Option<SocketAddr>) -> Share {
-        let address = caller.map(|caller| {
+        let own_machine = |caller: &SocketAddr| {
+            let ip = caller.ip().to_canonical();
+            ip == IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+                || ip == IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        };
+        let address = caller.filter(|caller| !own_machine(caller)).map(|caller| {
             let address = crate::net::address_of(&caller);
             let mut addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(budget) = addresses.get(&address).and_then(Weak::upgrade) {
@@ -151,6 +157,9 @@ impl<T> MeteredSender<T> {
     /// gone.
     pub(crate) async fn ticket(&self, bytes: usize) -> Option<Ticket> {
         let take_shares = async {
+            // First, until what waits for the reader is taken: a stalled reader holds what
+            // waits for it, not that and a chunk read ahead.
+            drop(take(&self.budget, self.bytes, self.bytes).await);
             let address = match &self.share.address {
                 Some(budget) => take(budget, bytes, self.bytes.max(bytes)).await,
                 None => None,
