@@ -35,7 +35,7 @@ async fn most_rss(pid: u32, within: Duration, bound: u64) -> u64 {
 }
 
 /// A gRPC message's frame: uncompressed, its length, its bytes.
-fn grpc_frame(message: &impl prost::Message) -> Bytes {
+pub fn grpc_frame(message: &impl prost::Message) -> Bytes {
     let body = message.encode_to_vec();
     let mut out = Vec::with_capacity(body.len() + 5);
     out.push(0);
@@ -45,17 +45,19 @@ fn grpc_frame(message: &impl prost::Message) -> Bytes {
 }
 
 /// A hand-driven `Peer.Replicate` call over HTTP/2 from a chosen address, speaking the peer
-/// protocol with its own key (keys are free), able to send part of a message.
-struct RawPeer {
+/// protocol with its own key (keys are free), able to send part of a message. It keeps its
+/// HTTP/2 connection's handle, so the connection outlives the call.
+pub struct RawPeer {
     key: SigningKey,
-    send_stream: h2::SendStream<Bytes>,
+    pub send_stream: h2::SendStream<Bytes>,
     recv: h2::RecvStream,
     buf: BytesMut,
-    connection: tokio::task::JoinHandle<()>,
+    _client: h2::client::SendRequest<Bytes>,
+    pub connection: tokio::task::JoinHandle<()>,
 }
 
 impl RawPeer {
-    async fn open(from: IpAddr, to: SocketAddr) -> RawPeer {
+    pub async fn open(from: IpAddr, to: SocketAddr) -> RawPeer {
         let tcp = connect_from(from, to).await;
         let (client, connection) = h2::client::Builder::new()
             .initial_window_size(4 << 20)
@@ -84,12 +86,13 @@ impl RawPeer {
             send_stream: send,
             recv: response.into_body(),
             buf: BytesMut::new(),
+            _client: client,
             connection,
         }
     }
 
     /// Sends one whole message (h2 buffers what the window does not take yet).
-    fn send(&mut self, message: Wire) {
+    pub fn send(&mut self, message: Wire) {
         let frame = grpc_frame(&pb::PeerMessage {
             message: Some(message),
         });
@@ -98,32 +101,45 @@ impl RawPeer {
 
     /// The node's next message (None: the call ended).
     async fn next(&mut self) -> Option<Wire> {
+        self.next_or_silence(Duration::from_secs(30))
+            .await
+            .expect("the node says something within 30 s")
+    }
+
+    /// The node's next message (None: the call ended, or nothing came within `within`).
+    pub async fn next_within(&mut self, within: Duration) -> Option<Wire> {
+        self.next_or_silence(within).await.ok().flatten()
+    }
+
+    /// The node's next message (None: the call ended; `Err`: nothing came within `within`).
+    async fn next_or_silence(&mut self, within: Duration) -> Result<Option<Wire>, ()> {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             if self.buf.len() >= 5 {
                 let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
                 if self.buf.len() >= 5 + len {
                     self.buf.advance(5);
                     let body = self.buf.split_to(len);
-                    return pb::PeerMessage::decode(body.freeze())
+                    return Ok(pb::PeerMessage::decode(body.freeze())
                         .expect("a peer message")
-                        .message;
+                        .message);
                 }
             }
-            let chunk = tokio::time::timeout(Duration::from_secs(30), self.recv.data())
+            let chunk = tokio::time::timeout_at(deadline, self.recv.data())
                 .await
-                .expect("the node says something within 30 s");
+                .map_err(|_| ())?;
             match chunk {
                 Some(Ok(chunk)) => {
                     let _ = self.recv.flow_control().release_capacity(chunk.len());
                     self.buf.extend_from_slice(&chunk);
                 }
-                _ => return None,
+                _ => return Ok(None),
             }
         }
     }
 
-    /// Hello and Proof with this peer's key; returns once the node answered with its own Proof.
-    async fn handshake(&mut self) {
+    /// Hello and Proof with this peer's key (sent once the node's Hello came).
+    pub async fn handshake(&mut self) {
         self.send(Wire::Hello(pb::PeerHello {
             node_id: Bytes::copy_from_slice(&self.key.verifying_key().to_bytes()),
             epoch: Bytes::from(rand::random::<[u8; 16]>().to_vec()),
@@ -143,6 +159,52 @@ impl RawPeer {
         self.send(Wire::Proof(pb::PeerProof {
             signature: Bytes::copy_from_slice(&signature.to_bytes()),
         }));
+    }
+
+    /// Reads the node's messages until one satisfies `wanted` within `within`: whether one did.
+    pub async fn until_within(
+        &mut self,
+        within: Duration,
+        mut wanted: impl FnMut(&Wire) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_within(left).await {
+                Some(message) if wanted(&message) => return true,
+                Some(_) => continue,
+                None => return false,
+            }
+        }
+    }
+
+    /// Sends `bytes` more of the current message, as the node's flow control allows (reading
+    /// what the node sends meanwhile is not needed: it sends nothing unasked). Returns how many
+    /// went out before the node stopped taking bytes for `stall`.
+    pub async fn push(&mut self, bytes: usize, stall: Duration) -> usize {
+        let mut sent = 0;
+        while sent < bytes {
+            self.send_stream
+                .reserve_capacity((bytes - sent).min(256 << 10));
+            let send_stream = &mut self.send_stream;
+            let capacity = std::future::poll_fn(|cx| send_stream.poll_capacity(cx));
+            match tokio::time::timeout(stall, capacity).await {
+                Ok(Some(Ok(granted))) if granted > 0 => {
+                    let granted = granted.min(bytes - sent);
+                    if self
+                        .send_stream
+                        .send_data(Bytes::from(vec![0x42; granted]), false)
+                        .is_err()
+                    {
+                        break;
+                    }
+                    sent += granted;
+                }
+                Ok(Some(Ok(_))) => continue,
+                _ => break,
+            }
+        }
+        sent
     }
 
     /// Reads the node's messages until one satisfies `wanted` (None: the call ended first).

@@ -7,173 +7,25 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use ed25519_dalek::{Signer, SigningKey};
-use prost::Message as _;
+use bytes::Bytes;
 use quire::pb;
 use quire::pb::peer_message::Message as Wire;
-use quire::replication::session::PROOF_PREFIX;
 
+use crate::attack_load::{grpc_frame, RawPeer};
 use crate::common::*;
 use crate::crash::spawn_serve_with;
 use crate::hostile::{connect_from, new_stream, rss, ATTACKER};
 
 const HONEST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-/// A gRPC message's frame: uncompressed, its length, its bytes.
-fn grpc_frame(message: &impl prost::Message) -> Bytes {
-    let body = message.encode_to_vec();
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(0);
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
-    Bytes::from(out)
-}
-
-/// A hand-driven `Peer.Replicate` call over HTTP/2 from a chosen address with a key of its own
-/// (keys are free); it keeps its HTTP/2 connection's handle so the connection outlives the call.
-struct RawPeer {
-    key: SigningKey,
-    send_stream: h2::SendStream<Bytes>,
-    recv: h2::RecvStream,
-    buf: BytesMut,
-    _client: h2::client::SendRequest<Bytes>,
-    connection: tokio::task::JoinHandle<()>,
-}
-
-impl RawPeer {
-    async fn open(from: IpAddr, to: SocketAddr) -> RawPeer {
-        let tcp = connect_from(from, to).await;
-        let (client, connection) = h2::client::Builder::new()
-            .initial_window_size(4 << 20)
-            .initial_connection_window_size(8 << 20)
-            .handshake::<_, Bytes>(tcp)
-            .await
-            .expect("HTTP/2 handshake");
-        let connection = tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut client = client.ready().await.expect("a stream");
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{to}/quire.v1.Peer/Replicate"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let (response, send) = client.send_request(request, false).unwrap();
-        let response = tokio::time::timeout(Duration::from_secs(10), response)
-            .await
-            .expect("the node answers the call")
-            .expect("a response");
-        RawPeer {
-            key: SigningKey::generate(&mut rand::rngs::OsRng),
-            send_stream: send,
-            recv: response.into_body(),
-            buf: BytesMut::new(),
-            _client: client,
-            connection,
-        }
-    }
-
-    fn send(&mut self, message: Wire) {
-        let frame = grpc_frame(&pb::PeerMessage {
-            message: Some(message),
-        });
-        self.send_stream.send_data(frame, false).expect("send");
-    }
-
-    /// The node's next message (None: the call ended, or nothing came within `within`).
-    async fn next_within(&mut self, within: Duration) -> Option<Wire> {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
-                if self.buf.len() >= 5 + len {
-                    self.buf.advance(5);
-                    let body = self.buf.split_to(len);
-                    return pb::PeerMessage::decode(body.freeze())
-                        .expect("a peer message")
-                        .message;
-                }
-            }
-            match tokio::time::timeout(within, self.recv.data()).await {
-                Ok(Some(Ok(chunk))) => {
-                    let _ = self.recv.flow_control().release_capacity(chunk.len());
-                    self.buf.extend_from_slice(&chunk);
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    async fn until(&mut self, within: Duration, mut wanted: impl FnMut(&Wire) -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next_within(left).await {
-                Some(message) if wanted(&message) => return true,
-                Some(_) => continue,
-                None => return false,
-            }
-        }
-    }
-
-    /// Hello and Proof with this peer's key, then waits for the node's `Streams` (it started).
-    async fn handshake(&mut self) {
-        self.send(Wire::Hello(pb::PeerHello {
-            node_id: Bytes::copy_from_slice(&self.key.verifying_key().to_bytes()),
-            epoch: Bytes::from(rand::random::<[u8; 16]>().to_vec()),
-            nonce: Bytes::copy_from_slice(&[9u8; 32]),
-            protocol: quire::replication::session::PROTOCOL_VERSION,
-            ended_epochs: vec![],
-            rules: quire::log::rules::RULES_VERSION,
-        }));
-        let Some(Wire::Hello(hello)) = self.next_within(Duration::from_secs(10)).await else {
-            panic!("expected the node's Hello")
-        };
-        let mut message = PROOF_PREFIX.to_vec();
-        message.extend_from_slice(&hello.nonce);
-        message.extend_from_slice(&self.key.verifying_key().to_bytes());
-        message.extend_from_slice(&hello.node_id);
-        let signature = self.key.sign(&message);
-        self.send(Wire::Proof(pb::PeerProof {
-            signature: Bytes::copy_from_slice(&signature.to_bytes()),
-        }));
-        assert!(
-            self.until(Duration::from_secs(10), |m| matches!(m, Wire::Streams(_)))
-                .await,
-            "the node accepts the fresh key and sends its streams"
-        );
-    }
-
-    /// Sends `bytes` more of the current message, as the node's flow control allows (reading
-    /// what the node sends meanwhile is not needed: it sends nothing unasked). Returns how many
-    /// went out before the node stopped taking bytes for `stall`.
-    async fn push(&mut self, bytes: usize, stall: Duration) -> usize {
-        let mut sent = 0;
-        while sent < bytes {
-            self.send_stream
-                .reserve_capacity((bytes - sent).min(256 << 10));
-            let send_stream = &mut self.send_stream;
-            let capacity = std::future::poll_fn(|cx| send_stream.poll_capacity(cx));
-            match tokio::time::timeout(stall, capacity).await {
-                Ok(Some(Ok(granted))) if granted > 0 => {
-                    let granted = granted.min(bytes - sent);
-                    if self
-                        .send_stream
-                        .send_data(Bytes::from(vec![0x42; granted]), false)
-                        .is_err()
-                    {
-                        break;
-                    }
-                    sent += granted;
-                }
-                Ok(Some(Ok(_))) => continue,
-                _ => break,
-            }
-        }
-        sent
-    }
+/// `raw`'s handshake, then the node's `Streams` (it accepted the fresh key and started).
+async fn prove(raw: &mut RawPeer) {
+    raw.handshake().await;
+    assert!(
+        raw.until_within(Duration::from_secs(10), |m| matches!(m, Wire::Streams(_)))
+            .await,
+        "the node accepts the fresh key and sends its streams"
+    );
 }
 
 /// `Streams` naming 70,000 streams this node does not hold and `held` last: about 2.4 MiB, more
@@ -199,11 +51,11 @@ async fn honest_message_goes_through(
     within: Duration,
 ) -> bool {
     let mut honest = RawPeer::open(HONEST, peer).await;
-    honest.handshake().await;
+    prove(&mut honest).await;
     honest.send(big_streams_message(held));
     let wanted = bytes_of(held);
     let through = honest
-        .until(
+        .until_within(
             within,
             |message| matches!(message, Wire::Want(want) if want.stream == wanted),
         )
@@ -230,7 +82,7 @@ async fn a_call_reset_mid_message_gives_its_pending_bytes_back_and_honest_peers_
     let mut taken = Vec::new();
     for last in 2..=5u8 {
         let mut raw = RawPeer::open(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), peer).await;
-        raw.handshake().await;
+        prove(&mut raw).await;
         let mut head = vec![0u8];
         head.extend_from_slice(&(declared as u32).to_be_bytes());
         raw.send_stream
@@ -664,7 +516,7 @@ async fn a_proven_peer_connection_with_no_call_open_is_cut() {
     let (child, _url, peer) = spawn_serve_with(dir.path(), &[]).await;
     let peer: SocketAddr = peer.parse().unwrap();
     let mut raw = RawPeer::open(ATTACKER, peer).await;
-    raw.handshake().await;
+    prove(&mut raw).await;
     raw.send_stream.send_reset(h2::Reason::CANCEL);
     let timeout = quire::net::IDLE_PEER_TIMEOUT + Duration::from_secs(15);
     wait_until(timeout, "the node to cut the idle connection", || async {
