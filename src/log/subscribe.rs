@@ -398,7 +398,15 @@ async fn run(
         }
         let head = *heads.borrow_and_update();
         if next <= head {
-            let Some(mut ticket) = events.ticket(READ_BYTES).await else {
+            // A stalled reader waits here for its client; the log closing ends the wait.
+            let ticket = tokio::select! {
+                ticket = events.ticket(READ_BYTES) => ticket,
+                _ = closing.changed() => {
+                    events.try_send(Err(StoreError::Closed));
+                    return;
+                }
+            };
+            let Some(mut ticket) = ticket else {
                 return;
             };
             let reader = shared.clone();
