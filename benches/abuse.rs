@@ -24,27 +24,6 @@ use quire::pb;
 
 mod support;
 
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|line| line.starts_with("VmRSS:"))
-                .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 /// `count` appends to `stream`, one at a time: their latencies.
 async fn appends(channel: &AuthChannel, stream: &Bytes, count: usize) -> Vec<Duration> {
     let mut log = support::log_client(channel.clone());
@@ -68,8 +47,8 @@ async fn appends(channel: &AuthChannel, stream: &Bytes, count: usize) -> Vec<Dur
 /// p50 and p99 of `samples`, in ms.
 fn figures(samples: &mut [Duration]) -> (f64, f64) {
     (
-        percentile(samples, 0.50).as_secs_f64() * 1e3,
-        percentile(samples, 0.99).as_secs_f64() * 1e3,
+        support::percentile(samples, 0.50).as_secs_f64() * 1e3,
+        support::percentile(samples, 0.99).as_secs_f64() * 1e3,
     )
 }
 
@@ -130,7 +109,7 @@ fn main() {
         let channel = support::owner(&node).await;
         let quiet = support::create_stream(&channel, "quiet", None).await;
         appends(&channel, &quiet, 50).await; // warm up
-        let rss = rss_mib();
+        let rss = support::rss_mib();
         let alone = figures(&mut appends(&channel, &quiet, samples).await);
         println!(
             "alone            append p50 {:>7.2} ms  p99 {:>7.2} ms  RSS {rss:.0} MiB",
@@ -171,9 +150,9 @@ fn main() {
                 }
             }));
         }
-        let before = rss_mib();
+        let before = support::rss_mib();
         let beside = figures(&mut appends(&channel, &quiet, samples).await);
-        let after = rss_mib();
+        let after = support::rss_mib();
         let _ = stop.send(true);
         let mut stored = 0;
         for searcher in searchers {
@@ -201,7 +180,7 @@ fn main() {
             .await
             .unwrap();
         }
-        let before = rss_mib();
+        let before = support::rss_mib();
         let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
         // Each stalled reader has a connection of its own: unread replies fill their
         // connection's windows (on the client's side), not the measured client's.
@@ -234,7 +213,7 @@ fn main() {
             held.push(Box::new(read));
         }
         let beside = figures(&mut appends(&channel, &quiet, samples).await);
-        let after = rss_mib();
+        let after = support::rss_mib();
         report(
             "stalled readers",
             alone,
@@ -259,7 +238,7 @@ fn main() {
             .await
             .unwrap();
         }
-        let before = rss_mib();
+        let before = support::rss_mib();
         let mut watches = Vec::new();
         for _ in 0..16 {
             let mut kv = pb::kv_client::KvClient::new(support::owner(&node).await);
@@ -275,7 +254,7 @@ fn main() {
             watches.push(watch);
         }
         let beside = figures(&mut appends(&channel, &quiet, samples).await);
-        let after = rss_mib();
+        let after = support::rss_mib();
         report(
             "unread watches",
             alone,

@@ -27,14 +27,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 mod support;
 
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// A `quire serve` child: its API URL, peer address and owner's token.
 struct Node {
     child: Child,
@@ -361,9 +353,9 @@ fn main() {
         );
         println!(
             "  add_record sent -> insert frame: p50 {:.2} ms, p99 {:.2} ms (add_record round trip p50 {:.2} ms)",
-            percentile(&mut latencies, 0.5).as_secs_f64() * 1e3,
-            percentile(&mut latencies, 0.99).as_secs_f64() * 1e3,
-            percentile(&mut round_trips, 0.5).as_secs_f64() * 1e3,
+            support::percentile(&mut latencies, 0.5).as_secs_f64() * 1e3,
+            support::percentile(&mut latencies, 0.99).as_secs_f64() * 1e3,
+            support::percentile(&mut round_trips, 0.5).as_secs_f64() * 1e3,
         );
         println!(
             "  while sending: the clients (this process) {:.2} cores busy, node A {:.2} cores busy\n  node A RSS {:.1} MiB idle, {:.1} MiB with the clients, {:.1} MiB after the load (peak {:.1} MiB)",
@@ -377,8 +369,8 @@ fn main() {
         println!(
             "two nodes: record added on B -> insert frame on a client of A ({} of {remote}): p50 {:.2} ms, p99 {:.2} ms",
             remote_latencies.len(),
-            percentile(&mut remote_latencies, 0.5).as_secs_f64() * 1e3,
-            percentile(&mut remote_latencies, 0.99).as_secs_f64() * 1e3,
+            support::percentile(&mut remote_latencies, 0.5).as_secs_f64() * 1e3,
+            support::percentile(&mut remote_latencies, 0.99).as_secs_f64() * 1e3,
         );
     });
 }

@@ -17,29 +17,8 @@ use quire::pb;
 
 mod support;
 
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
-}
-
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|line| line.starts_with("VmRSS:"))
-                .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 async fn note(
@@ -130,13 +109,13 @@ fn main() {
         let (dir_one, dir_many) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let one = RunningNode::start(NodeConfig::new(dir_one.path()), loopback(), None).await.unwrap();
         let one_stream = streams(&one, 1).await;
-        let (fds_before, rss_before) = (open_fds(), rss_mib());
+        let (fds_before, rss_before) = (open_fds(), support::rss_mib());
         let started = Instant::now();
         let busy = RunningNode::start(NodeConfig::new(dir_many.path()), loopback(), None).await.unwrap();
         let many_stream = streams(&busy, many).await;
         settled(&busy).await;
         let created = started.elapsed();
-        let (fds_after, rss_after) = (open_fds(), rss_mib());
+        let (fds_after, rss_after) = (open_fds(), support::rss_mib());
         let status = pb::admin_client::AdminClient::new(support::owner(&busy).await)
             .status(pb::StatusRequest {})
             .await
@@ -173,8 +152,8 @@ fn main() {
             status.max_open_copies,
             quire::fds::FDS_PER_COPY
         );
-        let (p50_one, p99_one) = (percentile(&mut with_one, 0.5), percentile(&mut with_one, 0.99));
-        let (p50_many, p99_many) = (percentile(&mut with_many, 0.5), percentile(&mut with_many, 0.99));
+        let (p50_one, p99_one) = (support::percentile(&mut with_one, 0.5), support::percentile(&mut with_one, 0.99));
+        let (p50_many, p99_many) = (support::percentile(&mut with_many, 0.5), support::percentile(&mut with_many, 0.99));
         println!("  append beside 1 stream:      p50 {p50_one:?}  p99 {p99_one:?}");
         println!("  append beside {many} streams: p50 {p50_many:?}  p99 {p99_many:?}");
         println!(

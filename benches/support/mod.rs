@@ -122,3 +122,26 @@ pub fn access_check_cost(path: &str, grpc: bool, token: bool) -> std::time::Dura
     batches.sort();
     batches[batches.len() / 2]
 }
+
+/// The `p` quantile (0..=1) of `samples`, sorting them; zero when there are none.
+pub fn percentile(samples: &mut [std::time::Duration], p: f64) -> std::time::Duration {
+    if samples.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// This process's resident set, in MiB (0 if `/proc` cannot say).
+pub fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
