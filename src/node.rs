@@ -17,9 +17,9 @@ use crate::api::{Api, NodeFacts};
 use crate::fds::FdBudget;
 use crate::hlc::WallClock;
 use crate::log::{Log, LogOptions, OpenError, PayloadChecks};
-use crate::net::ConnectionLimits;
+use crate::net::{ConnectionLimits, PeerTls};
 use crate::projection::{Projections, Registry, RunnerError};
-use crate::replication::{ReplicationError, Replicator};
+use crate::replication::{PeerOptions, ReplicationError, Replicator};
 
 /// Name of the file in the data directory that holds the client API address while a node runs.
 pub const API_ADDR_FILE: &str = "api.addr";
@@ -62,6 +62,8 @@ pub struct NodeConfig {
     /// security headers. `quire serve` never sets it.
     #[doc(hidden)]
     pub without_access_checks: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Which peers may replicate with the node (`--peers`) and the peer transport (TLS).
+    pub peer_options: PeerOptions,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -77,6 +79,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("peer_limits", &self.peer_limits)
             .field("fds", &self.fds)
             .field("api_tls", &self.api_tls)
+            .field("peer_options", &self.peer_options)
             .finish()
     }
 }
@@ -98,6 +101,8 @@ impl NodeConfig {
             api_tls: None,
             rules: None,
             without_access_checks: None,
+            peer_options: PeerOptions::new()
+                .expect("a throwaway TLS certificate for the peer transport"),
         }
     }
 }
@@ -215,7 +220,7 @@ pub async fn serve(
             .map_err(|error| NodeError::Leave(error.to_string()))?;
         tracing::info!(%stream, "finished leaving a stream (a stop had interrupted it)");
     }
-    let replicator = Replicator::new(log.clone());
+    let replicator = Replicator::new(log.clone(), config.peer_options.clone())?;
     replicator.start(&config.peers)?;
     tokio::spawn(crate::log::held::release_loop(log.clone()));
     tracing::info!(node = %log.node_key(), api = %api_addr, peer = ?peer_addr, data_dir = %config.data_dir.display(), "node serving");
@@ -271,7 +276,7 @@ pub async fn serve(
                 // the peer listener's caps.
                 crate::net::serve(
                     listener,
-                    None,
+                    config.peer_options.tls.as_ref().map(PeerTls::acceptor),
                     tonic::service::Routes::new(replicator.service()).into_axum_router(),
                     peer_limits,
                     stopped(stop_rx.clone()),

@@ -9,8 +9,10 @@ use tonic::{Request, Response, Status};
 
 use super::status::blocking;
 use super::{convert, Api};
+use crate::log::store::PeerKeyRule;
 use crate::pb;
-use crate::replication::ReplicationError;
+use crate::replication::{PeerAdmission, ReplicationError};
+use quire_projection_api::AuthorKey;
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for Api {
@@ -98,6 +100,27 @@ impl pb::admin_server::Admin for Api {
         Ok(Response::new(pb::RemovePeerReply { addr }))
     }
 
+    async fn allow_peer(
+        &self,
+        request: Request<pb::PeerKeyRequest>,
+    ) -> Result<Response<pb::PeerKeysReply>, Status> {
+        self.set_peer_key(request.into_inner(), PeerKeyRule::Allow)
+    }
+
+    async fn deny_peer(
+        &self,
+        request: Request<pb::PeerKeyRequest>,
+    ) -> Result<Response<pb::PeerKeysReply>, Status> {
+        self.set_peer_key(request.into_inner(), PeerKeyRule::Deny)
+    }
+
+    async fn peer_keys(
+        &self,
+        _request: Request<pb::PeerKeysRequest>,
+    ) -> Result<Response<pb::PeerKeysReply>, Status> {
+        Ok(Response::new(self.peer_keys_reply()))
+    }
+
     async fn prove(
         &self,
         request: Request<pb::ProveRequest>,
@@ -128,5 +151,42 @@ impl pb::admin_server::Admin for Api {
         Ok(Response::new(pb::RotateTokenReply {
             token: token.as_str().to_string(),
         }))
+    }
+}
+
+impl Api {
+    fn set_peer_key(
+        &self,
+        request: pb::PeerKeyRequest,
+        rule: PeerKeyRule,
+    ) -> Result<Response<pb::PeerKeysReply>, Status> {
+        let key = AuthorKey::from_slice(&request.node_id).map_err(|_| {
+            Status::invalid_argument(format!(
+                "node_id must be a 32-byte Ed25519 node key, got {} bytes",
+                request.node_id.len()
+            ))
+        })?;
+        self.replicator
+            .set_peer_key(key, rule)
+            .map_err(|error| Status::internal(error.to_string()))?;
+        Ok(Response::new(self.peer_keys_reply()))
+    }
+
+    fn peer_keys_reply(&self) -> pb::PeerKeysReply {
+        let (admission, keys) = self.replicator.peer_keys();
+        pb::PeerKeysReply {
+            admission: match admission {
+                PeerAdmission::Open => "open",
+                PeerAdmission::Known => "known",
+            }
+            .to_string(),
+            keys: keys
+                .into_iter()
+                .map(|(key, rule)| pb::PeerKey {
+                    node_id: Bytes::copy_from_slice(key.as_bytes()),
+                    allowed: rule == PeerKeyRule::Allow,
+                })
+                .collect(),
+        }
     }
 }

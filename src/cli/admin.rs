@@ -7,6 +7,7 @@ use bytes::Bytes;
 use super::client::{channel, status_error, streams_client, Node};
 use super::JoinArgs;
 use crate::pb;
+use quire_projection_api::AuthorKey;
 
 pub(crate) async fn join(url: &Node, args: JoinArgs) -> Result<()> {
     let mut client = streams_client(url).await?;
@@ -199,7 +200,52 @@ pub(crate) async fn peer_add(url: &Node, addr: String) -> Result<()> {
 pub(crate) async fn peer_list(url: &Node) -> Result<()> {
     let status = node_status(url).await?;
     print_peers(&status.peers, status.rules);
+    let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
+    let keys = client
+        .peer_keys(pb::PeerKeysRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_peer_keys(&keys);
     Ok(())
+}
+
+/// `quire peer allow` (`allow`) or `quire peer deny`.
+pub(crate) async fn peer_key(url: &Node, node: AuthorKey, allow: bool) -> Result<()> {
+    let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
+    let request = pb::PeerKeyRequest {
+        node_id: Bytes::copy_from_slice(node.as_bytes()),
+    };
+    let reply = if allow {
+        client.allow_peer(request).await
+    } else {
+        client.deny_peer(request).await
+    }
+    .map_err(status_error)?
+    .into_inner();
+    if allow {
+        println!("node {node} is allowed to replicate with this node");
+    } else {
+        println!("node {node} is denied: its connections ended and it is refused from now on");
+    }
+    print_peer_keys(&reply);
+    Ok(())
+}
+
+fn print_peer_keys(keys: &pb::PeerKeysReply) {
+    match keys.admission.as_str() {
+        "known" => {
+            println!("peers: known only (--peers known): these node keys may replicate, no other")
+        }
+        _ => println!("peers: open (--peers open): any node key may replicate but those denied"),
+    }
+    for key in &keys.keys {
+        println!(
+            "  {} {}",
+            if key.allowed { "allow" } else { "deny " },
+            hex::encode(&key.node_id)
+        );
+    }
 }
 
 pub(crate) async fn peer_remove(url: &Node, addr: String) -> Result<()> {

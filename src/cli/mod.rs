@@ -173,6 +173,16 @@ pub struct ServeArgs {
     /// directory like `quire peer add`.
     #[arg(long = "peer", value_name = "HOST:PORT")]
     pub peers: Vec<String>,
+    /// Which peers may replicate with this node, judged by the node key each proves over the
+    /// encrypted peer connection: `open`, any node but those denied with `quire peer deny`;
+    /// `known`, only the node keys allowed with `quire peer allow` (dialed peers too).
+    #[arg(
+        long = "peers",
+        env = "QUIRE_PEERS",
+        value_name = "open|known",
+        default_value = "open"
+    )]
+    pub peer_admission: crate::replication::PeerAdmission,
     /// Time limit of one SQL query (gRPC Sql.Query, HTTP /<tid>/query), in milliseconds.
     #[arg(long, env = "QUIRE_SQL_TIME_LIMIT_MS", default_value_t = 2000)]
     pub sql_time_limit_ms: u64,
@@ -236,6 +246,19 @@ pub enum PeerCommand {
     Remove {
         /// host:port as added (port 7000 if omitted).
         addr: String,
+    },
+    /// Allow a node key to replicate with this node (needed under `quire serve --peers known`;
+    /// lifts a deny). The key is the `quire node …` line a node prints when it starts, or its
+    /// `node_id` in `quire status`.
+    Allow {
+        /// The peer's node key (64 hex characters).
+        node: AuthorKey,
+    },
+    /// Deny a node key: its connections end at once and it is refused from then on, whatever
+    /// `--peers` says (replaces an allow).
+    Deny {
+        /// The peer's node key (64 hex characters).
+        node: AuthorKey,
     },
 }
 
@@ -409,6 +432,12 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         Command::Peer(PeerCommand::Add { addr }) => admin::peer_add(&node_url, addr).await?,
         Command::Peer(PeerCommand::List) => admin::peer_list(&node_url).await?,
         Command::Peer(PeerCommand::Remove { addr }) => admin::peer_remove(&node_url, addr).await?,
+        Command::Peer(PeerCommand::Allow { node }) => {
+            admin::peer_key(&node_url, node, true).await?
+        }
+        Command::Peer(PeerCommand::Deny { node }) => {
+            admin::peer_key(&node_url, node, false).await?
+        }
         Command::Token(TokenCommand::Rotate { print }) => {
             admin::token_rotate(&node_url, &data_dir, print).await?
         }

@@ -49,6 +49,11 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
         fds: crate::fds::FdBudget::from_limit(),
         rules: None,
         without_access_checks: None,
+        peer_options: crate::replication::PeerOptions {
+            admission: args.peer_admission,
+            ..crate::replication::PeerOptions::new()
+                .map_err(|error| anyhow::anyhow!("the peer transport's TLS identity: {error}"))?
+        },
     };
     let log = node::open_log(&config)
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;

@@ -64,7 +64,8 @@ const CF_PROJECTIONS: &str = "projections";
 const CF_PAYLOADS: &str = "payloads";
 const CF_SEALS: &str = "seals";
 const CF_HELD: &str = "held";
-const COLUMN_FAMILIES: [&str; 11] = [
+const CF_PEER_KEYS: &str = "peer_keys";
+const COLUMN_FAMILIES: [&str; 12] = [
     CF_SCRIBES,
     CF_PAYLOADS,
     CF_SEALS,
@@ -73,6 +74,7 @@ const COLUMN_FAMILIES: [&str; 11] = [
     CF_STREAMS,
     CF_CURSORS,
     CF_PEERS,
+    CF_PEER_KEYS,
     CF_JOINS,
     CF_PROJECTIONS,
     CF_HELD,
@@ -84,6 +86,15 @@ const META_HEAD: &[u8] = b"head";
 const META_HLC: &[u8] = b"hlc";
 const META_PAYLOAD_REFS: &[u8] = b"payload_refs";
 const META_LEAVING: &[u8] = b"leaving/";
+
+/// What this node says of one peer node key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKeyRule {
+    /// It may replicate with this node, also under `--peers known`.
+    Allow,
+    /// It may not, whatever `--peers` says.
+    Deny,
+}
 
 /// The storage format this version writes; a data directory with another is refused. Format 2
 /// holds scribe format 2 (envelope, detached payload, seal); format 1 held format-1 scribes.
@@ -1202,6 +1213,40 @@ impl Store {
         self.db
             .delete_cf_opt(self.cf(CF_PEERS), addr.as_bytes(), &sync)?;
         Ok(())
+    }
+
+    /// Records what this node says of a peer's node key (`quire peer allow|deny`), replacing
+    /// what it said before (synced: it is configuration).
+    pub fn set_peer_key(&self, key: &AuthorKey, rule: PeerKeyRule) -> Result<(), StoreError> {
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        let value: &[u8] = match rule {
+            PeerKeyRule::Allow => b"allow",
+            PeerKeyRule::Deny => b"deny",
+        };
+        self.db
+            .put_cf_opt(self.cf(CF_PEER_KEYS), key.as_bytes(), value, &sync)?;
+        Ok(())
+    }
+
+    /// Every peer node key this node allows or denies.
+    pub fn peer_keys(&self) -> Result<Vec<(AuthorKey, PeerKeyRule)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_PEER_KEYS), IteratorMode::Start)
+        {
+            let (key, value) = item?;
+            let key =
+                AuthorKey::from_slice(&key).map_err(|_| StoreError::Damaged("peer key".into()))?;
+            let rule = match &*value {
+                b"allow" => PeerKeyRule::Allow,
+                b"deny" => PeerKeyRule::Deny,
+                _ => return Err(StoreError::Damaged("peer key rule".into())),
+            };
+            out.push((key, rule));
+        }
+        Ok(out)
     }
 
     /// Every remembered peer address.

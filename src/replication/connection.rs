@@ -28,7 +28,7 @@ use super::{
 use crate::log::store::{CursorUpdate, PeerOrigin, StoreError};
 use crate::log::subscribe::{metered, MeteredPermit, MeteredSender, Share};
 use crate::log::AppendError;
-use crate::net::Proven;
+use crate::net::{ChannelBinding, PeerTls, Proven};
 use crate::pb;
 use crate::scribe::{self, Parts};
 
@@ -100,6 +100,9 @@ pub enum ConnectionError {
         "a connection with this peer is already up (the one dialed by the lower node id is kept)"
     )]
     Duplicate,
+    /// The peer's node key may not replicate with this node (`--peers`, `quire peer allow|deny`).
+    #[error("{0}")]
+    NotAllowed(String),
     /// The peer sent too many invalid scribes on this connection and is now banned.
     #[error("peer sent {refused} invalid scribes on this connection; disconnected and refused for {seconds} s")]
     TooManyRefused {
@@ -178,13 +181,20 @@ async fn send(permit: MeteredPermit<'_, pb::PeerMessage>, message: &Message) {
 }
 
 /// Runs one connection to its end. `dialed`: this side dialed (the peer is at `addr`).
+/// One connection's ends: which side dialed, the address, the listener's mark (accepted) and the
+/// TLS channel binding the handshake proofs sign.
+pub(crate) struct Link {
+    pub(crate) dialed: bool,
+    pub(crate) addr: String,
+    pub(crate) proven: Option<Proven>,
+    pub(crate) binding: ChannelBinding,
+}
+
 pub(crate) async fn run<S>(
     inner: Arc<Inner>,
     incoming: S,
     outgoing: MeteredSender<pb::PeerMessage>,
-    dialed: bool,
-    addr: String,
-    proven: Option<Proven>,
+    link: Link,
 ) -> Result<(), ConnectionError>
 where
     S: Stream<Item = Result<pb::PeerMessage, tonic::Status>> + Unpin + Send,
@@ -203,11 +213,12 @@ where
         peer: None,
         epoch: [0; 16],
         peer_rules: 0,
-        dialed,
-        addr,
+        dialed: link.dialed,
+        addr: link.addr,
         refused_here: 0,
         id,
-        proven,
+        proven: link.proven,
+        binding: link.binding,
     };
     let result = driver.drive(incoming, &outgoing, commands).await;
     // Best effort: tell the peer why.
@@ -249,6 +260,7 @@ struct Driver {
     id: u64,
     /// An accepted connection's mark for its listener: set once the peer proved its key.
     proven: Option<Proven>,
+    binding: ChannelBinding,
 }
 
 impl Driver {
@@ -275,6 +287,7 @@ impl Driver {
             log.epochs().clone(),
             log.rules_version(),
             rand::random(),
+            self.binding.0,
         );
         self.session = Some(session);
         self.execute(actions).await?;
@@ -475,6 +488,9 @@ impl Driver {
         epoch: [u8; 16],
         rules: u32,
     ) -> Result<(), ConnectionError> {
+        if let Some(reason) = self.inner.refusal(&peer) {
+            return Err(ConnectionError::NotAllowed(reason));
+        }
         self.peer = Some(peer);
         if let Some(proven) = &self.proven {
             // The listener stops counting what this peer sends against its unproven budget.
@@ -753,21 +769,7 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 async fn dial_once(inner: Arc<Inner>, addr: &str) -> Result<(), ConnectionError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|error| ConnectionError::Address {
-            addr: addr.to_string(),
-            reason: error.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| ConnectionError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let (channel, binding) = peer_channel(inner.options.tls.as_ref(), addr).await?;
     let mut client = pb::peer_client::PeerClient::new(channel)
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -779,13 +781,66 @@ async fn dial_once(inner: Arc<Inner>, addr: &str) -> Result<(), ConnectionError>
             addr: addr.to_string(),
             message: status.message().to_string(),
         })?;
-    run(
-        inner,
-        response.into_inner(),
-        outgoing,
-        true,
-        addr.to_string(),
-        None,
-    )
-    .await
+    let link = Link {
+        dialed: true,
+        addr: addr.to_string(),
+        proven: None,
+        binding,
+    };
+    run(inner, response.into_inner(), outgoing, link).await
+}
+
+/// Dials the peer listener at `addr` (host:port) over `tls` (plaintext without: the transport
+/// benchmark's baseline) and returns an HTTP/2 channel on that one connection with its channel
+/// binding, which the handshake proofs sign. Public for tests that play a peer by hand.
+pub async fn peer_channel(
+    tls: Option<&PeerTls>,
+    addr: &str,
+) -> Result<(tonic::transport::Channel, ChannelBinding), ConnectionError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|error| ConnectionError::Address {
+            addr: addr.to_string(),
+            reason: error.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let connect_error = |source| ConnectionError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let Some(tls) = tls else {
+        let channel = endpoint.connect().await.map_err(connect_error)?;
+        return Ok((channel, ChannelBinding([0; 32])));
+    };
+    // The connector runs once: this channel makes one call, and a new dial makes a new channel.
+    let binding = Arc::new(std::sync::Mutex::new(None));
+    let (connector_tls, exported, target) = (tls.clone(), binding.clone(), addr.to_string());
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let (tls, exported, target) = (connector_tls.clone(), exported.clone(), target.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&target).await?;
+            let _ = tcp.set_nodelay(true);
+            let (stream, binding) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connect(tcp))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
+            *exported.lock().expect("binding lock") = Some(binding);
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(connect_error)?;
+    let binding = binding
+        .lock()
+        .expect("binding lock")
+        .take()
+        .ok_or_else(|| ConnectionError::Address {
+            addr: addr.to_string(),
+            reason: "the TLS session gave no channel binding".to_string(),
+        })?;
+    Ok((channel, binding))
 }

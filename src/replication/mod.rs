@@ -30,8 +30,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::log::store::PeerKeyRule;
 use crate::log::subscribe::{metered, Share};
 use crate::log::Log;
+use crate::net::{ChannelBinding, PeerTls};
 use crate::pb;
 
 pub use crate::net::MAX_PEER_MESSAGE_BYTES;
@@ -90,6 +92,49 @@ pub struct PeerState {
     pub streams: BTreeMap<StreamId, StreamCounters>,
 }
 
+/// Which proven node keys may replicate with this node (`quire serve --peers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PeerAdmission {
+    /// Any node key that proves itself, but those denied (`quire peer deny`).
+    #[default]
+    Open,
+    /// Only node keys allowed with `quire peer allow`.
+    Known,
+}
+
+impl std::str::FromStr for PeerAdmission {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<PeerAdmission, String> {
+        match text {
+            "open" => Ok(PeerAdmission::Open),
+            "known" => Ok(PeerAdmission::Known),
+            other => Err(format!("--peers is open or known, not {other:?}")),
+        }
+    }
+}
+
+/// How this node replicates.
+#[derive(Debug, Clone)]
+pub struct PeerOptions {
+    /// Which node keys may replicate with it.
+    pub admission: PeerAdmission,
+    /// The peer transport: TLS with channel-bound proofs (`net::tls`). `None` — plaintext HTTP/2
+    /// with unbound proofs, which a relay can read and inject into — is for the transport
+    /// benchmark's baseline only; `quire serve` never runs it.
+    pub tls: Option<PeerTls>,
+}
+
+impl PeerOptions {
+    /// Open admission over TLS (a fresh throwaway certificate).
+    pub fn new() -> Result<PeerOptions, String> {
+        Ok(PeerOptions {
+            admission: PeerAdmission::Open,
+            tls: Some(PeerTls::generate()?),
+        })
+    }
+}
+
 pub(crate) enum Command {
     RequestGenesis(StreamId),
     Close(String),
@@ -115,6 +160,9 @@ pub(crate) struct Inner {
     pub(crate) closing: watch::Receiver<bool>,
     closer: watch::Sender<bool>,
     next_connection: AtomicU64,
+    pub(crate) options: PeerOptions,
+    /// `quire peer allow|deny`, as stored.
+    keys: Mutex<HashMap<AuthorKey, PeerKeyRule>>,
 }
 
 /// The replication side of a node. Cheap to clone.
@@ -160,10 +208,11 @@ pub enum ReplicationError {
 
 impl Replicator {
     /// A replicator over `log`; call [`Replicator::start`] to dial remembered peers.
-    pub fn new(log: Log) -> Replicator {
+    pub fn new(log: Log, options: PeerOptions) -> Result<Replicator, ReplicationError> {
         let (closer, closing) = watch::channel(false);
         let key = log.signing_key();
-        Replicator {
+        let keys = log.store().peer_keys()?.into_iter().collect();
+        Ok(Replicator {
             inner: Arc::new(Inner {
                 log,
                 key,
@@ -175,8 +224,40 @@ impl Replicator {
                 closing,
                 closer,
                 next_connection: AtomicU64::new(1),
+                options,
+                keys: Mutex::new(keys),
             }),
+        })
+    }
+
+    /// Allows (`quire peer allow`) or denies (`quire peer deny`) a peer node key, replacing what
+    /// was said of it before. A denied key's connections end at once, as do those of a key no
+    /// longer allowed under `--peers known`.
+    pub fn set_peer_key(&self, key: AuthorKey, rule: PeerKeyRule) -> Result<(), ReplicationError> {
+        self.inner.log.store().set_peer_key(&key, rule)?;
+        self.inner.keys.lock().expect("keys lock").insert(key, rule);
+        if let Some(reason) = self.inner.refusal(&key) {
+            for live in self.inner.live.lock().expect("live lock").values() {
+                if live.peer == Some(key) {
+                    let _ = live.commands.send(Command::Close(reason.clone()));
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// The peer node keys allowed or denied, and the admission mode.
+    pub fn peer_keys(&self) -> (PeerAdmission, Vec<(AuthorKey, PeerKeyRule)>) {
+        let mut keys: Vec<_> = self
+            .inner
+            .keys
+            .lock()
+            .expect("keys lock")
+            .iter()
+            .map(|(key, rule)| (*key, *rule))
+            .collect();
+        keys.sort_by_key(|(key, _)| *key);
+        (self.inner.options.admission, keys)
     }
 
     /// Starts dialing every remembered peer and `extra_peers` (which are remembered too), and
@@ -393,6 +474,22 @@ impl Inner {
         true
     }
 
+    /// Why a proven `peer` may not replicate with this node, if it may not.
+    pub(crate) fn refusal(&self, peer: &AuthorKey) -> Option<String> {
+        match (
+            self.keys.lock().expect("keys lock").get(peer),
+            self.options.admission,
+        ) {
+            (Some(PeerKeyRule::Deny), _) => Some(format!(
+                "node {peer} is denied on this node (`quire peer allow {peer}` there lifts it)"
+            )),
+            (None, PeerAdmission::Known) => Some(format!(
+                "this node replicates with known peers only (--peers known) and node {peer} is not one: run `quire peer allow {peer}` on it"
+            )),
+            _ => None,
+        }
+    }
+
     pub(crate) fn with_peer<R>(&self, key: &str, update: impl FnOnce(&mut PeerState) -> R) -> R {
         let mut peers = self.peers.lock().expect("peers lock");
         update(peers.entry(key.to_string()).or_default())
@@ -464,12 +561,29 @@ impl pb::peer_server::Peer for PeerService {
             .map_or_else(|| "unknown".to_string(), |addr| addr.to_string());
         // The listener's budget of what this connection may send before its peer proved its key.
         let proven = request.extensions().get::<crate::net::Proven>().cloned();
+        let binding = match (
+            &self.inner.options.tls,
+            request.extensions().get::<ChannelBinding>(),
+        ) {
+            (Some(_), Some(binding)) => *binding,
+            (Some(_), None) => {
+                return Err(Status::failed_precondition(
+                    "replication runs over TLS only: this connection has no TLS session",
+                ))
+            }
+            (None, _) => ChannelBinding([0; 32]),
+        };
         let incoming = request.into_inner();
         let (outgoing, receiver) = metered(OUTBOUND_QUEUE, OUTBOUND_BYTES, Share::default());
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let result =
-                connection::run(inner, incoming, outgoing, false, addr.clone(), proven).await;
+            let link = connection::Link {
+                dialed: false,
+                addr: addr.clone(),
+                proven,
+                binding,
+            };
+            let result = connection::run(inner, incoming, outgoing, link).await;
             if let Err(error) = result {
                 tracing::info!(peer = %addr, %error, "accepted peer connection ended");
             }

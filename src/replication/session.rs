@@ -12,8 +12,9 @@
 //!
 //! # The conversation
 //! 1. Both sides send `Hello {node id, log epochs, nonce}`; each answers the other's with
-//!    `Proof`, an Ed25519 signature over `PROOF_PREFIX ‖ their nonce ‖ my id ‖ their id`. A bad
-//!    proof closes the connection.
+//!    `Proof`, an Ed25519 signature over [`proof_message`]: `PROOF_PREFIX ‖ their nonce ‖ my id ‖
+//!    their id ‖ the connection's TLS channel binding` (`net::tls`). A bad proof closes the
+//!    connection; a proof made on another TLS session (a relay that terminates TLS) is bad.
 //! 2. Both send `Streams` (what they hold), and for each stream both hold, `Want {stream,
 //!    after_seq}` where `after_seq` is the cursor on that peer, as far as the peer's epochs say
 //!    those seqs still name the same scribes (0 if none; see `log::epoch`).
@@ -31,9 +32,25 @@ use crate::log::store::{Cursor, PeerOrigin};
 use crate::scribe::Parts;
 
 /// Domain separation of the handshake proof.
-pub const PROOF_PREFIX: &[u8; 14] = b"quire.peer.v1\0";
-/// Protocol version spoken.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROOF_PREFIX: &[u8; 14] = b"quire.peer.v3\0";
+/// Protocol version spoken: 3 (scribe format 2, over TLS with proofs bound to the channel).
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// What a handshake proof signs: `PROOF_PREFIX ‖ verifier's nonce ‖ prover's id ‖ verifier's id ‖
+/// channel binding` (32 bytes: the TLS session's exported keying material, see `net::tls`).
+pub fn proof_message(
+    nonce: &[u8; 32],
+    prover: &AuthorKey,
+    verifier: &AuthorKey,
+    binding: &[u8; 32],
+) -> Vec<u8> {
+    let mut message = PROOF_PREFIX.to_vec();
+    message.extend_from_slice(nonce);
+    message.extend_from_slice(prover.as_bytes());
+    message.extend_from_slice(verifier.as_bytes());
+    message.extend_from_slice(binding);
+    message
+}
 /// Most scribes one batch may hold (the sender cuts its batches there). A longer batch is a
 /// protocol error: every scribe of a batch is verified before its refusals are counted, so an
 /// unbounded batch would let one peer message occupy the node's append pipeline for seconds.
@@ -183,6 +200,7 @@ pub struct Session {
     key: SigningKey,
     local: AuthorKey,
     nonce: [u8; 32],
+    binding: [u8; 32],
     peer: Option<(AuthorKey, Epochs)>,
     peer_rules: u32,
     proven: bool,
@@ -209,18 +227,21 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// A new session; the returned actions send our `Hello`.
+    /// A new session over a connection whose channel binding is `binding`; the returned actions
+    /// send our `Hello`.
     pub fn new(
         key: SigningKey,
         local_epochs: Epochs,
         rules: u32,
         nonce: [u8; 32],
+        binding: [u8; 32],
     ) -> (Session, Vec<Action>) {
         let local = AuthorKey(key.verifying_key().to_bytes());
         let session = Session {
             key,
             local,
             nonce,
+            binding,
             peer: None,
             peer_rules: 0,
             proven: false,
@@ -260,14 +281,6 @@ impl Session {
         self.started
     }
 
-    fn proof_message(nonce: &[u8; 32], prover: &AuthorKey, verifier: &AuthorKey) -> Vec<u8> {
-        let mut message = PROOF_PREFIX.to_vec();
-        message.extend_from_slice(nonce);
-        message.extend_from_slice(prover.as_bytes());
-        message.extend_from_slice(verifier.as_bytes());
-        message
-    }
-
     /// Handles one message from the peer.
     pub fn handle(&mut self, message: Message) -> Vec<Action> {
         match message {
@@ -287,9 +300,9 @@ impl Session {
                 }
                 self.peer = Some((node, epochs));
                 self.peer_rules = rules;
-                let signature = self
-                    .key
-                    .sign(&Self::proof_message(&nonce, &self.local, &node));
+                let signature =
+                    self.key
+                        .sign(&proof_message(&nonce, &self.local, &node, &self.binding));
                 vec![Action::Send(Message::Proof(signature))]
             }
             Message::Proof(signature) => {
@@ -306,7 +319,7 @@ impl Session {
                 let valid = VerifyingKey::from_bytes(&peer.0)
                     .and_then(|key| {
                         key.verify_strict(
-                            &Self::proof_message(&self.nonce, &peer, &self.local),
+                            &proof_message(&self.nonce, &peer, &self.local, &self.binding),
                             &signature,
                         )
                     })

@@ -11,13 +11,15 @@ use ed25519_dalek::{Signer, SigningKey};
 use prost::Message as _;
 use quire::pb;
 use quire::pb::peer_message::Message as Wire;
-use quire::replication::session::PROOF_PREFIX;
+use quire::replication::session::proof_message;
 use quire_projection_api::StreamId;
 use tokio::io::AsyncWriteExt;
 
 use crate::common::*;
 use crate::crash::{spawn_binary, spawn_serve_with};
-use crate::hostile::{add_note_record, connect_from, limited_quire, new_stream, rss, ATTACKER};
+use crate::hostile::{
+    add_note_record, connect_from, limited_quire, new_stream, peer_tls, rss, ATTACKER,
+};
 
 /// The most `pid`'s resident set reaches within `within`, sampled until it passes `bound` (then
 /// returned at once).
@@ -49,6 +51,7 @@ pub fn grpc_frame(message: &impl prost::Message) -> Bytes {
 /// HTTP/2 connection's handle, so the connection outlives the call.
 pub struct RawPeer {
     key: SigningKey,
+    binding: quire::net::ChannelBinding,
     pub send_stream: h2::SendStream<Bytes>,
     recv: h2::RecvStream,
     buf: BytesMut,
@@ -58,11 +61,11 @@ pub struct RawPeer {
 
 impl RawPeer {
     pub async fn open(from: IpAddr, to: SocketAddr) -> RawPeer {
-        let tcp = connect_from(from, to).await;
+        let (tls, binding) = peer_tls(connect_from(from, to).await).await;
         let (client, connection) = h2::client::Builder::new()
             .initial_window_size(4 << 20)
             .initial_connection_window_size(8 << 20)
-            .handshake::<_, Bytes>(tcp)
+            .handshake::<_, Bytes>(tls)
             .await
             .expect("HTTP/2 handshake");
         let connection = tokio::spawn(async move {
@@ -83,6 +86,7 @@ impl RawPeer {
             .expect("a response");
         RawPeer {
             key: SigningKey::generate(&mut rand::rngs::OsRng),
+            binding,
             send_stream: send,
             recv: response.into_body(),
             buf: BytesMut::new(),
@@ -151,10 +155,12 @@ impl RawPeer {
         let Some(Wire::Hello(hello)) = self.next().await else {
             panic!("expected the node's Hello")
         };
-        let mut message = PROOF_PREFIX.to_vec();
-        message.extend_from_slice(&hello.nonce);
-        message.extend_from_slice(&self.key.verifying_key().to_bytes());
-        message.extend_from_slice(&hello.node_id);
+        let message = proof_message(
+            hello.nonce[..].try_into().unwrap(),
+            &quire_projection_api::AuthorKey(self.key.verifying_key().to_bytes()),
+            &quire_projection_api::AuthorKey(hello.node_id[..].try_into().unwrap()),
+            &self.binding.0,
+        );
         let signature = self.key.sign(&message);
         self.send(Wire::Proof(pb::PeerProof {
             signature: Bytes::copy_from_slice(&signature.to_bytes()),
@@ -377,8 +383,8 @@ async fn idle_peer_connections_are_not_cut_and_lock_out_honest_peers() {
     let stream = new_stream(&url_a, "locked").await;
     let mut idle = Vec::new();
     for _ in 0..8 {
-        let tcp = connect_from(ATTACKER, peer_a).await;
-        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let (tls, _) = peer_tls(connect_from(ATTACKER, peer_a).await).await;
+        let (client, connection) = h2::client::handshake(tls).await.unwrap();
         idle.push((client, tokio::spawn(connection)));
     }
     let b = start_node(dir_b.path()).await;

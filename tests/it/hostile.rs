@@ -25,6 +25,21 @@ pub async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
     socket.connect(to).await.unwrap()
 }
 
+/// A TLS session over `tcp` as a peer dials one (the peer listener speaks TLS 1.3 only), with
+/// its channel binding: what the peer handshake's proofs sign.
+pub async fn peer_tls(
+    tcp: TcpStream,
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    quire::net::ChannelBinding,
+) {
+    quire::net::PeerTls::generate()
+        .unwrap()
+        .connect(tcp)
+        .await
+        .expect("TLS handshake with the peer listener")
+}
+
 /// True if the node closed `tcp` (EOF or reset) within `within`; false if it still holds it.
 async fn closed_by_node(tcp: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 256];
@@ -87,7 +102,7 @@ async fn partial_messages(
     sent: usize,
     within: Duration,
 ) -> usize {
-    let mut tcp = connect_from(from, to).await;
+    let (tls, _) = peer_tls(connect_from(from, to).await).await;
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     h2_frame(&mut out, 0x4, 0, 0, &[]); // SETTINGS
     for index in 0..streams {
@@ -107,7 +122,7 @@ async fn partial_messages(
     let chunk = vec![0x42u8; 16 * 1024];
     let mut written = 0;
     let deadline = tokio::time::Instant::now() + within;
-    let (mut reader, mut writer) = tcp.split();
+    let (mut reader, mut writer) = tokio::io::split(tls);
     // Read (and drop) whatever the node says, so its writes never block ours.
     let drain = async {
         let mut sink = vec![0u8; 64 * 1024];
@@ -146,7 +161,10 @@ async fn partial_messages(
 /// the node cut the call off or stopped taking bytes for a second.
 async fn unproven_message(from: IpAddr, to: SocketAddr, declared: u32, send: usize) -> usize {
     let tcp = connect_from(from, to).await;
-    let Ok((client, connection)) = h2::client::handshake(tcp).await else {
+    let Ok((tls, _)) = quire::net::PeerTls::generate().unwrap().connect(tcp).await else {
+        return 0;
+    };
+    let Ok((client, connection)) = h2::client::handshake(tls).await else {
         return 0;
     };
     tokio::spawn(async move {

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use quire::pb;
 use quire::pb::peer_message::Message as Wire;
 use quire::projection_api::{AuthorKey, ScribeId, StreamId};
-use quire::replication::session::PROOF_PREFIX;
+use quire::replication::session::proof_message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -17,6 +17,7 @@ use crate::replication::{connect, join, stream_ids, wait_for_count};
 
 pub(crate) struct Intruder {
     key: SigningKey,
+    binding: quire::net::ChannelBinding,
     outgoing: mpsc::Sender<pb::PeerMessage>,
     incoming: tonic::Streaming<pb::PeerMessage>,
 }
@@ -44,11 +45,11 @@ impl Intruder {
 
     /// Dials `addr` and says nothing yet.
     pub(crate) async fn dial(addr: std::net::SocketAddr, key: SigningKey) -> Intruder {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let tls = quire::net::PeerTls::generate().unwrap();
+        let (channel, binding) =
+            quire::replication::connection::peer_channel(Some(&tls), &addr.to_string())
+                .await
+                .unwrap();
         let mut client = pb::peer_client::PeerClient::new(channel);
         let (outgoing, receiver) = mpsc::channel(16);
         let incoming = client
@@ -58,6 +59,7 @@ impl Intruder {
             .into_inner();
         Intruder {
             key,
+            binding,
             outgoing,
             incoming,
         }
@@ -69,12 +71,14 @@ impl Intruder {
         let Some(Wire::Hello(hello)) = intruder.next().await else {
             panic!("expected Hello")
         };
-        let mut message = PROOF_PREFIX.to_vec();
-        message.extend_from_slice(&hello.nonce);
-        message.extend_from_slice(&intruder.key.verifying_key().to_bytes());
-        message.extend_from_slice(&hello.node_id);
+        let mut message = proof_message(
+            hello.nonce[..].try_into().unwrap(),
+            &AuthorKey(intruder.key.verifying_key().to_bytes()),
+            &AuthorKey(hello.node_id[..].try_into().unwrap()),
+            &intruder.binding.0,
+        );
         if !honest {
-            message[PROOF_PREFIX.len()] ^= 1;
+            *message.last_mut().unwrap() ^= 1;
         }
         let signature = intruder.key.sign(&message);
         intruder
@@ -333,13 +337,27 @@ async fn a_peer_that_cannot_prove_its_key_is_turned_away_with_a_clear_error() {
     }
     let error = error.expect("an error message before the stream closes");
     assert!(error.contains("failed to prove"), "{error}");
-    // The peer listener serves replication and nothing else.
-    let channel =
+    // The peer listener speaks TLS only: a plaintext HTTP/2 client gets no answer from any service.
+    let plaintext =
         tonic::transport::Channel::from_shared(format!("http://{}", node.peer_addr.unwrap()))
             .unwrap()
             .connect()
+            .await;
+    if let Ok(plaintext) = plaintext {
+        let status = pb::log_client::LogClient::new(plaintext)
+            .append(pb::AppendRequest::default())
             .await
-            .unwrap();
+            .unwrap_err();
+        assert_ne!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    }
+    // Over TLS it serves replication and nothing else.
+    let tls = quire::net::PeerTls::generate().unwrap();
+    let (channel, _) = quire::replication::connection::peer_channel(
+        Some(&tls),
+        &node.peer_addr.unwrap().to_string(),
+    )
+    .await
+    .unwrap();
     let status = pb::log_client::LogClient::new(channel.clone())
         .append(pb::AppendRequest {
             stream: Bytes::from(vec![1u8; 32]),
@@ -403,7 +421,7 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
                 protocol: 1,
                 ..hello.clone()
             },
-            "peer speaks protocol 1, this node speaks 2",
+            "peer speaks protocol 1, this node speaks 3",
         ),
         (
             pb::PeerHello {

@@ -265,6 +265,8 @@ impl Network {
                 node.epochs.clone(),
                 1,
                 [end as u8 + 7; 32],
+                // Both ends of one simulated link share its channel binding.
+                [link as u8; 32],
             );
             for action in actions {
                 if let Action::Send(message) = action {

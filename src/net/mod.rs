@@ -29,6 +29,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::TcpConnectInfo;
 
+pub mod tls;
+pub use tls::{tls_acceptor, ChannelBinding, PeerTls};
+
 /// How long a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -613,39 +616,6 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     }
 }
 
-/// The client API's TLS identity from PEM files (certificate chain, private key), offering
-/// HTTP/2 and HTTP/1.1 by ALPN. The error names the file and what is wrong with it.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|error| format!("{}: {error}", path.display()))
-    };
-    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
-    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|error| format!("{}: {error}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", cert.display()));
-    }
-    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|error| format!("{}: {error}", key.display()))?
-        .ok_or_else(|| format!("{} holds no PEM private key", key.display()))?;
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|error| error.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|error| {
-            format!(
-                "{} and {} do not make a TLS identity: {error}",
-                cert.display(),
-                key.display()
-            )
-        })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
 /// Serves `router` on `listener` within `limits` until `stop` completes, then lets open
 /// connections finish (callers bound how long with their own grace period).
 pub async fn serve(
@@ -739,8 +709,14 @@ pub async fn serve(
         let body_proven = proven.clone();
         let local = tcp.local_addr().ok();
         let router = router.clone();
+        // Set once the TLS handshake is done, before any request is read.
+        let binding = Arc::new(std::sync::OnceLock::<ChannelBinding>::new());
+        let session_binding = binding.clone();
         let service = tower::service_fn(move |mut request: axum::extract::Request| {
             let extensions = request.extensions_mut();
+            if let Some(binding) = session_binding.get() {
+                extensions.insert(*binding);
+            }
             extensions.insert(ConnectInfo::<SocketAddr>(remote));
             extensions.insert(TcpConnectInfo {
                 local_addr: local,
@@ -788,6 +764,15 @@ pub async fn serve(
                         },
                         _ = stopped.wait_for(|stopped| *stopped) => return,
                     };
+                    match tls::server_binding(&stream) {
+                        Ok(exported) => {
+                            let _ = binding.set(exported);
+                        }
+                        Err(error) => {
+                            tracing::debug!(%remote, %error, "no TLS channel binding");
+                            return;
+                        }
+                    }
                     let io = TokioIo::new(Guarded::new(stream, admitted, unproven));
                     serve_one(&builder, limits.http1, io, service, watcher).await
                 }
