@@ -252,13 +252,15 @@ pub enum PeerCommand {
     /// `node_id` in `quire status`.
     Allow {
         /// The peer's node key (64 hex characters).
-        node: AuthorKey,
+        #[arg(value_name = "NODE_KEY")]
+        key: AuthorKey,
     },
     /// Deny a node key: its connections end at once and it is refused from then on, whatever
     /// `--peers` says (replaces an allow).
     Deny {
         /// The peer's node key (64 hex characters).
-        node: AuthorKey,
+        #[arg(value_name = "NODE_KEY")]
+        key: AuthorKey,
     },
 }
 
@@ -432,12 +434,8 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         Command::Peer(PeerCommand::Add { addr }) => admin::peer_add(&node_url, addr).await?,
         Command::Peer(PeerCommand::List) => admin::peer_list(&node_url).await?,
         Command::Peer(PeerCommand::Remove { addr }) => admin::peer_remove(&node_url, addr).await?,
-        Command::Peer(PeerCommand::Allow { node }) => {
-            admin::peer_key(&node_url, node, true).await?
-        }
-        Command::Peer(PeerCommand::Deny { node }) => {
-            admin::peer_key(&node_url, node, false).await?
-        }
+        Command::Peer(PeerCommand::Allow { key }) => admin::peer_key(&node_url, key, true).await?,
+        Command::Peer(PeerCommand::Deny { key }) => admin::peer_key(&node_url, key, false).await?,
         Command::Token(TokenCommand::Rotate { print }) => {
             admin::token_rotate(&node_url, &data_dir, print).await?
         }

@@ -23,6 +23,7 @@ mod kv;
 mod leave;
 mod live;
 mod malicious;
+mod peer_trust;
 mod power;
 mod projections;
 mod python;
