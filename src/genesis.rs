@@ -6,9 +6,13 @@
 //! the network; the wire messages it encodes are the generated `quire.v1.StreamGenesis` and
 //! `quire.v1.Policy` (`docs/protocol.md` has their fields).
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use prost::Message;
 use quire_projection_api::{AuthorKey, Authors, Kind, Policy};
+
+use crate::membership::Role;
 
 use crate::pb;
 use crate::scribe::HARD_MAX_PAYLOAD_BYTES;
@@ -29,6 +33,9 @@ pub enum GenesisError {
     /// The policy is not one a stream can have.
     #[error("{0}")]
     Policy(#[from] PolicyError),
+    /// A member entry is not a 32-byte key with a role.
+    #[error("access.members: {0}")]
+    Member(String),
 }
 
 /// Why a policy was refused; the message says what to fix.
@@ -50,6 +57,9 @@ pub enum PolicyError {
     /// `max_file_bytes` is over the hard payload limit.
     #[error("max_file_bytes {0} is over the hard limit of {HARD_MAX_PAYLOAD_BYTES}")]
     MaxFileBytes(u64),
+    /// A rule for `acl.grant` or `acl.revoke`: admins grant and revoke, whatever a policy says.
+    #[error("policy rule for {0}: membership is changed by admins only, no rule applies")]
+    Membership(String),
     /// `work_bits` is over [`Policy::MAX_WORK_BITS`].
     #[error("work_bits {0} is over the most allowed, {max}", max = Policy::MAX_WORK_BITS)]
     WorkBits(u32),
@@ -65,8 +75,10 @@ pub struct Genesis {
     pub name: String,
     /// Owner key.
     pub owner: AuthorKey,
-    /// Effective policy.
+    /// Effective policy (`policy.private` from the genesis's access).
     pub policy: Policy,
+    /// Members from the start, besides the owner.
+    pub members: BTreeMap<AuthorKey, Role>,
 }
 
 /// Decodes a `stream.create` payload; `author` is the owner when the payload names none.
@@ -79,15 +91,49 @@ pub fn genesis_from_payload(payload: &[u8], author: AuthorKey) -> Result<Genesis
         AuthorKey::from_slice(&genesis.owner)
             .map_err(|_| GenesisError::Owner(genesis.owner.len()))?
     };
-    let policy = policy_from_proto(genesis.policy.unwrap_or_default())?;
+    let mut policy = policy_from_proto(genesis.policy.unwrap_or_default())?;
     if genesis.name.len() > 256 {
         return Err(GenesisError::NameTooLong(genesis.name.len()));
+    }
+    let access = genesis.access.unwrap_or_default();
+    policy.private = access.private;
+    let mut members = BTreeMap::new();
+    for member in access.members {
+        let key = AuthorKey::from_slice(&member.key).map_err(|_| {
+            GenesisError::Member(format!("a key must be 32 bytes, got {}", member.key.len()))
+        })?;
+        let role = Role::from_proto(member.role).ok_or_else(|| {
+            GenesisError::Member(format!("{key}: a role is reader, writer or admin"))
+        })?;
+        if key == owner {
+            return Err(GenesisError::Member(format!(
+                "{key} is the owner, an admin always"
+            )));
+        }
+        if members.insert(key, role).is_some() {
+            return Err(GenesisError::Member(format!("{key} is listed twice")));
+        }
     }
     Ok(Genesis {
         name: genesis.name,
         owner,
         policy,
+        members,
     })
+}
+
+/// The wire form of a stream's access: `private`, and `members` with their roles.
+pub fn access_to_proto(private: bool, members: &BTreeMap<AuthorKey, Role>) -> pb::Access {
+    pb::Access {
+        private,
+        members: members
+            .iter()
+            .map(|(key, role)| pb::Member {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                role: role.to_proto(),
+            })
+            .collect(),
+    }
 }
 
 /// Encodes a genesis payload. `salt` makes two streams of the same name and clock differ.
@@ -95,6 +141,7 @@ pub fn genesis_payload(
     name: &str,
     owner: Option<AuthorKey>,
     policy: Option<pb::Policy>,
+    access: Option<pb::Access>,
     salt: [u8; 16],
 ) -> Vec<u8> {
     pb::StreamGenesis {
@@ -104,6 +151,7 @@ pub fn genesis_payload(
             .unwrap_or_default(),
         policy,
         salt: Bytes::copy_from_slice(&salt),
+        access,
     }
     .encode_to_vec()
 }
@@ -120,6 +168,9 @@ pub fn policy_from_proto(policy: pb::Policy) -> Result<Policy, PolicyError> {
         if kind == Kind::StreamCreate {
             return Err(PolicyError::Genesis);
         }
+        if kind.is_membership() {
+            return Err(PolicyError::Membership(rule.kind));
+        }
         if rules.iter().any(|(existing, _)| *existing == rule.kind) {
             return Err(PolicyError::DuplicateRule(rule.kind));
         }
@@ -135,6 +186,7 @@ pub fn policy_from_proto(policy: pb::Policy) -> Result<Policy, PolicyError> {
                 anyone: authors.anyone,
                 owner: authors.owner,
                 keys,
+                writers: authors.writers,
             },
         ));
     }
@@ -153,6 +205,7 @@ pub fn policy_from_proto(policy: pb::Policy) -> Result<Policy, PolicyError> {
         leasing: !policy.leasing_disabled,
         lease_ms: or_default(policy.lease_ms, defaults.lease_ms),
         work_bits: policy.work_bits,
+        private: false,
     })
 }
 
@@ -172,6 +225,7 @@ pub fn policy_to_proto(policy: &Policy) -> pb::Policy {
                         .iter()
                         .map(|key| Bytes::copy_from_slice(key.as_bytes()))
                         .collect(),
+                    writers: authors.writers,
                 }),
             })
             .collect(),

@@ -28,6 +28,7 @@ pub mod genesis;
 pub mod hlc;
 pub mod identity;
 pub mod log;
+pub mod membership;
 pub mod net;
 pub mod node;
 pub mod pb;

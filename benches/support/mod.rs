@@ -47,6 +47,7 @@ pub async fn create_stream(channel: &AuthChannel, name: &str, policy: Option<pb:
             name: name.into(),
             policy,
             owner: Bytes::new(),
+            access: None,
         })
         .await
         .unwrap()

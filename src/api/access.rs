@@ -160,6 +160,12 @@ pub fn grpc_rule(path: &str) -> Rule {
         .map_or(Rule::Owner, |(_, rule)| *rule)
 }
 
+/// Whether `caller` may read `stream` on this node's client API: anyone a public stream; a
+/// private one, the node's owner and the stream's own app (its origin) alone.
+pub fn may_read(caller: Caller, stream: &crate::log::StreamState) -> bool {
+    !stream.policy.private || caller == Caller::Owner || caller == Caller::App(stream.id)
+}
+
 /// The caller a service method was admitted as. A request that did not pass [`Access::admit`]
 /// (an in-process call) counts as [`Caller::Anyone`]: in-process callers that act for the owner
 /// say so with [`as_owner`].

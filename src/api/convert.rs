@@ -22,6 +22,14 @@ pub fn stream_info(state: &StreamState) -> pb::StreamInfo {
         head_seq: state.record.head_seq,
         scribes: state.record.scribes,
         bytes: state.record.bytes,
+        private: state.policy.private,
+        members: crate::genesis::access_to_proto(false, &state.membership.roles()).members,
+        membership_heads: state
+            .membership
+            .heads()
+            .iter()
+            .map(|head| Bytes::copy_from_slice(head.as_bytes()))
+            .collect(),
     }
 }
 

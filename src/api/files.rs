@@ -11,6 +11,7 @@ use quire_projection_api::{ProjectionError, StreamId};
 use quire_projection_files::{content_type_for, Entry, Reader, NAME};
 use tonic::{Request, Response, Status};
 
+use crate::api::access::{self, Caller};
 use crate::api::served::Served;
 use crate::log::{Appended, Log};
 use crate::pb;
@@ -49,9 +50,9 @@ impl FilesService {
         }
     }
 
-    /// `stream`, if this node holds it.
-    pub fn held(&self, stream: StreamId) -> Result<StreamId, Status> {
-        self.served.held(stream)
+    /// `stream`, if this node holds it and serves it to `caller`.
+    pub fn held(&self, stream: StreamId, caller: Caller) -> Result<StreamId, Status> {
+        self.served.held(stream, caller)
     }
 
     /// The live entry of `path` and its bytes (`with_data`), if there is one.
@@ -144,8 +145,9 @@ impl pb::files_server::Files for FilesService {
         &self,
         request: Request<pb::FilesPutRequest>,
     ) -> Result<Response<pb::FileInfo>, Status> {
+        let caller = access::caller_of(&request);
         let request = request.into_inner();
-        let stream = self.served.stream(&request.stream)?;
+        let stream = self.served.stream(&request.stream, caller)?;
         let entry = FilesService::put(
             self,
             stream,
@@ -161,8 +163,9 @@ impl pb::files_server::Files for FilesService {
         &self,
         request: Request<pb::FilesGetRequest>,
     ) -> Result<Response<pb::FileContent>, Status> {
+        let caller = access::caller_of(&request);
         let request = request.into_inner();
-        let stream = self.served.stream(&request.stream)?;
+        let stream = self.served.stream(&request.stream, caller)?;
         match FilesService::get(self, stream, request.path.clone(), true).await? {
             Some((entry, data)) => Ok(Response::new(pb::FileContent {
                 info: Some(info(&entry)),
@@ -179,8 +182,9 @@ impl pb::files_server::Files for FilesService {
         &self,
         request: Request<pb::FilesDeleteRequest>,
     ) -> Result<Response<pb::FilesDeleteReply>, Status> {
+        let caller = access::caller_of(&request);
         let request = request.into_inner();
-        let stream = self.served.stream(&request.stream)?;
+        let stream = self.served.stream(&request.stream, caller)?;
         let appended = FilesService::delete(self, stream, request.path).await?;
         Ok(Response::new(pb::FilesDeleteReply {
             id: Bytes::copy_from_slice(appended.id.as_bytes()),
@@ -192,8 +196,9 @@ impl pb::files_server::Files for FilesService {
         &self,
         request: Request<pb::FilesListRequest>,
     ) -> Result<Response<pb::FilesListReply>, Status> {
+        let caller = access::caller_of(&request);
         let request = request.into_inner();
-        let stream = self.served.stream(&request.stream)?;
+        let stream = self.served.stream(&request.stream, caller)?;
         let limit = match request.limit {
             0 => 10_000,
             n => n as usize,

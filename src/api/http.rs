@@ -285,10 +285,22 @@ async fn run_action(
         "add_record" => {
             let body = body?;
             check_json_type(&headers)?;
-            Ok(ok(add_record(&http, stream, body).await?))
+            Ok(ok(add_record(&http, admitted.caller, stream, body).await?))
         }
-        "query" => Ok(ok(query(&http, stream, json_body(&headers, body)?).await?)),
-        _ => Ok(ok(upvote(&http, stream, json_body(&headers, body)?).await?)),
+        "query" => Ok(ok(query(
+            &http,
+            admitted.caller,
+            stream,
+            json_body(&headers, body)?,
+        )
+        .await?)),
+        _ => Ok(ok(upvote(
+            &http,
+            admitted.caller,
+            stream,
+            json_body(&headers, body)?,
+        )
+        .await?)),
     }
 }
 
@@ -343,11 +355,11 @@ async fn perform(
         app_may_record(http, stream, action)?;
     }
     match action {
-        "query" => query(http, stream, args).await,
-        "upvote" => upvote(http, stream, args).await,
+        "query" => query(http, admitted.caller, stream, args).await,
+        "upvote" => upvote(http, admitted.caller, stream, args).await,
         "add_record" => {
             let record = Json::Object(args).to_string();
-            add_record(http, stream, Bytes::from(record)).await
+            add_record(http, admitted.caller, stream, Bytes::from(record)).await
         }
         "kv_set" | "kv_delete" => kv_write(http, stream, action == "kv_set", args).await,
         _ => Err(HttpError(
@@ -396,9 +408,10 @@ async fn kv_write(
     ]))
 }
 
-/// An app's page writes as the node only what anyone may write to its stream, and never makes
-/// the node do the work a stream asks of each record: anyone can claim an app's origin, so the
-/// node must not sign for it what the policy keeps from strangers.
+/// An app's page writes as the node only what anyone may write to its stream (or, for a private
+/// stream, what the node may write), and never makes the node do the work a stream asks of each
+/// record: anyone can claim a public app's origin, so the node must not sign for it what the
+/// policy keeps from strangers.
 fn app_may_record(http: &Http, stream: StreamId, action: &str) -> Result<(), HttpError> {
     let Some(state) = http.api.log.stream(&stream) else {
         return Ok(()); // answered "not held" by the action itself
@@ -410,7 +423,15 @@ fn app_may_record(http: &Http, stream: StreamId, action: &str) -> Result<(), Htt
         "kv_delete" => Kind::KvDelete,
         _ => return Ok(()),
     };
-    if !state.policy.authors_for(&kind).anyone {
+    let authors = state.policy.authors_for(&kind);
+    // A private stream's app is its own: its page (at its own origin, which only the stream's
+    // readers are served) writes as the node what the node may write.
+    let node = http.api.log.node_key();
+    let node_may = state.policy.private
+        && (authors.contains(&node, &state.owner)
+            || (authors.writers
+                && state.membership.roles().get(&node) >= Some(&crate::membership::Role::Writer)));
+    if !authors.anyone && !node_may {
         return Err(HttpError(
             StatusCode::FORBIDDEN,
             format!(
@@ -489,7 +510,7 @@ async fn node_file(
     ws: Option<WebSocketUpgrade>,
 ) -> Result<Response, HttpError> {
     if let (Some(ws), live::PATH) = (ws, path.trim_start_matches('/')) {
-        let stream = http.sql.held(tid(&text)?)?;
+        let stream = http.sql.held(tid(&text)?, admitted.caller)?;
         return Ok(http.live(admitted, stream, ws));
     }
     node_serve(
@@ -521,7 +542,7 @@ async fn node_serve(
                 .into_response());
         }
     }
-    serve_file(http, stream, &index_path(path), headers).await
+    serve_file(http, admitted.caller, stream, &index_path(path), headers).await
 }
 
 async fn app_index(
@@ -529,7 +550,14 @@ async fn app_index(
     Extension(admitted): Extension<Admitted>,
     headers: HeaderMap,
 ) -> Result<Response, HttpError> {
-    serve_file(&http, app_of(&admitted)?, "index.html", &headers).await
+    serve_file(
+        &http,
+        admitted.caller,
+        app_of(&admitted)?,
+        "index.html",
+        &headers,
+    )
+    .await
 }
 
 async fn app_file(
@@ -541,11 +569,12 @@ async fn app_file(
 ) -> Result<Response, HttpError> {
     let stream = app_of(&admitted)?;
     if let (Some(ws), live::PATH) = (ws, own_path(stream, &path)) {
-        let stream = http.sql.held(stream)?;
+        let stream = http.sql.held(stream, admitted.caller)?;
         return Ok(http.live(admitted, stream, ws));
     }
     serve_file(
         &http,
+        admitted.caller,
         stream,
         &index_path(own_path(stream, &path)),
         &headers,
@@ -577,11 +606,12 @@ fn index_path(path: &str) -> String {
 /// it. HEAD gets the same headers without the body.
 async fn serve_file(
     http: &Http,
+    caller: Caller,
     stream: StreamId,
     path: &str,
     headers: &HeaderMap,
 ) -> Result<Response, HttpError> {
-    let stream = http.files.held(stream)?;
+    let stream = http.files.held(stream, caller)?;
     if let Err(reason) = quire_projection_api::files::check_path(path) {
         return Err(HttpError(StatusCode::BAD_REQUEST, reason));
     }
@@ -658,7 +688,7 @@ async fn file_put(
 ) -> Result<Response, HttpError> {
     allow(admitted, Some(stream), Right::Manage, "writing files")?;
     let body = body?;
-    let stream = http.files.held(stream)?;
+    let stream = http.files.held(stream, admitted.caller)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -708,7 +738,7 @@ async fn file_delete(
     path: &str,
 ) -> Result<Response, HttpError> {
     allow(admitted, Some(stream), Right::Manage, "deleting files")?;
-    let stream = http.files.held(stream)?;
+    let stream = http.files.held(stream, admitted.caller)?;
     http.files
         .delete(stream, path.trim_start_matches('/').to_string())
         .await?;
@@ -869,6 +899,7 @@ async fn create_app(
             name,
             policy,
             owner: Default::default(),
+            access: None,
         })))
         .await?
         .into_inner();
@@ -1010,20 +1041,22 @@ fn peer_addr(body: &Map<String, Json>) -> Result<String, HttpError> {
 
 async fn add_record(
     http: &Http,
+    caller: Caller,
     stream: StreamId,
     record: Bytes,
 ) -> Result<Map<String, Json>, HttpError> {
-    let stream = http.sql.held(stream)?;
+    let stream = http.sql.held(stream, caller)?;
     let appended = http.sql.add_record(stream, record).await?;
     Ok(appended_fields(&appended))
 }
 
 async fn upvote(
     http: &Http,
+    caller: Caller,
     stream: StreamId,
     body: Map<String, Json>,
 ) -> Result<Map<String, Json>, HttpError> {
-    let stream = http.sql.held(stream)?;
+    let stream = http.sql.held(stream, caller)?;
     let record = body
         .get("id")
         .and_then(Json::as_str)
@@ -1052,10 +1085,11 @@ fn param(value: &Json) -> Value {
 
 async fn query(
     http: &Http,
+    caller: Caller,
     stream: StreamId,
     body: Map<String, Json>,
 ) -> Result<Map<String, Json>, HttpError> {
-    let stream = http.sql.held(stream)?;
+    let stream = http.sql.held(stream, caller)?;
     let sql = body.get("query").and_then(Json::as_str).ok_or_else(|| {
         HttpError(
             StatusCode::BAD_REQUEST,

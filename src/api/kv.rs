@@ -20,6 +20,7 @@ use quire_projection_kv::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::api::access::{self, Caller};
 use crate::api::served::Served;
 use crate::api::{append_status, projections_status, store_status};
 use crate::log::subscribe::{metered, LogEvent, MeteredSender, SUBSCRIPTION_BYTES};
@@ -99,8 +100,8 @@ impl KvService {
         }
     }
 
-    fn policy(&self, stream: &[u8]) -> Result<(StreamId, Policy), Status> {
-        let stream = self.served.stream(stream)?;
+    fn policy(&self, stream: &[u8], caller: Caller) -> Result<(StreamId, Policy), Status> {
+        let stream = self.served.stream(stream, caller)?;
         let state = self.served.log.stream(&stream).ok_or_else(|| {
             Status::not_found(format!("stream {stream} is not held by this node"))
         })?;
@@ -189,7 +190,8 @@ impl KvService {
 
     /// Checks, appends and waits for `ops`; returns the entries after them.
     async fn write(&self, stream: &[u8], ops: Vec<Op>) -> Result<Vec<pb::KvEntry>, Status> {
-        let (stream, policy) = self.policy(stream)?;
+        // Writes are the owner's (the access rules let no one else call them).
+        let (stream, policy) = self.policy(stream, Caller::Owner)?;
         if ops.is_empty() {
             return Err(Status::invalid_argument(
                 "nothing to write: give at least one key",
@@ -316,8 +318,9 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::KvGetRequest>,
     ) -> Result<Response<pb::KvEntry>, Status> {
+        let caller = access::caller_of(&request);
         let request = request.into_inner();
-        let (stream, policy) = self.policy(&request.stream)?;
+        let (stream, policy) = self.policy(&request.stream, caller)?;
         check_key(&request.key).map_err(Status::invalid_argument)?;
         match self.read_entry(stream, request.key.to_vec()).await? {
             Some(entry) if entry.state.value.is_some() => {
@@ -381,8 +384,9 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::KvScanRequest>,
     ) -> Result<Response<pb::KvScanReply>, Status> {
+        let caller = access::caller_of(&request);
         let request = request.into_inner();
-        let (stream, policy) = self.policy(&request.stream)?;
+        let (stream, policy) = self.policy(&request.stream, caller)?;
         let limit = match request.limit {
             0 => SCAN_LIMIT,
             n => (n as usize).min(SCAN_LIMIT),
@@ -409,8 +413,9 @@ impl pb::kv_server::Kv for KvService {
         request: Request<pb::KvWatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         let caller = request.remote_addr();
+        let admitted = access::caller_of(&request);
         let request = request.into_inner();
-        let (stream, policy) = self.policy(&request.stream)?;
+        let (stream, policy) = self.policy(&request.stream, admitted)?;
         let exact = !request.key.is_empty();
         if exact {
             check_key(&request.key).map_err(Status::invalid_argument)?;

@@ -948,7 +948,9 @@ impl Session {
                     false
                 } else {
                     let sql = &self.hub.inner.sql;
-                    let stream = sql.held(self.stream).map_err(|s| s.message().to_string())?;
+                    let stream = sql
+                        .held(self.stream, self.admitted.caller)
+                        .map_err(|s| s.message().to_string())?;
                     match sql.lists(stream).await {
                         Ok(lists) => lists.contains_key(name),
                         Err(status) => {

@@ -10,7 +10,8 @@ use quire_projection_api::Kind;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::access;
+use super::access::{self, Caller};
+use super::served::not_held;
 use super::status::{append_status, blocking, invalid, projections_status, store_status};
 use super::{convert, Api, ResponseStream, READ_DEFAULT_LIMIT, READ_MAX_LIMIT, SUBSCRIBE_BUFFER};
 use crate::log::subscribe::{metered, LogEvent, READ_BYTES, SUBSCRIPTION_BYTES};
@@ -236,6 +237,7 @@ impl pb::log_server::Log for Api {
         &self,
         request: Request<pb::GetScribeRequest>,
     ) -> Result<Response<pb::Entry>, Status> {
+        let caller = access::caller_of(&request);
         let id = convert::id_field(&request.into_inner().id, "id")?;
         let log = self.log.clone();
         let found = tokio::task::spawn_blocking(move || log.get(&id))
@@ -243,6 +245,7 @@ impl pb::log_server::Log for Api {
             .map_err(|error| Status::internal(error.to_string()))?
             .map_err(|error| store_status(&error))?;
         let entry = found
+            .filter(|entry| visible(&self.log, caller, entry))
             .ok_or_else(|| Status::not_found(format!("scribe {id} is not stored on this node")))?;
         Ok(Response::new(convert::entry(entry)))
     }
@@ -254,13 +257,13 @@ impl pb::log_server::Log for Api {
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         let caller = request.remote_addr();
+        let admitted = access::caller_of(&request);
         let request = request.into_inner();
         let stream = convert::optional_stream(&request.stream)?;
         if let Some(stream) = stream {
-            if self.log.stream(&stream).is_none() {
-                return Err(Status::not_found(format!(
-                    "stream {stream} is not held by this node"
-                )));
+            match self.log.stream(&stream) {
+                Some(state) if access::may_read(admitted, &state) => {}
+                _ => return Err(not_held(&stream)),
             }
         }
         let limit = match request.limit {
@@ -294,6 +297,9 @@ impl pb::log_server::Log for Api {
                 left -= batch.entries.len();
                 for entry in batch.entries {
                     next = entry.seq + 1;
+                    if !visible(&log, admitted, &entry) {
+                        continue;
+                    }
                     let size = entry.parts.size() as usize;
                     let sent = entries.send_read(Ok(convert::entry(entry)), size, &mut ticket);
                     if sent.await.is_err() {
@@ -321,13 +327,13 @@ impl pb::log_server::Log for Api {
             )?;
         }
         let caller = request.remote_addr();
+        let admitted = access::caller_of(&request);
         let request = request.into_inner();
         let stream = convert::optional_stream(&request.stream)?;
         if let Some(stream) = stream {
-            if self.log.stream(&stream).is_none() {
-                return Err(Status::not_found(format!(
-                    "stream {stream} is not held by this node"
-                )));
+            match self.log.stream(&stream) {
+                Some(state) if access::may_read(admitted, &state) => {}
+                _ => return Err(not_held(&stream)),
             }
         }
         let from = if request.consumer.is_empty() {
@@ -349,6 +355,11 @@ impl pb::log_server::Log for Api {
             .map_err(|error| projections_status(&error))?
         };
         let events = self.log.subscribe(stream, from, SUBSCRIBE_BUFFER, caller);
+        let log = self.log.clone();
+        let events = events.filter(move |event| match event {
+            Ok(LogEvent::Entry(entry)) => visible(&log, admitted, entry),
+            _ => true,
+        });
         let events = events.map(|event| match event {
             Ok(LogEvent::Entry(entry)) => Ok(pb::SubscribeEvent {
                 event: Some(pb::subscribe_event::Event::Scribe(convert::entry(entry))),
@@ -371,5 +382,22 @@ impl pb::log_server::Log for Api {
         Ok(Response::new(pb::AckReply {
             acked: consumer.acked,
         }))
+    }
+}
+
+/// Whether `caller` may see `entry`: its stream is public, or `caller` may read it (the owner, or
+/// the private stream's own app). A whole-log read or subscription skips what it may not.
+fn visible(log: &crate::log::Log, caller: Caller, entry: &crate::log::store::StoredEntry) -> bool {
+    if caller == Caller::Owner {
+        return true;
+    }
+    let Ok((body, ..)) = decode_envelope(&entry.parts.envelope) else {
+        return false;
+    };
+    let stream = body.stream.unwrap_or(entry.id);
+    match log.is_private(&stream) {
+        Some(false) => true,
+        Some(true) => caller == Caller::App(stream),
+        None => false,
     }
 }

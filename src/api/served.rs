@@ -11,7 +11,16 @@ use bytes::Bytes;
 use quire_projection_api::{Kind, ProjectionError, ScribeId, StreamId};
 use tonic::Status;
 
+use crate::api::access::{self, Caller};
 use crate::api::{append_status, projections_status, wait_status};
+
+/// The answer for a stream this node does not hold, or does not serve to the caller (the same
+/// words: a private stream's id is not confirmed to a stranger).
+pub fn not_held(stream: &StreamId) -> Status {
+    Status::not_found(format!(
+        "stream {stream} is not held by this node: create it, or join it and add a peer that holds it"
+    ))
+}
 use crate::log::{Appended, Draft, Log, NewScribe};
 use crate::projection::readers::{Loan, Readers, TakeError};
 use crate::projection::Projections;
@@ -51,19 +60,18 @@ impl<R: Send + 'static> Served<R> {
         }
     }
 
-    /// The stream named by `bytes`, if this node holds it.
-    pub fn stream(&self, bytes: &[u8]) -> Result<StreamId, Status> {
+    /// The stream named by `bytes`, if this node holds it and serves it to `caller`.
+    pub fn stream(&self, bytes: &[u8], caller: Caller) -> Result<StreamId, Status> {
         let stream = crate::api::convert::id_field(bytes, "stream")?;
-        self.held(stream)
+        self.held(stream, caller)
     }
 
-    /// `stream`, if this node holds it.
-    pub fn held(&self, stream: StreamId) -> Result<StreamId, Status> {
+    /// `stream`, if this node holds it and serves it to `caller` (a private stream is served to
+    /// the owner and to its own app alone; to anyone else it is not here, as if not held).
+    pub fn held(&self, stream: StreamId, caller: Caller) -> Result<StreamId, Status> {
         match self.log.stream(&stream) {
-            Some(_) => Ok(stream),
-            None => Err(Status::not_found(format!(
-                "stream {stream} is not held by this node: create it, or join it and add a peer that holds it"
-            ))),
+            Some(state) if access::may_read(caller, &state) => Ok(stream),
+            _ => Err(not_held(&stream)),
         }
     }
 

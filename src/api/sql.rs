@@ -18,6 +18,7 @@ use quire_projection_sql::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::api::access::{self, Caller};
 use crate::api::served::Served;
 use crate::log::{Appended, Log};
 use crate::pb;
@@ -51,9 +52,9 @@ impl SqlService {
         }
     }
 
-    /// `stream`, if this node holds it.
-    pub fn held(&self, stream: StreamId) -> Result<StreamId, Status> {
-        self.served.held(stream)
+    /// `stream`, if this node holds it and serves it to `caller`.
+    pub fn held(&self, stream: StreamId, caller: Caller) -> Result<StreamId, Status> {
+        self.served.held(stream, caller)
     }
 
     /// Runs one read-only statement on `stream`'s tables, once they include the log up to
@@ -194,8 +195,9 @@ impl pb::sql_server::Sql for SqlService {
         &self,
         request: Request<pb::SqlQueryRequest>,
     ) -> Result<Response<pb::SqlQueryReply>, Status> {
+        let caller = access::caller_of(&request);
         let request = request.into_inner();
-        let stream = self.served.stream(&request.stream)?;
+        let stream = self.served.stream(&request.stream, caller)?;
         let params = match (request.params.is_empty(), request.named.is_empty()) {
             (_, true) => {
                 Params::Positional(request.params.into_iter().map(value_from_proto).collect())

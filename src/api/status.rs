@@ -31,6 +31,12 @@ pub fn append_status(error: &AppendError) -> Status {
         AppendError::PermissionDenied { .. } | AppendError::MissingWork { .. } => {
             Code::PermissionDenied
         }
+        AppendError::BadMembership { .. } => Code::InvalidArgument,
+        AppendError::Membership { error, .. } => match error {
+            crate::membership::MembershipError::UnknownView(_) => Code::FailedPrecondition,
+            crate::membership::MembershipError::Full => Code::ResourceExhausted,
+            _ => Code::PermissionDenied,
+        },
         AppendError::PayloadTooLarge { .. }
         | AppendError::StreamFull { .. }
         | AppendError::HeldFull { .. } => Code::ResourceExhausted,

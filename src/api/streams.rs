@@ -34,8 +34,13 @@ impl pb::streams_server::Streams for Api {
                     .map_err(|_| invalid("owner must be a 32-byte key".into()))?,
             )
         };
-        let payload =
-            genesis::genesis_payload(&request.name, owner, request.policy, rand::random());
+        let payload = genesis::genesis_payload(
+            &request.name,
+            owner,
+            request.policy,
+            request.access,
+            rand::random(),
+        );
         let appended = self
             .log
             .append_one(Draft::New(NewScribe {
@@ -58,10 +63,13 @@ impl pb::streams_server::Streams for Api {
         &self,
         request: Request<pb::GetStreamRequest>,
     ) -> Result<Response<pb::StreamInfo>, Status> {
+        let caller = super::access::caller_of(&request);
         let stream = convert::id_field(&request.into_inner().stream, "stream")?;
-        let state = self.log.stream(&stream).ok_or_else(|| {
-            Status::not_found(format!("stream {stream} is not held by this node"))
-        })?;
+        let state = self
+            .log
+            .stream(&stream)
+            .filter(|state| super::access::may_read(caller, state))
+            .ok_or_else(|| super::served::not_held(&stream))?;
         Ok(Response::new(convert::stream_info(&state)))
     }
 
@@ -131,12 +139,14 @@ impl pb::streams_server::Streams for Api {
 
     async fn list(
         &self,
-        _request: Request<pb::ListStreamsRequest>,
+        request: Request<pb::ListStreamsRequest>,
     ) -> Result<Response<pb::ListStreamsReply>, Status> {
+        let caller = super::access::caller_of(&request);
         let streams = self
             .log
             .streams()
             .iter()
+            .filter(|state| super::access::may_read(caller, state))
             .map(convert::stream_info)
             .collect();
         Ok(Response::new(pb::ListStreamsReply { streams }))

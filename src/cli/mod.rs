@@ -102,6 +102,9 @@ pub enum Command {
     /// Manage peers.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// A stream's membership: grant and revoke roles (reader, writer, admin), list the members.
+    #[command(subcommand)]
+    Acl(AclCommand),
     /// The node owner's token.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -264,6 +267,36 @@ pub enum PeerCommand {
     },
 }
 
+/// `quire acl ...`.
+#[derive(Debug, Subcommand)]
+pub enum AclCommand {
+    /// Give KEY a role in STREAM (an acl.grant scribe signed by this node, which must be an admin
+    /// of the stream). A node key with a role receives a private stream from then on.
+    Grant {
+        /// Stream id (64 hex characters).
+        stream: ScribeId,
+        /// The key (64 hex): a user's or a node's.
+        key: AuthorKey,
+        /// reader, writer (also reads) or admin (also writes, grants and revokes).
+        #[arg(long, default_value = "reader")]
+        role: crate::membership::Role,
+    },
+    /// Take KEY's role in STREAM away (an acl.revoke scribe). Forward-only: what KEY already
+    /// received stays with it; its scribes dated after the revoke that had not seen it are
+    /// excluded from projections.
+    Revoke {
+        /// Stream id (64 hex characters).
+        stream: ScribeId,
+        /// The key (64 hex).
+        key: AuthorKey,
+    },
+    /// List STREAM's members with their roles (as this node's membership scribes say).
+    List {
+        /// Stream id (64 hex characters).
+        stream: ScribeId,
+    },
+}
+
 /// `quire stream ...`.
 #[derive(Debug, Subcommand)]
 pub enum StreamCommand {
@@ -315,6 +348,22 @@ pub struct CreateArgs {
     /// Work-token bits record.add scribes must carry (default 0: none).
     #[arg(long, default_value_t = 0)]
     pub work_bits: u32,
+    /// Make the stream private: it is served (to peers, to clients) only to its members, and
+    /// record.*, kv.* and x.* are written by its writers unless --allow says otherwise. Give the
+    /// nodes that are to hold it a role (--reader NODE_KEY at least).
+    #[arg(long)]
+    pub private: bool,
+    /// A member from the start with the reader role: a user's or a node's key (64 hex).
+    /// Repeatable.
+    #[arg(long = "reader", value_name = "KEY")]
+    pub readers: Vec<AuthorKey>,
+    /// A member from the start with the writer role (also reads). Repeatable.
+    #[arg(long = "writer", value_name = "KEY")]
+    pub writers: Vec<AuthorKey>,
+    /// A member from the start with the admin role (also writes, grants and revokes).
+    /// Repeatable.
+    #[arg(long = "admin", value_name = "KEY")]
+    pub admins: Vec<AuthorKey>,
 }
 
 /// `quire append`.
@@ -426,6 +475,7 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         Command::Files(command) => files::run(&node_url, command).await?,
         Command::Verify(VerifyArgs {}) => return serve::verify(&data_dir),
         Command::Stream(command) => stream::stream(&node_url, command).await?,
+        Command::Acl(command) => stream::acl(&node_url, command).await?,
         Command::Append(args) => stream::append(&node_url, args).await?,
         Command::Get(args) => stream::get(&node_url, args).await?,
         Command::Log(args) => stream::log(&node_url, args).await?,

@@ -9,7 +9,8 @@ use quire_projection_api::{AuthorKey, Kind, ScribeId};
 
 use super::client::Node;
 use super::client::{log_client, status_error, streams_client};
-use super::{AppendArgs, GetArgs, LogArgs, StreamCommand};
+use super::{AclCommand, AppendArgs, GetArgs, LogArgs, StreamCommand};
+use crate::membership::Role;
 use crate::pb;
 
 fn parse_allow(rule: &str) -> Result<pb::KindRule> {
@@ -57,6 +58,20 @@ pub(crate) async fn stream(url: &Node, command: StreamCommand) -> Result<()> {
                 lease_ms: args.lease_secs.map_or(0, |secs| secs.saturating_mul(1000)),
                 work_bits: args.work_bits,
             };
+            let mut members = std::collections::BTreeMap::new();
+            for (keys, role) in [
+                (&args.readers, Role::Reader),
+                (&args.writers, Role::Writer),
+                (&args.admins, Role::Admin),
+            ] {
+                for key in keys {
+                    if let Some(other) = members.insert(*key, role) {
+                        bail!("{key} is given two roles ({other} and {role}): give each key one");
+                    }
+                }
+            }
+            let access = (args.private || !members.is_empty())
+                .then(|| crate::genesis::access_to_proto(args.private, &members));
             let info = client
                 .create(pb::CreateStreamRequest {
                     name: args.name,
@@ -65,6 +80,7 @@ pub(crate) async fn stream(url: &Node, command: StreamCommand) -> Result<()> {
                         .owner
                         .map(|key| Bytes::copy_from_slice(key.as_bytes()))
                         .unwrap_or_default(),
+                    access,
                 })
                 .await
                 .map_err(status_error)?
@@ -155,6 +171,11 @@ fn confirm_leave(info: &pb::StreamInfo) -> Result<()> {
 
 fn print_stream(info: &pb::StreamInfo) {
     println!("stream      {}", hex::encode(&info.stream));
+    println!(
+        "access      {} ({} members; `quire acl list` names them)",
+        if info.private { "private" } else { "public" },
+        info.members.len()
+    );
     println!("name        {}", info.name);
     println!("owner       {}", hex::encode(&info.owner));
     println!(
@@ -185,6 +206,9 @@ fn print_stream(info: &pb::StreamInfo) {
                 who.push("owner".to_string());
             }
             who.extend(authors.keys.iter().map(hex::encode));
+            if authors.writers {
+                who.push("writers".to_string());
+            }
             println!(
                 "allow       {} = {}",
                 rule.kind,
@@ -195,6 +219,73 @@ fn print_stream(info: &pb::StreamInfo) {
                 }
             );
         }
+    }
+}
+
+pub(crate) async fn acl(url: &Node, command: AclCommand) -> Result<()> {
+    use prost::Message as _;
+    let (stream, kind, payload, said) = match command {
+        AclCommand::List { stream } => {
+            let info = streams_client(url)
+                .await?
+                .get(pb::GetStreamRequest {
+                    stream: Bytes::copy_from_slice(stream.as_bytes()),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_members(&info);
+            return Ok(());
+        }
+        AclCommand::Grant { stream, key, role } => (
+            stream,
+            "acl.grant",
+            pb::AclGrant {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                role: role.to_proto(),
+            }
+            .encode_to_vec(),
+            format!("{key} is now a {role} of {stream}"),
+        ),
+        AclCommand::Revoke { stream, key } => (
+            stream,
+            "acl.revoke",
+            pb::AclRevoke {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+            }
+            .encode_to_vec(),
+            format!("{key} holds no role in {stream} from now on (what it received stays with it)"),
+        ),
+    };
+    let reply = log_client(url)
+        .await?
+        .append(pb::AppendRequest {
+            stream: Bytes::copy_from_slice(stream.as_bytes()),
+            kind: kind.to_string(),
+            content_type: crate::membership::ACL_CONTENT_TYPE.to_string(),
+            payload: Bytes::from(payload),
+            parents: vec![],
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "{said} (scribe {}, seq {})",
+        hex::encode(&reply.id),
+        reply.seq
+    );
+    Ok(())
+}
+
+fn print_members(info: &pb::StreamInfo) {
+    println!(
+        "{} stream {}",
+        if info.private { "private" } else { "public" },
+        hex::encode(&info.stream)
+    );
+    for member in &info.members {
+        let role = Role::from_proto(member.role).map_or("?", Role::as_str);
+        println!("  {role:<6} {}", hex::encode(&member.key));
     }
 }
 

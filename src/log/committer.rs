@@ -52,6 +52,8 @@ pub(super) struct Overlay {
     entries: Vec<NewEntry>,
     cursors: HashMap<(AuthorKey, StreamId), CursorUpdate>,
     new_streams: usize,
+    /// Membership scribes added (who may receive a private stream may have changed).
+    membership_changes: usize,
     /// Scribes kept aside (see `log::held`), by key.
     held: HashMap<HeldKey, Vec<u8>>,
     /// Held scribes taken out of the held set (judged now).
@@ -72,6 +74,7 @@ impl Overlay {
         self.streams.extend(job.streams);
         self.entries.extend(job.entries);
         self.new_streams += job.new_streams;
+        self.membership_changes += job.membership_changes;
         self.held.extend(job.held);
         self.released.extend(job.released);
         for (key, cursor) in job.cursors {
@@ -98,6 +101,9 @@ impl Overlay {
         if scribe.body.kind == Kind::StreamCreate {
             self.new_streams += 1;
         }
+        if scribe.body.kind.is_membership() {
+            self.membership_changes += 1;
+        }
         self.entries.push(NewEntry {
             seq,
             id: scribe.id,
@@ -110,6 +116,7 @@ impl Overlay {
                 Origin::Peer(peer) => Some(peer),
                 Origin::Local => None,
             },
+            membership: scribe.body.kind.is_membership(),
         });
         Appended {
             id: scribe.id,
@@ -432,7 +439,9 @@ fn write_and_publish(
     {
         let mut streams = shared.streams.write().expect("streams lock");
         streams.extend(overlay.streams);
-        if overlay.new_streams > 0 {
+        // A membership change wakes the same watchers: a peer connection then re-checks which
+        // private streams its peer may receive (and stops serving one it no longer may).
+        if overlay.new_streams > 0 || overlay.membership_changes > 0 {
             shared.streams_tx.send_replace(streams.len());
         }
     }

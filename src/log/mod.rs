@@ -61,6 +61,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::genesis::{genesis_from_payload, GenesisError};
 use crate::hlc::{Clock, WallClock};
 use crate::identity;
+use crate::membership::Membership;
 use crate::scribe::{Parts, Scribe, ScribeError};
 use epoch::Epochs;
 use store::{CursorUpdate, HeldKey, PeerOrigin, Store, StoreError, StoredEntry, StreamRecord};
@@ -108,6 +109,26 @@ pub enum AppendError {
         parent_stream: StreamId,
         /// The scribe's stream.
         stream: StreamId,
+    },
+    /// A membership rule refused the scribe (not an admin, an unknown view, the owner revoked).
+    #[error("stream {stream}: {kind} scribe by {author} refused: {error}")]
+    Membership {
+        /// The stream.
+        stream: StreamId,
+        /// The kind.
+        kind: Kind,
+        /// The author.
+        author: AuthorKey,
+        /// Why.
+        error: crate::membership::MembershipError,
+    },
+    /// A membership scribe's payload does not decode.
+    #[error("{kind} payload: {reason}")]
+    BadMembership {
+        /// The kind.
+        kind: Kind,
+        /// What is wrong.
+        reason: String,
     },
     /// The stream's policy does not let this author write this kind.
     #[error("author {author} may not write {kind} scribes into stream {stream}: its policy allows {allowed}")]
@@ -382,6 +403,17 @@ pub struct StreamState {
     pub policy: Policy,
     /// Its counters.
     pub record: StreamRecord,
+    /// Its membership: genesis members and stored membership scribes (shared; replaced, not
+    /// changed, when a membership scribe is admitted).
+    pub membership: Arc<Membership>,
+}
+
+impl StreamState {
+    /// Whether `key` may receive the stream: anyone for a public stream; for a private one, a
+    /// key holding a role in its membership (every membership scribe held counts).
+    pub fn may_read(&self, key: &AuthorKey) -> bool {
+        !self.policy.private || self.membership.roles().contains_key(key)
+    }
 }
 
 /// Options for opening a log.
@@ -555,6 +587,22 @@ impl Log {
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
             let genesis = genesis_from_payload(&scribe.body.payload, scribe.body.author)
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
+            let mut membership = Membership::new(genesis.owner, genesis.members);
+            for id in store.membership_ids(&stream)? {
+                let entry = store.get(&id)?.ok_or_else(|| {
+                    StoreError::Damaged(format!("membership scribe {id} is indexed, not stored"))
+                })?;
+                let scribe = Scribe::decode_unverified(entry.parts, None).map_err(|error| {
+                    StoreError::Damaged(format!("membership scribe {id}: {error}"))
+                })?;
+                let damaged =
+                    |error: String| StoreError::Damaged(format!("membership scribe {id}: {error}"));
+                let op = rules::membership_op(&scribe, &membership)
+                    .map_err(|error| damaged(error.to_string()))?;
+                membership
+                    .add(op)
+                    .map_err(|error| damaged(error.to_string()))?;
+            }
             streams.insert(
                 stream,
                 StreamState {
@@ -563,6 +611,7 @@ impl Log {
                     owner: genesis.owner,
                     policy: genesis.policy,
                     record,
+                    membership: Arc::new(membership),
                 },
             );
         }
@@ -757,9 +806,22 @@ impl Log {
         self.shared.store.cursors(peer)
     }
 
-    /// A receiver that changes whenever the set of streams held changes (create or join).
+    /// A receiver that changes whenever the set of streams held changes (create, join or leave)
+    /// or a stream's membership does.
     pub fn watch_streams(&self) -> watch::Receiver<usize> {
         self.shared.streams_tx.subscribe()
+    }
+
+    /// Ids of the streams held that `key` may receive (see [`StreamState::may_read`]).
+    pub fn stream_ids_for(&self, key: &AuthorKey) -> Vec<StreamId> {
+        self.shared
+            .streams
+            .read()
+            .expect("streams lock")
+            .values()
+            .filter(|state| state.may_read(key))
+            .map(|state| state.id)
+            .collect()
     }
 
     /// Ids of the streams held.
@@ -886,6 +948,17 @@ impl Log {
             .expect("streams lock")
             .get(id)
             .cloned()
+    }
+
+    /// Whether the client API serves `stream` to `owner_or_app` (the node's owner, or the
+    /// stream's own app) only: it is private. `None` if the stream is not held.
+    pub fn is_private(&self, stream: &StreamId) -> Option<bool> {
+        self.shared
+            .streams
+            .read()
+            .expect("streams lock")
+            .get(stream)
+            .map(|state| state.policy.private)
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {

@@ -19,12 +19,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use quire_projection_api::{Candidate, Kind, PayloadCheck, PayloadError, ScribeId, StreamId};
+use prost::Message as _;
+use quire_projection_api::{
+    AuthorKey, Candidate, Kind, PayloadCheck, PayloadError, ScribeId, StreamId,
+};
 
 use super::held;
 use super::store::{HeldKey, StoreError, StreamRecord};
 use super::{AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
+use crate::membership::{Change, Membership, MembershipError, Op, Role};
+use crate::pb;
 use crate::scribe::{decode_envelope, leading_zero_bits, Body, Scribe};
 
 /// The version of the rules this build judges scribes by: bumped whenever a scribe one version
@@ -34,7 +39,9 @@ use crate::scribe::{decode_envelope, leading_zero_bits, Body, Scribe};
 /// - 1: the rules of format 2.
 /// - 2: a `kv.*` payload must decode (`quire_projection_kv::KvCheck`), and a `_schema` is at most
 ///   64 KiB (`quire_projection_sql::admission::MAX_SCHEMA_BYTES`).
-pub const RULES_VERSION: u32 = 2;
+/// - 3: stream membership (`acl.grant`, `acl.revoke`, the envelope's `membership` view, policy
+///   `writers`, private streams; `crate::membership`).
+pub const RULES_VERSION: u32 = 3;
 
 /// Whether `error` is a rule's verdict on a well-formed, correctly signed scribe (which another
 /// version of the rules may judge otherwise), rather than damage, a wrong batch or a local failure.
@@ -48,6 +55,8 @@ pub(crate) fn is_rule_refusal(error: &AppendError) -> bool {
             | AppendError::MissingWork { .. }
             | AppendError::BadPayload { .. }
             | AppendError::BadGenesis(_)
+            | AppendError::Membership { .. }
+            | AppendError::BadMembership { .. }
     )
 }
 
@@ -212,6 +221,14 @@ pub(super) fn admit(
         .stream(&stream)
         .ok_or(AppendError::UnknownStream(stream))?;
     check_author(&state, scribe)?;
+    if scribe.body.kind.is_membership() {
+        let op = membership_op(scribe, &state.membership)?;
+        let mut membership = (*state.membership).clone();
+        membership
+            .add(op)
+            .map_err(|error| membership_refusal(&state, scribe, error))?;
+        state.membership = Arc::new(membership);
+    }
     check_size(&state, scribe, rules.origin)?;
     // The payload rules' verdict, reached by the signer (off this thread, in parallel).
     payload?;
@@ -303,6 +320,7 @@ fn genesis_state(scribe: &Scribe, seq: u64) -> Result<StreamState, AppendError> 
         name: genesis.name,
         owner: genesis.owner,
         policy: genesis.policy,
+        membership: Arc::new(Membership::new(genesis.owner, genesis.members)),
         record: StreamRecord {
             genesis_seq: seq,
             head_seq: seq,
@@ -312,10 +330,78 @@ fn genesis_state(scribe: &Scribe, seq: u64) -> Result<StreamState, AppendError> 
     })
 }
 
-/// The stream's policy lets the scribe's author write its kind.
+/// The membership scribes a scribe links to: its `membership` field and, for a membership
+/// scribe, those of its parents that are membership scribes (the heads it merges).
+pub(super) fn membership_links(scribe: &Scribe, membership: &Membership) -> Vec<ScribeId> {
+    let mut links: Vec<ScribeId> = scribe.body.membership.into_iter().collect();
+    if scribe.body.kind.is_membership() {
+        links.extend(
+            scribe
+                .body
+                .parents
+                .iter()
+                .filter(|parent| membership.holds(parent)),
+        );
+    }
+    links
+}
+
+/// The membership operation an `acl.*` scribe states.
+pub(crate) fn membership_op(scribe: &Scribe, membership: &Membership) -> Result<Op, AppendError> {
+    let bad = |reason: String| AppendError::BadMembership {
+        kind: scribe.body.kind.clone(),
+        reason,
+    };
+    let key = |bytes: &[u8]| {
+        AuthorKey::from_slice(bytes)
+            .map_err(|_| bad(format!("key must be 32 bytes, got {}", bytes.len())))
+    };
+    let change = match scribe.body.kind {
+        Kind::AclGrant => {
+            let grant = pb::AclGrant::decode(&scribe.body.payload[..])
+                .map_err(|error| bad(format!("not a quire.v1.AclGrant: {error}")))?;
+            let role = Role::from_proto(grant.role)
+                .ok_or_else(|| bad("role must be reader, writer or admin".to_string()))?;
+            Change::Grant(key(&grant.key)?, role)
+        }
+        Kind::AclRevoke => {
+            let revoke = pb::AclRevoke::decode(&scribe.body.payload[..])
+                .map_err(|error| bad(format!("not a quire.v1.AclRevoke: {error}")))?;
+            Change::Revoke(key(&revoke.key)?)
+        }
+        _ => return Err(bad("not a membership kind".to_string())),
+    };
+    Ok(Op {
+        id: scribe.id,
+        author: scribe.body.author,
+        hlc: scribe.body.hlc,
+        links: membership_links(scribe, membership),
+        change,
+    })
+}
+
+fn membership_refusal(state: &StreamState, scribe: &Scribe, error: MembershipError) -> AppendError {
+    AppendError::Membership {
+        stream: state.id,
+        kind: scribe.body.kind.clone(),
+        author: scribe.body.author,
+        error,
+    }
+}
+
+/// The stream's policy lets the scribe's author write its kind: as a key it names, or as a
+/// writer in the membership the scribe's author had seen (its `membership` view).
 fn check_author(state: &StreamState, scribe: &Scribe) -> Result<(), AppendError> {
     let allowed = state.policy.authors_for(&scribe.body.kind);
-    if allowed.contains(&scribe.body.author, &state.owner) {
+    let links = membership_links(scribe, &state.membership);
+    // The view must be one the stream holds, whatever the policy.
+    let role = state
+        .membership
+        .role_at(&links, &scribe.body.author)
+        .map_err(|error| membership_refusal(state, scribe, error))?;
+    if allowed.contains(&scribe.body.author, &state.owner)
+        || (allowed.writers && role >= Some(Role::Writer))
+    {
         return Ok(());
     }
     Err(AppendError::PermissionDenied {

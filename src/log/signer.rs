@@ -115,12 +115,41 @@ pub(super) fn signer_loop(
     }
 }
 
-/// The body the node signs for `new`, carrying the next value of the node's clock.
+/// The body the node signs for `new`, carrying the next value of the node's clock. Its view of
+/// the stream's membership is a head under which the node holds the most (the newest such head by
+/// id order when several tie); a membership scribe also lists every membership head as a parent,
+/// merging concurrent branches.
 pub(super) fn body(
     shared: &Shared,
     author: quire_projection_api::AuthorKey,
     new: NewScribe,
 ) -> Body {
+    let mut parents = new.parents;
+    let mut membership = None;
+    let state = new.stream.and_then(|stream| {
+        shared
+            .streams
+            .read()
+            .expect("streams lock")
+            .get(&stream)
+            .cloned()
+    });
+    if let Some(state) = state {
+        let heads = state.membership.heads();
+        membership = heads.iter().copied().max_by_key(|head| {
+            (
+                state.membership.role_at(&[*head], &author).ok().flatten(),
+                *head,
+            )
+        });
+        if new.kind.is_membership() {
+            for head in heads {
+                if !parents.contains(&head) {
+                    parents.push(head);
+                }
+            }
+        }
+    }
     Body {
         stream: new.stream,
         author,
@@ -128,8 +157,8 @@ pub(super) fn body(
         kind: new.kind,
         content_type: new.content_type,
         payload: new.payload,
-        parents: new.parents,
-        membership: None,
+        parents,
+        membership,
         nonce: 0,
     }
 }

@@ -65,7 +65,8 @@ const CF_PAYLOADS: &str = "payloads";
 const CF_SEALS: &str = "seals";
 const CF_HELD: &str = "held";
 const CF_PEER_KEYS: &str = "peer_keys";
-const COLUMN_FAMILIES: [&str; 12] = [
+const CF_MEMBERSHIP: &str = "membership";
+const COLUMN_FAMILIES: [&str; 13] = [
     CF_SCRIBES,
     CF_PAYLOADS,
     CF_SEALS,
@@ -75,6 +76,7 @@ const COLUMN_FAMILIES: [&str; 12] = [
     CF_CURSORS,
     CF_PEERS,
     CF_PEER_KEYS,
+    CF_MEMBERSHIP,
     CF_JOINS,
     CF_PROJECTIONS,
     CF_HELD,
@@ -300,6 +302,9 @@ pub struct NewEntry {
     pub seal_leaves: Option<Leaves>,
     /// The peer it was received from, if any.
     pub origin: Option<PeerOrigin>,
+    /// A membership scribe (`acl.*`): indexed by stream, so a stream's membership loads at start
+    /// without reading the stream ([`Store::membership_ids`]).
+    pub membership: bool,
 }
 
 /// Sibling count of a record whose proof is derived from its seal's leaves.
@@ -649,6 +654,13 @@ impl Store {
                 index_value.extend_from_slice(&origin.seq.to_be_bytes());
             }
             batch.put_cf(by_stream, stream_key(&entry.stream, entry.seq), index_value);
+            if entry.membership {
+                batch.put_cf(
+                    self.cf(CF_MEMBERSHIP),
+                    stream_key(&entry.stream, entry.seq),
+                    entry.id.as_bytes(),
+                );
+            }
             // A payload or seal already stored is not written again: the same file in two
             // streams takes the space of one.
             if entry.parts.payload.len() > INLINE_PAYLOAD_BYTES {
@@ -1249,6 +1261,26 @@ impl Store {
         Ok(out)
     }
 
+    /// The membership scribes of `stream`, in local order.
+    pub fn membership_ids(&self, stream: &StreamId) -> Result<Vec<ScribeId>, StoreError> {
+        let mut out = Vec::new();
+        let start = stream_key(stream, 0);
+        for item in self.db.iterator_cf(
+            self.cf(CF_MEMBERSHIP),
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (key, value) = item?;
+            if !key.starts_with(stream.as_bytes()) {
+                break;
+            }
+            out.push(
+                ScribeId::from_slice(&value)
+                    .map_err(|_| StoreError::Damaged("membership index".into()))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Every remembered peer address.
     pub fn peers(&self) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
@@ -1375,6 +1407,11 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_STREAMS), stream.as_bytes());
         batch.delete_cf(self.cf(CF_JOINS), stream.as_bytes());
+        batch.delete_range_cf(
+            self.cf(CF_MEMBERSHIP),
+            stream_key(stream, 0),
+            stream_key(stream, u64::MAX),
+        );
         let cursors = self.cf(CF_CURSORS);
         for item in self.db.iterator_cf(cursors, IteratorMode::Start) {
             let (key, _) = item?;

@@ -131,7 +131,7 @@ impl PeerTls {
     {
         let name = ServerName::try_from("quire-peer").expect("a valid DNS name");
         let stream = self.connector.connect(name, io).await?;
-        let binding = export(&stream.get_ref().1)?;
+        let binding = export(stream.get_ref().1)?;
         Ok((stream, binding))
     }
 }
@@ -140,7 +140,7 @@ impl PeerTls {
 pub fn server_binding<IO>(
     stream: &tokio_rustls::server::TlsStream<IO>,
 ) -> std::io::Result<ChannelBinding> {
-    export(&stream.get_ref().1)
+    export(stream.get_ref().1)
 }
 
 fn export<Data>(connection: &rustls::ConnectionCommon<Data>) -> std::io::Result<ChannelBinding> {

@@ -379,7 +379,9 @@ impl Driver {
                         return Err(ConnectionError::Closed("a stream was left and joined again; reconnecting to replicate it from the start".into()));
                     }
                     seen = now;
-                    let ids = log.stream_ids();
+                    // Membership changes wake this too: a private stream the peer may no longer
+                    // receive leaves the set, and nothing more of it is served (or asked for).
+                    let ids = self.visible_streams();
                     let actions = self.session_mut().set_local_streams(ids);
                     self.execute(actions).await?;
                     maybe_more = true;
@@ -394,6 +396,16 @@ impl Driver {
                 },
                 _ = closing.changed() => return Err(ConnectionError::ShuttingDown),
             }
+        }
+    }
+
+    /// The streams this connection announces, serves and asks for: those the proven peer may
+    /// receive (a private stream only if its node key holds a role in it); none before the
+    /// handshake.
+    fn visible_streams(&self) -> Vec<StreamId> {
+        match &self.peer {
+            Some(peer) => self.inner.log.stream_ids_for(peer),
+            None => Vec::new(),
         }
     }
 
@@ -538,7 +550,7 @@ impl Driver {
         let cursors = tokio::task::spawn_blocking(move || log.cursors(&peer))
             .await?
             .map_err(ConnectionError::Cursors)?;
-        let streams = self.inner.log.stream_ids();
+        let streams = self.visible_streams();
         let actions = self.session_mut().start(cursors, streams);
         Box::pin(self.execute(actions)).await?;
         let pending: Vec<StreamId> = self

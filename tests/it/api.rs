@@ -476,6 +476,7 @@ async fn policies_and_work_tokens() {
                 owner: true,
                 keys: vec![Bytes::copy_from_slice(&client.verifying_key().to_bytes())],
                 anyone: false,
+                writers: false,
             }),
         }],
         ..Default::default()
@@ -556,6 +557,7 @@ async fn policies_and_work_tokens() {
                 ..Default::default()
             }),
             owner: Bytes::new(),
+            access: None,
         })
         .await
         .unwrap_err();

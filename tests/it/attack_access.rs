@@ -130,6 +130,7 @@ async fn a_forged_app_origin_cannot_sign_past_an_owner_only_record_rule() {
                 anyone: false,
                 owner: true,
                 keys: vec![],
+                writers: false,
             }),
         }],
         ..Default::default()
@@ -301,7 +302,7 @@ async fn a_stranger_cannot_make_the_node_hold_new_streams() {
             kind: Kind::StreamCreate,
             content_type: quire::genesis::GENESIS_CONTENT_TYPE.into(),
             payload: Bytes::from(quire::genesis::genesis_payload(
-                "squatter", None, None, [7; 16],
+                "squatter", None, None, None, [7; 16],
             )),
             parents: vec![],
             membership: None,

@@ -1334,6 +1334,7 @@ async fn no_route_takes_a_record_with_too_little_work() {
                 ..Default::default()
             }),
             owner: Bytes::new(),
+            access: None,
         })
         .await
         .unwrap_err();

@@ -105,6 +105,7 @@ fn owner_only(kinds: &[&str]) -> pb::Policy {
                     owner: true,
                     keys: vec![],
                     anyone: false,
+                    writers: false,
                 }),
             })
             .collect(),

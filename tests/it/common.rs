@@ -126,6 +126,7 @@ pub async fn create_stream(
             name: name.into(),
             policy,
             owner: Bytes::new(),
+            access: None,
         })
         .await
         .expect("create stream")

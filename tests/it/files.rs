@@ -209,6 +209,7 @@ async fn bad_paths_and_limits_are_refused_and_store_nothing() {
             name: "not mine".into(),
             policy: None,
             owner: Bytes::copy_from_slice(&owner.verifying_key().to_bytes()),
+            access: None,
         })
         .await
         .unwrap()
@@ -462,6 +463,7 @@ async fn concurrent_puts_on_partitioned_nodes_converge_to_identical_trees() {
                 owner: true,
                 keys: vec![Bytes::copy_from_slice(b.log.node_key().as_bytes())],
                 anyone: false,
+                writers: false,
             }),
         }],
         ..Default::default()

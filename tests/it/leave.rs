@@ -537,7 +537,7 @@ proptest! {
             let log = quire::node::open_log(&NodeConfig::new(dir.path())).unwrap();
             let mut streams = Vec::new();
             for index in 0..3u8 {
-                let genesis = quire::genesis::genesis_payload(&format!("s{index}"), None, None, [index; 16]);
+                let genesis = quire::genesis::genesis_payload(&format!("s{index}"), None, None, None, [index; 16]);
                 let appended = log
                     .append_one(Draft::New(NewScribe {
                         stream: None,

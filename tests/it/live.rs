@@ -1641,6 +1641,7 @@ async fn an_app_page_binds_its_own_stream_and_foreign_pages_are_refused() {
                 owner: true,
                 keys: vec![],
                 anyone: false,
+                writers: false,
             }),
         }],
         ..Default::default()

@@ -25,6 +25,7 @@ mod live;
 mod malicious;
 mod peer_trust;
 mod power;
+mod private;
 mod projections;
 mod python;
 mod replication;

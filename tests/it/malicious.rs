@@ -122,6 +122,14 @@ impl Intruder {
             .await;
     }
 
+    /// The node's next message within `within`: `None` if nothing came (or the call ended).
+    pub(crate) async fn next_within(&mut self, within: std::time::Duration) -> Option<Wire> {
+        match tokio::time::timeout(within, self.incoming.next()).await {
+            Ok(Some(Ok(message))) => message.message,
+            _ => None,
+        }
+    }
+
     pub(crate) async fn next(&mut self) -> Option<Wire> {
         match tokio::time::timeout(std::time::Duration::from_secs(30), self.incoming.next())
             .await

@@ -23,7 +23,16 @@ const LAYERS: &[&[&str]] = &[
     &["api"],
     &["projection", "replication", "verify"],
     &["log"],
-    &["scribe", "genesis", "hlc", "identity", "pb", "net", "fds"],
+    &[
+        "scribe",
+        "genesis",
+        "membership",
+        "hlc",
+        "identity",
+        "pb",
+        "net",
+        "fds",
+    ],
 ];
 
 fn root() -> PathBuf {

@@ -157,13 +157,17 @@ pub enum Kind {
     KvSet,
     /// `kv.delete`: a tombstone of the key/value table.
     KvDelete,
+    /// `acl.grant`: a role given to a key (stream membership; admins only).
+    AclGrant,
+    /// `acl.revoke`: a key's role taken away (stream membership; admins only).
+    AclRevoke,
     /// `x.<name>`: an application's own kind, stored and replicated but not projected by built-ins.
     Custom(String),
 }
 
 impl Kind {
     /// Names of the built-in kinds, in documentation order.
-    pub const BUILT_IN: [&'static str; 7] = [
+    pub const BUILT_IN: [&'static str; 9] = [
         "stream.create",
         "file.put",
         "file.delete",
@@ -171,7 +175,14 @@ impl Kind {
         "record.upvote",
         "kv.set",
         "kv.delete",
+        "acl.grant",
+        "acl.revoke",
     ];
+
+    /// Whether it is a membership kind (`acl.*`).
+    pub fn is_membership(&self) -> bool {
+        matches!(self, Kind::AclGrant | Kind::AclRevoke)
+    }
 
     /// The kind's name as it appears in a scribe.
     pub fn as_str(&self) -> &str {
@@ -183,6 +194,8 @@ impl Kind {
             Kind::RecordUpvote => "record.upvote",
             Kind::KvSet => "kv.set",
             Kind::KvDelete => "kv.delete",
+            Kind::AclGrant => "acl.grant",
+            Kind::AclRevoke => "acl.revoke",
             Kind::Custom(name) => name,
         }
     }
@@ -199,6 +212,8 @@ impl FromStr for Kind {
             "record.upvote" => Kind::RecordUpvote,
             "kv.set" => Kind::KvSet,
             "kv.delete" => Kind::KvDelete,
+            "acl.grant" => Kind::AclGrant,
+            "acl.revoke" => Kind::AclRevoke,
             custom if is_custom_kind(custom) => Kind::Custom(custom.to_string()),
             other => return Err(ParseError::UnknownKind(other.to_string())),
         })
@@ -234,6 +249,9 @@ pub struct Authors {
     pub owner: bool,
     /// These keys.
     pub keys: Vec<AuthorKey>,
+    /// Every key holding the writer role (or admin) in the stream's membership, as the
+    /// scribe's author had seen it (the log judges this part; [`Authors::contains`] cannot).
+    pub writers: bool,
 }
 
 impl Authors {
@@ -253,9 +271,17 @@ impl Authors {
         }
     }
 
-    /// Whether `author` is in the set, given the stream's `owner`.
+    /// Whether `author` is in the set, given the stream's `owner` (not counting `writers`).
     pub fn contains(&self, author: &AuthorKey, owner: &AuthorKey) -> bool {
         self.anyone || (self.owner && author == owner) || self.keys.contains(author)
+    }
+
+    /// The stream's writers (membership).
+    pub fn writers() -> Self {
+        Authors {
+            writers: true,
+            ..Default::default()
+        }
     }
 }
 
@@ -269,6 +295,9 @@ impl fmt::Display for Authors {
             parts.push("the owner".to_string());
         }
         parts.extend(self.keys.iter().map(|key| key.short()));
+        if self.writers {
+            parts.push("the stream's writers".to_string());
+        }
         if parts.is_empty() {
             f.write_str("nobody")
         } else {
@@ -293,6 +322,9 @@ pub struct Policy {
     pub lease_ms: u64,
     /// Zero bits a `record.add` work token must have (0: no work token).
     pub work_bits: u32,
+    /// The stream is private (its genesis says so): served only to its members, and written by
+    /// its writers unless a rule says otherwise.
+    pub private: bool,
 }
 
 impl Policy {
@@ -307,15 +339,24 @@ impl Policy {
     pub const MAX_WORK_BITS: u32 = 24;
 
     /// Who may author `kind` when the policy has no rule for it: `file.*` the owner only;
-    /// `record.*`, `kv.*` and `x.*` anyone; `stream.create` nobody (a stream has one genesis).
-    pub fn default_authors(kind: &Kind) -> Authors {
+    /// `record.*`, `kv.*` and `x.*` anyone (in a public stream) or its writers (in a private
+    /// one); `stream.create` nobody (a stream has one genesis); `acl.*` its writers (the log lets
+    /// only admins grant and revoke).
+    pub fn default_authors(&self, kind: &Kind) -> Authors {
         match kind {
             Kind::FilePut | Kind::FileDelete => Authors::owner_only(),
             Kind::RecordAdd
             | Kind::RecordUpvote
             | Kind::KvSet
             | Kind::KvDelete
-            | Kind::Custom(_) => Authors::anyone(),
+            | Kind::Custom(_) => {
+                if self.private {
+                    Authors::writers()
+                } else {
+                    Authors::anyone()
+                }
+            }
+            Kind::AclGrant | Kind::AclRevoke => Authors::writers(),
             Kind::StreamCreate => Authors::default(),
         }
     }
@@ -329,7 +370,7 @@ impl Policy {
             .iter()
             .find(|(rule_kind, _)| rule_kind == kind.as_str())
             .map(|(_, authors)| authors.clone())
-            .unwrap_or_else(|| Self::default_authors(kind))
+            .unwrap_or_else(|| self.default_authors(kind))
     }
 }
 
@@ -342,6 +383,7 @@ impl Default for Policy {
             leasing: true,
             lease_ms: Self::DEFAULT_LEASE_MS,
             work_bits: 0,
+            private: false,
         }
     }
 }

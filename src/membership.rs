@@ -1,0 +1,584 @@
+//! Stream membership as data: who may read, write and administer a stream, computed from the set
+//! of its membership scribes (`acl.grant`, `acl.revoke`) so that every node that holds the same
+//! set computes the same answer, whatever order the scribes arrived in.
+//!
+//! # The rules (docs/protocol.md, "Access control", states them for users)
+//! - Roles nest: reader ⊂ writer ⊂ admin. The owner is an admin always and cannot be revoked. The
+//!   genesis may name members from the start.
+//! - Every scribe names, in its envelope's `membership` field, the newest membership scribe its
+//!   author had seen: its **view** is that scribe and everything it links to. A membership scribe
+//!   also links to its `parents` (the membership heads its author had, so concurrent branches
+//!   merge). A view is a set that never changes once its scribes are stored.
+//! - A membership scribe is **authorized** if its author was an admin in its own view (the view
+//!   of its links). An unauthorized one is refused at admission, so a stored one always is.
+//! - **Strong remove** (p2panda's rule): an authorized revoke of key K at clock `t` drops every
+//!   operation of K that is outside its view... precisely: an operation O of K is **dropped** if
+//!   some authorized revoke R of K is not in O's view and O is dated after R (`O.hlc > R.hlc`:
+//!   had R's author seen O, R would be dated after it). K's writes concurrent with or after its
+//!   removal therefore stop counting, wherever they arrive. A revoke is not dropped by a revoke
+//!   of its author that it targets in return: **mutual removal removes both**.
+//! - A key's role in a set of operations: among the not-dropped operations that target it, take
+//!   the maximal ones (those no other one of them has in its view). If any is a revoke the key has
+//!   no role (**a concurrent re-add loses to the remove**); otherwise the highest role granted.
+//!   Genesis members are grants every operation has seen.
+//!
+//! Everything here is a pure function of the operations given; the log keeps one [`Membership`]
+//! per stream that has membership (`log::rules` judges scribes with it).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use quire_projection_api::{AuthorKey, ScribeId};
+
+/// Content type of `acl.grant` and `acl.revoke` payloads.
+pub const ACL_CONTENT_TYPE: &str = "application/vnd.quire.acl+protobuf";
+
+/// Most membership scribes one stream may hold: each check walks them.
+pub const MAX_MEMBERSHIP_SCRIBES: usize = 4096;
+
+/// A member's role; each includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// May receive the stream (a private stream is served only to its readers).
+    Reader,
+    /// May also write the kinds whose policy admits writers.
+    Writer,
+    /// May also grant and revoke roles.
+    Admin,
+}
+
+impl Role {
+    /// The wire value (`quire.v1.Role`).
+    pub fn to_proto(self) -> i32 {
+        match self {
+            Role::Reader => 1,
+            Role::Writer => 2,
+            Role::Admin => 3,
+        }
+    }
+
+    /// From the wire value; `None` for 0 or an unknown value.
+    pub fn from_proto(value: i32) -> Option<Role> {
+        match value {
+            1 => Some(Role::Reader),
+            2 => Some(Role::Writer),
+            3 => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    /// `reader`, `writer` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Writer => "writer",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Role, String> {
+        match text {
+            "reader" => Ok(Role::Reader),
+            "writer" => Ok(Role::Writer),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("a role is reader, writer or admin, not {other:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a membership scribe changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Change {
+    /// `acl.grant { key, role }`.
+    Grant(AuthorKey, Role),
+    /// `acl.revoke { key }`.
+    Revoke(AuthorKey),
+}
+
+impl Change {
+    /// The key it is about.
+    pub fn target(&self) -> AuthorKey {
+        match self {
+            Change::Grant(key, _) | Change::Revoke(key) => *key,
+        }
+    }
+}
+
+/// One stored membership scribe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    /// Its scribe id.
+    pub id: ScribeId,
+    /// Its author.
+    pub author: AuthorKey,
+    /// Its clock.
+    pub hlc: u64,
+    /// The membership scribes it links to: its `membership` field and its membership parents.
+    pub links: Vec<ScribeId>,
+    /// What it changes.
+    pub change: Change,
+}
+
+/// Why a membership scribe or a member's scribe is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MembershipError {
+    /// The scribe names a view that is not a stored membership scribe of the stream.
+    #[error("its membership field names {0}, which is not a membership scribe of this stream stored here (store it first)")]
+    UnknownView(ScribeId),
+    /// The author of a membership scribe was not an admin in its view.
+    #[error("{author} was not an admin of the stream in the membership it had seen, so it may not grant or revoke")]
+    NotAdmin {
+        /// The author.
+        author: AuthorKey,
+    },
+    /// A revoke of the owner.
+    #[error("the owner cannot be revoked")]
+    Owner,
+    /// The stream holds [`MAX_MEMBERSHIP_SCRIBES`] already.
+    #[error(
+        "the stream holds {MAX_MEMBERSHIP_SCRIBES} membership scribes already, the most allowed"
+    )]
+    Full,
+}
+
+/// A stream's membership: its owner, its genesis members and its stored membership scribes.
+#[derive(Debug)]
+pub struct Membership {
+    owner: AuthorKey,
+    initial: BTreeMap<AuthorKey, Role>,
+    ops: HashMap<ScribeId, Op>,
+    /// The state of each view asked about so far, by its link set (views never change).
+    views: Mutex<HashMap<Vec<ScribeId>, BTreeMap<AuthorKey, Role>>>,
+}
+
+impl Clone for Membership {
+    fn clone(&self) -> Membership {
+        Membership {
+            owner: self.owner,
+            initial: self.initial.clone(),
+            ops: self.ops.clone(),
+            views: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl PartialEq for Membership {
+    fn eq(&self, other: &Membership) -> bool {
+        self.owner == other.owner && self.initial == other.initial && self.ops == other.ops
+    }
+}
+
+impl Eq for Membership {}
+
+impl Membership {
+    /// The membership a genesis states: the owner (an admin) and `initial` members.
+    pub fn new(owner: AuthorKey, initial: BTreeMap<AuthorKey, Role>) -> Membership {
+        Membership {
+            owner,
+            initial,
+            ops: HashMap::new(),
+            views: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How many membership scribes it holds.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether it holds no membership scribe.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Whether `id` is one of its membership scribes.
+    pub fn holds(&self, id: &ScribeId) -> bool {
+        self.ops.contains_key(id)
+    }
+
+    /// The membership scribes no other one links to, by id.
+    pub fn heads(&self) -> Vec<ScribeId> {
+        let linked: BTreeSet<ScribeId> = self
+            .ops
+            .values()
+            .flat_map(|op| op.links.iter().copied())
+            .collect();
+        let mut heads: Vec<ScribeId> = self
+            .ops
+            .keys()
+            .filter(|id| !linked.contains(id))
+            .copied()
+            .collect();
+        heads.sort();
+        heads
+    }
+
+    /// `links` and everything they link to (the view a scribe with these links had).
+    fn closure(&self, links: &[ScribeId]) -> Result<BTreeSet<ScribeId>, MembershipError> {
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<ScribeId> = links.to_vec();
+        while let Some(id) = todo.pop() {
+            let op = self.ops.get(&id).ok_or(MembershipError::UnknownView(id))?;
+            if seen.insert(id) {
+                todo.extend(op.links.iter().copied());
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Whether `op`, of the set `within`, is dropped by an authorized revoke of its author in
+    /// `within` that is outside `view` (op's own view) and dated before it.
+    fn dropped(&self, op: &Op, view: &BTreeSet<ScribeId>, within: &BTreeSet<ScribeId>) -> bool {
+        within.iter().any(|id| {
+            let revoke = &self.ops[id];
+            matches!(revoke.change, Change::Revoke(key) if key == op.author)
+                && !view.contains(id)
+                && *id != op.id
+                && op.hlc > revoke.hlc
+                // Mutual removal removes both: a revoke of the one who revoked it stands.
+                && !matches!(op.change, Change::Revoke(target) if target == revoke.author)
+        })
+    }
+
+    /// Every key's role in the set `within` (closed under links).
+    fn roles_in(&self, within: &BTreeSet<ScribeId>) -> BTreeMap<AuthorKey, Role> {
+        let mut views: HashMap<ScribeId, BTreeSet<ScribeId>> = HashMap::new();
+        for id in within {
+            let op = &self.ops[id];
+            let view = self.closure(&op.links).expect("stored links are stored");
+            views.insert(*id, view);
+        }
+        // Not-dropped operations, by the key they are about.
+        let mut by_target: BTreeMap<AuthorKey, Vec<ScribeId>> = BTreeMap::new();
+        for id in within {
+            let op = &self.ops[id];
+            if !self.dropped(op, &views[id], within) {
+                by_target.entry(op.change.target()).or_default().push(*id);
+            }
+        }
+        let mut roles = self.initial.clone();
+        for (key, ids) in by_target {
+            let maximal = ids.iter().filter(|id| {
+                !ids.iter()
+                    .any(|other| other != *id && views[other].contains(*id))
+            });
+            let mut revoked = false;
+            let mut best: Option<Role> = None;
+            for id in maximal {
+                match self.ops[id].change {
+                    Change::Revoke(_) => revoked = true,
+                    Change::Grant(_, role) => best = best.max(Some(role)),
+                }
+            }
+            match (revoked, best) {
+                (true, _) => {
+                    roles.remove(&key);
+                }
+                (false, Some(role)) => {
+                    roles.insert(key, role);
+                }
+                (false, None) => {}
+            }
+        }
+        roles.insert(self.owner, Role::Admin);
+        roles
+    }
+
+    /// Every key's role in the view named by `links` (a scribe's `membership` field, and a
+    /// membership scribe's parents): what its author had seen.
+    pub fn roles_at(
+        &self,
+        links: &[ScribeId],
+    ) -> Result<BTreeMap<AuthorKey, Role>, MembershipError> {
+        let mut key: Vec<ScribeId> = links.to_vec();
+        key.sort();
+        key.dedup();
+        if let Some(roles) = self.views.lock().expect("views lock").get(&key) {
+            return Ok(roles.clone());
+        }
+        let within = self.closure(&key)?;
+        let roles = self.roles_in(&within);
+        self.views
+            .lock()
+            .expect("views lock")
+            .insert(key, roles.clone());
+        Ok(roles)
+    }
+
+    /// `key`'s role in the view named by `links`.
+    pub fn role_at(
+        &self,
+        links: &[ScribeId],
+        key: &AuthorKey,
+    ) -> Result<Option<Role>, MembershipError> {
+        Ok(self.roles_at(links)?.get(key).copied())
+    }
+
+    /// Every key's role given every membership scribe held: what serving a stream goes by.
+    pub fn roles(&self) -> BTreeMap<AuthorKey, Role> {
+        let heads = self.heads();
+        self.roles_at(&heads).expect("heads are stored")
+    }
+
+    /// Checks a membership scribe against its view and adds it. An error leaves it unchanged.
+    pub fn add(&mut self, op: Op) -> Result<(), MembershipError> {
+        if self.ops.contains_key(&op.id) {
+            return Ok(());
+        }
+        self.check(&op)?;
+        self.ops.insert(op.id, op);
+        Ok(())
+    }
+
+    /// Whether [`Membership::add`] would take `op`.
+    pub fn check(&self, op: &Op) -> Result<(), MembershipError> {
+        if self.ops.len() >= MAX_MEMBERSHIP_SCRIBES {
+            return Err(MembershipError::Full);
+        }
+        if op.change == Change::Revoke(self.owner) {
+            return Err(MembershipError::Owner);
+        }
+        if self.role_at(&op.links, &op.author)? != Some(Role::Admin) {
+            return Err(MembershipError::NotAdmin { author: op.author });
+        }
+        Ok(())
+    }
+
+    /// Whether a stored scribe of `author`, dated `hlc`, with view `links`, is excluded: dropped by
+    /// an authorized revoke of its author it had not seen and is dated after (strong remove).
+    pub fn excludes(
+        &self,
+        author: &AuthorKey,
+        hlc: u64,
+        links: &[ScribeId],
+    ) -> Result<bool, MembershipError> {
+        let view = self.closure(links)?;
+        Ok(self.ops.values().any(|revoke| {
+            matches!(revoke.change, Change::Revoke(key) if key == *author)
+                && !view.contains(&revoke.id)
+                && hlc > revoke.hlc
+        }))
+    }
+
+    /// The authorized revokes of `author`, as (id, hlc): a scribe of it dated after one it had not
+    /// seen is excluded.
+    pub fn revokes_of(&self, author: &AuthorKey) -> Vec<(ScribeId, u64)> {
+        let mut revokes: Vec<(ScribeId, u64)> = self
+            .ops
+            .values()
+            .filter(|op| op.change == Change::Revoke(*author))
+            .map(|op| (op.id, op.hlc))
+            .collect();
+        revokes.sort();
+        revokes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(n: u8) -> AuthorKey {
+        AuthorKey([n; 32])
+    }
+
+    fn id(n: u16) -> ScribeId {
+        let mut bytes = [0u8; 32];
+        bytes[..2].copy_from_slice(&n.to_be_bytes());
+        ScribeId(bytes)
+    }
+
+    fn op(n: u16, author: u8, hlc: u64, links: &[u16], change: Change) -> Op {
+        Op {
+            id: id(n),
+            author: key(author),
+            hlc,
+            links: links.iter().map(|n| id(*n)).collect(),
+            change,
+        }
+    }
+
+    fn owner_only() -> Membership {
+        Membership::new(key(0), BTreeMap::new())
+    }
+
+    #[test]
+    fn grants_nest_and_only_admins_grant() {
+        let mut m = owner_only();
+        m.add(op(1, 0, 10, &[], Change::Grant(key(1), Role::Writer)))
+            .unwrap();
+        assert_eq!(m.roles().get(&key(1)), Some(&Role::Writer));
+        // A writer may not grant.
+        let refused = m.add(op(2, 1, 20, &[1], Change::Grant(key(2), Role::Reader)));
+        assert_eq!(refused, Err(MembershipError::NotAdmin { author: key(1) }));
+        // A view that names an unknown scribe is refused.
+        assert!(matches!(
+            m.add(op(3, 0, 20, &[99], Change::Grant(key(2), Role::Reader))),
+            Err(MembershipError::UnknownView(_))
+        ));
+        assert_eq!(
+            m.add(op(4, 0, 20, &[1], Change::Revoke(key(0)))),
+            Err(MembershipError::Owner)
+        );
+    }
+
+    #[test]
+    fn a_write_concurrent_with_its_authors_revoke_is_excluded_an_earlier_one_is_not() {
+        let mut m = owner_only();
+        m.add(op(1, 0, 10, &[], Change::Grant(key(1), Role::Writer)))
+            .unwrap();
+        m.add(op(2, 0, 50, &[1], Change::Revoke(key(1)))).unwrap();
+        assert_eq!(m.roles().get(&key(1)), None);
+        // Written before the revoke (dated before it), not having seen it: kept.
+        assert!(!m.excludes(&key(1), 40, &[id(1)]).unwrap());
+        // Written concurrently (dated after it), not having seen it: excluded.
+        assert!(m.excludes(&key(1), 60, &[id(1)]).unwrap());
+        // Having seen the revoke the writer holds no role: refused at admission instead.
+        assert_eq!(m.role_at(&[id(2)], &key(1)).unwrap(), None);
+    }
+
+    #[test]
+    fn mutual_revoke_removes_both_and_a_concurrent_re_add_loses() {
+        let mut m = owner_only();
+        m.add(op(1, 0, 10, &[], Change::Grant(key(1), Role::Admin)))
+            .unwrap();
+        m.add(op(2, 0, 11, &[1], Change::Grant(key(2), Role::Admin)))
+            .unwrap();
+        m.add(op(3, 1, 20, &[2], Change::Revoke(key(2)))).unwrap();
+        m.add(op(4, 2, 21, &[2], Change::Revoke(key(1)))).unwrap();
+        let roles = m.roles();
+        assert_eq!(roles.get(&key(1)), None);
+        assert_eq!(roles.get(&key(2)), None);
+        assert_eq!(roles.get(&key(0)), Some(&Role::Admin));
+
+        let mut m = owner_only();
+        m.add(op(1, 0, 10, &[], Change::Grant(key(1), Role::Admin)))
+            .unwrap();
+        m.add(op(2, 0, 11, &[1], Change::Grant(key(3), Role::Reader)))
+            .unwrap();
+        // The owner revokes 3 while admin 1 re-adds it, concurrently.
+        m.add(op(3, 0, 20, &[2], Change::Revoke(key(3)))).unwrap();
+        m.add(op(4, 1, 20, &[2], Change::Grant(key(3), Role::Writer)))
+            .unwrap();
+        assert_eq!(m.roles().get(&key(3)), None);
+        // A grant that had seen the revoke brings it back.
+        m.add(op(5, 0, 30, &[3, 4], Change::Grant(key(3), Role::Reader)))
+            .unwrap();
+        assert_eq!(m.roles().get(&key(3)), Some(&Role::Reader));
+    }
+
+    #[test]
+    fn a_removed_admins_concurrent_grant_is_dropped() {
+        let mut m = owner_only();
+        m.add(op(1, 0, 10, &[], Change::Grant(key(1), Role::Admin)))
+            .unwrap();
+        m.add(op(2, 0, 20, &[1], Change::Revoke(key(1)))).unwrap();
+        // Admin 1, not having seen its removal, grants 5 afterwards.
+        m.add(op(3, 1, 30, &[1], Change::Grant(key(5), Role::Writer)))
+            .unwrap();
+        assert_eq!(m.roles().get(&key(5)), None);
+        assert_eq!(m.heads(), vec![id(2), id(3)]);
+    }
+
+    /// A random history: admins 0..3 (0 the owner) grant and revoke keys 1..6, each op linking
+    /// to a random subset of the ops before it; only the authorized ones are kept.
+    fn history() -> impl Strategy<Value = Vec<Op>> {
+        proptest::collection::vec(
+            (
+                0u8..4,
+                1u8..7,
+                0u8..4,
+                proptest::collection::vec(any::<prop::sample::Index>(), 0..3),
+                1u64..40,
+            ),
+            1..24,
+        )
+        .prop_map(|raw| {
+            let mut m = owner_only();
+            let mut kept: Vec<Op> = Vec::new();
+            for (n, (author, target, action, links, hlc)) in raw.into_iter().enumerate() {
+                let links: Vec<ScribeId> = if kept.is_empty() {
+                    vec![]
+                } else {
+                    let mut links: Vec<ScribeId> = links
+                        .iter()
+                        .map(|index| kept[index.index(kept.len())].id)
+                        .collect();
+                    links.sort();
+                    links.dedup();
+                    links
+                };
+                let change = match action {
+                    0 => Change::Revoke(key(target)),
+                    1 => Change::Grant(key(target), Role::Reader),
+                    2 => Change::Grant(key(target), Role::Writer),
+                    _ => Change::Grant(key(target), Role::Admin),
+                };
+                // A clock past everything it links to, as an HLC is.
+                let floor = links
+                    .iter()
+                    .map(|link| kept.iter().find(|op| op.id == *link).unwrap().hlc)
+                    .max()
+                    .unwrap_or(0);
+                let candidate = Op {
+                    id: id(n as u16 + 1),
+                    author: key(author),
+                    hlc: floor + hlc,
+                    links,
+                    change,
+                };
+                if m.add(candidate.clone()).is_ok() {
+                    kept.push(candidate);
+                }
+            }
+            kept
+        })
+    }
+
+    proptest! {
+        /// The roles (and what is excluded) are a function of the set: every order in which a
+        /// node can receive the scribes (each after the ones it links to) gives the same answer.
+        #[test]
+        fn membership_is_a_function_of_the_set(ops in history(), seed in any::<u64>()) {
+            let mut reference = owner_only();
+            for op in &ops {
+                reference.add(op.clone()).unwrap();
+            }
+            // Another causal order: repeatedly take a random op whose links are all added.
+            let mut rng = seed;
+            let mut left = ops.clone();
+            let mut other = owner_only();
+            while !left.is_empty() {
+                let ready: Vec<usize> = (0..left.len())
+                    .filter(|i| left[*i].links.iter().all(|link| other.holds(link)))
+                    .collect();
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let pick = ready[(rng >> 33) as usize % ready.len()];
+                let op = left.remove(pick);
+                other.add(op).unwrap();
+            }
+            prop_assert_eq!(reference.roles(), other.roles());
+            prop_assert_eq!(reference.heads(), other.heads());
+            for author in 0..7u8 {
+                for hlc in [5u64, 50, 500] {
+                    prop_assert_eq!(
+                        reference.excludes(&key(author), hlc, &[]).unwrap(),
+                        other.excludes(&key(author), hlc, &[]).unwrap()
+                    );
+                }
+            }
+        }
+    }
+}
