@@ -363,6 +363,13 @@ impl Membership {
         hlc: u64,
         links: &[ScribeId],
     ) -> Result<bool, MembershipError> {
+        if !self
+            .ops
+            .values()
+            .any(|op| op.change == Change::Revoke(*author))
+        {
+            return Ok(false);
+        }
         let view = self.closure(links)?;
         Ok(self.ops.values().any(|revoke| {
             matches!(revoke.change, Change::Revoke(key) if key == *author)

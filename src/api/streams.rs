@@ -137,6 +137,61 @@ impl pb::streams_server::Streams for Api {
             .map(Response::new)
     }
 
+    async fn excluded(
+        &self,
+        request: Request<pb::ExcludedRequest>,
+    ) -> Result<Response<pb::ExcludedReply>, Status> {
+        let request = request.into_inner();
+        let stream = convert::id_field(&request.stream, "stream")?;
+        if self.log.stream(&stream).is_none() {
+            return Err(super::served::not_held(&stream));
+        }
+        let limit = match request.limit {
+            0 => 1_000,
+            n => (n as usize).min(10_000),
+        };
+        let log = self.log.clone();
+        let reply = tokio::task::spawn_blocking(move || {
+            let exclusions = crate::log::Exclusions::Log(log.clone());
+            let mut reply = pb::ExcludedReply::default();
+            let mut from = 1;
+            loop {
+                let chunk = log.read(Some(&stream), from, 1_000)?;
+                let Some(last) = chunk.entries.last() else {
+                    break;
+                };
+                from = last.seq + 1;
+                for entry in &chunk.entries {
+                    let Ok((body, ..)) = crate::scribe::decode_envelope(&entry.parts.envelope)
+                    else {
+                        continue;
+                    };
+                    if exclusions.excludes(&stream, &body.author, body.hlc, body.membership) {
+                        if reply.scribes.len() == limit {
+                            reply.more = true;
+                            return Ok(reply);
+                        }
+                        reply.scribes.push(pb::ExcludedScribe {
+                            id: Bytes::copy_from_slice(entry.id.as_bytes()),
+                            author: Bytes::copy_from_slice(body.author.as_bytes()),
+                            hlc: body.hlc,
+                            kind: body.kind.to_string(),
+                            seq: entry.seq,
+                        });
+                    }
+                }
+                if !chunk.more && chunk.entries.len() < 1_000 {
+                    break;
+                }
+            }
+            Ok::<_, crate::log::store::StoreError>(reply)
+        })
+        .await
+        .map_err(|_| Status::unavailable("the node is shutting down"))?
+        .map_err(|error| super::status::store_status(&error))?;
+        Ok(Response::new(reply))
+    }
+
     async fn list(
         &self,
         request: Request<pb::ListStreamsRequest>,

@@ -290,6 +290,15 @@ pub enum AclCommand {
         /// The key (64 hex).
         key: AuthorKey,
     },
+    /// List the scribes of STREAM its membership excludes from projections: each is by a key
+    /// revoked by a revoke it had not seen, and dated after it. They stay in the log.
+    Excluded {
+        /// Stream id (64 hex characters).
+        stream: ScribeId,
+        /// Most to list.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
     /// List STREAM's members with their roles (as this node's membership scribes say).
     List {
         /// Stream id (64 hex characters).

@@ -225,6 +225,34 @@ fn print_stream(info: &pb::StreamInfo) {
 pub(crate) async fn acl(url: &Node, command: AclCommand) -> Result<()> {
     use prost::Message as _;
     let (stream, kind, payload, said) = match command {
+        AclCommand::Excluded { stream, limit } => {
+            let reply = streams_client(url)
+                .await?
+                .excluded(pb::ExcludedRequest {
+                    stream: Bytes::copy_from_slice(stream.as_bytes()),
+                    limit,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if reply.scribes.is_empty() {
+                println!("no scribe of {stream} is excluded");
+            }
+            for scribe in &reply.scribes {
+                println!(
+                    "seq {:<8} {} {:<12} by {} (hlc {})",
+                    scribe.seq,
+                    hex::encode(&scribe.id),
+                    scribe.kind,
+                    hex::encode(&scribe.author),
+                    scribe.hlc
+                );
+            }
+            if reply.more {
+                println!("... and more (raise --limit)");
+            }
+            return Ok(());
+        }
         AclCommand::List { stream } => {
             let info = streams_client(url)
                 .await?

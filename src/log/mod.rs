@@ -587,22 +587,7 @@ impl Log {
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
             let genesis = genesis_from_payload(&scribe.body.payload, scribe.body.author)
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
-            let mut membership = Membership::new(genesis.owner, genesis.members);
-            for id in store.membership_ids(&stream)? {
-                let entry = store.get(&id)?.ok_or_else(|| {
-                    StoreError::Damaged(format!("membership scribe {id} is indexed, not stored"))
-                })?;
-                let scribe = Scribe::decode_unverified(entry.parts, None).map_err(|error| {
-                    StoreError::Damaged(format!("membership scribe {id}: {error}"))
-                })?;
-                let damaged =
-                    |error: String| StoreError::Damaged(format!("membership scribe {id}: {error}"));
-                let op = rules::membership_op(&scribe, &membership)
-                    .map_err(|error| damaged(error.to_string()))?;
-                membership
-                    .add(op)
-                    .map_err(|error| damaged(error.to_string()))?;
-            }
+            let membership = load_membership(&store, &stream, &genesis)?;
             streams.insert(
                 stream,
                 StreamState {
@@ -1005,6 +990,92 @@ impl Log {
         {
             tracing::warn!("log still in use 30 s after close; the store stays open until its last user lets go");
         }
+    }
+}
+
+/// `stream`'s membership as stored: its genesis members and its indexed membership scribes.
+fn load_membership(
+    store: &Store,
+    stream: &StreamId,
+    genesis: &crate::genesis::Genesis,
+) -> Result<Membership, StoreError> {
+    let mut membership = Membership::new(genesis.owner, genesis.members.clone());
+    for id in store.membership_ids(stream)? {
+        let damaged =
+            |error: String| StoreError::Damaged(format!("membership scribe {id}: {error}"));
+        let entry = store
+            .get(&id)?
+            .ok_or_else(|| damaged("indexed, not stored".into()))?;
+        let scribe = Scribe::decode_unverified(entry.parts, None)
+            .map_err(|error| damaged(error.to_string()))?;
+        let op = rules::membership_op(&scribe, &membership)
+            .map_err(|error| damaged(error.to_string()))?;
+        membership
+            .add(op)
+            .map_err(|error| damaged(error.to_string()))?;
+    }
+    Ok(membership)
+}
+
+/// What projections leave out: a scribe its stream's membership excludes (its author was revoked
+/// by a revoke it had not seen and is dated before it: `crate::membership`, strong remove).
+/// Judged by the membership as it stands now, so a projection built after the newest revoke is
+/// exact; a live copy that meets a revoke is rebuilt (`projection::slot`).
+#[derive(Clone)]
+pub enum Exclusions {
+    /// The running log's memberships.
+    Log(Log),
+    /// Memberships loaded from a stopped node's store (offline rebuilds and replays).
+    Loaded(Arc<HashMap<StreamId, Arc<Membership>>>),
+}
+
+impl std::fmt::Debug for Exclusions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Exclusions")
+    }
+}
+
+impl Exclusions {
+    /// The memberships of every stream `store` holds.
+    pub fn load(store: &Store) -> Result<Exclusions, StoreError> {
+        let mut memberships = HashMap::new();
+        for (stream, _) in store.streams()? {
+            let Some(genesis) = store.get(&stream)? else {
+                continue;
+            };
+            let scribe = Scribe::decode_unverified(genesis.parts, None)
+                .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
+            let genesis = genesis_from_payload(&scribe.body.payload, scribe.body.author)
+                .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
+            memberships.insert(stream, Arc::new(load_membership(store, &stream, &genesis)?));
+        }
+        Ok(Exclusions::Loaded(Arc::new(memberships)))
+    }
+
+    /// Whether a stored scribe of `stream` by `author`, dated `hlc`, that had seen the
+    /// membership scribe `view`, is excluded.
+    pub fn excludes(
+        &self,
+        stream: &StreamId,
+        author: &AuthorKey,
+        hlc: u64,
+        view: Option<ScribeId>,
+    ) -> bool {
+        let membership = match self {
+            Exclusions::Log(log) => log
+                .shared
+                .streams
+                .read()
+                .expect("streams lock")
+                .get(stream)
+                .map(|state| state.membership.clone()),
+            Exclusions::Loaded(memberships) => memberships.get(stream).cloned(),
+        };
+        let Some(membership) = membership else {
+            return false;
+        };
+        let links: Vec<ScribeId> = view.into_iter().collect();
+        membership.excludes(author, hlc, &links).unwrap_or(false)
     }
 }
 

@@ -9,6 +9,7 @@ use quire_projection_api::{ApplyError, Plugin, Projector, Scope, Scribe as View,
 
 use super::slot::{place_of, read_batch, scope_dir, views, Slot, SlotError, PROJECTIONS_DIR};
 use crate::log::store::Store;
+use crate::log::Exclusions;
 
 /// The scopes an offline command covers: the whole log, one stream, or every stream held.
 fn scopes(
@@ -54,13 +55,14 @@ pub fn rebuild_offline(
     let root = data_dir.join(PROJECTIONS_DIR);
     let head = store.head()?;
     let scopes = scopes(store, plugin.as_ref(), stream)?;
+    let exclusions = Exclusions::load(store)?;
     let mut out = Vec::new();
     for scope in scopes {
         let slot = Slot::open(store, plugin.clone(), scope, &root)?;
         slot.start_rebuild(store)?;
         let target = slot.target(store, head)?;
         loop {
-            let worked = slot.work(store, target, false)?;
+            let worked = slot.work(store, &exclusions, target, false)?;
             let (_, shadow) = slot.copies();
             progress(shadow.map(|s| s.checkpoint).unwrap_or(target), target);
             if worked.swapped || !worked.more && slot.copies().1.is_none() {
@@ -88,16 +90,16 @@ pub fn replay(
 ) -> Result<Vec<Replayed>, SlotError> {
     let to = to.min(store.head()?);
     let scopes = scopes(store, plugin, stream)?;
+    let exclusions = Exclusions::load(store)?;
     let mut out = Vec::new();
     for scope in scopes {
         let dir = scope_dir(into, plugin.name(), scope.as_ref());
         out.push(replay_scope(
             store,
             plugin,
-            scope,
+            (scope, &exclusions),
             &dir,
-            from,
-            to,
+            (from, to),
             &mut progress,
         )?);
     }
@@ -109,10 +111,9 @@ pub fn replay(
 fn replay_scope(
     store: &Store,
     plugin: &dyn Plugin,
-    stream: Option<StreamId>,
+    (stream, exclusions): (Option<StreamId>, &Exclusions),
     dir: &Path,
-    from: u64,
-    to: u64,
+    (from, to): (u64, u64),
     mut progress: impl FnMut(u64),
 ) -> Result<Replayed, SlotError> {
     let place = place_of(store, dir.to_path_buf(), stream)?;
@@ -128,7 +129,7 @@ fn replay_scope(
             break;
         };
         next = last.seq + 1;
-        applied += apply_refusing(&mut *projector, &views(&entries)?, &mut refused)?;
+        applied += apply_refusing(&mut *projector, &views(&entries, exclusions)?, &mut refused)?;
         progress(next - 1);
     }
     let digest = projector.digest()?;

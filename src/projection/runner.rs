@@ -864,7 +864,12 @@ async fn step(
         let _permit = permit;
         let store = store_log.store();
         let target = worker.target(store, head)?;
-        let worked = worker.work(store, target, true);
+        let worked = worker.work(
+            store,
+            &crate::log::Exclusions::Log(store_log.clone()),
+            target,
+            true,
+        );
         if worker.is_open() {
             used.used(&worker);
         }

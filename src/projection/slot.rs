@@ -26,9 +26,9 @@ use quire_projection_api::{
 };
 use serde_json::{json, Value};
 
-use super::view::to_view;
-use crate::log::read_range;
+use super::view::{to_view, to_view_with_membership};
 use crate::log::store::{Store, StoreError, StoredEntry};
+use crate::log::{read_range, Exclusions};
 
 /// The directory under a node's data directory that holds every projection.
 pub const PROJECTIONS_DIR: &str = "projections";
@@ -184,6 +184,9 @@ pub(crate) struct Worked {
     pub(crate) more: bool,
     /// Whether the shadow was swapped in.
     pub(crate) swapped: bool,
+    /// The live copy met an `acl.revoke` at this seq, not applied yet: the slot starts a fresh
+    /// rebuild (a revoke can exclude scribes applied before it), then applies it.
+    revoke: Option<u64>,
 }
 
 /// Whether applying a batch stopped at a scribe (policy [`OnFailure::Halt`]).
@@ -211,6 +214,9 @@ pub(crate) struct Slot {
     /// How far the live copy has seen the log: readers wait on it for their own writes.
     applied: tokio::sync::watch::Sender<u64>,
     pub(crate) flags: Mutex<Flags>,
+    /// The newest seq of an `acl.revoke` the live copy met and answered by starting a fresh
+    /// rebuild (in memory: after a restart the live copy resumes past the revokes it met).
+    revokes_met: Mutex<u64>,
 }
 
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -314,6 +320,7 @@ impl Slot {
             shadow: Mutex::new(shadow),
             next: Mutex::new(next),
             flags: Mutex::new(Flags::default()),
+            revokes_met: Mutex::new(0),
         };
         if rewrite {
             let live = lock(&slot.live);
@@ -381,9 +388,22 @@ impl Slot {
     /// Starts a rebuild into a new generation (a no-op if one is under way). Returns its
     /// generation.
     pub(crate) fn start_rebuild(&self, store: &Store) -> Result<u64, SlotError> {
+        self.begin_rebuild(store, false)
+    }
+
+    /// Starts a rebuild; `fresh`: a rebuild under way is dropped and started over (it may have
+    /// applied scribes a revoke committed since excludes).
+    fn begin_rebuild(&self, store: &Store, fresh: bool) -> Result<u64, SlotError> {
         // Lock order everywhere: live, shadow, next, shown.
         let live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
+        if fresh {
+            if let Some(stale) = shadow.take() {
+                let stale_dir = self.dir.join(stale.generation.to_string());
+                drop(stale);
+                let _ = std::fs::remove_dir_all(stale_dir);
+            }
+        }
         if let Some(existing) = shadow.as_ref() {
             return Ok(existing.generation);
         }
@@ -430,14 +450,30 @@ impl Slot {
     /// One step: a batch for the live copy (unless halted, or `live` is false: an offline
     /// rebuild leaves the copy it replaces alone), a batch for the shadow copy, and the swap once
     /// the shadow has reached `target`.
-    pub(crate) fn work(&self, store: &Store, target: u64, live: bool) -> Result<Worked, SlotError> {
+    pub(crate) fn work(
+        &self,
+        store: &Store,
+        exclusions: &Exclusions,
+        target: u64,
+        live: bool,
+    ) -> Result<Worked, SlotError> {
         let mut worked = Worked::default();
         let halted = lock(&self.flags).halted.is_some();
         if live && !halted {
-            let mut live = lock(&self.live);
-            let step = self.step(store, &mut live, target, true);
-            self.show_live(&live);
-            let step = step?;
+            let step = {
+                let mut live = lock(&self.live);
+                let step = self.step(store, exclusions, &mut live, target, true);
+                self.show_live(&live);
+                step?
+            };
+            if let Some(seq) = step.revoke {
+                // The revoke may exclude scribes every copy holds: rebuild from the log, with it.
+                self.begin_rebuild(store, true)?;
+                *lock(&self.revokes_met) = seq;
+                tracing::info!(slot = %self.key, seq, "a revoke: rebuilding the copy without what it excludes");
+                worked.more = true;
+                return Ok(worked);
+            }
             worked.applied += step.applied;
             worked.more |= step.more;
         }
@@ -445,7 +481,7 @@ impl Slot {
             let mut shadow = lock(&self.shadow);
             match shadow.as_mut() {
                 Some(instance) => {
-                    let step = self.step(store, instance, target, false);
+                    let step = self.step(store, exclusions, instance, target, false);
                     lock(&self.shown).1 = Some(instance.state());
                     let step = step?;
                     worked.applied += step.applied;
@@ -468,6 +504,7 @@ impl Slot {
     fn step(
         &self,
         store: &Store,
+        exclusions: &Exclusions,
         instance: &mut Instance,
         target: u64,
         live: bool,
@@ -489,7 +526,13 @@ impl Slot {
         };
         let applied = entries.len();
         if !entries.is_empty() {
-            let views = views(&entries)?;
+            let (views, revoke) = views_and_revokes(&entries, exclusions)?;
+            if live && revoke > *lock(&self.revokes_met) {
+                return Ok(Worked {
+                    revoke: Some(revoke),
+                    ..Worked::default()
+                });
+            }
             if self.apply_parking(store, instance, &views, live)? == Halted::Yes {
                 instance.scanned = instance.checkpoint;
                 return Ok(Worked::default());
@@ -500,6 +543,7 @@ impl Slot {
             applied,
             more: full,
             swapped: false,
+            revoke: None,
         })
     }
 
@@ -708,8 +752,31 @@ impl SlotRecord {
     }
 }
 
-pub(super) fn views(entries: &[StoredEntry]) -> Result<Vec<View>, SlotError> {
-    Ok(entries.iter().map(to_view).collect::<Result<_, _>>()?)
+/// What a projector is given of `entries`: every scribe but those `exclusions` leaves out.
+pub(super) fn views(
+    entries: &[StoredEntry],
+    exclusions: &Exclusions,
+) -> Result<Vec<View>, SlotError> {
+    Ok(views_and_revokes(entries, exclusions)?.0)
+}
+
+/// [`views`], and the newest seq of an `acl.revoke` among `entries` (0: none).
+fn views_and_revokes(
+    entries: &[StoredEntry],
+    exclusions: &Exclusions,
+) -> Result<(Vec<View>, u64), SlotError> {
+    let mut views = Vec::with_capacity(entries.len());
+    let mut revoke = 0;
+    for entry in entries {
+        let (view, membership) = to_view_with_membership(entry)?;
+        if view.kind == quire_projection_api::Kind::AclRevoke {
+            revoke = entry.seq;
+        }
+        if !exclusions.excludes(&view.stream, &view.author, view.hlc, membership) {
+            views.push(view);
+        }
+    }
+    Ok((views, revoke))
 }
 
 /// Where an instance of `stream`'s scope lives: its directory, stream and the stream's policy

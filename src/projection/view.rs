@@ -1,6 +1,6 @@
 //! Stored scribes as projectors see them.
 
-use quire_projection_api::Scribe as View;
+use quire_projection_api::{Scribe as View, ScribeId};
 
 use crate::log::store::StoredEntry;
 use crate::scribe::decode_stored_envelope;
@@ -20,13 +20,22 @@ pub struct DamagedEntry {
 /// this only decodes the envelope: no hashing, no seal check (a rebuild decodes every scribe of the
 /// log; see `benches/projection.rs`).
 pub(crate) fn to_view(entry: &StoredEntry) -> Result<View, DamagedEntry> {
+    Ok(to_view_with_membership(entry)?.0)
+}
+
+/// [`to_view`], with the membership scribe the scribe's author had seen (its envelope's
+/// `membership` field), which projectors are not shown but exclusions go by.
+pub(crate) fn to_view_with_membership(
+    entry: &StoredEntry,
+) -> Result<(View, Option<ScribeId>), DamagedEntry> {
     let damaged = |reason: String| DamagedEntry {
         seq: entry.seq,
         reason,
     };
     let (body, ..) = decode_stored_envelope(&entry.parts.envelope)
         .map_err(|error| damaged(error.to_string()))?;
-    Ok(View {
+    let membership = body.membership;
+    let view = View {
         id: entry.id,
         // A genesis names no stream: its stream is itself.
         stream: body.stream.unwrap_or(entry.id),
@@ -37,5 +46,6 @@ pub(crate) fn to_view(entry: &StoredEntry) -> Result<View, DamagedEntry> {
         payload: entry.parts.payload.to_vec(),
         parents: body.parents,
         local_seq: entry.seq,
-    })
+    };
+    Ok((view, membership))
 }

@@ -399,3 +399,219 @@ async fn only_writers_write_a_private_stream_at_the_api_and_over_replication() {
     crate::replication::join(&b, &stream).await;
     wait_for_count(&[&b], &stream, 2).await;
 }
+
+/// A `file.put` of `path` signed by `key` at `hlc`.
+fn file_put(
+    key: &ed25519_dalek::SigningKey,
+    stream: &StreamId,
+    path: &str,
+    hlc: u64,
+    membership: Option<quire::projection_api::ScribeId>,
+) -> quire::scribe::Scribe {
+    let payload = pb::FilePut {
+        path: path.into(),
+        content_type: "text/plain".into(),
+        data: Bytes::from(format!("written to {path}")),
+    }
+    .encode_to_vec();
+    quire::scribe::Scribe::sign(
+        quire::scribe::Body {
+            stream: Some(*stream),
+            author: AuthorKey(key.verifying_key().to_bytes()),
+            hlc,
+            kind: quire::projection_api::Kind::FilePut,
+            content_type: quire::projection_api::files::CONTENT_TYPE.into(),
+            payload: Bytes::from(payload),
+            parents: vec![],
+            membership,
+            nonce: 0,
+        },
+        key,
+    )
+}
+
+async fn paths(node: &RunningNode, stream: &StreamId) -> Vec<String> {
+    pb::files_client::FilesClient::new(owner_channel(&node.url()).await)
+        .list(pb::FilesListRequest {
+            stream: bytes_of(stream),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .files
+        .into_iter()
+        .map(|file| file.path)
+        .collect()
+}
+
+async fn digest(node: &RunningNode, stream: &StreamId) -> Bytes {
+    pb::projections_client::ProjectionsClient::new(owner_channel(&node.url()).await)
+        .digest(pb::DigestRequest {
+            name: "files".into(),
+            stream: bytes_of(stream),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .digest
+}
+
+async fn excluded(node: &RunningNode, stream: &StreamId) -> Vec<Bytes> {
+    clients(&node.url())
+        .await
+        .streams
+        .excluded(pb::ExcludedRequest {
+            stream: bytes_of(stream),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .scribes
+        .into_iter()
+        .map(|scribe| scribe.id)
+        .collect()
+}
+
+/// A writer revoked on A while it keeps writing on B (partitioned from A): once they meet, both
+/// hold every scribe, both leave out the writes dated after the revoke it had not seen (B's
+/// projections are rebuilt without them), list the same excluded scribes and show the same
+/// digests; what the writer wrote before the revoke stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_concurrent_with_their_authors_revoke_are_excluded_on_every_node() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start_node(dirs[0].path()).await;
+    let b = start_node(dirs[1].path()).await;
+    let writer = client_key(41);
+    let writer_key = AuthorKey(writer.verifying_key().to_bytes());
+    let info = clients(&a.url())
+        .await
+        .streams
+        .create(pb::CreateStreamRequest {
+            name: "site".into(),
+            policy: Some(pb::Policy {
+                rules: vec![pb::KindRule {
+                    kind: "file.put".into(),
+                    authors: Some(pb::Authors {
+                        owner: true,
+                        writers: true,
+                        ..Default::default()
+                    }),
+                }],
+                ..Default::default()
+            }),
+            owner: Bytes::new(),
+            access: Some(pb::Access {
+                private: true,
+                members: vec![
+                    pb::Member {
+                        key: key_bytes(&writer_key),
+                        role: Role::Writer.to_proto(),
+                    },
+                    pb::Member {
+                        key: key_bytes(&b.log.node_key()),
+                        role: Role::Reader.to_proto(),
+                    },
+                ],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stream = StreamId::from_slice(&info.stream).unwrap();
+    let put_seeing = |node: &RunningNode,
+                      path: &str,
+                      hlc: u64,
+                      view: Option<quire::projection_api::ScribeId>| {
+        let scribe = file_put(&writer, &stream, path, hlc, view);
+        let url = node.url();
+        async move {
+            clients(&url)
+                .await
+                .log
+                .append_signed(signed_request(scribe.parts()))
+                .await
+        }
+    };
+    let put = |node: &RunningNode, path: &str, hlc: u64| put_seeing(node, path, hlc, None);
+    put(&a, "before.txt", a.log.clock().now()).await.unwrap();
+    connect(&b, &a).await;
+    crate::replication::join(&b, &stream).await;
+    wait_for_count(&[&b], &stream, 2).await;
+
+    // Partition: B forgets A.
+    clients(&b.url())
+        .await
+        .admin
+        .remove_peer(pb::RemovePeerRequest {
+            addr: a.peer_addr.unwrap().to_string(),
+        })
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "A and B are apart", || async {
+        !node_status(&a)
+            .await
+            .peers
+            .iter()
+            .any(|peer| peer.connected)
+    })
+    .await;
+    set_role(&a, &stream, &writer_key, None).await;
+    let revoke_hlc = a.log.clock().now();
+    // On B the writer is still a writer: it writes on, after the revoke it has not seen.
+    put(&b, "during.txt", revoke_hlc + 1).await.unwrap();
+    wait_until(Duration::from_secs(30), "B shows the write", || async {
+        paths(&b, &stream).await.contains(&"during.txt".to_string())
+    })
+    .await;
+    // On A, having seen its revoke (its view names it), the writer is refused.
+    let heads = clients(&a.url())
+        .await
+        .streams
+        .get(pb::GetStreamRequest {
+            stream: bytes_of(&stream),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .membership_heads;
+    assert_eq!(heads.len(), 1);
+    let revoke = quire::projection_api::ScribeId::from_slice(&heads[0]).unwrap();
+    let status = put_seeing(&a, "after.txt", a.log.clock().now(), Some(revoke))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // Claiming not to have seen it, it is taken — and excluded: dated after a revoke it had not
+    // seen.
+    put(&a, "claims-not-to-know.txt", a.log.clock().now())
+        .await
+        .unwrap();
+
+    // They meet again.
+    connect(&b, &a).await;
+    wait_for_count(&[&a, &b], &stream, 5).await;
+    for node in [&a, &b] {
+        wait_until(
+            Duration::from_secs(60),
+            "the excluded write leaves the files",
+            || async { paths(node, &stream).await == vec!["before.txt".to_string()] },
+        )
+        .await;
+    }
+    // In each node's local order: the same set.
+    let (mut excluded_a, mut excluded_b) =
+        (excluded(&a, &stream).await, excluded(&b, &stream).await);
+    excluded_a.sort();
+    excluded_b.sort();
+    assert_eq!(excluded_a.len(), 2);
+    assert_eq!(excluded_a, excluded_b);
+    wait_until(Duration::from_secs(60), "equal digests", || async {
+        digest(&a, &stream).await == digest(&b, &stream).await
+    })
+    .await;
+    // The excluded scribe stays in the log on both nodes.
+    for node in [&a, &b] {
+        assert_eq!(held(node, &stream), 5);
+    }
+}
