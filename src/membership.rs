@@ -11,12 +11,14 @@
 //!   merge). A view is a set that never changes once its scribes are stored.
 //! - A membership scribe is **authorized** if its author was an admin in its own view (the view
 //!   of its links). An unauthorized one is refused at admission, so a stored one always is.
-//! - **Strong remove** (p2panda's rule): an authorized revoke of key K at clock `t` drops every
-//!   operation of K that is outside its view... precisely: an operation O of K is **dropped** if
-//!   some authorized revoke R of K is not in O's view and O is dated after R (`O.hlc > R.hlc`:
-//!   had R's author seen O, R would be dated after it). K's writes concurrent with or after its
-//!   removal therefore stop counting, wherever they arrive. A revoke is not dropped by a revoke
-//!   of its author that it targets in return: **mutual removal removes both**.
+//! - **Strong remove** (p2panda's rule). Revokes first: a revoke of K is dropped by a standing
+//!   revoke of K concurrent with it (neither in the other's view) — unless it targets that
+//!   revoke's author: **mutual removal removes both** (cycles of removals all stand). A grant by K
+//!   is dropped by a standing revoke of K concurrent with it, whatever the dates (so a removed
+//!   admin cannot act by claiming an old view). A member's other scribe is **excluded** if a
+//!   standing revoke of its author is not in its view and it is dated after that revoke (its
+//!   clock: had the revoke's author seen it, the revoke would be dated after it; membership views
+//!   say nothing of other scribes).
 //! - A key's role in a set of operations: among the not-dropped operations that target it, take
 //!   the maximal ones (those no other one of them has in its view). If any is a revoke the key has
 //!   no role (**a concurrent re-add loses to the remove**); otherwise the highest role granted.
@@ -160,6 +162,8 @@ pub struct Membership {
     ops: HashMap<ScribeId, Op>,
     /// The state of each view asked about so far, by its link set (views never change).
     views: Mutex<HashMap<Vec<ScribeId>, BTreeMap<AuthorKey, Role>>>,
+    /// The standing revokes of every operation held, once computed (cleared by an add).
+    standing: Mutex<Option<BTreeSet<ScribeId>>>,
 }
 
 impl Clone for Membership {
@@ -169,6 +173,7 @@ impl Clone for Membership {
             initial: self.initial.clone(),
             ops: self.ops.clone(),
             views: Mutex::new(HashMap::new()),
+            standing: Mutex::new(None),
         }
     }
 }
@@ -189,6 +194,7 @@ impl Membership {
             initial,
             ops: HashMap::new(),
             views: Mutex::new(HashMap::new()),
+            standing: Mutex::new(None),
         }
     }
 
@@ -237,60 +243,164 @@ impl Membership {
         Ok(seen)
     }
 
-    /// Whether `op`, of the set `within`, is dropped by an authorized revoke of its author in
-    /// `within` that is outside `view` (op's own view) and dated before it.
-    fn dropped(&self, op: &Op, view: &BTreeSet<ScribeId>, within: &BTreeSet<ScribeId>) -> bool {
-        within.iter().any(|id| {
-            let revoke = &self.ops[id];
-            matches!(revoke.change, Change::Revoke(key) if key == op.author)
-                && !view.contains(id)
-                && *id != op.id
-                && op.hlc > revoke.hlc
-                // Mutual removal removes both: a revoke of the one who revoked it stands.
-                && !matches!(op.change, Change::Revoke(target) if target == revoke.author)
+    /// The view of each operation of `within`.
+    fn views_of(&self, within: &BTreeSet<ScribeId>) -> HashMap<ScribeId, BTreeSet<ScribeId>> {
+        within
+            .iter()
+            .map(|id| {
+                let view = self
+                    .closure(&self.ops[id].links)
+                    .expect("stored links are stored");
+                (*id, view)
+            })
+            .collect()
+    }
+
+    /// The revokes of `within` that stand. A revoke of K is dropped by a standing revoke of K
+    /// concurrent with it (neither in the other's view), unless it targets that revoke's author
+    /// (mutual removal removes both). Computed to a fixed point; removals that drop each other in
+    /// a cycle longer than two all stand (removal wins).
+    fn standing_revokes(
+        &self,
+        within: &BTreeSet<ScribeId>,
+        views: &HashMap<ScribeId, BTreeSet<ScribeId>>,
+    ) -> BTreeSet<ScribeId> {
+        let revokes: BTreeSet<ScribeId> = within
+            .iter()
+            .filter(|id| matches!(self.ops[*id].change, Change::Revoke(_)))
+            .copied()
+            .collect();
+        let concurrent =
+            |a: &ScribeId, b: &ScribeId| a != b && !views[a].contains(b) && !views[b].contains(a);
+        let mut standing = revokes.clone();
+        let mut previous = BTreeSet::new();
+        for _ in 0..64 {
+            let next: BTreeSet<ScribeId> = revokes
+                .iter()
+                .filter(|id| {
+                    let revoke = &self.ops[*id];
+                    !standing.iter().any(|other_id| {
+                        let other = &self.ops[other_id];
+                        other.change == Change::Revoke(revoke.author)
+                            && concurrent(id, other_id)
+                            && revoke.change != Change::Revoke(other.author)
+                    })
+                })
+                .copied()
+                .collect();
+            if next == standing {
+                return standing;
+            }
+            previous = std::mem::replace(&mut standing, next);
+        }
+        standing.union(&previous).copied().collect()
+    }
+
+    /// Whether a grant of `within` is dropped: a standing revoke of its author is concurrent
+    /// with it (strong remove; judged causally, whatever the dates).
+    fn grant_dropped(
+        &self,
+        id: &ScribeId,
+        standing: &BTreeSet<ScribeId>,
+        views: &HashMap<ScribeId, BTreeSet<ScribeId>>,
+    ) -> bool {
+        let op = &self.ops[id];
+        standing.iter().any(|revoke_id| {
+            self.ops[revoke_id].change == Change::Revoke(op.author)
+                && !views[id].contains(revoke_id)
+                && !views[revoke_id].contains(id)
         })
+    }
+
+    /// The operations of `within` that count: in causal order, an operation counts if it
+    /// survives strong remove (a standing revoke; a grant no standing revoke of its author is
+    /// concurrent with) and its author is an admin given the counted operations of its view — so
+    /// authority that came from a dropped grant is void, and so is all that flowed from it.
+    fn counted_in(
+        &self,
+        within: &BTreeSet<ScribeId>,
+    ) -> (BTreeSet<ScribeId>, HashMap<ScribeId, BTreeSet<ScribeId>>) {
+        let views = self.views_of(within);
+        let standing = self.standing_revokes(within, &views);
+        let mut order: Vec<ScribeId> = within.iter().copied().collect();
+        // An operation's view is larger than the view of anything in it: a causal order.
+        order.sort_by_key(|id| (views[id].len(), self.ops[id].hlc, *id));
+        let mut counted = BTreeSet::new();
+        for id in order {
+            let op = &self.ops[&id];
+            let survives = match op.change {
+                Change::Revoke(_) => standing.contains(&id),
+                Change::Grant(..) => !self.grant_dropped(&id, &standing, &views),
+            };
+            if !survives {
+                continue;
+            }
+            let seen: Vec<ScribeId> = views[&id]
+                .iter()
+                .filter(|seen| counted.contains(*seen))
+                .copied()
+                .collect();
+            if self.role_among(&op.author, &seen, &views) == Some(Role::Admin) {
+                counted.insert(id);
+            }
+        }
+        (counted, views)
+    }
+
+    /// `key`'s role given the counted operations `ids`: among those about it, the maximal ones
+    /// (no other has it in its view) decide — any revoke wins, else the highest grant; with none,
+    /// its genesis role. The owner is an admin always.
+    fn role_among(
+        &self,
+        key: &AuthorKey,
+        ids: &[ScribeId],
+        views: &HashMap<ScribeId, BTreeSet<ScribeId>>,
+    ) -> Option<Role> {
+        if *key == self.owner {
+            return Some(Role::Admin);
+        }
+        let about: Vec<&ScribeId> = ids
+            .iter()
+            .filter(|id| self.ops[*id].change.target() == *key)
+            .collect();
+        if about.is_empty() {
+            return self.initial.get(key).copied();
+        }
+        let mut revoked = false;
+        let mut best: Option<Role> = None;
+        for id in &about {
+            if about
+                .iter()
+                .any(|other| other != id && views[*other].contains(*id))
+            {
+                continue;
+            }
+            match self.ops[*id].change {
+                Change::Revoke(_) => revoked = true,
+                Change::Grant(_, role) => best = best.max(Some(role)),
+            }
+        }
+        if revoked {
+            None
+        } else {
+            best
+        }
     }
 
     /// Every key's role in the set `within` (closed under links).
     fn roles_in(&self, within: &BTreeSet<ScribeId>) -> BTreeMap<AuthorKey, Role> {
-        let mut views: HashMap<ScribeId, BTreeSet<ScribeId>> = HashMap::new();
-        for id in within {
-            let op = &self.ops[id];
-            let view = self.closure(&op.links).expect("stored links are stored");
-            views.insert(*id, view);
-        }
-        // Not-dropped operations, by the key they are about.
-        let mut by_target: BTreeMap<AuthorKey, Vec<ScribeId>> = BTreeMap::new();
-        for id in within {
-            let op = &self.ops[id];
-            if !self.dropped(op, &views[id], within) {
-                by_target.entry(op.change.target()).or_default().push(*id);
-            }
-        }
-        let mut roles = self.initial.clone();
-        for (key, ids) in by_target {
-            let maximal = ids.iter().filter(|id| {
-                !ids.iter()
-                    .any(|other| other != *id && views[other].contains(*id))
-            });
-            let mut revoked = false;
-            let mut best: Option<Role> = None;
-            for id in maximal {
-                match self.ops[id].change {
-                    Change::Revoke(_) => revoked = true,
-                    Change::Grant(_, role) => best = best.max(Some(role)),
-                }
-            }
-            match (revoked, best) {
-                (true, _) => {
-                    roles.remove(&key);
-                }
-                (false, Some(role)) => {
-                    roles.insert(key, role);
-                }
-                (false, None) => {}
-            }
-        }
+        let (counted, views) = self.counted_in(within);
+        let counted: Vec<ScribeId> = counted.into_iter().collect();
+        let keys: BTreeSet<AuthorKey> = self
+            .initial
+            .keys()
+            .copied()
+            .chain(counted.iter().map(|id| self.ops[id].change.target()))
+            .collect();
+        let mut roles: BTreeMap<AuthorKey, Role> = keys
+            .into_iter()
+            .filter_map(|key| Some((key, self.role_among(&key, &counted, &views)?)))
+            .collect();
         roles.insert(self.owner, Role::Admin);
         roles
     }
@@ -338,6 +448,7 @@ impl Membership {
         }
         self.check(&op)?;
         self.ops.insert(op.id, op);
+        *self.standing.lock().expect("standing lock") = None;
         Ok(())
     }
 
@@ -371,11 +482,27 @@ impl Membership {
             return Ok(false);
         }
         let view = self.closure(links)?;
-        Ok(self.ops.values().any(|revoke| {
-            matches!(revoke.change, Change::Revoke(key) if key == *author)
-                && !view.contains(&revoke.id)
-                && hlc > revoke.hlc
+        let standing = self.standing();
+        Ok(standing.iter().any(|id| {
+            let revoke = &self.ops[id];
+            revoke.change == Change::Revoke(*author) && !view.contains(id) && hlc > revoke.hlc
         }))
+    }
+
+    /// The revokes that count among every membership scribe held (cached until one is added).
+    fn standing(&self) -> BTreeSet<ScribeId> {
+        let mut cached = self.standing.lock().expect("standing lock");
+        if let Some(standing) = cached.as_ref() {
+            return standing.clone();
+        }
+        let within: BTreeSet<ScribeId> = self.ops.keys().copied().collect();
+        let (counted, _) = self.counted_in(&within);
+        let standing: BTreeSet<ScribeId> = counted
+            .into_iter()
+            .filter(|id| matches!(self.ops[id].change, Change::Revoke(_)))
+            .collect();
+        *cached = Some(standing.clone());
+        standing
     }
 
     /// The authorized revokes of `author`, as (id, hlc): a scribe of it dated after one it had not
@@ -497,6 +624,51 @@ mod tests {
             .unwrap();
         assert_eq!(m.roles().get(&key(5)), None);
         assert_eq!(m.heads(), vec![id(2), id(3)]);
+    }
+
+    #[test]
+    fn a_revoked_admin_cannot_act_by_claiming_an_old_view() {
+        let mut m = owner_only();
+        m.add(op(1, 0, 10, &[], Change::Grant(key(1), Role::Admin)))
+            .unwrap();
+        m.add(op(2, 0, 50, &[1], Change::Revoke(key(1)))).unwrap();
+        // Admin 1, revoked, grants 2 admin at its old view, dated before its revoke: valid in
+        // its view, dropped in the set (concurrent with the revoke, whatever the dates).
+        m.add(op(3, 1, 40, &[1], Change::Grant(key(2), Role::Admin)))
+            .unwrap();
+        // 2, an admin only in that view, grants 1 back and 3 a writer: void, as its authority is.
+        m.add(op(4, 2, 41, &[3], Change::Grant(key(1), Role::Admin)))
+            .unwrap();
+        m.add(op(5, 2, 42, &[3], Change::Grant(key(3), Role::Writer)))
+            .unwrap();
+        let roles = m.roles();
+        assert_eq!(roles.get(&key(1)), None);
+        assert_eq!(roles.get(&key(2)), None);
+        assert_eq!(roles.get(&key(3)), None);
+    }
+
+    #[test]
+    fn a_dropped_revoke_neither_removes_nor_excludes() {
+        let mut m = owner_only();
+        m.add(op(1, 0, 10, &[], Change::Grant(key(1), Role::Admin)))
+            .unwrap();
+        m.add(op(2, 0, 11, &[1], Change::Grant(key(2), Role::Admin)))
+            .unwrap();
+        m.add(op(3, 0, 12, &[2], Change::Grant(key(4), Role::Writer)))
+            .unwrap();
+        // The owner revokes 1; 1, concurrently, revokes the writer 4 and the admin 2.
+        m.add(op(4, 0, 50, &[3], Change::Revoke(key(1)))).unwrap();
+        m.add(op(5, 1, 60, &[3], Change::Revoke(key(4)))).unwrap();
+        m.add(op(6, 1, 61, &[3], Change::Revoke(key(2)))).unwrap();
+        // 2, having seen 1's removal (not 1's revoke of it), grants a reader.
+        m.add(op(7, 2, 70, &[4], Change::Grant(key(5), Role::Reader)))
+            .unwrap();
+        let roles = m.roles();
+        assert_eq!(roles.get(&key(4)), Some(&Role::Writer));
+        assert_eq!(roles.get(&key(2)), Some(&Role::Admin));
+        assert_eq!(roles.get(&key(5)), Some(&Role::Reader));
+        // The writer's earlier writes are not excluded by the dropped revoke.
+        assert!(!m.excludes(&key(4), 65, &[id(3)]).unwrap());
     }
 
     /// A random history: admins 0..3 (0 the owner) grant and revoke keys 1..6, each op linking

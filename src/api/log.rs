@@ -163,12 +163,16 @@ fn genesis_needs_owner(caller: access::Caller, drafts: &[Draft]) -> Result<(), S
 }
 
 impl Api {
-    async fn append_draft(&self, draft: Draft) -> Result<Response<pb::AppendReply>, Status> {
+    async fn append_draft(
+        &self,
+        draft: Draft,
+        caller: Caller,
+    ) -> Result<Response<pb::AppendReply>, Status> {
         let appended = self
             .log
             .append_one(draft)
             .await
-            .map_err(|error| append_status(&error))?;
+            .map_err(|error| refusal_status(&self.log, caller, &error))?;
         Ok(Response::new(reply(appended)))
     }
 }
@@ -179,7 +183,9 @@ impl pb::log_server::Log for Api {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendReply>, Status> {
-        self.append_draft(new_scribe(request.into_inner())?).await
+        // Owner-only (the access rules let no one else call it).
+        self.append_draft(new_scribe(request.into_inner())?, Caller::Owner)
+            .await
     }
 
     async fn append_signed(
@@ -189,7 +195,7 @@ impl pb::log_server::Log for Api {
         let caller = access::caller_of(&request);
         let draft = signed(request.into_inner())?;
         genesis_needs_owner(caller, std::slice::from_ref(&draft))?;
-        self.append_draft(draft).await
+        self.append_draft(draft, caller).await
     }
 
     async fn append_batch(
@@ -227,7 +233,7 @@ impl pb::log_server::Log for Api {
             .log
             .append(drafts, Origin::Local)
             .await
-            .map_err(|error| append_status(&error))?;
+            .map_err(|error| refusal_status(&self.log, caller, &error))?;
         Ok(Response::new(pb::AppendBatchReply {
             results: appended.into_iter().map(reply).collect(),
         }))
@@ -399,5 +405,26 @@ fn visible(log: &crate::log::Log, caller: Caller, entry: &crate::log::store::Sto
         Some(false) => true,
         Some(true) => caller == Caller::App(stream),
         None => false,
+    }
+}
+
+/// The status of a refused append. A key that holds no role in a private stream, writing into it
+/// as anyone but the owner or the stream's app, is told the stream is not here (as for a stream
+/// this node does not hold): a refusal naming its writers would confirm the stream to a stranger
+/// who guessed or overheard its id.
+fn refusal_status(log: &crate::log::Log, caller: Caller, error: &AppendError) -> Status {
+    let (stream, author) = match error.root() {
+        AppendError::PermissionDenied { stream, author, .. }
+        | AppendError::Membership { stream, author, .. } => (*stream, *author),
+        _ => return append_status(error),
+    };
+    if caller == Caller::Owner || caller == Caller::App(stream) {
+        return append_status(error);
+    }
+    match log.stream(&stream) {
+        Some(state) if state.policy.private && !state.membership.roles().contains_key(&author) => {
+            not_held(&stream)
+        }
+        _ => append_status(error),
     }
 }

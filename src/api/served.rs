@@ -17,9 +17,7 @@ use crate::api::{append_status, projections_status, wait_status};
 /// The answer for a stream this node does not hold, or does not serve to the caller (the same
 /// words: a private stream's id is not confirmed to a stranger).
 pub fn not_held(stream: &StreamId) -> Status {
-    Status::not_found(format!(
-        "stream {stream} is not held by this node: create it, or join it and add a peer that holds it"
-    ))
+    Status::not_found(crate::log::AppendError::UnknownStream(*stream).to_string())
 }
 use crate::log::{Appended, Draft, Log, NewScribe};
 use crate::projection::readers::{Loan, Readers, TakeError};

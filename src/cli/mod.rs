@@ -338,8 +338,9 @@ pub struct CreateArgs {
     /// Owner key (64 hex); default: this node.
     #[arg(long)]
     pub owner: Option<AuthorKey>,
-    /// Who may author a kind, overriding the default: KIND=WHO[,WHO...] where WHO is anyone, owner
-    /// or a 64-hex key. Repeatable. Defaults: file.* owner; record.*, kv.*, x.* anyone.
+    /// Who may author a kind, overriding the default: KIND=WHO[,WHO...] where WHO is anyone,
+    /// owner, writers (keys holding the writer role: `quire acl`) or a 64-hex key. Repeatable.
+    /// Defaults: file.* owner; record.*, kv.*, x.* anyone (writers in a private stream).
     #[arg(long = "allow", value_name = "KIND=WHO")]
     pub allow: Vec<String>,
     /// Largest payload of one scribe, in bytes (default 10 MiB).

@@ -28,9 +28,12 @@ fn parse_allow(rule: &str) -> Result<pb::KindRule> {
         match part {
             "anyone" => authors.anyone = true,
             "owner" => authors.owner = true,
+            "writers" => authors.writers = true,
             key => {
                 let key: AuthorKey = key.parse().with_context(|| {
-                    format!("--allow {rule:?}: {key:?} is not anyone, owner or a 64-hex key")
+                    format!(
+                        "--allow {rule:?}: {key:?} is not anyone, owner, writers or a 64-hex key"
+                    )
                 })?;
                 authors.keys.push(Bytes::copy_from_slice(key.as_bytes()));
             }

@@ -424,7 +424,24 @@ impl Driver {
         });
     }
 
-    async fn read(&mut self, plan: ReadPlan) -> Result<Option<Message>, ConnectionError> {
+    async fn read(&mut self, mut plan: ReadPlan) -> Result<Option<Message>, ConnectionError> {
+        // One snapshot of the stream decides both whether the peer may receive it and how far:
+        // a membership change and the scribes committed with it land in the snapshot together,
+        // so nothing committed with (or after) a revoke reaches the revoked peer, even before
+        // this connection has heard of the change.
+        let Some(state) = self.inner.log.stream(&plan.stream) else {
+            return Ok(None);
+        };
+        if self.peer.is_some_and(|peer| !state.may_read(&peer)) {
+            let ids = self.visible_streams();
+            let actions = self.session_mut().set_local_streams(ids);
+            Box::pin(self.execute(actions)).await?;
+            return Ok(None);
+        }
+        plan.to = plan.to.min(state.record.head_seq);
+        if plan.to < plan.from {
+            return Ok(None);
+        }
         let log = self.inner.log.clone();
         let read = tokio::task::spawn_blocking(move || {
             log.store()

@@ -5,6 +5,7 @@
 mod access;
 mod api;
 mod attack_access;
+mod attack_acl;
 mod attack_clock;
 mod attack_format;
 mod attack_leave;
