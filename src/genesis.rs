@@ -205,6 +205,8 @@ pub fn policy_from_proto(policy: pb::Policy) -> Result<Policy, PolicyError> {
         leasing: !policy.leasing_disabled,
         lease_ms: or_default(policy.lease_ms, defaults.lease_ms),
         work_bits: policy.work_bits,
+        author_max_bytes: policy.author_max_bytes,
+        author_max_scribes_per_day: policy.author_max_scribes_per_day,
         private: false,
     })
 }
@@ -234,5 +236,7 @@ pub fn policy_to_proto(policy: &Policy) -> pb::Policy {
         leasing_disabled: !policy.leasing,
         lease_ms: policy.lease_ms,
         work_bits: policy.work_bits,
+        author_max_bytes: policy.author_max_bytes,
+        author_max_scribes_per_day: policy.author_max_scribes_per_day,
     }
 }

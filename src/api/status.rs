@@ -39,6 +39,7 @@ pub fn append_status(error: &AppendError) -> Status {
         },
         AppendError::PayloadTooLarge { .. }
         | AppendError::StreamFull { .. }
+        | AppendError::QuotaExceeded { .. }
         | AppendError::HeldFull { .. } => Code::ResourceExhausted,
         AppendError::FutureInBatch { .. }
         | AppendError::Backdated { .. }

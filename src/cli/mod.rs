@@ -310,7 +310,7 @@ pub enum AclCommand {
 #[derive(Debug, Subcommand)]
 pub enum StreamCommand {
     /// Create a stream (the node signs its genesis); prints the new stream id.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List the streams this node holds.
     List,
     /// Show one stream and its policy.
@@ -358,6 +358,14 @@ pub struct CreateArgs {
     /// Work-token bits record.add scribes must carry (default 0: none).
     #[arg(long, default_value_t = 0)]
     pub work_bits: u32,
+    /// Per-author quota: most bytes one author's scribes may take in the stream, on every node
+    /// (local appends and scribes from peers alike; the owner is exempt). Default: none.
+    #[arg(long, value_name = "BYTES")]
+    pub author_max_bytes: Option<u64>,
+    /// Per-author quota: most scribes one author may date within one UTC day, on every node (the
+    /// owner is exempt). Default: none.
+    #[arg(long, value_name = "SCRIBES")]
+    pub author_max_scribes_per_day: Option<u64>,
     /// Make the stream private: it is served (to peers, to clients) only to its members, and
     /// record.*, kv.* and x.* are written by its writers unless --allow says otherwise. Give the
     /// nodes that are to hold it a role (--reader NODE_KEY at least).

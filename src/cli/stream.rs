@@ -60,6 +60,8 @@ pub(crate) async fn stream(url: &Node, command: StreamCommand) -> Result<()> {
                 leasing_disabled: args.no_leasing,
                 lease_ms: args.lease_secs.map_or(0, |secs| secs.saturating_mul(1000)),
                 work_bits: args.work_bits,
+                author_max_bytes: args.author_max_bytes.unwrap_or(0),
+                author_max_scribes_per_day: args.author_max_scribes_per_day.unwrap_or(0),
             };
             let mut members = std::collections::BTreeMap::new();
             for (keys, role) in [
@@ -199,6 +201,20 @@ fn print_stream(info: &pb::StreamInfo) {
             }
         );
         println!("work bits   {}", policy.work_bits);
+        if policy.author_max_bytes > 0 || policy.author_max_scribes_per_day > 0 {
+            let quota = |value: u64| {
+                if value == 0 {
+                    "no limit".to_string()
+                } else {
+                    value.to_string()
+                }
+            };
+            println!(
+                "per author  {} bytes, {} scribes a day (the owner is exempt)",
+                quota(policy.author_max_bytes),
+                quota(policy.author_max_scribes_per_day)
+            );
+        }
         for rule in &policy.rules {
             let authors = rule.authors.clone().unwrap_or_default();
             let mut who = Vec::new();

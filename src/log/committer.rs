@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use super::held;
 use super::rules::{self, Added, JobRules, Seen, Verdict};
 use super::signer::PreparedJob;
-use super::store::{Commit, CursorUpdate, HeldKey, NewEntry, PeerOrigin};
+use super::store::{Commit, CursorUpdate, HeldKey, NewEntry, PeerOrigin, Usage, UsageKey};
 use super::{AppendError, Appended, EachOutcome, Origin, Reply, Shared, StreamState};
 use crate::scribe::Scribe;
 
@@ -49,6 +49,8 @@ pub(super) struct Overlay {
     pub(super) ids: HashMap<ScribeId, (u64, StreamId, u64)>,
     /// Every stream touched, with its counters after the additions.
     pub(super) streams: HashMap<StreamId, StreamState>,
+    /// Per-author usage of streams with quotas, after the additions.
+    pub(super) usage: HashMap<UsageKey, Usage>,
     entries: Vec<NewEntry>,
     cursors: HashMap<(AuthorKey, StreamId), CursorUpdate>,
     new_streams: usize,
@@ -66,12 +68,14 @@ impl Overlay {
         Added {
             ids: &self.ids,
             streams: &self.streams,
+            usage: &self.usage,
         }
     }
 
     fn absorb(&mut self, job: Overlay) {
         self.ids.extend(job.ids);
         self.streams.extend(job.streams);
+        self.usage.extend(job.usage);
         self.entries.extend(job.entries);
         self.new_streams += job.new_streams;
         self.membership_changes += job.membership_changes;
@@ -93,7 +97,14 @@ impl Overlay {
     }
 
     /// Records an admitted scribe at `seq`, with its stream as it stands with the scribe counted.
-    fn record(&mut self, scribe: Scribe, seq: u64, state: StreamState, origin: Origin) -> Appended {
+    fn record(
+        &mut self,
+        scribe: Scribe,
+        seq: u64,
+        (state, usage): (StreamState, Vec<(UsageKey, Usage)>),
+        origin: Origin,
+    ) -> Appended {
+        self.usage.extend(usage);
         let stream = scribe.stream_id();
         let hlc = scribe.body.hlc;
         self.ids.insert(scribe.id, (seq, stream, hlc));
@@ -323,9 +334,9 @@ fn admit_job(shared: &Shared, head: u64, overlay: &mut Overlay, job: PreparedJob
                 }
                 job_overlay.hold(shared, overlay, key, &scribe, origin)
             }
-            Verdict::New(state) => {
+            Verdict::New(state, usage) => {
                 shared.clock.observe(scribe.body.hlc);
-                Ok(job_overlay.record(scribe, seq, state, origin))
+                Ok(job_overlay.record(scribe, seq, (state, usage), origin))
             }
         }
     };
@@ -418,6 +429,7 @@ fn write_and_publish(
         head: new_head,
         hlc: shared.clock.peek(),
         cursors: overlay.cursors.values().copied().collect(),
+        usage: overlay.usage.drain().collect(),
         released: std::mem::take(&mut overlay.released),
         held: overlay.held.drain().collect(),
     };

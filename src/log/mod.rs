@@ -122,6 +122,16 @@ pub enum AppendError {
         /// Why.
         error: crate::membership::MembershipError,
     },
+    /// The author is over one of its quotas in the stream.
+    #[error("author {author} is over its quota in stream {stream}: {what}")]
+    QuotaExceeded {
+        /// The author.
+        author: AuthorKey,
+        /// The stream.
+        stream: StreamId,
+        /// Which quota, and by how much.
+        what: String,
+    },
     /// A membership scribe's payload does not decode.
     #[error("{kind} payload: {reason}")]
     BadMembership {

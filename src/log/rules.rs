@@ -25,7 +25,7 @@ use quire_projection_api::{
 };
 
 use super::held;
-use super::store::{HeldKey, StoreError, StreamRecord};
+use super::store::{HeldKey, StoreError, StreamRecord, Usage, UsageKey};
 use super::{AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
 use crate::membership::{Change, Membership, MembershipError, Op, Role};
@@ -56,6 +56,7 @@ pub(crate) fn is_rule_refusal(error: &AppendError) -> bool {
             | AppendError::BadPayload { .. }
             | AppendError::BadGenesis(_)
             | AppendError::Membership { .. }
+            | AppendError::QuotaExceeded { .. }
             | AppendError::BadMembership { .. }
     )
 }
@@ -144,12 +145,27 @@ pub(super) struct Added<'a> {
     pub(super) ids: &'a HashMap<ScribeId, (u64, StreamId, u64)>,
     /// Every stream touched, with its counters after the additions.
     pub(super) streams: &'a HashMap<StreamId, StreamState>,
+    /// Per-author usage of streams with quotas, after the additions.
+    pub(super) usage: &'a HashMap<UsageKey, Usage>,
 }
 
 impl Seen<'_> {
     /// `(seq, stream, hlc)` of a scribe added earlier in this job or group (not the store).
     fn added(&self, id: &ScribeId) -> Option<&(u64, StreamId, u64)> {
         self.job.ids.get(id).or_else(|| self.group.ids.get(id))
+    }
+
+    /// An author's usage as it stands after what the job and the group added.
+    fn usage(&self, key: &UsageKey) -> Result<Usage, AppendError> {
+        match self
+            .job
+            .usage
+            .get(key)
+            .or_else(|| self.group.usage.get(key))
+        {
+            Some(usage) => Ok(*usage),
+            None => Ok(self.shared.store.usage(key)?),
+        }
     }
 
     /// The stream as it stands after what the job and the group added, if held.
@@ -174,8 +190,9 @@ impl Seen<'_> {
 pub(super) enum Verdict {
     /// Already stored (or earlier in this group): nothing changes, this is its answer.
     Duplicate(Appended),
-    /// New: store it at the seq asked about; this is its stream with the scribe counted in.
-    New(StreamState),
+    /// New: store it at the seq asked about; this is its stream with the scribe counted in, and
+    /// its author's usage with it counted in (streams with quotas).
+    New(StreamState, Vec<(UsageKey, Usage)>),
     /// Valid so far, but dated too far ahead of the node's clock: keep it aside under this key
     /// (see `log::held`). Its parents are checked when it enters the log.
     Hold(HeldKey),
@@ -214,7 +231,7 @@ pub(super) fn admit(
         if let Some(key) = too_early(seen, scribe, fresh) {
             return Ok(Verdict::Hold(key));
         }
-        return Ok(Verdict::New(state));
+        return Ok(Verdict::New(state, Vec::new()));
     }
     let stream = scribe.stream_id();
     let mut state = seen
@@ -230,6 +247,7 @@ pub(super) fn admit(
         state.membership = Arc::new(membership);
     }
     check_size(&state, scribe, rules.origin)?;
+    let usage = check_quota(seen, &state, scribe)?;
     // The payload rules' verdict, reached by the signer (off this thread, in parallel).
     payload?;
     check_work(&state, scribe)?;
@@ -243,7 +261,7 @@ pub(super) fn admit(
     state.record.head_seq = seq;
     state.record.scribes += 1;
     state.record.bytes += scribe.size();
-    Ok(Verdict::New(state))
+    Ok(Verdict::New(state, usage))
 }
 
 /// The key to hold the scribe under if it is dated too far ahead of the node's wall clock. A
@@ -433,6 +451,58 @@ fn check_size(state: &StreamState, scribe: &Scribe, origin: Origin) -> Result<()
         });
     }
     Ok(())
+}
+
+/// The scribe stays within its author's quotas of the stream (a policy's, on every node: local
+/// appends and scribes from peers alike, so one author cannot fill every replica); the owner is
+/// exempt. Answers the author's usage with the scribe counted in.
+fn check_quota(
+    seen: &Seen<'_>,
+    state: &StreamState,
+    scribe: &Scribe,
+) -> Result<Vec<(UsageKey, Usage)>, AppendError> {
+    let policy = &state.policy;
+    if (policy.author_max_bytes == 0 && policy.author_max_scribes_per_day == 0)
+        || scribe.body.author == state.owner
+    {
+        return Ok(Vec::new());
+    }
+    let size = scribe.size();
+    let key = |day| UsageKey {
+        stream: state.id,
+        author: scribe.body.author,
+        day,
+    };
+    let day = (scribe.body.hlc >> 16) / 86_400_000;
+    let total = seen.usage(&key(UsageKey::TOTAL))?;
+    let daily = seen.usage(&key(day))?;
+    let refuse = |what: String| AppendError::QuotaExceeded {
+        author: scribe.body.author,
+        stream: state.id,
+        what,
+    };
+    if policy.author_max_bytes > 0 && total.bytes + size > policy.author_max_bytes {
+        return Err(refuse(format!(
+            "its scribes take {} bytes of the stream and this one {size}; the most one author may take is {} (author_max_bytes)",
+            total.bytes, policy.author_max_bytes
+        )));
+    }
+    if policy.author_max_scribes_per_day > 0
+        && daily.scribes + 1 > policy.author_max_scribes_per_day
+    {
+        return Err(refuse(format!(
+            "it dated {} scribes on that UTC day already; the most is {} (author_max_scribes_per_day)",
+            daily.scribes, policy.author_max_scribes_per_day
+        )));
+    }
+    let add = |usage: Usage| Usage {
+        scribes: usage.scribes + 1,
+        bytes: usage.bytes + size,
+    };
+    Ok(vec![
+        (key(UsageKey::TOTAL), add(total)),
+        (key(day), add(daily)),
+    ])
 }
 
 /// The payload rules handed to the log (the built-in kinds' and the projectors'), for every scribe

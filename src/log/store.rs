@@ -66,7 +66,8 @@ const CF_SEALS: &str = "seals";
 const CF_HELD: &str = "held";
 const CF_PEER_KEYS: &str = "peer_keys";
 const CF_MEMBERSHIP: &str = "membership";
-const COLUMN_FAMILIES: [&str; 13] = [
+const CF_USAGE: &str = "usage";
+const COLUMN_FAMILIES: [&str; 14] = [
     CF_SCRIBES,
     CF_PAYLOADS,
     CF_SEALS,
@@ -77,6 +78,7 @@ const COLUMN_FAMILIES: [&str; 13] = [
     CF_PEERS,
     CF_PEER_KEYS,
     CF_MEMBERSHIP,
+    CF_USAGE,
     CF_JOINS,
     CF_PROJECTIONS,
     CF_HELD,
@@ -88,6 +90,56 @@ const META_HEAD: &[u8] = b"head";
 const META_HLC: &[u8] = b"hlc";
 const META_PAYLOAD_REFS: &[u8] = b"payload_refs";
 const META_LEAVING: &[u8] = b"leaving/";
+
+/// Whose usage of which stream a quota counts: one author's scribes in one stream, in all
+/// ([`UsageKey::TOTAL`]) or dated within one UTC day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UsageKey {
+    /// The stream.
+    pub stream: StreamId,
+    /// The author.
+    pub author: AuthorKey,
+    /// The UTC day (days since the epoch, by the scribes' clocks), or [`UsageKey::TOTAL`].
+    pub day: u64,
+}
+
+impl UsageKey {
+    /// The day of a stream's whole usage.
+    pub const TOTAL: u64 = u64::MAX;
+
+    fn encode(&self) -> [u8; 72] {
+        let mut key = [0u8; 72];
+        key[..32].copy_from_slice(self.stream.as_bytes());
+        key[32..64].copy_from_slice(self.author.as_bytes());
+        key[64..].copy_from_slice(&self.day.to_be_bytes());
+        key
+    }
+}
+
+/// Scribes and bytes counted against a quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Scribes.
+    pub scribes: u64,
+    /// Their bytes (envelopes and payloads).
+    pub bytes: u64,
+}
+
+impl Usage {
+    fn encode(&self) -> [u8; 16] {
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&self.scribes.to_be_bytes());
+        value[8..].copy_from_slice(&self.bytes.to_be_bytes());
+        value
+    }
+
+    fn decode(value: &[u8]) -> Option<Usage> {
+        Some(Usage {
+            scribes: u64::from_be_bytes(value.get(..8)?.try_into().ok()?),
+            bytes: u64::from_be_bytes(value.get(8..16)?.try_into().ok()?),
+        })
+    }
+}
 
 /// What this node says of one peer node key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +238,8 @@ pub struct Commit {
     pub hlc: u64,
     /// Replication cursors covered by this commit (written in the same batch: invariant 6).
     pub cursors: Vec<CursorUpdate>,
+    /// Per-author usage of streams with quotas, as it stands after this commit.
+    pub usage: Vec<(UsageKey, Usage)>,
     /// Held scribes released by this commit (admitted or refused now): deleted first.
     pub released: Vec<HeldKey>,
     /// Scribes kept aside by this commit, to enter the log later.
@@ -678,6 +732,9 @@ impl Store {
         }
         for (stream, record) in &commit.streams {
             batch.put_cf(streams, stream.as_bytes(), record.encode());
+        }
+        for (key, usage) in &commit.usage {
+            batch.put_cf(self.cf(CF_USAGE), key.encode(), usage.encode());
         }
         for cursor in &commit.cursors {
             let mut value = cursor.epoch.to_vec();
@@ -1261,6 +1318,16 @@ impl Store {
         Ok(out)
     }
 
+    /// What one author's scribes take of a stream with quotas (nothing if none stored).
+    pub fn usage(&self, key: &UsageKey) -> Result<Usage, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_USAGE), key.encode())? {
+            Some(value) => {
+                Usage::decode(&value).ok_or_else(|| StoreError::Damaged("usage record".into()))
+            }
+            None => Ok(Usage::default()),
+        }
+    }
+
     /// The membership scribes of `stream`, in local order.
     pub fn membership_ids(&self, stream: &StreamId) -> Result<Vec<ScribeId>, StoreError> {
         let mut out = Vec::new();
@@ -1407,6 +1474,9 @@ impl Store {
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_STREAMS), stream.as_bytes());
         batch.delete_cf(self.cf(CF_JOINS), stream.as_bytes());
+        let mut usage_end = stream.as_bytes().to_vec();
+        usage_end.extend_from_slice(&[0xff; 41]);
+        batch.delete_range_cf(self.cf(CF_USAGE), &stream.as_bytes()[..], &usage_end[..]);
         batch.delete_range_cf(
             self.cf(CF_MEMBERSHIP),
             stream_key(stream, 0),

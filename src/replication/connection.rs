@@ -636,6 +636,19 @@ impl Driver {
             }
         }
         let held_full = !not_stored.is_empty();
+        // Over its author's quota: the author's doing, not the peer's (two nodes may hold other
+        // scribes of an author at its quota), so neither it nor its descendants count.
+        let mut over_quota = std::collections::HashSet::new();
+        for (id, outcome) in ids.iter().zip(&outcomes) {
+            let over = match outcome {
+                Err(AppendError::QuotaExceeded { .. }) => true,
+                Err(AppendError::UnknownParent { parent, .. }) => over_quota.contains(parent),
+                _ => false,
+            };
+            if over {
+                over_quota.insert(*id);
+            }
+        }
         // The stream was left while the batch was being stored: not the peer's fault.
         let left = |outcome: &Result<_, AppendError>| match outcome {
             Err(AppendError::Leaving(_)) => true,
@@ -645,6 +658,9 @@ impl Driver {
         for (id, outcome) in ids.iter().zip(&outcomes) {
             match outcome {
                 _ if not_stored.contains(id) || left(outcome) => {}
+                _ if over_quota.contains(id) => {
+                    tracing::debug!(peer = %peer.short(), %stream, %id, "a scribe over its author's quota, not stored");
+                }
                 Ok(appended) if appended.duplicate => duplicates += 1,
                 Ok(appended) if appended.held => held += 1,
                 Ok(_) => received += 1,

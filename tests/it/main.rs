@@ -29,6 +29,7 @@ mod power;
 mod private;
 mod projections;
 mod python;
+mod quota;
 mod replication;
 mod scribe;
 mod simulation;

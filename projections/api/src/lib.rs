@@ -322,6 +322,10 @@ pub struct Policy {
     pub lease_ms: u64,
     /// Zero bits a `record.add` work token must have (0: no work token).
     pub work_bits: u32,
+    /// Most bytes one author's scribes may take in the stream (0: no quota; the owner is exempt).
+    pub author_max_bytes: u64,
+    /// Most scribes one author may date within one UTC day (0: no quota; the owner is exempt).
+    pub author_max_scribes_per_day: u64,
     /// The stream is private (its genesis says so): served only to its members, and written by
     /// its writers unless a rule says otherwise.
     pub private: bool,
@@ -383,6 +387,8 @@ impl Default for Policy {
             leasing: true,
             lease_ms: Self::DEFAULT_LEASE_MS,
             work_bits: 0,
+            author_max_bytes: 0,
+            author_max_scribes_per_day: 0,
             private: false,
         }
     }
