@@ -35,18 +35,18 @@ fn key_of(key: &SigningKey) -> AuthorKey {
     AuthorKey(key.verifying_key().to_bytes())
 }
 
-fn key_bytes(key: &AuthorKey) -> Bytes {
+pub(crate) fn key_bytes(key: &AuthorKey) -> Bytes {
     Bytes::copy_from_slice(key.as_bytes())
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack
         .windows(needle.len())
         .any(|window| window == needle)
 }
 
 /// A private stream of `node`'s with `members` from the start and `policy`.
-async fn private_stream_with(
+pub(crate) async fn private_stream_with(
     node: &RunningNode,
     members: &[(AuthorKey, Role)],
     policy: Option<pb::Policy>,
@@ -76,12 +76,12 @@ async fn private_stream_with(
     StreamId::from_slice(&info.stream).unwrap()
 }
 
-async fn private_stream(node: &RunningNode, members: &[(AuthorKey, Role)]) -> StreamId {
+pub(crate) async fn private_stream(node: &RunningNode, members: &[(AuthorKey, Role)]) -> StreamId {
     private_stream_with(node, members, None).await
 }
 
 /// `node` (an admin of `stream`) grants `role` to `key`, or revokes it (`role` None); the id.
-async fn set_role(
+pub(crate) async fn set_role(
     node: &RunningNode,
     stream: &StreamId,
     key: &AuthorKey,
@@ -239,7 +239,7 @@ async fn heads(node: &RunningNode, stream: &StreamId) -> Vec<ScribeId> {
         .collect()
 }
 
-async fn excluded(node: &RunningNode, stream: &StreamId) -> Vec<Bytes> {
+pub(crate) async fn excluded(node: &RunningNode, stream: &StreamId) -> Vec<Bytes> {
     clients(&node.url())
         .await
         .streams
@@ -256,7 +256,7 @@ async fn excluded(node: &RunningNode, stream: &StreamId) -> Vec<Bytes> {
         .collect()
 }
 
-fn held(node: &RunningNode, stream: &StreamId) -> u64 {
+pub(crate) fn held(node: &RunningNode, stream: &StreamId) -> u64 {
     node.log
         .stream(stream)
         .map_or(0, |state| state.record.scribes)

@@ -13,81 +13,12 @@ use quire::pb;
 use quire::pb::peer_message::Message as Wire;
 use quire::projection_api::{AuthorKey, StreamId};
 
+use crate::attack_acl::{contains, excluded, held, key_bytes, private_stream, set_role};
 use crate::common::*;
 use crate::malicious::Intruder;
 use crate::replication::{connect, wait_for_count};
 
 const SECRET: &str = "the-private-payload-nobody-else-may-see";
-
-fn key_bytes(key: &AuthorKey) -> Bytes {
-    Bytes::copy_from_slice(key.as_bytes())
-}
-
-/// A private stream of `node`'s with `members` (key, role) from the start.
-async fn private_stream(node: &RunningNode, members: &[(AuthorKey, Role)]) -> StreamId {
-    let info = clients(&node.url())
-        .await
-        .streams
-        .create(pb::CreateStreamRequest {
-            name: "private".into(),
-            policy: None,
-            owner: Bytes::new(),
-            access: Some(pb::Access {
-                private: true,
-                members: members
-                    .iter()
-                    .map(|(key, role)| pb::Member {
-                        key: key_bytes(key),
-                        role: role.to_proto(),
-                    })
-                    .collect(),
-            }),
-        })
-        .await
-        .expect("create a private stream")
-        .into_inner();
-    assert!(info.private);
-    StreamId::from_slice(&info.stream).unwrap()
-}
-
-/// `node` (an admin of `stream`) grants `role` to `key`, or revokes it (`role` None).
-async fn set_role(node: &RunningNode, stream: &StreamId, key: &AuthorKey, role: Option<Role>) {
-    let (kind, payload) = match role {
-        Some(role) => (
-            "acl.grant",
-            pb::AclGrant {
-                key: key_bytes(key),
-                role: role.to_proto(),
-            }
-            .encode_to_vec(),
-        ),
-        None => (
-            "acl.revoke",
-            pb::AclRevoke {
-                key: key_bytes(key),
-            }
-            .encode_to_vec(),
-        ),
-    };
-    clients(&node.url())
-        .await
-        .log
-        .append(pb::AppendRequest {
-            stream: bytes_of(stream),
-            kind: kind.into(),
-            content_type: quire::membership::ACL_CONTENT_TYPE.into(),
-            payload: Bytes::from(payload),
-            parents: vec![],
-        })
-        .await
-        .unwrap_or_else(|status| panic!("{kind}: {status:?}"));
-}
-
-fn held(node: &RunningNode, stream: &StreamId) -> u64 {
-    node.log
-        .stream(stream)
-        .map_or(0, |state| state.record.scribes)
-}
 
 /// Everything a hand-written peer with a fresh key learns from `node` in `within`: the streams
 /// announced and the bytes of every message.
@@ -135,12 +66,6 @@ async fn what_a_stranger_learns(
     }
     assert!(genesis_answered, "the genesis request was answered");
     (announced, bytes)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,23 +382,6 @@ async fn digest(node: &RunningNode, stream: &StreamId) -> Bytes {
         .digest
 }
 
-async fn excluded(node: &RunningNode, stream: &StreamId) -> Vec<Bytes> {
-    clients(&node.url())
-        .await
-        .streams
-        .excluded(pb::ExcludedRequest {
-            stream: bytes_of(stream),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .scribes
-        .into_iter()
-        .map(|scribe| scribe.id)
-        .collect()
-}
-
 /// A writer revoked on A while it keeps writing on B (partitioned from A): once they meet, both
 /// hold every scribe, both leave out the writes dated after the revoke it had not seen (B's
 /// projections are rebuilt without them), list the same excluded scribes and show the same
@@ -541,22 +449,7 @@ async fn writes_concurrent_with_their_authors_revoke_are_excluded_on_every_node(
     wait_for_count(&[&b], &stream, 2).await;
 
     // Partition: B forgets A.
-    clients(&b.url())
-        .await
-        .admin
-        .remove_peer(pb::RemovePeerRequest {
-            addr: a.peer_addr.unwrap().to_string(),
-        })
-        .await
-        .unwrap();
-    wait_until(Duration::from_secs(30), "A and B are apart", || async {
-        !node_status(&a)
-            .await
-            .peers
-            .iter()
-            .any(|peer| peer.connected)
-    })
-    .await;
+    crate::replication::part(&b, &a).await;
     set_role(&a, &stream, &writer_key, None).await;
     let revoke_hlc = a.log.clock().now();
     // On B the writer is still a writer: it writes on, after the revoke it has not seen.

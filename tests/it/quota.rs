@@ -100,22 +100,7 @@ async fn a_peer_relaying_an_author_at_its_quota_is_not_blamed() {
     let stream = quota_stream(&a, 0, 3).await;
     connect(&b, &a).await;
     join(&b, &stream).await;
-    clients(&b.url())
-        .await
-        .admin
-        .remove_peer(pb::RemovePeerRequest {
-            addr: a.peer_addr.unwrap().to_string(),
-        })
-        .await
-        .unwrap();
-    wait_until(Duration::from_secs(30), "A and B are apart", || async {
-        !node_status(&a)
-            .await
-            .peers
-            .iter()
-            .any(|peer| peer.connected)
-    })
-    .await;
+    crate::replication::part(&b, &a).await;
     let hlc = a.log.clock().now();
     for n in 1..=3 {
         write(&a, 53, &stream, format!("on a {n}").as_bytes(), hlc + n)

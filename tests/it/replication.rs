@@ -26,6 +26,27 @@ pub async fn connect(from: &RunningNode, to: &RunningNode) {
         .expect("add peer");
 }
 
+/// Parts `from` (which dialed) and `to`: `from` forgets `to`, and both wait until `to` holds no
+/// connection.
+pub async fn part(from: &RunningNode, to: &RunningNode) {
+    clients(&from.url())
+        .await
+        .admin
+        .remove_peer(pb::RemovePeerRequest {
+            addr: to.peer_addr.unwrap().to_string(),
+        })
+        .await
+        .expect("remove peer");
+    wait_until(CONVERGE, "the two nodes are apart", || async {
+        !node_status(to)
+            .await
+            .peers
+            .iter()
+            .any(|peer| peer.connected)
+    })
+    .await;
+}
+
 /// Joins `stream` on `node` (retrying while its peers are still connecting).
 pub async fn join(node: &RunningNode, stream: &StreamId) {
     let mut clients = clients(&node.url()).await;
