@@ -28,7 +28,7 @@
 //! per stream that has membership (`log::rules` judges scribes with it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use quire_projection_api::{AuthorKey, ScribeId};
 
@@ -154,6 +154,9 @@ pub enum MembershipError {
     Full,
 }
 
+/// Every key's role in one view, shared.
+pub type Roles = Arc<BTreeMap<AuthorKey, Role>>;
+
 /// A stream's membership: its owner, its genesis members and its stored membership scribes.
 #[derive(Debug)]
 pub struct Membership {
@@ -161,7 +164,7 @@ pub struct Membership {
     initial: BTreeMap<AuthorKey, Role>,
     ops: HashMap<ScribeId, Op>,
     /// The state of each view asked about so far, by its link set (views never change).
-    views: Mutex<HashMap<Vec<ScribeId>, BTreeMap<AuthorKey, Role>>>,
+    views: Mutex<HashMap<Vec<ScribeId>, Roles>>,
     /// The standing revokes of every operation held, once computed (cleared by an add).
     standing: Mutex<Option<BTreeSet<ScribeId>>>,
 }
@@ -407,10 +410,7 @@ impl Membership {
 
     /// Every key's role in the view named by `links` (a scribe's `membership` field, and a
     /// membership scribe's parents): what its author had seen.
-    pub fn roles_at(
-        &self,
-        links: &[ScribeId],
-    ) -> Result<BTreeMap<AuthorKey, Role>, MembershipError> {
+    pub fn roles_at(&self, links: &[ScribeId]) -> Result<Roles, MembershipError> {
         let mut key: Vec<ScribeId> = links.to_vec();
         key.sort();
         key.dedup();
@@ -418,7 +418,7 @@ impl Membership {
             return Ok(roles.clone());
         }
         let within = self.closure(&key)?;
-        let roles = self.roles_in(&within);
+        let roles = Arc::new(self.roles_in(&within));
         self.views
             .lock()
             .expect("views lock")
@@ -436,7 +436,7 @@ impl Membership {
     }
 
     /// Every key's role given every membership scribe held: what serving a stream goes by.
-    pub fn roles(&self) -> BTreeMap<AuthorKey, Role> {
+    pub fn roles(&self) -> Roles {
         let heads = self.heads();
         self.roles_at(&heads).expect("heads are stored")
     }

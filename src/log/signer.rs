@@ -126,22 +126,20 @@ pub(super) fn body(
 ) -> Body {
     let mut parents = new.parents;
     let mut membership = None;
-    let state = new.stream.and_then(|stream| {
+    let held = new.stream.and_then(|stream| {
         shared
             .streams
             .read()
             .expect("streams lock")
             .get(&stream)
-            .cloned()
+            .map(|state| state.membership.clone())
     });
-    if let Some(state) = state {
-        let heads = state.membership.heads();
-        membership = heads.iter().copied().max_by_key(|head| {
-            (
-                state.membership.role_at(&[*head], &author).ok().flatten(),
-                *head,
-            )
-        });
+    if let Some(held) = held.filter(|held| !held.is_empty()) {
+        let heads = held.heads();
+        membership = heads
+            .iter()
+            .copied()
+            .max_by_key(|head| (held.role_at(&[*head], &author).ok().flatten(), *head));
         if new.kind.is_membership() {
             for head in heads {
                 if !parents.contains(&head) {
