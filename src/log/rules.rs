@@ -247,7 +247,6 @@ pub(super) fn admit(
         state.membership = Arc::new(membership);
     }
     check_size(&state, scribe, rules.origin)?;
-    let usage = check_quota(seen, &state, scribe)?;
     // The payload rules' verdict, reached by the signer (off this thread, in parallel).
     payload?;
     check_work(&state, scribe)?;
@@ -258,6 +257,9 @@ pub(super) fn admit(
         return Ok(Verdict::Hold(key));
     }
     check_parents(seen, scribe)?;
+    // Last: a quota refuses only a scribe that is otherwise valid (a peer's quota refusals are
+    // not counted against it, so nothing invalid may hide behind one).
+    let usage = check_quota(seen, &state, scribe)?;
     state.record.head_seq = seq;
     state.record.scribes += 1;
     state.record.bytes += scribe.size();
@@ -467,8 +469,11 @@ fn check_quota(
     scribe: &Scribe,
 ) -> Result<Vec<(UsageKey, Usage)>, AppendError> {
     let policy = &state.policy;
+    // Membership scribes are exempt: admins change who may write, and a membership that
+    // differed between nodes would split every judgement that follows.
     if (policy.author_max_bytes == 0 && policy.author_max_scribes_per_day == 0)
         || scribe.body.author == state.owner
+        || scribe.body.kind.is_membership()
     {
         return Ok(Vec::new());
     }

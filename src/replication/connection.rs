@@ -43,6 +43,10 @@ pub const MAX_CONTROL_QUEUE: usize = 64;
 /// A connection that lasted less than this counts as a failed attempt for the backoff.
 pub const MIN_HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
 
+/// Scribes over their author's quota a connection remembers (so their descendants are not held
+/// against the peer either).
+pub const MAX_OVER_QUOTA_REMEMBERED: usize = 100_000;
+
 /// Invalid scribes a peer may send on one connection before it is disconnected (and banned for a
 /// while, doubling each time).
 pub const MAX_REFUSED_PER_CONNECTION: u64 = 64;
@@ -219,6 +223,7 @@ where
         id,
         proven: link.proven,
         binding: link.binding,
+        over_quota: std::collections::HashSet::new(),
     };
     let result = driver.drive(incoming, &outgoing, commands).await;
     // Best effort: tell the peer why.
@@ -261,6 +266,9 @@ struct Driver {
     /// An accepted connection's mark for its listener: set once the peer proved its key.
     proven: Option<Proven>,
     binding: ChannelBinding,
+    /// Scribes this peer sent that were over their author's quota (and their descendants): not
+    /// held against it.
+    over_quota: std::collections::HashSet<ScribeId>,
 }
 
 impl Driver {
@@ -637,18 +645,19 @@ impl Driver {
         }
         let held_full = !not_stored.is_empty();
         // Over its author's quota: the author's doing, not the peer's (two nodes may hold other
-        // scribes of an author at its quota), so neither it nor its descendants count.
-        let mut over_quota = std::collections::HashSet::new();
+        // scribes of an author at its quota), so neither it nor its descendants count — in this
+        // batch or a later one on this connection.
         for (id, outcome) in ids.iter().zip(&outcomes) {
             let over = match outcome {
                 Err(AppendError::QuotaExceeded { .. }) => true,
-                Err(AppendError::UnknownParent { parent, .. }) => over_quota.contains(parent),
+                Err(AppendError::UnknownParent { parent, .. }) => self.over_quota.contains(parent),
                 _ => false,
             };
-            if over {
-                over_quota.insert(*id);
+            if over && self.over_quota.len() < MAX_OVER_QUOTA_REMEMBERED {
+                self.over_quota.insert(*id);
             }
         }
+        let over_quota = &self.over_quota;
         // The stream was left while the batch was being stored: not the peer's fault.
         let left = |outcome: &Result<_, AppendError>| match outcome {
             Err(AppendError::Leaving(_)) => true,

@@ -12,6 +12,7 @@ mod attack_leave;
 mod attack_live;
 mod attack_load;
 mod attack_load2;
+mod attack_quota;
 mod browser;
 mod clock;
 mod common;
