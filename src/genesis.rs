@@ -97,6 +97,13 @@ pub fn genesis_from_payload(payload: &[u8], author: AuthorKey) -> Result<Genesis
     }
     let access = genesis.access.unwrap_or_default();
     policy.private = access.private;
+    if access.members.len() > crate::membership::MAX_MEMBERSHIP_SCRIBES {
+        return Err(GenesisError::Member(format!(
+            "{} members, at most {} (grant more later with acl.grant)",
+            access.members.len(),
+            crate::membership::MAX_MEMBERSHIP_SCRIBES
+        )));
+    }
     let mut members = BTreeMap::new();
     for member in access.members {
         let key = AuthorKey::from_slice(&member.key).map_err(|_| {
@@ -238,5 +245,63 @@ pub fn policy_to_proto(policy: &Policy) -> pb::Policy {
         work_bits: policy.work_bits,
         author_max_bytes: policy.author_max_bytes,
         author_max_scribes_per_day: policy.author_max_scribes_per_day,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_members(members: Vec<pb::Member>) -> Result<Genesis, GenesisError> {
+        let payload = genesis_payload(
+            "g",
+            None,
+            None,
+            Some(pb::Access {
+                private: true,
+                members,
+            }),
+            [0; 16],
+        );
+        genesis_from_payload(&payload, AuthorKey([9; 32]))
+    }
+
+    fn member(key: u8, role: Role) -> pb::Member {
+        pb::Member {
+            key: Bytes::copy_from_slice(&[key; 32]),
+            role: role.to_proto(),
+        }
+    }
+
+    #[test]
+    fn genesis_members_are_checked_and_capped() {
+        let genesis = with_members(vec![member(1, Role::Reader), member(2, Role::Admin)]).unwrap();
+        assert!(genesis.policy.private);
+        assert_eq!(genesis.members.get(&AuthorKey([2; 32])), Some(&Role::Admin));
+        let refused = |members| match with_members(members) {
+            Err(GenesisError::Member(reason)) => reason,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert!(refused(vec![member(1, Role::Reader), member(1, Role::Writer)]).contains("twice"));
+        assert!(refused(vec![member(9, Role::Writer)]).contains("owner"));
+        let mut no_role = member(1, Role::Reader);
+        no_role.role = 0;
+        assert!(refused(vec![no_role]).contains("role"));
+        let short = pb::Member {
+            key: Bytes::from_static(b"short"),
+            role: Role::Reader.to_proto(),
+        };
+        assert!(refused(vec![short]).contains("32 bytes"));
+        let too_many = (0..=crate::membership::MAX_MEMBERSHIP_SCRIBES)
+            .map(|n| pb::Member {
+                key: Bytes::copy_from_slice(&{
+                    let mut key = [0u8; 32];
+                    key[..8].copy_from_slice(&(n as u64).to_be_bytes());
+                    key
+                }),
+                role: Role::Reader.to_proto(),
+            })
+            .collect();
+        assert!(refused(too_many).contains("at most"));
     }
 }

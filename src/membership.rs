@@ -163,6 +163,9 @@ pub struct Membership {
     owner: AuthorKey,
     initial: BTreeMap<AuthorKey, Role>,
     ops: HashMap<ScribeId, Op>,
+    /// The operations no other links to (kept as operations are added: a head only stops being
+    /// one when a later operation links to it).
+    heads: BTreeSet<ScribeId>,
     /// The state of each view asked about so far, by its link set (views never change).
     views: Mutex<HashMap<Vec<ScribeId>, Roles>>,
     /// The standing revokes of every operation held, once computed (cleared by an add).
@@ -175,6 +178,7 @@ impl Clone for Membership {
             owner: self.owner,
             initial: self.initial.clone(),
             ops: self.ops.clone(),
+            heads: self.heads.clone(),
             views: Mutex::new(HashMap::new()),
             standing: Mutex::new(None),
         }
@@ -196,6 +200,7 @@ impl Membership {
             owner,
             initial,
             ops: HashMap::new(),
+            heads: BTreeSet::new(),
             views: Mutex::new(HashMap::new()),
             standing: Mutex::new(None),
         }
@@ -218,19 +223,7 @@ impl Membership {
 
     /// The membership scribes no other one links to, by id.
     pub fn heads(&self) -> Vec<ScribeId> {
-        let linked: BTreeSet<ScribeId> = self
-            .ops
-            .values()
-            .flat_map(|op| op.links.iter().copied())
-            .collect();
-        let mut heads: Vec<ScribeId> = self
-            .ops
-            .keys()
-            .filter(|id| !linked.contains(id))
-            .copied()
-            .collect();
-        heads.sort();
-        heads
+        self.heads.iter().copied().collect()
     }
 
     /// `links` and everything they link to (the view a scribe with these links had).
@@ -447,6 +440,12 @@ impl Membership {
             return Ok(());
         }
         self.check(&op)?;
+        // Nothing stored links to a scribe added now (links must be stored first): it is a head,
+        // and what it links to no longer is.
+        for link in &op.links {
+            self.heads.remove(link);
+        }
+        self.heads.insert(op.id);
         self.ops.insert(op.id, op);
         *self.standing.lock().expect("standing lock") = None;
         Ok(())
@@ -503,19 +502,6 @@ impl Membership {
             .collect();
         *cached = Some(standing.clone());
         standing
-    }
-
-    /// The authorized revokes of `author`, as (id, hlc): a scribe of it dated after one it had not
-    /// seen is excluded.
-    pub fn revokes_of(&self, author: &AuthorKey) -> Vec<(ScribeId, u64)> {
-        let mut revokes: Vec<(ScribeId, u64)> = self
-            .ops
-            .values()
-            .filter(|op| op.change == Change::Revoke(*author))
-            .map(|op| (op.id, op.hlc))
-            .collect();
-        revokes.sort();
-        revokes
     }
 }
 

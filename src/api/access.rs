@@ -164,7 +164,12 @@ pub fn grpc_rule(path: &str) -> Rule {
 /// Whether `caller` may read `stream` on this node's client API: anyone a public stream; a
 /// private one, the node's owner and the stream's own app (its origin) alone.
 pub fn may_read(caller: Caller, stream: &crate::log::StreamState) -> bool {
-    !stream.policy.private || caller == Caller::Owner || caller == Caller::App(stream.id)
+    may_read_stream(caller, &stream.id, stream.policy.private)
+}
+
+/// [`may_read`] from a stream's id and whether it is private.
+pub fn may_read_stream(caller: Caller, stream: &StreamId, private: bool) -> bool {
+    !private || caller == Caller::Owner || caller == Caller::App(*stream)
 }
 
 /// The caller a service method was admitted as. A request that did not pass [`Access::admit`]

@@ -401,11 +401,8 @@ fn visible(log: &crate::log::Log, caller: Caller, entry: &crate::log::store::Sto
         return false;
     };
     let stream = body.stream.unwrap_or(entry.id);
-    match log.is_private(&stream) {
-        Some(false) => true,
-        Some(true) => caller == Caller::App(stream),
-        None => false,
-    }
+    log.is_private(&stream)
+        .is_some_and(|private| access::may_read_stream(caller, &stream, private))
 }
 
 /// The status of a refused append. A key that holds no role in a private stream, writing into it
@@ -418,11 +415,11 @@ fn refusal_status(log: &crate::log::Log, caller: Caller, error: &AppendError) ->
         | AppendError::Membership { stream, author, .. } => (*stream, *author),
         _ => return append_status(error),
     };
-    if caller == Caller::Owner || caller == Caller::App(stream) {
-        return append_status(error);
-    }
     match log.stream(&stream) {
-        Some(state) if state.policy.private && !state.membership.roles().contains_key(&author) => {
+        Some(state)
+            if !access::may_read(caller, &state)
+                && !state.membership.roles().contains_key(&author) =>
+        {
             not_held(&stream)
         }
         _ => append_status(error),

@@ -414,20 +414,20 @@ fn membership_refusal(state: &StreamState, scribe: &Scribe, error: MembershipErr
 fn check_author(state: &StreamState, scribe: &Scribe) -> Result<(), AppendError> {
     let allowed = state.policy.authors_for(&scribe.body.kind);
     let links = membership_links(scribe, &state.membership);
-    let named = allowed.contains(&scribe.body.author, &state.owner);
-    // The view must be one the stream holds, whatever the policy (nothing to look up for none).
-    if links.is_empty() && (named || !allowed.writers) {
-        if named {
-            return Ok(());
-        }
+    // A view the scribe names must be one the stream holds, whatever the policy; with no view
+    // and no `writers` rule there is nothing to look up.
+    let role = if links.is_empty() && !allowed.writers {
+        None
     } else {
-        let role = state
+        state
             .membership
             .role_at(&links, &scribe.body.author)
-            .map_err(|error| membership_refusal(state, scribe, error))?;
-        if named || (allowed.writers && role >= Some(Role::Writer)) {
-            return Ok(());
-        }
+            .map_err(|error| membership_refusal(state, scribe, error))?
+    };
+    if allowed.contains(&scribe.body.author, &state.owner)
+        || (allowed.writers && role >= Some(Role::Writer))
+    {
+        return Ok(());
     }
     Err(AppendError::PermissionDenied {
         author: scribe.body.author,

@@ -256,12 +256,6 @@ pub(crate) async fn excluded(node: &RunningNode, stream: &StreamId) -> Vec<Bytes
         .collect()
 }
 
-pub(crate) fn held(node: &RunningNode, stream: &StreamId) -> u64 {
-    node.log
-        .stream(stream)
-        .map_or(0, |state| state.record.scribes)
-}
-
 /// `text` with every id of `ids` (hex) and its app label replaced by a placeholder: the words of
 /// an answer about one stream compared to those about another.
 fn normalised(text: &str, ids: &[StreamId]) -> String {
@@ -885,19 +879,7 @@ async fn non_members_neither_get_the_stream_through_a_member_nor_make_the_owner_
     );
     let before = held(&a, &stream);
     let forged = note(&outsider, &stream, "pushed", a.log.clock().now(), None);
-    let batch = quire::replication::session::Message::Batch {
-        stream,
-        scribes: vec![quire::replication::session::WireScribe {
-            seq: 1,
-            id: forged.id,
-            parts: forged.parts(),
-        }],
-        through: 1,
-        head: 1,
-    };
-    intruder
-        .send(quire::replication::wire::to_proto(&batch).message.unwrap())
-        .await;
+    intruder.send(batch_of(&stream, &[forged], 1)).await;
     let reason = intruder.error().await;
     assert!(reason.contains("not asked for"), "{reason}");
     assert_eq!(held(&a, &stream), before);

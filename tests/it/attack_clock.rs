@@ -837,28 +837,6 @@ async fn a_held_child_held_again_with_its_parent_is_not_dropped_when_the_share_i
     node.stop().await.unwrap();
 }
 
-/// A batch of `stream` with `scribes` at seqs `first..`, as the wire has it.
-fn batch_of(stream: &StreamId, scribes: &[Scribe], first: u64) -> Wire {
-    let last = first + scribes.len() as u64 - 1;
-    let batch = Message::Batch {
-        stream: *stream,
-        scribes: scribes
-            .iter()
-            .enumerate()
-            .map(|(n, scribe)| WireScribe {
-                seq: first + n as u64,
-                id: scribe.id,
-                parts: scribe.parts(),
-            })
-            .collect(),
-        through: last,
-        head: last,
-    };
-    quire::replication::wire::to_proto(&batch)
-        .message
-        .expect("a message")
-}
-
 /// Reads until the node ends the connection; its reason, if it gave one.
 async fn until_closed(intruder: &mut Intruder) -> Option<String> {
     loop {

@@ -20,9 +20,7 @@ use quire::log::held::MAX_AHEAD_MS;
 use quire::log::store::{Usage, UsageKey};
 use quire::node::RunningNode;
 use quire::pb;
-use quire::pb::peer_message::Message as Wire;
 use quire::projection_api::{AuthorKey, Kind, ScribeId, StreamId};
-use quire::replication::session::{Message, WireScribe};
 use quire::scribe::{seal_all, Body, Scribe, Unsealed};
 use quire_projection_kv::{KvSet, CONTENT_TYPE};
 
@@ -110,12 +108,6 @@ async fn send(node: &RunningNode, scribe: &Scribe) -> Result<pb::AppendReply, to
         .map(|reply| reply.into_inner())
 }
 
-fn held(node: &RunningNode, stream: &StreamId) -> u64 {
-    node.log
-        .stream(stream)
-        .map_or(0, |state| state.record.scribes)
-}
-
 fn in_log(node: &RunningNode, id: &ScribeId) -> bool {
     node.log.store().seq_of(id).unwrap().is_some()
 }
@@ -165,28 +157,6 @@ fn sealed_batch(seed: u8, scribes: &[Scribe]) -> pb::SealedBatch {
             .collect(),
         seal: sealed[0].seal.bytes.clone(),
     }
-}
-
-/// A peer batch of `stream` with `scribes` at seqs `first..`, as the wire has it.
-fn batch_of(stream: &StreamId, scribes: &[Scribe], first: u64) -> Wire {
-    let last = first + scribes.len() as u64 - 1;
-    let batch = Message::Batch {
-        stream: *stream,
-        scribes: scribes
-            .iter()
-            .enumerate()
-            .map(|(n, scribe)| WireScribe {
-                seq: first + n as u64,
-                id: scribe.id,
-                parts: scribe.parts(),
-            })
-            .collect(),
-        through: last,
-        head: last,
-    };
-    quire::replication::wire::to_proto(&batch)
-        .message
-        .expect("a message")
 }
 
 /// `node`'s view of the peer with key `peer`, if it has one.

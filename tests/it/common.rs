@@ -348,3 +348,32 @@ pub async fn query_notes(url: &str, tid: &str) -> Vec<serde_json::Value> {
         .unwrap();
     reply["results"].as_array().cloned().unwrap_or_default()
 }
+
+/// Scribes of `stream` `node` holds, genesis included (0 if it does not hold it).
+pub fn held(node: &RunningNode, stream: &StreamId) -> u64 {
+    node.log
+        .stream(stream)
+        .map_or(0, |state| state.record.scribes)
+}
+
+/// A peer batch of `stream` with `scribes` at the sender's seqs `first..`, as the wire has it.
+pub fn batch_of(stream: &StreamId, scribes: &[Scribe], first: u64) -> pb::peer_message::Message {
+    let last = first + scribes.len() as u64 - 1;
+    let batch = quire::replication::session::Message::Batch {
+        stream: *stream,
+        scribes: scribes
+            .iter()
+            .enumerate()
+            .map(|(n, scribe)| quire::replication::session::WireScribe {
+                seq: first + n as u64,
+                id: scribe.id,
+                parts: scribe.parts(),
+            })
+            .collect(),
+        through: last,
+        head: last,
+    };
+    quire::replication::wire::to_proto(&batch)
+        .message
+        .expect("a message")
+}

@@ -13,7 +13,7 @@ use quire::pb;
 use quire::pb::peer_message::Message as Wire;
 use quire::projection_api::{AuthorKey, StreamId};
 
-use crate::attack_acl::{contains, excluded, held, key_bytes, private_stream, set_role};
+use crate::attack_acl::{contains, excluded, key_bytes, private_stream, set_role};
 use crate::common::*;
 use crate::malicious::Intruder;
 use crate::replication::{connect, wait_for_count};
@@ -303,19 +303,7 @@ async fn only_writers_write_a_private_stream_at_the_api_and_over_replication() {
     let mut intruder = Intruder::connect(a.peer_addr.unwrap(), client_key(34), true).await;
     intruder.offer(&stream).await;
     let refused = client_scribe(&reader, &stream, "x.note", b"relayed by a peer", hlc + 4);
-    let batch = quire::replication::session::Message::Batch {
-        stream,
-        scribes: vec![quire::replication::session::WireScribe {
-            seq: 1,
-            id: refused.id,
-            parts: refused.parts(),
-        }],
-        through: 1,
-        head: 1,
-    };
-    intruder
-        .send(quire::replication::wire::to_proto(&batch).message.unwrap())
-        .await;
+    intruder.send(batch_of(&stream, &[refused], 1)).await;
     crate::malicious::wait_for_peer(&a, &client_key(34), |peer| peer.refused == 1).await;
     assert_eq!(held(&a, &stream), 2);
 

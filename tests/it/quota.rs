@@ -41,12 +41,6 @@ async fn write(
         .map(|reply| reply.into_inner())
 }
 
-fn held(node: &RunningNode, stream: &StreamId) -> u64 {
-    node.log
-        .stream(stream)
-        .map_or(0, |state| state.record.scribes)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_author_over_its_quota_is_refused_on_every_node_and_the_others_keep_writing() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
