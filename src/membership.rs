@@ -226,6 +226,16 @@ impl Membership {
         self.heads.iter().copied().collect()
     }
 
+    /// The view an author signing now names in its scribe's `membership` field: a head under
+    /// which `author` holds the most (the newest such head by id order when several tie); none
+    /// while the stream has no membership scribe.
+    pub fn view_for(&self, author: &AuthorKey) -> Option<ScribeId> {
+        self.heads
+            .iter()
+            .copied()
+            .max_by_key(|head| (self.role_at(&[*head], author).ok().flatten(), *head))
+    }
+
     /// `links` and everything they link to (the view a scribe with these links had).
     fn closure(&self, links: &[ScribeId]) -> Result<BTreeSet<ScribeId>, MembershipError> {
         let mut seen = BTreeSet::new();

@@ -237,15 +237,7 @@ pub(super) fn admit(
     let mut state = seen
         .stream(&stream)
         .ok_or(AppendError::UnknownStream(stream))?;
-    check_author(&state, scribe)?;
-    if scribe.body.kind.is_membership() {
-        let op = membership_op(scribe, &state.membership)?;
-        let mut membership = (*state.membership).clone();
-        membership
-            .add(op)
-            .map_err(|error| membership_refusal(&state, scribe, error))?;
-        state.membership = Arc::new(membership);
-    }
+    state.membership = judge_access(&state, scribe)?;
     check_size(&state, scribe, rules.origin)?;
     // The payload rules' verdict, reached by the signer (off this thread, in parallel).
     payload?;
@@ -330,9 +322,26 @@ fn find_duplicate(seen: &Seen<'_>, scribe: &Scribe) -> Result<Option<Appended>, 
     }))
 }
 
+/// Whether the stream lets the scribe's author write it (its policy, and the membership as the
+/// author had seen it), and the stream's membership with the scribe counted in (a membership
+/// scribe must also be a valid operation). Pure: the same stream state and scribe give the same
+/// answer on every node, which is what makes membership converge (`tests/it/simulation.rs`).
+pub fn judge_access(state: &StreamState, scribe: &Scribe) -> Result<Arc<Membership>, AppendError> {
+    check_author(state, scribe)?;
+    if !scribe.body.kind.is_membership() {
+        return Ok(state.membership.clone());
+    }
+    let op = membership_op(scribe, &state.membership)?;
+    let mut membership = (*state.membership).clone();
+    membership
+        .add(op)
+        .map_err(|error| membership_refusal(state, scribe, error))?;
+    Ok(Arc::new(membership))
+}
+
 /// A genesis starts a stream: its payload must be a valid `StreamGenesis`; the new stream holds it
-/// alone.
-fn genesis_state(scribe: &Scribe, seq: u64) -> Result<StreamState, AppendError> {
+/// alone, at `seq`.
+pub fn genesis_state(scribe: &Scribe, seq: u64) -> Result<StreamState, AppendError> {
     let genesis = genesis_from_payload(&scribe.body.payload, scribe.body.author)
         .map_err(AppendError::BadGenesis)?;
     Ok(StreamState {

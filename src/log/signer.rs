@@ -135,13 +135,9 @@ pub(super) fn body(
             .map(|state| state.membership.clone())
     });
     if let Some(held) = held.filter(|held| !held.is_empty()) {
-        let heads = held.heads();
-        membership = heads
-            .iter()
-            .copied()
-            .max_by_key(|head| (held.role_at(&[*head], &author).ok().flatten(), *head));
+        membership = held.view_for(&author);
         if new.kind.is_membership() {
-            for head in heads {
+            for head in held.heads() {
                 if !parents.contains(&head) {
                     parents.push(head);
                 }

@@ -4,14 +4,25 @@
 //! everything in flight is lost), heals, wiped data directories and restarts, some after a power
 //! loss took the node's last unsynced writes (its seqs are given out again). After healing
 //! everything, all nodes hold the same set, each scribe once.
+//!
+//! With access rules on (`Network::with_access`), each node also judges every scribe it stores
+//! by the log's own rule (`rules::judge_access`: writer lists, membership views, grants and
+//! revokes by admins), in whatever order it arrives; the nodes must refuse nothing a node once
+//! accepted and end with the same membership, the same excluded scribes and the same projection.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
+use prost::Message as _;
+use quire::genesis::{access_to_proto, genesis_payload};
 use quire::log::epoch::Epochs;
+use quire::log::rules::{genesis_state, judge_access};
 use quire::log::store::{Cursor, PeerOrigin};
+use quire::log::StreamState;
+use quire::membership::Role;
+use quire::pb;
 use quire::projection_api::{AuthorKey, Kind, ScribeId, StreamId};
 use quire::replication::session::{Action, Message, Session, Step};
 use quire::scribe::{Body, Parts, Scribe};
@@ -38,6 +49,10 @@ struct SimNode {
     /// first: what a power loss can roll back to.
     unsynced: Vec<(usize, HashMap<AuthorKey, Cursor>)>,
     clock: u64,
+    /// With access rules on: the stream as this node's log judges it (its membership).
+    access: Option<StreamState>,
+    /// Scribes from peers this node's rules refused (with access rules on).
+    refused: Vec<String>,
 }
 
 impl SimNode {
@@ -97,8 +112,27 @@ impl SimNode {
                 .enumerate()
                 .map(|(n, entry)| (entry.id, n as u64 + 1))
                 .collect();
+            self.rejudge();
         }
         self.restart();
+    }
+
+    /// With access rules on, the stream state the node's log now holds: its entries judged again
+    /// in log order (a start loads the membership of what survived).
+    fn rejudge(&mut self) {
+        if self.access.is_none() {
+            return;
+        }
+        let scribes: Vec<Scribe> = self
+            .log
+            .iter()
+            .map(|entry| Scribe::decode_claimed(entry.parts.clone(), entry.id).unwrap())
+            .collect();
+        let mut state = genesis_state(&scribes[0], 1).unwrap();
+        for scribe in &scribes[1..] {
+            state.membership = judge_access(&state, scribe).expect("it was accepted in this order");
+        }
+        self.access = Some(state);
     }
 
     /// Validates (decode + signature + hash + stream) and stores unless already stored.
@@ -115,6 +149,19 @@ impl SimNode {
         if scribe.stream_id() != stream || self.ids.contains_key(&scribe.id) {
             return;
         }
+        if let Some(state) = self.access.as_mut() {
+            if scribe.body.kind != Kind::StreamCreate {
+                match judge_access(state, &scribe) {
+                    Ok(membership) => state.membership = membership,
+                    Err(error) => {
+                        self.refused.push(format!("{}: {error}", scribe.id));
+                        return;
+                    }
+                }
+            }
+        }
+        // A hybrid clock: what a node signs next is dated after everything it holds.
+        self.clock = self.clock.max(scribe.body.hlc);
         self.log.push(Entry {
             id: scribe.id,
             parts: scribe.parts(),
@@ -139,6 +186,12 @@ enum Op {
     Pump(usize, usize),
     Cut(usize),
     Heal(usize),
+    /// Node signs an `x.sim` scribe naming its membership view (access rules on).
+    Write(usize),
+    /// Node grants node (0 reader, 1 writer, 2 admin), merging every membership head.
+    Grant(usize, usize, usize),
+    /// Node revokes node.
+    Revoke(usize, usize),
     Wipe(usize),
     /// Stop and start again (a new epoch), losing this many unsynced writes first.
     Restart(usize, usize),
@@ -157,6 +210,25 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..NODES).prop_map(Op::Wipe),
         1 => (0..NODES).prop_map(|node| Op::Restart(node, 0)),
         1 => (0..NODES, 1..40usize).prop_map(|(node, lost)| Op::Restart(node, lost)),
+    ]
+}
+
+/// With access rules: writes, grants and revokes among partitions. Grants and revokes are
+/// rarer than writes (each is one admin decision), cuts frequent enough that they are often
+/// concurrent with what they change.
+fn op_access() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..NODES).prop_map(Op::Write),
+        2 => (0..NODES, 1..NODES, 0..3usize).prop_map(|(by, to, role)| Op::Grant(by, to, role)),
+        2 => (0..NODES, 1..NODES).prop_map(|(by, to)| Op::Revoke(by, to)),
+        6 => (0..3usize, 0..2usize).prop_map(|(link, end)| Op::Deliver(link, end)),
+        1 => (0..3usize, 0..2usize).prop_map(|(link, end)| Op::Duplicate(link, end)),
+        6 => (0..3usize, 0..2usize).prop_map(|(link, end)| Op::Pump(link, end)),
+        2 => (0..3usize).prop_map(Op::Cut),
+        2 => (0..3usize).prop_map(Op::Heal),
+        1 => (0..NODES).prop_map(Op::Wipe),
+        1 => (0..NODES, 0..40usize).prop_map(|(node, lost)| Op::Restart(node, lost)),
+        1 => (0..3usize).prop_map(Op::Exchange),
     ]
 }
 
@@ -190,6 +262,43 @@ const PAIRS: [[usize; 2]; 3] = [[0, 1], [1, 2], [0, 2]];
 
 impl Network {
     fn new() -> Network {
+        Network::start(Vec::new(), false)
+    }
+
+    /// Node 0 owns a public stream whose `x.sim` scribes only its writers may sign; node 1 is an
+    /// admin and node 2 a writer from the genesis on. Every node judges what it stores.
+    fn with_access() -> Network {
+        let key = |node: u8| {
+            AuthorKey(
+                SigningKey::from_bytes(&[node + 1; 32])
+                    .verifying_key()
+                    .to_bytes(),
+            )
+        };
+        let members = [(key(1), Role::Admin), (key(2), Role::Writer)]
+            .into_iter()
+            .collect();
+        let policy = pb::Policy {
+            rules: vec![pb::KindRule {
+                kind: "x.sim".into(),
+                authors: Some(pb::Authors {
+                    writers: true,
+                    ..Default::default()
+                }),
+            }],
+            ..Default::default()
+        };
+        let payload = genesis_payload(
+            "sim",
+            None,
+            Some(policy),
+            Some(access_to_proto(false, &members)),
+            [0; 16],
+        );
+        Network::start(payload, true)
+    }
+
+    fn start(genesis: Vec<u8>, access: bool) -> Network {
         let mut nodes: Vec<SimNode> = (0..NODES)
             .map(|index| SimNode {
                 key: SigningKey::from_bytes(&[index as u8 + 1; 32]),
@@ -200,6 +309,8 @@ impl Network {
                 cursors: HashMap::new(),
                 unsynced: Vec::new(),
                 clock: 0,
+                access: None,
+                refused: Vec::new(),
             })
             .collect();
         // Node 0 creates the stream; every node holds its genesis (joined).
@@ -210,7 +321,7 @@ impl Network {
                 hlc: 1,
                 kind: Kind::StreamCreate,
                 content_type: String::new(),
-                payload: Bytes::new(),
+                payload: Bytes::from(genesis),
                 parents: vec![],
                 membership: None,
                 nonce: 0,
@@ -220,6 +331,9 @@ impl Network {
         let stream = genesis.id;
         for node in &mut nodes {
             node.store(genesis.parts(), genesis.id, None, stream);
+            if access {
+                node.access = Some(genesis_state(&genesis, 1).expect("a valid genesis"));
+            }
         }
         Network {
             echoes: 0,
@@ -250,6 +364,91 @@ impl Network {
             &sim.key,
         );
         sim.store(scribe.parts(), scribe.id, None, stream);
+    }
+
+    /// Node signs a scribe of `kind` as the log's signer would (its membership view; a
+    /// membership scribe merges every head) and stores it if its own rules let it: a refusal
+    /// there is the API's answer to its caller, nothing is stored. Whether it was stored.
+    fn sign_judged(&mut self, node: usize, kind: Kind, payload: Vec<u8>) -> bool {
+        let stream = self.stream;
+        let sim = &mut self.nodes[node];
+        let state = sim.access.as_ref().expect("access rules on");
+        let author = sim.id();
+        let parents = if kind.is_membership() {
+            state.membership.heads()
+        } else {
+            Vec::new()
+        };
+        let scribe = Scribe::sign(
+            Body {
+                stream: Some(stream),
+                author,
+                hlc: sim.clock + 1,
+                kind,
+                content_type: String::new(),
+                payload: Bytes::from(payload),
+                parents,
+                membership: state.membership.view_for(&author),
+                nonce: 0,
+            },
+            &sim.key,
+        );
+        if judge_access(state, &scribe).is_err() {
+            return false;
+        }
+        sim.journal();
+        sim.store(scribe.parts(), scribe.id, None, stream);
+        true
+    }
+
+    fn write(&mut self, node: usize) -> bool {
+        self.sign_judged(node, Kind::Custom("x.sim".into()), vec![node as u8; 4])
+    }
+
+    fn grant(&mut self, by: usize, to: usize, role: Role) -> bool {
+        let grant = pb::AclGrant {
+            key: Bytes::copy_from_slice(self.nodes[to].id().as_bytes()),
+            role: role.to_proto(),
+        };
+        self.sign_judged(by, Kind::AclGrant, grant.encode_to_vec())
+    }
+
+    fn revoke(&mut self, by: usize, to: usize) -> bool {
+        let revoke = pb::AclRevoke {
+            key: Bytes::copy_from_slice(self.nodes[to].id().as_bytes()),
+        };
+        self.sign_judged(by, Kind::AclRevoke, revoke.encode_to_vec())
+    }
+
+    /// What a node's projections and `quire acl list / excluded` would show: every key's role,
+    /// the `x.sim` scribes its membership excludes, and those it projects.
+    fn judgement(&self, node: usize) -> Judgement {
+        let sim = &self.nodes[node];
+        let membership = &sim.access.as_ref().expect("access rules on").membership;
+        let mut judgement = Judgement {
+            roles: membership
+                .roles()
+                .iter()
+                .map(|(key, role)| (*key, *role))
+                .collect(),
+            ..Judgement::default()
+        };
+        for entry in &sim.log[1..] {
+            let scribe = Scribe::decode_claimed(entry.parts.clone(), entry.id).unwrap();
+            if scribe.body.kind.is_membership() {
+                continue;
+            }
+            let view: Vec<ScribeId> = scribe.body.membership.into_iter().collect();
+            let excluded = membership
+                .excludes(&scribe.body.author, scribe.body.hlc, &view)
+                .expect("a stored scribe's view is held");
+            if excluded {
+                judgement.excluded.insert(scribe.id);
+            } else {
+                judgement.projected.insert(scribe.id);
+            }
+        }
+        judgement
     }
 
     fn heal(&mut self, link: usize) {
@@ -302,6 +501,7 @@ impl Network {
         sim.ids.insert(genesis, 1);
         sim.cursors.clear();
         sim.unsynced.clear();
+        sim.rejudge();
         sim.started += 1;
         sim.epochs = Epochs::new([
             sim.index(),
@@ -508,6 +708,7 @@ fn play(ops: Vec<Op>, in_use: usize) -> Result<(), TestCaseError> {
             Op::Cut(link) => network.cut(link % in_use),
             Op::Heal(link) => network.heal(link % in_use),
             Op::Exchange(link) => network.exchange(link % in_use),
+            Op::Write(_) | Op::Grant(..) | Op::Revoke(..) => unreachable!("access rules are off"),
         }
     }
     network.settle();
@@ -525,8 +726,90 @@ fn play(ops: Vec<Op>, in_use: usize) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Judgement {
+    roles: BTreeSet<(AuthorKey, Role)>,
+    excluded: BTreeSet<ScribeId>,
+    projected: BTreeSet<ScribeId>,
+}
+
+const ROLES: [Role; 3] = [Role::Reader, Role::Writer, Role::Admin];
+
+/// Plays `ops` with access rules on, settles, and checks that the nodes agree on everything the
+/// rules decide. Returns the nodes' common judgement.
+fn play_access(ops: Vec<Op>) -> Result<Judgement, TestCaseError> {
+    let mut network = Network::with_access();
+    for op in ops {
+        match op {
+            Op::Write(node) => {
+                network.write(node);
+            }
+            Op::Grant(by, to, role) => {
+                network.grant(by, to, ROLES[role]);
+            }
+            Op::Revoke(by, to) => {
+                network.revoke(by, to);
+            }
+            Op::Wipe(node) => network.wipe(node),
+            Op::Restart(node, lost) => network.restart(node, lost),
+            Op::Deliver(link, end) => network.deliver(link, end, false),
+            Op::Duplicate(link, end) => network.deliver(link, end, true),
+            Op::Pump(link, end) => network.pump(link, end),
+            Op::Cut(link) => network.cut(link),
+            Op::Heal(link) => network.heal(link),
+            Op::Exchange(link) => network.exchange(link),
+            Op::Append(_) => unreachable!("access ops sign through the rules"),
+        }
+    }
+    network.settle();
+    let sets = network.sets();
+    for node in 0..NODES {
+        prop_assert_eq!(&sets[0], &sets[node]);
+        prop_assert!(
+            network.nodes[node].refused.is_empty(),
+            "node {} refused what another node accepted: {:?}",
+            node,
+            network.nodes[node].refused
+        );
+    }
+    let judgement = network.judgement(0);
+    for node in 1..NODES {
+        prop_assert_eq!(&judgement, &network.judgement(node), "node {}", node);
+    }
+    // The same set judged in another causal order (by date: a node dates what it signs after all
+    // it holds) refuses nothing and decides the same.
+    let mut by_date: Vec<Scribe> = network.nodes[0]
+        .log
+        .iter()
+        .map(|entry| Scribe::decode_claimed(entry.parts.clone(), entry.id).unwrap())
+        .collect();
+    by_date.sort_by_key(|scribe| (scribe.body.hlc, scribe.id));
+    let mut state = genesis_state(&by_date[0], 1).unwrap();
+    for scribe in &by_date[1..] {
+        state.membership = judge_access(&state, scribe)
+            .map_err(|error| TestCaseError::fail(format!("by date, {}: {error}", scribe.id)))?;
+    }
+    let roles: BTreeSet<(AuthorKey, Role)> = state
+        .membership
+        .roles()
+        .iter()
+        .map(|(key, role)| (*key, *role))
+        .collect();
+    prop_assert_eq!(&roles, &judgement.roles);
+    Ok(judgement)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// A revoke concurrent with the revoked key's writes, mutual revokes, a grant concurrent with
+    /// a revoke, across partitions, power losses and wiped nodes: every node ends with the same
+    /// roles, the same excluded scribes and the same projected ones, and refuses nothing another
+    /// node accepted (validity never depends on arrival order).
+    #[test]
+    fn every_node_judges_membership_the_same(ops in proptest::collection::vec(op_access(), 0..200)) {
+        play_access(ops)?;
+    }
 
     #[test]
     fn after_healing_every_node_holds_the_same_set(ops in proptest::collection::vec(op(), 0..120)) {
@@ -690,4 +973,84 @@ fn a_lost_tail_comes_back_and_reused_seqs_are_not_skipped() {
     for node in &network.nodes[..2] {
         assert_eq!(node.log.len(), 27, "each scribe stored once");
     }
+}
+
+/// Node 0 revokes node 2 while node 2 is cut off and keeps writing: on every node, node 2's
+/// writes dated after the revoke are excluded, the earlier one projected, and nobody refuses
+/// anything (node 2's writes were valid in its view).
+#[test]
+fn a_revoke_concurrent_with_writes_excludes_them_everywhere() {
+    let mut network = Network::with_access();
+    assert!(network.write(2));
+    network.settle();
+    // Node 2 alone on one side (links 0–1 only), node 0 revokes it.
+    network.cut(1);
+    network.cut(2);
+    assert!(network.revoke(0, 2));
+    network.run_links(&[0]);
+    network.cut(0);
+    // Node 2 has not seen the revoke; its clock runs past it.
+    for _ in 0..3 {
+        network.nodes[2].clock += 5;
+        assert!(network.write(2), "valid in node 2's view");
+    }
+    network.settle();
+    let judgement = network.judgement(0);
+    for node in 0..NODES {
+        assert!(network.nodes[node].refused.is_empty());
+        assert_eq!(network.judgement(node), judgement, "node {node}");
+    }
+    assert_eq!(judgement.excluded.len(), 3, "the concurrent writes");
+    assert_eq!(judgement.projected.len(), 1, "the write before the revoke");
+    let node2 = network.nodes[2].id();
+    assert!(!judgement.roles.iter().any(|(key, _)| *key == node2));
+    // Once node 2 has seen the revoke, it may not write at all.
+    assert!(!network.write(2));
+}
+
+/// Two admins revoke each other, each cut off from the other: mutual removal removes both, on
+/// every node.
+#[test]
+fn mutual_revoke_removes_both_everywhere() {
+    let mut network = Network::with_access();
+    assert!(network.grant(0, 2, Role::Admin));
+    network.settle();
+    for link in 0..3 {
+        network.cut(link);
+    }
+    assert!(network.revoke(1, 2));
+    assert!(network.revoke(2, 1));
+    network.settle();
+    let judgement = network.judgement(0);
+    for node in 0..NODES {
+        assert!(network.nodes[node].refused.is_empty());
+        assert_eq!(network.judgement(node), judgement, "node {node}");
+    }
+    let owner = network.nodes[0].id();
+    assert_eq!(
+        judgement.roles,
+        [(owner, Role::Admin)].into_iter().collect(),
+        "only the owner is left"
+    );
+}
+
+/// An admin re-grants a key while another revokes it, concurrently: the revoke wins on every
+/// node.
+#[test]
+fn a_concurrent_re_grant_loses_to_the_revoke() {
+    let mut network = Network::with_access();
+    network.settle();
+    for link in 0..3 {
+        network.cut(link);
+    }
+    assert!(network.revoke(0, 2));
+    assert!(network.grant(1, 2, Role::Admin));
+    network.settle();
+    let judgement = network.judgement(0);
+    for node in 0..NODES {
+        assert!(network.nodes[node].refused.is_empty());
+        assert_eq!(network.judgement(node), judgement, "node {node}");
+    }
+    let node2 = network.nodes[2].id();
+    assert!(!judgement.roles.iter().any(|(key, _)| *key == node2));
 }
