@@ -807,15 +807,15 @@ impl Log {
         self.shared.streams_tx.subscribe()
     }
 
-    /// Ids of the streams held that `key` may receive (see [`StreamState::may_read`]).
-    pub fn stream_ids_for(&self, key: &AuthorKey) -> Vec<StreamId> {
+    /// Ids of the streams held that `key` may receive (see [`StreamState::may_read`]), and the seq each one's genesis is stored at (everything else of it is above that seq).
+    pub fn stream_ids_for(&self, key: &AuthorKey) -> Vec<(StreamId, u64)> {
         self.shared
             .streams
             .read()
             .expect("streams lock")
             .values()
             .filter(|state| state.may_read(key))
-            .map(|state| state.id)
+            .map(|state| (state.id, state.record.genesis_seq))
             .collect()
     }
 

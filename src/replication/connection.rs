@@ -409,8 +409,8 @@ impl Driver {
 
     /// The streams this connection announces, serves and asks for: those the proven peer may
     /// receive (a private stream only if its node key holds a role in it); none before the
-    /// handshake.
-    fn visible_streams(&self) -> Vec<StreamId> {
+    /// handshake. Each with the seq its genesis is stored at (see `Message::Want`).
+    fn visible_streams(&self) -> Vec<(StreamId, u64)> {
         match &self.peer {
             Some(peer) => self.inner.log.stream_ids_for(peer),
             None => Vec::new(),

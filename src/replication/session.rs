@@ -85,12 +85,15 @@ pub enum Message {
     Proof(Signature),
     /// The streams the sender holds.
     Streams(Vec<StreamId>),
-    /// Send `stream` after the sender's... after the receiver's seq `after`.
+    /// Send `stream` after the receiver's seq `after`.
     Want {
         /// The stream.
         stream: StreamId,
         /// The receiver's last seq already taken.
         after: u64,
+        /// The sender holds its own scribes of the stream only above this seq of its log (the
+        /// seq of its genesis there): anything it sent before leaving the stream is sent back.
+        since: u64,
     },
     /// Scribes of a stream.
     Batch {
@@ -193,6 +196,9 @@ pub enum Step {
 struct Serving {
     next: u64,
     caught_up_sent: bool,
+    /// The peer holds its own scribes of the stream only above this seq of its log (its
+    /// genesis seq: what it held before a leave is gone).
+    since: u64,
 }
 
 /// One side of one peer connection.
@@ -205,7 +211,9 @@ pub struct Session {
     peer_rules: u32,
     proven: bool,
     started: bool,
-    local_streams: BTreeSet<StreamId>,
+    /// Each stream held locally (that this peer may receive), with the seq its genesis is
+    /// stored at here: this node's own scribes of it are all above that seq.
+    local_streams: BTreeMap<StreamId, u64>,
     peer_streams: BTreeSet<StreamId>,
     cursors: HashMap<StreamId, u64>,
     wanted: BTreeSet<StreamId>,
@@ -246,7 +254,7 @@ impl Session {
             peer_rules: 0,
             proven: false,
             started: false,
-            local_streams: BTreeSet::new(),
+            local_streams: BTreeMap::new(),
             peer_streams: BTreeSet::new(),
             cursors: HashMap::new(),
             wanted: BTreeSet::new(),
@@ -349,13 +357,18 @@ impl Session {
                     .retain(|stream, _| peer_streams.contains(stream));
                 self.wants()
             }
-            Message::Want { stream, after } => {
-                if self.local_streams.contains(&stream) {
+            Message::Want {
+                stream,
+                after,
+                since,
+            } => {
+                if self.local_streams.contains_key(&stream) {
                     self.serving.insert(
                         stream,
                         Serving {
                             next: after.saturating_add(1),
                             caught_up_sent: false,
+                            since,
                         },
                     );
                 }
@@ -417,7 +430,7 @@ impl Session {
                 ]
             }
             Message::GenesisRequest(stream) => {
-                if self.local_streams.contains(&stream) {
+                if self.local_streams.contains_key(&stream) {
                     vec![Action::ServeGenesis(stream)]
                 } else {
                     vec![Action::Send(Message::Genesis {
@@ -433,14 +446,15 @@ impl Session {
         }
     }
 
-    /// After [`Action::Ready`]: the stored cursors on this peer and the streams held locally.
+    /// After [`Action::Ready`]: the stored cursors on this peer and the streams held locally,
+    /// each with the seq its genesis is stored at.
     /// A cursor of an earlier epoch of the peer counts only as far as the peer still holds those
     /// seqs; one of an epoch it does not remember counts for nothing (its log was wiped or
     /// restored from a backup: start over). See `log::epoch`.
     pub fn start(
         &mut self,
         cursors: Vec<(StreamId, Cursor)>,
-        local_streams: Vec<StreamId>,
+        local_streams: Vec<(StreamId, u64)>,
     ) -> Vec<Action> {
         let (_, epochs) = self.peer.as_ref().expect("start after Ready");
         self.cursors = cursors
@@ -453,24 +467,27 @@ impl Session {
         self.started = true;
         self.local_streams = local_streams.into_iter().collect();
         let mut actions = vec![Action::Send(Message::Streams(
-            self.local_streams.iter().copied().collect(),
+            self.local_streams.keys().copied().collect(),
         ))];
         actions.extend(self.wants());
         actions
     }
 
-    /// The set of local streams changed (a stream was created or joined).
-    pub fn set_local_streams(&mut self, local_streams: Vec<StreamId>) -> Vec<Action> {
-        let local_streams: BTreeSet<StreamId> = local_streams.into_iter().collect();
+    /// The set of local streams changed (a stream was created, joined or left, or left and
+    /// joined again: its genesis seq changed).
+    pub fn set_local_streams(&mut self, local_streams: Vec<(StreamId, u64)>) -> Vec<Action> {
+        let local_streams: BTreeMap<StreamId, u64> = local_streams.into_iter().collect();
         if !self.started || local_streams == self.local_streams {
             self.local_streams = local_streams;
             return Vec::new();
         }
-        // Streams left: nothing more is asked for, stored or sent of them here.
+        // Streams left (and those joined again since): nothing more is asked for, stored or
+        // sent of them here.
         let left: Vec<StreamId> = self
             .local_streams
-            .difference(&local_streams)
-            .copied()
+            .iter()
+            .filter(|(stream, since)| local_streams.get(stream) != Some(since))
+            .map(|(stream, _)| *stream)
             .collect();
         for stream in left {
             if self.wanted.remove(&stream) {
@@ -482,14 +499,14 @@ impl Session {
         // A stream left and joined again on one connection: what the peer still sends of the old
         // subscription cannot be told from the new one's, so start a new connection.
         if local_streams
-            .iter()
+            .keys()
             .any(|stream| self.dropped.contains(stream))
         {
             return close("a stream left on this connection was joined again; reconnecting to replicate it from the start");
         }
         self.local_streams = local_streams;
         let mut actions = vec![Action::Send(Message::Streams(
-            self.local_streams.iter().copied().collect(),
+            self.local_streams.keys().copied().collect(),
         ))];
         actions.extend(self.wants());
         actions
@@ -505,18 +522,24 @@ impl Session {
     }
 
     fn wants(&mut self) -> Vec<Action> {
-        let common: Vec<StreamId> = self
+        let common: Vec<(StreamId, u64)> = self
             .local_streams
-            .intersection(&self.peer_streams)
-            .filter(|stream| !self.wanted.contains(*stream))
-            .copied()
+            .iter()
+            .filter(|(stream, _)| {
+                self.peer_streams.contains(*stream) && !self.wanted.contains(*stream)
+            })
+            .map(|(stream, since)| (*stream, *since))
             .collect();
         common
             .into_iter()
-            .map(|stream| {
+            .map(|(stream, since)| {
                 self.wanted.insert(stream);
                 let after = self.cursors.get(&stream).copied().unwrap_or(0);
-                Action::Send(Message::Want { stream, after })
+                Action::Send(Message::Want {
+                    stream,
+                    after,
+                    since,
+                })
             })
             .collect()
     }
@@ -586,9 +609,12 @@ impl Session {
         };
         let through = serving.next - 1;
         let peer = self.peer.as_ref().filter(|_| self.proven);
+        let since = serving.since;
         let held_by_peer = |origin: &PeerOrigin| {
             peer.is_some_and(|(peer, epochs)| {
-                origin.peer == *peer && epochs.still_holds(&origin.epoch, origin.seq)
+                origin.peer == *peer
+                    && origin.seq > since
+                    && epochs.still_holds(&origin.epoch, origin.seq)
             })
         };
         let scribes: Vec<WireScribe> = entries

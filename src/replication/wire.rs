@@ -100,9 +100,14 @@ pub fn to_proto(message: &Message) -> pb::PeerMessage {
         Message::Streams(streams) => Wire::Streams(pb::PeerStreams {
             streams: streams.iter().map(id).collect(),
         }),
-        Message::Want { stream, after } => Wire::Want(pb::PeerWant {
+        Message::Want {
+            stream,
+            after,
+            since,
+        } => Wire::Want(pb::PeerWant {
             stream: id(stream),
             after_seq: *after,
+            own_since_seq: *since,
         }),
         Message::Batch {
             stream,
@@ -306,6 +311,7 @@ pub fn from_proto(message: pb::PeerMessage) -> Result<Message, WireError> {
         Wire::Want(want) => Message::Want {
             stream: StreamId::from(fixed(&want.stream, "stream")?),
             after: want.after_seq,
+            since: want.own_since_seq,
         },
         Wire::Batch(batch) => {
             let seals = batch.seals;

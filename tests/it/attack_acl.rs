@@ -742,6 +742,7 @@ async fn a_peer_losing_its_role_receives_nothing_committed_with_or_after_its_rev
             .send(Wire::Want(pb::PeerWant {
                 stream: bytes_of(&stream),
                 after_seq: head,
+                ..Default::default()
             }))
             .await;
         loop {

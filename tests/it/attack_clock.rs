@@ -479,6 +479,7 @@ async fn read_from(intruder: &mut Intruder, stream: &StreamId) -> Vec<Bytes> {
         .send(Wire::Want(pb::PeerWant {
             stream: bytes_of(stream),
             after_seq: 0,
+            ..Default::default()
         }))
         .await;
     let mut ids = Vec::new();

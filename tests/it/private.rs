@@ -35,6 +35,7 @@ async fn what_a_stranger_learns(
         .send(Wire::Want(pb::PeerWant {
             stream: bytes_of(stream),
             after_seq: 0,
+            ..Default::default()
         }))
         .await;
     intruder

@@ -599,7 +599,7 @@ impl Network {
                         .map(|cursor| (self.stream, *cursor))
                         .into_iter()
                         .collect();
-                    let more = connection.ends[end].start(cursors, vec![self.stream]);
+                    let more = connection.ends[end].start(cursors, vec![(self.stream, 1)]);
                     if !self.execute(connection, end, more) {
                         return false;
                     }
