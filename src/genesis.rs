@@ -63,6 +63,9 @@ pub enum PolicyError {
     /// `work_bits` is over [`Policy::MAX_WORK_BITS`].
     #[error("work_bits {0} is over the most allowed, {max}", max = Policy::MAX_WORK_BITS)]
     WorkBits(u32),
+    /// `defaults_version` is newer than this node knows.
+    #[error("defaults_version {0} is newer than this node knows (at most {max}): upgrade quire", max = Policy::CURRENT_DEFAULTS)]
+    Defaults(u32),
 }
 
 /// Content type of a `stream.create` payload.
@@ -168,16 +171,7 @@ pub fn policy_from_proto(policy: pb::Policy) -> Result<Policy, PolicyError> {
     let defaults = Policy::default();
     let mut rules = Vec::with_capacity(policy.rules.len());
     for rule in policy.rules {
-        let kind: Kind = rule
-            .kind
-            .parse()
-            .map_err(|error| PolicyError::Kind(format!("{error}")))?;
-        if kind == Kind::StreamCreate {
-            return Err(PolicyError::Genesis);
-        }
-        if kind.is_membership() {
-            return Err(PolicyError::Membership(rule.kind));
-        }
+        check_rule_kind(&rule.kind)?;
         if rules.iter().any(|(existing, _)| *existing == rule.kind) {
             return Err(PolicyError::DuplicateRule(rule.kind));
         }
@@ -205,6 +199,9 @@ pub fn policy_from_proto(policy: pb::Policy) -> Result<Policy, PolicyError> {
     if policy.work_bits > Policy::MAX_WORK_BITS {
         return Err(PolicyError::WorkBits(policy.work_bits));
     }
+    if policy.defaults_version > Policy::CURRENT_DEFAULTS {
+        return Err(PolicyError::Defaults(policy.defaults_version));
+    }
     Ok(Policy {
         rules,
         max_file_bytes,
@@ -215,7 +212,37 @@ pub fn policy_from_proto(policy: pb::Policy) -> Result<Policy, PolicyError> {
         author_max_bytes: policy.author_max_bytes,
         author_max_scribes_per_day: policy.author_max_scribes_per_day,
         private: false,
+        defaults_version: policy.defaults_version,
     })
+}
+
+/// A policy rule names an exact kind (`x.vote`, `record.add`) or every kind with a prefix
+/// (`x.*`, `x.chat.*`, `record.*`, `kv.*`, `file.*`); never `stream.create` nor `acl.*`.
+pub fn check_rule_kind(text: &str) -> Result<(), PolicyError> {
+    let kind = match text.strip_suffix(".*") {
+        Some("file" | "record" | "kv" | "x") => return Ok(()),
+        Some("acl") => return Err(PolicyError::Membership(text.to_string())),
+        Some("stream") => return Err(PolicyError::Genesis),
+        // `x.chat.*`: the prefix must itself be an extension kind.
+        Some(prefix) => match prefix.parse::<Kind>() {
+            Ok(Kind::Custom(_)) => return Ok(()),
+            _ => {
+                return Err(PolicyError::Kind(format!(
+                    "{text:?}: a prefix rule is file.*, record.*, kv.*, x.* or x.NAME.*"
+                )))
+            }
+        },
+        None => text
+            .parse::<Kind>()
+            .map_err(|error| PolicyError::Kind(format!("{error}")))?,
+    };
+    if kind == Kind::StreamCreate {
+        return Err(PolicyError::Genesis);
+    }
+    if kind.is_membership() {
+        return Err(PolicyError::Membership(text.to_string()));
+    }
+    Ok(())
 }
 
 /// The explicit wire form of a policy.
@@ -245,12 +272,88 @@ pub fn policy_to_proto(policy: &Policy) -> pb::Policy {
         work_bits: policy.work_bits,
         author_max_bytes: policy.author_max_bytes,
         author_max_scribes_per_day: policy.author_max_scribes_per_day,
+        defaults_version: policy.defaults_version,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rule_kinds_are_exact_kinds_or_family_prefixes() {
+        for good in [
+            "x.vote",
+            "record.add",
+            "file.put",
+            "x.*",
+            "x.chat.*",
+            "record.*",
+            "kv.*",
+            "file.*",
+        ] {
+            assert!(check_rule_kind(good).is_ok(), "{good}");
+        }
+        for bad in ["*", ".*", "x*", "y.*", "x..*", "stream.*", "stream.create"] {
+            assert!(check_rule_kind(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            check_rule_kind("acl.*"),
+            Err(PolicyError::Membership(_))
+        ));
+        assert!(matches!(
+            check_rule_kind("acl.grant"),
+            Err(PolicyError::Membership(_))
+        ));
+        let policy = |rules: &[(&str, Authors)]| Policy {
+            rules: rules
+                .iter()
+                .map(|(kind, authors)| (kind.to_string(), authors.clone()))
+                .collect(),
+            defaults_version: Policy::CURRENT_DEFAULTS,
+            ..Policy::default()
+        };
+        let vote = Kind::Custom("x.chat.vote".into());
+        assert_eq!(policy(&[]).authors_for(&vote), Authors::owner_only());
+        let open = policy(&[("x.*", Authors::anyone())]);
+        assert_eq!(open.authors_for(&vote), Authors::anyone());
+        let narrower = policy(&[("x.*", Authors::anyone()), ("x.chat.*", Authors::writers())]);
+        assert_eq!(
+            narrower.authors_for(&vote),
+            Authors::writers(),
+            "longest prefix"
+        );
+        let exact = policy(&[
+            ("x.chat.*", Authors::writers()),
+            ("x.chat.vote", Authors::owner_only()),
+        ]);
+        assert_eq!(
+            exact.authors_for(&vote),
+            Authors::owner_only(),
+            "exact first"
+        );
+        assert_eq!(
+            exact.authors_for(&Kind::Custom("x.chatter".into())),
+            Authors::owner_only(),
+            "x.chat.* does not cover x.chatter (the default does)"
+        );
+        let old = Policy {
+            defaults_version: 0,
+            ..Policy::default()
+        };
+        assert_eq!(
+            old.authors_for(&vote),
+            Authors::anyone(),
+            "defaults 0 keep x.* open"
+        );
+        assert!(matches!(
+            policy_from_proto(pb::Policy {
+                defaults_version: Policy::CURRENT_DEFAULTS + 1,
+                ..Default::default()
+            }),
+            Err(PolicyError::Defaults(_))
+        ));
+    }
 
     fn with_members(members: Vec<pb::Member>) -> Result<Genesis, GenesisError> {
         let payload = genesis_payload(

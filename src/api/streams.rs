@@ -5,7 +5,7 @@
 #![allow(clippy::result_large_err)]
 
 use bytes::Bytes;
-use quire_projection_api::Kind;
+use quire_projection_api::{Kind, Policy};
 use tonic::{Request, Response, Status};
 
 use super::status::{append_status, invalid, projections_status};
@@ -21,11 +21,12 @@ impl pb::streams_server::Streams for Api {
         &self,
         request: Request<pb::CreateStreamRequest>,
     ) -> Result<Response<pb::StreamInfo>, Status> {
-        let request = request.into_inner();
-        if let Some(policy) = &request.policy {
-            genesis::policy_from_proto(policy.clone())
-                .map_err(|error| invalid(format!("policy: {error}")))?;
-        }
+        let mut request = request.into_inner();
+        // A new stream is created under the newest default rules (x.* owner-only when public).
+        let mut policy = request.policy.take().unwrap_or_default();
+        policy.defaults_version = Policy::CURRENT_DEFAULTS;
+        genesis::policy_from_proto(policy.clone())
+            .map_err(|error| invalid(format!("policy: {error}")))?;
         let owner = if request.owner.is_empty() {
             None
         } else {
@@ -37,7 +38,7 @@ impl pb::streams_server::Streams for Api {
         let payload = genesis::genesis_payload(
             &request.name,
             owner,
-            request.policy,
+            Some(policy),
             request.access,
             rand::random(),
         );

@@ -338,9 +338,12 @@ pub struct CreateArgs {
     /// Owner key (64 hex); default: this node.
     #[arg(long)]
     pub owner: Option<AuthorKey>,
-    /// Who may author a kind, overriding the default: KIND=WHO[,WHO...] where WHO is anyone,
-    /// owner, writers (keys holding the writer role: `quire acl`) or a 64-hex key. Repeatable.
-    /// Defaults: file.* owner; record.*, kv.*, x.* anyone (writers in a private stream).
+    /// Who may author a kind, overriding the default: KIND=WHO[,WHO...] where KIND is a kind
+    /// (x.vote) or a prefix (x.*, x.chat.*, record.*: the longest that matches wins, an exact
+    /// kind first) and WHO is anyone, owner, writers (keys holding the writer role: `quire acl`)
+    /// or a 64-hex key. Repeatable.
+    /// Defaults: file.* and x.* owner; record.*, kv.* anyone (in a private stream record.*,
+    /// kv.* and x.* its writers). E.g. --allow x.vote=anyone opens one extension kind.
     #[arg(long = "allow", value_name = "KIND=WHO")]
     pub allow: Vec<String>,
     /// Largest payload of one scribe, in bytes (default 10 MiB).

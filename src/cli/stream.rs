@@ -17,8 +17,7 @@ fn parse_allow(rule: &str) -> Result<pb::KindRule> {
     let (kind, who) = rule
         .split_once('=')
         .with_context(|| format!("--allow {rule:?}: write KIND=WHO, e.g. file.put=anyone"))?;
-    kind.parse::<Kind>()
-        .with_context(|| format!("--allow {rule:?}"))?;
+    crate::genesis::check_rule_kind(kind).with_context(|| format!("--allow {rule:?}"))?;
     let mut authors = pb::Authors::default();
     for part in who
         .split(',')
@@ -62,6 +61,8 @@ pub(crate) async fn stream(url: &Node, command: StreamCommand) -> Result<()> {
                 work_bits: args.work_bits,
                 author_max_bytes: args.author_max_bytes.unwrap_or(0),
                 author_max_scribes_per_day: args.author_max_scribes_per_day.unwrap_or(0),
+                // The node writes the newest defaults into every stream it creates.
+                defaults_version: 0,
             };
             let mut members = std::collections::BTreeMap::new();
             for (keys, role) in [
@@ -201,6 +202,19 @@ fn print_stream(info: &pb::StreamInfo) {
             }
         );
         println!("work bits   {}", policy.work_bits);
+        if let Ok(mut decoded) = crate::genesis::policy_from_proto(policy.clone()) {
+            decoded.private = info.private;
+            let defaults: Vec<String> = [
+                ("file.*", Kind::FilePut),
+                ("record.*", Kind::RecordAdd),
+                ("kv.*", Kind::KvSet),
+                ("x.*", Kind::Custom("x.*".into())),
+            ]
+            .iter()
+            .map(|(name, kind)| format!("{name} {}", decoded.default_authors(kind)))
+            .collect();
+            println!("defaults    {} (where no rule says)", defaults.join("; "));
+        }
         if policy.author_max_bytes > 0 || policy.author_max_scribes_per_day > 0 {
             let quota = |value: u64| {
                 if value == 0 {

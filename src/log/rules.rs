@@ -41,7 +41,9 @@ use crate::scribe::{decode_envelope, leading_zero_bits, Body, Scribe};
 ///   64 KiB (`quire_projection_sql::admission::MAX_SCHEMA_BYTES`).
 /// - 3: stream membership (`acl.grant`, `acl.revoke`, the envelope's `membership` view, policy
 ///   `writers`, private streams; `crate::membership`).
-pub const RULES_VERSION: u32 = 3;
+/// - 4: policy `defaults_version` (1: `x.*` owner-only in a public stream) and prefix rules
+///   (`x.*`, `x.chat.*`, `record.*`).
+pub const RULES_VERSION: u32 = 4;
 
 /// Whether `error` is a rule's verdict on a well-formed, correctly signed scribe (which another
 /// version of the rules may judge otherwise), rather than damage, a wrong batch or a local failure.

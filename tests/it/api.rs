@@ -590,3 +590,170 @@ async fn health_and_reflection_are_served() {
     );
     node.stop().await.unwrap();
 }
+
+/// A new stream lets only its owner write `x.*` kinds (policy `defaults_version` 1, written by
+/// the node whatever the client asks); a prefix rule opens a family (`x.chat.*`), an exact rule
+/// wins over it; refusals change nothing. Through gRPC and the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extension_kinds_are_owner_only_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let mut clients = clients(&node.url()).await;
+    let create = |name: &str, rules: Vec<pb::KindRule>| pb::CreateStreamRequest {
+        name: name.into(),
+        policy: Some(pb::Policy {
+            rules,
+            // A client cannot ask for the old defaults: the node writes the newest.
+            defaults_version: 0,
+            ..Default::default()
+        }),
+        owner: Bytes::new(),
+        access: None,
+    };
+    let closed = clients
+        .streams
+        .create(create("closed", vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(closed.policy.as_ref().unwrap().defaults_version, 1);
+    let closed = StreamId::from_slice(&closed.stream).unwrap();
+    let stranger = client_key(77);
+    let hlc = node.log.clock().now();
+    let before = snapshot(&mut clients).await;
+    let refused = clients
+        .log
+        .append_signed(signed_request(
+            client_scribe(&stranger, &closed, "x.note", b"mine", hlc).parts(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("x.note") && refused.message().contains("owner"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        snapshot(&mut clients).await,
+        before,
+        "a refusal changes nothing"
+    );
+    // The owner (the node, with the token) writes it.
+    append_note(&mut clients, &closed, "the owner's").await;
+
+    let anyone = Some(pb::Authors {
+        anyone: true,
+        ..Default::default()
+    });
+    let owner = Some(pb::Authors {
+        owner: true,
+        ..Default::default()
+    });
+    let chat = clients
+        .streams
+        .create(create(
+            "chat",
+            vec![
+                pb::KindRule {
+                    kind: "x.chat.*".into(),
+                    authors: anyone,
+                },
+                pb::KindRule {
+                    kind: "x.chat.pin".into(),
+                    authors: owner,
+                },
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let chat = StreamId::from_slice(&chat.stream).unwrap();
+    for (n, (kind, expected, why)) in [
+        ("x.chat.msg", Ok(()), "the prefix rule"),
+        ("x.chat.room.msg", Ok(()), "deeper kinds too"),
+        (
+            "x.chat.pin",
+            Err(Code::PermissionDenied),
+            "an exact rule wins over the prefix",
+        ),
+        (
+            "x.chatter",
+            Err(Code::PermissionDenied),
+            "x.chat.* does not cover x.chatter",
+        ),
+        ("record.add", Ok(()), "record.* is still anyone's"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let scribe = client_scribe(&stranger, &chat, kind, b"hi", hlc + 1 + n as u64);
+        let outcome = clients
+            .log
+            .append_signed(signed_request(scribe.parts()))
+            .await
+            .map(|_| ())
+            .map_err(|status| status.code());
+        assert_eq!(outcome, expected, "{kind}: {why}");
+    }
+
+    // Bad rules are refused with what to fix, and create nothing.
+    for (kind, words) in [
+        ("acl.*", "membership"),
+        ("y.*", "a prefix rule is"),
+        ("stream.*", "exactly one genesis"),
+    ] {
+        let status = clients
+            .streams
+            .create(create(
+                "bad",
+                vec![pb::KindRule {
+                    kind: kind.into(),
+                    authors: Some(pb::Authors {
+                        anyone: true,
+                        ..Default::default()
+                    }),
+                }],
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{kind}");
+        assert!(
+            status.message().contains(words),
+            "{kind}: {}",
+            status.message()
+        );
+    }
+
+    // The CLI: `stream create --allow 'x.*=anyone'` and `stream get` says the defaults.
+    let out = quire_cli(&node.url())
+        .args(["stream", "create", "cli", "--allow", "x.*=anyone"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = quire_cli(&node.url())
+        .args(["stream", "get", &id])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        shown.contains("x.* the owner") && shown.contains("allow       x.* = anyone"),
+        "{shown}"
+    );
+    let out = quire_cli(&node.url())
+        .args(["stream", "create", "cli", "--allow", "acl.*=anyone"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("membership"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.stop().await.unwrap();
+}

@@ -115,16 +115,29 @@ pub fn bytes_of(id: &ScribeId) -> Bytes {
 }
 
 /// Creates a stream with `policy` (None: defaults) and returns its id.
+/// Creates a stream whose `x.*` kinds anyone may write (as streams were before the owner-only
+/// default; `api::extension_kinds_are_owner_only_by_default` pins that default), unless `policy`
+/// has an `x.*` rule of its own.
 pub async fn create_stream(
     clients: &mut Clients,
     name: &str,
     policy: Option<pb::Policy>,
 ) -> StreamId {
+    let mut policy = policy.unwrap_or_default();
+    if !policy.rules.iter().any(|rule| rule.kind == "x.*") {
+        policy.rules.push(pb::KindRule {
+            kind: "x.*".into(),
+            authors: Some(pb::Authors {
+                anyone: true,
+                ..Default::default()
+            }),
+        });
+    }
     let info = clients
         .streams
         .create(pb::CreateStreamRequest {
             name: name.into(),
-            policy,
+            policy: Some(policy),
             owner: Bytes::new(),
             access: None,
         })

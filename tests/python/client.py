@@ -35,7 +35,17 @@ def main(address: str, token: str) -> None:
     names = [s.name for s in streams.List(api_pb2.ListStreamsRequest()).streams]
     assert "stranger's" not in names, "a refused Create made a stream"
 
-    info = streams.Create(api_pb2.CreateStreamRequest(name="from python"), metadata=owner)
+    # New streams let only their owner write x.* kinds; a prefix rule opens them to any key.
+    closed = streams.Create(api_pb2.CreateStreamRequest(name="owner's x"), metadata=owner)
+    assert closed.policy.defaults_version == 1, closed.policy
+    anyone = scribe_pb2.Authors(anyone=True)
+    info = streams.Create(
+        api_pb2.CreateStreamRequest(
+            name="from python",
+            policy=scribe_pb2.Policy(rules=[scribe_pb2.KindRule(kind="x.*", authors=anyone)]),
+        ),
+        metadata=owner,
+    )
     assert len(info.stream) == 32, info
     assert info.policy.max_file_bytes == 10 * 1024 * 1024, info.policy
 
@@ -79,21 +89,15 @@ def main(address: str, token: str) -> None:
     # A batch this client states and seals itself: three envelopes, one signature. The node only
     # checks and stores it, so it needs no token: none is sent with it, nor with the reads after.
     key = Ed25519PrivateKey.generate()
-    author = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    hlc = (time.time_ns() // 1_000_000) << 16
-    unsealed = []
-    for index, text in enumerate(("alpha", "beta", "gamma")):
-        payload = text.encode()
-        envelope = scribe_pb2.Envelope(
-            format=2, stream=info.stream, author=author, hlc=hlc + index, kind="x.py",
-            content_type="text/plain", payload_sha256=hashlib.sha256(payload).digest(),
-            payload_len=len(payload),
-        ).SerializeToString()
-        unsealed.append(api_pb2.Unsealed(envelope=envelope, payload=payload))
-    ids = [hashlib.sha256(u.envelope).digest() for u in unsealed]
-    root = merkle_root([leaf_hash(i) for i in ids])
-    signature = key.sign(b"quire.seal.v2\0\0\0" + struct.pack(">Q", len(ids)) + root)
-    seal = scribe_pb2.Seal(author=author, count=len(ids), root=root, signature=signature)
+    # Into the stream with the owner-only default, this key's x.py is refused, and not stored.
+    unsealed, seal, ids = sealed_batch(key, closed.stream, ("refused",))
+    try:
+        log.AppendBatch(api_pb2.AppendBatchRequest(sealed=[api_pb2.SealedBatch(scribes=unsealed, seal=seal.SerializeToString())]))
+        raise AssertionError("a stranger wrote x.py into a stream with the owner-only default")
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
+        assert "allows the owner" in error.details(), error.details()
+    unsealed, seal, ids = sealed_batch(key, info.stream, ("alpha", "beta", "gamma"))
     reply = log.AppendBatch(api_pb2.AppendBatchRequest(sealed=[api_pb2.SealedBatch(scribes=unsealed, seal=seal.SerializeToString())]))
     assert [r.id for r in reply.results] == ids, reply
     for scribe_id in ids:
@@ -125,6 +129,26 @@ def main(address: str, token: str) -> None:
 
     print("python client ok:", len(entries) + 1 + len(ids), "scribes")
     print("python client ok: owner calls need the token, sealed batches and reads do not")
+
+
+def sealed_batch(key, stream: bytes, texts):
+    """x.py scribes of `stream` with `texts` as payloads, stated and sealed by `key`."""
+    author = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    hlc = (time.time_ns() // 1_000_000) << 16
+    unsealed = []
+    for index, text in enumerate(texts):
+        payload = text.encode()
+        envelope = scribe_pb2.Envelope(
+            format=2, stream=stream, author=author, hlc=hlc + index, kind="x.py",
+            content_type="text/plain", payload_sha256=hashlib.sha256(payload).digest(),
+            payload_len=len(payload),
+        ).SerializeToString()
+        unsealed.append(api_pb2.Unsealed(envelope=envelope, payload=payload))
+    ids = [hashlib.sha256(u.envelope).digest() for u in unsealed]
+    root = merkle_root([leaf_hash(i) for i in ids])
+    signature = key.sign(b"quire.seal.v2\0\0\0" + struct.pack(">Q", len(ids)) + root)
+    seal = scribe_pb2.Seal(author=author, count=len(ids), root=root, signature=signature)
+    return unsealed, seal, ids
 
 
 def unauthenticated(call, what: str) -> None:

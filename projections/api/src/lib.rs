@@ -329,9 +329,15 @@ pub struct Policy {
     /// The stream is private (its genesis says so): served only to its members, and written by
     /// its writers unless a rule says otherwise.
     pub private: bool,
+    /// The default rules the stream was created under (see [`Policy::default_authors`]): 0, the
+    /// first, lets anyone write `x.*` kinds into a public stream; 1 lets only its owner.
+    pub defaults_version: u32,
 }
 
 impl Policy {
+    /// The default rules a node creating a stream writes into its genesis.
+    pub const CURRENT_DEFAULTS: u32 = 1;
+
     /// 10 MiB.
     pub const DEFAULT_MAX_FILE_BYTES: u64 = 10 * 1024 * 1024;
     /// 100 MiB.
@@ -343,19 +349,22 @@ impl Policy {
     pub const MAX_WORK_BITS: u32 = 24;
 
     /// Who may author `kind` when the policy has no rule for it: `file.*` the owner only;
-    /// `record.*`, `kv.*` and `x.*` anyone (in a public stream) or its writers (in a private
-    /// one); `stream.create` nobody (a stream has one genesis); `acl.*` its writers (the log lets
-    /// only admins grant and revoke).
+    /// `record.*` and `kv.*` anyone (in a public stream) or its writers (in a private one); `x.*`
+    /// the owner (in a public stream; anyone under `defaults_version` 0) or its writers (in a
+    /// private one); `stream.create` nobody (a stream has one genesis); `acl.*` its writers (the
+    /// log lets only admins grant and revoke).
     pub fn default_authors(&self, kind: &Kind) -> Authors {
         match kind {
             Kind::FilePut | Kind::FileDelete => Authors::owner_only(),
-            Kind::RecordAdd
-            | Kind::RecordUpvote
-            | Kind::KvSet
-            | Kind::KvDelete
-            | Kind::Custom(_) => {
-                if self.private {
-                    Authors::writers()
+            _ if self.private && !kind.is_membership() && *kind != Kind::StreamCreate => {
+                Authors::writers()
+            }
+            Kind::RecordAdd | Kind::RecordUpvote | Kind::KvSet | Kind::KvDelete => {
+                Authors::anyone()
+            }
+            Kind::Custom(_) => {
+                if self.defaults_version >= 1 {
+                    Authors::owner_only()
                 } else {
                     Authors::anyone()
                 }
@@ -365,14 +374,25 @@ impl Policy {
         }
     }
 
-    /// The authors allowed to write `kind` into a stream with this policy.
+    /// The authors allowed to write `kind` into a stream with this policy: the rule for the kind
+    /// itself, else the rule `PREFIX.*` with the longest prefix the kind starts with (`x.*`,
+    /// `x.chat.*`, `record.*`), else the default.
     pub fn authors_for(&self, kind: &Kind) -> Authors {
         if *kind == Kind::StreamCreate {
             return Authors::default();
         }
+        let name = kind.as_str();
+        if let Some((_, authors)) = self.rules.iter().find(|(rule_kind, _)| rule_kind == name) {
+            return authors.clone();
+        }
         self.rules
             .iter()
-            .find(|(rule_kind, _)| rule_kind == kind.as_str())
+            .filter_map(|(rule_kind, authors)| {
+                let prefix = rule_kind.strip_suffix('*')?;
+                (prefix.ends_with('.') && name.starts_with(prefix))
+                    .then_some((prefix.len(), authors))
+            })
+            .max_by_key(|(len, _)| *len)
             .map(|(_, authors)| authors.clone())
             .unwrap_or_else(|| self.default_authors(kind))
     }
@@ -390,6 +410,7 @@ impl Default for Policy {
             author_max_bytes: 0,
             author_max_scribes_per_day: 0,
             private: false,
+            defaults_version: 0,
         }
     }
 }
