@@ -64,6 +64,8 @@ pub struct NodeConfig {
     pub without_access_checks: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Which peers may replicate with the node (`--peers`) and the peer transport (TLS).
     pub peer_options: PeerOptions,
+    /// Which new streams the node takes (`--accept-streams`; default any).
+    pub accept_streams: crate::log::AcceptStreams,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -103,6 +105,7 @@ impl NodeConfig {
             without_access_checks: None,
             peer_options: PeerOptions::new()
                 .expect("a throwaway TLS certificate for the peer transport"),
+            accept_streams: crate::log::AcceptStreams::Any,
         }
     }
 }
@@ -139,6 +142,7 @@ pub fn open_log(config: &NodeConfig) -> Result<Log, OpenError> {
     let mut options = LogOptions {
         sync: config.sync,
         payload_checks: payload_checks(),
+        accept_streams: config.accept_streams,
         ..LogOptions::default()
     };
     if let Some((version, checks)) = &config.rules {

@@ -180,6 +180,7 @@ impl Api {
                 PeerAdmission::Known => "known",
             }
             .to_string(),
+            accept_streams: self.log.accept_streams().to_string(),
             keys: keys
                 .into_iter()
                 .map(|(key, rule)| pb::PeerKey {

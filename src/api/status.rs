@@ -28,9 +28,9 @@ pub fn append_status(error: &AppendError) -> Status {
         | AppendError::BadPayload { .. }
         | AppendError::ParentInOtherStream { .. } => Code::InvalidArgument,
         AppendError::UnknownStream(_) | AppendError::UnknownParent { .. } => Code::NotFound,
-        AppendError::PermissionDenied { .. } | AppendError::MissingWork { .. } => {
-            Code::PermissionDenied
-        }
+        AppendError::PermissionDenied { .. }
+        | AppendError::MissingWork { .. }
+        | AppendError::OwnerNotKnown { .. } => Code::PermissionDenied,
         AppendError::BadMembership { .. } => Code::InvalidArgument,
         AppendError::Membership { error, .. } => match error {
             crate::membership::MembershipError::UnknownView(_) => Code::FailedPrecondition,

@@ -92,6 +92,9 @@ impl pb::streams_server::Streams for Api {
             Err(error @ ReplicationError::Leaving(_)) => {
                 return Err(Status::failed_precondition(error.to_string()))
             }
+            Err(error @ ReplicationError::JoinRefused { .. }) => {
+                return Err(Status::permission_denied(error.to_string()))
+            }
             Err(error) => return Err(Status::internal(error.to_string())),
         }
         let state = self

@@ -239,6 +239,12 @@ fn print_peer_keys(keys: &pb::PeerKeysReply) {
         }
         _ => println!("peers: open (--peers open): any node key may replicate but those denied"),
     }
+    match keys.accept_streams.as_str() {
+        "known" => println!(
+            "streams: known owners only (--accept-streams known): this node's and the allowed keys'"
+        ),
+        _ => println!("streams: any (--accept-streams any)"),
+    }
     for key in &keys.keys {
         println!(
             "  {} {}",

@@ -186,6 +186,17 @@ pub struct ServeArgs {
         default_value = "open"
     )]
     pub peer_admission: crate::replication::PeerAdmission,
+    /// Which new streams this node takes (created here, appended as a client-signed genesis, or
+    /// fetched by `quire join`): `any`; or `known`, only streams owned by this node's key or by
+    /// a key allowed with `quire peer allow` (others are refused, and a join of one ends saying
+    /// so). Streams already held stay.
+    #[arg(
+        long = "accept-streams",
+        env = "QUIRE_ACCEPT_STREAMS",
+        value_name = "any|known",
+        default_value = "any"
+    )]
+    pub accept_streams: crate::log::AcceptStreams,
     /// Time limit of one SQL query (gRPC Sql.Query, HTTP /<tid>/query), in milliseconds.
     #[arg(long, env = "QUIRE_SQL_TIME_LIMIT_MS", default_value_t = 2000)]
     pub sql_time_limit_ms: u64,

@@ -49,6 +49,7 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
         fds: crate::fds::FdBudget::from_limit(),
         rules: None,
         without_access_checks: None,
+        accept_streams: args.accept_streams,
         peer_options: crate::replication::PeerOptions {
             admission: args.peer_admission,
             ..crate::replication::PeerOptions::new()

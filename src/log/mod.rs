@@ -79,6 +79,14 @@ pub enum AppendError {
     /// The scribe's stream is not held by this node.
     #[error("stream {0} is not held by this node; create it, or join it from a peer that has it")]
     UnknownStream(StreamId),
+    /// A new stream whose owner this node does not know, under `--accept-streams known`.
+    #[error("this node holds new streams only of known owners (--accept-streams known), and {owner} (the owner of stream {stream}) is not one: `quire peer allow {owner}` on this node makes it known")]
+    OwnerNotKnown {
+        /// The stream.
+        stream: StreamId,
+        /// Its owner.
+        owner: AuthorKey,
+    },
     /// This node is leaving the scribe's stream (deleting its scribes).
     #[error("this node is leaving stream {0} (deleting its scribes); join it again once the leave has finished")]
     Leaving(StreamId),
@@ -440,6 +448,43 @@ pub struct LogOptions {
     /// The version of the rules it applies ([`rules::RULES_VERSION`] unless a test plays an
     /// older or newer node).
     pub rules_version: u32,
+    /// Which new streams it takes (a genesis appended, created, or fetched by a join).
+    pub accept_streams: AcceptStreams,
+}
+
+/// Which new streams a node takes (`quire serve --accept-streams`). Streams already held are
+/// kept whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AcceptStreams {
+    /// Any stream its owner (token) creates or joins.
+    #[default]
+    Any,
+    /// Only streams owned by this node's key or by a key allowed with `quire peer allow` (a
+    /// known key); any other genesis is refused, `PERMISSION_DENIED`.
+    Known,
+}
+
+impl std::str::FromStr for AcceptStreams {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<AcceptStreams, String> {
+        match text {
+            "any" => Ok(AcceptStreams::Any),
+            "known" => Ok(AcceptStreams::Known),
+            other => Err(format!(
+                "--accept-streams {other:?}: use any (every stream the owner creates or joins) or known (only streams owned by this node or by keys allowed with `quire peer allow`)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AcceptStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AcceptStreams::Any => "any",
+            AcceptStreams::Known => "known",
+        })
+    }
 }
 
 impl std::fmt::Debug for LogOptions {
@@ -458,6 +503,7 @@ impl Default for LogOptions {
             wall: crate::hlc::system_wall_clock(),
             payload_checks: PayloadChecks::default(),
             rules_version: rules::RULES_VERSION,
+            accept_streams: AcceptStreams::Any,
         }
     }
 }
@@ -499,6 +545,8 @@ pub(crate) struct Shared {
     held: std::sync::Mutex<held::HeldSet>,
     /// The version of the rules this log applies.
     rules_version: u32,
+    /// Which new streams it takes.
+    accept_streams: AcceptStreams,
     /// Held by the committer while it commits a group, and by a leave while it deletes (see
     /// `leave.rs`): nothing is admitted against a store a leave is changing.
     gate: std::sync::Mutex<()>,
@@ -626,6 +674,7 @@ impl Log {
             epochs,
             held: std::sync::Mutex::new(held_set),
             rules_version: options.rules_version,
+            accept_streams: options.accept_streams,
             gate: std::sync::Mutex::new(()),
             leaving: std::sync::Mutex::new(leaving),
             stream_heads: std::sync::Mutex::new(HashMap::new()),
@@ -828,6 +877,11 @@ impl Log {
             .keys()
             .copied()
             .collect()
+    }
+
+    /// Which new streams this log takes (`--accept-streams`).
+    pub fn accept_streams(&self) -> AcceptStreams {
+        self.shared.accept_streams
     }
 
     /// The store (for replication's storage reads and peer bookkeeping).

@@ -25,8 +25,8 @@ use quire_projection_api::{
 };
 
 use super::held;
-use super::store::{HeldKey, StoreError, StreamRecord, Usage, UsageKey};
-use super::{AppendError, Appended, Origin, Shared, StreamState};
+use super::store::{HeldKey, PeerKeyRule, StoreError, StreamRecord, Usage, UsageKey};
+use super::{AcceptStreams, AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
 use crate::membership::{Change, Membership, MembershipError, Op, Role};
 use crate::pb;
@@ -230,6 +230,7 @@ pub(super) fn admit(
     }
     if scribe.body.kind == Kind::StreamCreate {
         let state = genesis_state(scribe, seq)?;
+        check_owner_known(seen.shared, &state)?;
         if let Some(key) = too_early(seen, scribe, fresh) {
             return Ok(Verdict::Hold(key));
         }
@@ -258,6 +259,21 @@ pub(super) fn admit(
     state.record.scribes += 1;
     state.record.bytes += scribe.size();
     Ok(Verdict::New(state, usage))
+}
+
+/// Under `--accept-streams known`, a new stream's owner is this node or a key allowed with
+/// `quire peer allow`. A node's own setting, not a rule on the scribe: a peer is never blamed.
+fn check_owner_known(shared: &Shared, state: &StreamState) -> Result<(), AppendError> {
+    if shared.accept_streams == AcceptStreams::Any
+        || state.owner.as_bytes() == shared.key.verifying_key().as_bytes()
+        || shared.store.peer_key(&state.owner)? == Some(PeerKeyRule::Allow)
+    {
+        return Ok(());
+    }
+    Err(AppendError::OwnerNotKnown {
+        stream: state.id,
+        owner: state.owner,
+    })
 }
 
 /// The key to hold the scribe under if it is dated too far ahead of the node's wall clock. A

@@ -1298,6 +1298,22 @@ impl Store {
         Ok(())
     }
 
+    /// What this node says of one key (`quire peer allow|deny`), if anything.
+    pub fn peer_key(&self, key: &AuthorKey) -> Result<Option<PeerKeyRule>, StoreError> {
+        Ok(
+            match self
+                .db
+                .get_pinned_cf(self.cf(CF_PEER_KEYS), key.as_bytes())?
+                .as_deref()
+            {
+                None => None,
+                Some(b"allow") => Some(PeerKeyRule::Allow),
+                Some(b"deny") => Some(PeerKeyRule::Deny),
+                Some(_) => return Err(StoreError::Damaged("peer key rule".into())),
+            },
+        )
+    }
+
     /// Every peer node key this node allows or denies.
     pub fn peer_keys(&self) -> Result<Vec<(AuthorKey, PeerKeyRule)>, StoreError> {
         let mut out = Vec::new();

@@ -706,6 +706,18 @@ impl Driver {
         Ok(())
     }
 
+    /// The join of `stream` is no longer pending (done, or refused).
+    async fn end_join(&self, stream: StreamId) {
+        self.inner
+            .pending_joins
+            .lock()
+            .expect("joins lock")
+            .remove(&stream);
+        let log = self.inner.log.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || log.store().set_join_pending(&stream, false)).await;
+    }
+
     async fn genesis(&mut self, stream: StreamId, scribe: Parts) -> Result<(), ConnectionError> {
         let peer = self
             .peer
@@ -746,17 +758,20 @@ impl Driver {
             .map_err(ConnectionError::Replicate)?;
         match outcome.first() {
             Some(Ok(_)) => {
+                self.end_join(stream).await;
+                tracing::info!(%stream, peer = %peer.short(), "joined stream");
+            }
+            // This node's own choice of streams (`--accept-streams known`), not the peer's
+            // fault: the join ends, and says why.
+            Some(Err(error @ AppendError::OwnerNotKnown { .. })) => {
+                tracing::warn!(%stream, %error, "join refused");
+                self.end_join(stream).await;
                 self.inner
-                    .pending_joins
+                    .refused_joins
                     .lock()
                     .expect("joins lock")
-                    .remove(&stream);
-                let log = self.inner.log.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    log.store().set_join_pending(&stream, false)
-                })
-                .await;
-                tracing::info!(%stream, peer = %peer.short(), "joined stream");
+                    .insert(stream, error.to_string());
+                self.inner.join_refused.notify_waiters();
             }
             Some(Err(error)) => {
                 tracing::warn!(peer = %peer.short(), %stream, %error, "a peer sent an invalid genesis")

@@ -154,6 +154,11 @@ pub(crate) struct Inner {
     /// Peer states: dialed ones by address, accepted ones by node id (hex).
     pub(crate) peers: Mutex<BTreeMap<String, PeerState>>,
     pub(crate) pending_joins: Mutex<HashSet<StreamId>>,
+    /// Joins this node refused once the genesis came (`--accept-streams known` and an unknown
+    /// owner), with why, until [`Replicator::join`] reports them.
+    pub(crate) refused_joins: Mutex<HashMap<StreamId, String>>,
+    /// Wakes the joins waiting when one is refused.
+    pub(crate) join_refused: tokio::sync::Notify,
     /// The dial loop of each remembered peer, by address: dropping the sender stops it.
     dialers: Mutex<HashMap<String, watch::Sender<bool>>>,
     pub(crate) bans: Mutex<HashMap<AuthorKey, (tokio::time::Instant, u32)>>,
@@ -204,6 +209,14 @@ pub enum ReplicationError {
         "this node is leaving stream {0}; join it again once `quire stream leave` has returned"
     )]
     Leaving(StreamId),
+    /// The genesis came, and this node refused to hold the stream (its reason); the join ended.
+    #[error("joining stream {stream}: {reason}")]
+    JoinRefused {
+        /// The stream.
+        stream: StreamId,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Replicator {
@@ -219,6 +232,8 @@ impl Replicator {
                 live: Mutex::new(HashMap::new()),
                 peers: Mutex::new(BTreeMap::new()),
                 pending_joins: Mutex::new(HashSet::new()),
+                refused_joins: Mutex::new(HashMap::new()),
+                join_refused: tokio::sync::Notify::new(),
                 dialers: Mutex::new(HashMap::new()),
                 bans: Mutex::new(HashMap::new()),
                 closing,
@@ -375,6 +390,11 @@ impl Replicator {
             return Err(ReplicationError::Leaving(stream));
         }
         let mut streams = self.inner.log.watch_streams();
+        self.inner
+            .refused_joins
+            .lock()
+            .expect("joins lock")
+            .remove(&stream);
         self.inner.log.store().set_join_pending(&stream, true)?;
         self.inner
             .pending_joins
@@ -385,16 +405,33 @@ impl Replicator {
             let _ = live.commands.send(Command::RequestGenesis(stream));
         }
         let mut closing = self.inner.closing.clone();
+        let refused = || {
+            self.inner
+                .refused_joins
+                .lock()
+                .expect("joins lock")
+                .remove(&stream)
+        };
         let wait = async {
-            while self.inner.log.stream(&stream).is_none() {
+            loop {
+                // Made before the checks, so a refusal between them and the select wakes it.
+                let refusal = self.inner.join_refused.notified();
+                if self.inner.log.stream(&stream).is_some() {
+                    return Ok(());
+                }
+                if let Some(reason) = refused() {
+                    return Err(ReplicationError::JoinRefused { stream, reason });
+                }
                 tokio::select! {
-                    changed = streams.changed() => if changed.is_err() { return },
-                    _ = closing.changed() => return,
+                    changed = streams.changed() => if changed.is_err() { return Ok(()) },
+                    _ = closing.changed() => return Ok(()),
+                    _ = refusal => {}
                 }
             }
         };
         match tokio::time::timeout(timeout, wait).await {
-            Ok(()) if self.inner.log.stream(&stream).is_some() => Ok(()),
+            Ok(Err(refused)) => Err(refused),
+            Ok(Ok(())) if self.inner.log.stream(&stream).is_some() => Ok(()),
             _ => Err(ReplicationError::JoinPending(stream)),
         }
     }

@@ -391,3 +391,165 @@ async fn the_peer_allow_list_is_driven_by_the_cli_and_remembered() {
     assert!(out.contains(&format!("deny  {key_b}")), "{out}");
     child.kill().await.unwrap();
 }
+
+/// `--accept-streams known`: B holds a new stream only if its owner is B itself or a key allowed
+/// with `quire peer allow` — created on B, appended to B as a client-signed genesis, or fetched
+/// by `quire join` (which ends at once, saying what to run; the peer that sent the genesis is not
+/// blamed). Allowing the key lets the same requests through; streams held stay across a restart.
+/// Driven over gRPC, and over the CLI as a real process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_accept_streams_known_only_streams_of_known_owners_are_held() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start_node(dir_a.path()).await;
+    let mut config = NodeConfig::new(dir_b.path());
+    config.accept_streams = quire::log::AcceptStreams::Known;
+    let b = start_config(config, true).await;
+    let a_key = a.log.node_key();
+    let mut clients_a = clients(&a.url()).await;
+    let mut clients_b = clients(&b.url()).await;
+    let from_a = create_stream(&mut clients_a, "a's", None).await;
+    append_note(&mut clients_a, &from_a, "hello from a").await;
+    connect(&b, &a).await;
+
+    // A join of A's stream: refused once the genesis comes, at once, with what to run.
+    let before = read_all(&mut clients_b).await;
+    let refused = clients_b
+        .streams
+        .join(pb::JoinStreamRequest {
+            stream: bytes_of(&from_a),
+            timeout_ms: 60_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains(&format!("quire peer allow {a_key}")),
+        "{}",
+        refused.message()
+    );
+    assert!(b.log.stream(&from_a).is_none());
+    assert!(
+        b.log.store().pending_joins().unwrap().is_empty(),
+        "the join ended"
+    );
+    // The user's key, as the owner of a stream B would create.
+    let user = client_key(91);
+    let user_key = quire::projection_api::AuthorKey(user.verifying_key().to_bytes());
+    let create_for_user = || pb::CreateStreamRequest {
+        name: "user's".into(),
+        policy: None,
+        owner: Bytes::copy_from_slice(user_key.as_bytes()),
+        access: None,
+    };
+    let refused = clients_b
+        .streams
+        .create(create_for_user())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("--accept-streams known"),
+        "{}",
+        refused.message()
+    );
+    // A genesis the user signed, appended with the owner's token: refused too.
+    let genesis = quire::scribe::Scribe::sign(
+        quire::scribe::Body {
+            stream: None,
+            author: user_key,
+            hlc: b.log.clock().now(),
+            kind: quire::projection_api::Kind::StreamCreate,
+            content_type: quire::genesis::GENESIS_CONTENT_TYPE.into(),
+            payload: Bytes::from(quire::genesis::genesis_payload(
+                "signed by the user",
+                None,
+                None,
+                None,
+                [3; 16],
+            )),
+            parents: vec![],
+            membership: None,
+            nonce: 0,
+        },
+        &user,
+    );
+    let refused = clients_b
+        .log
+        .append_signed(signed_request(genesis.parts()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert_eq!(
+        read_all(&mut clients_b).await,
+        before,
+        "refusals store nothing"
+    );
+    // B's own streams are B's to hold.
+    let own = create_stream(&mut clients_b, "b's", None).await;
+
+    // Known now: the same requests go through.
+    set_key(&b, &a, true).await;
+    clients_b
+        .admin
+        .allow_peer(pb::PeerKeyRequest {
+            node_id: Bytes::copy_from_slice(user_key.as_bytes()),
+        })
+        .await
+        .unwrap();
+    join(&b, &from_a).await;
+    wait_for_count(&[&b], &from_a, 2).await;
+    clients_b.streams.create(create_for_user()).await.unwrap();
+    clients_b
+        .log
+        .append_signed(signed_request(genesis.parts()))
+        .await
+        .unwrap();
+    let refused_by_b: u64 = peer_status(&b).await.iter().map(|peer| peer.refused).sum();
+    assert_eq!(refused_by_b, 0, "A was never blamed for B's choice");
+    let held = b.log.stream_ids().len();
+    assert_eq!(held, 4, "a's, b's, the user's two");
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+
+    // As a process: `--accept-streams known` is shown, and held streams stay.
+    let (mut child, url_b, _) =
+        crate::crash::spawn_serve_with(dir_b.path(), &["--accept-streams", "known"]).await;
+    let out = quire_cli(&url_b).args(["peer", "list"]).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.contains("streams: known owners only"), "{out}");
+    let listed = clients(&url_b)
+        .await
+        .streams
+        .list(pb::ListStreamsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .streams;
+    assert_eq!(listed.len(), 4);
+    assert!(listed.iter().any(|info| info.stream == bytes_of(&own)));
+    // A stream the CLI creates for an unknown owner is refused, with the words to fix it.
+    let stranger = quire::projection_api::AuthorKey([5; 32]).to_hex();
+    let out = quire_cli(&url_b)
+        .args(["stream", "create", "x", "--owner", &stranger])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("quire peer allow {stranger}")),
+        "{err}"
+    );
+    let bad = quire_cli(&url_b)
+        .args(["serve", "--accept-streams", "some"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("use any"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    child.kill().await.unwrap();
+}
