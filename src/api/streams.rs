@@ -92,8 +92,14 @@ impl pb::streams_server::Streams for Api {
             Err(error @ ReplicationError::Leaving(_)) => {
                 return Err(Status::failed_precondition(error.to_string()))
             }
+            Err(
+                error @ ReplicationError::JoinRefused {
+                    unknown_key: true, ..
+                },
+            ) => return Err(Status::permission_denied(error.to_string())),
+            // The genesis is refused by this version's rules (e.g. a newer quire's).
             Err(error @ ReplicationError::JoinRefused { .. }) => {
-                return Err(Status::permission_denied(error.to_string()))
+                return Err(Status::failed_precondition(error.to_string()))
             }
             Err(error) => return Err(Status::internal(error.to_string())),
         }

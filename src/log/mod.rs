@@ -79,13 +79,16 @@ pub enum AppendError {
     /// The scribe's stream is not held by this node.
     #[error("stream {0} is not held by this node; create it, or join it from a peer that has it")]
     UnknownStream(StreamId),
-    /// A new stream whose owner this node does not know, under `--accept-streams known`.
-    #[error("this node holds new streams only of known owners (--accept-streams known), and {owner} (the owner of stream {stream}) is not one: `quire peer allow {owner}` on this node makes it known")]
+    /// A new stream whose owner, or the signer of its genesis, this node does not know, under
+    /// `--accept-streams known`.
+    #[error("this node holds new streams only of known owners (--accept-streams known), and {key} (the {what} of stream {stream}) is not one: `quire peer allow {key}` on this node makes it known")]
     OwnerNotKnown {
         /// The stream.
         stream: StreamId,
-        /// Its owner.
-        owner: AuthorKey,
+        /// The key it does not know.
+        key: AuthorKey,
+        /// What the key is to the stream: "owner", or "signer of the genesis".
+        what: &'static str,
     },
     /// This node is leaving the scribe's stream (deleting its scribes).
     #[error("this node is leaving stream {0} (deleting its scribes); join it again once the leave has finished")]
@@ -564,6 +567,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether `key` is this node's own or one allowed with `quire peer allow`.
+    pub(crate) fn knows(&self, key: &AuthorKey) -> Result<bool, StoreError> {
+        Ok(key.as_bytes() == self.key.verifying_key().as_bytes()
+            || self.store.peer_key(key)? == Some(store::PeerKeyRule::Allow))
+    }
+
     /// Whether the log holds `stream`.
     pub(crate) fn holds(&self, stream: &StreamId) -> bool {
         self.streams
@@ -882,6 +891,11 @@ impl Log {
     /// Which new streams this log takes (`--accept-streams`).
     pub fn accept_streams(&self) -> AcceptStreams {
         self.shared.accept_streams
+    }
+
+    /// Whether `key` is known to this node: its own key, or one allowed with `quire peer allow`.
+    pub fn knows(&self, key: &AuthorKey) -> Result<bool, StoreError> {
+        self.shared.knows(key)
     }
 
     /// The store (for replication's storage reads and peer bookkeeping).

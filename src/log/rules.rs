@@ -25,7 +25,7 @@ use quire_projection_api::{
 };
 
 use super::held;
-use super::store::{HeldKey, PeerKeyRule, StoreError, StreamRecord, Usage, UsageKey};
+use super::store::{HeldKey, StoreError, StreamRecord, Usage, UsageKey};
 use super::{AcceptStreams, AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
 use crate::membership::{Change, Membership, MembershipError, Op, Role};
@@ -230,7 +230,7 @@ pub(super) fn admit(
     }
     if scribe.body.kind == Kind::StreamCreate {
         let state = genesis_state(scribe, seq)?;
-        check_owner_known(seen.shared, &state)?;
+        check_owner_known(seen.shared, scribe, &state)?;
         if let Some(key) = too_early(seen, scribe, fresh) {
             return Ok(Verdict::Hold(key));
         }
@@ -261,19 +261,30 @@ pub(super) fn admit(
     Ok(Verdict::New(state, usage))
 }
 
-/// Under `--accept-streams known`, a new stream's owner is this node or a key allowed with
-/// `quire peer allow`. A node's own setting, not a rule on the scribe: a peer is never blamed.
-fn check_owner_known(shared: &Shared, state: &StreamState) -> Result<(), AppendError> {
-    if shared.accept_streams == AcceptStreams::Any
-        || state.owner.as_bytes() == shared.key.verifying_key().as_bytes()
-        || shared.store.peer_key(&state.owner)? == Some(PeerKeyRule::Allow)
-    {
+/// Under `--accept-streams known`, a new stream's owner and the signer of its genesis (who chose
+/// its policy and first members) are this node or keys allowed with `quire peer allow`. A node's
+/// own setting, not a rule on the scribe: a peer is never blamed.
+fn check_owner_known(
+    shared: &Shared,
+    genesis: &Scribe,
+    state: &StreamState,
+) -> Result<(), AppendError> {
+    if shared.accept_streams == AcceptStreams::Any {
         return Ok(());
     }
-    Err(AppendError::OwnerNotKnown {
-        stream: state.id,
-        owner: state.owner,
-    })
+    for (key, what) in [
+        (state.owner, "owner"),
+        (genesis.body.author, "signer of the genesis"),
+    ] {
+        if !shared.knows(&key)? {
+            return Err(AppendError::OwnerNotKnown {
+                stream: state.id,
+                key,
+                what,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The key to hold the scribe under if it is dated too far ahead of the node's wall clock. A

@@ -761,16 +761,23 @@ impl Driver {
                 self.end_join(stream).await;
                 tracing::info!(%stream, peer = %peer.short(), "joined stream");
             }
-            // This node's own choice of streams (`--accept-streams known`), not the peer's
-            // fault: the join ends, and says why.
-            Some(Err(error @ AppendError::OwnerNotKnown { .. })) => {
+            // This node's own choice of streams (`--accept-streams known`), or a genesis its
+            // rules refuse (every peer has the same bytes: the id is their hash): not the
+            // peer's fault. The join ends, and says why.
+            Some(Err(error @ (AppendError::OwnerNotKnown { .. } | AppendError::BadGenesis(_)))) => {
                 tracing::warn!(%stream, %error, "join refused");
                 self.end_join(stream).await;
-                self.inner
-                    .refused_joins
-                    .lock()
-                    .expect("joins lock")
-                    .insert(stream, error.to_string());
+                let unknown = match error {
+                    AppendError::OwnerNotKnown { key, .. } => Some(*key),
+                    _ => None,
+                };
+                self.inner.refused_joins.lock().expect("joins lock").insert(
+                    stream,
+                    super::JoinRefusal {
+                        reason: error.to_string(),
+                        unknown,
+                    },
+                );
                 self.inner.join_refused.notify_waiters();
             }
             Some(Err(error)) => {

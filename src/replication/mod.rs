@@ -155,8 +155,9 @@ pub(crate) struct Inner {
     pub(crate) peers: Mutex<BTreeMap<String, PeerState>>,
     pub(crate) pending_joins: Mutex<HashSet<StreamId>>,
     /// Joins this node refused once the genesis came (`--accept-streams known` and an unknown
-    /// owner), with why, until [`Replicator::join`] reports them.
-    pub(crate) refused_joins: Mutex<HashMap<StreamId, String>>,
+    /// key, or a genesis these rules refuse): every join of the stream is told, until the
+    /// refusal no longer holds (the key was allowed since). Bounded by the joins the owner asked.
+    pub(crate) refused_joins: Mutex<HashMap<StreamId, JoinRefusal>>,
     /// Wakes the joins waiting when one is refused.
     pub(crate) join_refused: tokio::sync::Notify,
     /// The dial loop of each remembered peer, by address: dropping the sender stops it.
@@ -216,7 +217,30 @@ pub enum ReplicationError {
         stream: StreamId,
         /// Why.
         reason: String,
+        /// Refused for a key this node does not know (`--accept-streams known`); else the
+        /// genesis itself is refused by this version's rules.
+        unknown_key: bool,
     },
+}
+
+/// Why a join ended without the stream.
+#[derive(Debug, Clone)]
+pub(crate) struct JoinRefusal {
+    /// What the join answers.
+    pub(crate) reason: String,
+    /// The key this node did not know, if that was why (allowing it lets a new join try again);
+    /// none: the genesis itself is refused by these rules, and always will be.
+    pub(crate) unknown: Option<AuthorKey>,
+}
+
+impl JoinRefusal {
+    fn error(&self, stream: StreamId) -> ReplicationError {
+        ReplicationError::JoinRefused {
+            stream,
+            reason: self.reason.clone(),
+            unknown_key: self.unknown.is_some(),
+        }
+    }
 }
 
 impl Replicator {
@@ -389,12 +413,30 @@ impl Replicator {
         if self.inner.log.is_leaving(&stream) {
             return Err(ReplicationError::Leaving(stream));
         }
-        let mut streams = self.inner.log.watch_streams();
-        self.inner
+        // A refusal that still holds is the answer at once; one that no longer does (its key was
+        // allowed since) is forgotten, and the join tries again.
+        let earlier = self
+            .inner
             .refused_joins
             .lock()
             .expect("joins lock")
-            .remove(&stream);
+            .get(&stream)
+            .cloned();
+        if let Some(refusal) = earlier {
+            let holds = match refusal.unknown {
+                Some(key) => !self.inner.log.knows(&key)?,
+                None => true,
+            };
+            if holds {
+                return Err(refusal.error(stream));
+            }
+            self.inner
+                .refused_joins
+                .lock()
+                .expect("joins lock")
+                .remove(&stream);
+        }
+        let mut streams = self.inner.log.watch_streams();
         self.inner.log.store().set_join_pending(&stream, true)?;
         self.inner
             .pending_joins
@@ -405,12 +447,14 @@ impl Replicator {
             let _ = live.commands.send(Command::RequestGenesis(stream));
         }
         let mut closing = self.inner.closing.clone();
+        // Read, not taken: every join waiting on the stream is told.
         let refused = || {
             self.inner
                 .refused_joins
                 .lock()
                 .expect("joins lock")
-                .remove(&stream)
+                .get(&stream)
+                .map(|refusal| refusal.error(stream))
         };
         let wait = async {
             loop {
@@ -419,8 +463,8 @@ impl Replicator {
                 if self.inner.log.stream(&stream).is_some() {
                     return Ok(());
                 }
-                if let Some(reason) = refused() {
-                    return Err(ReplicationError::JoinRefused { stream, reason });
+                if let Some(refused) = refused() {
+                    return Err(refused);
                 }
                 tokio::select! {
                     changed = streams.changed() => if changed.is_err() { return Ok(()) },

@@ -7,6 +7,7 @@ mod api;
 mod attack_access;
 mod attack_acl;
 mod attack_clock;
+mod attack_defaults;
 mod attack_format;
 mod attack_leave;
 mod attack_live;
