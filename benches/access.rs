@@ -111,6 +111,23 @@ async fn catch_up(a: &RunningNode, b: &RunningNode, stream: &StreamId, count: u6
     count as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Waits until every projection of `node` has applied everything (a catch-up measured while
+/// another stream's projections still work would share the 2 cores with them).
+async fn settle(node: &RunningNode) {
+    let mut admin = pb::admin_client::AdminClient::new(support::owner(node).await);
+    loop {
+        let status = admin
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if status.projections.iter().all(|p| p.checkpoint >= p.target) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn pair(
     tls: bool,
 ) -> (
@@ -152,13 +169,17 @@ fn main() {
         }
         let append_public = count as f64 / public_secs;
         let append_private = count as f64 / private_secs;
+        settle(&a).await;
         let catch_public = catch_up(&a, &b, &public, count as u64 + 1).await;
+        settle(&b).await;
         let catch_private = catch_up(&a, &b, &private, count as u64 + 1).await;
 
         // TLS against plaintext: the same catch-up of a public stream.
         let (_pa, _pb, plain_a, plain_b) = pair(false).await;
         let plain = stream(&plain_a, 0, None).await;
         fill(&plain_a, &plain, count).await;
+        settle(&b).await;
+        settle(&plain_a).await;
         let catch_plain = catch_up(&plain_a, &plain_b, &plain, count as u64 + 1).await;
 
         println!("access benchmark ({count} scribes of {PAYLOAD} bytes, in-process nodes)");
