@@ -264,6 +264,21 @@ async fn create_raw(
         .map(|reply| reply.into_inner())
 }
 
+/// Both nodes hold the same scribes of `stream`, and neither counted a refusal against the other.
+async fn same_and_unblamed(a: &RunningNode, b: &RunningNode, stream: &StreamId) {
+    assert_eq!(
+        set(&stream_ids(a, stream).await),
+        set(&stream_ids(b, stream).await)
+    );
+    assert_eq!(refused_by(a).await + refused_by(b).await, 0);
+}
+
+/// A stream created over gRPC with `rules` (a refusal panics).
+async fn stream_with(node: &RunningNode, rules: Vec<pb::KindRule>) -> StreamId {
+    let info = create_raw(node, rules, 1).await.expect("create");
+    StreamId::from_slice(&info.stream).unwrap()
+}
+
 async fn join_within(node: &RunningNode, stream: &StreamId, ms: u64) -> Result<(), tonic::Status> {
     clients(&node.url())
         .await
@@ -654,11 +669,7 @@ async fn only_the_owner_can_plant_a_genesis_with_old_defaults_and_peers_judge_it
     append_as_stranger(&a, &on_a).await.unwrap();
     append_as_stranger(&b, &on_b).await.unwrap();
     wait_for_count(&[&a, &b], &stream, 3).await;
-    assert_eq!(
-        set(&stream_ids(&a, &stream).await),
-        set(&stream_ids(&b, &stream).await)
-    );
-    assert_eq!(refused_by(&a).await + refused_by(&b).await, 0);
+    same_and_unblamed(&a, &b, &stream).await;
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
@@ -928,11 +939,7 @@ async fn prefix_rules_judge_every_edge_alike_on_two_nodes() {
     let mut owner_a = clients(&a.url()).await;
     append_note(&mut owner_a, &stream, "the owner's x.note").await;
     wait_for_count(&[&b], &stream, 2 + accepted).await;
-    assert_eq!(
-        set(&stream_ids(&a, &stream).await),
-        set(&stream_ids(&b, &stream).await)
-    );
-    assert_eq!(refused_by(&a).await + refused_by(&b).await, 0);
+    same_and_unblamed(&a, &b, &stream).await;
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
@@ -946,30 +953,17 @@ async fn prefix_rules_judge_every_edge_alike_on_two_nodes() {
 async fn app_pages_and_strangers_get_what_the_prefix_rules_give() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
-    let stream_of = |info: pb::StreamInfo| StreamId::from_slice(&info.stream).unwrap();
-    let closed = stream_of(
-        create_raw(&node, vec![rule("record.*", owner_only())], 1)
-            .await
-            .unwrap(),
-    );
-    let exact = stream_of(
-        create_raw(
-            &node,
-            vec![rule("record.*", anyone()), rule("record.add", owner_only())],
-            1,
-        )
-        .await
-        .unwrap(),
-    );
-    let open = stream_of(
-        create_raw(
-            &node,
-            vec![rule("record.*", anyone()), rule("file.*", anyone())],
-            1,
-        )
-        .await
-        .unwrap(),
-    );
+    let closed = stream_with(&node, vec![rule("record.*", owner_only())]).await;
+    let exact = stream_with(
+        &node,
+        vec![rule("record.*", anyone()), rule("record.add", owner_only())],
+    )
+    .await;
+    let open = stream_with(
+        &node,
+        vec![rule("record.*", anyone()), rule("file.*", anyone())],
+    )
+    .await;
     let page = |stream: StreamId, action: &'static str, body: serde_json::Value| {
         let node = &node;
         async move {
@@ -1042,26 +1036,13 @@ async fn app_pages_and_strangers_get_what_the_prefix_rules_give() {
 async fn an_app_page_live_binding_obeys_prefix_rules_for_kv() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path()).await;
-    let stream_of = |info: pb::StreamInfo| StreamId::from_slice(&info.stream).unwrap();
-    let closed = stream_of(
-        create_raw(&node, vec![rule("kv.*", owner_only())], 1)
-            .await
-            .unwrap(),
-    );
-    let exact = stream_of(
-        create_raw(
-            &node,
-            vec![rule("kv.*", anyone()), rule("kv.set", owner_only())],
-            1,
-        )
-        .await
-        .unwrap(),
-    );
-    let open = stream_of(
-        create_raw(&node, vec![rule("kv.*", anyone())], 1)
-            .await
-            .unwrap(),
-    );
+    let closed = stream_with(&node, vec![rule("kv.*", owner_only())]).await;
+    let exact = stream_with(
+        &node,
+        vec![rule("kv.*", anyone()), rule("kv.set", owner_only())],
+    )
+    .await;
+    let open = stream_with(&node, vec![rule("kv.*", anyone())]).await;
     let before = snapshot(&node).await;
     for (n, stream) in [closed, exact].into_iter().enumerate() {
         let mut page = crate::ws::open_app(&node, &stream, "/socksync")
