@@ -31,10 +31,6 @@ const SECRET: &str = "attack-acl-private-payload-nobody-else-may-see";
 // ---------------------------------------------------------------------------------------------
 // Helpers (copied from tests/it/private.rs where they are private there).
 
-fn key_of(key: &SigningKey) -> AuthorKey {
-    AuthorKey(key.verifying_key().to_bytes())
-}
-
 pub(crate) fn key_bytes(key: &AuthorKey) -> Bytes {
     Bytes::copy_from_slice(key.as_bytes())
 }
@@ -208,21 +204,9 @@ async fn append_signed(
         .map(|reply| reply.into_inner())
 }
 
-async fn info(node: &RunningNode, stream: &StreamId) -> pb::StreamInfo {
-    clients(&node.url())
-        .await
-        .streams
-        .get(pb::GetStreamRequest {
-            stream: bytes_of(stream),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// `key`'s role in `stream` as `node` serves it (`Streams.Get` members).
 async fn role_of(node: &RunningNode, stream: &StreamId, key: &AuthorKey) -> Option<Role> {
-    info(node, stream)
+    stream_info(node, stream)
         .await
         .members
         .iter()
@@ -231,7 +215,7 @@ async fn role_of(node: &RunningNode, stream: &StreamId, key: &AuthorKey) -> Opti
 }
 
 async fn heads(node: &RunningNode, stream: &StreamId) -> Vec<ScribeId> {
-    info(node, stream)
+    stream_info(node, stream)
         .await
         .membership_heads
         .iter()
@@ -472,7 +456,7 @@ async fn forged_membership_scribes_and_views_are_refused_and_change_nothing() {
             .id,
     )
     .unwrap();
-    let members_before = info(&a, &stream).await.members;
+    let members_before = stream_info(&a, &stream).await.members;
     let held_before = held(&a, &stream);
     let hlc = a.log.clock().now();
     let grant_payload = |key: Vec<u8>, role: i32| {
@@ -654,7 +638,7 @@ async fn forged_membership_scribes_and_views_are_refused_and_change_nothing() {
     let status = append_signed(&a, &cross_parent).await.unwrap_err();
     assert_ne!(status.code(), tonic::Code::Ok, "{status:?}");
     assert_eq!(held(&a, &stream), held_before, "a forged scribe was stored");
-    assert_eq!(info(&a, &stream).await.members, members_before);
+    assert_eq!(stream_info(&a, &stream).await.members, members_before);
     assert_eq!(role_of(&a, &stream, &target).await, None);
 }
 

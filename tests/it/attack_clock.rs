@@ -27,10 +27,6 @@ const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Long enough for anything the node does on its own (the release loop runs every 500 ms).
 const SETTLE: Duration = Duration::from_secs(30);
 
-fn now_ms() -> u64 {
-    quire::hlc::system_wall_clock()()
-}
-
 /// A scribe of `stream` by client `seed` with every field chosen.
 fn scribe_with(
     seed: u8,

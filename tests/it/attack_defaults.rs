@@ -38,16 +38,8 @@ const HOUR_MS: u64 = 3600 * 1000;
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
-fn key_of(key: &SigningKey) -> AuthorKey {
-    AuthorKey(key.verifying_key().to_bytes())
-}
-
 fn key_bytes(key: &AuthorKey) -> Bytes {
     Bytes::copy_from_slice(key.as_bytes())
-}
-
-fn now_ms() -> u64 {
-    quire::hlc::system_wall_clock()()
 }
 
 fn anyone() -> Option<pb::Authors> {
@@ -230,18 +222,6 @@ async fn snapshot(node: &RunningNode) -> (u64, Vec<pb::Entry>) {
     (head(&mut clients).await, read_all(&mut clients).await)
 }
 
-async fn stream_info(node: &RunningNode, stream: &StreamId) -> pb::StreamInfo {
-    clients(&node.url())
-        .await
-        .streams
-        .get(pb::GetStreamRequest {
-            stream: bytes_of(stream),
-        })
-        .await
-        .expect("stream get")
-        .into_inner()
-}
-
 async fn create_raw(
     node: &RunningNode,
     rules: Vec<pb::KindRule>,
@@ -291,17 +271,6 @@ async fn join_within(node: &RunningNode, stream: &StreamId, ms: u64) -> Result<(
         .map(|_| ())
 }
 
-async fn leave(node: &RunningNode, stream: &StreamId) {
-    clients(&node.url())
-        .await
-        .streams
-        .leave(pb::LeaveStreamRequest {
-            stream: bytes_of(stream),
-        })
-        .await
-        .expect("leave");
-}
-
 async fn set_key(node: &RunningNode, key: &AuthorKey, allow: bool) {
     let request = pb::PeerKeyRequest {
         node_id: key_bytes(key),
@@ -312,15 +281,6 @@ async fn set_key(node: &RunningNode, key: &AuthorKey, allow: bool) {
     } else {
         admin.deny_peer(request).await.unwrap();
     }
-}
-
-async fn refused_by(node: &RunningNode) -> u64 {
-    node_status(node)
-        .await
-        .peers
-        .iter()
-        .map(|peer| peer.refused)
-        .sum()
 }
 
 fn pending(node: &RunningNode) -> Vec<StreamId> {

@@ -27,28 +27,12 @@ use quire_projection_kv::{KvSet, CONTENT_TYPE};
 use crate::common::*;
 use crate::kv::node_at;
 use crate::malicious::Intruder;
+use crate::quota::quota_stream;
 use crate::replication::{connect, join, part, wait_for_count, CONVERGE};
 
 const DAY_MS: u64 = 86_400_000;
 /// A bound for what must happen soon (or for showing that something does not).
 const SOON: Duration = Duration::from_secs(60);
-
-fn now_ms() -> u64 {
-    quire::hlc::system_wall_clock()()
-}
-
-async fn quota_stream(node: &RunningNode, bytes: u64, per_day: u64) -> StreamId {
-    create_stream(
-        &mut clients(&node.url()).await,
-        "quota",
-        Some(pb::Policy {
-            author_max_bytes: bytes,
-            author_max_scribes_per_day: per_day,
-            ..Default::default()
-        }),
-    )
-    .await
-}
 
 fn author(seed: u8) -> AuthorKey {
     AuthorKey(client_key(seed).verifying_key().to_bytes())
@@ -167,16 +151,6 @@ async fn peer_status(node: &RunningNode, peer: &AuthorKey) -> Option<pb::PeerSta
         .peers
         .into_iter()
         .find(|status| status.node_id == hex)
-}
-
-/// Every refusal any peer of `node` was blamed for.
-async fn refused_by(node: &RunningNode) -> u64 {
-    node_status(node)
-        .await
-        .peers
-        .iter()
-        .map(|peer| peer.refused)
-        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -573,18 +547,6 @@ fn b_append(stream: &StreamId) -> pb::AppendRequest {
         payload: Bytes::from_static(b"by node b"),
         parents: vec![],
     }
-}
-
-/// Leaves `stream` on `node` (the whole leave: the call returns once it is done).
-async fn leave(node: &RunningNode, stream: &StreamId) {
-    clients(&node.url())
-        .await
-        .streams
-        .leave(pb::LeaveStreamRequest {
-            stream: bytes_of(stream),
-        })
-        .await
-        .expect("leave");
 }
 
 /// The owner exemption is the owner's alone: the owner's scribes beyond the quota reach B, while

@@ -163,6 +163,51 @@ pub async fn append_note(clients: &mut Clients, stream: &StreamId, text: &str) -
         .into_inner()
 }
 
+/// The public key of `key`.
+pub fn key_of(key: &SigningKey) -> AuthorKey {
+    AuthorKey(key.verifying_key().to_bytes())
+}
+
+/// The system wall clock now, in milliseconds.
+pub fn now_ms() -> u64 {
+    quire::hlc::system_wall_clock()()
+}
+
+/// `Streams.Get` of `stream` on `node` (as the owner).
+pub async fn stream_info(node: &RunningNode, stream: &StreamId) -> pb::StreamInfo {
+    clients(&node.url())
+        .await
+        .streams
+        .get(pb::GetStreamRequest {
+            stream: bytes_of(stream),
+        })
+        .await
+        .expect("stream get")
+        .into_inner()
+}
+
+/// Leaves `stream` on `node` (the whole leave: the call returns once it is done).
+pub async fn leave(node: &RunningNode, stream: &StreamId) {
+    clients(&node.url())
+        .await
+        .streams
+        .leave(pb::LeaveStreamRequest {
+            stream: bytes_of(stream),
+        })
+        .await
+        .expect("leave");
+}
+
+/// Every refusal any peer of `node` was blamed for.
+pub async fn refused_by(node: &RunningNode) -> u64 {
+    node_status(node)
+        .await
+        .peers
+        .iter()
+        .map(|peer| peer.refused)
+        .sum()
+}
+
 /// A client key, deterministic from `seed`.
 pub fn client_key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])

@@ -12,7 +12,7 @@ use quire::projection_api::StreamId;
 use crate::common::*;
 use crate::replication::{connect, join, wait_for_count};
 
-async fn quota_stream(node: &RunningNode, bytes: u64, per_day: u64) -> StreamId {
+pub(crate) async fn quota_stream(node: &RunningNode, bytes: u64, per_day: u64) -> StreamId {
     create_stream(
         &mut clients(&node.url()).await,
         "quota",
