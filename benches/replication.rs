@@ -340,6 +340,7 @@ async fn live_latency(a: &RunningNode, peer_a: &str, count: usize) -> (Duration,
                     seal: entry.seal,
                     proof: quire::scribe::Proof::from_proto(entry.proof).unwrap(),
                     leaves: None,
+                    redacted_by: None,
                 };
                 let scribe = Scribe::decode(parts).unwrap();
                 let sent = u64::from_be_bytes(scribe.body.payload[..8].try_into().unwrap());

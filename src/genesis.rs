@@ -60,6 +60,10 @@ pub enum PolicyError {
     /// A rule for `acl.grant` or `acl.revoke`: admins grant and revoke, whatever a policy says.
     #[error("policy rule for {0}: membership is changed by admins only, no rule applies")]
     Membership(String),
+    /// A rule for `redact`: the target's author or the stream's owner redacts, whatever a policy
+    /// says.
+    #[error("policy rule for redact: a scribe is redacted by its author or the stream's owner only, no rule applies")]
+    Redact,
     /// `work_bits` is over [`Policy::MAX_WORK_BITS`].
     #[error("work_bits {0} is over the most allowed, {max}", max = Policy::MAX_WORK_BITS)]
     WorkBits(u32),
@@ -241,6 +245,9 @@ pub fn check_rule_kind(text: &str) -> Result<(), PolicyError> {
     }
     if kind.is_membership() {
         return Err(PolicyError::Membership(text.to_string()));
+    }
+    if kind == Kind::Redact {
+        return Err(PolicyError::Redact);
     }
     Ok(())
 }

@@ -227,6 +227,7 @@ pub async fn serve(
     let replicator = Replicator::new(log.clone(), config.peer_options.clone())?;
     replicator.start(&config.peers)?;
     tokio::spawn(crate::log::held::release_loop(log.clone()));
+    tokio::spawn(crate::log::redact::purge_loop(log.clone()));
     tracing::info!(node = %log.node_key(), api = %api_addr, peer = ?peer_addr, data_dir = %config.data_dir.display(), "node serving");
 
     let (stop_tx, stop_rx) = watch::channel(false);

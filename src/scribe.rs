@@ -457,7 +457,15 @@ pub struct Parts {
     /// and a peer can be sent them instead of proofs. Checked on decode: they must be as many as
     /// the seal counts, and the proof must lead to the seal's root.
     pub leaves: Option<Leaves>,
+    /// The payload was redacted (`payload` is empty): the encoded `quire.v1.SealedScribe` of the
+    /// `redact` scribe that justifies it (checked by the log's rules, which know the stream's
+    /// owner).
+    pub redacted_by: Option<Bytes>,
 }
+
+/// The largest encoded `redact` scribe a redacted scribe may carry: an envelope, a payload of a
+/// target and a reason, a seal and a proof of a seal over [`MAX_SEAL_COUNT`] ids.
+pub const MAX_REDACTION_BYTES: usize = 16 * 1024;
 
 impl Parts {
     /// Size counted against a stream's limits: envelope and payload.
@@ -472,6 +480,7 @@ impl Parts {
             payload: self.payload.clone(),
             seal: self.seal.clone(),
             proof: Some(self.proof.to_proto()),
+            redacted_by: self.redacted_by.clone().unwrap_or_default(),
         }
     }
 
@@ -483,6 +492,7 @@ impl Parts {
             seal: sealed.seal,
             proof: Proof::from_proto(sealed.proof)?,
             leaves: None,
+            redacted_by: (!sealed.redacted_by.is_empty()).then_some(sealed.redacted_by),
         })
     }
 }
@@ -505,6 +515,11 @@ pub struct Scribe {
     /// Every id `seal` covers, in order, when they are known here (the seal was just made by
     /// [`seal_all`]): a store can then keep them once instead of a proof per scribe.
     pub leaves: Option<Leaves>,
+    /// The payload's length, as the envelope names it (also when it was redacted).
+    pub payload_len: u64,
+    /// The payload was redacted (`body.payload` is empty): the encoded `redact` scribe that
+    /// justifies it, unchecked here (see [`Parts::redacted_by`]).
+    pub redacted_by: Option<Bytes>,
 }
 
 /// SHA-256 of `bytes` as a scribe id.
@@ -551,6 +566,7 @@ fn seal_one_tree(unsealed: Vec<Unsealed>, key: &SigningKey) -> Vec<Scribe> {
         .zip(proofs)
         .map(|(unsealed, proof)| {
             debug_assert_eq!(key.verifying_key().to_bytes(), unsealed.body.author.0);
+            let payload_len = unsealed.body.payload.len() as u64;
             Scribe {
                 envelope: unsealed.envelope,
                 id: unsealed.id,
@@ -559,6 +575,8 @@ fn seal_one_tree(unsealed: Vec<Unsealed>, key: &SigningKey) -> Vec<Scribe> {
                 seal: seal.clone(),
                 proof,
                 leaves: leaves.clone(),
+                payload_len,
+                redacted_by: None,
             }
         })
         .collect()
@@ -586,12 +604,14 @@ impl Scribe {
             seal: self.seal.bytes.clone(),
             proof: self.proof.clone(),
             leaves: self.leaves.clone(),
+            redacted_by: self.redacted_by.clone(),
         }
     }
 
-    /// Size counted against a stream's limits: envelope and payload.
+    /// Size counted against a stream's limits: envelope and payload (the length its envelope
+    /// names, so a redacted scribe counts as it did with its payload, on every node).
     pub fn size(&self) -> u64 {
-        (self.envelope.len() + self.body.payload.len()) as u64
+        self.envelope.len() as u64 + self.payload_len
     }
 
     /// Decodes and fully verifies `parts`: envelope format, canonical encoding and field shapes,
@@ -618,8 +638,25 @@ impl Scribe {
     pub fn decode_unverified(parts: Parts, seal: Option<Arc<Seal>>) -> Result<Scribe, ScribeError> {
         let (mut body, payload_sha256, payload_len) = decode_envelope(&parts.envelope)?;
         let id = hash(&parts.envelope);
+        if let Some(redaction) = &parts.redacted_by {
+            if !parts.payload.is_empty() {
+                return Err(ScribeError::Malformed(
+                    "a redacted scribe carries no payload; send either the payload or redacted_by"
+                        .into(),
+                ));
+            }
+            if redaction.len() > MAX_REDACTION_BYTES {
+                return Err(ScribeError::TooLarge {
+                    part: "redacted_by",
+                    size: redaction.len() as u64,
+                    limit: MAX_REDACTION_BYTES as u64,
+                });
+            }
+        }
         let actual = sha256(&parts.payload);
-        if actual != payload_sha256 || parts.payload.len() as u64 != payload_len {
+        if parts.redacted_by.is_none()
+            && (actual != payload_sha256 || parts.payload.len() as u64 != payload_len)
+        {
             return Err(ScribeError::BadPayload {
                 expected: hex::encode(payload_sha256),
                 expected_len: payload_len,
@@ -664,6 +701,8 @@ impl Scribe {
             seal,
             proof: parts.proof,
             leaves: parts.leaves,
+            payload_len,
+            redacted_by: parts.redacted_by,
         })
     }
 

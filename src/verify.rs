@@ -8,7 +8,9 @@
 //! before it, and so was every parent (the local order is causal); the stream index agrees. Then it
 //! recomputes every stream's counters and compares them with the stored ones, counts the index
 //! entries, and checks that every payload stored apart is named by a stored scribe and every
-//! scribe's reference to one is stored. Seqs vacated by leaving a stream are counted, not gaps.
+//! scribe's reference to one is stored. Seqs vacated by leaving a stream are counted, not gaps;
+//! so are redacted payloads (a redacted scribe has no payload to hash: the `redact` scribe it
+//! names instead must verify, be a `redact` of its stream, and target it).
 //! Checks run in parallel on every core.
 
 use std::collections::HashMap;
@@ -31,6 +33,8 @@ pub struct VerifyReport {
     pub streams: u64,
     /// Seqs vacated when this node left their streams (accounted for, not gaps).
     pub vacated: u64,
+    /// Scribes whose payload was redacted (accounted for, not damage).
+    pub redacted: u64,
     /// One line per problem; empty means no damage.
     pub damage: Vec<String>,
 }
@@ -86,6 +90,14 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
                 }
             };
             let stream = scribe.stream_id();
+            if let Some(justification) = &scribe.redacted_by {
+                report.redacted += 1;
+                if let Err(problem) = check_justification(&scribe, justification) {
+                    report.damage.push(format!(
+                        "seq {seq} ({id}): redacted, but its justification {problem}"
+                    ));
+                }
+            }
             if scribe.body.kind == Kind::StreamCreate {
                 seen.insert(
                     stream,
@@ -166,6 +178,27 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
         ));
     }
     Ok(report)
+}
+
+/// A redacted scribe's justification is a valid `redact` scribe of its stream that targets it.
+fn check_justification(scribe: &Scribe, justification: &bytes::Bytes) -> Result<(), String> {
+    use prost::Message as _;
+    let sealed = crate::pb::SealedScribe::decode(justification.clone())
+        .map_err(|error| format!("does not decode: {error}"))?;
+    let parts = crate::scribe::Parts::from_proto(sealed).map_err(|error| error.to_string())?;
+    let redact = Scribe::decode(parts).map_err(|error| format!("does not verify: {error}"))?;
+    let target = crate::log::rules::redact_target(&redact).map_err(|error| error.to_string())?;
+    if redact.body.kind != Kind::Redact
+        || redact.stream_id() != scribe.stream_id()
+        || target != scribe.id
+    {
+        return Err(format!(
+            "is a {} of stream {} targeting {target}",
+            redact.body.kind,
+            redact.stream_id()
+        ));
+    }
+    Ok(())
 }
 
 /// Every payload stored apart is named by a stored scribe, and every reference to one names a

@@ -58,6 +58,7 @@ pub fn entry(stored: StoredEntry) -> pb::Entry {
         proof: Some(stored.parts.proof.to_proto()),
         envelope: stored.parts.envelope,
         payload: stored.parts.payload,
+        redacted_by: stored.parts.redacted_by.unwrap_or_default(),
         seal: stored.parts.seal,
     }
 }

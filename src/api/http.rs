@@ -294,6 +294,13 @@ async fn run_action(
             json_body(&headers, body)?,
         )
         .await?)),
+        "redact" => Ok(ok(redact(
+            &http,
+            admitted.caller,
+            stream,
+            json_body(&headers, body)?,
+        )
+        .await?)),
         _ => Ok(ok(upvote(
             &http,
             admitted.caller,
@@ -357,6 +364,7 @@ async fn perform(
     match action {
         "query" => query(http, admitted.caller, stream, args).await,
         "upvote" => upvote(http, admitted.caller, stream, args).await,
+        "redact" => redact(http, admitted.caller, stream, args).await,
         "add_record" => {
             let record = Json::Object(args).to_string();
             add_record(http, admitted.caller, stream, Bytes::from(record)).await
@@ -457,7 +465,7 @@ fn app_may_record(http: &Http, stream: StreamId, action: &str) -> Result<(), Htt
 fn right_of(action: &str) -> Option<Right> {
     match action {
         "query" => Some(Right::Read),
-        "add_record" | "upvote" => Some(Right::Record),
+        "add_record" | "upvote" | "redact" => Some(Right::Record),
         "join_app" | "add_peer" | "cancel_join" | "leave" => Some(Right::Manage),
         _ => None,
     }
@@ -1069,6 +1077,46 @@ async fn upvote(
         })?;
     let appended = http.sql.upvote(stream, record).await?;
     Ok(appended_fields(&appended))
+}
+
+/// `redact {"id": "<scribe id>", "reason": "..."}`: deletes a scribe's payload on every node
+/// (`Streams.Redact`); an app may redact only records its node wrote. Answers the `redact`
+/// scribe's id and seq once the payload has left this node's disk.
+async fn redact(
+    http: &Http,
+    caller: Caller,
+    stream: StreamId,
+    body: Map<String, Json>,
+) -> Result<Map<String, Json>, HttpError> {
+    let stream = http.sql.held(stream, caller)?;
+    let target = body
+        .get("id")
+        .and_then(Json::as_str)
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| {
+            HttpError(
+                StatusCode::BAD_REQUEST,
+                "give \"id\": the id of the scribe to redact, 64 hex characters".into(),
+            )
+        })?;
+    let reason = match body.get("reason") {
+        None | Some(Json::Null) => String::new(),
+        Some(Json::String(reason)) => reason.clone(),
+        Some(_) => {
+            return Err(HttpError(
+                StatusCode::BAD_REQUEST,
+                "\"reason\" is a string".into(),
+            ))
+        }
+    };
+    let reply = http
+        .api
+        .redact_as_node(stream, target, reason, caller != Caller::Owner)
+        .await?;
+    Ok(Map::from_iter([
+        ("id".into(), Json::String(hex::encode(&reply.id))),
+        ("seq".into(), Json::from(reply.seq)),
+    ]))
 }
 
 /// `{"success": true, "id": "<scribe id>", "seq": N}`.

@@ -25,7 +25,7 @@ use std::time::Duration;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
-use quire_projection_api::StreamId;
+use quire_projection_api::{Kind, StreamId};
 use quire_projection_sql::Window;
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -374,10 +374,11 @@ struct HubInner {
 /// Kv keys written by one stream's scribes, by local seq: the newest [`TOUCHED_MAX`].
 #[derive(Debug, Default)]
 struct Touched {
-    /// Every kv write of the stream in `from..=through` is in `keys`.
+    /// Every kv write of the stream in `from..=through` is in `keys`; `None`: a redaction, which
+    /// may have taken away a write of any key (its payload, and so its key, is gone).
     from: u64,
     through: u64,
-    keys: std::collections::VecDeque<(u64, Vec<u8>)>,
+    keys: std::collections::VecDeque<(u64, Option<Vec<u8>>)>,
 }
 
 /// Kv writes remembered per stream; a var feed further behind just re-reads its key.
@@ -565,13 +566,21 @@ impl Hub {
                 break;
             };
             for entry in &entries {
-                let written = crate::projection::to_view(entry).ok().and_then(|view| {
-                    quire_projection_kv::decode(&view.kind, &view.payload)
-                        .ok()
-                        .flatten()
-                });
+                let Ok(view) = crate::projection::to_view(entry) else {
+                    continue;
+                };
+                if view.kind == Kind::Redact {
+                    touched.keys.push_back((entry.seq, None));
+                    continue;
+                }
+                if entry.parts.redacted_by.is_some() {
+                    continue;
+                }
+                let written = quire_projection_kv::decode(&view.kind, &view.payload)
+                    .ok()
+                    .flatten();
                 if let Some((key, _)) = written {
-                    touched.keys.push_back((entry.seq, key));
+                    touched.keys.push_back((entry.seq, Some(key)));
                 }
             }
             touched.through = last;
@@ -590,7 +599,7 @@ impl Hub {
                 .keys
                 .range(start..)
                 .take_while(|(seq, _)| *seq <= through)
-                .any(|(_, written)| written == key),
+                .any(|(_, written)| written.as_deref().is_none_or(|written| written == key)),
         )
     }
 

@@ -79,6 +79,7 @@ fn signed(request: pb::AppendSignedRequest) -> Result<Draft, Status> {
             proof: Proof::from_proto(request.proof)
                 .map_err(|error| append_status(&AppendError::Scribe(error)))?,
             leaves: None,
+            redacted_by: None,
         },
         claimed_id,
     })
@@ -135,6 +136,7 @@ fn sealed_batch(batch: pb::SealedBatch) -> Result<Vec<Draft>, Status> {
                 seal: batch.seal.clone(),
                 proof,
                 leaves: None,
+                redacted_by: None,
             },
             claimed_id: None,
         })

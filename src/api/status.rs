@@ -31,7 +31,11 @@ pub fn append_status(error: &AppendError) -> Status {
         AppendError::PermissionDenied { .. }
         | AppendError::MissingWork { .. }
         | AppendError::OwnerNotKnown { .. } => Code::PermissionDenied,
-        AppendError::BadMembership { .. } => Code::InvalidArgument,
+        AppendError::BadMembership { .. } | AppendError::BadRedaction { .. } => {
+            Code::InvalidArgument
+        }
+        AppendError::RedactDenied { .. } => Code::PermissionDenied,
+        AppendError::Redacted(_) => Code::FailedPrecondition,
         AppendError::Membership { error, .. } => match error {
             crate::membership::MembershipError::UnknownView(_) => Code::FailedPrecondition,
             crate::membership::MembershipError::Full => Code::ResourceExhausted,

@@ -1,11 +1,13 @@
-//! The `Streams` gRPC service: create, get, join and list streams. A thin impl: decode the
-//! request, call the log or the replicator, map the error with [`super::status`].
+//! The `Streams` gRPC service: create, get, join, list, leave streams and redact their scribes. A
+//! thin impl: decode the request, call the log or the replicator, map the error with
+//! [`super::status`]. [`Api::redact_as_node`] is shared with the HTTP `redact` action.
 
 // Handlers return `tonic::Status` by design; boxing it would only move the allocation.
 #![allow(clippy::result_large_err)]
 
 use bytes::Bytes;
-use quire_projection_api::{Kind, Policy};
+use prost::Message as _;
+use quire_projection_api::{Kind, Policy, ScribeId, StreamId};
 use tonic::{Request, Response, Status};
 
 use super::status::{append_status, invalid, projections_status};
@@ -147,6 +149,18 @@ impl pb::streams_server::Streams for Api {
             .map(Response::new)
     }
 
+    async fn redact(
+        &self,
+        request: Request<pb::RedactRequest>,
+    ) -> Result<Response<pb::RedactReply>, Status> {
+        let request = request.into_inner();
+        let stream = convert::id_field(&request.stream, "stream")?;
+        let target = convert::id_field(&request.target, "target")?;
+        self.redact_as_node(stream, target, request.reason, false)
+            .await
+            .map(Response::new)
+    }
+
     async fn excluded(
         &self,
         request: Request<pb::ExcludedRequest>,
@@ -252,4 +266,92 @@ async fn leave(
         projections: copies as u64,
         rebuilding,
     })
+}
+
+impl Api {
+    /// Redacts `target` of `stream` with a `redact` scribe this node signs, and answers once its
+    /// payload has left this node's disk. `app_only`: the caller is the stream's app, which may
+    /// redact only records (`record.*`) the node wrote.
+    pub(crate) async fn redact_as_node(
+        &self,
+        stream: StreamId,
+        target: ScribeId,
+        reason: String,
+        app_only: bool,
+    ) -> Result<pb::RedactReply, Status> {
+        let state = self
+            .log
+            .stream(&stream)
+            .ok_or_else(|| super::served::not_held(&stream))?;
+        if reason.len() > crate::log::rules::MAX_REDACT_REASON_BYTES {
+            return Err(invalid(format!(
+                "the reason has {} bytes; the most is {}",
+                reason.len(),
+                crate::log::rules::MAX_REDACT_REASON_BYTES
+            )));
+        }
+        let not_here = || {
+            Status::not_found(format!(
+                "scribe {target} is not held by this node in stream {stream}"
+            ))
+        };
+        let log = self.log.clone();
+        let entry = tokio::task::spawn_blocking(move || log.get(&target))
+            .await
+            .map_err(|error| Status::internal(format!("read task failed: {error}")))?
+            .map_err(|error| super::status::store_status(&error))?
+            .ok_or_else(not_here)?;
+        let (body, ..) = crate::scribe::decode_envelope(&entry.parts.envelope)
+            .map_err(|error| Status::internal(format!("stored scribe {target}: {error}")))?;
+        if body.stream.unwrap_or(target) != stream {
+            return Err(not_here());
+        }
+        if entry.parts.redacted_by.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "scribe {target} is redacted already"
+            )));
+        }
+        if !crate::log::rules::redactable(&body.kind) {
+            return Err(Status::failed_precondition(format!(
+                "a {} scribe cannot be redacted: a stream's genesis, membership and redactions stay readable",
+                body.kind
+            )));
+        }
+        let node = self.log.node_key();
+        if app_only
+            && !(body.author == node && matches!(body.kind, Kind::RecordAdd | Kind::RecordUpvote))
+        {
+            return Err(Status::permission_denied(format!(
+                "an app may redact only records its node wrote; scribe {target} is a {} by {}",
+                body.kind, body.author
+            )));
+        }
+        if body.author != node && state.owner != node {
+            return Err(Status::permission_denied(format!(
+                "this node ({node}) is neither the author of scribe {target} ({}) nor the owner of its stream ({}): sign the redact scribe with one of their keys and append it with Log.AppendBatch",
+                body.author, state.owner
+            )));
+        }
+        let payload = pb::Redact {
+            target: Bytes::copy_from_slice(target.as_bytes()),
+            reason,
+        }
+        .encode_to_vec();
+        let appended = self
+            .log
+            .append_one(Draft::New(NewScribe {
+                stream: Some(stream),
+                kind: Kind::Redact,
+                content_type: "application/vnd.quire.redact+protobuf".into(),
+                payload: payload.into(),
+                parents: vec![target],
+            }))
+            .await
+            .map_err(|error| append_status(&error))?;
+        self.log.wait_purged(self.log.redactions_committed()).await;
+        Ok(pb::RedactReply {
+            id: Bytes::copy_from_slice(appended.id.as_bytes()),
+            seq: appended.seq,
+        })
+    }
 }

@@ -92,6 +92,11 @@ pub enum Command {
     Append(AppendArgs),
     /// Show one stored scribe by id.
     Get(GetArgs),
+    /// Delete the payload of one scribe on every node that holds its stream: appends a `redact`
+    /// scribe signed by this node (which must be the scribe's author or the stream's owner). The
+    /// envelope stays; projections drop the scribe (each is rebuilt from the log); a peer that
+    /// offers the payload again is refused. Returns once the bytes have left this node's disk.
+    Redact(RedactArgs),
     /// Print a stream's scribes (or the whole log's, with `all`), then "caught up at seq N".
     Log(LogArgs),
     /// Show the node's id, data directory, streams, heads, listeners, projections (checkpoint,
@@ -429,6 +434,19 @@ pub struct GetArgs {
     pub payload: bool,
 }
 
+/// `quire redact`.
+#[derive(Debug, Args)]
+pub struct RedactArgs {
+    /// Stream id (64 hex characters).
+    pub stream: ScribeId,
+    /// Id of the scribe whose payload goes (64 hex characters).
+    pub id: ScribeId,
+    /// Why, stored in the redact scribe for everyone who holds the stream to read (at most 1,024
+    /// bytes).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
 /// `quire log`.
 #[derive(Debug, Args)]
 pub struct LogArgs {
@@ -510,6 +528,7 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         Command::Acl(command) => stream::acl(&node_url, command).await?,
         Command::Append(args) => stream::append(&node_url, args).await?,
         Command::Get(args) => stream::get(&node_url, args).await?,
+        Command::Redact(args) => stream::redact(&node_url, args).await?,
         Command::Log(args) => stream::log(&node_url, args).await?,
         Command::Status => admin::status(&node_url).await?,
         Command::Join(args) => admin::join(&node_url, args).await?,

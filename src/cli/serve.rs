@@ -167,13 +167,17 @@ pub(crate) fn verify(data_dir: &Path) -> Result<std::process::ExitCode> {
         println!("DAMAGE {line}");
     }
     println!(
-        "checked {} scribes in {} streams up to seq {}{}: {}",
+        "checked {} scribes in {} streams up to seq {}{}{}: {}",
         report.scribes,
         report.streams,
         report.head,
         match report.vacated {
             0 => String::new(),
             n => format!(" ({n} seqs vacated by leaving their streams)"),
+        },
+        match report.redacted {
+            0 => String::new(),
+            n => format!(" ({n} payloads redacted)"),
         },
         match report.damage.len() {
             0 => "no damage".to_string(),

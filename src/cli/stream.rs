@@ -9,7 +9,7 @@ use quire_projection_api::{AuthorKey, Kind, ScribeId};
 
 use super::client::Node;
 use super::client::{log_client, status_error, streams_client};
-use super::{AclCommand, AppendArgs, GetArgs, LogArgs, StreamCommand};
+use super::{AclCommand, AppendArgs, GetArgs, LogArgs, RedactArgs, StreamCommand};
 use crate::membership::Role;
 use crate::pb;
 
@@ -409,6 +409,7 @@ pub(crate) async fn get(url: &Node, args: GetArgs) -> Result<()> {
         proof: crate::scribe::Proof::from_proto(entry.proof.clone())
             .context("the node sent a malformed proof")?,
         leaves: None,
+        redacted_by: (!entry.redacted_by.is_empty()).then(|| entry.redacted_by.clone()),
     };
     let scribe = crate::scribe::Scribe::decode_claimed(parts, args.id)
         .context("the node sent a scribe that does not verify")?;
@@ -444,6 +445,16 @@ pub(crate) async fn get(url: &Node, args: GetArgs) -> Result<()> {
     for parent in &scribe.body.parents {
         println!("parent        {parent}");
     }
+    if let Some(redaction) = &scribe.redacted_by {
+        let by = <crate::pb::SealedScribe as prost::Message>::decode(redaction.clone())
+            .map(|sealed| crate::scribe::hash(&sealed.envelope).to_string())
+            .unwrap_or_else(|_| "an undecodable scribe".into());
+        println!(
+            "payload       redacted by {by} ({} bytes deleted)",
+            scribe.payload_len
+        );
+        return Ok(());
+    }
     match std::str::from_utf8(&scribe.body.payload) {
         Ok(text) if scribe.body.kind != Kind::StreamCreate => println!("payload       {text}"),
         _ => println!(
@@ -451,6 +462,26 @@ pub(crate) async fn get(url: &Node, args: GetArgs) -> Result<()> {
             scribe.body.payload.len()
         ),
     }
+    Ok(())
+}
+
+pub(crate) async fn redact(url: &Node, args: RedactArgs) -> Result<()> {
+    let mut client = streams_client(url).await?;
+    let reply = client
+        .redact(pb::RedactRequest {
+            stream: Bytes::copy_from_slice(args.stream.as_bytes()),
+            target: Bytes::copy_from_slice(args.id.as_bytes()),
+            reason: args.reason,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "redacted {} by {} at seq {}: its payload is gone from this node's disk; every node holding the stream deletes it when the redaction reaches it",
+        args.id,
+        hex::encode(&reply.id),
+        reply.seq
+    );
     Ok(())
 }
 

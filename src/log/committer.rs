@@ -25,7 +25,9 @@ use tokio::sync::oneshot;
 use super::held;
 use super::rules::{self, Added, JobRules, Seen, Verdict};
 use super::signer::PreparedJob;
-use super::store::{Commit, CursorUpdate, HeldKey, NewEntry, PeerOrigin, Usage, UsageKey};
+use super::store::{
+    Commit, CursorUpdate, HeldKey, NewEntry, PeerOrigin, Redaction, Usage, UsageKey,
+};
 use super::{AppendError, Appended, EachOutcome, Origin, Reply, Shared, StreamState};
 use crate::scribe::Scribe;
 
@@ -60,6 +62,8 @@ pub(super) struct Overlay {
     held: HashMap<HeldKey, Vec<u8>>,
     /// Held scribes taken out of the held set (judged now).
     released: Vec<HeldKey>,
+    /// Payloads `redact` scribes delete.
+    redactions: Vec<Redaction>,
 }
 
 impl Overlay {
@@ -69,6 +73,7 @@ impl Overlay {
             ids: &self.ids,
             streams: &self.streams,
             usage: &self.usage,
+            entries: &self.entries,
         }
     }
 
@@ -81,6 +86,7 @@ impl Overlay {
         self.membership_changes += job.membership_changes;
         self.held.extend(job.held);
         self.released.extend(job.released);
+        self.redactions.extend(job.redactions);
         for (key, cursor) in job.cursors {
             self.add_cursor_at(key, cursor);
         }
@@ -114,6 +120,15 @@ impl Overlay {
         }
         if scribe.body.kind.is_membership() {
             self.membership_changes += 1;
+        }
+        if scribe.body.kind == Kind::Redact {
+            // Admitted, so its target decodes (`rules::check_redact`).
+            if let Ok(target) = rules::redact_target(&scribe) {
+                self.redactions.push(Redaction {
+                    target,
+                    justification: prost::Message::encode_to_vec(&scribe.parts().to_proto()).into(),
+                });
+            }
         }
         self.entries.push(NewEntry {
             seq,
@@ -432,8 +447,12 @@ fn write_and_publish(
         usage: overlay.usage.drain().collect(),
         released: std::mem::take(&mut overlay.released),
         held: overlay.held.drain().collect(),
+        redactions: std::mem::take(&mut overlay.redactions),
     };
-    shared.store.commit(&commit).map_err(Arc::new)?;
+    let redacted = shared.store.commit(&commit).map_err(Arc::new)?;
+    if !commit.redactions.is_empty() {
+        shared.redactions.committed(redacted);
+    }
     if !commit.held.is_empty() || !commit.released.is_empty() {
         let mut held = shared.held.lock().expect("held lock");
         for key in &commit.released {

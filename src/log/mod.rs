@@ -38,6 +38,7 @@ mod committer;
 pub mod epoch;
 pub mod held;
 mod leave;
+pub mod redact;
 pub mod rules;
 mod signer;
 pub mod store;
@@ -143,6 +144,29 @@ pub enum AppendError {
         /// Which quota, and by how much.
         what: String,
     },
+    /// A `redact` scribe that cannot redact its target (its payload does not decode, its target
+    /// is not one of its parents or may not be redacted), or a redacted scribe whose
+    /// justification is not a valid `redact` of it.
+    #[error("redaction of {target}: {reason}")]
+    BadRedaction {
+        /// The scribe whose payload would go.
+        target: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A `redact` scribe by neither the target's author nor the stream's owner.
+    #[error("author {author} may not redact scribe {target}: only its author or the stream's owner may ({who})")]
+    RedactDenied {
+        /// The `redact` scribe's author.
+        author: AuthorKey,
+        /// The scribe it targets.
+        target: ScribeId,
+        /// Who may: the target's author and the stream's owner, by key.
+        who: String,
+    },
+    /// The scribe's payload was redacted on this node: it is never stored again.
+    #[error("scribe {0} was redacted: its payload is refused (only its envelope is kept)")]
+    Redacted(ScribeId),
     /// A membership scribe's payload does not decode.
     #[error("{kind} payload: {reason}")]
     BadMembership {
@@ -562,6 +586,8 @@ pub(crate) struct Shared {
     work: work::WorkTurns,
     /// Bytes waiting in readers' channels, in all and per address.
     readers: subscribe::ReaderBytes,
+    /// Redactions committed and not yet purged from the disk.
+    redactions: redact::Redactions,
     /// Fires when this value is dropped: declared last, so after `store` is closed.
     _closed: ClosedSignal,
 }
@@ -626,6 +652,11 @@ impl Log {
             );
         }
         let leaving = leave::finish_interrupted(&store)?;
+        if store.purge_marked()? {
+            // A redaction committed before a stop its purge did not follow: purge everything.
+            store.purge()?;
+            store.clear_purge_mark()?;
+        }
         let epochs = store.epochs()?;
         let requeued = store.requeue_held_for_rules(options.rules_version)?;
         let held_set = held::HeldSet::new(store.held_keys(held::share_of)?);
@@ -689,6 +720,7 @@ impl Log {
             stream_heads: std::sync::Mutex::new(HashMap::new()),
             work: work::WorkTurns::new(),
             readers: subscribe::ReaderBytes::default(),
+            redactions: redact::Redactions::new(),
             _closed: ClosedSignal(Some(closed_tx)),
         });
         let (submit, submit_rx) = mpsc::channel(SUBMIT_QUEUE);

@@ -25,12 +25,12 @@ use quire_projection_api::{
 };
 
 use super::held;
-use super::store::{HeldKey, StoreError, StreamRecord, Usage, UsageKey};
+use super::store::{HeldKey, NewEntry, StoreError, StreamRecord, Usage, UsageKey};
 use super::{AcceptStreams, AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
 use crate::membership::{Change, Membership, MembershipError, Op, Role};
 use crate::pb;
-use crate::scribe::{decode_envelope, leading_zero_bits, Body, Scribe};
+use crate::scribe::{decode_envelope, leading_zero_bits, Body, Parts, Scribe};
 
 /// The version of the rules this build judges scribes by: bumped whenever a scribe one version
 /// stores could be refused by the other. Peers tell each other theirs (see `log::held`: what this
@@ -43,7 +43,9 @@ use crate::scribe::{decode_envelope, leading_zero_bits, Body, Scribe};
 ///   `writers`, private streams; `crate::membership`).
 /// - 4: policy `defaults_version` (1: `x.*` owner-only in a public stream) and prefix rules
 ///   (`x.*`, `x.chat.*`, `record.*`).
-pub const RULES_VERSION: u32 = 4;
+/// - 5: `redact` scribes, and redacted scribes (an envelope without its payload, justified by
+///   the `redact` scribe it carries).
+pub const RULES_VERSION: u32 = 5;
 
 /// Whether `error` is a rule's verdict on a well-formed, correctly signed scribe (which another
 /// version of the rules may judge otherwise), rather than damage, a wrong batch or a local failure.
@@ -60,6 +62,8 @@ pub(crate) fn is_rule_refusal(error: &AppendError) -> bool {
             | AppendError::Membership { .. }
             | AppendError::QuotaExceeded { .. }
             | AppendError::BadMembership { .. }
+            | AppendError::BadRedaction { .. }
+            | AppendError::RedactDenied { .. }
     )
 }
 
@@ -149,6 +153,8 @@ pub(super) struct Added<'a> {
     pub(super) streams: &'a HashMap<StreamId, StreamState>,
     /// Per-author usage of streams with quotas, after the additions.
     pub(super) usage: &'a HashMap<UsageKey, Usage>,
+    /// The scribes added, in seq order (a `redact` scribe's target may be one).
+    pub(super) entries: &'a [NewEntry],
 }
 
 impl Seen<'_> {
@@ -228,6 +234,12 @@ pub(super) fn admit(
             return Ok(Verdict::Duplicate(duplicate));
         }
     }
+    if scribe.redacted_by.is_some() && matches!(scribe.body.kind, Kind::StreamCreate) {
+        return Err(AppendError::BadRedaction {
+            target: scribe.id.to_string(),
+            reason: "a genesis cannot be redacted".into(),
+        });
+    }
     if scribe.body.kind == Kind::StreamCreate {
         let state = genesis_state(scribe, seq)?;
         check_owner_known(seen.shared, scribe, &state)?;
@@ -241,6 +253,12 @@ pub(super) fn admit(
         .stream(&stream)
         .ok_or(AppendError::UnknownStream(stream))?;
     state.membership = judge_access(&state, scribe)?;
+    if scribe.body.kind == Kind::Redact {
+        check_redact(seen, &state, scribe)?;
+    }
+    if let Some(justification) = &scribe.redacted_by {
+        check_justification(&state, scribe, justification)?;
+    }
     check_size(&state, scribe, rules.origin)?;
     // The payload rules' verdict, reached by the signer (off this thread, in parallel).
     payload?;
@@ -342,13 +360,164 @@ fn find_duplicate(seen: &Seen<'_>, scribe: &Scribe) -> Result<Option<Appended>, 
             held: false,
         }));
     }
-    Ok(seen.shared.store.seq_of(&scribe.id)?.map(|seq| Appended {
-        id: scribe.id,
-        seq,
-        duplicate: true,
-        hlc: scribe.body.hlc,
-        held: false,
-    }))
+    match seen.shared.store.seq_and_redacted(&scribe.id)? {
+        // Its payload was redacted here: offering it again is refused, whoever does.
+        Some((_, true)) if scribe.redacted_by.is_none() => Err(AppendError::Redacted(scribe.id)),
+        Some((seq, _)) => Ok(Some(Appended {
+            id: scribe.id,
+            seq,
+            duplicate: true,
+            hlc: scribe.body.hlc,
+            held: false,
+        })),
+        None => Ok(None),
+    }
+}
+
+/// Kinds whose payload may be redacted: every kind but a genesis, a membership scribe (a stream's
+/// owner, policy and roles must stay readable on every node) and a `redact` scribe (the
+/// justification a redacted scribe carries).
+pub fn redactable(kind: &Kind) -> bool {
+    !kind.is_membership() && !matches!(kind, Kind::StreamCreate | Kind::Redact)
+}
+
+/// The most bytes of a `redact` scribe's reason.
+pub const MAX_REDACT_REASON_BYTES: usize = 1024;
+
+/// The target a `redact` scribe names, checked: its payload decodes, the reason is short, and the
+/// target is one of its parents (so it is stored first, in the same stream).
+pub fn redact_target(scribe: &Scribe) -> Result<ScribeId, AppendError> {
+    let bad = |reason: String| AppendError::BadRedaction {
+        target: "?".into(),
+        reason,
+    };
+    let redact = pb::Redact::decode(&scribe.body.payload[..])
+        .map_err(|error| bad(format!("the payload is not a quire.v1.Redact: {error}")))?;
+    let target = ScribeId::from_slice(&redact.target).map_err(|_| {
+        bad(format!(
+            "target must be 32 bytes, got {}",
+            redact.target.len()
+        ))
+    })?;
+    if redact.reason.len() > MAX_REDACT_REASON_BYTES {
+        return Err(AppendError::BadRedaction {
+            target: target.to_string(),
+            reason: format!(
+                "the reason has {} bytes; the most is {MAX_REDACT_REASON_BYTES}",
+                redact.reason.len()
+            ),
+        });
+    }
+    if !scribe.body.parents.contains(&target) {
+        return Err(AppendError::BadRedaction {
+            target: target.to_string(),
+            reason: "the target must be one of the redact scribe's parents".into(),
+        });
+    }
+    Ok(target)
+}
+
+/// Who may redact: the target's author or the stream's owner, and only a redactable kind.
+fn check_redactor(
+    state: &StreamState,
+    redact: &Scribe,
+    target: ScribeId,
+    target_author: AuthorKey,
+    target_kind: &Kind,
+) -> Result<(), AppendError> {
+    if !redactable(target_kind) {
+        return Err(AppendError::BadRedaction {
+            target: target.to_string(),
+            reason: format!("a {target_kind} scribe cannot be redacted"),
+        });
+    }
+    if redact.body.author != target_author && redact.body.author != state.owner {
+        return Err(AppendError::RedactDenied {
+            author: redact.body.author,
+            target,
+            who: format!(
+                "author {target_author}, owner {} of stream {}",
+                state.owner, state.id
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A `redact` scribe: its target is stored (or earlier in the group), of its stream, and it may
+/// redact it. A target redacted already is no refusal: two nodes may redact the same scribe at
+/// once.
+fn check_redact(seen: &Seen<'_>, state: &StreamState, scribe: &Scribe) -> Result<(), AppendError> {
+    let target = redact_target(scribe)?;
+    let envelope = seen
+        .job
+        .entries
+        .iter()
+        .chain(seen.group.entries)
+        .find(|entry| entry.id == target)
+        .map(|entry| entry.parts.envelope.clone());
+    let envelope = match envelope {
+        Some(envelope) => envelope,
+        None => match seen.shared.store.envelope(&target)? {
+            Some((_, envelope)) => envelope,
+            None => {
+                return Err(AppendError::UnknownParent {
+                    parent: target,
+                    stream: state.id,
+                })
+            }
+        },
+    };
+    let (body, ..) = decode_envelope(&envelope)
+        .map_err(|error| StoreError::Damaged(format!("stored scribe {target}: {error}")))?;
+    if body.stream.unwrap_or(target) != state.id {
+        return Err(AppendError::ParentInOtherStream {
+            parent: target,
+            parent_stream: body.stream.unwrap_or(target),
+            stream: state.id,
+        });
+    }
+    check_redactor(state, scribe, target, body.author, &body.kind)
+}
+
+/// A redacted scribe carries the `redact` scribe that justifies it: a valid, sealed `redact` of
+/// this scribe's stream naming it, by its author or the stream's owner. Checked here in full (its
+/// seal too), since the `redact` scribe itself may reach this node only later.
+fn check_justification(
+    state: &StreamState,
+    scribe: &Scribe,
+    justification: &bytes::Bytes,
+) -> Result<(), AppendError> {
+    let bad = |reason: String| AppendError::BadRedaction {
+        target: scribe.id.to_string(),
+        reason: format!("its justification {reason}"),
+    };
+    let sealed = pb::SealedScribe::decode(justification.clone())
+        .map_err(|error| bad(format!("is not a quire.v1.SealedScribe: {error}")))?;
+    if !sealed.redacted_by.is_empty() {
+        return Err(bad("is itself redacted".into()));
+    }
+    let parts = Parts::from_proto(sealed).map_err(|error| bad(error.to_string()))?;
+    let redact = Scribe::decode(parts).map_err(|error| bad(format!("is not valid: {error}")))?;
+    if redact.body.kind != Kind::Redact || redact.stream_id() != state.id {
+        return Err(bad(format!(
+            "is a {} scribe of stream {}, not a redact of stream {}",
+            redact.body.kind,
+            redact.stream_id(),
+            state.id
+        )));
+    }
+    let target = redact_target(&redact)?;
+    if target != scribe.id {
+        return Err(bad(format!("redacts {target}, not this scribe")));
+    }
+    check_redactor(
+        state,
+        &redact,
+        scribe.id,
+        scribe.body.author,
+        &scribe.body.kind,
+    )
 }
 
 /// Whether the stream lets the scribe's author write it (its policy, and the membership as the
@@ -356,6 +525,11 @@ fn find_duplicate(seen: &Seen<'_>, scribe: &Scribe) -> Result<Option<Appended>, 
 /// scribe must also be a valid operation). Pure: the same stream state and scribe give the same
 /// answer on every node, which is what makes membership converge (`tests/it/simulation.rs`).
 pub fn judge_access(state: &StreamState, scribe: &Scribe) -> Result<Arc<Membership>, AppendError> {
+    // A redaction is judged by its target's author and the stream's owner (`check_redact`), not
+    // by the policy: erasure does not depend on a role.
+    if scribe.body.kind == Kind::Redact {
+        return Ok(state.membership.clone());
+    }
     check_author(state, scribe)?;
     if !scribe.body.kind.is_membership() {
         return Ok(state.membership.clone());
@@ -478,7 +652,8 @@ fn check_author(state: &StreamState, scribe: &Scribe) -> Result<(), AppendError>
 /// The payload is within the stream's per-scribe limit and, for a local append, the stream stays
 /// within its total limit (a peer's scribes are already in the stream elsewhere).
 fn check_size(state: &StreamState, scribe: &Scribe, origin: Origin) -> Result<(), AppendError> {
-    let payload = scribe.body.payload.len() as u64;
+    // The length the envelope names: a redacted scribe is judged as it was with its payload.
+    let payload = scribe.payload_len;
     if payload > state.policy.max_file_bytes {
         return Err(AppendError::PayloadTooLarge {
             size: payload,
@@ -512,7 +687,9 @@ fn check_quota(
     if (policy.author_max_bytes == 0 && policy.author_max_scribes_per_day == 0)
         || scribe.body.author == state.owner
         || scribe.body.kind.is_membership()
+        || scribe.body.kind == Kind::Redact
     {
+        // A redaction too: erasure must not depend on room left.
         return Ok(Vec::new());
     }
     let size = scribe.size();
@@ -555,8 +732,13 @@ fn check_quota(
 
 /// The payload rules handed to the log (the built-in kinds' and the projectors'), for every scribe
 /// but a genesis. They depend on the scribe alone, so the signer runs them, in parallel.
-pub(super) fn check_payload(checks: &PayloadChecks, body: &Body) -> Result<(), AppendError> {
-    if body.kind == Kind::StreamCreate {
+pub(super) fn check_payload(
+    checks: &PayloadChecks,
+    body: &Body,
+    redacted: bool,
+) -> Result<(), AppendError> {
+    // A redacted scribe has no payload to check: its justification is checked instead.
+    if body.kind == Kind::StreamCreate || redacted {
         return Ok(());
     }
     checks

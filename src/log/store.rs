@@ -6,7 +6,9 @@
 //!   0xff: no siblings stored, the proof is derived from the seal's stored leaves (seals this node
 //!   made itself, whose every id it knows: a proof per scribe would cost more than its payload).
 //!   Then the payload's length (u32 BE) and the payload itself when it is at most
-//!   [`INLINE_PAYLOAD_BYTES`], or 0xffffffff when it is in `payloads`.
+//!   [`INLINE_PAYLOAD_BYTES`], or 0xffffffff when it is in `payloads`, or 0xfffffffe when it was
+//!   redacted, then the length (u32 BE) and bytes of the encoded `quire.v1.SealedScribe` of the
+//!   `redact` scribe that justifies it.
 //! - `payloads`:  payload sha256 (32) → payload bytes, once however many scribes name it (payloads
 //!   over [`INLINE_PAYLOAD_BYTES`]; a small one is kept in its scribe's record: storing it apart
 //!   would cost a lookup on every write and read to save at most that many bytes); and beside it,
@@ -90,6 +92,7 @@ const META_HEAD: &[u8] = b"head";
 const META_HLC: &[u8] = b"hlc";
 const META_PAYLOAD_REFS: &[u8] = b"payload_refs";
 const META_LEAVING: &[u8] = b"leaving/";
+const META_PURGE: &[u8] = b"purge";
 
 /// Whose usage of which stream a quota counts: one author's scribes in one stream, in all
 /// ([`UsageKey::TOTAL`]) or dated within one UTC day.
@@ -244,6 +247,8 @@ pub struct Commit {
     pub released: Vec<HeldKey>,
     /// Scribes kept aside by this commit, to enter the log later.
     pub held: Vec<(HeldKey, Vec<u8>)>,
+    /// Payloads to delete: of stored scribes, or of scribes of this commit (stored redacted).
+    pub redactions: Vec<Redaction>,
 }
 
 /// The key of a held scribe. Scribes waiting for the clock come first, in clock order (so a
@@ -370,6 +375,38 @@ pub const INLINE_PAYLOAD_BYTES: usize = 1024;
 /// Payload length of a record whose payload is in `payloads`.
 const PAYLOAD_APART: u32 = u32::MAX;
 
+/// Payload length of a record whose payload was redacted.
+const PAYLOAD_REDACTED: u32 = u32::MAX - 1;
+
+/// A payload to delete because a `redact` scribe in the same commit targets its scribe.
+#[derive(Debug, Clone)]
+pub struct Redaction {
+    /// The scribe whose payload goes.
+    pub target: ScribeId,
+    /// The encoded `quire.v1.SealedScribe` of the `redact` scribe (stored in the target's record,
+    /// and sent with it to peers).
+    pub justification: Bytes,
+}
+
+/// What a commit's redactions deleted.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Redacted {
+    /// Scribes whose payload went (not counting targets redacted already).
+    pub scribes: Vec<ScribeId>,
+    /// Payload bytes deleted (a payload another scribe still names stays, and is not counted).
+    pub payload_bytes: u64,
+    /// The payloads stored apart that were deleted (their keys are to be compacted away).
+    pub hashes: Vec<[u8; 32]>,
+}
+
+impl std::ops::AddAssign for Redacted {
+    fn add_assign(&mut self, other: Redacted) {
+        self.scribes.extend(other.scribes);
+        self.payload_bytes += other.payload_bytes;
+        self.hashes.extend(other.hashes);
+    }
+}
+
 /// What leaving a stream deleted (see [`Store::leave_chunk`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Vacated {
@@ -427,8 +464,10 @@ struct Record {
     index: u64,
     /// `None`: derive the proof from the seal's leaves.
     siblings: Option<Vec<[u8; 32]>>,
-    /// `None`: the payload is in `payloads`.
+    /// `None`: the payload is in `payloads`. Empty when redacted.
     payload: Option<Bytes>,
+    /// The encoded `redact` scribe, when the payload was redacted.
+    redacted_by: Option<Bytes>,
     envelope: Bytes,
 }
 
@@ -465,7 +504,11 @@ impl Record {
                 out.extend_from_slice(sibling);
             }
         }
-        if entry.parts.payload.len() <= INLINE_PAYLOAD_BYTES {
+        if let Some(justification) = &entry.parts.redacted_by {
+            out.extend_from_slice(&PAYLOAD_REDACTED.to_be_bytes());
+            out.extend_from_slice(&(justification.len() as u32).to_be_bytes());
+            out.extend_from_slice(justification);
+        } else if entry.parts.payload.len() <= INLINE_PAYLOAD_BYTES {
             out.extend_from_slice(&(entry.parts.payload.len() as u32).to_be_bytes());
             out.extend_from_slice(&entry.parts.payload);
         } else {
@@ -494,8 +537,17 @@ impl Record {
             }
         };
         let length = value.get(payload_at..payload_at + 4).ok_or_else(damaged)?;
+        let mut redacted_by = None;
         let (payload, envelope_at) = match u32::from_be_bytes(length.try_into().unwrap()) {
             PAYLOAD_APART => (None, payload_at + 4),
+            PAYLOAD_REDACTED => {
+                let at = payload_at + 4;
+                let length = value.get(at..at + 4).ok_or_else(damaged)?;
+                let end = at + 4 + u32::from_be_bytes(length.try_into().unwrap()) as usize;
+                let justification = value.get(at + 4..end).ok_or_else(damaged)?;
+                redacted_by = Some(Bytes::copy_from_slice(justification));
+                (Some(Bytes::new()), end)
+            }
             length => {
                 let end = payload_at + 4 + length as usize;
                 let payload = value.get(payload_at + 4..end).ok_or_else(damaged)?;
@@ -509,6 +561,7 @@ impl Record {
             index: u64::from_be_bytes(value[72..80].try_into().unwrap()),
             siblings,
             payload,
+            redacted_by,
             envelope: Bytes::copy_from_slice(&value[envelope_at..]),
         })
     }
@@ -683,8 +736,8 @@ impl Store {
         Ok(self.meta_u64(META_HLC)?.unwrap_or(0))
     }
 
-    /// Writes a whole commit in one write batch.
-    pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+    /// Writes a whole commit in one write batch; answers what its redactions deleted.
+    pub fn commit(&self, commit: &Commit) -> Result<Redacted, StoreError> {
         let mut batch = WriteBatch::default();
         let (scribes, log, by_stream, streams, cursors) = (
             self.cf(CF_SCRIBES),
@@ -697,7 +750,27 @@ impl Store {
         let mut written_payloads = HashSet::new();
         let mut written_seals = HashMap::new();
         let mut value = Vec::new();
+        let redacting: HashMap<ScribeId, &Bytes> = commit
+            .redactions
+            .iter()
+            .map(|redaction| (redaction.target, &redaction.justification))
+            .collect();
+        let mut redacted = Redacted::default();
         for entry in &commit.scribes {
+            // A scribe redacted by a scribe of the same commit is stored redacted at once.
+            let redacted_entry;
+            let entry = match redacting.get(&entry.id) {
+                Some(justification) if entry.parts.redacted_by.is_none() => {
+                    redacted.scribes.push(entry.id);
+                    redacted.payload_bytes += entry.parts.payload.len() as u64;
+                    let mut copy = entry.clone();
+                    copy.parts.payload = Bytes::new();
+                    copy.parts.redacted_by = Some((*justification).clone());
+                    redacted_entry = copy;
+                    &redacted_entry
+                }
+                _ => entry,
+            };
             Record::encode(entry, &mut value);
             batch.put_cf(scribes, entry.id.as_bytes(), &value);
             batch.put_cf(log, entry.seq.to_be_bytes(), entry.id.as_bytes());
@@ -730,6 +803,19 @@ impl Store {
             }
             self.put_seal(&mut batch, &mut written_seals, entry)?;
         }
+        let in_commit: HashSet<ScribeId> = commit.scribes.iter().map(|entry| entry.id).collect();
+        for redaction in &commit.redactions {
+            if in_commit.contains(&redaction.target) {
+                continue;
+            }
+            let gone = self.redact_record(
+                &mut batch,
+                &redaction.target,
+                &redaction.justification,
+                &written_payloads,
+            )?;
+            redacted += gone;
+        }
         for (stream, record) in &commit.streams {
             batch.put_cf(streams, stream.as_bytes(), record.encode());
         }
@@ -750,8 +836,158 @@ impl Store {
         }
         batch.put(META_HEAD, commit.head.to_be_bytes());
         batch.put(META_HLC, commit.hlc.to_be_bytes());
+        if !commit.redactions.is_empty() {
+            // Cleared once the deleted bytes have left the disk (`log::redact`).
+            batch.put(META_PURGE, b"");
+        }
         self.db.write_opt(batch, &self.write_options)?;
+        Ok(redacted)
+    }
+
+    /// Rewrites the stored record of `target` without its payload, naming `justification`, and
+    /// deletes the payload if no other stored scribe names it (nor one this batch writes:
+    /// `written`). Nothing if it is not stored or redacted already.
+    fn redact_record(
+        &self,
+        batch: &mut WriteBatch,
+        target: &ScribeId,
+        justification: &Bytes,
+        written: &HashSet<[u8; 32]>,
+    ) -> Result<Redacted, StoreError> {
+        let mut redacted = Redacted::default();
+        let Some(value) = self
+            .db
+            .get_pinned_cf(self.cf(CF_SCRIBES), target.as_bytes())?
+        else {
+            return Ok(redacted);
+        };
+        let record = Record::decode(target, &value)?;
+        if record.redacted_by.is_some() {
+            return Ok(redacted);
+        }
+        redacted.scribes.push(*target);
+        let payloads = self.cf(CF_PAYLOADS);
+        match &record.payload {
+            Some(inline) => redacted.payload_bytes = inline.len() as u64,
+            None => {
+                batch.delete_cf(payloads, payload_ref(&record.payload_sha256, target));
+                if !written.contains(&record.payload_sha256)
+                    && !self.payload_named_by_other(&record.payload_sha256, target)?
+                {
+                    if let Some(payload) = self.db.get_pinned_cf(payloads, record.payload_sha256)? {
+                        redacted.payload_bytes = payload.len() as u64;
+                        redacted.hashes.push(record.payload_sha256);
+                        batch.delete_cf(payloads, record.payload_sha256);
+                    }
+                }
+            }
+        }
+        let mut out = value[..72].to_vec();
+        out.extend_from_slice(&record.index.to_be_bytes());
+        match &record.siblings {
+            None => out.push(PROOF_FROM_LEAVES),
+            Some(siblings) => {
+                out.push(siblings.len() as u8);
+                for sibling in siblings {
+                    out.extend_from_slice(sibling);
+                }
+            }
+        }
+        out.extend_from_slice(&PAYLOAD_REDACTED.to_be_bytes());
+        out.extend_from_slice(&(justification.len() as u32).to_be_bytes());
+        out.extend_from_slice(justification);
+        out.extend_from_slice(&record.envelope);
+        batch.put_cf(self.cf(CF_SCRIBES), target.as_bytes(), out);
+        Ok(redacted)
+    }
+
+    /// Whether a stored scribe other than `except` names the payload `hash`.
+    fn payload_named_by_other(
+        &self,
+        hash: &[u8; 32],
+        except: &ScribeId,
+    ) -> Result<bool, StoreError> {
+        for item in self.db.iterator_cf(
+            self.cf(CF_PAYLOADS),
+            IteratorMode::From(&payload_ref(hash, &ScribeId::default()), Direction::Forward),
+        ) {
+            let (key, _) = item?;
+            if key.len() != 64 || key[..32] != hash[..] {
+                return Ok(false);
+            }
+            if &key[32..] != except.as_bytes() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether a stored scribe's payload was redacted, with its local seq; `None`: not stored.
+    pub fn seq_and_redacted(&self, id: &ScribeId) -> Result<Option<(u64, bool)>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_SCRIBES), id.as_bytes())? {
+            Some(value) => {
+                let record = Record::decode(id, &value)?;
+                Ok(Some((record.seq, record.redacted_by.is_some())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Makes the payloads of redacted scribes leave the disk: flushes every memtable (so no
+    /// write-ahead log holds them), then compacts, down to the last level, the key ranges of their
+    /// records (`targets`) and payloads (`hashes`), so no table file keeps an old value. Costs the
+    /// table files those keys fall in, not a pass over the store.
+    pub fn purge_redacted(
+        &self,
+        targets: &[ScribeId],
+        hashes: &[[u8; 32]],
+    ) -> Result<(), StoreError> {
+        let families: Vec<&rocksdb::ColumnFamily> =
+            COLUMN_FAMILIES.iter().map(|name| self.cf(name)).collect();
+        self.db
+            .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())?;
+        self.db.flush()?;
+        let mut options = rocksdb::CompactOptions::default();
+        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for target in targets {
+            self.db.compact_range_cf_opt(
+                self.cf(CF_SCRIBES),
+                Some(target.as_bytes()),
+                Some(target.as_bytes()),
+                &options,
+            );
+        }
+        for hash in hashes {
+            let end = payload_ref(hash, &ScribeId([0xff; 32]));
+            self.db.compact_range_cf_opt(
+                self.cf(CF_PAYLOADS),
+                Some(&hash[..]),
+                Some(&end[..]),
+                &options,
+            );
+        }
         Ok(())
+    }
+
+    /// Whether a redaction was committed whose deleted bytes may still be on the disk.
+    pub fn purge_marked(&self) -> Result<bool, StoreError> {
+        Ok(self.db.get_pinned(META_PURGE)?.is_some())
+    }
+
+    /// Every redaction's deleted bytes have left the disk (fsynced).
+    pub fn clear_purge_mark(&self) -> Result<(), StoreError> {
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.delete_opt(META_PURGE, &sync)?;
+        Ok(())
+    }
+
+    /// The payload sha256 a stored scribe's record names.
+    pub fn payload_hash(&self, id: &ScribeId) -> Result<Option<[u8; 32]>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(CF_SCRIBES), id.as_bytes())? {
+            Some(value) => Ok(Some(Record::decode(id, &value)?.payload_sha256)),
+            None => Ok(None),
+        }
     }
 
     /// Scribes waiting for the clock whose clock is at most `until_hlc`, in clock order, up to
@@ -1016,6 +1252,7 @@ impl Store {
                         seal: stored.slice_ref(seal),
                         proof,
                         leaves,
+                        redacted_by: record.redacted_by,
                     },
                     origin,
                 })

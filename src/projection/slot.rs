@@ -467,10 +467,11 @@ impl Slot {
                 step?
             };
             if let Some(seq) = step.revoke {
-                // The revoke may exclude scribes every copy holds: rebuild from the log, with it.
+                // The revoke (or redaction) may exclude scribes every copy holds: rebuild from
+                // the log, with it.
                 self.begin_rebuild(store, true)?;
                 *lock(&self.revokes_met) = seq;
-                tracing::info!(slot = %self.key, seq, "a revoke: rebuilding the copy without what it excludes");
+                tracing::info!(slot = %self.key, seq, "a revoke or a redaction: rebuilding the copy without what it takes away");
                 worked.more = true;
                 return Ok(worked);
             }
@@ -760,7 +761,9 @@ pub(super) fn views(
     Ok(views_and_revokes(entries, exclusions)?.0)
 }
 
-/// [`views`], and the newest seq of an `acl.revoke` among `entries` (0: none).
+/// [`views`], and the newest seq of an `acl.revoke` or a `redact` among `entries` (0: none):
+/// either may take away a scribe a copy applied before it. A redacted scribe is never given (its
+/// payload is gone: projections behave as if it had never been written).
 fn views_and_revokes(
     entries: &[StoredEntry],
     exclusions: &Exclusions,
@@ -768,8 +771,14 @@ fn views_and_revokes(
     let mut views = Vec::with_capacity(entries.len());
     let mut revoke = 0;
     for entry in entries {
+        if entry.parts.redacted_by.is_some() {
+            continue;
+        }
         let (view, membership) = to_view_with_membership(entry)?;
-        if view.kind == quire_projection_api::Kind::AclRevoke {
+        if matches!(
+            view.kind,
+            quire_projection_api::Kind::AclRevoke | quire_projection_api::Kind::Redact
+        ) {
             revoke = entry.seq;
         }
         if !exclusions.excludes(&view.stream, &view.author, view.hlc, membership) {

@@ -131,6 +131,7 @@ pub fn to_proto(message: &Message) -> pb::PeerMessage {
                         payload: scribe.parts.payload.clone(),
                         seal,
                         proof: (!with_leaves[seal as usize]).then(|| scribe.parts.proof.to_proto()),
+                        redacted_by: scribe.parts.redacted_by.clone().unwrap_or_default(),
                     }
                 })
                 .collect();
@@ -354,6 +355,7 @@ pub fn from_proto(message: pb::PeerMessage) -> Result<Message, WireError> {
                         seal: seal.seal.clone(),
                         proof,
                         leaves,
+                        redacted_by: (!scribe.redacted_by.is_empty()).then_some(scribe.redacted_by),
                     },
                 });
             }

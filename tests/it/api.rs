@@ -318,6 +318,7 @@ fn seal_as(body: Body, key: &ed25519_dalek::SigningKey) -> Parts {
     let unsealed = body.into_unsealed(0);
     let seal = quire::scribe::Seal::sign(key, 1, quire::scribe::merkle::leaf_hash(&unsealed.id));
     Parts {
+        redacted_by: Default::default(),
         envelope: unsealed.envelope,
         payload: unsealed.body.payload,
         seal: seal.bytes,

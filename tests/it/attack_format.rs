@@ -64,6 +64,7 @@ fn peer_seal(seal: &Bytes) -> pb::PeerSeal {
 
 fn request(envelope: Bytes, payload: Bytes, seal: Bytes, proof: Proof) -> pb::AppendSignedRequest {
     signed_request(Parts {
+        redacted_by: Default::default(),
         envelope,
         payload,
         seal,
@@ -1374,6 +1375,7 @@ fn peer_batch(stream: &StreamId, scribes: &[Parts]) -> pb::PeerBatch {
                 }
             };
             pb::PeerScribe {
+                redacted_by: Default::default(),
                 seq: index as u64 + 1,
                 id: bytes_of(&hash(&parts.envelope)),
                 envelope: parts.envelope.clone(),

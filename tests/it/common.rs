@@ -251,6 +251,7 @@ pub fn signed_request(parts: Parts) -> pb::AppendSignedRequest {
 /// The parts of a scribe as the API returned it.
 pub fn entry_parts(entry: &pb::Entry) -> Parts {
     Parts {
+        redacted_by: (!entry.redacted_by.is_empty()).then(|| entry.redacted_by.clone()),
         envelope: entry.envelope.clone(),
         payload: entry.payload.clone(),
         seal: entry.seal.clone(),

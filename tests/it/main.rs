@@ -32,6 +32,7 @@ mod private;
 mod projections;
 mod python;
 mod quota;
+mod redact;
 mod replication;
 mod scribe;
 mod simulation;

@@ -284,6 +284,7 @@ async fn invalid_scribes_from_a_peer_are_refused_counted_and_never_relayed() {
                 leaves: vec![],
             });
             pb::PeerScribe {
+                redacted_by: Default::default(),
                 seq: index as u64 + 1,
                 id: Bytes::copy_from_slice(id.as_bytes()),
                 envelope: parts.envelope,
@@ -485,6 +486,7 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
     let before = stream_ids(&node, &stream).await;
     let good = client_scribe(&key, &stream, "x.note", b"fine", node.log.clock().now());
     let scribe = |seal: u32, proof: pb::Proof| pb::PeerScribe {
+        redacted_by: Default::default(),
         seq: 1,
         id: bytes_of(&good.id),
         envelope: good.envelope.clone(),
@@ -597,6 +599,7 @@ async fn malformed_peer_messages_are_refused_with_the_field_named() {
         .send(Wire::Batch(pb::PeerBatch {
             stream: bytes_of(&stream),
             scribes: vec![pb::PeerScribe {
+                redacted_by: Default::default(),
                 seq: 1,
                 id: bytes_of(&pair[0].id),
                 envelope: pair[0].envelope.clone(),

@@ -170,7 +170,7 @@ proptest! {
         seal in proptest::collection::vec(any::<u8>(), 0..200),
         payload in proptest::collection::vec(any::<u8>(), 0..50),
     ) {
-        let parts = Parts { envelope: Bytes::from(envelope), payload: Bytes::from(payload), seal: Bytes::from(seal), proof: Proof::default(), leaves: None };
+        let parts = Parts { redacted_by: Default::default(), envelope: Bytes::from(envelope), payload: Bytes::from(payload), seal: Bytes::from(seal), proof: Proof::default(), leaves: None };
         prop_assert!(Scribe::decode(parts).is_err());
     }
 }
@@ -251,6 +251,7 @@ fn a_non_canonical_envelope_is_refused_even_when_correctly_sealed() {
     envelope.extend_from_slice(&[0xf8, 0x01, 0x01]); // field 31, varint 1
     let (seal, proof) = seal_one(&envelope, &key);
     let parts = Parts {
+        redacted_by: Default::default(),
         envelope: Bytes::from(envelope),
         payload: good.body.payload.clone(),
         seal,
@@ -297,6 +298,7 @@ fn other_formats_are_refused_with_a_clear_error() {
     let envelope = envelope.encode_to_vec();
     let (seal, proof) = seal_one(&envelope, &key);
     let error = Scribe::decode(Parts {
+        redacted_by: Default::default(),
         envelope: Bytes::from(envelope),
         payload: good.body.payload.clone(),
         seal,
@@ -402,6 +404,7 @@ fn ed25519_edge_cases_are_refused() {
     let mut signature = [0u8; 64];
     signature[..32].copy_from_slice(&identity);
     let parts = Parts {
+        redacted_by: Default::default(),
         envelope: unsealed.envelope.clone(),
         payload: unsealed.body.payload.clone(),
         seal: raw_seal(identity, 1, merkle::leaf_hash(&unsealed.id), signature),

@@ -161,13 +161,17 @@ pub enum Kind {
     AclGrant,
     /// `acl.revoke`: a key's role taken away (stream membership; admins only).
     AclRevoke,
+    /// `redact`: deletes the payload of the scribe it targets, on every node (its author or the
+    /// stream's owner only). Projectors never see a redacted scribe: a copy that applied it is
+    /// rebuilt without it.
+    Redact,
     /// `x.<name>`: an application's own kind, stored and replicated but not projected by built-ins.
     Custom(String),
 }
 
 impl Kind {
     /// Names of the built-in kinds, in documentation order.
-    pub const BUILT_IN: [&'static str; 9] = [
+    pub const BUILT_IN: [&'static str; 10] = [
         "stream.create",
         "file.put",
         "file.delete",
@@ -177,6 +181,7 @@ impl Kind {
         "kv.delete",
         "acl.grant",
         "acl.revoke",
+        "redact",
     ];
 
     /// Whether it is a membership kind (`acl.*`).
@@ -196,6 +201,7 @@ impl Kind {
             Kind::KvDelete => "kv.delete",
             Kind::AclGrant => "acl.grant",
             Kind::AclRevoke => "acl.revoke",
+            Kind::Redact => "redact",
             Kind::Custom(name) => name,
         }
     }
@@ -214,6 +220,7 @@ impl FromStr for Kind {
             "kv.delete" => Kind::KvDelete,
             "acl.grant" => Kind::AclGrant,
             "acl.revoke" => Kind::AclRevoke,
+            "redact" => Kind::Redact,
             custom if is_custom_kind(custom) => Kind::Custom(custom.to_string()),
             other => return Err(ParseError::UnknownKind(other.to_string())),
         })
@@ -352,11 +359,15 @@ impl Policy {
     /// `record.*` and `kv.*` anyone (in a public stream) or its writers (in a private one); `x.*`
     /// the owner (in a public stream; anyone under `defaults_version` 0) or its writers (in a
     /// private one); `stream.create` nobody (a stream has one genesis); `acl.*` its writers (the
-    /// log lets only admins grant and revoke).
+    /// log lets only admins grant and revoke); `redact` nobody by policy (the log lets the
+    /// target's author or the owner redact).
     pub fn default_authors(&self, kind: &Kind) -> Authors {
         match kind {
             Kind::FilePut | Kind::FileDelete => Authors::owner_only(),
-            _ if self.private && !kind.is_membership() && *kind != Kind::StreamCreate => {
+            _ if self.private
+                && !kind.is_membership()
+                && !matches!(kind, Kind::StreamCreate | Kind::Redact) =>
+            {
                 Authors::writers()
             }
             Kind::RecordAdd | Kind::RecordUpvote | Kind::KvSet | Kind::KvDelete => {
@@ -370,7 +381,7 @@ impl Policy {
                 }
             }
             Kind::AclGrant | Kind::AclRevoke => Authors::writers(),
-            Kind::StreamCreate => Authors::default(),
+            Kind::StreamCreate | Kind::Redact => Authors::default(),
         }
     }
 
