@@ -30,7 +30,7 @@ const FILE_SECRET: &str = "file-secret-c0ffee-";
 const KV_SECRET: &str = "kv-secret-a11ce";
 const SCHEMA: &str = r#"{"schema": {"note": {"text": "text"}}}"#;
 
-async fn append(
+pub(crate) async fn append(
     node: &RunningNode,
     stream: &StreamId,
     kind: &str,
@@ -51,7 +51,7 @@ async fn append(
         .into_inner()
 }
 
-async fn add_note(node: &RunningNode, stream: &StreamId, text: &str) -> ScribeId {
+pub(crate) async fn add_note(node: &RunningNode, stream: &StreamId, text: &str) -> ScribeId {
     let reply = append(
         node,
         stream,
@@ -64,7 +64,7 @@ async fn add_note(node: &RunningNode, stream: &StreamId, text: &str) -> ScribeId
     ScribeId::from_slice(&reply.id).unwrap()
 }
 
-async fn publish_schema(node: &RunningNode, stream: &StreamId) {
+pub(crate) async fn publish_schema(node: &RunningNode, stream: &StreamId) {
     let (_, payload) = FileChange::Put {
         path: "_schema".into(),
         content_type: "application/json".into(),
@@ -74,7 +74,7 @@ async fn publish_schema(node: &RunningNode, stream: &StreamId) {
     append(node, stream, "file.put", payload).await;
 }
 
-async fn redact(
+pub(crate) async fn redact(
     node: &RunningNode,
     stream: &StreamId,
     target: &ScribeId,
@@ -92,7 +92,7 @@ async fn redact(
         .map(|reply| reply.into_inner())
 }
 
-async fn get_entry(node: &RunningNode, id: &ScribeId) -> pb::Entry {
+pub(crate) async fn get_entry(node: &RunningNode, id: &ScribeId) -> pb::Entry {
     clients(&node.url())
         .await
         .log
@@ -102,7 +102,7 @@ async fn get_entry(node: &RunningNode, id: &ScribeId) -> pb::Entry {
         .into_inner()
 }
 
-async fn file_data(node: &RunningNode, stream: &StreamId, path: &str) -> Option<Bytes> {
+pub(crate) async fn file_data(node: &RunningNode, stream: &StreamId, path: &str) -> Option<Bytes> {
     match pb::files_client::FilesClient::new(owner_channel(&node.url()).await)
         .get(pb::FilesGetRequest {
             stream: bytes_of(stream),
@@ -116,7 +116,7 @@ async fn file_data(node: &RunningNode, stream: &StreamId, path: &str) -> Option<
     }
 }
 
-async fn kv_value(node: &RunningNode, stream: &StreamId, key: &str) -> Option<Bytes> {
+pub(crate) async fn kv_value(node: &RunningNode, stream: &StreamId, key: &str) -> Option<Bytes> {
     match pb::kv_client::KvClient::new(owner_channel(&node.url()).await)
         .get(pb::KvGetRequest {
             stream: bytes_of(stream),
@@ -188,7 +188,7 @@ async fn fill(node: &RunningNode, stream: &StreamId) -> [ScribeId; 3] {
     [note, ScribeId::from_slice(&file).unwrap(), kv]
 }
 
-fn count(node: &RunningNode, stream: &StreamId) -> u64 {
+pub(crate) fn count(node: &RunningNode, stream: &StreamId) -> u64 {
     node.log
         .stream(stream)
         .map_or(0, |state| state.record.scribes)
@@ -395,7 +395,7 @@ async fn a_node_offline_during_a_redaction_brings_nothing_back_and_an_offered_pa
 }
 
 /// A `redact` scribe of `target` signed by `key`.
-fn redact_scribe(
+pub(crate) fn redact_scribe(
     key: &ed25519_dalek::SigningKey,
     stream: &StreamId,
     target: &ScribeId,
@@ -539,4 +539,125 @@ async fn only_the_author_or_the_owner_may_redact_at_append_and_at_replication() 
     .await;
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_redactions_loses_nothing_kept_and_the_restart_purges_the_rest() {
+    use rand::Rng;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = crate::crash::spawn_serve(dir.path()).await;
+    let mut owner = clients(&url).await;
+    let stream = create_stream(&mut owner, "crash-redact", None).await;
+    // Forty scribes with a secret each: notes (payload inline) and files (stored apart).
+    let mut targets = Vec::new();
+    for index in 0..40 {
+        let secret = format!("crash-secret-{index:02}-e1d2");
+        let id = if index % 2 == 0 {
+            let reply = owner
+                .log
+                .append(pb::AppendRequest {
+                    stream: bytes_of(&stream),
+                    kind: "record.add".into(),
+                    content_type: "application/json".into(),
+                    payload: Bytes::from(json!({"_table": "note", "text": secret}).to_string()),
+                    parents: vec![],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            ScribeId::from_slice(&reply.id).unwrap()
+        } else {
+            let id = put_file(&url, &stream, &format!("f/{index}.bin"), big(&secret, 4096))
+                .await
+                .unwrap();
+            ScribeId::from_slice(&id).unwrap()
+        };
+        targets.push((id, secret));
+    }
+    // Redactions race a SIGKILL: those answered must hold after the restart, the rest may or may
+    // not have committed, and nothing else may be lost.
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for chunk in targets.chunks(10).map(|chunk| chunk.to_vec()) {
+        let (url, answered) = (url.clone(), answered.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut streams = clients(&url).await.streams;
+            for (target, _) in chunk {
+                let request = pb::RedactRequest {
+                    stream: bytes_of(&stream),
+                    target: bytes_of(&target),
+                    reason: "crash test".into(),
+                };
+                match streams.redact(request).await {
+                    Ok(_) => answered.lock().unwrap().push(target),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    let kill_after = rand::thread_rng().gen_range(20..200);
+    tokio::time::timeout(
+        std::time::Duration::from_millis(kill_after),
+        futures::future::join_all(&mut tasks),
+    )
+    .await
+    .ok();
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let answered: Vec<ScribeId> = answered.lock().unwrap().clone();
+
+    let report = verify_clean(dir.path());
+    let (mut child, url) = crate::crash::spawn_serve(dir.path()).await;
+    let entries = read_all(&mut clients(&url).await).await;
+    let redacted: Vec<ScribeId> = entries
+        .iter()
+        .filter(|entry| !entry.redacted_by.is_empty())
+        .map(|entry| ScribeId::from_slice(&entry.id).unwrap())
+        .collect();
+    assert!(
+        report.contains(&format!("({} payloads redacted)", redacted.len())) || redacted.is_empty(),
+        "{report}"
+    );
+    for target in &answered {
+        assert!(
+            redacted.contains(target),
+            "answered redaction of {target} lost"
+        );
+    }
+    // Every scribe still verifies, every target is there, and every payload not redacted is whole.
+    for entry in &entries {
+        Scribe::decode(entry_parts(entry)).expect("every stored scribe verifies");
+    }
+    for (target, secret) in &targets {
+        let entry = entries
+            .iter()
+            .find(|entry| entry.id == bytes_of(target))
+            .expect("every target is still in the log");
+        if redacted.contains(target) {
+            assert!(entry.payload.is_empty());
+        } else {
+            assert!(
+                entry
+                    .payload
+                    .windows(secret.len())
+                    .any(|window| window == secret.as_bytes()),
+                "{target} lost its payload without a redaction"
+            );
+        }
+    }
+    // The restart purged whatever a redaction committed before the kill left on the disk; the
+    // projections rebuild without them.
+    wait_until(CONVERGE, "no redacted secret on the disk", || async {
+        targets
+            .iter()
+            .filter(|(target, _)| redacted.contains(target))
+            .all(|(_, secret)| files_containing(dir.path(), secret.as_bytes()).is_empty())
+    })
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    verify_clean(dir.path());
 }
