@@ -14,6 +14,7 @@ mod attack_live;
 mod attack_load;
 mod attack_load2;
 mod attack_quota;
+mod attack_redact;
 mod browser;
 mod clock;
 mod common;
