@@ -289,13 +289,13 @@ async fn a_redaction_on_one_node_takes_the_payload_off_every_node_and_every_proj
     for node in [&a, &b, &c] {
         assert_eq!(refused_by(node).await, 0, "{}", node.url());
     }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    c.stop().await.unwrap();
     for dir in &dirs {
         let report = verify_clean(dir.path());
         assert!(report.contains("(3 payloads redacted)"), "{report}");
     }
-    a.stop().await.unwrap();
-    b.stop().await.unwrap();
-    c.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,10 +388,10 @@ async fn a_node_offline_during_a_redaction_brings_nothing_back_and_an_offered_pa
     .await;
     assert!(holding_secrets(dirs[3].path()).is_empty());
     assert_eq!(refused_by(&d).await, 0);
-    verify_clean(dirs[3].path());
     for node in [a, b, c, d] {
         node.stop().await.unwrap();
     }
+    verify_clean(dirs[3].path());
 }
 
 /// A `redact` scribe of `target` signed by `key`.
@@ -659,5 +659,75 @@ async fn sigkill_during_redactions_loses_nothing_kept_and_the_restart_purges_the
     .await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
+    verify_clean(dir.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scribe_and_its_redaction_in_one_batch_never_put_the_payload_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let stream = create_stream(&mut clients(&node.url()).await, "one-batch", None).await;
+    let user = client_key(43);
+    let hlc = node.log.clock().now();
+    let secret = "one-batch-secret-77aa";
+    let note = client_scribe(
+        &user,
+        &stream,
+        "record.add",
+        json!({"_table": "note", "text": secret})
+            .to_string()
+            .as_bytes(),
+        hlc,
+    );
+    let redaction = redact_scribe(&user, &stream, &note.id, hlc + 1);
+    // From a peer, in one batch: the note with its payload, then its redaction.
+    let key = client_key(93);
+    let mut intruder = Intruder::connect(node.peer_addr.unwrap(), key.clone(), true).await;
+    intruder.offer(&stream).await;
+    intruder
+        .send(batch_of(&stream, &[note.clone(), redaction.clone()], 1))
+        .await;
+    let peer = wait_for_peer(&node, &key, |peer| {
+        peer.streams.first().is_some_and(|s| s.received == 2)
+    })
+    .await;
+    assert_eq!(peer.refused, 0);
+    let entry = get_entry(&node, &note.id).await;
+    assert!(entry.payload.is_empty() && !entry.redacted_by.is_empty());
+    wait_until(CONVERGE, "no trace of the payload", || async {
+        files_containing(dir.path(), secret.as_bytes()).is_empty()
+    })
+    .await;
+    // And from a client, in one atomic batch, the same.
+    let secret = "client-batch-secret-99bb";
+    let note = client_scribe(
+        &user,
+        &stream,
+        "record.add",
+        json!({"_table": "note", "text": secret})
+            .to_string()
+            .as_bytes(),
+        hlc + 2,
+    );
+    let redaction = redact_scribe(&user, &stream, &note.id, hlc + 3);
+    clients(&node.url())
+        .await
+        .log
+        .append_batch(pb::AppendBatchRequest {
+            appends: vec![],
+            signed: vec![
+                signed_request(note.parts()),
+                signed_request(redaction.parts()),
+            ],
+            sealed: vec![],
+        })
+        .await
+        .unwrap();
+    assert!(get_entry(&node, &note.id).await.payload.is_empty());
+    wait_until(CONVERGE, "no trace of the client's payload", || async {
+        files_containing(dir.path(), secret.as_bytes()).is_empty()
+    })
+    .await;
+    node.stop().await.unwrap();
     verify_clean(dir.path());
 }
