@@ -120,6 +120,7 @@ pub fn peer_status(state: &crate::replication::PeerState) -> pb::PeerStatus {
                 refused: counters.refused,
                 caught_up: counters.caught_up,
                 held: counters.held,
+                redacted_refused: counters.redacted_refused,
             })
             .collect(),
     }

@@ -425,7 +425,8 @@ fn app_may_record(http: &Http, stream: StreamId, action: &str) -> Result<(), Htt
         return Ok(()); // answered "not held" by the action itself
     };
     let kind = match action {
-        "add_record" => Kind::RecordAdd,
+        // An app's page may take back, as the node, only what it may write as the node.
+        "add_record" | "redact" => Kind::RecordAdd,
         "upvote" => Kind::RecordUpvote,
         "kv_set" => Kind::KvSet,
         "kv_delete" => Kind::KvDelete,

@@ -14,7 +14,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures::Stream;
-use quire_projection_api::{hlc_millis, AuthorKey, Policy, StreamId};
+use quire_projection_api::{hlc_millis, AuthorKey, Kind, Policy, StreamId};
 use quire_projection_kv::{
     check_key, decode, encode, Entry, Reader, ScanPage, State, CONTENT_TYPE, NAME,
 };
@@ -600,6 +600,22 @@ impl KvService {
         self.follow(stream, from, policy, matches, sink).await
     }
 
+    /// Whether `view` is a `redact` of a `kv.*` write.
+    fn redacts_a_kv_write(&self, view: &quire_projection_api::Scribe) -> bool {
+        if view.kind != Kind::Redact {
+            return false;
+        }
+        view.parents.iter().any(|parent| {
+            self.served
+                .log
+                .get(parent)
+                .ok()
+                .flatten()
+                .and_then(|entry| crate::scribe::decode_envelope(&entry.parts.envelope).ok())
+                .is_some_and(|(body, ..)| matches!(body.kind, Kind::KvSet | Kind::KvDelete))
+        })
+    }
+
     /// Sends a change for every kv scribe of `stream` from `from.from` on whose key `matches`,
     /// but those `from.pages` hold already; `CaughtUp` once every change up to the seq of their
     /// last page is sent (if there are pages).
@@ -649,8 +665,21 @@ impl KvService {
                     return;
                 }
             }
-            let key = crate::projection::to_view(&entry)
-                .ok()
+            let view = crate::projection::to_view(&entry).ok();
+            if view
+                .as_ref()
+                .is_some_and(|view| self.redacts_a_kv_write(view))
+            {
+                // Its key went with its payload, so which change to send is not known: once the
+                // copy no longer holds the write, end the watch; watching again gives a fresh
+                // snapshot without it.
+                let _ = self.served.wait(&stream, entry.seq).await;
+                return sink.fail(Status::aborted(format!(
+                    "scribe {} redacted a kv write of this stream, which may change a value this watch sent: watch again for a fresh snapshot",
+                    entry.id
+                )));
+            }
+            let key = view
                 .and_then(|view| decode(&view.kind, &view.payload).ok().flatten())
                 .map(|(key, _)| key);
             let Some(key) = key.filter(|key| matches(key)) else {

@@ -35,7 +35,7 @@ pub fn append_status(error: &AppendError) -> Status {
             Code::InvalidArgument
         }
         AppendError::RedactDenied { .. } => Code::PermissionDenied,
-        AppendError::Redacted(_) => Code::FailedPrecondition,
+        AppendError::Redacted(_) | AppendError::AlreadyRedacted(_) => Code::FailedPrecondition,
         AppendError::Membership { error, .. } => match error {
             crate::membership::MembershipError::UnknownView(_) => Code::FailedPrecondition,
             crate::membership::MembershipError::Full => Code::ResourceExhausted,

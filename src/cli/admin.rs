@@ -71,7 +71,7 @@ fn print_peers(peers: &[pb::PeerStatus], rules: u32) {
         }
         for stream in &peer.streams {
             println!(
-                "    stream {}  cursor {}  lag {}  sent {}  received {}  duplicates {}  refused {}{}{}",
+                "    stream {}  cursor {}  lag {}  sent {}  received {}  duplicates {}  refused {}{}{}{}",
                 hex::encode(&stream.stream),
                 stream.cursor,
                 stream.lag,
@@ -80,6 +80,7 @@ fn print_peers(peers: &[pb::PeerStatus], rules: u32) {
                 stream.duplicates,
                 stream.refused,
                 if stream.held > 0 { format!("  held (dated ahead) {}", stream.held) } else { String::new() },
+                if stream.redacted_refused > 0 { format!("  redacted payloads refused {}", stream.redacted_refused) } else { String::new() },
                 if stream.caught_up { "  caught up" } else { "" }
             );
         }

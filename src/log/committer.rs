@@ -74,6 +74,7 @@ impl Overlay {
             streams: &self.streams,
             usage: &self.usage,
             entries: &self.entries,
+            redactions: &self.redactions,
         }
     }
 

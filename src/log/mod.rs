@@ -164,6 +164,9 @@ pub enum AppendError {
         /// Who may: the target's author and the stream's owner, by key.
         who: String,
     },
+    /// A client's `redact` of a scribe redacted already (it would change nothing).
+    #[error("scribe {0} is redacted already")]
+    AlreadyRedacted(ScribeId),
     /// The scribe's payload was redacted on this node: it is never stored again.
     #[error("scribe {0} was redacted: its payload is refused (only its envelope is kept)")]
     Redacted(ScribeId),

@@ -25,7 +25,7 @@ use quire_projection_api::{
 };
 
 use super::held;
-use super::store::{HeldKey, NewEntry, StoreError, StreamRecord, Usage, UsageKey};
+use super::store::{HeldKey, NewEntry, Redaction, StoreError, StreamRecord, Usage, UsageKey};
 use super::{AcceptStreams, AppendError, Appended, Origin, Shared, StreamState};
 use crate::genesis::genesis_from_payload;
 use crate::membership::{Change, Membership, MembershipError, Op, Role};
@@ -155,6 +155,8 @@ pub(super) struct Added<'a> {
     pub(super) usage: &'a HashMap<UsageKey, Usage>,
     /// The scribes added, in seq order (a `redact` scribe's target may be one).
     pub(super) entries: &'a [NewEntry],
+    /// The redactions added.
+    pub(super) redactions: &'a [Redaction],
 }
 
 impl Seen<'_> {
@@ -253,8 +255,16 @@ pub(super) fn admit(
         .stream(&stream)
         .ok_or(AppendError::UnknownStream(stream))?;
     state.membership = judge_access(&state, scribe)?;
+    // A redaction of a scribe not yet redacted is never refused for quota; another one is an
+    // ordinary scribe there (and refused outright from a client: it changes nothing).
+    let mut quota_exempt = false;
     if scribe.body.kind == Kind::Redact {
-        check_redact(seen, &state, scribe)?;
+        let target = check_redact(seen, &state, scribe)?;
+        let redundant = already_redacted(seen, &target)?;
+        if redundant && rules.from_client {
+            return Err(AppendError::AlreadyRedacted(target));
+        }
+        quota_exempt = !redundant;
     }
     if let Some(justification) = &scribe.redacted_by {
         check_justification(&state, scribe, justification)?;
@@ -272,7 +282,7 @@ pub(super) fn admit(
     check_parents(seen, scribe)?;
     // Last: a quota refuses only a scribe that is otherwise valid (a peer's quota refusals are
     // not counted against it, so nothing invalid may hide behind one).
-    let usage = check_quota(seen, &state, scribe)?;
+    let usage = check_quota(seen, &state, scribe, quota_exempt)?;
     state.record.head_seq = seq;
     state.record.scribes += 1;
     state.record.bytes += scribe.size();
@@ -447,7 +457,11 @@ fn check_redactor(
 /// A `redact` scribe: its target is stored (or earlier in the group), of its stream, and it may
 /// redact it. A target redacted already is no refusal: two nodes may redact the same scribe at
 /// once.
-fn check_redact(seen: &Seen<'_>, state: &StreamState, scribe: &Scribe) -> Result<(), AppendError> {
+fn check_redact(
+    seen: &Seen<'_>,
+    state: &StreamState,
+    scribe: &Scribe,
+) -> Result<ScribeId, AppendError> {
     let target = redact_target(scribe)?;
     let envelope = seen
         .job
@@ -477,7 +491,20 @@ fn check_redact(seen: &Seen<'_>, state: &StreamState, scribe: &Scribe) -> Result
             stream: state.id,
         });
     }
-    check_redactor(state, scribe, target, body.author, &body.kind)
+    check_redactor(state, scribe, target, body.author, &body.kind)?;
+    Ok(target)
+}
+
+/// Whether `target` is redacted in the store, or by a redaction the job or the group added.
+fn already_redacted(seen: &Seen<'_>, target: &ScribeId) -> Result<bool, AppendError> {
+    let added = |redactions: &[Redaction]| redactions.iter().any(|r| r.target == *target);
+    if added(seen.job.redactions) || added(seen.group.redactions) {
+        return Ok(true);
+    }
+    Ok(matches!(
+        seen.shared.store.seq_and_redacted(target)?,
+        Some((_, true))
+    ))
 }
 
 /// A redacted scribe carries the `redact` scribe that justifies it: a valid, sealed `redact` of
@@ -680,6 +707,7 @@ fn check_quota(
     seen: &Seen<'_>,
     state: &StreamState,
     scribe: &Scribe,
+    exempt: bool,
 ) -> Result<Vec<(UsageKey, Usage)>, AppendError> {
     let policy = &state.policy;
     // Membership scribes are exempt: admins change who may write, and a membership that
@@ -687,9 +715,7 @@ fn check_quota(
     if (policy.author_max_bytes == 0 && policy.author_max_scribes_per_day == 0)
         || scribe.body.author == state.owner
         || scribe.body.kind.is_membership()
-        || scribe.body.kind == Kind::Redact
     {
-        // A redaction too: erasure must not depend on room left.
         return Ok(Vec::new());
     }
     let size = scribe.size();
@@ -706,13 +732,15 @@ fn check_quota(
         stream: state.id,
         what,
     };
-    if policy.author_max_bytes > 0 && total.bytes + size > policy.author_max_bytes {
+    // `exempt`: counted, never refused (erasure must not depend on room left).
+    if !exempt && policy.author_max_bytes > 0 && total.bytes + size > policy.author_max_bytes {
         return Err(refuse(format!(
             "its scribes take {} bytes of the stream and this one {size}; the most one author may take is {} (author_max_bytes)",
             total.bytes, policy.author_max_bytes
         )));
     }
-    if policy.author_max_scribes_per_day > 0
+    if !exempt
+        && policy.author_max_scribes_per_day > 0
         && daily.scribes + 1 > policy.author_max_scribes_per_day
     {
         return Err(refuse(format!(

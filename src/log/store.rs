@@ -388,6 +388,16 @@ pub struct Redaction {
     pub justification: Bytes,
 }
 
+/// What the redactions of one commit know of the payloads they may delete.
+struct PayloadsGone<'a> {
+    /// Payloads this commit writes (a new scribe names them).
+    written: &'a HashSet<[u8; 32]>,
+    /// Every target this commit redacts: their references do not keep a payload.
+    targets: HashSet<ScribeId>,
+    /// Payloads this commit deletes already.
+    deleted: HashSet<[u8; 32]>,
+}
+
 /// What a commit's redactions deleted.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Redacted {
@@ -804,6 +814,12 @@ impl Store {
             self.put_seal(&mut batch, &mut written_seals, entry)?;
         }
         let in_commit: HashSet<ScribeId> = commit.scribes.iter().map(|entry| entry.id).collect();
+        // Two targets of this commit may name the same payload: neither keeps it for the other.
+        let mut payloads_gone = PayloadsGone {
+            written: &written_payloads,
+            targets: redacting.keys().copied().collect(),
+            deleted: HashSet::new(),
+        };
         for redaction in &commit.redactions {
             if in_commit.contains(&redaction.target) {
                 continue;
@@ -812,7 +828,7 @@ impl Store {
                 &mut batch,
                 &redaction.target,
                 &redaction.justification,
-                &written_payloads,
+                &mut payloads_gone,
             )?;
             redacted += gone;
         }
@@ -845,14 +861,14 @@ impl Store {
     }
 
     /// Rewrites the stored record of `target` without its payload, naming `justification`, and
-    /// deletes the payload if no other stored scribe names it (nor one this batch writes:
-    /// `written`). Nothing if it is not stored or redacted already.
+    /// deletes the payload if no other stored scribe names it (but the targets of the same
+    /// commit), nor one this batch writes. Nothing if it is not stored or redacted already.
     fn redact_record(
         &self,
         batch: &mut WriteBatch,
         target: &ScribeId,
         justification: &Bytes,
-        written: &HashSet<[u8; 32]>,
+        gone: &mut PayloadsGone<'_>,
     ) -> Result<Redacted, StoreError> {
         let mut redacted = Redacted::default();
         let Some(value) = self
@@ -871,9 +887,11 @@ impl Store {
             Some(inline) => redacted.payload_bytes = inline.len() as u64,
             None => {
                 batch.delete_cf(payloads, payload_ref(&record.payload_sha256, target));
-                if !written.contains(&record.payload_sha256)
-                    && !self.payload_named_by_other(&record.payload_sha256, target)?
+                if !gone.written.contains(&record.payload_sha256)
+                    && !gone.deleted.contains(&record.payload_sha256)
+                    && !self.payload_named_by_other(&record.payload_sha256, &gone.targets)?
                 {
+                    gone.deleted.insert(record.payload_sha256);
                     if let Some(payload) = self.db.get_pinned_cf(payloads, record.payload_sha256)? {
                         redacted.payload_bytes = payload.len() as u64;
                         redacted.hashes.push(record.payload_sha256);
@@ -901,11 +919,11 @@ impl Store {
         Ok(redacted)
     }
 
-    /// Whether a stored scribe other than `except` names the payload `hash`.
+    /// Whether a stored scribe not in `except` names the payload `hash`.
     fn payload_named_by_other(
         &self,
         hash: &[u8; 32],
-        except: &ScribeId,
+        except: &HashSet<ScribeId>,
     ) -> Result<bool, StoreError> {
         for item in self.db.iterator_cf(
             self.cf(CF_PAYLOADS),
@@ -915,7 +933,8 @@ impl Store {
             if key.len() != 64 || key[..32] != hash[..] {
                 return Ok(false);
             }
-            if &key[32..] != except.as_bytes() {
+            let id = ScribeId::from_slice(&key[32..]).expect("32 bytes");
+            if !except.contains(&id) {
                 return Ok(true);
             }
         }
@@ -924,13 +943,20 @@ impl Store {
 
     /// Whether a stored scribe's payload was redacted, with its local seq; `None`: not stored.
     pub fn seq_and_redacted(&self, id: &ScribeId) -> Result<Option<(u64, bool)>, StoreError> {
-        match self.db.get_pinned_cf(self.cf(CF_SCRIBES), id.as_bytes())? {
-            Some(value) => {
-                let record = Record::decode(id, &value)?;
-                Ok(Some((record.seq, record.redacted_by.is_some())))
-            }
-            None => Ok(None),
-        }
+        let Some(value) = self.db.get_pinned_cf(self.cf(CF_SCRIBES), id.as_bytes())? else {
+            return Ok(None);
+        };
+        // Only the header is read: this runs for every duplicate a peer sends.
+        let damaged = || StoreError::Damaged(format!("scribe {id} has a malformed record"));
+        let payload_at = match *value.get(80).ok_or_else(damaged)? {
+            PROOF_FROM_LEAVES => 81,
+            count => 81 + count as usize * 32,
+        };
+        let length = value.get(payload_at..payload_at + 4).ok_or_else(damaged)?;
+        Ok(Some((
+            u64::from_be_bytes(value[..8].try_into().expect("8 bytes")),
+            u32::from_be_bytes(length.try_into().expect("4 bytes")) == PAYLOAD_REDACTED,
+        )))
     }
 
     /// Makes the payloads of redacted scribes leave the disk: flushes every memtable (so no

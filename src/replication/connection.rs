@@ -628,6 +628,7 @@ impl Driver {
             .await
             .map_err(ConnectionError::Replicate)?;
         let (mut received, mut duplicates, mut refused, mut held) = (0, 0, 0, 0);
+        let mut redacted_refused = 0;
         // A scribe this node had no room to hold is not the peer's fault: the log did not move
         // the cursor past it either, and the batch comes again on a later connection. Its
         // descendants in the batch miss their parent for the same reason; every other refusal
@@ -671,6 +672,9 @@ impl Driver {
                     tracing::debug!(peer = %peer.short(), %stream, %id, "a scribe over its author's quota, not stored");
                 }
                 Ok(appended) if appended.duplicate => duplicates += 1,
+                // A payload this node redacted: not stored, and not the peer's fault (it may not
+                // have the redaction yet), so counted apart and never toward a ban.
+                Err(AppendError::Redacted(_)) => redacted_refused += 1,
                 Ok(appended) if appended.held => held += 1,
                 Ok(_) => received += 1,
                 Err(error) => {
@@ -685,6 +689,7 @@ impl Driver {
             counters.duplicates += duplicates;
             counters.refused += refused;
             counters.held += held;
+            counters.redacted_refused += redacted_refused;
             counters.cursor = cursor_now;
             counters.peer_head = counters.peer_head.max(head);
         });

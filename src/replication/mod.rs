@@ -65,6 +65,8 @@ pub struct StreamCounters {
     pub refused: u64,
     /// Scribes from the peer dated too far ahead, kept aside (`log::held`).
     pub held: u64,
+    /// Scribes from the peer whose payload this node redacted, offered with it: not stored.
+    pub redacted_refused: u64,
     /// Whether the peer said `CaughtUp` on this connection.
     pub caught_up: bool,
 }
