@@ -25,7 +25,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use quire_projection_api::{Kind, StreamId};
+use quire_projection_api::{Kind, ScribeId, StreamId};
 use quire_projection_sql::{to_sql, Params, Value};
 use serde_json::{json, Map, Value as Json};
 use tonic::{Code, Status};
@@ -1066,18 +1066,22 @@ async fn upvote(
     body: Map<String, Json>,
 ) -> Result<Map<String, Json>, HttpError> {
     let stream = http.sql.held(stream, caller)?;
-    let record = body
-        .get("id")
+    let record = id_arg(&body, "the record's id")?;
+    let appended = http.sql.upvote(stream, record).await?;
+    Ok(appended_fields(&appended))
+}
+
+/// The scribe id in `body`'s `"id"` (`what` says which, in the error).
+fn id_arg(body: &Map<String, Json>, what: &str) -> Result<ScribeId, HttpError> {
+    body.get("id")
         .and_then(Json::as_str)
         .and_then(|id| id.parse().ok())
         .ok_or_else(|| {
             HttpError(
                 StatusCode::BAD_REQUEST,
-                "give \"id\": the record's id, 64 hex characters".into(),
+                format!("give \"id\": {what}, 64 hex characters"),
             )
-        })?;
-    let appended = http.sql.upvote(stream, record).await?;
-    Ok(appended_fields(&appended))
+        })
 }
 
 /// `redact {"id": "<scribe id>", "reason": "..."}`: deletes a scribe's payload on every node
@@ -1090,16 +1094,7 @@ async fn redact(
     body: Map<String, Json>,
 ) -> Result<Map<String, Json>, HttpError> {
     let stream = http.sql.held(stream, caller)?;
-    let target = body
-        .get("id")
-        .and_then(Json::as_str)
-        .and_then(|id| id.parse().ok())
-        .ok_or_else(|| {
-            HttpError(
-                StatusCode::BAD_REQUEST,
-                "give \"id\": the id of the scribe to redact, 64 hex characters".into(),
-            )
-        })?;
+    let target = id_arg(&body, "the id of the scribe to redact")?;
     let reason = match body.get("reason") {
         None | Some(Json::Null) => String::new(),
         Some(Json::String(reason)) => reason.clone(),

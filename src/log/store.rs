@@ -968,13 +968,7 @@ impl Store {
         targets: &[ScribeId],
         hashes: &[[u8; 32]],
     ) -> Result<(), StoreError> {
-        let families: Vec<&rocksdb::ColumnFamily> =
-            COLUMN_FAMILIES.iter().map(|name| self.cf(name)).collect();
-        self.db
-            .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())?;
-        self.db.flush()?;
-        let mut options = rocksdb::CompactOptions::default();
-        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        let options = self.flush_for_purge()?;
         for target in targets {
             self.db.compact_range_cf_opt(
                 self.cf(CF_SCRIBES),
@@ -1910,13 +1904,7 @@ impl Store {
     /// to the last level (so no table file keeps a deleted value). Costs a pass over those
     /// families: done once per leave.
     pub fn purge(&self) -> Result<(), StoreError> {
-        let families: Vec<&rocksdb::ColumnFamily> =
-            COLUMN_FAMILIES.iter().map(|name| self.cf(name)).collect();
-        self.db
-            .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())?;
-        self.db.flush()?;
-        let mut options = rocksdb::CompactOptions::default();
-        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        let options = self.flush_for_purge()?;
         for name in [
             CF_SCRIBES,
             CF_PAYLOADS,
@@ -1930,6 +1918,20 @@ impl Store {
                 .compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &options);
         }
         Ok(())
+    }
+
+    /// Flushes every memtable (so the write-ahead log that holds deleted values is dropped), and
+    /// answers the options of a compaction that reaches the last level (so no table file keeps
+    /// one).
+    fn flush_for_purge(&self) -> Result<rocksdb::CompactOptions, StoreError> {
+        let families: Vec<&rocksdb::ColumnFamily> =
+            COLUMN_FAMILIES.iter().map(|name| self.cf(name)).collect();
+        self.db
+            .flush_cfs_opt(&families, &rocksdb::FlushOptions::default())?;
+        self.db.flush()?;
+        let mut options = rocksdb::CompactOptions::default();
+        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        Ok(options)
     }
 
     /// Ends leaving `stream` (fsynced): every scribe of it is gone.

@@ -16,7 +16,9 @@ use serde_json::json;
 use crate::common::*;
 use crate::leave::{big, files_containing, kv_set, put_file, verify_clean};
 use crate::malicious::{wait_for_peer, Intruder};
-use crate::redact::{add_note, count, file_data, get_entry, kv_value, redact, redact_scribe};
+use crate::redact::{
+    add_note, count, file_data, get_entry, kv_value, newest_kv_write, redact, redact_scribe,
+};
 use crate::replication::{connect, join, part, wait_for_count, CONVERGE};
 
 /// `key`'s `x.note` with `payload` into `stream`, appended on `node`; the scribe.
@@ -371,13 +373,7 @@ async fn an_app_page_may_redact_only_the_records_its_node_wrote_in_its_own_strea
         .unwrap();
     let file = ScribeId::from_slice(&file).unwrap();
     kv_set(&node.url(), &app, "k", "a value").await.unwrap();
-    let kv = read_all(&mut clients(&node.url()).await)
-        .await
-        .into_iter()
-        .rev()
-        .find(|entry| entry.kind == "kv.set")
-        .map(|entry| ScribeId::from_slice(&entry.id).unwrap())
-        .unwrap();
+    let kv = newest_kv_write(&node).await;
     let user = client_key(66);
     let users_record = users_note(&node, &user, &app, b"{\"_table\": \"note\"}").await;
     let before = read_all(&mut clients(&node.url()).await).await;
@@ -548,13 +544,7 @@ async fn a_kv_watch_that_sent_a_redacted_value_is_ended_and_a_new_one_shows_what
         .await
         .unwrap();
     kv_set(&node.url(), &stream, "k", SECRET).await.unwrap();
-    let secret_write = read_all(&mut clients(&node.url()).await)
-        .await
-        .into_iter()
-        .rev()
-        .find(|entry| entry.kind == "kv.set")
-        .map(|entry| ScribeId::from_slice(&entry.id).unwrap())
-        .unwrap();
+    let secret_write = newest_kv_write(&node).await;
     let mut watch = pb::kv_client::KvClient::new(owner_channel(&node.url()).await)
         .watch(pb::KvWatchRequest {
             stream: bytes_of(&stream),

@@ -178,14 +178,19 @@ async fn fill(node: &RunningNode, stream: &StreamId) -> [ScribeId; 3] {
         .await
         .unwrap();
     kv_set(&node.url(), stream, "k", KV_SECRET).await.unwrap();
-    let kv = read_all(&mut clients(&node.url()).await)
+    let kv = newest_kv_write(node).await;
+    [note, ScribeId::from_slice(&file).unwrap(), kv]
+}
+
+/// The id of the newest `kv.set` in `node`'s log.
+pub(crate) async fn newest_kv_write(node: &RunningNode) -> ScribeId {
+    read_all(&mut clients(&node.url()).await)
         .await
         .into_iter()
         .rev()
         .find(|entry| entry.kind == "kv.set")
         .map(|entry| ScribeId::from_slice(&entry.id).unwrap())
-        .unwrap();
-    [note, ScribeId::from_slice(&file).unwrap(), kv]
+        .unwrap()
 }
 
 pub(crate) fn count(node: &RunningNode, stream: &StreamId) -> u64 {
