@@ -378,6 +378,9 @@ const PAYLOAD_APART: u32 = u32::MAX;
 /// Payload length of a record whose payload was redacted.
 const PAYLOAD_REDACTED: u32 = u32::MAX - 1;
 
+/// Most keys one purge compacts range by range; past it, whole families.
+const MAX_PURGE_RANGES: usize = 64;
+
 /// A payload to delete because a `redact` scribe in the same commit targets its scribe.
 #[derive(Debug, Clone)]
 pub struct Redaction {
@@ -969,6 +972,15 @@ impl Store {
         hashes: &[[u8; 32]],
     ) -> Result<(), StoreError> {
         let options = self.flush_for_purge()?;
+        if targets.len() + hashes.len() > MAX_PURGE_RANGES {
+            // Many redactions at once (ids are random, so their ranges span the families
+            // anyway): one compaction of each family instead of one per key.
+            for name in [CF_SCRIBES, CF_PAYLOADS] {
+                self.db
+                    .compact_range_cf_opt(self.cf(name), None::<&[u8]>, None::<&[u8]>, &options);
+            }
+            return Ok(());
+        }
         for target in targets {
             self.db.compact_range_cf_opt(
                 self.cf(CF_SCRIBES),

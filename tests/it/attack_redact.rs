@@ -523,6 +523,19 @@ async fn repeated_redacts_of_a_redacted_scribe_do_not_escape_the_quota() {
     );
 }
 
+/// A kv watch of the keys under "k" of `stream`.
+async fn watch_k(node: &RunningNode, stream: &StreamId) -> tonic::Streaming<pb::KvWatchEvent> {
+    pb::kv_client::KvClient::new(owner_channel(&node.url()).await)
+        .watch(pb::KvWatchRequest {
+            stream: bytes_of(stream),
+            prefix: Bytes::from("k"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// The next event of a kv watch.
 async fn next_event(watch: &mut tonic::Streaming<pb::KvWatchEvent>) -> pb::kv_watch_event::Event {
     tokio::time::timeout(CONVERGE, watch.message())
@@ -545,15 +558,7 @@ async fn a_kv_watch_that_sent_a_redacted_value_is_ended_and_a_new_one_shows_what
         .unwrap();
     kv_set(&node.url(), &stream, "k", SECRET).await.unwrap();
     let secret_write = newest_kv_write(&node).await;
-    let mut watch = pb::kv_client::KvClient::new(owner_channel(&node.url()).await)
-        .watch(pb::KvWatchRequest {
-            stream: bytes_of(&stream),
-            prefix: Bytes::from("k"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_k(&node, &stream).await;
     // The snapshot: k is the secret.
     let mut seen = None;
     loop {
@@ -586,15 +591,7 @@ async fn a_kv_watch_that_sent_a_redacted_value_is_ended_and_a_new_one_shows_what
     assert_eq!(ended.code(), tonic::Code::Aborted, "{ended:?}");
     assert!(ended.message().contains("watch again"), "{ended:?}");
     // Watching again: the snapshot holds what replaced the secret.
-    let mut watch = pb::kv_client::KvClient::new(owner_channel(&node.url()).await)
-        .watch(pb::KvWatchRequest {
-            stream: bytes_of(&stream),
-            prefix: Bytes::from("k"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_k(&node, &stream).await;
     loop {
         match next_event(&mut watch).await {
             pb::kv_watch_event::Event::Entry(entry) if entry.key == "k" => seen = Some(entry.value),

@@ -742,3 +742,51 @@ async fn a_scribe_and_its_redaction_in_one_batch_never_put_the_payload_on_disk()
     node.stop().await.unwrap();
     verify_clean(dir.path());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seventy_redactions_in_one_commit_leave_no_byte_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path()).await;
+    let stream = create_stream(&mut clients(&node.url()).await, "many", None).await;
+    let user = client_key(44);
+    let hlc = node.log.clock().now();
+    let notes: Vec<Scribe> = (0..70u64)
+        .map(|index| {
+            let text = format!("many-secret-{index:02}-{}", "z".repeat(1100));
+            client_scribe(
+                &user,
+                &stream,
+                "record.add",
+                json!({"_table": "note", "text": text})
+                    .to_string()
+                    .as_bytes(),
+                hlc + index,
+            )
+        })
+        .collect();
+    let mut log = clients(&node.url()).await.log;
+    for note in &notes {
+        log.append_signed(signed_request(note.parts()))
+            .await
+            .unwrap();
+    }
+    // Past the purge's range-by-range limit: one batch, one commit, whole families compacted.
+    let redactions = notes
+        .iter()
+        .map(|note| signed_request(redact_scribe(&user, &stream, &note.id, hlc + 100).parts()))
+        .collect();
+    log.append_batch(pb::AppendBatchRequest {
+        appends: vec![],
+        signed: redactions,
+        sealed: vec![],
+    })
+    .await
+    .unwrap();
+    wait_until(CONVERGE, "no redacted note on the disk", || async {
+        files_containing(dir.path(), b"many-secret-").is_empty()
+    })
+    .await;
+    node.stop().await.unwrap();
+    let report = verify_clean(dir.path());
+    assert!(report.contains("(70 payloads redacted)"), "{report}");
+}
