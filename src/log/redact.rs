@@ -42,10 +42,6 @@ struct Pending {
     targets: Vec<ScribeId>,
     /// Payloads deleted.
     hashes: Vec<[u8; 32]>,
-    /// Redacted payload bytes deleted since the log opened.
-    bytes: u64,
-    /// Scribes redacted since the log opened.
-    scribes: u64,
 }
 
 impl Redactions {
@@ -61,8 +57,6 @@ impl Redactions {
     pub(super) fn committed(&self, redacted: Redacted) {
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.scribes += redacted.scribes.len() as u64;
-            pending.bytes += redacted.payload_bytes;
             pending.targets.extend(redacted.scribes);
             pending.hashes.extend(redacted.hashes);
         }
@@ -74,17 +68,6 @@ impl Log {
     /// How many commits with redactions this log has made since it opened.
     pub fn redactions_committed(&self) -> u64 {
         *self.shared.redactions.committed.borrow()
-    }
-
-    /// Scribes redacted and payload bytes deleted since the log opened.
-    pub fn redaction_totals(&self) -> (u64, u64) {
-        let pending = self
-            .shared
-            .redactions
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        (pending.scribes, pending.bytes)
     }
 
     /// Makes the payloads redacted so far leave the disk (blocking: a flush and compactions).

@@ -406,8 +406,6 @@ struct PayloadsGone<'a> {
 pub struct Redacted {
     /// Scribes whose payload went (not counting targets redacted already).
     pub scribes: Vec<ScribeId>,
-    /// Payload bytes deleted (a payload another scribe still names stays, and is not counted).
-    pub payload_bytes: u64,
     /// The payloads stored apart that were deleted (their keys are to be compacted away).
     pub hashes: Vec<[u8; 32]>,
 }
@@ -415,7 +413,6 @@ pub struct Redacted {
 impl std::ops::AddAssign for Redacted {
     fn add_assign(&mut self, other: Redacted) {
         self.scribes.extend(other.scribes);
-        self.payload_bytes += other.payload_bytes;
         self.hashes.extend(other.hashes);
     }
 }
@@ -775,7 +772,6 @@ impl Store {
             let entry = match redacting.get(&entry.id) {
                 Some(justification) if entry.parts.redacted_by.is_none() => {
                     redacted.scribes.push(entry.id);
-                    redacted.payload_bytes += entry.parts.payload.len() as u64;
                     let mut copy = entry.clone();
                     copy.parts.payload = Bytes::new();
                     copy.parts.redacted_by = Some((*justification).clone());
@@ -886,21 +882,17 @@ impl Store {
         }
         redacted.scribes.push(*target);
         let payloads = self.cf(CF_PAYLOADS);
-        match &record.payload {
-            Some(inline) => redacted.payload_bytes = inline.len() as u64,
-            None => {
-                batch.delete_cf(payloads, payload_ref(&record.payload_sha256, target));
-                if !gone.written.contains(&record.payload_sha256)
-                    && !gone.deleted.contains(&record.payload_sha256)
-                    && !self.payload_named_by_other(&record.payload_sha256, &gone.targets)?
-                {
-                    gone.deleted.insert(record.payload_sha256);
-                    if let Some(payload) = self.db.get_pinned_cf(payloads, record.payload_sha256)? {
-                        redacted.payload_bytes = payload.len() as u64;
-                        redacted.hashes.push(record.payload_sha256);
-                        batch.delete_cf(payloads, record.payload_sha256);
-                    }
-                }
+        // A payload kept in the record goes with the rewrite; one stored apart goes below.
+        if record.payload.is_none() {
+            let hash = record.payload_sha256;
+            batch.delete_cf(payloads, payload_ref(&hash, target));
+            if !gone.written.contains(&hash)
+                && !gone.deleted.contains(&hash)
+                && !self.payload_named_by_other(&hash, &gone.targets)?
+            {
+                gone.deleted.insert(hash);
+                redacted.hashes.push(hash);
+                batch.delete_cf(payloads, hash);
             }
         }
         let mut out = value[..72].to_vec();
@@ -1012,14 +1004,6 @@ impl Store {
         sync.set_sync(true);
         self.db.delete_opt(META_PURGE, &sync)?;
         Ok(())
-    }
-
-    /// The payload sha256 a stored scribe's record names.
-    pub fn payload_hash(&self, id: &ScribeId) -> Result<Option<[u8; 32]>, StoreError> {
-        match self.db.get_pinned_cf(self.cf(CF_SCRIBES), id.as_bytes())? {
-            Some(value) => Ok(Some(Record::decode(id, &value)?.payload_sha256)),
-            None => Ok(None),
-        }
     }
 
     /// Scribes waiting for the clock whose clock is at most `until_hlc`, in clock order, up to
