@@ -58,6 +58,7 @@ async fn stream(node: &RunningNode, writers: usize, reader: Option<AuthorKey>) -
             policy: Some(support::unlimited()),
             owner: Bytes::new(),
             access,
+            retention: None,
         })
         .await
         .unwrap()
@@ -117,7 +118,7 @@ async fn settle(node: &RunningNode) {
     let mut admin = pb::admin_client::AdminClient::new(support::owner(node).await);
     loop {
         let status = admin
-            .status(pb::StatusRequest {})
+            .status(pb::StatusRequest::default())
             .await
             .unwrap()
             .into_inner();

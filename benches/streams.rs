@@ -117,7 +117,7 @@ fn main() {
         let created = started.elapsed();
         let (fds_after, rss_after) = (open_fds(), support::rss_mib());
         let status = pb::admin_client::AdminClient::new(support::owner(&busy).await)
-            .status(pb::StatusRequest {})
+            .status(pb::StatusRequest::default())
             .await
             .unwrap()
             .into_inner();

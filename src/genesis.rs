@@ -36,6 +36,9 @@ pub enum GenesisError {
     /// A member entry is not a 32-byte key with a role.
     #[error("access.members: {0}")]
     Member(String),
+    /// The retention rule is out of bounds.
+    #[error("retention: {0}")]
+    Retention(String),
 }
 
 /// Why a policy was refused; the message says what to fix.
@@ -64,6 +67,10 @@ pub enum PolicyError {
     /// says.
     #[error("policy rule for redact: a scribe is redacted by its author or the stream's owner only, no rule applies")]
     Redact,
+    /// A rule for `retain` or `prune`: the stream's owner sets and applies its retention rule,
+    /// whatever a policy says.
+    #[error("policy rule for {0}: the stream's owner alone sets and applies its retention rule, no rule applies")]
+    Retention(String),
     /// `work_bits` is over [`Policy::MAX_WORK_BITS`].
     #[error("work_bits {0} is over the most allowed, {max}", max = Policy::MAX_WORK_BITS)]
     WorkBits(u32),
@@ -86,6 +93,126 @@ pub struct Genesis {
     pub policy: Policy,
     /// Members from the start, besides the owner.
     pub members: BTreeMap<AuthorKey, Role>,
+    /// The retention rule (default: keep everything).
+    pub retention: RetentionRule,
+}
+
+/// Most versions of a path a retention rule may keep (more is "all": 0).
+pub const MAX_KEEP_VERSIONS: u32 = 1_000_000;
+
+/// Longest age or lag a retention rule may name: a thousand years, in milliseconds.
+pub const MAX_RETENTION_MS: u64 = 1000 * 366 * 24 * 3600 * 1000;
+
+/// Checks a retention rule's bounds.
+pub fn check_retention(retention: &pb::Retention) -> Result<(), GenesisError> {
+    if retention.keep_versions > MAX_KEEP_VERSIONS {
+        return Err(GenesisError::Retention(format!(
+            "keep_versions {} is over {MAX_KEEP_VERSIONS} (0 keeps every version)",
+            retention.keep_versions
+        )));
+    }
+    for (name, value) in [
+        ("max_age_ms", retention.max_age_ms),
+        ("min_lag_ms", retention.min_lag_ms),
+    ] {
+        if value > MAX_RETENTION_MS {
+            return Err(GenesisError::Retention(format!(
+                "{name} {value} is over {MAX_RETENTION_MS} (a thousand years; 0 means none)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A retention rule (`quire.v1.Retention`, checked). Zeros keep everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetentionRule {
+    /// Newest versions kept per file path (0: all).
+    pub keep_versions: u32,
+    /// Longest a record is kept, in milliseconds of scribe clocks (0: forever).
+    pub max_age_ms: u64,
+    /// How long a superseded version is kept after it was superseded (0: not at all).
+    pub min_lag_ms: u64,
+}
+
+impl RetentionRule {
+    /// The rule a wire `Retention` states, checked.
+    pub fn from_proto(rule: &pb::Retention) -> Result<RetentionRule, GenesisError> {
+        check_retention(rule)?;
+        Ok(RetentionRule {
+            keep_versions: rule.keep_versions,
+            max_age_ms: rule.max_age_ms,
+            min_lag_ms: rule.min_lag_ms,
+        })
+    }
+
+    /// The wire form.
+    pub fn to_proto(self) -> pb::Retention {
+        pb::Retention {
+            keep_versions: self.keep_versions,
+            max_age_ms: self.max_age_ms,
+            min_lag_ms: self.min_lag_ms,
+        }
+    }
+
+    /// Whether it keeps everything.
+    pub fn keeps_all(self) -> bool {
+        self.keep_versions == 0 && self.max_age_ms == 0
+    }
+}
+
+impl std::fmt::Display for RetentionRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe_retention(&self.to_proto()))
+    }
+}
+
+/// A duration in its largest whole unit: 30d, 12h, 90m, 45s, 1500ms.
+pub fn human_millis(ms: u64) -> String {
+    for (unit, scale) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= scale && ms % scale == 0 {
+            return format!("{}{unit}", ms / scale);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// How a retention rule reads, for people: "newest 3 versions per path, records for 30d".
+pub fn describe_retention(retention: &pb::Retention) -> String {
+    let mut parts = Vec::new();
+    if retention.keep_versions > 0 {
+        parts.push(format!(
+            "newest {} version{} per path",
+            retention.keep_versions,
+            if retention.keep_versions == 1 {
+                ""
+            } else {
+                "s"
+            }
+        ));
+        if retention.min_lag_ms > 0 {
+            parts.push(format!(
+                "superseded versions kept {}",
+                human_millis(retention.min_lag_ms)
+            ));
+        }
+    }
+    if retention.max_age_ms > 0 {
+        parts.push(format!(
+            "records kept {}",
+            human_millis(retention.max_age_ms)
+        ));
+    }
+    if parts.is_empty() {
+        "keep everything".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// Decodes a `stream.create` payload; `author` is the owner when the payload names none.
@@ -128,11 +255,13 @@ pub fn genesis_from_payload(payload: &[u8], author: AuthorKey) -> Result<Genesis
             return Err(GenesisError::Member(format!("{key} is listed twice")));
         }
     }
+    let retention = RetentionRule::from_proto(&genesis.retention.unwrap_or_default())?;
     Ok(Genesis {
         name: genesis.name,
         owner,
         policy,
         members,
+        retention,
     })
 }
 
@@ -158,6 +287,18 @@ pub fn genesis_payload(
     access: Option<pb::Access>,
     salt: [u8; 16],
 ) -> Vec<u8> {
+    genesis_payload_retained(name, owner, policy, access, None, salt)
+}
+
+/// [`genesis_payload`] with a retention rule.
+pub fn genesis_payload_retained(
+    name: &str,
+    owner: Option<AuthorKey>,
+    policy: Option<pb::Policy>,
+    access: Option<pb::Access>,
+    retention: Option<pb::Retention>,
+    salt: [u8; 16],
+) -> Vec<u8> {
     pb::StreamGenesis {
         name: name.to_string(),
         owner: owner
@@ -166,6 +307,7 @@ pub fn genesis_payload(
         policy,
         salt: Bytes::copy_from_slice(&salt),
         access,
+        retention,
     }
     .encode_to_vec()
 }
@@ -248,6 +390,9 @@ pub fn check_rule_kind(text: &str) -> Result<(), PolicyError> {
     }
     if kind == Kind::Redact {
         return Err(PolicyError::Redact);
+    }
+    if matches!(kind, Kind::Retain | Kind::Prune) {
+        return Err(PolicyError::Retention(text.to_string()));
     }
     Ok(())
 }

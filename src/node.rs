@@ -66,6 +66,9 @@ pub struct NodeConfig {
     pub peer_options: PeerOptions,
     /// Which new streams the node takes (`--accept-streams`; default any).
     pub accept_streams: crate::log::AcceptStreams,
+    /// How often the node applies the retention rules of the streams it owns (`--prune-every`;
+    /// default a minute; `None`: only on `quire prune`).
+    pub prune_every: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -82,6 +85,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("fds", &self.fds)
             .field("api_tls", &self.api_tls)
             .field("peer_options", &self.peer_options)
+            .field("prune_every", &self.prune_every)
             .finish()
     }
 }
@@ -106,6 +110,7 @@ impl NodeConfig {
             peer_options: PeerOptions::new()
                 .expect("a throwaway TLS certificate for the peer transport"),
             accept_streams: crate::log::AcceptStreams::Any,
+            prune_every: Some(std::time::Duration::from_secs(60)),
         }
     }
 }
@@ -228,6 +233,9 @@ pub async fn serve(
     replicator.start(&config.peers)?;
     tokio::spawn(crate::log::held::release_loop(log.clone()));
     tokio::spawn(crate::log::redact::purge_loop(log.clone()));
+    if let Some(every) = config.prune_every {
+        tokio::spawn(crate::log::retention::prune_loop(log.clone(), every));
+    }
     tracing::info!(node = %log.node_key(), api = %api_addr, peer = ?peer_addr, data_dir = %config.data_dir.display(), "node serving");
 
     let (stop_tx, stop_rx) = watch::channel(false);

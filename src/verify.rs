@@ -35,6 +35,9 @@ pub struct VerifyReport {
     pub vacated: u64,
     /// Scribes whose payload was redacted (accounted for, not damage).
     pub redacted: u64,
+    /// Scribes whose payload was pruned by the stream's retention rule (accounted for, not
+    /// damage).
+    pub pruned: u64,
     /// One line per problem; empty means no damage.
     pub damage: Vec<String>,
 }
@@ -91,11 +94,15 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
             };
             let stream = scribe.stream_id();
             if let Some(justification) = &scribe.redacted_by {
-                report.redacted += 1;
-                if let Err(problem) = check_justification(&scribe, justification) {
-                    report.damage.push(format!(
-                        "seq {seq} ({id}): redacted, but its justification {problem}"
-                    ));
+                match check_justification(&scribe, justification) {
+                    Ok(Kind::Prune) => report.pruned += 1,
+                    Ok(_) => report.redacted += 1,
+                    Err(problem) => {
+                        report.redacted += 1;
+                        report.damage.push(format!(
+                            "seq {seq} ({id}): redacted, but its justification {problem}"
+                        ))
+                    }
                 }
             }
             if scribe.body.kind == Kind::StreamCreate {
@@ -180,17 +187,16 @@ pub fn verify(data_dir: &Path) -> Result<VerifyReport, StoreError> {
     Ok(report)
 }
 
-/// A redacted scribe's justification is a valid `redact` scribe of its stream that targets it.
-fn check_justification(scribe: &Scribe, justification: &bytes::Bytes) -> Result<(), String> {
+/// A redacted scribe's justification is a valid `redact` or `prune` scribe of its stream that
+/// targets it; answers which kind.
+fn check_justification(scribe: &Scribe, justification: &bytes::Bytes) -> Result<Kind, String> {
     use prost::Message as _;
     let sealed = crate::pb::SealedScribe::decode(justification.clone())
         .map_err(|error| format!("does not decode: {error}"))?;
     let parts = crate::scribe::Parts::from_proto(sealed).map_err(|error| error.to_string())?;
     let redact = Scribe::decode(parts).map_err(|error| format!("does not verify: {error}"))?;
     let target = crate::log::rules::redact_target(&redact).map_err(|error| error.to_string())?;
-    if redact.body.kind != Kind::Redact
-        || redact.stream_id() != scribe.stream_id()
-        || target != scribe.id
+    if !redact.body.kind.erases() || redact.stream_id() != scribe.stream_id() || target != scribe.id
     {
         return Err(format!(
             "is a {} of stream {} targeting {target}",
@@ -198,7 +204,7 @@ fn check_justification(scribe: &Scribe, justification: &bytes::Bytes) -> Result<
             redact.stream_id()
         ));
     }
-    Ok(())
+    Ok(redact.body.kind)
 }
 
 /// Every payload stored apart is named by a stored scribe, and every reference to one names a

@@ -48,6 +48,7 @@ pub async fn create_stream(channel: &AuthChannel, name: &str, policy: Option<pb:
             policy,
             owner: Bytes::new(),
             access: None,
+            retention: None,
         })
         .await
         .unwrap()

@@ -111,6 +111,8 @@ pub const GRPC_METHODS: &[(&str, Rule)] = &[
     ("/quire.v1.Streams/Leave", Rule::Owner),
     ("/quire.v1.Streams/Excluded", Rule::Owner),
     ("/quire.v1.Streams/Redact", Rule::Owner),
+    ("/quire.v1.Streams/Retain", Rule::Owner),
+    ("/quire.v1.Streams/Prune", Rule::Owner),
     ("/quire.v1.Log/Append", Rule::Owner),
     ("/quire.v1.Log/AppendSigned", Rule::Public),
     // Node-signed `appends` need the owner; client-signed and sealed ones do not.

@@ -18,8 +18,21 @@ use quire_projection_api::AuthorKey;
 impl pb::admin_server::Admin for Api {
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        let mut payloads = Vec::new();
+        if request.into_inner().payloads {
+            for state in self.log.streams() {
+                if let Some(plan) = self
+                    .log
+                    .prune_plan(&state.id)
+                    .await
+                    .map_err(|error| super::status::store_status(&error))?
+                {
+                    payloads.push(convert::stream_payloads(&plan));
+                }
+            }
+        }
         let projections = self.projections.clone();
         let projections = blocking(move || projections.list(false)).await?;
         Ok(Response::new(pb::StatusReply {
@@ -53,6 +66,7 @@ impl pb::admin_server::Admin for Api {
             max_open_copies: self.projections.open_copies().1 as u64,
             work_searching: self.log.work_searches().0 as u64,
             work_waiting: self.log.work_searches().1 as u64,
+            payloads,
             store_memory: Some({
                 let (memtables, table_readers, block_cache, pinned) = self.log.store().memory();
                 pb::StoreMemory {

@@ -30,6 +30,31 @@ pub fn stream_info(state: &StreamState) -> pb::StreamInfo {
             .iter()
             .map(|head| Bytes::copy_from_slice(head.as_bytes()))
             .collect(),
+        retention: Some(state.retention.rule.to_proto()),
+    }
+}
+
+/// A stream's payloads and retention as the API shows them.
+pub fn stream_payloads(plan: &crate::log::retention::Plan) -> pb::StreamPayloads {
+    pb::StreamPayloads {
+        stream: Bytes::copy_from_slice(plan.stream.as_bytes()),
+        retention: Some(plan.in_force.rule.to_proto()),
+        retain_id: plan
+            .in_force
+            .from
+            .map(|(_, id)| Bytes::copy_from_slice(id.as_bytes()))
+            .unwrap_or_default(),
+        live_payloads: plan.live.payloads,
+        live_bytes: plan.live.bytes,
+        reclaimable_payloads: plan.reclaimable.payloads,
+        reclaimable_bytes: plan.reclaimable.bytes,
+        pruned_payloads: plan.pruned.payloads,
+        pruned_bytes: plan.pruned.bytes,
+        redacted_payloads: plan.redacted.payloads,
+        redacted_bytes: plan.redacted.bytes,
+        owner_here: plan.owner_here,
+        pruned_now: plan.pruned_now.payloads,
+        pruned_now_bytes: plan.pruned_now.bytes,
     }
 }
 

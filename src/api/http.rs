@@ -909,6 +909,7 @@ async fn create_app(
             policy,
             owner: Default::default(),
             access: None,
+            retention: None,
         })))
         .await?
         .into_inner();

@@ -25,7 +25,7 @@ use std::time::Duration;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
-use quire_projection_api::{Kind, StreamId};
+use quire_projection_api::StreamId;
 use quire_projection_sql::Window;
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -569,7 +569,7 @@ impl Hub {
                 let Ok(view) = crate::projection::to_view(entry) else {
                     continue;
                 };
-                if view.kind == Kind::Redact {
+                if view.kind.erases() {
                     touched.keys.push_back((entry.seq, None));
                     continue;
                 }

@@ -31,9 +31,9 @@ pub fn append_status(error: &AppendError) -> Status {
         AppendError::PermissionDenied { .. }
         | AppendError::MissingWork { .. }
         | AppendError::OwnerNotKnown { .. } => Code::PermissionDenied,
-        AppendError::BadMembership { .. } | AppendError::BadRedaction { .. } => {
-            Code::InvalidArgument
-        }
+        AppendError::BadMembership { .. }
+        | AppendError::BadRedaction { .. }
+        | AppendError::BadRetention(_) => Code::InvalidArgument,
         AppendError::RedactDenied { .. } => Code::PermissionDenied,
         AppendError::Redacted(_) | AppendError::AlreadyRedacted(_) => Code::FailedPrecondition,
         AppendError::Membership { error, .. } => match error {

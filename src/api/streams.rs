@@ -37,11 +37,16 @@ impl pb::streams_server::Streams for Api {
                     .map_err(|_| invalid("owner must be a 32-byte key".into()))?,
             )
         };
-        let payload = genesis::genesis_payload(
+        if let Some(retention) = &request.retention {
+            genesis::RetentionRule::from_proto(retention)
+                .map_err(|error| invalid(error.to_string()))?;
+        }
+        let payload = genesis::genesis_payload_retained(
             &request.name,
             owner,
             Some(policy),
             request.access,
+            request.retention,
             rand::random(),
         );
         let appended = self
@@ -159,6 +164,82 @@ impl pb::streams_server::Streams for Api {
         self.redact_as_node(stream, target, request.reason, false)
             .await
             .map(Response::new)
+    }
+
+    async fn retain(
+        &self,
+        request: Request<pb::RetainRequest>,
+    ) -> Result<Response<pb::RetainReply>, Status> {
+        let request = request.into_inner();
+        let stream = convert::id_field(&request.stream, "stream")?;
+        let state = self
+            .log
+            .stream(&stream)
+            .ok_or_else(|| super::served::not_held(&stream))?;
+        let retention = request.retention.unwrap_or_default();
+        genesis::RetentionRule::from_proto(&retention)
+            .map_err(|error| invalid(error.to_string()))?;
+        let node = self.log.node_key();
+        if state.owner != node {
+            return Err(Status::permission_denied(format!(
+                "this node ({node}) is not the owner of stream {stream} ({}): only the owner sets its retention rule (sign a retain scribe with the owner's key and append it with Log.AppendBatch)",
+                state.owner
+            )));
+        }
+        let appended = self
+            .log
+            .append_one(Draft::New(NewScribe {
+                stream: Some(stream),
+                kind: Kind::Retain,
+                content_type: crate::log::retention::RETAIN_CONTENT_TYPE.into(),
+                payload: pb::Retain {
+                    retention: Some(retention),
+                }
+                .encode_to_vec()
+                .into(),
+                parents: Vec::new(),
+            }))
+            .await
+            .map_err(|error| append_status(&error))?;
+        Ok(Response::new(pb::RetainReply {
+            id: Bytes::copy_from_slice(appended.id.as_bytes()),
+            seq: appended.seq,
+        }))
+    }
+
+    async fn prune(
+        &self,
+        request: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneReply>, Status> {
+        let request = request.into_inner();
+        let streams = if request.stream.is_empty() {
+            self.log.stream_ids()
+        } else {
+            let stream = convert::id_field(&request.stream, "stream")?;
+            if self.log.stream(&stream).is_none() {
+                return Err(super::served::not_held(&stream));
+            }
+            vec![stream]
+        };
+        let mut reply = pb::PruneReply::default();
+        for stream in streams {
+            let plan = if request.dry_run {
+                self.log
+                    .prune_plan(&stream)
+                    .await
+                    .map_err(|error| super::status::store_status(&error))?
+            } else {
+                self.log
+                    .prune(&stream, true)
+                    .await
+                    .map_err(|error| append_status(&error))?
+            };
+            // A stream left meanwhile is no longer held: nothing to say of it.
+            if let Some(plan) = plan {
+                reply.streams.push(convert::stream_payloads(&plan));
+            }
+        }
+        Ok(Response::new(reply))
     }
 
     async fn excluded(

@@ -88,17 +88,17 @@ fn print_peers(peers: &[pb::PeerStatus], rules: u32) {
 }
 
 /// The node's `Admin.Status`.
-async fn node_status(url: &Node) -> Result<pb::StatusReply> {
+async fn node_status(url: &Node, payloads: bool) -> Result<pb::StatusReply> {
     let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
     Ok(client
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest { payloads })
         .await
         .map_err(status_error)?
         .into_inner())
 }
 
 pub(crate) async fn status(url: &Node) -> Result<()> {
-    let status = node_status(url).await?;
+    let status = node_status(url, true).await?;
     println!("node        {}", status.node_id);
     println!("version     {}", status.version);
     println!("data dir    {}", status.data_dir);
@@ -152,6 +152,10 @@ pub(crate) async fn status(url: &Node) -> Result<()> {
             info.head_seq
         );
     }
+    println!("payloads    live and reclaimable by each stream's retention rule");
+    for payloads in &status.payloads {
+        println!("  {}", super::stream::payloads_line(payloads, false));
+    }
     println!("projections {}", status.projections.len());
     for projection in &status.projections {
         let scope = if projection.stream.is_empty() {
@@ -199,7 +203,7 @@ pub(crate) async fn peer_add(url: &Node, addr: String) -> Result<()> {
 }
 
 pub(crate) async fn peer_list(url: &Node) -> Result<()> {
-    let status = node_status(url).await?;
+    let status = node_status(url, false).await?;
     print_peers(&status.peers, status.rules);
     let mut client = pb::admin_client::AdminClient::new(channel(url).await?);
     let keys = client

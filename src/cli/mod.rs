@@ -97,6 +97,16 @@ pub enum Command {
     /// envelope stays; projections drop the scribe (each is rebuilt from the log); a peer that
     /// offers the payload again is refused. Returns once the bytes have left this node's disk.
     Redact(RedactArgs),
+    /// Replace a stream's retention rule (which payloads the owner's node prunes): appends a
+    /// `retain` scribe signed by this node, which must be the stream's owner. With no option:
+    /// keep everything.
+    Retain(RetainArgs),
+    /// Apply retention rules now: for each stream (or the one given), print payloads live,
+    /// reclaimable, pruned and redacted; where this node holds the stream owner's key, sign a
+    /// `prune` scribe for each payload its rule lets go and return once their bytes have left
+    /// the disk (every node holding the stream deletes them when the prune scribes reach it).
+    /// Nodes also prune in the background (`quire serve --prune-every`).
+    Prune(PruneArgs),
     /// Print a stream's scribes (or the whole log's, with `all`), then "caught up at seq N".
     Log(LogArgs),
     /// Show the node's id, data directory, streams, heads, listeners, projections (checkpoint,
@@ -202,6 +212,11 @@ pub struct ServeArgs {
         default_value = "any"
     )]
     pub accept_streams: crate::log::AcceptStreams,
+    /// How often to apply the retention rules of the streams this node owns (sign `prune`
+    /// scribes for what each rule lets go): a duration such as 30s, 10m, 1h; 0 turns background
+    /// pruning off (`quire prune` still prunes on demand).
+    #[arg(long, env = "QUIRE_PRUNE_EVERY", value_name = "DURATION", default_value = "60s", value_parser = parse_millis)]
+    pub prune_every: u64,
     /// Time limit of one SQL query (gRPC Sql.Query, HTTP /<tid>/query), in milliseconds.
     #[arg(long, env = "QUIRE_SQL_TIME_LIMIT_MS", default_value_t = 2000)]
     pub sql_time_limit_ms: u64,
@@ -401,6 +416,85 @@ pub struct CreateArgs {
     /// Repeatable.
     #[arg(long = "admin", value_name = "KEY")]
     pub admins: Vec<AuthorKey>,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// A retention rule (docs/protocol.md, "Retention"). With none of these: keep everything.
+#[derive(Debug, Args, Clone, Copy, Default)]
+pub struct RetentionArgs {
+    /// Keep only the newest N versions of each file path (`_schema` included); the owner's node
+    /// prunes older versions' payloads. 0: keep all.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_versions: u32,
+    /// Keep records (`record.*`) at most this long, judged by scribes' clocks: 30d, 12h, 90m,
+    /// 45s, 500ms. Older records' payloads are pruned and they leave their tables. 0: forever.
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_millis)]
+    pub max_age: u64,
+    /// Keep a superseded file version at least this long after it was superseded, so a peer
+    /// that far behind still receives every version (like Kafka's min.compaction.lag.ms).
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_millis)]
+    pub min_lag: u64,
+}
+
+impl RetentionArgs {
+    /// The wire form.
+    pub fn to_proto(self) -> crate::pb::Retention {
+        crate::pb::Retention {
+            keep_versions: self.keep_versions,
+            max_age_ms: self.max_age,
+            min_lag_ms: self.min_lag,
+        }
+    }
+}
+
+/// A duration in milliseconds: a number with a unit (ms, s, m, h, d), or 0.
+pub fn parse_millis(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| {
+        format!(
+            "{text:?} is not a duration: write a number and a unit, e.g. 30d, 12h, 10m, 45s, 500ms"
+        )
+    })?;
+    let scale = match unit {
+        "" if number == 0 => 0,
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60 * 1000,
+        "h" => 3600 * 1000,
+        "d" => 24 * 3600 * 1000,
+        _ => {
+            return Err(format!(
+                "{text:?}: the unit is one of ms, s, m, h, d (e.g. 30d, 12h, 10m, 45s, 500ms)"
+            ))
+        }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too long a duration"))
+}
+
+/// `quire retain`.
+#[derive(Debug, Args)]
+pub struct RetainArgs {
+    /// Stream id (64 hex characters).
+    pub stream: ScribeId,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// `quire prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Stream id (64 hex characters); default: every stream held.
+    pub stream: Option<ScribeId>,
+    /// Only print how many payloads and bytes each stream's rule would reclaim.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `quire append`.
@@ -529,6 +623,8 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
         Command::Append(args) => stream::append(&node_url, args).await?,
         Command::Get(args) => stream::get(&node_url, args).await?,
         Command::Redact(args) => stream::redact(&node_url, args).await?,
+        Command::Retain(args) => stream::retain(&node_url, args).await?,
+        Command::Prune(args) => stream::prune(&node_url, args).await?,
         Command::Log(args) => stream::log(&node_url, args).await?,
         Command::Status => admin::status(&node_url).await?,
         Command::Join(args) => admin::join(&node_url, args).await?,

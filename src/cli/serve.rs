@@ -50,6 +50,8 @@ pub(crate) async fn serve(args: ServeArgs, data_dir: &Path, registry: Registry) 
         rules: None,
         without_access_checks: None,
         accept_streams: args.accept_streams,
+        prune_every: (args.prune_every > 0)
+            .then(|| std::time::Duration::from_millis(args.prune_every)),
         peer_options: crate::replication::PeerOptions {
             admission: args.peer_admission,
             ..crate::replication::PeerOptions::new()
@@ -167,7 +169,7 @@ pub(crate) fn verify(data_dir: &Path) -> Result<std::process::ExitCode> {
         println!("DAMAGE {line}");
     }
     println!(
-        "checked {} scribes in {} streams up to seq {}{}{}: {}",
+        "checked {} scribes in {} streams up to seq {}{}{}{}: {}",
         report.scribes,
         report.streams,
         report.head,
@@ -178,6 +180,10 @@ pub(crate) fn verify(data_dir: &Path) -> Result<std::process::ExitCode> {
         match report.redacted {
             0 => String::new(),
             n => format!(" ({n} payloads redacted)"),
+        },
+        match report.pruned {
+            0 => String::new(),
+            n => format!(" ({n} payloads pruned)"),
         },
         match report.damage.len() {
             0 => "no damage".to_string(),

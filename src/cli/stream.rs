@@ -9,7 +9,9 @@ use quire_projection_api::{AuthorKey, Kind, ScribeId};
 
 use super::client::Node;
 use super::client::{log_client, status_error, streams_client};
-use super::{AclCommand, AppendArgs, GetArgs, LogArgs, RedactArgs, StreamCommand};
+use super::{
+    AclCommand, AppendArgs, GetArgs, LogArgs, PruneArgs, RedactArgs, RetainArgs, StreamCommand,
+};
 use crate::membership::Role;
 use crate::pb;
 
@@ -87,6 +89,7 @@ pub(crate) async fn stream(url: &Node, command: StreamCommand) -> Result<()> {
                         .map(|key| Bytes::copy_from_slice(key.as_bytes()))
                         .unwrap_or_default(),
                     access,
+                    retention: Some(args.retention.to_proto()),
                 })
                 .await
                 .map_err(status_error)?
@@ -187,6 +190,10 @@ fn print_stream(info: &pb::StreamInfo) {
     println!(
         "scribes     {} ({} bytes), genesis at seq {}, newest at seq {}",
         info.scribes, info.bytes, info.genesis_seq, info.head_seq
+    );
+    println!(
+        "retention   {}",
+        crate::genesis::describe_retention(&info.retention.unwrap_or_default())
     );
     if let Some(policy) = &info.policy {
         println!(
@@ -446,11 +453,21 @@ pub(crate) async fn get(url: &Node, args: GetArgs) -> Result<()> {
         println!("parent        {parent}");
     }
     if let Some(redaction) = &scribe.redacted_by {
-        let by = <crate::pb::SealedScribe as prost::Message>::decode(redaction.clone())
+        let sealed = <crate::pb::SealedScribe as prost::Message>::decode(redaction.clone()).ok();
+        let by = sealed
+            .as_ref()
             .map(|sealed| crate::scribe::hash(&sealed.envelope).to_string())
-            .unwrap_or_else(|_| "an undecodable scribe".into());
+            .unwrap_or_else(|| "an undecodable scribe".into());
+        let pruned = sealed
+            .and_then(|sealed| crate::scribe::decode_stored_envelope(&sealed.envelope).ok())
+            .is_some_and(|(body, ..)| body.kind == Kind::Prune);
         println!(
-            "payload       redacted by {by} ({} bytes deleted)",
+            "payload       {} by {by} ({} bytes deleted)",
+            if pruned {
+                "pruned (the stream's retention rule)"
+            } else {
+                "redacted"
+            },
             scribe.payload_len
         );
         return Ok(());
@@ -483,6 +500,105 @@ pub(crate) async fn redact(url: &Node, args: RedactArgs) -> Result<()> {
         reply.seq
     );
     Ok(())
+}
+
+pub(crate) async fn retain(url: &Node, args: RetainArgs) -> Result<()> {
+    let mut client = streams_client(url).await?;
+    let retention = args.retention.to_proto();
+    let reply = client
+        .retain(pb::RetainRequest {
+            stream: Bytes::copy_from_slice(args.stream.as_bytes()),
+            retention: Some(retention),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "stream {} retains: {} (retain scribe {} at seq {}); the owner's node prunes by it from now on",
+        args.stream,
+        crate::genesis::describe_retention(&retention),
+        hex::encode(&reply.id),
+        reply.seq
+    );
+    Ok(())
+}
+
+pub(crate) async fn prune(url: &Node, args: PruneArgs) -> Result<()> {
+    let mut client = streams_client(url).await?;
+    let reply = client
+        .prune(pb::PruneRequest {
+            stream: args
+                .stream
+                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
+                .unwrap_or_default(),
+            dry_run: args.dry_run,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    for stream in &reply.streams {
+        println!("{}", payloads_line(stream, args.dry_run));
+    }
+    Ok(())
+}
+
+/// One stream's payloads and retention, for `quire prune` and `quire status`.
+pub(crate) fn payloads_line(stream: &pb::StreamPayloads, dry_run: bool) -> String {
+    let rule = stream.retention.unwrap_or_default();
+    let mut line = format!(
+        "{}  {}: live {} payloads ({}), reclaimable {} ({})",
+        hex::encode(&stream.stream),
+        crate::genesis::describe_retention(&rule),
+        stream.live_payloads,
+        human_bytes(stream.live_bytes),
+        stream.reclaimable_payloads,
+        human_bytes(stream.reclaimable_bytes),
+    );
+    if stream.pruned_payloads > 0 {
+        line += &format!(
+            ", pruned {} ({})",
+            stream.pruned_payloads,
+            human_bytes(stream.pruned_bytes)
+        );
+    }
+    if stream.redacted_payloads > 0 {
+        line += &format!(
+            ", redacted {} ({})",
+            stream.redacted_payloads,
+            human_bytes(stream.redacted_bytes)
+        );
+    }
+    if stream.pruned_now > 0 {
+        line += &format!(
+            "; pruned now {} ({}), gone from this node's disk",
+            stream.pruned_now,
+            human_bytes(stream.pruned_now_bytes)
+        );
+    } else if dry_run && stream.reclaimable_payloads > 0 {
+        line += if stream.owner_here {
+            "; `quire prune` reclaims them now"
+        } else {
+            "; the owner's key is not on this node: they go when the owner's node prunes them"
+        };
+    } else if !stream.owner_here && stream.reclaimable_payloads > 0 {
+        line += "; the owner's key is not on this node: they go when the owner's node prunes them";
+    }
+    line
+}
+
+/// Bytes for people: 512 B, 1.5 KiB, 3.2 MiB, 1.1 GiB.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 pub(crate) async fn log(url: &Node, args: LogArgs) -> Result<()> {

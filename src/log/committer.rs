@@ -122,7 +122,7 @@ impl Overlay {
         if scribe.body.kind.is_membership() {
             self.membership_changes += 1;
         }
-        if scribe.body.kind == Kind::Redact {
+        if scribe.body.kind.erases() {
             // Admitted, so its target decodes (`rules::check_redact`).
             if let Ok(target) = rules::redact_target(&scribe) {
                 self.redactions.push(Redaction {
@@ -143,7 +143,7 @@ impl Overlay {
                 Origin::Peer(peer) => Some(peer),
                 Origin::Local => None,
             },
-            membership: scribe.body.kind.is_membership(),
+            membership: scribe.body.kind.is_membership() || scribe.body.kind == Kind::Retain,
         });
         Appended {
             id: scribe.id,

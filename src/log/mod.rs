@@ -39,6 +39,7 @@ pub mod epoch;
 pub mod held;
 mod leave;
 pub mod redact;
+pub mod retention;
 pub mod rules;
 mod signer;
 pub mod store;
@@ -164,6 +165,9 @@ pub enum AppendError {
         /// Who may: the target's author and the stream's owner, by key.
         who: String,
     },
+    /// A `retain` scribe whose rule does not decode or is out of bounds.
+    #[error("retain payload: {0}")]
+    BadRetention(String),
     /// A client's `redact` of a scribe redacted already (it would change nothing).
     #[error("scribe {0} is redacted already")]
     AlreadyRedacted(ScribeId),
@@ -454,6 +458,8 @@ pub struct StreamState {
     /// Its membership: genesis members and stored membership scribes (shared; replaced, not
     /// changed, when a membership scribe is admitted).
     pub membership: Arc<Membership>,
+    /// Its retention rule in force: the newest `retain` scribe's, else the genesis's.
+    pub retention: Arc<retention::InForce>,
 }
 
 impl StreamState {
@@ -688,7 +694,7 @@ impl Log {
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
             let genesis = genesis_from_payload(&scribe.body.payload, scribe.body.author)
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
-            let membership = load_membership(&store, &stream, &genesis)?;
+            let (membership, retention) = load_membership(&store, &stream, &genesis)?;
             streams.insert(
                 stream,
                 StreamState {
@@ -698,6 +704,7 @@ impl Log {
                     policy: genesis.policy,
                     record,
                     membership: Arc::new(membership),
+                    retention: Arc::new(retention),
                 },
             );
         }
@@ -1106,13 +1113,15 @@ impl Log {
     }
 }
 
-/// `stream`'s membership as stored: its genesis members and its indexed membership scribes.
+/// `stream`'s membership as stored (its genesis members and its indexed membership scribes), and
+/// its retention rule in force (the genesis's, or its newest indexed `retain` scribe's).
 fn load_membership(
     store: &Store,
     stream: &StreamId,
     genesis: &crate::genesis::Genesis,
-) -> Result<Membership, StoreError> {
+) -> Result<(Membership, retention::InForce), StoreError> {
     let mut membership = Membership::new(genesis.owner, genesis.members.clone());
+    let mut in_force = retention::InForce::genesis(genesis.retention);
     for id in store.membership_ids(stream)? {
         let damaged =
             |error: String| StoreError::Damaged(format!("membership scribe {id}: {error}"));
@@ -1121,13 +1130,19 @@ fn load_membership(
             .ok_or_else(|| damaged("indexed, not stored".into()))?;
         let scribe = Scribe::decode_unverified(entry.parts, None)
             .map_err(|error| damaged(error.to_string()))?;
+        if scribe.body.kind == Kind::Retain {
+            let rule =
+                retention::retain_rule(&scribe).map_err(|error| damaged(error.to_string()))?;
+            in_force.replace_if_newer(&scribe, rule);
+            continue;
+        }
         let op = rules::membership_op(&scribe, &membership)
             .map_err(|error| damaged(error.to_string()))?;
         membership
             .add(op)
             .map_err(|error| damaged(error.to_string()))?;
     }
-    Ok(membership)
+    Ok((membership, in_force))
 }
 
 /// What projections leave out: a scribe its stream's membership excludes (its author was revoked
@@ -1160,7 +1175,10 @@ impl Exclusions {
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
             let genesis = genesis_from_payload(&scribe.body.payload, scribe.body.author)
                 .map_err(|error| StoreError::Damaged(format!("genesis of {stream}: {error}")))?;
-            memberships.insert(stream, Arc::new(load_membership(store, &stream, &genesis)?));
+            memberships.insert(
+                stream,
+                Arc::new(load_membership(store, &stream, &genesis)?.0),
+            );
         }
         Ok(Exclusions::Loaded(Arc::new(memberships)))
     }

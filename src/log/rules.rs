@@ -63,6 +63,7 @@ pub(crate) fn is_rule_refusal(error: &AppendError) -> bool {
             | AppendError::QuotaExceeded { .. }
             | AppendError::BadMembership { .. }
             | AppendError::BadRedaction { .. }
+            | AppendError::BadRetention(_)
             | AppendError::RedactDenied { .. }
     )
 }
@@ -258,7 +259,11 @@ pub(super) fn admit(
     // A redaction of a scribe not yet redacted is never refused for quota; another one is an
     // ordinary scribe there (and refused outright from a client: it changes nothing).
     let mut quota_exempt = false;
-    if scribe.body.kind == Kind::Redact {
+    if scribe.body.kind == Kind::Retain {
+        let rule = super::retention::retain_rule(scribe)?;
+        Arc::make_mut(&mut state.retention).replace_if_newer(scribe, rule);
+    }
+    if scribe.body.kind.erases() {
         let target = check_redact(seen, &state, scribe)?;
         let redundant = already_redacted(seen, &target)?;
         if redundant && rules.from_client {
@@ -388,7 +393,15 @@ fn find_duplicate(seen: &Seen<'_>, scribe: &Scribe) -> Result<Option<Appended>, 
 /// owner, policy and roles must stay readable on every node) and a `redact` scribe (the
 /// justification a redacted scribe carries).
 pub fn redactable(kind: &Kind) -> bool {
-    !kind.is_membership() && !matches!(kind, Kind::StreamCreate | Kind::Redact)
+    !kind.is_membership() && !kind.judged_by_log()
+}
+
+/// Kinds a `prune` scribe may target: those a retention rule covers.
+pub fn prunable(kind: &Kind) -> bool {
+    matches!(
+        kind,
+        Kind::FilePut | Kind::FileDelete | Kind::RecordAdd | Kind::RecordUpvote
+    )
 }
 
 /// The most bytes of a `redact` scribe's reason.
@@ -427,7 +440,8 @@ pub fn redact_target(scribe: &Scribe) -> Result<ScribeId, AppendError> {
     Ok(target)
 }
 
-/// Who may redact: the target's author or the stream's owner, and only a redactable kind.
+/// Who may redact: the target's author or the stream's owner, and only a redactable kind. Who may
+/// prune: the stream's owner, and only a kind a retention rule covers.
 fn check_redactor(
     state: &StreamState,
     redact: &Scribe,
@@ -440,6 +454,26 @@ fn check_redactor(
             target: target.to_string(),
             reason: format!("a {target_kind} scribe cannot be redacted"),
         });
+    }
+    if redact.body.kind == Kind::Prune {
+        if !prunable(target_kind) {
+            return Err(AppendError::BadRedaction {
+                target: target.to_string(),
+                reason: format!(
+                    "a prune targets a file.* or record.* scribe (what a retention rule covers), not a {target_kind}"
+                ),
+            });
+        }
+        if redact.body.author != state.owner {
+            return Err(AppendError::RedactDenied {
+                author: redact.body.author,
+                target,
+                who: format!(
+                    "a prune: only the owner {} of stream {}",
+                    state.owner, state.id
+                ),
+            });
+        }
     }
     if redact.body.author != target_author && redact.body.author != state.owner {
         return Err(AppendError::RedactDenied {
@@ -526,9 +560,9 @@ fn check_justification(
     }
     let parts = Parts::from_proto(sealed).map_err(|error| bad(error.to_string()))?;
     let redact = Scribe::decode(parts).map_err(|error| bad(format!("is not valid: {error}")))?;
-    if redact.body.kind != Kind::Redact || redact.stream_id() != state.id {
+    if !redact.body.kind.erases() || redact.stream_id() != state.id {
         return Err(bad(format!(
-            "is a {} scribe of stream {}, not a redact of stream {}",
+            "is a {} scribe of stream {}, not a redact or prune of stream {}",
             redact.body.kind,
             redact.stream_id(),
             state.id
@@ -553,9 +587,21 @@ fn check_justification(
 /// answer on every node, which is what makes membership converge (`tests/it/simulation.rs`).
 pub fn judge_access(state: &StreamState, scribe: &Scribe) -> Result<Arc<Membership>, AppendError> {
     // A redaction is judged by its target's author and the stream's owner (`check_redact`), not
-    // by the policy: erasure does not depend on a role.
-    if scribe.body.kind == Kind::Redact {
-        return Ok(state.membership.clone());
+    // by the policy: erasure does not depend on a role. The retention rule is the owner's alone.
+    match scribe.body.kind {
+        Kind::Redact => return Ok(state.membership.clone()),
+        Kind::Retain | Kind::Prune if scribe.body.author == state.owner => {
+            return Ok(state.membership.clone())
+        }
+        Kind::Retain | Kind::Prune => {
+            return Err(AppendError::PermissionDenied {
+                author: scribe.body.author,
+                kind: scribe.body.kind.clone(),
+                stream: state.id,
+                allowed: format!("the stream's owner ({}) only", state.owner),
+            })
+        }
+        _ => {}
     }
     check_author(state, scribe)?;
     if !scribe.body.kind.is_membership() {
@@ -580,6 +626,7 @@ pub fn genesis_state(scribe: &Scribe, seq: u64) -> Result<StreamState, AppendErr
         owner: genesis.owner,
         policy: genesis.policy,
         membership: Arc::new(Membership::new(genesis.owner, genesis.members)),
+        retention: Arc::new(super::retention::InForce::genesis(genesis.retention)),
         record: StreamRecord {
             genesis_seq: seq,
             head_seq: seq,

@@ -777,7 +777,9 @@ fn views_and_revokes(
         let (view, membership) = to_view_with_membership(entry)?;
         if matches!(
             view.kind,
-            quire_projection_api::Kind::AclRevoke | quire_projection_api::Kind::Redact
+            quire_projection_api::Kind::AclRevoke
+                | quire_projection_api::Kind::Redact
+                | quire_projection_api::Kind::Prune
         ) {
             revoke = entry.seq;
         }

@@ -86,7 +86,7 @@ async fn snapshot_now(url: &str) -> Snapshot {
     let mut owner = clients(url).await;
     let status = owner
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -828,7 +828,7 @@ async fn the_owner_can_undo_a_peer_and_a_pending_join() {
     let status = clients(&node.url())
         .await
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();

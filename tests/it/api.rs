@@ -70,7 +70,7 @@ async fn create_append_get_read_and_status() {
 
     let status = clients
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -559,6 +559,7 @@ async fn policies_and_work_tokens() {
             }),
             owner: Bytes::new(),
             access: None,
+            retention: None,
         })
         .await
         .unwrap_err();
@@ -610,6 +611,7 @@ async fn extension_kinds_are_owner_only_by_default() {
         }),
         owner: Bytes::new(),
         access: None,
+        retention: None,
     };
     let closed = clients
         .streams

@@ -32,7 +32,7 @@ async fn fingerprint(url: &str) -> Fingerprint {
     let status = clients(url)
         .await
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();

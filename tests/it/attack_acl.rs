@@ -64,6 +64,7 @@ pub(crate) async fn private_stream_with(
                     })
                     .collect(),
             }),
+            retention: None,
         })
         .await
         .expect("create a private stream")
@@ -1078,7 +1079,7 @@ async fn every_client_read_path_answers_a_stranger_as_for_an_unknown_stream() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     let status = pb::admin_client::AdminClient::new(stranger.clone())
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");

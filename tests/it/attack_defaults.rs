@@ -239,6 +239,7 @@ async fn create_raw(
             }),
             owner: Bytes::new(),
             access: None,
+            retention: None,
         })
         .await
         .map(|reply| reply.into_inner())

@@ -1336,6 +1336,7 @@ async fn no_route_takes_a_record_with_too_little_work() {
             }),
             owner: Bytes::new(),
             access: None,
+            retention: None,
         })
         .await
         .unwrap_err();
@@ -1682,7 +1683,7 @@ async fn a_missing_payload_or_seal_is_reported_and_stops_only_its_stream() {
         let b_id = b_id.clone();
         async move {
             admin
-                .status(pb::StatusRequest {})
+                .status(pb::StatusRequest::default())
                 .await
                 .unwrap()
                 .into_inner()
@@ -1693,7 +1694,7 @@ async fn a_missing_payload_or_seal_is_reported_and_stops_only_its_stream() {
     })
     .await;
     let status = admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -442,6 +442,7 @@ async fn owner_works(url: &str, name: &str, within: Duration) -> Result<(), Stri
                 policy: None,
                 owner: Bytes::new(),
                 access: None,
+                retention: None,
             })
             .await
             .map_err(|status| format!("create: {status:?}"))?

@@ -679,7 +679,7 @@ async fn node_state(node: &RunningNode) -> NodeState {
     let mut clients = clients(&node.url()).await;
     let status = clients
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -140,6 +140,7 @@ pub async fn create_stream(
             policy: Some(policy),
             owner: Bytes::new(),
             access: None,
+            retention: None,
         })
         .await
         .expect("create stream")
@@ -314,7 +315,7 @@ pub async fn node_status(node: &RunningNode) -> pb::StatusReply {
     clients(&node.url())
         .await
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -323,7 +324,7 @@ pub async fn node_status(node: &RunningNode) -> pb::StatusReply {
 pub async fn head(clients: &mut Clients) -> u64 {
     clients
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -210,6 +210,7 @@ async fn bad_paths_and_limits_are_refused_and_store_nothing() {
             policy: None,
             owner: Bytes::copy_from_slice(&owner.verifying_key().to_bytes()),
             access: None,
+            retention: None,
         })
         .await
         .unwrap()

@@ -700,7 +700,7 @@ async fn node_status_of(url: &str) -> pb::StatusReply {
     clients(url)
         .await
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -35,6 +35,7 @@ mod python;
 mod quota;
 mod redact;
 mod replication;
+mod retention;
 mod scribe;
 mod simulation;
 mod sql;

@@ -152,7 +152,7 @@ pub(crate) async fn wait_for_peer(
     let deadline = tokio::time::Instant::now() + crate::replication::CONVERGE;
     loop {
         let status = admin
-            .status(pb::StatusRequest {})
+            .status(pb::StatusRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -442,6 +442,7 @@ async fn under_accept_streams_known_only_streams_of_known_owners_are_held() {
         policy: None,
         owner: Bytes::copy_from_slice(user_key.as_bytes()),
         access: None,
+        retention: None,
     };
     let refused = clients_b
         .streams

@@ -399,6 +399,7 @@ async fn writes_concurrent_with_their_authors_revoke_are_excluded_on_every_node(
                 ..Default::default()
             }),
             owner: Bytes::new(),
+            retention: None,
             access: Some(pb::Access {
                 private: true,
                 members: vec![

@@ -249,7 +249,7 @@ async fn wait_caught_up(url: &str, name: &str) {
         let mut clients_admin = clients.admin.clone();
         async move {
             let head = clients_admin
-                .status(pb::StatusRequest {})
+                .status(pb::StatusRequest::default())
                 .await
                 .unwrap()
                 .into_inner()
@@ -331,7 +331,7 @@ async fn a_projector_catches_up_then_follows_and_equals_a_clean_replay() {
     // Admin.Status shows the same projections.
     let node_status = clients
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -412,14 +412,25 @@ pub(crate) fn redact_scribe(
     target: &ScribeId,
     hlc: u64,
 ) -> Scribe {
+    redact_scribe_of_kind(key, stream, target, hlc, "redact")
+}
+
+/// A `redact` or `prune` scribe (`kind`) of `target`, signed by `key`.
+pub(crate) fn redact_scribe_of_kind(
+    key: &ed25519_dalek::SigningKey,
+    stream: &StreamId,
+    target: &ScribeId,
+    hlc: u64,
+    kind: &str,
+) -> Scribe {
     use prost::Message as _;
     Scribe::sign(
         Body {
             stream: Some(*stream),
             author: key_of(key),
             hlc,
-            kind: quire::projection_api::Kind::Redact,
-            content_type: "application/vnd.quire.redact+protobuf".into(),
+            kind: kind.parse().unwrap(),
+            content_type: format!("application/vnd.quire.{kind}+protobuf"),
             payload: pb::Redact {
                 target: bytes_of(target),
                 reason: String::new(),

@@ -256,7 +256,7 @@ async fn counters(
     let mut clients = clients(&node.url()).await;
     let status = clients
         .admin
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();

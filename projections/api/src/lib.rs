@@ -165,13 +165,19 @@ pub enum Kind {
     /// stream's owner only). Projectors never see a redacted scribe: a copy that applied it is
     /// rebuilt without it.
     Redact,
+    /// `retain`: the stream's retention rule from now on (its owner only).
+    Retain,
+    /// `prune`: deletes the payload of a `file.*` or `record.*` scribe the stream's retention rule
+    /// lets go, on every node (the stream's owner only; its node applies the rule). Projectors
+    /// never see a pruned scribe, as for `redact`.
+    Prune,
     /// `x.<name>`: an application's own kind, stored and replicated but not projected by built-ins.
     Custom(String),
 }
 
 impl Kind {
     /// Names of the built-in kinds, in documentation order.
-    pub const BUILT_IN: [&'static str; 10] = [
+    pub const BUILT_IN: [&'static str; 12] = [
         "stream.create",
         "file.put",
         "file.delete",
@@ -182,11 +188,28 @@ impl Kind {
         "acl.grant",
         "acl.revoke",
         "redact",
+        "retain",
+        "prune",
     ];
 
     /// Whether it is a membership kind (`acl.*`).
     pub fn is_membership(&self) -> bool {
         matches!(self, Kind::AclGrant | Kind::AclRevoke)
+    }
+
+    /// Whether it deletes another scribe's payload (`redact`, `prune`).
+    pub fn erases(&self) -> bool {
+        matches!(self, Kind::Redact | Kind::Prune)
+    }
+
+    /// Whether the log, not a policy rule, says who may write it: `stream.create` (a stream has
+    /// one genesis), `redact` (the target's author or the owner), `retain` and `prune` (the
+    /// owner).
+    pub fn judged_by_log(&self) -> bool {
+        matches!(
+            self,
+            Kind::StreamCreate | Kind::Redact | Kind::Retain | Kind::Prune
+        )
     }
 
     /// The kind's name as it appears in a scribe.
@@ -202,6 +225,8 @@ impl Kind {
             Kind::AclGrant => "acl.grant",
             Kind::AclRevoke => "acl.revoke",
             Kind::Redact => "redact",
+            Kind::Retain => "retain",
+            Kind::Prune => "prune",
             Kind::Custom(name) => name,
         }
     }
@@ -221,6 +246,8 @@ impl FromStr for Kind {
             "acl.grant" => Kind::AclGrant,
             "acl.revoke" => Kind::AclRevoke,
             "redact" => Kind::Redact,
+            "retain" => Kind::Retain,
+            "prune" => Kind::Prune,
             custom if is_custom_kind(custom) => Kind::Custom(custom.to_string()),
             other => return Err(ParseError::UnknownKind(other.to_string())),
         })
@@ -359,15 +386,12 @@ impl Policy {
     /// `record.*` and `kv.*` anyone (in a public stream) or its writers (in a private one); `x.*`
     /// the owner (in a public stream; anyone under `defaults_version` 0) or its writers (in a
     /// private one); `stream.create` nobody (a stream has one genesis); `acl.*` its writers (the
-    /// log lets only admins grant and revoke); `redact` nobody by policy (the log lets the
-    /// target's author or the owner redact).
+    /// log lets only admins grant and revoke); `redact`, `retain` and `prune` nobody by policy
+    /// (the log lets the target's author or the owner redact, and the owner retain and prune).
     pub fn default_authors(&self, kind: &Kind) -> Authors {
         match kind {
             Kind::FilePut | Kind::FileDelete => Authors::owner_only(),
-            _ if self.private
-                && !kind.is_membership()
-                && !matches!(kind, Kind::StreamCreate | Kind::Redact) =>
-            {
+            _ if self.private && !kind.is_membership() && !kind.judged_by_log() => {
                 Authors::writers()
             }
             Kind::RecordAdd | Kind::RecordUpvote | Kind::KvSet | Kind::KvDelete => {
@@ -381,7 +405,7 @@ impl Policy {
                 }
             }
             Kind::AclGrant | Kind::AclRevoke => Authors::writers(),
-            Kind::StreamCreate | Kind::Redact => Authors::default(),
+            Kind::StreamCreate | Kind::Redact | Kind::Retain | Kind::Prune => Authors::default(),
         }
     }
 

@@ -504,16 +504,16 @@ impl Projector for SqlProjector {
     /// A multiset hash: each table's rows are hashed one by one and the row hashes added modulo
     /// 2^256, so rows are read in storage order (no sort, no index walk) and the result still does
     /// not depend on the order they were inserted in; then the sums, counts and applied schema
-    /// are hashed together.
+    /// are hashed together. Superseded `_schema` versions are not hashed (only the applied one
+    /// is): they change nothing a reader sees, and a stream's retention rule may prune them.
     fn digest(&self) -> Result<[u8; 32], ProjectionError> {
         let mut hasher = Sha256::new();
-        hasher.update(b"quire sql digest v2\n");
+        hasher.update(b"quire sql digest v3\n");
         let applied = self.applied.as_ref().map(|(id, _)| *id).unwrap_or_default();
         hasher.update(applied.0);
         let mut tables = vec![
             "SELECT id, hlc FROM _quire_records".to_string(),
             "SELECT record, author, id FROM _quire_upvotes".to_string(),
-            "SELECT id FROM _quire_schemas".to_string(),
         ];
         if let Some(schema) = self.schema() {
             tables.extend(

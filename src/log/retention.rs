@@ -1,0 +1,316 @@
+//! Retention (docs/protocol.md, "Retention"): a stream's rule for which payloads go, and the
+//! pruner that applies it.
+//!
+//! The rule is data in the stream: the genesis's `retention`, replaced by the newest (by clock,
+//! then id) `retain` scribe of the stream's owner. Only a node holding the owner's key applies it:
+//! it signs one `prune` scribe per payload the rule lets go, and every node then treats a pruned
+//! scribe exactly like a redacted one (`log::redact`: the payload leaves the disk, the envelope
+//! stays, projections are rebuilt without it, the payload is refused if offered again). So every
+//! node prunes the same payloads at the same points of the log — the prune scribes — whatever its
+//! own clock or the order scribes reached it, and a node that joins later receives the envelopes
+//! with their prune scribes as justification.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use quire_projection_api::files::FileChange;
+use quire_projection_api::{AuthorKey, Kind, ScribeId, StreamId};
+
+use super::store::{Store, StoreError};
+use super::{AppendError, Draft, Log, NewScribe, Origin, StreamState};
+use crate::pb;
+use crate::scribe::{decode_stored_envelope, Scribe};
+
+/// Content type of a `retain` payload.
+pub const RETAIN_CONTENT_TYPE: &str = "application/vnd.quire.retain+protobuf";
+
+/// Content type of a `prune` payload (a `quire.v1.Redact`).
+pub const PRUNE_CONTENT_TYPE: &str = "application/vnd.quire.prune+protobuf";
+
+pub use crate::genesis::RetentionRule as Rule;
+
+/// A stream's retention rule in force, and where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InForce {
+    /// The rule.
+    pub rule: Rule,
+    /// The `retain` scribe it comes from (its clock and id); `None`: the genesis.
+    pub from: Option<(u64, ScribeId)>,
+}
+
+impl InForce {
+    /// The genesis's rule.
+    pub fn genesis(rule: Rule) -> InForce {
+        InForce { rule, from: None }
+    }
+
+    /// Takes `retain`'s rule if it is newer (by clock, then id) than the one in force.
+    pub fn replace_if_newer(&mut self, retain: &Scribe, rule: Rule) {
+        let key = (retain.body.hlc, retain.id);
+        if self.from.is_none_or(|from| key > from) {
+            self.rule = rule;
+            self.from = Some(key);
+        }
+    }
+}
+
+/// The rule a `retain` scribe sets, checked.
+pub fn retain_rule(scribe: &Scribe) -> Result<Rule, AppendError> {
+    let retain = pb::Retain::decode(&scribe.body.payload[..])
+        .map_err(|error| AppendError::BadRetention(format!("not a quire.v1.Retain: {error}")))?;
+    Rule::from_proto(&retain.retention.unwrap_or_default())
+        .map_err(|error| AppendError::BadRetention(error.to_string()))
+}
+
+/// Most `prune` scribes one append job signs (one commit, one seal).
+const PRUNES_PER_JOB: usize = 1024;
+
+/// Payload counts and bytes (bytes as the envelopes state them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Count {
+    /// Payloads.
+    pub payloads: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl Count {
+    fn add(&mut self, bytes: u64) {
+        self.payloads += 1;
+        self.bytes += bytes;
+    }
+}
+
+/// What a stream's payloads are on this node, and what its rule lets go now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// The stream.
+    pub stream: StreamId,
+    /// The rule in force.
+    pub in_force: InForce,
+    /// Payloads held (not pruned, not redacted).
+    pub live: Count,
+    /// Of those, what the rule lets go now.
+    pub reclaimable: Count,
+    /// Payloads pruned and redacted.
+    pub pruned: Count,
+    /// Payloads redacted.
+    pub redacted: Count,
+    /// Whether this node holds the owner's key.
+    pub owner_here: bool,
+    /// The scribes to prune, with why and their payload bytes.
+    pub targets: Vec<(ScribeId, &'static str, u64)>,
+    /// Prune scribes signed by [`Log::prune`] (none for a plan).
+    pub pruned_now: Count,
+}
+
+/// A version of a path, or a record: its clock, id and payload bytes.
+type Dated = (u64, ScribeId, u64);
+
+/// Milliseconds of a hybrid-logical-clock value.
+fn millis(hlc: u64) -> u64 {
+    hlc >> 16
+}
+
+/// Reads a stream and judges its payloads by its rule at the clock `now` (blocking: reads every
+/// scribe of the stream once; payloads only of `file.*` scribes, for their paths).
+pub fn plan(
+    store: &Store,
+    state: &StreamState,
+    node: AuthorKey,
+    now: u64,
+) -> Result<Plan, StoreError> {
+    let rule = state.retention.rule;
+    let mut plan = Plan {
+        stream: state.id,
+        in_force: (*state.retention).clone(),
+        owner_here: state.owner == node,
+        ..Plan::default()
+    };
+    let mut paths: HashMap<String, Vec<Dated>> = HashMap::new();
+    let mut records: Vec<Dated> = Vec::new();
+    let mut from = state.record.genesis_seq;
+    loop {
+        let chunk = store.read_stream(&state.id, from, u64::MAX, 4096, 64 << 20)?;
+        for entry in &chunk.entries {
+            from = entry.seq + 1;
+            let damaged = |error: String| {
+                StoreError::Damaged(format!(
+                    "stored scribe {} at seq {}: {error}",
+                    entry.id, entry.seq
+                ))
+            };
+            let (body, _, payload_len) = decode_stored_envelope(&entry.parts.envelope)
+                .map_err(|error| damaged(error.to_string()))?;
+            if let Some(justification) = &entry.parts.redacted_by {
+                match justification_kind(justification) {
+                    Some(Kind::Prune) => plan.pruned.add(payload_len),
+                    _ => plan.redacted.add(payload_len),
+                }
+                continue;
+            }
+            if payload_len > 0 {
+                plan.live.add(payload_len);
+            }
+            if state
+                .membership
+                .excludes(
+                    &body.author,
+                    body.hlc,
+                    &body.membership.into_iter().collect::<Vec<_>>(),
+                )
+                .unwrap_or(false)
+            {
+                // Not in any projection (its author was revoked): neither counted as a newer
+                // version nor pruned (a dropped revoke may bring it back).
+                continue;
+            }
+            let dated = (body.hlc, entry.id, payload_len);
+            match body.kind {
+                Kind::FilePut | Kind::FileDelete if rule.keep_versions > 0 => {
+                    let change =
+                        FileChange::decode(&body.kind, &entry.parts.payload).map_err(damaged)?;
+                    if let Some(change) = change {
+                        paths
+                            .entry(change.path().to_string())
+                            .or_default()
+                            .push(dated);
+                    }
+                }
+                Kind::RecordAdd | Kind::RecordUpvote if rule.max_age_ms > 0 => records.push(dated),
+                _ => {}
+            }
+        }
+        if !chunk.more {
+            break;
+        }
+    }
+    let now = millis(now);
+    let keep = rule.keep_versions as usize;
+    for versions in paths.values_mut() {
+        if versions.len() <= keep {
+            continue;
+        }
+        // Newest first, as the files projection orders them: (clock, id).
+        versions.sort_unstable_by_key(|&(hlc, id, _)| std::cmp::Reverse((hlc, id)));
+        for (index, &(_, id, bytes)) in versions.iter().enumerate().skip(keep) {
+            // The version that pushed this one out of the newest `keep`.
+            let superseded_at = millis(versions[index - keep].0);
+            if now.saturating_sub(superseded_at) >= rule.min_lag_ms {
+                plan.reclaimable.add(bytes);
+                plan.targets
+                    .push((id, "retention: newest versions per path", bytes));
+            }
+        }
+    }
+    for (hlc, id, bytes) in records {
+        if now.saturating_sub(millis(hlc)) >= rule.max_age_ms {
+            plan.reclaimable.add(bytes);
+            plan.targets
+                .push((id, "retention: records past their age", bytes));
+        }
+    }
+    Ok(plan)
+}
+
+/// The kind of a justification (`redact` or `prune`), if it decodes.
+fn justification_kind(justification: &bytes::Bytes) -> Option<Kind> {
+    let sealed = pb::SealedScribe::decode(justification.clone()).ok()?;
+    let (body, ..) = decode_stored_envelope(&sealed.envelope).ok()?;
+    Some(body.kind)
+}
+
+impl Log {
+    /// Judges `stream`'s payloads by its retention rule now ([`plan`]); `None` if not held.
+    pub async fn prune_plan(&self, stream: &StreamId) -> Result<Option<Plan>, StoreError> {
+        let Some(state) = self.stream(stream) else {
+            return Ok(None);
+        };
+        let log = self.clone();
+        let now = self.clock().now();
+        tokio::task::spawn_blocking(move || {
+            plan(log.store(), &state, log.node_key(), now).map(Some)
+        })
+        .await
+        .unwrap_or_else(|error| Err(StoreError::Damaged(format!("prune plan task: {error}"))))
+    }
+
+    /// Applies `stream`'s retention rule now: where this node holds the owner's key, signs a
+    /// `prune` scribe for every payload the rule lets go (in jobs of [`PRUNES_PER_JOB`]).
+    /// `wait`: answers once their bytes have left the disk. The plan says what was pruned
+    /// (`pruned_now`) and, from the plan before, what was live and reclaimable.
+    pub async fn prune(&self, stream: &StreamId, wait: bool) -> Result<Option<Plan>, AppendError> {
+        let Some(mut plan) = self.prune_plan(stream).await? else {
+            return Ok(None);
+        };
+        if !plan.owner_here || plan.targets.is_empty() {
+            return Ok(Some(plan));
+        }
+        let targets = std::mem::take(&mut plan.targets);
+        for job in targets.chunks(PRUNES_PER_JOB) {
+            let drafts = job
+                .iter()
+                .map(|(target, reason, _)| {
+                    Draft::New(NewScribe {
+                        stream: Some(*stream),
+                        kind: Kind::Prune,
+                        content_type: PRUNE_CONTENT_TYPE.into(),
+                        payload: pb::Redact {
+                            target: bytes::Bytes::copy_from_slice(target.as_bytes()),
+                            reason: (*reason).into(),
+                        }
+                        .encode_to_vec()
+                        .into(),
+                        parents: vec![*target],
+                    })
+                })
+                .collect();
+            match self.append(drafts, Origin::Local).await {
+                Ok(_) => {
+                    for (_, _, bytes) in job {
+                        plan.pruned_now.add(*bytes);
+                    }
+                }
+                // Redacted meanwhile: the next pass plans again without it.
+                Err(AppendError::AlreadyRedacted(_)) => break,
+                Err(error) => return Err(error),
+            }
+        }
+        if wait {
+            self.wait_purged(self.redactions_committed()).await;
+        }
+        Ok(Some(plan))
+    }
+}
+
+/// Prunes, every `every`, each stream this node owns whose rule lets something go (the
+/// background half of retention; `quire prune` is the on-demand one). Ends when the log closes.
+pub async fn prune_loop(log: Log, every: std::time::Duration) {
+    let mut closing = log.watch_closing();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = closing.changed() => return,
+        }
+        if *closing.borrow() {
+            return;
+        }
+        let node = log.node_key();
+        for state in log.streams() {
+            if state.owner != node || state.retention.rule.keeps_all() {
+                continue;
+            }
+            match log.prune(&state.id, false).await {
+                Ok(Some(plan)) if plan.pruned_now.payloads > 0 => tracing::info!(
+                    stream = %state.id,
+                    pruned = plan.pruned_now.payloads,
+                    rule = %plan.in_force.rule,
+                    "retention: pruned payloads"
+                ),
+                Ok(_) => {}
+                Err(AppendError::ShuttingDown) => return,
+                Err(error) => tracing::warn!(stream = %state.id, %error, "retention: prune failed"),
+            }
+        }
+    }
+}
