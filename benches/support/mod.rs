@@ -42,13 +42,23 @@ pub fn token_of(data_dir: &std::path::Path) -> String {
 
 /// Creates a stream named `name` with `policy` (`None`: the defaults); returns its id bytes.
 pub async fn create_stream(channel: &AuthChannel, name: &str, policy: Option<pb::Policy>) -> Bytes {
+    create_retained(channel, name, policy, None).await
+}
+
+/// [`create_stream`] with a retention rule (`None`: keep everything).
+pub async fn create_retained(
+    channel: &AuthChannel,
+    name: &str,
+    policy: Option<pb::Policy>,
+    retention: Option<pb::Retention>,
+) -> Bytes {
     pb::streams_client::StreamsClient::new(channel.clone())
         .create(pb::CreateStreamRequest {
             name: name.into(),
             policy,
             owner: Bytes::new(),
             access: None,
-            retention: None,
+            retention,
         })
         .await
         .unwrap()
@@ -146,4 +156,12 @@ pub fn rss_mib() -> f64 {
                 .and_then(|kib| kib.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// The system clock in unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }

@@ -104,6 +104,19 @@ pub struct Plan {
     pub pruned_now: Count,
 }
 
+impl Plan {
+    /// The counts once `pruned_now` has gone (what a prune leaves).
+    fn after_pruning(&mut self) {
+        let gone = self.pruned_now;
+        self.live.payloads -= gone.payloads;
+        self.live.bytes -= gone.bytes;
+        self.reclaimable.payloads -= gone.payloads;
+        self.reclaimable.bytes -= gone.bytes;
+        self.pruned.payloads += gone.payloads;
+        self.pruned.bytes += gone.bytes;
+    }
+}
+
 /// A version of a path, or a record: its clock, id and payload bytes.
 type Dated = (u64, ScribeId, u64);
 
@@ -238,7 +251,8 @@ impl Log {
     /// Applies `stream`'s retention rule now: where this node holds the owner's key, signs a
     /// `prune` scribe for every payload the rule lets go (in jobs of [`PRUNES_PER_JOB`]).
     /// `wait`: answers once their bytes have left the disk. The plan says what was pruned
-    /// (`pruned_now`) and, from the plan before, what was live and reclaimable.
+    /// (`pruned_now`), and what is live, reclaimable and pruned after it (not counting the prune
+    /// scribes' own small payloads).
     pub async fn prune(&self, stream: &StreamId, wait: bool) -> Result<Option<Plan>, AppendError> {
         let Some(mut plan) = self.prune_plan(stream).await? else {
             return Ok(None);
@@ -276,6 +290,7 @@ impl Log {
                 Err(error) => return Err(error),
             }
         }
+        plan.after_pruning();
         if wait {
             self.wait_purged(self.redactions_committed()).await;
         }
@@ -285,8 +300,11 @@ impl Log {
 
 /// Prunes, every `every`, each stream this node owns whose rule lets something go (the
 /// background half of retention; `quire prune` is the on-demand one). Ends when the log closes.
+/// A stream whose rule has no time in it (no age, no lag) is read again only once it changed.
 pub async fn prune_loop(log: Log, every: std::time::Duration) {
     let mut closing = log.watch_closing();
+    // Per stream: its head and rule when a pass left nothing to prune.
+    let mut settled: HashMap<StreamId, (u64, InForce)> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -300,6 +318,13 @@ pub async fn prune_loop(log: Log, every: std::time::Duration) {
             if state.owner != node || state.retention.rule.keeps_all() {
                 continue;
             }
+            let rule = state.retention.rule;
+            let key = (state.record.head_seq, (*state.retention).clone());
+            if rule.max_age_ms == 0 && rule.min_lag_ms == 0 && settled.get(&state.id) == Some(&key)
+            {
+                continue;
+            }
+            settled.remove(&state.id);
             match log.prune(&state.id, false).await {
                 Ok(Some(plan)) if plan.pruned_now.payloads > 0 => tracing::info!(
                     stream = %state.id,
@@ -307,7 +332,10 @@ pub async fn prune_loop(log: Log, every: std::time::Duration) {
                     rule = %plan.in_force.rule,
                     "retention: pruned payloads"
                 ),
-                Ok(_) => {}
+                Ok(Some(_)) => {
+                    settled.insert(state.id, key);
+                }
+                Ok(None) => {}
                 Err(AppendError::ShuttingDown) => return,
                 Err(error) => tracing::warn!(stream = %state.id, %error, "retention: prune failed"),
             }

@@ -45,7 +45,9 @@ use crate::scribe::{decode_envelope, leading_zero_bits, Body, Parts, Scribe};
 ///   (`x.*`, `x.chat.*`, `record.*`).
 /// - 5: `redact` scribes, and redacted scribes (an envelope without its payload, justified by
 ///   the `redact` scribe it carries).
-pub const RULES_VERSION: u32 = 5;
+/// - 6: retention: the genesis `retention` rule, `retain` and `prune` scribes (the owner's), and
+///   scribes pruned by a `prune` scribe they carry (`log::retention`).
+pub const RULES_VERSION: u32 = 6;
 
 /// Whether `error` is a rule's verdict on a well-formed, correctly signed scribe (which another
 /// version of the rules may judge otherwise), rather than damage, a wrong batch or a local failure.

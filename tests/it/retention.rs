@@ -276,6 +276,56 @@ async fn records_past_their_age_leave_their_table_on_every_node_by_the_scribes_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_version_is_kept_until_the_minimum_lag_has_passed_by_the_clock() {
+    const HOUR: u64 = 3600 * 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let wall = Arc::new(AtomicU64::new(now_ms() - 5 * HOUR));
+    let mut config = NodeConfig::new(dir.path());
+    let clock = wall.clone();
+    config.wall = Some(Arc::new(move || clock.load(Ordering::SeqCst)));
+    config.prune_every = None;
+    let node = start_config(config, false).await;
+    let stream = create_retained(
+        &node,
+        "lag",
+        pb::Retention {
+            keep_versions: 1,
+            min_lag_ms: 2 * HOUR,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // v1 at -5 h, v2 at -4 h, v3 at -1 h: v1 was superseded 4 h ago, v2 only 1 h ago.
+    put_file(&node.url(), &stream, "p", version_bytes("p", 1))
+        .await
+        .unwrap();
+    wall.fetch_add(HOUR, Ordering::SeqCst);
+    put_file(&node.url(), &stream, "p", version_bytes("p", 2))
+        .await
+        .unwrap();
+    wall.fetch_add(3 * HOUR, Ordering::SeqCst);
+    put_file(&node.url(), &stream, "p", version_bytes("p", 3))
+        .await
+        .unwrap();
+    wall.fetch_add(HOUR, Ordering::SeqCst);
+    let first = prune(&node, &stream, false).await.unwrap();
+    assert_eq!(first.pruned_now, 1, "{first:?}");
+    assert!(files_containing(dir.path(), &marker("p", 1)).is_empty());
+    assert!(!files_containing(dir.path(), &marker("p", 2)).is_empty());
+    // Two more hours by the clock: v2's lag has passed too.
+    wall.fetch_add(2 * HOUR, Ordering::SeqCst);
+    let second = prune(&node, &stream, false).await.unwrap();
+    assert_eq!(second.pruned_now, 1, "{second:?}");
+    assert!(files_containing(dir.path(), &marker("p", 2)).is_empty());
+    assert_eq!(
+        file_data(&node, &stream, "p").await,
+        Some(version_bytes("p", 3))
+    );
+    node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retain_scribe_changes_the_rule_and_the_background_pruner_applies_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = NodeConfig::new(dir.path());
