@@ -7,7 +7,9 @@
 
 use bytes::Bytes;
 use quire_projection_api::files::{check_path, FileChange, CONTENT_TYPE};
-use quire_projection_api::{ProjectionError, StreamId};
+use std::sync::Arc;
+
+use quire_projection_api::{Payloads, ProjectionError, StreamId};
 use quire_projection_files::{content_type_for, Entry, Reader, NAME};
 use tonic::{Request, Response, Status};
 
@@ -15,15 +17,25 @@ use crate::api::access::{self, Caller};
 use crate::api::served::Served;
 use crate::log::{Appended, Log};
 use crate::pb;
-use crate::projection::Projections;
+use crate::projection::{Projections, StorePayloads};
 
 /// Most entries of one `List`.
 const LIST_CAP: usize = 100_000;
 
 /// The file operations of one node.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct FilesService {
     served: Served<Reader>,
+    /// The node's payload store: a file's bytes are its winning scribe's payload.
+    payloads: Arc<dyn Payloads>,
+}
+
+impl std::fmt::Debug for FilesService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilesService")
+            .field("served", &self.served)
+            .finish_non_exhaustive()
+    }
 }
 
 fn read_status(error: &ProjectionError) -> Status {
@@ -46,6 +58,7 @@ impl FilesService {
     /// The service over `log`'s streams and their `files` projections.
     pub fn new(log: Log, projections: Projections) -> FilesService {
         FilesService {
+            payloads: StorePayloads::shared(log.store()),
             served: Served::new(log, projections, NAME, Reader::open),
         }
     }
@@ -55,19 +68,22 @@ impl FilesService {
         self.served.held(stream, caller)
     }
 
-    /// The live entry of `path` and its bytes (`with_data`), if there is one.
+    /// The live entry of `path` and its bytes (`with_data`: read from the payload store, checked
+    /// against the entry's SHA-256), if there is one. A version whose payload was redacted is
+    /// not served (`None`).
     pub async fn get(
         &self,
         stream: StreamId,
         path: String,
         with_data: bool,
     ) -> Result<Option<(Entry, Vec<u8>)>, Status> {
+        let payloads = self.payloads.clone();
         self.served
             .read(
                 stream,
                 move |reader: &mut Reader| {
                     if with_data {
-                        reader.get_with_data(&path)
+                        reader.get_with_data(&path, &*payloads)
                     } else {
                         Ok(reader.get(&path)?.map(|entry| (entry, Vec::new())))
                     }

@@ -45,6 +45,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Weak};
 
 use super::epoch::Epochs;
 use crate::scribe::{decode_stored_envelope, merkle, Leaves, Parts, Proof};
@@ -579,8 +580,63 @@ impl Record {
 
 /// The RocksDB store of one data directory.
 pub struct Store {
-    db: DB,
+    /// Shared only with [`PayloadReader`]s, which hold it weakly: the store closes when the
+    /// `Store` is dropped, whatever readers remain.
+    db: Arc<DB>,
     write_options: WriteOptions,
+}
+
+/// What the store holds of one scribe's payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredPayload {
+    /// The payload's bytes.
+    Bytes(Vec<u8>),
+    /// Deleted by a `redact` scribe (the record names it; the bytes are gone).
+    Redacted,
+}
+
+/// Reads payloads by scribe id without holding the store open: what the projection runner hands
+/// projectors ([`quire_projection_api::Payloads`]), which outlive no store but need an owned
+/// handle. Once the [`Store`] is dropped, every read is [`StoreError::Closed`].
+#[derive(Debug, Clone)]
+pub struct PayloadReader {
+    db: Weak<DB>,
+}
+
+impl PayloadReader {
+    /// `id`'s payload (see [`Store::payload`]).
+    pub fn payload(&self, id: &ScribeId) -> Result<Option<StoredPayload>, StoreError> {
+        let db = self.db.upgrade().ok_or(StoreError::Closed)?;
+        read_payload(&db, id)
+    }
+}
+
+/// `id`'s payload: `None` if the scribe is not stored. A payload kept apart is read without
+/// filling the block cache (a file of megabytes would evict the index and filter blocks every
+/// read needs).
+fn read_payload(db: &DB, id: &ScribeId) -> Result<Option<StoredPayload>, StoreError> {
+    let family = |name| db.cf_handle(name).expect("column family opened at start");
+    let Some(value) = db.get_pinned_cf(family(CF_SCRIBES), id.as_bytes())? else {
+        return Ok(None);
+    };
+    let record = Record::decode(id, &value)?;
+    if record.redacted_by.is_some() {
+        return Ok(Some(StoredPayload::Redacted));
+    }
+    if let Some(payload) = record.payload {
+        return Ok(Some(StoredPayload::Bytes(payload.to_vec())));
+    }
+    let mut options = ReadOptions::default();
+    options.fill_cache(false);
+    let payload = db
+        .get_pinned_cf_opt(family(CF_PAYLOADS), record.payload_sha256, &options)?
+        .ok_or_else(|| {
+            StoreError::Damaged(format!(
+                "payload {} of scribe {id} is not stored",
+                hex::encode(record.payload_sha256)
+            ))
+        })?;
+    Ok(Some(StoredPayload::Bytes(payload.to_vec())))
 }
 
 impl std::fmt::Debug for Store {
@@ -650,7 +706,10 @@ impl Store {
         let db = DB::open_cf_descriptors(&db_options(), path, descriptors())?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync);
-        let store = Store { db, write_options };
+        let store = Store {
+            db: Arc::new(db),
+            write_options,
+        };
         if !store.initialise()? {
             store.start_epoch()?;
         }
@@ -676,7 +735,7 @@ impl Store {
         refuse_other_format(path)?;
         let db = DB::open_cf_descriptors_read_only(&db_options(), path, descriptors(), false)?;
         let store = Store {
-            db,
+            db: Arc::new(db),
             write_options: WriteOptions::default(),
         };
         match store.meta_u64(META_FORMAT)? {
@@ -1143,6 +1202,19 @@ impl Store {
         };
         let record = Record::decode(id, &value)?;
         Ok(self.complete(vec![(*id, None, record)])?.pop())
+    }
+
+    /// A stored scribe's payload alone (no seal, no proof): its bytes, or
+    /// [`StoredPayload::Redacted`]; `None` if the scribe is not stored.
+    pub fn payload(&self, id: &ScribeId) -> Result<Option<StoredPayload>, StoreError> {
+        read_payload(&self.db, id)
+    }
+
+    /// A handle that reads payloads like [`Store::payload`] for as long as this store is open.
+    pub fn payload_reader(&self) -> PayloadReader {
+        PayloadReader {
+            db: Arc::downgrade(&self.db),
+        }
     }
 
     /// The local seq and exact envelope of a stored scribe, without its payload or seal.

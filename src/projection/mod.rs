@@ -10,6 +10,8 @@
 //! - `offline`: [`rebuild_offline`] and [`replay`], on a stopped node's store.
 //! - `consumers`: checkpoints of out-of-process consumers (`Log.Subscribe` with a name, `Log.Ack`).
 //! - `view`: a stored scribe as projectors see it.
+//! - `payloads`: [`StorePayloads`], the node's payload store as projectors read it (every
+//!   instance's `Place::payloads`).
 //! - [`readers`]: pooled read-only connections to live copies, for the services that read them.
 //!
 //! Invariant 6 (checkpoint with the work) holds because every batch commits inside the projector
@@ -19,6 +21,7 @@
 mod budget;
 mod consumers;
 mod offline;
+mod payloads;
 mod quarantine;
 pub mod readers;
 mod registry;
@@ -28,6 +31,7 @@ mod view;
 
 pub use consumers::Consumer;
 pub use offline::{rebuild_offline, replay, Rebuilt, Replayed};
+pub use payloads::StorePayloads;
 pub use quarantine::Parked;
 pub use registry::Registry;
 pub use runner::{ProjectionStatus, Projections, RunnerError};

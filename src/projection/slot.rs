@@ -26,6 +26,7 @@ use quire_projection_api::{
 };
 use serde_json::{json, Value};
 
+use super::payloads::StorePayloads;
 use super::view::{to_view, to_view_with_membership};
 use crate::log::store::{Store, StoreError, StoredEntry};
 use crate::log::{read_range, Exclusions};
@@ -791,13 +792,13 @@ fn views_and_revokes(
 }
 
 /// Where an instance of `stream`'s scope lives: its directory, stream and the stream's policy
-/// (read from its genesis; the default policy for the whole log).
+/// (read from its genesis; the default policy for the whole log), and the node's payloads.
 pub(super) fn place_of(
     store: &Store,
     dir: PathBuf,
     stream: Option<StreamId>,
 ) -> Result<Place, SlotError> {
-    let mut place = Place::new(dir, stream);
+    let mut place = Place::new(dir, stream).with_payloads(StorePayloads::shared(store));
     if let Some(stream) = stream {
         let genesis = store.get(&stream)?.ok_or_else(|| {
             SlotError::Stream(format!("stream {stream} is not held by this node"))

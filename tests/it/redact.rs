@@ -242,6 +242,16 @@ async fn a_redaction_on_one_node_takes_the_payload_off_every_node_and_every_proj
     );
     assert!(stdout.contains(&format!("redacted {note} by ")), "{stdout}");
     redact(&a, &stream, &file, "").await.unwrap();
+    // From the moment the redaction answers, A never serves the redacted version: its copy reads
+    // bytes from the payload store, which has none for it (until the rebuilt copy is swapped
+    // in, the path shows nothing; then the older version).
+    let served = file_data(&a, &stream, "site/page.html").await;
+    assert!(
+        served.as_ref().is_none_or(|data| !data
+            .windows(FILE_SECRET.len())
+            .any(|w| w == FILE_SECRET.as_bytes())),
+        "A served the redacted version"
+    );
     let token = token_of(&a.url()).unwrap();
     let (status, body) = http_to(
         &a,

@@ -12,7 +12,9 @@
 //! - [`Kind`]: the built-in scribe kinds and custom `x.<name>` kinds.
 //! - [`Policy`], [`Authors`]: what a stream's genesis says about who may write and how much.
 //! - [`Scribe`]: a decoded, verified scribe as a projector will receive it.
-//! - [`Plugin`], [`Projector`]: what a projector implements (see the [`projector`] module).
+//! - [`Plugin`], [`Projector`]: what a projector implements (see the [`projector`] module);
+//!   [`Payloads`], the node's stored payloads by scribe id, which the daemon hands it in its
+//!   [`Place`].
 //! - [`files`]: the payloads of `file.put` / `file.delete` and the path rules.
 //! - [`admission`]: [`PayloadCheck`], the payload rules a node applies before it stores a scribe
 //!   (the built-in kinds' own, and those a [`Plugin`] contributes).
@@ -49,7 +51,8 @@ pub mod testing;
 
 pub use admission::{BuiltinKinds, Candidate, PayloadCheck, PayloadError};
 pub use projector::{
-    ApplyError, OnFailure, Place, Plugin, ProjectionError, Projector, Scope, DEFAULT_MAX_BATCH,
+    ApplyError, NoPayloads, OnFailure, Payloads, Place, Plugin, ProjectionError, Projector, Scope,
+    DEFAULT_MAX_BATCH,
 };
 
 /// Errors from parsing the plain types of this crate.

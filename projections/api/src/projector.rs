@@ -28,11 +28,15 @@
 //!    failures of the projection itself (disk full); the runner retries later.
 //! 4. **No async, no RocksDB, no gRPC.** Methods are plain blocking calls; the runner calls them off
 //!    the async executor.
+//! 5. **The log keeps the payloads.** A projector need not copy the bytes of the scribes it applies
+//!    to read them later: [`Place::payloads`] reads any stored scribe's payload back by id, from
+//!    the node's own store (the built-in `files` projector keeps ids and hashes, not bytes).
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use crate::{Policy, Scribe, StreamId};
+use crate::{Policy, Scribe, ScribeId, StreamId};
 
 /// Which scribes one instance of a projector sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +57,44 @@ pub enum OnFailure {
     Halt,
 }
 
+/// Read-only access to the payloads the node stores, by scribe id: what lets a projector keep an
+/// id (and a hash) instead of a second copy of the bytes.
+///
+/// The daemon's runner hands every instance one backed by the node's payload store
+/// ([`Place::payloads`]); `quire_projection_api::testing::MemoryPayloads` (feature `testing`)
+/// holds the scribes a test applies. Calls are plain blocking reads, made from the thread that
+/// calls the projector (or a reader of its copy); they may be made from several threads at once.
+pub trait Payloads: Send + Sync {
+    /// The payload of the stored scribe `id`, exactly as in the scribe the runner gave
+    /// ([`Scribe::payload`]).
+    ///
+    /// - `Ok(Some(bytes))`: the payload.
+    /// - `Ok(None)`: the scribe's payload was **redacted** (deleted on every node by a `redact`
+    ///   scribe). A projector must not show what it held: the runner is rebuilding every copy
+    ///   that applied it without it, and until that copy is swapped in, the old copy should
+    ///   behave as if the version were gone.
+    /// - `Err`: the node does not store the scribe (a projector asked for an id it was never
+    ///   given, or the store is damaged), or reading failed. The message names the scribe.
+    ///
+    /// A payload can be up to 32 MiB: read what is needed, when it is needed.
+    fn payload(&self, id: &ScribeId) -> Result<Option<Vec<u8>>, ProjectionError>;
+}
+
+/// The source of [`Place::new`]: it holds nothing, and says so.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPayloads;
+
+impl Payloads for NoPayloads {
+    fn payload(&self, id: &ScribeId) -> Result<Option<Vec<u8>>, ProjectionError> {
+        Err(ProjectionError::new(format!(
+            "no payload source for scribe {id}: this place was made by `Place::new` without one; \
+             give it one with `Place::with_payloads` (tests: `testing::MemoryPayloads`)"
+        )))
+    }
+}
+
 /// Where an instance keeps its state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Place {
     /// A directory that belongs to this instance alone. It exists (possibly empty) when
     /// [`Plugin::open`] is called and is removed by the daemon when the instance is retired.
@@ -64,16 +104,36 @@ pub struct Place {
     /// The stream's policy (from its genesis), for a [`Scope::Stream`] plugin; the default policy
     /// for a [`Scope::Log`] plugin. Rules such as key leases are part of the state's meaning.
     pub policy: Policy,
+    /// The node's stored payloads, read-only, by scribe id (see [`Payloads`]): the daemon's
+    /// runner gives the node's payload store; [`Place::new`] gives [`NoPayloads`].
+    pub payloads: Arc<dyn Payloads>,
+}
+
+impl fmt::Debug for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Place")
+            .field("dir", &self.dir)
+            .field("stream", &self.stream)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Place {
-    /// A place in `dir` for `stream` (`None`: the whole log), with the default policy.
+    /// A place in `dir` for `stream` (`None`: the whole log), with the default policy and no
+    /// payload source ([`NoPayloads`]).
     pub fn new(dir: impl Into<PathBuf>, stream: Option<StreamId>) -> Place {
         Place {
             dir: dir.into(),
             stream,
             policy: Policy::default(),
+            payloads: Arc::new(NoPayloads),
         }
+    }
+
+    /// The same place, reading payloads from `payloads`.
+    pub fn with_payloads(self, payloads: Arc<dyn Payloads>) -> Place {
+        Place { payloads, ..self }
     }
 }
 

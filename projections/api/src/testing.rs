@@ -27,14 +27,77 @@
 //!
 //! A failing property comes back as `Err` with proptest's smallest failing case, so a suite run
 //! against a deliberately order-sensitive projector fails (the daemon's tests do exactly that).
+//!
+//! Every instance the suite opens reads payloads ([`crate::Place::payloads`]) from a
+//! [`MemoryPayloads`] holding the scribes of the case, so a projector that keeps ids instead of
+//! bytes runs the suite without a node. Use one in your own tests the same way.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use sha2::{Digest, Sha256};
 
-use crate::{AuthorKey, Kind, Place, Plugin, Policy, Projector, Scope, Scribe, ScribeId, StreamId};
+use crate::{
+    AuthorKey, Kind, Payloads, Place, Plugin, Policy, ProjectionError, Projector, Scope, Scribe,
+    ScribeId, StreamId,
+};
+
+/// A [`Payloads`] source in memory, for tests: it answers the payloads of the scribes given to
+/// [`MemoryPayloads::insert`], `None` for those [`MemoryPayloads::redact`]ed, and an error for
+/// any other id (as the node's store does for a scribe it does not hold).
+#[derive(Debug, Default)]
+pub struct MemoryPayloads {
+    /// Payload by scribe id; `None`: redacted.
+    payloads: Mutex<HashMap<ScribeId, Option<Vec<u8>>>>,
+}
+
+impl MemoryPayloads {
+    /// A source holding the payloads of `scribes`.
+    pub fn from_scribes<'a>(scribes: impl IntoIterator<Item = &'a Scribe>) -> MemoryPayloads {
+        let source = MemoryPayloads::default();
+        for scribe in scribes {
+            source.insert(scribe);
+        }
+        source
+    }
+
+    /// Stores `scribe`'s payload (as a node stores every scribe it admits).
+    pub fn insert(&self, scribe: &Scribe) {
+        self.lock()
+            .entry(scribe.id)
+            .or_insert_with(|| Some(scribe.payload.clone()));
+    }
+
+    /// Redacts `id`'s payload: from now on it answers `None`.
+    pub fn redact(&self, id: &ScribeId) {
+        self.lock().insert(*id, None);
+    }
+
+    /// Forgets `id` altogether (a damaged store): from now on it answers an error.
+    pub fn forget(&self, id: &ScribeId) {
+        self.lock().remove(id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ScribeId, Option<Vec<u8>>>> {
+        self.payloads
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Payloads for MemoryPayloads {
+    fn payload(&self, id: &ScribeId) -> Result<Option<Vec<u8>>, ProjectionError> {
+        match self.lock().get(id) {
+            Some(payload) => Ok(payload.clone()),
+            None => Err(ProjectionError::new(format!(
+                "scribe {id} is not stored in this MemoryPayloads"
+            ))),
+        }
+    }
+}
 
 /// A scribe for tests, with an id derived from its fields (so equal fields give equal ids) and
 /// local seq 0 (the suite assigns seqs).
@@ -326,7 +389,8 @@ impl Instance {
             Scope::Log => None,
             Scope::Stream => Some(scribes.first().map(|s| s.stream).unwrap_or_default()),
         };
-        let place = Place::new(dir, stream);
+        let payloads = Arc::new(MemoryPayloads::from_scribes(scribes));
+        let place = Place::new(dir, stream).with_payloads(payloads);
         let projector = plugin
             .open(&place)
             .map_err(|error| format!("open: {error}"))?;

@@ -9,13 +9,25 @@
 //! scribe's problem ([`ApplyError::Scribe`]; nodes refuse those on append already).
 //!
 //! # The copy's directory
-//! - `index.sqlite3`: `files` (one row per path ever written: the winner, live or deleted) and
-//!   `blobs` (the bytes of every live file, by SHA-256): the state, committed with the checkpoint
-//!   in one transaction per batch.
+//! - `index.sqlite3`: `files` (one row per path ever written: the winner's scribe id and clock,
+//!   live or deleted, content type, size and SHA-256 of its bytes): the state, committed with the
+//!   checkpoint in one transaction per batch. It holds no file's bytes: those are in the node's
+//!   payload store (the winning scribe's payload, read back by id through
+//!   [`quire_projection_api::Place::payloads`]) and in the tree. So a published site takes about
+//!   twice its size on a node's disk (store and tree), not three times. An index made by an
+//!   older version still holds a `blobs` table of bytes: it is dropped (and the file vacuumed)
+//!   when the copy is opened; nothing else changed, so the fingerprint and the digest did not.
 //! - `tree/`: the live files as a real directory tree, written after each commit (each file to
-//!   a temporary file in `tmp/`, then renamed into place). The index records how far the tree
-//!   has been brought (`tree_synced`); if a crash came between a commit and the tree's update,
-//!   opening the copy rewrites the tree from the index.
+//!   a temporary file in `tmp/`, then renamed into place) from the batch's own scribes, or, for
+//!   paths a delete uncovers, from the payload store. The index records how far the tree has
+//!   been brought (`tree_synced`); if a crash came between a commit and the tree's update,
+//!   opening the copy (or the next batch) rewrites the tree from the index and the payload store.
+//!
+//! Bytes read back from the payload store are checked against the index's SHA-256 before they
+//! are written or served. A live entry whose payload the store no longer has is an error naming
+//! the path and scribe (a damaged store); nothing is written for it. A live entry whose payload
+//! was redacted is left out of the tree and not served: the runner is rebuilding the copy without
+//! it, and until the rebuild is swapped in the path shows nothing rather than the redacted bytes.
 //!
 //! Opening the index, its readers and its meta rows are the shared scaffold of
 //! [`quire_projection_api::sqlite`].
@@ -25,13 +37,14 @@
 //! tree holds the live paths with no live ancestor; the hidden ones stay in the index (and come
 //! back if the ancestor is deleted).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use quire_projection_api::files::FileChange;
 use quire_projection_api::sqlite::{blob32, scan_prefix, Database};
 use quire_projection_api::{
-    ApplyError, Place, Plugin, ProjectionError, Projector, Scope, Scribe, ScribeId,
+    ApplyError, Kind, Payloads, Place, Plugin, ProjectionError, Projector, Scope, Scribe, ScribeId,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
@@ -67,7 +80,10 @@ impl Plugin for Files {
     }
 
     fn open(&self, place: &Place) -> Result<Box<dyn Projector>, ProjectionError> {
-        Ok(Box::new(FilesProjector::open(&place.dir)?))
+        Ok(Box::new(FilesProjector::open(
+            &place.dir,
+            place.payloads.clone(),
+        )?))
     }
 }
 
@@ -87,12 +103,77 @@ const DB: Database = Database {
     CREATE TABLE IF NOT EXISTS files (
         path TEXT PRIMARY KEY, hlc INTEGER NOT NULL, id BLOB NOT NULL, deleted INTEGER NOT NULL,
         content_type TEXT NOT NULL, size INTEGER NOT NULL, sha256 BLOB NOT NULL) WITHOUT ROWID;
-    CREATE TABLE IF NOT EXISTS blobs (sha256 BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 ",
     meta: "meta",
-    tables: &["files", "blobs", "meta"],
+    tables: &["files", "meta"],
 };
+
+/// Drops the `blobs` table (the live files' bytes) an index made by an older version holds, and
+/// gives its pages back to the file system. The bytes are in the payload store; the `files`
+/// table, and so the digest, is the same.
+fn drop_old_blobs(db: &Connection) -> Result<(), ProjectionError> {
+    let old: bool = db
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blobs')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(db_error)?;
+    if old {
+        db.execute_batch("DROP TABLE blobs").map_err(db_error)?;
+        // Only space (VACUUM writes the smaller file through the write-ahead log, the
+        // checkpoint shrinks both): if a reader keeps it from running now, the free pages are
+        // reused by later batches instead.
+        let _ = db.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);");
+    }
+    Ok(())
+}
+
+/// The bytes of `entry`'s file, read back from `payloads` by its scribe id and checked against
+/// the index: `None` if the payload was redacted. An error names the path and the scribe.
+pub fn file_data(
+    payloads: &dyn Payloads,
+    entry: &Entry,
+) -> Result<Option<Vec<u8>>, ProjectionError> {
+    let fail = |what: String| {
+        ProjectionError::new(format!(
+            "files: the bytes of {} (scribe {}): {what}",
+            entry.path, entry.id
+        ))
+    };
+    let payload = match payloads.payload(&entry.id) {
+        Ok(Some(payload)) => payload,
+        Ok(None) => return Ok(None),
+        Err(error) => return Err(fail(format!("not in the node's payload store: {error}"))),
+    };
+    let data = match FileChange::decode(&Kind::FilePut, &payload) {
+        Ok(Some(FileChange::Put { path, data, .. })) if path == entry.path => data,
+        Ok(Some(change)) => {
+            return Err(fail(format!(
+                "the stored payload puts {:?}, not this path",
+                change.path()
+            )))
+        }
+        Ok(None) => return Err(fail("the stored payload is not a file.put".into())),
+        Err(error) => return Err(fail(error)),
+    };
+    let sha256: [u8; 32] = Sha256::digest(&data).into();
+    if sha256 != entry.sha256 || data.len() as u64 != entry.size {
+        return Err(fail(format!(
+            "the payload store gave {} bytes of SHA-256 {}, the index says {} bytes of {}",
+            data.len(),
+            hex::encode(sha256),
+            entry.size,
+            hex::encode(entry.sha256)
+        )));
+    }
+    Ok(Some(data))
+}
+
+/// The bytes of the files a batch just put, by scribe id: the tree is written from them without
+/// reading the payload store back.
+type Fresh<'a> = HashMap<ScribeId, &'a [u8]>;
 
 /// One path's entry in the index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +212,8 @@ const ENTRY_COLUMNS: &str = "path, content_type, size, sha256, id, hlc, deleted"
 pub struct FilesProjector {
     db: Connection,
     dir: PathBuf,
+    /// The node's payloads: the bytes of live files not in the batch being applied.
+    payloads: Arc<dyn Payloads>,
 }
 
 impl std::fmt::Debug for FilesProjector {
@@ -155,16 +238,22 @@ fn below(path: &str) -> (String, String) {
 }
 
 impl FilesProjector {
-    /// Opens (or creates) the copy in `dir`, bringing its tree up to its index if a crash came
-    /// between the two.
-    pub fn open(dir: &Path) -> Result<FilesProjector, ProjectionError> {
+    /// Opens (or creates) the copy in `dir`, reading file bytes back from `payloads`, and
+    /// brings its tree up to its index if a crash came between the two.
+    pub fn open(
+        dir: &Path,
+        payloads: Arc<dyn Payloads>,
+    ) -> Result<FilesProjector, ProjectionError> {
         for sub in [TREE_DIR, TMP_DIR] {
             std::fs::create_dir_all(dir.join(sub))
                 .map_err(|e| io_error("creating", &dir.join(sub), e))?;
         }
+        let db = DB.open(dir)?;
+        drop_old_blobs(&db)?;
         let projector = FilesProjector {
-            db: DB.open(dir)?,
+            db,
             dir: dir.to_path_buf(),
+            payloads,
         };
         let checkpoint = DB.checkpoint(&projector.db).map_err(db_error)?;
         if DB.meta(&projector.db, TREE_SYNCED).map_err(db_error)? != checkpoint {
@@ -196,20 +285,27 @@ impl FilesProjector {
         Ok(false)
     }
 
-    fn data(&self, sha256: &[u8; 32]) -> rusqlite::Result<Vec<u8>> {
-        self.db
-            .prepare_cached("SELECT data FROM blobs WHERE sha256 = ?1")?
-            .query_row([sha256.to_vec()], |row| row.get(0))
-    }
-
     /// Writes `entry`'s file into the tree (temporary file, then rename), replacing a directory
-    /// of hidden paths there and any file still standing above it.
+    /// of hidden paths there and any file still standing above it. The bytes come from `fresh`
+    /// (this batch's puts) or else from the payload store, checked against the index; a
+    /// redacted version is not written, and what stood at its path goes.
     ///
     /// `entry` is visible (no live file above it in the index), so a file at one of its parent
     /// paths is stale: a path this batch deleted or replaced whose own sync has not come yet.
     /// [`FilesProjector::apply`] syncs the changed paths one by one in path order, and a
     /// deleted `a` uncovers `a/b/c` before the sync of a deleted `a/b` has removed its file.
-    fn write_file(&self, entry: &Entry) -> Result<(), ProjectionError> {
+    fn write_file(&self, entry: &Entry, fresh: &Fresh<'_>) -> Result<(), ProjectionError> {
+        let read;
+        let data: &[u8] = match fresh.get(&entry.id) {
+            Some(data) => data,
+            None => match file_data(&*self.payloads, entry)? {
+                Some(data) => {
+                    read = data;
+                    &read
+                }
+                None => return self.remove_redacted(entry),
+            },
+        };
         let target = self.tree_path(&entry.path);
         if target.is_dir() {
             std::fs::remove_dir_all(&target).map_err(|e| io_error("removing", &target, e))?;
@@ -228,13 +324,22 @@ impl FilesProjector {
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;
         }
-        let data = self.data(&entry.sha256).map_err(db_error)?;
         let temporary = self
             .dir
             .join(TMP_DIR)
             .join(format!("{}.part", hex::encode(&entry.id.0[..8])));
-        std::fs::write(&temporary, &data).map_err(|e| io_error("writing", &temporary, e))?;
+        std::fs::write(&temporary, data).map_err(|e| io_error("writing", &temporary, e))?;
         std::fs::rename(&temporary, &target).map_err(|e| io_error("renaming into", &target, e))
+    }
+
+    /// Leaves `entry`, whose payload was redacted, out of the tree: whatever stands at its path
+    /// (an older version, or a directory of the paths it hides) goes.
+    fn remove_redacted(&self, entry: &Entry) -> Result<(), ProjectionError> {
+        let target = self.tree_path(&entry.path);
+        if target.is_dir() {
+            std::fs::remove_dir_all(&target).map_err(|e| io_error("removing", &target, e))?;
+        }
+        self.remove_file(&entry.path)
     }
 
     /// Removes `path`'s file and the directories it leaves empty.
@@ -255,12 +360,12 @@ impl FilesProjector {
     }
 
     /// Brings the tree at `path` (and what it hides or uncovers) up to the index.
-    fn sync_path(&self, path: &str) -> Result<(), ProjectionError> {
+    fn sync_path(&self, path: &str, fresh: &Fresh<'_>) -> Result<(), ProjectionError> {
         if self.hidden(path).map_err(db_error)? {
             return Ok(());
         }
         match self.live(path).map_err(db_error)? {
-            Some(entry) => self.write_file(&entry),
+            Some(entry) => self.write_file(&entry, fresh),
             None => {
                 self.remove_file(path)?;
                 // Paths this one hid come back.
@@ -276,7 +381,7 @@ impl FilesProjector {
                     .map_err(db_error)?;
                 for entry in uncovered {
                     if !self.hidden(&entry.path).map_err(db_error)? {
-                        self.write_file(&entry)?;
+                        self.write_file(&entry, fresh)?;
                     }
                 }
                 Ok(())
@@ -284,8 +389,8 @@ impl FilesProjector {
         }
     }
 
-    /// Rewrites the whole tree from the index (after a crash between a commit and its tree
-    /// update, or a reset).
+    /// Rewrites the whole tree from the index and the payload store (after a crash between a
+    /// commit and its tree update, or a reset).
     fn rewrite_tree(&self) -> Result<(), ProjectionError> {
         let tree = self.dir.join(TREE_DIR);
         std::fs::remove_dir_all(&tree).map_err(|e| io_error("removing", &tree, e))?;
@@ -299,7 +404,7 @@ impl FilesProjector {
             .map_err(db_error)?;
         for entry in &live {
             if !self.hidden(&entry.path).map_err(db_error)? {
-                self.write_file(entry)?;
+                self.write_file(entry, &Fresh::new())?;
             }
         }
         let checkpoint = DB.checkpoint(&self.db).map_err(db_error)?;
@@ -346,33 +451,26 @@ impl Projector for FilesProjector {
         let storage = |e| DB.storage(e);
         let tx = self.db.unchecked_transaction().map_err(storage)?;
         let mut changed = Vec::new();
-        for (path, Change { scribe, change }) in newest {
-            let current: Option<(i64, Vec<u8>, bool, Vec<u8>)> = self
+        let mut fresh = Fresh::new();
+        for (path, Change { scribe, change }) in &newest {
+            let current: Option<(i64, Vec<u8>)> = self
                 .db
-                .prepare_cached("SELECT hlc, id, deleted, sha256 FROM files WHERE path = ?1")
+                .prepare_cached("SELECT hlc, id FROM files WHERE path = ?1")
                 .and_then(|mut s| {
-                    s.query_row([&path], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })
-                    .optional()
+                    s.query_row([path], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
                 })
                 .map_err(storage)?;
-            if let Some((hlc, id, _, _)) = &current {
+            if let Some((hlc, id)) = &current {
                 if (*hlc as u64, blob32(id.clone())) >= (scribe.hlc, scribe.id.0) {
                     continue;
                 }
             }
-            let (content_type, size, sha256) = match &change {
+            let (content_type, size, sha256) = match change {
                 FileChange::Put {
                     content_type, data, ..
                 } => {
                     let sha256: [u8; 32] = Sha256::digest(data).into();
-                    self.db
-                        .prepare_cached(
-                            "INSERT OR IGNORE INTO blobs (sha256, data) VALUES (?1, ?2)",
-                        )
-                        .and_then(|mut s| s.execute(params![sha256.to_vec(), data]))
-                        .map_err(storage)?;
                     (content_type.clone(), data.len() as i64, sha256)
                 }
                 FileChange::Delete { .. } => (String::new(), 0, [0; 32]),
@@ -396,24 +494,17 @@ impl Projector for FilesProjector {
                     ])
                 })
                 .map_err(storage)?;
-            if let Some((_, _, false, old)) = current {
-                // The replaced version's bytes, unless another live path has the same.
-                self.db
-                    .prepare_cached(
-                        "DELETE FROM blobs WHERE sha256 = ?1
-                         AND NOT EXISTS (SELECT 1 FROM files WHERE sha256 = ?1 AND deleted = 0)",
-                    )
-                    .and_then(|mut s| s.execute([old]))
-                    .map_err(storage)?;
+            if let FileChange::Put { data, .. } = change {
+                fresh.insert(scribe.id, data.as_slice());
             }
-            changed.push(path);
+            changed.push(path.as_str());
         }
         DB.set_checkpoint(&self.db, checkpoint).map_err(storage)?;
         tx.commit().map_err(storage)?;
         // The tree follows the committed index; `tree_synced` says it has.
         let tree = |e: ProjectionError| ApplyError::Storage(e.0);
         for path in &changed {
-            self.sync_path(path).map_err(tree)?;
+            self.sync_path(path, &fresh).map_err(tree)?;
         }
         DB.set_meta(&self.db, TREE_SYNCED, checkpoint)
             .map_err(storage)
@@ -452,7 +543,7 @@ impl Projector for FilesProjector {
     }
 }
 
-/// Read access to a live copy's index (entries and the live files' bytes).
+/// Read access to a live copy's index (entries; their bytes with a payload source).
 #[derive(Debug)]
 pub struct Reader {
     db: Connection,
@@ -476,20 +567,19 @@ impl Reader {
             .map_err(db_error)
     }
 
-    /// The live entry of `path` and its bytes, read together (one statement: a concurrent
-    /// replacement cannot come between them).
-    pub fn get_with_data(&self, path: &str) -> Result<Option<(Entry, Vec<u8>)>, ProjectionError> {
-        self.db
-            .prepare_cached(
-                "SELECT f.path, f.content_type, f.size, f.sha256, f.id, f.hlc, f.deleted, b.data
-                 FROM files f JOIN blobs b ON b.sha256 = f.sha256
-                 WHERE f.path = ?1 AND f.deleted = 0",
-            )
-            .and_then(|mut s| {
-                s.query_row([path], |row| Ok((entry(row)?, row.get(7)?)))
-                    .optional()
-            })
-            .map_err(db_error)
+    /// The live entry of `path` and its bytes, read back from `payloads` (the node's payload
+    /// store) by the entry's scribe id and checked against the entry's SHA-256. The id names
+    /// those bytes forever, so a concurrent replacement cannot make them disagree. `None` if no
+    /// file is live there, or if its version was redacted (a redacted version is never served).
+    pub fn get_with_data(
+        &self,
+        path: &str,
+        payloads: &dyn Payloads,
+    ) -> Result<Option<(Entry, Vec<u8>)>, ProjectionError> {
+        let Some(entry) = self.get(path)? else {
+            return Ok(None);
+        };
+        Ok(file_data(payloads, &entry)?.map(|data| (entry, data)))
     }
 
     /// Live entries whose path starts with `prefix`, in path order, at most `limit`.
