@@ -161,6 +161,41 @@ async fn settle(channel: &AuthChannel, stream: &Bytes) {
     }
 }
 
+/// Waits until every projection slot under `data` keeps one generation (a rebuilt copy's old
+/// generation is deleted after the swap, in the background).
+async fn retired_copies_gone(data: &Path) {
+    let generations = |slot: &Path| {
+        std::fs::read_dir(slot)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().parse::<u64>().is_ok())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    loop {
+        let mut extra = false;
+        for projection in std::fs::read_dir(data.join("projections"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for slot in std::fs::read_dir(projection.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                extra |= generations(&slot.path()) > 1;
+            }
+        }
+        if !extra {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 async fn site(files: usize, publishes: usize) {
     let work = tempfile::tempdir().unwrap();
     let site = work.path().join("site");
@@ -214,6 +249,7 @@ async fn site(files: usize, publishes: usize) {
         push();
     }
     settle(&channel, &stream).await;
+    retired_copies_gone(dir.path()).await;
     let before = disk_bytes(dir.path());
     println!("      before: {}", breakdown(dir.path()));
     let plan = prune(&channel, &stream, true).await;
@@ -221,6 +257,7 @@ async fn site(files: usize, publishes: usize) {
     let done = prune(&channel, &stream, false).await;
     let prune_seconds = started.elapsed().as_secs_f64();
     settle(&channel, &stream).await;
+    retired_copies_gone(dir.path()).await;
     let after = disk_bytes(dir.path());
     println!(
         "  site: {files} files, {:.1} MB live, published {publishes} times ({changed} files changed each time)",
@@ -257,8 +294,8 @@ async fn throughput(records: usize) {
     config.prune_every = None;
     let node = start(config).await;
     let channel = support::owner(&node).await;
-    let stream = support::create_retained(&channel, "records", Some(support::unlimited()), None)
-        .await;
+    let stream =
+        support::create_retained(&channel, "records", Some(support::unlimited()), None).await;
     let mut log = pb::log_client::LogClient::new(channel.clone())
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20);

@@ -63,7 +63,7 @@ pub fn retain_rule(scribe: &Scribe) -> Result<Rule, AppendError> {
 }
 
 /// Most `prune` scribes one append job signs (one commit, one seal).
-const PRUNES_PER_JOB: usize = 1024;
+const PRUNES_PER_JOB: usize = 4096;
 
 /// Payload counts and bytes (bytes as the envelopes state them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -269,7 +269,7 @@ async fn under_peers_known_only_allowed_keys_replicate_and_a_denied_key_is_cut_o
     connect(&c, &a).await;
     for node in [&b, &c] {
         wait_until(
-            Duration::from_secs(30),
+            crate::replication::CONVERGE,
             "the refusal reaches the dialer",
             || async {
                 peer_status(node).await.iter().any(|peer| {
@@ -298,7 +298,7 @@ async fn under_peers_known_only_allowed_keys_replicate_and_a_denied_key_is_cut_o
 
     // A denies B: B's connection ends at once and what A writes next never reaches it.
     set_key(&a, &b, false).await;
-    wait_until(Duration::from_secs(30), "A drops B", || async {
+    wait_until(crate::replication::CONVERGE, "A drops B", || async {
         !peer_status(&a)
             .await
             .iter()
@@ -306,7 +306,7 @@ async fn under_peers_known_only_allowed_keys_replicate_and_a_denied_key_is_cut_o
     })
     .await;
     append_note(&mut clients_a, &stream, "after the deny").await;
-    wait_until(Duration::from_secs(30), "B hears why", || async {
+    wait_until(crate::replication::CONVERGE, "B hears why", || async {
         peer_status(&b)
             .await
             .iter()
