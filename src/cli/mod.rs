@@ -639,3 +639,27 @@ async fn run(cli: Cli, registry: Registry) -> Result<std::process::ExitCode> {
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_millis;
+
+    #[test]
+    fn durations_read_with_their_units_and_nonsense_is_refused() {
+        assert_eq!(parse_millis("0"), Ok(0));
+        assert_eq!(parse_millis("500ms"), Ok(500));
+        assert_eq!(parse_millis("45s"), Ok(45_000));
+        assert_eq!(parse_millis("10m"), Ok(600_000));
+        assert_eq!(parse_millis("12h"), Ok(43_200_000));
+        assert_eq!(parse_millis("30d"), Ok(2_592_000_000));
+        for bad in ["", "5", "d", "3x", "-1d", "1.5h", "99999999999999999999d"] {
+            assert!(parse_millis(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            crate::genesis::human_millis(2_592_000_000),
+            "30d",
+            "and back"
+        );
+        assert_eq!(crate::genesis::human_millis(1500), "1500ms");
+    }
+}
