@@ -35,7 +35,9 @@ pub fn append_status(error: &AppendError) -> Status {
         | AppendError::BadRedaction { .. }
         | AppendError::BadRetention(_) => Code::InvalidArgument,
         AppendError::RedactDenied { .. } => Code::PermissionDenied,
-        AppendError::Redacted(_) | AppendError::AlreadyRedacted(_) => Code::FailedPrecondition,
+        AppendError::Redacted(_)
+        | AppendError::AlreadyRedacted(_)
+        | AppendError::RuleChanged(_) => Code::FailedPrecondition,
         AppendError::Membership { error, .. } => match error {
             crate::membership::MembershipError::UnknownView(_) => Code::FailedPrecondition,
             crate::membership::MembershipError::Full => Code::ResourceExhausted,

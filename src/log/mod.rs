@@ -165,6 +165,9 @@ pub enum AppendError {
         /// Who may: the target's author and the stream's owner, by key.
         who: String,
     },
+    /// A prune this node planned under a retention rule a `retain` has replaced since.
+    #[error("stream {0}: its retention rule changed since this prune was planned; prune again")]
+    RuleChanged(StreamId),
     /// A `retain` scribe whose rule does not decode or is out of bounds.
     #[error("retain payload: {0}")]
     BadRetention(String),

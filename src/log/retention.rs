@@ -262,6 +262,12 @@ impl Log {
         }
         let targets = std::mem::take(&mut plan.targets);
         for job in targets.chunks(PRUNES_PER_JOB) {
+            // A `retain` committed since the plan: its rule decides, at the next pass.
+            match self.stream(stream) {
+                Some(state) if *state.retention == plan.in_force => {}
+                Some(_) => break,
+                None => return Ok(None),
+            }
             let drafts = job
                 .iter()
                 .map(|(target, reason, _)| {
@@ -275,7 +281,11 @@ impl Log {
                         }
                         .encode_to_vec()
                         .into(),
-                        parents: vec![*target],
+                        // The `retain` scribe whose rule this is, if not the genesis's: the
+                        // committer refuses the prune if the rule changed since the plan.
+                        parents: std::iter::once(*target)
+                            .chain(plan.in_force.from.map(|(_, id)| id))
+                            .collect(),
                     })
                 })
                 .collect();
@@ -285,9 +295,14 @@ impl Log {
                         plan.pruned_now.add(*bytes);
                     }
                 }
-                // Redacted meanwhile: the next pass plans again without it.
-                Err(AppendError::AlreadyRedacted(_)) => break,
-                Err(error) => return Err(error),
+                Err(error) => match error.root() {
+                    // Redacted meanwhile (or pruned by a concurrent pass): the next pass plans
+                    // again without it.
+                    AppendError::AlreadyRedacted(_) | AppendError::RuleChanged(_) => break,
+                    // Left meanwhile: not held any more, nothing to say of it.
+                    AppendError::Leaving(_) | AppendError::UnknownStream(_) => return Ok(None),
+                    _ => return Err(error),
+                },
             }
         }
         plan.after_pruning();

@@ -265,6 +265,14 @@ pub(super) fn admit(
         let rule = super::retention::retain_rule(scribe)?;
         Arc::make_mut(&mut state.retention).replace_if_newer(scribe, rule);
     }
+    if scribe.body.kind == Kind::Prune && fresh {
+        // This node's own prune names the `retain` it applied (none: the genesis's rule), after
+        // its target: a rule replaced since the plan decides instead.
+        let applied = scribe.body.parents.get(1).copied();
+        if applied != state.retention.from.map(|(_, id)| id) {
+            return Err(AppendError::RuleChanged(state.id));
+        }
+    }
     if scribe.body.kind.erases() {
         let target = check_redact(seen, &state, scribe)?;
         let redundant = already_redacted(seen, &target)?;
@@ -738,7 +746,12 @@ fn check_size(state: &StreamState, scribe: &Scribe, origin: Origin) -> Result<()
         });
     }
     let size = scribe.size();
-    if origin == Origin::Local && state.record.bytes + size > state.policy.max_stream_bytes {
+    // A redaction or prune frees room rather than taking it (and at most one per scribe is
+    // accepted from a client): a full stream can still be pruned and redacted.
+    if origin == Origin::Local
+        && !scribe.body.kind.erases()
+        && state.record.bytes + size > state.policy.max_stream_bytes
+    {
         return Err(AppendError::StreamFull {
             held: state.record.bytes,
             size,

@@ -15,6 +15,7 @@ mod attack_load;
 mod attack_load2;
 mod attack_quota;
 mod attack_redact;
+mod attack_retention;
 mod browser;
 mod clock;
 mod common;
