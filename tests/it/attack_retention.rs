@@ -22,7 +22,7 @@ use crate::leave::{big, files_containing, put_file, verify_clean};
 use crate::malicious::{wait_for_peer, Intruder};
 use crate::redact::{count, file_data, get_entry, redact, redact_scribe, redact_scribe_of_kind};
 use crate::replication::{connect, join, wait_for_count, CONVERGE};
-use crate::retention::settled_digests;
+use crate::retention::{prune, settled_digests};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -189,24 +189,6 @@ async fn append_together(node: &RunningNode, scribes: &[Scribe]) -> Result<(), t
         })
         .await
         .map(|_| ())
-}
-
-/// `Streams.Prune` of `stream` on `node`.
-async fn prune(
-    node: &RunningNode,
-    stream: &StreamId,
-    dry_run: bool,
-) -> Result<pb::StreamPayloads, tonic::Status> {
-    let reply = clients(&node.url())
-        .await
-        .streams
-        .prune(pb::PruneRequest {
-            stream: bytes_of(stream),
-            dry_run,
-        })
-        .await?
-        .into_inner();
-    Ok(reply.streams.into_iter().next().expect("one stream"))
 }
 
 /// `Streams.Retain` of `stream` on `node`.

@@ -53,7 +53,8 @@ fn keep(versions: u32) -> pb::Retention {
     }
 }
 
-async fn prune(
+/// `Streams.Prune` of `stream` on `node`: its one stream's payloads.
+pub(crate) async fn prune(
     node: &RunningNode,
     stream: &StreamId,
     dry_run: bool,
