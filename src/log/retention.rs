@@ -126,7 +126,8 @@ fn millis(hlc: u64) -> u64 {
 }
 
 /// Reads a stream and judges its payloads by its rule at the clock `now` (blocking: reads every
-/// scribe of the stream once; payloads only of `file.*` scribes, for their paths).
+/// scribe of the stream once, payloads included; only `file.*` payloads are decoded, for their
+/// paths).
 pub fn plan(
     store: &Store,
     state: &StreamState,

@@ -39,12 +39,12 @@ async fn users_note(
 }
 
 /// The encoded `SealedScribe` of `scribe`, as a redacted scribe carries its justification.
-fn encoded(scribe: &Scribe) -> Bytes {
+pub(crate) fn encoded(scribe: &Scribe) -> Bytes {
     scribe.parts().to_proto().encode_to_vec().into()
 }
 
 /// `scribe` without its payload, carrying `justification`.
-fn stripped(scribe: &Scribe, justification: Bytes) -> Scribe {
+pub(crate) fn stripped(scribe: &Scribe, justification: Bytes) -> Scribe {
     let mut stripped = scribe.clone();
     stripped.body.payload = Bytes::new();
     stripped.redacted_by = Some(justification);
@@ -52,7 +52,10 @@ fn stripped(scribe: &Scribe, justification: Bytes) -> Scribe {
 }
 
 /// Appends client-sealed scribes in one `AppendBatch` (one job, so one commit).
-async fn append_together(node: &RunningNode, scribes: &[Scribe]) -> Result<(), tonic::Status> {
+pub(crate) async fn append_together(
+    node: &RunningNode,
+    scribes: &[Scribe],
+) -> Result<(), tonic::Status> {
     clients(&node.url())
         .await
         .log

@@ -17,12 +17,13 @@ use quire::projection_api::files::{FileChange, CONTENT_TYPE as FILE_CONTENT_TYPE
 use quire::projection_api::{AuthorKey, Kind, ScribeId, StreamId};
 use quire::scribe::{Body, Scribe};
 
+use crate::attack_redact::{append_together, encoded, stripped};
 use crate::common::*;
 use crate::leave::{big, files_containing, put_file, verify_clean};
 use crate::malicious::{wait_for_peer, Intruder};
 use crate::redact::{count, file_data, get_entry, redact, redact_scribe, redact_scribe_of_kind};
 use crate::replication::{connect, join, wait_for_count, CONVERGE};
-use crate::retention::{prune, settled_digests};
+use crate::retention::{keep, prune, settled_digests};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -57,13 +58,6 @@ async fn create(
         .expect("create a stream")
         .into_inner();
     StreamId::from_slice(&info.stream).unwrap()
-}
-
-fn keep(versions: u32) -> pb::Retention {
-    pb::Retention {
-        keep_versions: versions,
-        ..Default::default()
-    }
 }
 
 /// A scribe of `kind` sealed by `signer`, with view `membership` and `parents`.
@@ -149,19 +143,6 @@ fn retain_scribe(
     )
 }
 
-/// The encoded `SealedScribe` of `scribe`, as a redacted scribe carries its justification.
-fn encoded(scribe: &Scribe) -> Bytes {
-    scribe.parts().to_proto().encode_to_vec().into()
-}
-
-/// `scribe` without its payload, carrying `justification`.
-fn stripped(scribe: &Scribe, justification: Bytes) -> Scribe {
-    let mut stripped = scribe.clone();
-    stripped.body.payload = Bytes::new();
-    stripped.redacted_by = Some(justification);
-    stripped
-}
-
 async fn append_signed(
     node: &RunningNode,
     scribe: &Scribe,
@@ -172,23 +153,6 @@ async fn append_signed(
         .append_signed(signed_request(scribe.parts()))
         .await
         .map(|reply| reply.into_inner())
-}
-
-/// Appends client-sealed scribes in one `AppendBatch` (one unit: all or none).
-async fn append_together(node: &RunningNode, scribes: &[Scribe]) -> Result<(), tonic::Status> {
-    clients(&node.url())
-        .await
-        .log
-        .append_batch(pb::AppendBatchRequest {
-            appends: vec![],
-            signed: scribes
-                .iter()
-                .map(|scribe| signed_request(scribe.parts()))
-                .collect(),
-            sealed: vec![],
-        })
-        .await
-        .map(|_| ())
 }
 
 /// `Streams.Retain` of `stream` on `node`.

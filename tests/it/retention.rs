@@ -46,7 +46,8 @@ async fn create_retained(
     Ok(StreamId::from_slice(&info.stream).unwrap())
 }
 
-fn keep(versions: u32) -> pb::Retention {
+/// A rule keeping the newest `versions` of each path.
+pub(crate) fn keep(versions: u32) -> pb::Retention {
     pb::Retention {
         keep_versions: versions,
         ..Default::default()
@@ -356,6 +357,37 @@ async fn a_retain_scribe_changes_the_rule_and_the_background_pruner_applies_it()
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    // A malformed or unknown stream: clear refusals, nothing appended.
+    let mut streams = clients(&node.url()).await.streams;
+    let malformed = streams
+        .prune(pb::PruneRequest {
+            stream: Bytes::from_static(b"short"),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        malformed.code(),
+        tonic::Code::InvalidArgument,
+        "{malformed:?}"
+    );
+    let unknown = StreamId::from([9u8; 32]);
+    let missing = streams
+        .prune(pb::PruneRequest {
+            stream: bytes_of(&unknown),
+            dry_run: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    let missing = streams
+        .retain(pb::RetainRequest {
+            stream: bytes_of(&unknown),
+            retention: Some(keep(1)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     let out = cli(&node, &["retain", &tid, "--keep-versions", "2"]).await;
     assert!(out.contains("newest 2 versions per path"), "{out}");
     let info = stream_info(&node, &stream).await;
