@@ -416,6 +416,7 @@ impl Api {
         let payload = pb::Redact {
             target: Bytes::copy_from_slice(target.as_bytes()),
             reason,
+            kv: None,
         }
         .encode_to_vec();
         let appended = self

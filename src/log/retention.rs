@@ -82,7 +82,7 @@ impl Count {
 }
 
 /// What a stream's payloads are on this node, and what its rule lets go now.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Plan {
     /// The stream.
     pub stream: StreamId,
@@ -98,8 +98,8 @@ pub struct Plan {
     pub redacted: Count,
     /// Whether this node holds the owner's key.
     pub owner_here: bool,
-    /// The scribes to prune, with why and their payload bytes.
-    pub targets: Vec<(ScribeId, &'static str, u64)>,
+    /// The scribes to prune.
+    pub targets: Vec<Target>,
     /// Prune scribes signed by [`Log::prune`] (none for a plan).
     pub pruned_now: Count,
 }
@@ -117,8 +117,25 @@ impl Plan {
     }
 }
 
+/// A scribe the rule lets go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    /// The scribe.
+    pub id: ScribeId,
+    /// Which part of the rule (the prune's `reason`).
+    pub reason: &'static str,
+    /// Its payload bytes.
+    pub bytes: u64,
+    /// For a kv write, what its key's state still needs of it (the prune carries it).
+    pub kv: Option<pb::PrunedKvWrite>,
+}
+
 /// A version of a path, or a record: its clock, id and payload bytes.
 type Dated = (u64, ScribeId, u64);
+
+/// The writes of a kv key this node knows: each with its payload bytes, and whether it is pruned
+/// already (then it counts, value-less, as the kv projector counts it).
+type KeyWrites = Vec<(quire_projection_kv::Write, u64, bool)>;
 
 /// Milliseconds of a hybrid-logical-clock value.
 fn millis(hlc: u64) -> u64 {
@@ -143,6 +160,7 @@ pub fn plan(
     };
     let mut paths: HashMap<String, Vec<Dated>> = HashMap::new();
     let mut records: Vec<Dated> = Vec::new();
+    let mut keys: HashMap<Vec<u8>, KeyWrites> = HashMap::new();
     let mut from = state.record.genesis_seq;
     loop {
         let chunk = store.read_stream(&state.id, from, u64::MAX, 4096, 64 << 20)?;
@@ -157,8 +175,18 @@ pub fn plan(
             let (body, _, payload_len) = decode_stored_envelope(&entry.parts.envelope)
                 .map_err(|error| damaged(error.to_string()))?;
             if let Some(justification) = &entry.parts.redacted_by {
-                match justification_kind(justification) {
-                    Some(Kind::Prune) => plan.pruned.add(payload_len),
+                match justification_body(justification) {
+                    Some(prune) if prune.kind == Kind::Prune => {
+                        plan.pruned.add(payload_len);
+                        // A pruned kv write still counts in its key's fold (a redacted one not).
+                        if rule.keep_versions > 0 {
+                            if let Ok(Some((key, write))) =
+                                quire_projection_kv::decode_pruned(&prune.kind, &prune.payload)
+                            {
+                                keys.entry(key).or_default().push((write, 0, true));
+                            }
+                        }
+                    }
                     _ => plan.redacted.add(payload_len),
                 }
                 continue;
@@ -192,6 +220,23 @@ pub fn plan(
                     }
                 }
                 Kind::RecordAdd | Kind::RecordUpvote if rule.max_age_ms > 0 => records.push(dated),
+                Kind::KvSet | Kind::KvDelete if rule.keep_versions > 0 => {
+                    let write = quire_projection_kv::decode_write(&body.kind, &entry.parts.payload)
+                        .map_err(damaged)?;
+                    if let Some(write) = write {
+                        let whole = quire_projection_kv::Write {
+                            hlc: body.hlc,
+                            author: body.author,
+                            id: entry.id,
+                            value: write.value,
+                            replaces: write.replaces,
+                            pruned_set: false,
+                        };
+                        keys.entry(write.key)
+                            .or_default()
+                            .push((whole, payload_len, false));
+                    }
+                }
                 _ => {}
             }
         }
@@ -211,27 +256,80 @@ pub fn plan(
             // The version that pushed this one out of the newest `keep`.
             let superseded_at = millis(versions[index - keep].0);
             if now.saturating_sub(superseded_at) >= rule.min_lag_ms {
-                plan.reclaimable.add(bytes);
-                plan.targets
-                    .push((id, "retention: newest versions per path", bytes));
+                plan.add_target(id, "retention: newest versions per path", bytes, None);
             }
         }
     }
     for (hlc, id, bytes) in records {
         if now.saturating_sub(millis(hlc)) >= rule.max_age_ms {
-            plan.reclaimable.add(bytes);
-            plan.targets
-                .push((id, "retention: records past their age", bytes));
+            plan.add_target(id, "retention: records past their age", bytes, None);
+        }
+    }
+    for (key, known) in keys {
+        let (mut writes, rest): (Vec<_>, Vec<_>) = known
+            .into_iter()
+            .map(|(write, bytes, pruned)| (write, (bytes, pruned)))
+            .unzip();
+        // Sorted by the fold: `rest` follows the same order.
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        order.sort_by_key(|&index| {
+            let write = &writes[index];
+            (write.hlc, write.author, write.id)
+        });
+        let rest: Vec<_> = order.iter().map(|&index| rest[index]).collect();
+        let superseded = quire_projection_kv::superseded(&mut writes, &state.policy, keep);
+        for (index, pushed_at) in superseded {
+            let (bytes, pruned) = rest[index];
+            if pruned || now.saturating_sub(millis(pushed_at)) < rule.min_lag_ms {
+                continue;
+            }
+            let write = &writes[index];
+            let kv = pb::PrunedKvWrite {
+                key: bytes::Bytes::copy_from_slice(&key),
+                replaces: match write.replaces == ScribeId::default() {
+                    true => bytes::Bytes::new(),
+                    false => bytes::Bytes::copy_from_slice(write.replaces.as_bytes()),
+                },
+                deleted: !write.sets(),
+                author: bytes::Bytes::copy_from_slice(&write.author.0),
+                hlc: write.hlc,
+            };
+            plan.add_target(
+                write.id,
+                "retention: newest versions per kv key",
+                bytes,
+                Some(kv),
+            );
         }
     }
     Ok(plan)
 }
 
-/// The kind of a justification (`redact` or `prune`), if it decodes.
-fn justification_kind(justification: &bytes::Bytes) -> Option<Kind> {
+impl Plan {
+    fn add_target(
+        &mut self,
+        id: ScribeId,
+        reason: &'static str,
+        bytes: u64,
+        kv: Option<pb::PrunedKvWrite>,
+    ) {
+        self.reclaimable.add(bytes);
+        self.targets.push(Target {
+            id,
+            reason,
+            bytes,
+            kv,
+        });
+    }
+}
+
+/// The body of a justification (a `redact` or `prune` scribe), if it decodes.
+fn justification_body(justification: &bytes::Bytes) -> Option<crate::scribe::Body> {
     let sealed = pb::SealedScribe::decode(justification.clone()).ok()?;
     let (body, ..) = decode_stored_envelope(&sealed.envelope).ok()?;
-    Some(body.kind)
+    let mut body = body;
+    body.payload = sealed.payload;
+    Some(body)
 }
 
 impl Log {
@@ -271,20 +369,21 @@ impl Log {
             }
             let drafts = job
                 .iter()
-                .map(|(target, reason, _)| {
+                .map(|target| {
                     Draft::New(NewScribe {
                         stream: Some(*stream),
                         kind: Kind::Prune,
                         content_type: PRUNE_CONTENT_TYPE.into(),
                         payload: pb::Redact {
-                            target: bytes::Bytes::copy_from_slice(target.as_bytes()),
-                            reason: (*reason).into(),
+                            target: bytes::Bytes::copy_from_slice(target.id.as_bytes()),
+                            reason: target.reason.into(),
+                            kv: target.kv.clone(),
                         }
                         .encode_to_vec()
                         .into(),
                         // The `retain` scribe whose rule this is, if not the genesis's: the
                         // committer refuses the prune if the rule changed since the plan.
-                        parents: std::iter::once(*target)
+                        parents: std::iter::once(target.id)
                             .chain(plan.in_force.from.map(|(_, id)| id))
                             .collect(),
                     })
@@ -292,8 +391,8 @@ impl Log {
                 .collect();
             match self.append(drafts, Origin::Local).await {
                 Ok(_) => {
-                    for (_, _, bytes) in job {
-                        plan.pruned_now.add(*bytes);
+                    for target in job {
+                        plan.pruned_now.add(target.bytes);
                     }
                 }
                 Err(error) => match error.root() {
@@ -356,5 +455,73 @@ pub async fn prune_loop(log: Log, every: std::time::Duration) {
                 Err(error) => tracing::warn!(stream = %state.id, %error, "retention: prune failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kv projector reads a `prune` with its own mirror of `quire.v1.Redact`: the two agree.
+    #[test]
+    fn the_kv_projector_reads_the_prune_this_node_writes() {
+        let payload = pb::Redact {
+            target: bytes::Bytes::from(vec![7; 32]),
+            reason: "retention: newest versions per kv key".into(),
+            kv: Some(pb::PrunedKvWrite {
+                key: bytes::Bytes::from_static(b"k"),
+                replaces: bytes::Bytes::from(vec![5; 32]),
+                deleted: false,
+                author: bytes::Bytes::from(vec![9; 32]),
+                hlc: 42 << 16,
+            }),
+        }
+        .encode_to_vec();
+        let (key, write) = quire_projection_kv::decode_pruned(&Kind::Prune, &payload)
+            .unwrap()
+            .unwrap();
+        assert_eq!(key, b"k");
+        assert_eq!(
+            write,
+            quire_projection_kv::Write {
+                hlc: 42 << 16,
+                author: AuthorKey([9; 32]),
+                id: ScribeId([7; 32]),
+                value: None,
+                replaces: ScribeId([5; 32]),
+                pruned_set: true,
+            }
+        );
+        let deleted = pb::Redact {
+            target: bytes::Bytes::from(vec![7; 32]),
+            reason: String::new(),
+            kv: Some(pb::PrunedKvWrite {
+                key: bytes::Bytes::from_static(b"k"),
+                replaces: bytes::Bytes::new(),
+                deleted: true,
+                author: bytes::Bytes::from(vec![9; 32]),
+                hlc: 1,
+            }),
+        }
+        .encode_to_vec();
+        let (_, write) = quire_projection_kv::decode_pruned(&Kind::Prune, &deleted)
+            .unwrap()
+            .unwrap();
+        assert!(!write.sets() && write.replaces == ScribeId::default());
+        // A prune of a file carries no `kv`; a redact is not read at all.
+        let file = pb::Redact {
+            target: bytes::Bytes::from(vec![7; 32]),
+            reason: String::new(),
+            kv: None,
+        }
+        .encode_to_vec();
+        assert_eq!(
+            quire_projection_kv::decode_pruned(&Kind::Prune, &file),
+            Ok(None)
+        );
+        assert_eq!(
+            quire_projection_kv::decode_pruned(&Kind::Redact, &payload),
+            Ok(None)
+        );
     }
 }

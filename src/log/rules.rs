@@ -47,7 +47,9 @@ use crate::scribe::{decode_envelope, leading_zero_bits, Body, Parts, Scribe};
 ///   the `redact` scribe it carries).
 /// - 6: retention: the genesis `retention` rule, `retain` and `prune` scribes (the owner's), and
 ///   scribes pruned by a `prune` scribe they carry (`log::retention`).
-pub const RULES_VERSION: u32 = 6;
+/// - 7: a `prune` may target a `kv.*` write, and then carries what the kv fold needs of it
+///   (`quire.v1.PrunedKvWrite`, matching the write); no other `redact` or `prune` carries it.
+pub const RULES_VERSION: u32 = 7;
 
 /// Whether `error` is a rule's verdict on a well-formed, correctly signed scribe (which another
 /// version of the rules may judge otherwise), rather than damage, a wrong batch or a local failure.
@@ -410,8 +412,72 @@ pub fn redactable(kind: &Kind) -> bool {
 pub fn prunable(kind: &Kind) -> bool {
     matches!(
         kind,
-        Kind::FilePut | Kind::FileDelete | Kind::RecordAdd | Kind::RecordUpvote
+        Kind::FilePut
+            | Kind::FileDelete
+            | Kind::RecordAdd
+            | Kind::RecordUpvote
+            | Kind::KvSet
+            | Kind::KvDelete
     )
+}
+
+/// A `prune` of a `kv.*` write carries what the kv fold needs of it (`quire.v1.PrunedKvWrite`):
+/// its author and clock as `target`'s envelope says, whether it deletes as its kind says, and its
+/// key and `replaces` as its payload says where this node holds it (`payload`; a node that never
+/// held it trusts the owner's signature). No other `redact` or `prune` carries one.
+fn check_pruned_kv(
+    redact: &Scribe,
+    target: ScribeId,
+    body: &Body,
+    payload: Option<&[u8]>,
+) -> Result<(), AppendError> {
+    let bad = |reason: String| AppendError::BadRedaction {
+        target: target.to_string(),
+        reason,
+    };
+    let kv_target = matches!(body.kind, Kind::KvSet | Kind::KvDelete);
+    let carried = pb::Redact::decode(&redact.body.payload[..])
+        .map_err(|error| bad(format!("the payload is not a quire.v1.Redact: {error}")))?
+        .kv;
+    if redact.body.kind != Kind::Prune || !kv_target {
+        return match carried {
+            None => Ok(()),
+            Some(_) => Err(bad(format!(
+                "only a prune of a kv.set or kv.delete carries `kv`, not a {} of a {}",
+                redact.body.kind, body.kind
+            ))),
+        };
+    }
+    if carried.is_none() {
+        return Err(bad(
+            "a prune of a kv write must carry `kv`: what the key's state still needs of it".into(),
+        ));
+    }
+    let (key, pruned) = quire_projection_kv::decode_pruned(&redact.body.kind, &redact.body.payload)
+        .map_err(|error| bad(format!("its `kv`: {error}")))?
+        .ok_or_else(|| bad("its `kv` does not decode".into()))?;
+    if pruned.author != body.author || pruned.hlc != body.hlc {
+        return Err(bad(format!(
+            "its `kv` names author {} at clock {}, the write's envelope {} at {}",
+            pruned.author, pruned.hlc, body.author, body.hlc
+        )));
+    }
+    if pruned.pruned_set != (body.kind == Kind::KvSet) {
+        return Err(bad(format!(
+            "its `kv` says deleted = {}, the write is a {}",
+            !pruned.pruned_set, body.kind
+        )));
+    }
+    if let Some(payload) = payload {
+        let write = quire_projection_kv::decode_write(&body.kind, payload)
+            .map_err(|error| bad(format!("the write's payload: {error}")))?;
+        if write.is_none_or(|write| write.key != key || write.replaces != pruned.replaces) {
+            return Err(bad(
+                "its `kv` names another key or replaced write than the write's payload".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The most bytes of a `redact` scribe's reason.
@@ -470,7 +536,7 @@ fn check_redactor(
             return Err(AppendError::BadRedaction {
                 target: target.to_string(),
                 reason: format!(
-                    "a prune targets a file.* or record.* scribe (what a retention rule covers), not a {target_kind}"
+                    "a prune targets a file.*, record.* or kv.* scribe (what a retention rule covers), not a {target_kind}"
                 ),
             });
         }
@@ -507,15 +573,14 @@ fn check_redact(
     scribe: &Scribe,
 ) -> Result<ScribeId, AppendError> {
     let target = redact_target(scribe)?;
-    let envelope = seen
+    let pending = seen
         .job
         .entries
         .iter()
         .chain(seen.group.entries)
-        .find(|entry| entry.id == target)
-        .map(|entry| entry.parts.envelope.clone());
-    let envelope = match envelope {
-        Some(envelope) => envelope,
+        .find(|entry| entry.id == target);
+    let envelope = match pending {
+        Some(entry) => entry.parts.envelope.clone(),
         None => match seen.shared.store.envelope(&target)? {
             Some((_, envelope)) => envelope,
             None => {
@@ -536,6 +601,20 @@ fn check_redact(
         });
     }
     check_redactor(state, scribe, target, body.author, &body.kind)?;
+    if scribe.body.kind == Kind::Prune && matches!(body.kind, Kind::KvSet | Kind::KvDelete) {
+        // The write's payload, where this node holds it (a kv payload is small).
+        let payload = match pending {
+            Some(entry) if entry.parts.redacted_by.is_none() => Some(entry.parts.payload.to_vec()),
+            Some(_) => None,
+            None => match seen.shared.store.payload(&target)? {
+                Some(super::store::StoredPayload::Bytes(bytes)) => Some(bytes),
+                _ => None,
+            },
+        };
+        check_pruned_kv(scribe, target, &body, payload.as_deref())?;
+    } else {
+        check_pruned_kv(scribe, target, &body, None)?;
+    }
     Ok(target)
 }
 
@@ -588,7 +667,9 @@ fn check_justification(
         scribe.id,
         scribe.body.author,
         &scribe.body.kind,
-    )
+    )?;
+    // The scribe arrives without its payload: its envelope is what the `kv` can be checked by.
+    check_pruned_kv(&redact, scribe.id, &scribe.body, None)
 }
 
 /// Whether the stream lets the scribe's author write it (its policy, and the membership as the

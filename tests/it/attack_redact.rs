@@ -510,6 +510,7 @@ async fn repeated_redacts_of_a_redacted_scribe_do_not_escape_the_quota() {
         body.payload = pb::Redact {
             target: bytes_of(&notes[0].id),
             reason: format!("{round} {}", "x".repeat(1000)),
+            kv: None,
         }
         .encode_to_vec()
         .into();

@@ -60,7 +60,7 @@ pub async fn get(
     .map(|reply| reply.into_inner())
 }
 
-async fn delete(
+pub async fn delete(
     kv: &mut pb::kv_client::KvClient<AuthChannel>,
     stream: &StreamId,
     key: &[u8],

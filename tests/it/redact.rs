@@ -444,6 +444,7 @@ pub(crate) fn redact_scribe_of_kind(
             payload: pb::Redact {
                 target: bytes_of(target),
                 reason: String::new(),
+                kv: None,
             }
             .encode_to_vec()
             .into(),

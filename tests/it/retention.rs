@@ -219,6 +219,124 @@ async fn the_owner_prunes_superseded_versions_on_every_node_digests_unchanged_an
     }
 }
 
+/// Kv value `v` of `key`: over 1 KiB, so each is stored apart.
+fn kv_value(key: &str, v: usize) -> Bytes {
+    big(&format!("retention-kv-{key}-v{v}-marker|"), 4096)
+}
+
+fn kv_marker(key: &str, v: usize) -> Vec<u8> {
+    format!("retention-kv-{key}-v{v}-marker|").into_bytes()
+}
+
+/// A key's value, holder, fencing token and last write on `node`.
+async fn kv_state(node: &RunningNode, stream: &StreamId, key: &[u8]) -> (Bytes, Bytes, u64, Bytes) {
+    let entry = crate::kv::get(&mut crate::kv::kv(node).await, stream, key)
+        .await
+        .expect("kv get");
+    (entry.value, entry.owner, entry.fence, entry.id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_keys_keep_their_newest_versions_and_every_fencing_token_on_every_node() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start_node(dirs[0].path()).await;
+    let b = start_node(dirs[1].path()).await;
+    let stream = create_retained(&a, "config", keep(2)).await.unwrap();
+    let mut kv = crate::kv::kv(&a).await;
+    // Four versions of "k"; "gone" set, deleted and set again. Keeping two per key: k v1 and v2
+    // go, and gone's first set (its delete and second set are the newest two).
+    for v in 1..=4 {
+        crate::kv::set(&mut kv, &stream, b"k", &kv_value("k", v))
+            .await
+            .unwrap();
+    }
+    crate::kv::set(&mut kv, &stream, b"gone", &kv_value("gone", 1))
+        .await
+        .unwrap();
+    crate::kv::delete(&mut kv, &stream, b"gone").await.unwrap();
+    crate::kv::set(&mut kv, &stream, b"gone", &kv_value("gone", 3))
+        .await
+        .unwrap();
+    connect(&b, &a).await;
+    join(&b, &stream).await;
+    let total = crate::redact::count(&a, &stream);
+    wait_for_count(&[&b], &stream, total).await;
+    let before = settled_digests(&a, &stream).await;
+    assert_eq!(settled_digests(&b, &stream).await, before);
+    let k_before = kv_state(&a, &stream, b"k").await;
+    assert_eq!(k_before.2, 4, "four valid writes");
+    assert_eq!(kv_state(&b, &stream, b"k").await, k_before);
+
+    let dry = prune(&a, &stream, true).await.unwrap();
+    assert_eq!(
+        (dry.reclaimable_payloads, dry.pruned_now),
+        (3, 0),
+        "{dry:?}"
+    );
+    let pruned = prune(&a, &stream, false).await.unwrap();
+    assert_eq!(pruned.pruned_now, 3, "{pruned:?}");
+    wait_for_count(&[&a, &b], &stream, total + 3).await;
+    let gone = [("k", 1), ("k", 2), ("gone", 1)];
+    let kept = [("k", 3), ("k", 4), ("gone", 3)];
+    for dir in [&dirs[0], &dirs[1]] {
+        // Off the disk everywhere: the payload store and the kv table's copy of each value.
+        wait_until(CONVERGE, "superseded kv values off the disk", || async {
+            gone.iter()
+                .all(|(key, v)| files_containing(dir.path(), &kv_marker(key, *v)).is_empty())
+        })
+        .await;
+        for (key, v) in kept {
+            assert!(!files_containing(dir.path(), &kv_marker(key, v)).is_empty());
+        }
+    }
+    // Each key's value, holder, fence and last write are as they were, on both nodes.
+    assert_eq!(settled_digests(&a, &stream).await, before);
+    assert_eq!(settled_digests(&b, &stream).await, before);
+    for node in [&a, &b] {
+        assert_eq!(kv_state(node, &stream, b"k").await, k_before);
+        assert_eq!(
+            kv_state(node, &stream, b"gone").await.0,
+            kv_value("gone", 3)
+        );
+    }
+
+    // A node joining after compaction: the same digests, none of the pruned values.
+    let c = start_node(dirs[2].path()).await;
+    connect(&c, &b).await;
+    join(&c, &stream).await;
+    wait_for_count(&[&c], &stream, total + 3).await;
+    assert_eq!(settled_digests(&c, &stream).await, before);
+    assert_eq!(kv_state(&c, &stream, b"k").await, k_before);
+    for (key, v) in gone {
+        assert!(files_containing(dirs[2].path(), &kv_marker(key, v)).is_empty());
+    }
+
+    // The chain goes on from the kept write: fence 5, on every node; a second prune takes v3.
+    let written = crate::kv::set(&mut kv, &stream, b"k", &kv_value("k", 5))
+        .await
+        .unwrap();
+    assert_eq!((written.fence, &written.written), (5, &written.id));
+    let again = prune(&a, &stream, false).await.unwrap();
+    assert_eq!(again.pruned_now, 1, "{again:?}");
+    wait_for_count(&[&a, &b, &c], &stream, total + 5).await;
+    let after = settled_digests(&a, &stream).await;
+    for node in [&b, &c] {
+        assert_eq!(settled_digests(node, &stream).await, after);
+        let state = kv_state(node, &stream, b"k").await;
+        assert_eq!((state.0, state.2), (kv_value("k", 5), 5));
+    }
+    for node in [&a, &b, &c] {
+        assert_eq!(refused_by(node).await, 0, "{}", node.url());
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    c.stop().await.unwrap();
+    for dir in &dirs {
+        let report = verify_clean(dir.path());
+        assert!(report.contains("(4 payloads pruned)"), "{report}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_past_their_age_leave_their_table_on_every_node_by_the_scribes_clocks() {
     const DAY: u64 = 24 * 3600 * 1000;

@@ -39,6 +39,16 @@
 //! same set of scribes in any arrival order (BRIEF invariant 7), and applying a scribe twice
 //! changes nothing (writes are stored once by id).
 //!
+//! # Retention
+//! A stream's retention rule may keep only the newest N versions of each key: the owner's node
+//! then signs a `prune` scribe for each write older than the key's N newest valid writes. A
+//! pruned write's payload is gone, but its `prune` carries what the fold needs of it (its key,
+//! clock, author, `replaces`, and whether it was a set: `quire.v1.PrunedKvWrite`, checked by
+//! every node against the write's envelope), so the projector keeps counting it, without its
+//! value ([`Write::pruned_set`]): its fence, lease and `replaces` chain are unchanged, and so is
+//! every key's state while its newest valid write is kept. An owner's or author's `redact`, by
+//! contrast, takes the write out of the fold altogether.
+//!
 //! # Storage
 //! One SQLite file `kv.sqlite` per instance (WAL mode, so [`Reader`]s read while the runner
 //! writes): `writes` (every kv scribe, by key), `current` (the folded state of each key) and
@@ -92,6 +102,74 @@ pub struct KvDelete {
     pub replaces: Vec<u8>,
 }
 
+/// The part of a `prune` scribe's payload (a `quire.v1.Redact`) this projector reads: the write
+/// it prunes, if that is a kv write. Other fields are skipped.
+#[derive(Clone, PartialEq, Message)]
+pub struct Prune {
+    /// The pruned scribe's id.
+    #[prost(bytes = "vec", tag = "1")]
+    pub target: Vec<u8>,
+    /// What the key's state still needs of it (`None`: not a kv write).
+    #[prost(message, optional, tag = "3")]
+    pub kv: Option<PrunedKvWrite>,
+}
+
+/// What a `prune` keeps of a kv write (`quire.v1.PrunedKvWrite`).
+#[derive(Clone, PartialEq, Message)]
+pub struct PrunedKvWrite {
+    /// The key.
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    /// The write it names as replaced (empty or a 32-byte id).
+    #[prost(bytes = "vec", tag = "2")]
+    pub replaces: Vec<u8>,
+    /// A `kv.delete` (else a `kv.set`).
+    #[prost(bool, tag = "3")]
+    pub deleted: bool,
+    /// The write's author (32 bytes).
+    #[prost(bytes = "vec", tag = "4")]
+    pub author: Vec<u8>,
+    /// The write's clock.
+    #[prost(uint64, tag = "5")]
+    pub hlc: u64,
+}
+
+/// The key and the value-less [`Write`] a `prune` scribe's payload keeps of a kv write; `Ok(None)`
+/// for another kind, or a prune of something else; an error for a payload that does not decode or
+/// a field out of shape.
+pub fn decode_pruned(kind: &Kind, payload: &[u8]) -> Result<Option<(Vec<u8>, Write)>, String> {
+    if *kind != Kind::Prune {
+        return Ok(None);
+    }
+    let prune = Prune::decode(payload)
+        .map_err(|error| format!("prune payload does not decode: {error}"))?;
+    let Some(kv) = prune.kv else {
+        return Ok(None);
+    };
+    check_key(&kv.key)?;
+    let id = |bytes: &[u8], what: &str| match bytes.len() {
+        32 => Ok(blob32(bytes.to_vec())),
+        other => Err(format!(
+            "a pruned kv write's {what} must be 32 bytes, it has {other}"
+        )),
+    };
+    let replaces = match kv.replaces.len() {
+        0 => ScribeId::default(),
+        _ => ScribeId(id(&kv.replaces, "replaces")?),
+    };
+    Ok(Some((
+        kv.key,
+        Write {
+            hlc: kv.hlc,
+            author: AuthorKey(id(&kv.author, "author")?),
+            id: ScribeId(id(&prune.target, "target")?),
+            value: None,
+            replaces,
+            pruned_set: !kv.deleted,
+        },
+    )))
+}
+
 /// Checks a key's length.
 pub fn check_key(key: &[u8]) -> Result<(), String> {
     if key.is_empty() {
@@ -115,10 +193,20 @@ pub struct Write {
     pub author: AuthorKey,
     /// The scribe.
     pub id: ScribeId,
-    /// The value set, or `None` for a delete.
+    /// The value set, or `None` for a delete (or a set whose value was pruned).
     pub value: Option<Vec<u8>>,
     /// The last valid write the writer saw ([`ScribeId::default`]: none).
     pub replaces: ScribeId,
+    /// A set whose value a retention rule pruned (`value` is `None`): it still gave its author
+    /// the key, but its value is no longer known.
+    pub pruned_set: bool,
+}
+
+impl Write {
+    /// Whether the write set a value (rather than deleting the key).
+    pub fn sets(&self) -> bool {
+        self.value.is_some() || self.pruned_set
+    }
 }
 
 /// The state of a key after folding its writes.
@@ -170,13 +258,19 @@ impl State {
 
 /// The state of a key with these writes, in any order (see the crate docs for the rule).
 pub fn fold(writes: &mut [Write], policy: &Policy) -> State {
+    fold_marking(writes, policy, |_| {})
+}
+
+/// [`fold`], calling `valid` with the index of each valid write (in the order `writes` is left
+/// in: sorted by `(hlc, author, id)`).
+pub fn fold_marking(writes: &mut [Write], policy: &Policy, mut valid: impl FnMut(usize)) -> State {
     // An instant is a hybrid logical clock value: a write made after seeing another always has a
     // greater one, so only concurrent writes can share an instant; then the lower author goes
     // first (and, with leasing on, takes the key).
     writes.sort_by_key(|w| (w.hlc, w.author, w.id));
     let mut state = State::default();
     let mut previous: Option<&Write> = None;
-    for write in writes.iter() {
+    for (index, write) in writes.iter().enumerate() {
         if previous.is_some_and(|p| p.id == write.id) {
             continue;
         }
@@ -184,13 +278,42 @@ pub fn fold(writes: &mut [Write], policy: &Policy) -> State {
         if !state.admits(&write.author, write.hlc, &write.replaces, policy) {
             continue;
         }
+        valid(index);
         state.fence += 1;
         state.hlc = write.hlc;
         state.id = write.id;
-        state.owner = write.value.as_ref().map(|_| write.author);
+        state.owner = write.sets().then_some(write.author);
         state.value = write.value.clone();
     }
     state
+}
+
+/// The writes of one key that its `keep` newest valid writes supersede (`keep` ≥ 1; 0 gives
+/// none): for each, its index in `writes` (sorted as [`fold`] leaves them) and the clock of the
+/// valid write that pushed it out (the `keep`-th valid write after it). A valid write is
+/// superseded by the `keep` valid writes after it; an invalid one, which never counted, by the
+/// `keep` valid writes after it too. Pruning any of them (keeping them as value-less writes)
+/// leaves the key's state as it was: validity never depends on a value, and the state's value
+/// is its last valid write's, which is never superseded.
+pub fn superseded(writes: &mut [Write], policy: &Policy, keep: usize) -> Vec<(usize, u64)> {
+    if keep == 0 {
+        return Vec::new();
+    }
+    let mut valid = Vec::new();
+    fold_marking(writes, policy, |index| valid.push(index));
+    let mut out = Vec::new();
+    for (index, write) in writes.iter().enumerate() {
+        if index > 0 && writes[index - 1].id == write.id {
+            continue;
+        }
+        // Valid writes up to this one (itself included): the `keep`-th after it comes next.
+        let counted = valid.partition_point(|&v| v <= index);
+        match valid.get(counted + keep - 1) {
+            Some(&pusher) => out.push((index, writes[pusher].hlc)),
+            None => break,
+        }
+    }
+    out
 }
 
 /// The key/value plugin: one SQLite database per stream.
@@ -231,7 +354,8 @@ const DB: Database = Database {
     setup: "
     CREATE TABLE IF NOT EXISTS writes (
         key BLOB NOT NULL, hlc INTEGER NOT NULL, author BLOB NOT NULL, id BLOB NOT NULL,
-        value BLOB, replaces BLOB NOT NULL, PRIMARY KEY (key, hlc, author, id)) WITHOUT ROWID;
+        value BLOB, replaces BLOB NOT NULL, pruned INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (key, hlc, author, id)) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS current (
         key BLOB PRIMARY KEY, value BLOB, owner BLOB, hlc INTEGER NOT NULL, id BLOB NOT NULL,
         fence INTEGER NOT NULL, seq INTEGER NOT NULL) WITHOUT ROWID;
@@ -243,16 +367,30 @@ const DB: Database = Database {
 
 impl KvProjector {
     fn open(place: &Place) -> Result<KvProjector, ProjectionError> {
+        let db = DB.open(&place.dir)?;
+        // A database made before retention covered kv keys: no write of it was pruned.
+        let columns: Vec<String> = db
+            .prepare("SELECT name FROM pragma_table_info('writes')")
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| row.get(0))?
+                    .collect::<rusqlite::Result<_>>()
+            })
+            .map_err(db_error)?;
+        if !columns.iter().any(|column| column == "pruned") {
+            db.execute_batch("ALTER TABLE writes ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0")
+                .map_err(db_error)?;
+        }
         Ok(KvProjector {
-            db: DB.open(&place.dir)?,
+            db,
             policy: place.policy.clone(),
         })
     }
 
     fn refold(&self, key: &[u8], seq: u64) -> rusqlite::Result<()> {
-        let mut statement = self
-            .db
-            .prepare_cached("SELECT hlc, author, id, value, replaces FROM writes WHERE key = ?1")?;
+        let mut statement = self.db.prepare_cached(
+            "SELECT hlc, author, id, value, replaces, pruned FROM writes WHERE key = ?1",
+        )?;
         let mut writes: Vec<Write> = statement
             .query_map([key], |row| {
                 Ok(Write {
@@ -261,6 +399,7 @@ impl KvProjector {
                     id: ScribeId(blob32(row.get(2)?)),
                     value: row.get(3)?,
                     replaces: ScribeId(blob32(row.get(4)?)),
+                    pruned_set: row.get(5)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -390,8 +529,25 @@ impl Projector for KvProjector {
     fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
         let mut writes = Vec::new();
         for (index, scribe) in batch.iter().enumerate() {
-            match decode_write(&scribe.kind, &scribe.payload) {
-                Ok(Some(write)) => writes.push((scribe, write)),
+            let write = decode_write(&scribe.kind, &scribe.payload).map(|write| {
+                write.map(|write| {
+                    let whole = Write {
+                        hlc: scribe.hlc,
+                        author: scribe.author,
+                        id: scribe.id,
+                        value: write.value,
+                        replaces: write.replaces,
+                        pruned_set: false,
+                    };
+                    (write.key, whole)
+                })
+            });
+            // A pruned write still counts, without its value (the crate docs, "Retention").
+            match write.and_then(|write| match write {
+                Some(write) => Ok(Some(write)),
+                None => decode_pruned(&scribe.kind, &scribe.payload),
+            }) {
+                Ok(Some((key, write))) => writes.push((scribe.local_seq, key, write)),
                 Ok(None) => {}
                 Err(reason) => return Err(ApplyError::Scribe { index, reason }),
             }
@@ -399,24 +555,27 @@ impl Projector for KvProjector {
         let storage = |error| DB.storage(error);
         let tx = self.db.unchecked_transaction().map_err(storage)?;
         let mut touched = std::collections::BTreeMap::new();
-        for (scribe, write) in writes {
+        for (seq, key, write) in writes {
+            // A prune applied to a copy that still holds the whole write changes nothing here:
+            // the copy is being rebuilt without the payload.
             self.db
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO writes (key, hlc, author, id, value, replaces)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR IGNORE INTO writes (key, hlc, author, id, value, replaces, pruned)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .and_then(|mut insert| {
                     insert.execute(params![
-                        write.key,
-                        scribe.hlc as i64,
-                        scribe.author.0.to_vec(),
-                        scribe.id.0.to_vec(),
+                        key,
+                        write.hlc as i64,
+                        write.author.0.to_vec(),
+                        write.id.0.to_vec(),
                         write.value,
-                        write.replaces.0.to_vec()
+                        write.replaces.0.to_vec(),
+                        write.pruned_set
                     ])
                 })
                 .map_err(storage)?;
-            touched.insert(write.key, scribe.local_seq);
+            touched.insert(key, seq);
         }
         for (key, seq) in &touched {
             self.refold(key, *seq).map_err(storage)?;

@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 use quire_projection_api::{testing, AuthorKey, Policy, Scribe, ScribeId, StreamId};
-use quire_projection_kv::{encode, fold, Kv, Write, CONTENT_TYPE};
+use quire_projection_kv::{encode, fold, superseded, Kv, Write, CONTENT_TYPE};
 
 const MS: u64 = 1 << 16;
 
@@ -18,6 +18,7 @@ fn write(ms: u64, author: u8, id: u8, value: Option<&[u8]>, replaces: u8) -> Wri
         } else {
             ScribeId([replaces; 32])
         },
+        pruned_set: false,
     }
 }
 
@@ -202,6 +203,7 @@ fn a_write_made_after_seeing_another_sorts_after_it_within_one_millisecond() {
             id: ScribeId([1; 32]),
             value: None,
             replaces: ScribeId::default(),
+            pruned_set: false,
         },
         Write {
             hlc: 10 * MS + 3,
@@ -209,6 +211,7 @@ fn a_write_made_after_seeing_another_sorts_after_it_within_one_millisecond() {
             id: ScribeId([2; 32]),
             value: Some(b"three, after the delete".to_vec()),
             replaces: ScribeId([1; 32]),
+            pruned_set: false,
         },
     ];
     let state = fold(&mut writes, &leasing(1000));
@@ -290,4 +293,102 @@ fn partitioned_holders_share_a_fence_but_never_an_id() {
         &policy,
     );
     assert_eq!((healed.fence, healed.id), (x_side.fence, x_side.id));
+}
+
+/// A key's history: writes by three authors over three seconds, each naming an earlier write (or
+/// none) as replaced, so valid chains, stale names, backdated writes and lease takeovers occur.
+fn history() -> impl Strategy<Value = Vec<Write>> {
+    let one = (
+        1u8..4,
+        0u64..3000,
+        prop::option::weighted(0.8, prop::collection::vec(any::<u8>(), 0..4)),
+        prop::option::weighted(0.8, any::<prop::sample::Index>()),
+    );
+    prop::collection::vec(one, 0..30).prop_map(|writes| {
+        let mut out: Vec<Write> = Vec::new();
+        for (n, (author, ms, value, replaces)) in writes.into_iter().enumerate() {
+            let replaces = replaces
+                .filter(|_| !out.is_empty())
+                .map(|index| out[index.index(out.len())].id)
+                .unwrap_or_default();
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(n as u64 + 1).to_be_bytes());
+            out.push(Write {
+                hlc: ms * MS,
+                author: AuthorKey([author; 32]),
+                id: ScribeId(id),
+                value,
+                replaces,
+                pruned_set: false,
+            });
+        }
+        out
+    })
+}
+
+/// `writes` with those at `indices` pruned: value-less, as a `prune` keeps them.
+fn pruned(writes: &[Write], indices: &[usize]) -> Vec<Write> {
+    let mut out = writes.to_vec();
+    for &index in indices {
+        out[index].pruned_set = out[index].sets();
+        out[index].value = None;
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Retention's rule for kv keys: pruning any of the superseded writes of any history, in any
+    /// number of passes, under leases or not, leaves the key's state (value, holder, fence, last
+    /// write) exactly as it was, and never prunes the last valid write.
+    #[test]
+    fn pruning_superseded_writes_in_any_passes_leaves_the_state_unchanged(
+        writes in history(),
+        leases in prop::option::of(1u64..2000),
+        keep in 1usize..4,
+        passes in prop::collection::vec(prop::collection::vec(any::<bool>(), 30), 1..4),
+    ) {
+        let policy = match leases {
+            Some(lease_ms) => leasing(lease_ms),
+            None => Policy { leasing: false, ..Policy::default() },
+        };
+        let mut writes = writes;
+        let before = fold(&mut writes, &policy);
+        for pass in passes {
+            let candidates = superseded(&mut writes, &policy, keep);
+            prop_assert!(candidates.iter().all(|&(index, _)| writes[index].id != before.id));
+            let chosen: Vec<usize> = candidates
+                .iter()
+                .filter(|&&(index, _)| pass[index % pass.len()])
+                .map(|&(index, _)| index)
+                .collect();
+            writes = pruned(&writes, &chosen);
+            prop_assert_eq!(&fold(&mut writes, &policy), &before);
+        }
+    }
+}
+
+#[test]
+fn the_newest_valid_writes_are_kept_and_an_invalid_write_goes_with_its_elders() {
+    let policy = leasing(1000);
+    // 1 takes the key; 2 tries too early (invalid); 1 renews twice.
+    let mut writes = vec![
+        write(10, 1, 1, Some(b"a"), 0),
+        write(500, 2, 2, Some(b"too early"), 1),
+        write(600, 1, 3, Some(b"b"), 1),
+        write(700, 1, 4, Some(b"c"), 3),
+    ];
+    let ids = |found: Vec<(usize, u64)>, writes: &[Write]| {
+        found
+            .into_iter()
+            .map(|(index, at)| (writes[index].id.0[0], at / MS))
+            .collect::<Vec<_>>()
+    };
+    let found = superseded(&mut writes, &policy, 1);
+    assert_eq!(ids(found, &writes), vec![(1, 600), (2, 600), (3, 700)]);
+    let found = superseded(&mut writes, &policy, 2);
+    assert_eq!(ids(found, &writes), vec![(1, 700), (2, 700)]);
+    assert!(superseded(&mut writes, &policy, 3).is_empty());
+    assert!(superseded(&mut writes, &policy, 0).is_empty());
 }
