@@ -21,8 +21,10 @@ use crate::attack_redact::{append_together, encoded, stripped};
 use crate::common::*;
 use crate::leave::{big, files_containing, put_file, verify_clean};
 use crate::malicious::{wait_for_peer, Intruder};
-use crate::redact::{count, file_data, get_entry, redact, redact_scribe, redact_scribe_of_kind};
-use crate::replication::{connect, join, wait_for_count, CONVERGE};
+use crate::redact::{
+    count, erasure_scribe, file_data, get_entry, redact, redact_scribe, redact_scribe_of_kind,
+};
+use crate::replication::{connect, join, part, wait_for_count, CONVERGE};
 use crate::retention::{keep, prune, settled_digests};
 
 // ---------------------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ async fn forged_prune_justifications_from_a_peer_are_refused_and_counted() {
             ),
         ),
         (
-            "the owner's prune of a kv write",
+            "the owner's prune of a kv write that does not carry `kv`",
             stripped(
                 &kv_write,
                 encoded(&prune_scribe(&owner, &stream, &kv_write.id, hlc)),
@@ -541,7 +543,7 @@ async fn the_owner_may_not_prune_or_redact_what_retention_does_not_cover() {
         ("a retain", the_retain.id),
         ("a prune", the_prune.id),
         ("an x.note", owner_note.id),
-        ("a kv.set", kv_write),
+        ("a kv.set, not carrying `kv`", kv_write),
     ];
     let key = client_key(114);
     let mut intruder = Intruder::connect(node.peer_addr.unwrap(), key.clone(), true).await;
@@ -1462,4 +1464,231 @@ async fn a_revoke_arriving_after_a_prune_uncovers_the_owners_version() {
         Some(big(OWNERS, 4096)),
         "the writer's excluded version is gone and the owner's version was pruned"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kv keys.
+
+/// A `kv.*` write sealed by `signer`.
+fn kv_write(
+    signer: &SigningKey,
+    stream: &StreamId,
+    key: &[u8],
+    value: Option<&[u8]>,
+    replaces: Option<&ScribeId>,
+    hlc: u64,
+) -> Scribe {
+    let (kind, payload) = quire_projection_kv::encode(key, value, replaces);
+    sealed(
+        signer,
+        stream,
+        kind.as_str(),
+        quire_projection_kv::CONTENT_TYPE,
+        payload,
+        hlc,
+        None,
+        vec![],
+    )
+}
+
+/// What a true `prune` of `write` (a `kv.set` of `key`, naming nothing) carries.
+fn kv_truth(write: &Scribe, key: &[u8]) -> pb::PrunedKvWrite {
+    pb::PrunedKvWrite {
+        key: Bytes::copy_from_slice(key),
+        replaces: Bytes::new(),
+        deleted: false,
+        author: Bytes::copy_from_slice(write.body.author.as_bytes()),
+        hlc: write.body.hlc,
+    }
+}
+
+/// A kv `prune` must say truly what it keeps of the write (its author, clock and kind as the
+/// envelope says; its key and replaced write as the payload says): one that misstates any of it,
+/// one without it, and a prune of a file or a redact carrying it are refused at append and from a
+/// peer (counted), and change nothing. From a peer, a stripped write whose justification
+/// misstates its envelope is refused too, even where the payload was never held. The true prune
+/// is taken and changes no key's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_prune_that_misstates_the_write_is_refused_at_append_and_from_a_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = quiet_node(dir.path()).await;
+    let owner = client_key(161);
+    let stream = create(
+        &node,
+        "kv-forged",
+        Some(key_of(&owner)),
+        None,
+        Some(keep(1)),
+    )
+    .await;
+    // A second node holding the stream but, cut off, never any write of it.
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh = quiet_node(fresh_dir.path()).await;
+    connect(&fresh, &node).await;
+    join(&fresh, &stream).await;
+    part(&fresh, &node).await;
+    let mut hlc = node.log.clock().now();
+    let mut next = || {
+        hlc += 1;
+        hlc
+    };
+    let w1 = kv_write(&owner, &stream, b"k", Some(b"one"), None, next());
+    let w2 = kv_write(&owner, &stream, b"k", Some(b"two"), Some(&w1.id), next());
+    let f1 = file_put(&owner, &stream, "p", b"version one", next(), None);
+    let f2 = file_put(&owner, &stream, "p", b"version two", next(), None);
+    for scribe in [&w1, &w2, &f1, &f2] {
+        append_signed(&node, scribe)
+            .await
+            .expect("the owner's writes");
+    }
+    let truth = kv_truth(&w1, b"k");
+    let lie = |change: &dyn Fn(&mut pb::PrunedKvWrite)| {
+        let mut kv = truth.clone();
+        change(&mut kv);
+        Some(kv)
+    };
+    let forged: Vec<(&str, Scribe)> = vec![
+        ("no kv", None),
+        (
+            "another author",
+            lie(&|kv| kv.author = Bytes::copy_from_slice(key_of(&client_key(162)).as_bytes())),
+        ),
+        ("another clock", lie(&|kv| kv.hlc += 1)),
+        ("a delete", lie(&|kv| kv.deleted = true)),
+        ("another key", lie(&|kv| kv.key = Bytes::from_static(b"j"))),
+        (
+            "another replaced write",
+            lie(&|kv| kv.replaces = Bytes::copy_from_slice(w2.id.as_bytes())),
+        ),
+        (
+            "a 31-byte author",
+            lie(&|kv| kv.author = Bytes::from(vec![1; 31])),
+        ),
+        ("an empty key", lie(&|kv| kv.key = Bytes::new())),
+    ]
+    .into_iter()
+    .map(|(what, kv)| (what, w1.id, "prune", kv))
+    .chain([
+        (
+            "a prune of a file carrying kv",
+            f1.id,
+            "prune",
+            Some(truth.clone()),
+        ),
+        (
+            "the owner's redact of the write carrying kv",
+            w1.id,
+            "redact",
+            Some(truth.clone()),
+        ),
+    ])
+    .collect::<Vec<_>>()
+    .into_iter()
+    .map(|(what, target, kind, kv)| {
+        (
+            what,
+            erasure_scribe(&owner, &stream, &target, next(), kind, kv),
+        )
+    })
+    .collect();
+    let before = read_all(&mut clients(&node.url()).await).await;
+    let digests = settled_digests(&node, &stream).await;
+    let key = client_key(163);
+    let mut intruder = Intruder::connect(node.peer_addr.unwrap(), key.clone(), true).await;
+    intruder.offer(&stream).await;
+    let mut seq = 0;
+    for (n, (what, prune)) in forged.iter().enumerate() {
+        let status = append_signed(&node, prune).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
+        send_each(&intruder, &stream, &[prune], &mut seq).await;
+        let refused = n as u64 + 1;
+        let peer = wait_for_peer(&node, &key, |peer| peer.refused >= refused).await;
+        assert_eq!(peer.refused, refused, "{what} from a peer");
+    }
+    assert_eq!(intruder_received(&node, &key).await, 0);
+    assert_eq!(read_all(&mut clients(&node.url()).await).await, before);
+
+    // The true prune: taken; the key's value, fence and last write are as they were.
+    let kv_before = crate::kv::get(&mut crate::kv::kv(&node).await, &stream, b"k")
+        .await
+        .unwrap();
+    assert_eq!((kv_before.fence, &kv_before.value[..]), (2, &b"two"[..]));
+    let true_prune = erasure_scribe(
+        &owner,
+        &stream,
+        &w1.id,
+        next(),
+        "prune",
+        Some(truth.clone()),
+    );
+    append_signed(&node, &true_prune)
+        .await
+        .expect("the true prune");
+    assert_eq!(settled_digests(&node, &stream).await, digests);
+    let kv_after = crate::kv::get(&mut crate::kv::kv(&node).await, &stream, b"k")
+        .await
+        .unwrap();
+    // (Only `seq` moves: the prune touched the key on this node.)
+    assert_eq!(
+        pb::KvEntry {
+            seq: kv_before.seq,
+            ..kv_after
+        },
+        kv_before
+    );
+    assert!(get_entry(&node, &w1.id).await.payload.is_empty());
+
+    // A node that never held w1: its stripped envelope, justified by a prune that misstates the
+    // envelope, is refused; justified by the true prune, taken, with the same digests.
+    let fresh_key = client_key(164);
+    let mut peer = Intruder::connect(fresh.peer_addr.unwrap(), fresh_key.clone(), true).await;
+    peer.offer(&stream).await;
+    let mut fresh_seq = 0;
+    let misdated = erasure_scribe(
+        &owner,
+        &stream,
+        &w1.id,
+        next(),
+        "prune",
+        lie(&|kv| kv.hlc -= 1),
+    );
+    send_each(
+        &peer,
+        &stream,
+        &[&stripped(&w1, encoded(&misdated))],
+        &mut fresh_seq,
+    )
+    .await;
+    let refused = wait_for_peer(&fresh, &fresh_key, |peer| peer.refused >= 1).await;
+    assert_eq!((refused.refused, refused.streams[0].received), (1, 0));
+    send_each(
+        &peer,
+        &stream,
+        &[
+            &stripped(&w1, encoded(&true_prune)),
+            &w2,
+            &f1,
+            &f2,
+            &true_prune,
+        ],
+        &mut fresh_seq,
+    )
+    .await;
+    wait_for_peer(&fresh, &fresh_key, |peer| peer.streams[0].received == 5).await;
+    assert_eq!(settled_digests(&fresh, &stream).await, digests);
+    let on_fresh = crate::kv::get(&mut crate::kv::kv(&fresh).await, &stream, b"k")
+        .await
+        .unwrap();
+    assert_eq!(
+        (on_fresh.fence, on_fresh.value, on_fresh.id),
+        (kv_before.fence, kv_before.value, kv_before.id)
+    );
+    fresh.stop().await.unwrap();
+    node.stop().await.unwrap();
+    verify_clean(dir.path());
+    verify_clean(fresh_dir.path());
 }

@@ -433,6 +433,18 @@ pub(crate) fn redact_scribe_of_kind(
     hlc: u64,
     kind: &str,
 ) -> Scribe {
+    erasure_scribe(key, stream, target, hlc, kind, None)
+}
+
+/// A `redact` or `prune` scribe (`kind`) of `target` carrying `kv`, signed by `key`.
+pub(crate) fn erasure_scribe(
+    key: &ed25519_dalek::SigningKey,
+    stream: &StreamId,
+    target: &ScribeId,
+    hlc: u64,
+    kind: &str,
+    kv: Option<pb::PrunedKvWrite>,
+) -> Scribe {
     use prost::Message as _;
     Scribe::sign(
         Body {
@@ -444,7 +456,7 @@ pub(crate) fn redact_scribe_of_kind(
             payload: pb::Redact {
                 target: bytes_of(target),
                 reason: String::new(),
-                kv: None,
+                kv,
             }
             .encode_to_vec()
             .into(),

@@ -753,7 +753,8 @@ async fn sigkill_during_a_prune_loses_nothing_referenced_and_verify_reports_prun
     assert!(report.contains("(40 payloads pruned)"), "{report}");
 }
 
-/// One step of a history: a version of one of three paths, a delete, a note, or a prune.
+/// One step of a history: a version of one of three paths, a delete, a note, a kv write, or a
+/// prune.
 #[derive(Debug, Clone)]
 enum Step {
     Put(u8, u8),
@@ -761,20 +762,139 @@ enum Step {
     Note(u8),
     /// A new version of `_schema` (the same tables, other bytes).
     Schema(u8),
+    Kv(KvStep),
     Prune,
 }
 
+/// A kv write by one of three client keys to one of two keys.
+#[derive(Debug, Clone)]
+struct KvStep {
+    author: u8,
+    key: u8,
+    /// The value set; `None`: a delete.
+    value: Option<u8>,
+    /// What it names as replaced.
+    names: Names,
+    /// At the same instant as the previous kv write (a concurrent write: the lower author first).
+    same_instant: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Names {
+    /// The key's last valid write (a writer that saw it).
+    Current,
+    /// None (a writer that saw nothing).
+    Nothing,
+    /// An earlier write of the key (a stale writer, or one backdating history).
+    Earlier(prop::sample::Index),
+}
+
+/// How the case's stream leases kv keys.
+#[derive(Debug, Clone, Copy)]
+enum Leases {
+    /// The default: an hour, so other writers are kept out.
+    Hour,
+    /// 20 ms of the writers' clocks: some takeovers come too early, others not.
+    Short,
+    Off,
+}
+
 fn step() -> impl Strategy<Value = Step> {
+    let names = prop_oneof![
+        3 => Just(Names::Current),
+        1 => Just(Names::Nothing),
+        1 => any::<prop::sample::Index>().prop_map(Names::Earlier),
+    ];
+    let kv = (
+        0u8..3,
+        0u8..2,
+        prop::option::weighted(0.8, any::<u8>()),
+        names,
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(|(author, key, value, names, same_instant)| {
+            Step::Kv(KvStep {
+                author,
+                key,
+                value,
+                names,
+                same_instant,
+            })
+        });
     prop_oneof![
         4 => (0u8..3, any::<u8>()).prop_map(|(path, byte)| Step::Put(path, byte)),
         1 => (0u8..3).prop_map(Step::Delete),
         1 => any::<u8>().prop_map(Step::Note),
         1 => (0u8..8).prop_map(Step::Schema),
+        4 => kv,
         2 => Just(Step::Prune),
     ]
 }
 
-/// Property (the issue's): for any history of file versions and any "newest N" rule, pruning at
+/// The writes of each key so far, as the kv fold sees them.
+#[derive(Default)]
+struct KvHistory {
+    keys: [Vec<quire_projection_kv::Write>; 2],
+    last_hlc: u64,
+}
+
+impl KvHistory {
+    /// Signs `step`'s write into `stream` at the node's clock, and remembers it.
+    fn write(
+        &mut self,
+        node: &RunningNode,
+        stream: &StreamId,
+        policy: &quire::projection_api::Policy,
+        step: &KvStep,
+    ) -> Scribe {
+        let writes = &mut self.keys[step.key as usize];
+        let replaces = match &step.names {
+            Names::Current => quire_projection_kv::fold(&mut writes.clone(), policy).id,
+            Names::Nothing => ScribeId::default(),
+            Names::Earlier(index) if !writes.is_empty() => writes[index.index(writes.len())].id,
+            Names::Earlier(_) => ScribeId::default(),
+        };
+        let hlc = match step.same_instant && self.last_hlc > 0 {
+            true => self.last_hlc,
+            false => node.log.clock().now(),
+        };
+        self.last_hlc = hlc;
+        let key = format!("key{}", step.key);
+        let value = step.value.map(|byte| vec![byte; 8 + byte as usize]);
+        let (kind, payload) = quire_projection_kv::encode(
+            key.as_bytes(),
+            value.as_deref(),
+            (replaces != ScribeId::default()).then_some(&replaces),
+        );
+        let signer = client_key(40 + step.author);
+        let scribe = Scribe::sign(
+            quire::scribe::Body {
+                stream: Some(*stream),
+                author: key_of(&signer),
+                hlc,
+                kind,
+                content_type: quire_projection_kv::CONTENT_TYPE.into(),
+                payload: payload.into(),
+                parents: vec![],
+                membership: None,
+                nonce: 0,
+            },
+            &signer,
+        );
+        writes.push(quire_projection_kv::Write {
+            hlc,
+            author: key_of(&signer),
+            id: scribe.id,
+            value,
+            replaces,
+            pruned_set: false,
+        });
+        scribe
+    }
+}
+
+/// Property (the issue's): for any history of file versions and kv writes (three writers, valid
+/// and invalid writes, leases of an hour, of 20 ms or none) and any "newest N" rule, pruning at
 /// any points, any number of times, leaves every projection digest as it was just before; a
 /// rebuild after it gives the same digests. One node; one fresh stream per case.
 #[test]
@@ -798,19 +918,59 @@ fn pruning_at_any_points_of_any_history_leaves_every_digest_unchanged() {
         cases,
         ..ProptestConfig::default()
     });
-    let strategy = (1u32..=3, proptest::collection::vec(step(), 1..24));
+    let leases = prop_oneof![Just(Leases::Hour), Just(Leases::Short), Just(Leases::Off)];
+    let strategy = (1u32..=3, leases, proptest::collection::vec(step(), 1..24));
     let counter = AtomicU64::new(0);
     runner
-        .run(&strategy, |(keep_versions, steps)| {
+        .run(&strategy, |(keep_versions, leases, steps)| {
             let case = counter.fetch_add(1, Ordering::SeqCst);
             runtime.block_on(async {
-                let stream = create_retained(&node, &format!("case{case}"), keep(keep_versions))
+                let policy = pb::Policy {
+                    leasing_disabled: matches!(leases, Leases::Off),
+                    lease_ms: if matches!(leases, Leases::Short) {
+                        20
+                    } else {
+                        0
+                    },
+                    ..Default::default()
+                };
+                let info = clients(&node.url())
                     .await
-                    .unwrap();
+                    .streams
+                    .create(pb::CreateStreamRequest {
+                        name: format!("case{case}"),
+                        policy: Some(policy),
+                        owner: Bytes::new(),
+                        access: None,
+                        retention: Some(keep(keep_versions)),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let stream = StreamId::from_slice(&info.stream).unwrap();
+                let fold_policy = quire::projection_api::Policy {
+                    leasing: !matches!(leases, Leases::Off),
+                    lease_ms: if matches!(leases, Leases::Short) {
+                        20
+                    } else {
+                        3_600_000
+                    },
+                    ..Default::default()
+                };
                 publish_schema(&node, &stream).await;
+                let mut history = KvHistory::default();
                 let mut prunes = 0;
                 for step in &steps {
                     match step {
+                        Step::Kv(write) => {
+                            let scribe = history.write(&node, &stream, &fold_policy, write);
+                            clients(&node.url())
+                                .await
+                                .log
+                                .append_signed(signed_request(scribe.parts()))
+                                .await
+                                .expect("every kv write is stored, valid or not");
+                        }
                         Step::Put(path, byte) => {
                             put_file(
                                 &node.url(),
