@@ -423,16 +423,18 @@ pub struct CreateArgs {
 /// A retention rule (docs/protocol.md, "Retention"). With none of these: keep everything.
 #[derive(Debug, Args, Clone, Copy, Default)]
 pub struct RetentionArgs {
-    /// Keep only the newest N versions of each file path (`_schema` included); the owner's node
-    /// prunes older versions' payloads. 0: keep all.
+    /// Keep only the newest N versions of each file path (`_schema` included) and the newest N
+    /// valid writes of each kv key; the owner's node prunes older versions' payloads (a pruned
+    /// kv write still counts in its key's fence and lease). 0: keep all.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub keep_versions: u32,
     /// Keep records (`record.*`) at most this long, judged by scribes' clocks: 30d, 12h, 90m,
     /// 45s, 500ms. Older records' payloads are pruned and they leave their tables. 0: forever.
     #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_millis)]
     pub max_age: u64,
-    /// Keep a superseded file version at least this long after it was superseded, so a peer
-    /// that far behind still receives every version (like Kafka's min.compaction.lag.ms).
+    /// Keep a superseded file version or kv write at least this long after it was superseded,
+    /// so a peer that far behind still receives every version (like Kafka's
+    /// min.compaction.lag.ms).
     #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_millis)]
     pub min_lag: u64,
 }
