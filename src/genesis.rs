@@ -182,12 +182,13 @@ pub fn human_millis(ms: u64) -> String {
     format!("{ms}ms")
 }
 
-/// How a retention rule reads, for people: "newest 3 versions per path, records for 30d".
+/// How a retention rule reads, for people: "newest 3 versions per path and key, records kept
+/// 30d".
 pub fn describe_retention(retention: &pb::Retention) -> String {
     let mut parts = Vec::new();
     if retention.keep_versions > 0 {
         parts.push(format!(
-            "newest {} version{} per path",
+            "newest {} version{} per path and key",
             retention.keep_versions,
             if retention.keep_versions == 1 {
                 ""

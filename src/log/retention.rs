@@ -256,7 +256,7 @@ pub fn plan(
             // The version that pushed this one out of the newest `keep`.
             let superseded_at = millis(versions[index - keep].0);
             if now.saturating_sub(superseded_at) >= rule.min_lag_ms {
-                plan.add_target(id, "retention: newest versions per path", bytes, None);
+                plan.add_target(id, "retention: newest versions per file path", bytes, None);
             }
         }
     }

@@ -507,7 +507,7 @@ async fn a_retain_scribe_changes_the_rule_and_the_background_pruner_applies_it()
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     let out = cli(&node, &["retain", &tid, "--keep-versions", "2"]).await;
-    assert!(out.contains("newest 2 versions per path"), "{out}");
+    assert!(out.contains("newest 2 versions per path and key"), "{out}");
     let info = stream_info(&node, &stream).await;
     assert_eq!(info.retention.unwrap().keep_versions, 2);
     // The background pruner (every 50 ms here) prunes the first version on its own.
@@ -523,7 +523,7 @@ async fn a_retain_scribe_changes_the_rule_and_the_background_pruner_applies_it()
     assert_eq!(info.retention.unwrap().keep_versions, 2);
     let shown = cli(&node, &["stream", "get", &tid]).await;
     assert!(
-        shown.contains("retention   newest 2 versions per path"),
+        shown.contains("retention   newest 2 versions per path and key"),
         "{shown}"
     );
     node.stop().await.unwrap();
