@@ -12,9 +12,13 @@
 //!    two days back, then a `retain` of "records kept one day" and a `quire prune`
 //!    (`Streams.Prune`, which answers once the bytes have left the disk): payloads per second and
 //!    MB per second, and the plan alone (a dry run) for comparison.
+//! 3. **Kv keys**: 200,000 kv writes (200 versions of each of 1,000 keys, 64-byte values, in
+//!    `Kv.Update`s of 1,000 keys), rule "newest 1": plan and prune in payloads per second (every
+//!    key folded; each prune carries what the fold needs of its write), and the kv digest
+//!    checked unchanged after the prune.
 //!
-//! `QUIRE_BENCH_SITE_FILES` / `QUIRE_BENCH_PRUNE_RECORDS` change the sizes; `-- --test` runs a
-//! tiny version for CI.
+//! `QUIRE_BENCH_SITE_FILES` / `QUIRE_BENCH_PRUNE_RECORDS` / `QUIRE_BENCH_PRUNE_KV_WRITES` change
+//! the sizes; `-- --test` runs a tiny version for CI.
 
 use std::path::Path;
 use std::process::Command;
@@ -59,6 +63,11 @@ fn main() {
     println!("retention (newest 1 version per path; records kept 1 day)");
     runtime.block_on(site(files, if test_mode { 3 } else { 10 }));
     runtime.block_on(throughput(records));
+    let kv_writes = size_from_env(
+        "QUIRE_BENCH_PRUNE_KV_WRITES",
+        if test_mode { 2_000 } else { 200_000 },
+    );
+    runtime.block_on(kv_keys(kv_writes, if test_mode { 100 } else { 1_000 }));
 }
 
 /// Sum of the sizes of every file under `dir`.
@@ -359,5 +368,95 @@ async fn throughput(records: usize) {
         mb(done.pruned_now_bytes) / prune_seconds
     );
     println!("    projections settled {settle_seconds:.1} s after the prune answered");
+    node.stop().await.unwrap();
+}
+
+/// The kv projection's digest of `stream`.
+async fn kv_digest(channel: &AuthChannel, stream: &Bytes) -> Bytes {
+    pb::projections_client::ProjectionsClient::new(channel.clone())
+        .digest(pb::DigestRequest {
+            name: "kv".into(),
+            stream: stream.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .digest
+}
+
+async fn kv_keys(writes: usize, keys: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::new(dir.path());
+    config.prune_every = None;
+    let node = start(config).await;
+    let channel = support::owner(&node).await;
+    let stream = support::create_retained(
+        &channel,
+        "kv",
+        Some(support::unlimited()),
+        Some(pb::Retention {
+            keep_versions: 1,
+            ..Default::default()
+        }),
+    )
+    .await;
+    let mut kv = pb::kv_client::KvClient::new(channel.clone())
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20);
+    let versions = writes / keys;
+    let started = Instant::now();
+    for version in 0..versions {
+        let sets = (0..keys)
+            .map(|key| pb::KvSetRequest {
+                stream: stream.clone(),
+                key: Bytes::from(format!("key-{key:05}")),
+                value: Bytes::from(format!("{version:09} {key:05} {}", "v".repeat(48))),
+            })
+            .collect();
+        kv.update(pb::KvUpdateRequest {
+            stream: stream.clone(),
+            sets,
+            deletes: vec![],
+        })
+        .await
+        .unwrap();
+    }
+    let append_seconds = started.elapsed().as_secs_f64();
+    let writes = versions * keys;
+    settle(&channel, &stream).await;
+    let before = kv_digest(&channel, &stream).await;
+    let started = Instant::now();
+    let plan = prune(&channel, &stream, true).await;
+    let plan_seconds = started.elapsed().as_secs_f64();
+    let reclaimable = writes - keys;
+    assert_eq!(plan.reclaimable_payloads as usize, reclaimable);
+    let started = Instant::now();
+    let done = prune(&channel, &stream, false).await;
+    let prune_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(done.pruned_now as usize, reclaimable);
+    let started = Instant::now();
+    settle(&channel, &stream).await;
+    let settle_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(
+        kv_digest(&channel, &stream).await,
+        before,
+        "pruning superseded kv writes changed the kv digest"
+    );
+    println!(
+        "  kv keys: {writes} writes ({versions} versions of {keys} keys) set in {append_seconds:.1} s"
+    );
+    println!(
+        "    plan (dry run)          {:>10.0} payloads/s  {:>7.1} MB/s",
+        reclaimable as f64 / plan_seconds,
+        mb(plan.reclaimable_bytes) / plan_seconds
+    );
+    println!(
+        "    prune (signed, purged)  {:>10.0} payloads/s  {:>7.1} MB/s  ({prune_seconds:.1} s)",
+        reclaimable as f64 / prune_seconds,
+        mb(done.pruned_now_bytes) / prune_seconds
+    );
+    println!(
+        "    projections settled {settle_seconds:.1} s after the prune answered; kv digest unchanged"
+    );
     node.stop().await.unwrap();
 }
