@@ -600,6 +600,8 @@ pub(crate) struct Shared {
     readers: subscribe::ReaderBytes,
     /// Redactions committed and not yet purged from the disk.
     redactions: redact::Redactions,
+    /// Prune runs under way, per stream ([`Log::pruning`]).
+    prune_runs: std::sync::Mutex<HashMap<StreamId, usize>>,
     /// Fires when this value is dropped: declared last, so after `store` is closed.
     _closed: ClosedSignal,
 }
@@ -734,6 +736,7 @@ impl Log {
             work: work::WorkTurns::new(),
             readers: subscribe::ReaderBytes::default(),
             redactions: redact::Redactions::new(),
+            prune_runs: std::sync::Mutex::new(HashMap::new()),
             _closed: ClosedSignal(Some(closed_tx)),
         });
         let (submit, submit_rx) = mpsc::channel(SUBMIT_QUEUE);
@@ -986,6 +989,18 @@ impl Log {
                 .or_insert_with(|| watch::Sender::new(head_seq))
                 .subscribe(),
         )
+    }
+
+    /// Wakes whoever watches `stream`'s head ([`Log::watch_stream_head`]) without a new head.
+    pub(crate) fn poke_stream_head(&self, stream: &StreamId) {
+        let heads = self
+            .shared
+            .stream_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(head) = heads.get(stream) {
+            head.send_modify(|_| {});
+        }
     }
 
     /// This node's key.

@@ -360,6 +360,7 @@ impl Log {
             return Ok(Some(plan));
         }
         let targets = std::mem::take(&mut plan.targets);
+        let run = PruneRun::begin(self, *stream);
         for job in targets.chunks(PRUNES_PER_JOB) {
             // A `retain` committed since the plan: its rule decides, at the next pass.
             match self.stream(stream) {
@@ -405,11 +406,60 @@ impl Log {
                 },
             }
         }
+        drop(run);
         plan.after_pruning();
         if wait {
             self.wait_purged(self.redactions_committed()).await;
         }
         Ok(Some(plan))
+    }
+}
+
+/// A prune run under way on a stream: while one is, the stream's projection copies hold their
+/// rebuild (each commit of prunes would otherwise start it over), and build it once when the run
+/// ends (the rebuild itself is recorded when the first prune is met, so a crash mid-run still
+/// rebuilds at the next start).
+struct PruneRun {
+    log: Log,
+    stream: StreamId,
+}
+
+impl PruneRun {
+    fn begin(log: &Log, stream: StreamId) -> PruneRun {
+        *lock(&log.shared.prune_runs).entry(stream).or_insert(0) += 1;
+        PruneRun {
+            log: log.clone(),
+            stream,
+        }
+    }
+}
+
+impl Drop for PruneRun {
+    fn drop(&mut self) {
+        {
+            let mut runs = lock(&self.log.shared.prune_runs);
+            if let Some(count) = runs.get_mut(&self.stream) {
+                *count -= 1;
+                if *count == 0 {
+                    runs.remove(&self.stream);
+                }
+            }
+        }
+        // Wake the stream's projection slots: the rebuild they held can go on.
+        self.log.poke_stream_head(&self.stream);
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Log {
+    /// Whether a prune run is under way on `stream` (its projection copies hold their rebuild).
+    pub fn pruning(&self, stream: &StreamId) -> bool {
+        lock(&self.shared.prune_runs).contains_key(stream)
     }
 }
 

@@ -62,7 +62,7 @@ pub fn rebuild_offline(
         slot.start_rebuild(store)?;
         let target = slot.target(store, head)?;
         loop {
-            let worked = slot.work(store, &exclusions, target, false)?;
+            let worked = slot.work(store, &exclusions, target, false, false)?;
             let (_, shadow) = slot.copies();
             progress(shadow.map(|s| s.checkpoint).unwrap_or(target), target);
             if worked.swapped || !worked.more && slot.copies().1.is_none() {

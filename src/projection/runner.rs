@@ -864,11 +864,18 @@ async fn step(
         let _permit = permit;
         let store = store_log.store();
         let target = worker.target(store, head)?;
+        // A prune run under way on the stream: its commits would start a rebuild over each time;
+        // the run wakes the slot when it ends.
+        let shadow_held = worker
+            .stream
+            .as_ref()
+            .is_some_and(|stream| store_log.pruning(stream));
         let worked = worker.work(
             store,
             &crate::log::Exclusions::Log(store_log.clone()),
             target,
             true,
+            shadow_held,
         );
         if worker.is_open() {
             used.used(&worker);

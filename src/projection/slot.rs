@@ -215,8 +215,10 @@ pub(crate) struct Slot {
     /// How far the live copy has seen the log: readers wait on it for their own writes.
     applied: tokio::sync::watch::Sender<u64>,
     pub(crate) flags: Mutex<Flags>,
-    /// The newest seq of an `acl.revoke` the live copy met and answered by starting a fresh
-    /// rebuild (in memory: after a restart the live copy resumes past the revokes it met).
+    /// The live copy met an `acl.revoke`, `redact` or `prune` and answered it by starting a
+    /// fresh rebuild: the log's seq then, up to which every such scribe is in effect for that
+    /// rebuild (in memory: after a restart the live copy resumes past the revokes it met, and
+    /// the recorded rebuild resumes).
     revokes_met: Mutex<u64>,
 }
 
@@ -393,12 +395,15 @@ impl Slot {
     }
 
     /// Starts a rebuild; `fresh`: a rebuild under way is dropped and started over (it may have
-    /// applied scribes a revoke committed since excludes).
+    /// applied scribes a revoke committed since excludes) unless it has read nothing yet.
     fn begin_rebuild(&self, store: &Store, fresh: bool) -> Result<u64, SlotError> {
         // Lock order everywhere: live, shadow, next, shown.
         let live = lock(&self.live);
         let mut shadow = lock(&self.shadow);
-        if fresh {
+        let untouched = shadow
+            .as_ref()
+            .is_some_and(|copy| copy.scanned == 0 && copy.checkpoint == 0);
+        if fresh && !untouched {
             if let Some(stale) = shadow.take() {
                 let stale_dir = self.dir.join(stale.generation.to_string());
                 drop(stale);
@@ -449,14 +454,16 @@ impl Slot {
     }
 
     /// One step: a batch for the live copy (unless halted, or `live` is false: an offline
-    /// rebuild leaves the copy it replaces alone), a batch for the shadow copy, and the swap once
-    /// the shadow has reached `target`.
+    /// rebuild leaves the copy it replaces alone), a batch for the shadow copy (unless
+    /// `shadow_held`: a prune run is under way on the stream, and each of its commits would start
+    /// the shadow over), and the swap once the shadow has reached `target`.
     pub(crate) fn work(
         &self,
         store: &Store,
         exclusions: &Exclusions,
         target: u64,
         live: bool,
+        shadow_held: bool,
     ) -> Result<Worked, SlotError> {
         let mut worked = Worked::default();
         let halted = lock(&self.flags).halted.is_some();
@@ -469,9 +476,11 @@ impl Slot {
             };
             if let Some(seq) = step.revoke {
                 // The revoke (or redaction) may exclude scribes every copy holds: rebuild from
-                // the log, with it.
+                // the log, with it — and with every other one committed up to `target`, which
+                // the rebuild reads already in effect (a run of prune commits starts one rebuild,
+                // not one per commit).
                 self.begin_rebuild(store, true)?;
-                *lock(&self.revokes_met) = seq;
+                *lock(&self.revokes_met) = target;
                 tracing::info!(slot = %self.key, seq, "a revoke or a redaction: rebuilding the copy without what it takes away");
                 worked.more = true;
                 return Ok(worked);
@@ -482,6 +491,7 @@ impl Slot {
         let shadow_done = {
             let mut shadow = lock(&self.shadow);
             match shadow.as_mut() {
+                Some(_) if shadow_held => false,
                 Some(instance) => {
                     let step = self.step(store, exclusions, instance, target, false);
                     lock(&self.shown).1 = Some(instance.state());

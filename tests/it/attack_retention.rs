@@ -221,7 +221,7 @@ fn erasures(entries: &[pb::Entry]) -> std::collections::HashMap<ScribeId, usize>
 
 /// Node-signed `file.put`s of `path`, `count` versions (`tag` and the version number in each),
 /// appended in batches of 1,000; their ids in order.
-async fn many_versions(
+pub(crate) async fn many_versions(
     node: &RunningNode,
     stream: &StreamId,
     path: &str,

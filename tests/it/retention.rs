@@ -337,6 +337,47 @@ async fn kv_keys_keep_their_newest_versions_and_every_fencing_token_on_every_nod
     }
 }
 
+/// The live generation of each projection copy of `stream` on `node`, by name.
+async fn generations(node: &RunningNode, stream: &StreamId) -> Vec<(String, u64)> {
+    let id = bytes_of(stream);
+    let mut out: Vec<_> = node_status(node)
+        .await
+        .projections
+        .into_iter()
+        .filter(|copy| copy.stream == id)
+        .map(|copy| (copy.name, copy.generation))
+        .collect();
+    out.sort();
+    out
+}
+
+/// A prune run of several commits (4,096 prunes each) rebuilds each projection copy once, not
+/// once per commit: the copies hold their rebuild while the run is under way, and one rebuild
+/// answers every prune committed before it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_run_of_several_commits_rebuilds_each_copy_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::new(dir.path());
+    config.prune_every = None;
+    let node = start_config(config, false).await;
+    let stream = create_retained(&node, "many", keep(1)).await.unwrap();
+    crate::attack_retention::many_versions(&node, &stream, "page", "run", 4_300).await;
+    let before = settled_digests(&node, &stream).await;
+    let generations_before = generations(&node, &stream).await;
+    assert_eq!(generations_before.len(), 3, "{generations_before:?}");
+    let pruned = prune(&node, &stream, false).await.unwrap();
+    assert_eq!(
+        pruned.pruned_now, 4_299,
+        "two commits of prunes: {pruned:?}"
+    );
+    assert_eq!(settled_digests(&node, &stream).await, before);
+    let after = generations(&node, &stream).await;
+    for ((name, was), (_, now)) in generations_before.iter().zip(&after) {
+        assert_eq!(*now, was + 1, "{name}: one rebuild for the whole run");
+    }
+    node.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_past_their_age_leave_their_table_on_every_node_by_the_scribes_clocks() {
     const DAY: u64 = 24 * 3600 * 1000;
