@@ -326,6 +326,15 @@ impl pb::kv_server::Kv for KvService {
             Some(entry) if entry.state.value.is_some() => {
                 Ok(Response::new(entry_to_proto(&entry, &policy)))
             }
+            // Its last valid write is a set whose value the retention rule pruned (a later write
+            // was redacted, or found invalid): held, with no value to show.
+            Some(entry) if entry.state.owner.is_some() => Err(Status::not_found(format!(
+                "key {} of stream {stream} has no value: its last valid write {} (fence {}, by {}) was pruned by the stream's retention rule",
+                show_key(&request.key),
+                entry.state.id,
+                entry.state.fence,
+                entry.state.owner.map(|owner| owner.to_string()).unwrap_or_default()
+            ))),
             _ => Err(Status::not_found(format!(
                 "key {} is not set in stream {stream}",
                 show_key(&request.key)

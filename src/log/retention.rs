@@ -137,6 +137,14 @@ type Dated = (u64, ScribeId, u64);
 /// already (then it counts, value-less, as the kv projector counts it).
 type KeyWrites = Vec<(quire_projection_kv::Write, u64, bool)>;
 
+/// The erasures of one scribe in a stream: whether a `redact` names it, and what each `prune` of
+/// it states (by prune id) if it is a kv write.
+#[derive(Default)]
+struct Erased {
+    redacted: bool,
+    prunes: Vec<(Vec<u8>, quire_projection_kv::Write)>,
+}
+
 /// Milliseconds of a hybrid-logical-clock value.
 fn millis(hlc: u64) -> u64 {
     hlc >> 16
@@ -161,6 +169,9 @@ pub fn plan(
     let mut paths: HashMap<String, Vec<Dated>> = HashMap::new();
     let mut records: Vec<Dated> = Vec::new();
     let mut keys: HashMap<Vec<u8>, KeyWrites> = HashMap::new();
+    // Judged from the stream's `redact` and `prune` scribes as the kv projector judges them (a
+    // function of their set: `quire_projection_kv`, "Retention").
+    let mut erased: HashMap<ScribeId, Erased> = HashMap::new();
     let mut from = state.record.genesis_seq;
     loop {
         let chunk = store.read_stream(&state.id, from, u64::MAX, 4096, 64 << 20)?;
@@ -176,17 +187,7 @@ pub fn plan(
                 .map_err(|error| damaged(error.to_string()))?;
             if let Some(justification) = &entry.parts.redacted_by {
                 match justification_body(justification) {
-                    Some(prune) if prune.kind == Kind::Prune => {
-                        plan.pruned.add(payload_len);
-                        // A pruned kv write still counts in its key's fold (a redacted one not).
-                        if rule.keep_versions > 0 {
-                            if let Ok(Some((key, write))) =
-                                quire_projection_kv::decode_pruned(&prune.kind, &prune.payload)
-                            {
-                                keys.entry(key).or_default().push((write, 0, true));
-                            }
-                        }
-                    }
+                    Some(prune) if prune.kind == Kind::Prune => plan.pruned.add(payload_len),
                     _ => plan.redacted.add(payload_len),
                 }
                 continue;
@@ -237,11 +238,36 @@ pub fn plan(
                             .push((whole, payload_len, false));
                     }
                 }
+                Kind::Redact if rule.keep_versions > 0 => {
+                    let target = pb::Redact::decode(&entry.parts.payload[..])
+                        .ok()
+                        .and_then(|redact| ScribeId::from_slice(&redact.target).ok());
+                    if let Some(target) = target {
+                        erased.entry(target).or_default().redacted = true;
+                    }
+                }
+                Kind::Prune if rule.keep_versions > 0 => {
+                    if let Ok(Some(pruned)) =
+                        quire_projection_kv::decode_pruned(&body.kind, &entry.parts.payload)
+                    {
+                        erased.entry(pruned.1.id).or_default().prunes.push(pruned);
+                    }
+                }
                 _ => {}
             }
         }
         if !chunk.more {
             break;
+        }
+    }
+    // A pruned kv write counts, value-less, where no `redact` names it and its prunes agree.
+    for (_, erasure) in erased {
+        let Some((first, rest)) = erasure.prunes.split_first() else {
+            continue;
+        };
+        if !erasure.redacted && rest.iter().all(|other| other == first) {
+            let (key, write) = first.clone();
+            keys.entry(key).or_default().push((write, 0, true));
         }
     }
     let now = millis(now);

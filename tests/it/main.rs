@@ -9,6 +9,7 @@ mod attack_acl;
 mod attack_clock;
 mod attack_defaults;
 mod attack_format;
+mod attack_kv_retention;
 mod attack_leave;
 mod attack_live;
 mod attack_load;

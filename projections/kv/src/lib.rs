@@ -49,10 +49,18 @@
 //! every key's state while its newest valid write is kept. An owner's or author's `redact`, by
 //! contrast, takes the write out of the fold altogether.
 //!
+//! Which erasures count is a function of the set of `redact` and `prune` scribes, never of the
+//! order they arrived in or of which one a node keeps as the write's justification:
+//! - a write any `redact` names does not count (a redaction wins over a prune);
+//! - else a write `prune`s name counts, value-less, if they all state the same of it; prunes that
+//!   disagree (only the owner signs them, and a node that never held the write cannot check
+//!   them) take it out of the fold, as the owner's redaction could.
+//!
 //! # Storage
 //! One SQLite file `kv.sqlite` per instance (WAL mode, so [`Reader`]s read while the runner
-//! writes): `writes` (every kv scribe, by key), `current` (the folded state of each key) and
-//! `meta` (the checkpoint), all changed in one transaction per batch. Opening it, its readers and
+//! writes): `writes` (every kv scribe, by key), `erasures` (every `redact`, and every `prune` of
+//! a kv write with what it states), `current` (the folded state of each key) and `meta` (the
+//! checkpoint), all changed in one transaction per batch. Opening it, its readers and
 //! its checkpoint row are the shared scaffold of [`quire_projection_api::sqlite`].
 
 use std::path::Path;
@@ -354,43 +362,137 @@ const DB: Database = Database {
     setup: "
     CREATE TABLE IF NOT EXISTS writes (
         key BLOB NOT NULL, hlc INTEGER NOT NULL, author BLOB NOT NULL, id BLOB NOT NULL,
-        value BLOB, replaces BLOB NOT NULL, pruned INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (key, hlc, author, id)) WITHOUT ROWID;
+        value BLOB, replaces BLOB NOT NULL, PRIMARY KEY (key, hlc, author, id)) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS writes_by_id ON writes (id);
+    CREATE TABLE IF NOT EXISTS erasures (
+        target BLOB NOT NULL, erasure BLOB NOT NULL, pruned INTEGER NOT NULL,
+        key BLOB, hlc INTEGER, author BLOB, replaces BLOB, sets INTEGER,
+        PRIMARY KEY (target, erasure)) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS erasures_by_key ON erasures (key) WHERE key IS NOT NULL;
     CREATE TABLE IF NOT EXISTS current (
         key BLOB PRIMARY KEY, value BLOB, owner BLOB, hlc INTEGER NOT NULL, id BLOB NOT NULL,
         fence INTEGER NOT NULL, seq INTEGER NOT NULL) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 ",
     meta: "meta",
-    tables: &["writes", "current", "meta"],
+    tables: &["writes", "erasures", "current", "meta"],
 };
+
+/// A key's writes as the fold takes them (the crate docs, "Retention"): its whole writes no
+/// `redact` names, and the writes `prune`s name under it, value-less, where no `redact` names the
+/// write, its whole copy is not here, and every prune of it states the same (one row each).
+const KEY_WRITES: &str = "
+    SELECT hlc, author, id, value, replaces, 0 FROM writes
+     WHERE key = ?1
+       AND NOT EXISTS (SELECT 1 FROM erasures r WHERE r.target = writes.id AND r.pruned = 0)
+    UNION ALL
+    SELECT e.hlc, e.author, e.target, NULL, e.replaces, e.sets FROM erasures e
+     WHERE e.key = ?1 AND e.pruned = 1
+       AND e.erasure = (SELECT min(m.erasure) FROM erasures m
+                         WHERE m.target = e.target AND m.pruned = 1)
+       AND NOT EXISTS (SELECT 1 FROM erasures r WHERE r.target = e.target AND r.pruned = 0)
+       AND NOT EXISTS (SELECT 1 FROM writes w WHERE w.id = e.target)
+       AND NOT EXISTS (SELECT 1 FROM erasures o WHERE o.target = e.target AND o.pruned = 1
+             AND (o.key IS NOT e.key OR o.hlc IS NOT e.hlc OR o.author IS NOT e.author
+                  OR o.replaces IS NOT e.replaces OR o.sets IS NOT e.sets))";
+
+/// What one scribe adds to the table.
+enum Change {
+    /// A kv write, whole.
+    Write(Vec<u8>, Write),
+    /// A `redact` (`None`) or a `prune` of a kv write (its key and value-less write) of `target`.
+    Erasure {
+        target: ScribeId,
+        pruned: Option<(Vec<u8>, Write)>,
+    },
+}
+
+/// What `scribe` adds to the table, if anything.
+fn change_of(scribe: &Scribe) -> Result<Option<Change>, String> {
+    if let Some(write) = decode_write(&scribe.kind, &scribe.payload)? {
+        let whole = Write {
+            hlc: scribe.hlc,
+            author: scribe.author,
+            id: scribe.id,
+            value: write.value,
+            replaces: write.replaces,
+            pruned_set: false,
+        };
+        return Ok(Some(Change::Write(write.key, whole)));
+    }
+    match scribe.kind {
+        Kind::Prune => Ok(
+            decode_pruned(&scribe.kind, &scribe.payload)?.map(|(key, write)| Change::Erasure {
+                target: write.id,
+                pruned: Some((key, write)),
+            }),
+        ),
+        Kind::Redact => {
+            let redact = Prune::decode(&scribe.payload[..])
+                .map_err(|error| format!("redact payload does not decode: {error}"))?;
+            match redact.target.len() {
+                32 => Ok(Some(Change::Erasure {
+                    target: ScribeId(blob32(redact.target)),
+                    pruned: None,
+                })),
+                other => Err(format!(
+                    "a redact's target must be 32 bytes, it has {other}"
+                )),
+            }
+        }
+        _ => Ok(None),
+    }
+}
 
 impl KvProjector {
     fn open(place: &Place) -> Result<KvProjector, ProjectionError> {
-        let db = DB.open(&place.dir)?;
-        // A database made before retention covered kv keys: no write of it was pruned.
-        let columns: Vec<String> = db
-            .prepare("SELECT name FROM pragma_table_info('writes')")
-            .and_then(|mut statement| {
-                statement
-                    .query_map([], |row| row.get(0))?
-                    .collect::<rusqlite::Result<_>>()
-            })
-            .map_err(db_error)?;
-        if !columns.iter().any(|column| column == "pruned") {
-            db.execute_batch("ALTER TABLE writes ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0")
-                .map_err(db_error)?;
-        }
         Ok(KvProjector {
-            db,
+            db: DB.open(&place.dir)?,
             policy: place.policy.clone(),
         })
     }
 
-    fn refold(&self, key: &[u8], seq: u64) -> rusqlite::Result<()> {
+    /// Stores an erasure of `target`; the keys whose fold it may change.
+    fn erase(
+        &self,
+        target: &ScribeId,
+        erasure: &ScribeId,
+        pruned: Option<&(Vec<u8>, Write)>,
+        keys: &mut Vec<Vec<u8>>,
+    ) -> rusqlite::Result<()> {
+        let (key, write) = match pruned {
+            Some((key, write)) => (Some(key), Some(write)),
+            None => (None, None),
+        };
+        self.db
+            .prepare_cached(
+                "INSERT OR IGNORE INTO erasures
+                 (target, erasure, pruned, key, hlc, author, replaces, sets)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                target.0.to_vec(),
+                erasure.0.to_vec(),
+                pruned.is_some(),
+                key,
+                write.map(|w| w.hlc as i64),
+                write.map(|w| w.author.0.to_vec()),
+                write.map(|w| w.replaces.0.to_vec()),
+                write.map(|w| w.pruned_set),
+            ])?;
+        // Every key the target is counted under, whole or pruned.
         let mut statement = self.db.prepare_cached(
-            "SELECT hlc, author, id, value, replaces, pruned FROM writes WHERE key = ?1",
+            "SELECT key FROM writes WHERE id = ?1
+             UNION SELECT key FROM erasures WHERE target = ?1 AND key IS NOT NULL",
         )?;
+        for key in statement.query_map([target.0.to_vec()], |row| row.get(0))? {
+            keys.push(key?);
+        }
+        Ok(())
+    }
+
+    fn refold(&self, key: &[u8], seq: u64) -> rusqlite::Result<()> {
+        let mut statement = self.db.prepare_cached(KEY_WRITES)?;
         let mut writes: Vec<Write> = statement
             .query_map([key], |row| {
                 Ok(Write {
@@ -527,27 +629,10 @@ pub fn decode_write(kind: &Kind, payload: &[u8]) -> Result<Option<KvWrite>, Stri
 
 impl Projector for KvProjector {
     fn apply(&mut self, batch: &[Scribe], checkpoint: u64) -> Result<(), ApplyError> {
-        let mut writes = Vec::new();
+        let mut changes = Vec::new();
         for (index, scribe) in batch.iter().enumerate() {
-            let write = decode_write(&scribe.kind, &scribe.payload).map(|write| {
-                write.map(|write| {
-                    let whole = Write {
-                        hlc: scribe.hlc,
-                        author: scribe.author,
-                        id: scribe.id,
-                        value: write.value,
-                        replaces: write.replaces,
-                        pruned_set: false,
-                    };
-                    (write.key, whole)
-                })
-            });
-            // A pruned write still counts, without its value (the crate docs, "Retention").
-            match write.and_then(|write| match write {
-                Some(write) => Ok(Some(write)),
-                None => decode_pruned(&scribe.kind, &scribe.payload),
-            }) {
-                Ok(Some((key, write))) => writes.push((scribe.local_seq, key, write)),
+            match change_of(scribe) {
+                Ok(Some(change)) => changes.push((scribe, change)),
                 Ok(None) => {}
                 Err(reason) => return Err(ApplyError::Scribe { index, reason }),
             }
@@ -555,27 +640,38 @@ impl Projector for KvProjector {
         let storage = |error| DB.storage(error);
         let tx = self.db.unchecked_transaction().map_err(storage)?;
         let mut touched = std::collections::BTreeMap::new();
-        for (seq, key, write) in writes {
-            // A prune applied to a copy that still holds the whole write changes nothing here:
-            // the copy is being rebuilt without the payload.
-            self.db
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO writes (key, hlc, author, id, value, replaces, pruned)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .and_then(|mut insert| {
-                    insert.execute(params![
-                        key,
-                        write.hlc as i64,
-                        write.author.0.to_vec(),
-                        write.id.0.to_vec(),
-                        write.value,
-                        write.replaces.0.to_vec(),
-                        write.pruned_set
-                    ])
-                })
-                .map_err(storage)?;
-            touched.insert(key, seq);
+        for (scribe, change) in changes {
+            match change {
+                Change::Write(key, write) => {
+                    self.db
+                        .prepare_cached(
+                            "INSERT OR IGNORE INTO writes (key, hlc, author, id, value, replaces)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        )
+                        .and_then(|mut insert| {
+                            insert.execute(params![
+                                key,
+                                write.hlc as i64,
+                                write.author.0.to_vec(),
+                                write.id.0.to_vec(),
+                                write.value,
+                                write.replaces.0.to_vec(),
+                            ])
+                        })
+                        .map_err(storage)?;
+                    touched.insert(key, scribe.local_seq);
+                }
+                Change::Erasure { target, pruned } => {
+                    // (A copy still holding the whole write keeps counting it: the copy is being
+                    // rebuilt without the payload.)
+                    let mut keys = Vec::new();
+                    self.erase(&target, &scribe.id, pruned.as_ref(), &mut keys)
+                        .map_err(storage)?;
+                    for key in keys {
+                        touched.insert(key, scribe.local_seq);
+                    }
+                }
+            }
         }
         for (key, seq) in &touched {
             self.refold(key, *seq).map_err(storage)?;

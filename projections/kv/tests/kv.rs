@@ -392,3 +392,145 @@ fn the_newest_valid_writes_are_kept_and_an_invalid_write_goes_with_its_elders() 
     assert!(superseded(&mut writes, &policy, 3).is_empty());
     assert!(superseded(&mut writes, &policy, 0).is_empty());
 }
+
+/// A `prune` (or `redact`) scribe of `target` as the node writes it: its payload is a
+/// `quire.v1.Redact`, which this crate reads through its `Prune` mirror.
+fn erasure(
+    stream: StreamId,
+    kind: quire_projection_api::Kind,
+    ms: u64,
+    target: &Scribe,
+    kv: Option<quire_projection_kv::PrunedKvWrite>,
+) -> Scribe {
+    use prost::Message as _;
+    let payload = quire_projection_kv::Prune {
+        target: target.id.0.to_vec(),
+        kv,
+    }
+    .encode_to_vec();
+    testing::scribe(
+        stream,
+        AuthorKey([9; 32]),
+        ms * MS,
+        kind,
+        "application/vnd.quire.prune+protobuf",
+        payload,
+    )
+}
+
+/// What a prune of `write` (a set of `key` naming `replaces`) states.
+fn stated(
+    write: &Scribe,
+    key: &[u8],
+    replaces: Option<&Scribe>,
+) -> quire_projection_kv::PrunedKvWrite {
+    quire_projection_kv::PrunedKvWrite {
+        key: key.to_vec(),
+        replaces: replaces.map(|r| r.id.0.to_vec()).unwrap_or_default(),
+        deleted: false,
+        author: write.author.0.to_vec(),
+        hlc: write.hlc,
+    }
+}
+
+/// The digest of a fresh projector after `scribes`, applied one per batch in this order.
+fn digest_after(policy: &Policy, scribes: &[&Scribe]) -> [u8; 32] {
+    use quire_projection_api::{Place, Plugin};
+    let dir = tempfile::tempdir().unwrap();
+    let mut place = Place::new(dir.path().to_path_buf(), Some(ScribeId([7; 32])));
+    place.policy = policy.clone();
+    let mut projector = Kv.open(&place).unwrap();
+    for (n, scribe) in scribes.iter().enumerate() {
+        let mut scribe = (*scribe).clone();
+        scribe.local_seq = n as u64 + 1;
+        projector.apply(&[scribe], n as u64 + 1).unwrap();
+    }
+    projector.digest().unwrap()
+}
+
+fn permutations<'a>(items: &[&'a Scribe]) -> Vec<Vec<&'a Scribe>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut out = Vec::new();
+    for index in 0..items.len() {
+        let mut rest = items.to_vec();
+        let first = rest.remove(index);
+        for mut tail in permutations(&rest) {
+            tail.insert(0, first);
+            out.push(tail);
+        }
+    }
+    out
+}
+
+/// Which erasures count is a function of their set: a true prune keeps the key's state; prunes of
+/// one write that disagree take it out of the fold (as an owner's redaction could), on every node
+/// whatever the order they arrived in; a redact wins over any prune.
+#[test]
+fn erasures_count_by_their_set_whatever_their_order() {
+    use quire_projection_api::Kind;
+    let stream = ScribeId([7; 32]);
+    let policy = leasing(1_000_000);
+    let w1 = kv_scribe(stream, 1, 10, b"k", Some(b"one".to_vec()), None);
+    let w2 = kv_scribe(stream, 1, 20, b"k", Some(b"two".to_vec()), Some(&w1.id));
+    let truth = erasure(stream, Kind::Prune, 30, &w1, Some(stated(&w1, b"k", None)));
+    let lie = erasure(
+        stream,
+        Kind::Prune,
+        31,
+        &w1,
+        Some(stated(&w1, b"lock", None)),
+    );
+    let other_lie = erasure(
+        stream,
+        Kind::Prune,
+        32,
+        &w1,
+        Some(stated(&w1, b"k", Some(&w2))),
+    );
+    let redact = erasure(stream, Kind::Redact, 33, &w1, None);
+
+    // A true prune: the state with the whole write, on a copy that held it or was rebuilt.
+    let whole = digest_after(&policy, &[&w1, &w2]);
+    assert_eq!(digest_after(&policy, &[&w1, &w2, &truth]), whole);
+    for order in permutations(&[&w2, &truth]) {
+        assert_eq!(digest_after(&policy, &order), whole);
+    }
+    // Prunes that disagree: w1 counts nowhere (w2 names it, so w2 is not valid either), and
+    // "lock", which w1 never wrote, is held by nobody — in every order.
+    let disagreeing = [&w2, &truth, &lie, &other_lie];
+    let expected = digest_after(&policy, &disagreeing);
+    assert_ne!(expected, whole);
+    for order in permutations(&disagreeing) {
+        assert_eq!(digest_after(&policy, &order), expected, "{order:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use quire_projection_api::{Place, Plugin};
+        let mut place = Place::new(dir.path().to_path_buf(), Some(stream));
+        place.policy = policy.clone();
+        let mut projector = Kv.open(&place).unwrap();
+        for (n, scribe) in [&w2, &lie, &truth].iter().enumerate() {
+            let mut scribe = (*scribe).clone();
+            scribe.local_seq = n as u64 + 1;
+            projector.apply(&[scribe], n as u64 + 1).unwrap();
+        }
+        let reader = quire_projection_kv::Reader::open(&place.dir).unwrap();
+        for key in [&b"k"[..], b"lock"] {
+            let state = reader.get(key).unwrap().map(|entry| entry.state);
+            assert!(
+                state
+                    .as_ref()
+                    .is_none_or(|state| state.owner.is_none() && state.fence == 0),
+                "{key:?}: {state:?}"
+            );
+        }
+    }
+    // A redact wins over any prune: the state of a fold without w1, in every order.
+    let without = digest_after(&policy, &[&w2, &redact]);
+    for order in permutations(&[&w2, &truth, &redact]) {
+        assert_eq!(digest_after(&policy, &order), without, "{order:?}");
+    }
+    assert_eq!(digest_after(&policy, &[&w1, &w2, &truth, &redact]), without);
+}
