@@ -14,6 +14,7 @@ mod attack_leave;
 mod attack_live;
 mod attack_load;
 mod attack_load2;
+mod attack_prune_run;
 mod attack_quota;
 mod attack_redact;
 mod attack_retention;
