@@ -59,7 +59,7 @@ pub fn rebuild_offline(
     let mut out = Vec::new();
     for scope in scopes {
         let slot = Slot::open(store, plugin.clone(), scope, &root)?;
-        slot.start_rebuild(store)?;
+        slot.start_fresh_rebuild(store)?;
         let target = slot.target(store, head)?;
         loop {
             let worked = slot.work(store, &exclusions, target, false, false)?;

@@ -394,6 +394,14 @@ impl Slot {
         self.begin_rebuild(store, false)
     }
 
+    /// Starts a rebuild from the first seq: one under way that has read anything is dropped.
+    /// What an offline rebuild does: a copy recorded before a stop may have read a scribe that
+    /// an erasure committed later takes away, and with no live copy stepping, nothing else
+    /// would start it over.
+    pub(crate) fn start_fresh_rebuild(&self, store: &Store) -> Result<u64, SlotError> {
+        self.begin_rebuild(store, true)
+    }
+
     /// Starts a rebuild; `fresh`: a rebuild under way is dropped and started over (it may have
     /// applied scribes a revoke committed since excludes) unless it has read nothing yet.
     fn begin_rebuild(&self, store: &Store, fresh: bool) -> Result<u64, SlotError> {

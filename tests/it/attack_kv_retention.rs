@@ -6,13 +6,12 @@
 //! repeated prunes, and a SIGKILL during a prune of more kv writes than one prune job signs.
 
 use bytes::Bytes;
-use ed25519_dalek::SigningKey;
-use quire::node::{NodeConfig, RunningNode};
+use quire::node::RunningNode;
 use quire::pb;
 use quire::projection_api::{AuthorKey, ScribeId, StreamId};
-use quire::scribe::{Body, Scribe};
 
 use crate::attack_redact::{encoded, stripped};
+use crate::attack_retention::{append_signed, kv_truth, kv_write, quiet_node, send_each};
 use crate::common::*;
 use crate::leave::{files_containing, verify_clean};
 use crate::malicious::{wait_for_peer, Intruder};
@@ -23,13 +22,6 @@ use crate::retention::{keep, prune, settled_digests};
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
-/// A node with no background pruner (the tests prune on demand), with a peer listener.
-async fn quiet_node(dir: &std::path::Path) -> RunningNode {
-    let mut config = NodeConfig::new(dir);
-    config.prune_every = None;
-    start_config(config, true).await
-}
-
 /// A stream created by `node`, owned by `owner` (None: the node), keeping `versions` per key.
 async fn create(
     node: &RunningNode,
@@ -37,79 +29,7 @@ async fn create(
     owner: Option<AuthorKey>,
     versions: u32,
 ) -> StreamId {
-    let info = clients(&node.url())
-        .await
-        .streams
-        .create(pb::CreateStreamRequest {
-            name: name.into(),
-            policy: None,
-            owner: owner.map_or_else(Bytes::new, |key| Bytes::copy_from_slice(key.as_bytes())),
-            access: None,
-            retention: Some(keep(versions)),
-        })
-        .await
-        .expect("create a stream")
-        .into_inner();
-    StreamId::from_slice(&info.stream).unwrap()
-}
-
-/// A `kv.*` write sealed by `signer` (`value` None: a delete).
-fn kv_write(
-    signer: &SigningKey,
-    stream: &StreamId,
-    key: &[u8],
-    value: Option<&[u8]>,
-    replaces: Option<&ScribeId>,
-    hlc: u64,
-) -> Scribe {
-    let (kind, payload) = quire_projection_kv::encode(key, value, replaces);
-    Scribe::sign(
-        Body {
-            stream: Some(*stream),
-            author: key_of(signer),
-            hlc,
-            kind,
-            content_type: quire_projection_kv::CONTENT_TYPE.into(),
-            payload: Bytes::from(payload),
-            parents: vec![],
-            membership: None,
-            nonce: 0,
-        },
-        signer,
-    )
-}
-
-/// What a true `prune` of `write` (a `kv.set` of `key` naming `replaces`) carries.
-fn kv_truth(write: &Scribe, key: &[u8], replaces: Option<&ScribeId>) -> pb::PrunedKvWrite {
-    pb::PrunedKvWrite {
-        key: Bytes::copy_from_slice(key),
-        replaces: replaces.map_or_else(Bytes::new, |id| Bytes::copy_from_slice(id.as_bytes())),
-        deleted: false,
-        author: Bytes::copy_from_slice(write.body.author.as_bytes()),
-        hlc: write.body.hlc,
-    }
-}
-
-async fn append_signed(
-    node: &RunningNode,
-    scribe: &Scribe,
-) -> Result<pb::AppendReply, tonic::Status> {
-    clients(&node.url())
-        .await
-        .log
-        .append_signed(signed_request(scribe.parts()))
-        .await
-        .map(|reply| reply.into_inner())
-}
-
-/// Sends each scribe alone in a peer batch from `intruder`, numbering from `*seq`.
-async fn send_each(intruder: &Intruder, stream: &StreamId, scribes: &[&Scribe], seq: &mut u64) {
-    for scribe in scribes {
-        *seq += 1;
-        intruder
-            .send(batch_of(stream, std::slice::from_ref(*scribe), *seq))
-            .await;
-    }
+    crate::attack_retention::create(node, name, owner, None, Some(keep(versions))).await
 }
 
 /// `Kv.Get` of `key` on `node`.
@@ -818,19 +738,7 @@ async fn sigkill_during_a_prune_of_kv_writes_leaves_every_key_as_it_was() {
 
     let (mut child, url, _) =
         crate::crash::spawn_serve_with(dir.path(), &["--prune-every", "0"]).await;
-    let task = {
-        let url = url.clone();
-        tokio::spawn(async move {
-            clients(&url)
-                .await
-                .streams
-                .prune(pb::PruneRequest {
-                    stream: bytes_of(&stream),
-                    dry_run: false,
-                })
-                .await
-        })
-    };
+    let task = crate::retention::prune_in_background(&url, &stream);
     // Killed once the first job has committed: its projections' rebuild, the second job, or
     // both are under way.
     wait_until(CONVERGE, "the first prune job committed", || async {

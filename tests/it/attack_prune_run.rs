@@ -29,7 +29,7 @@ use crate::common::*;
 use crate::leave::kv_set;
 use crate::redact::{add_note, count, publish_schema, redact};
 use crate::replication::{connect, join, part, wait_for_count, CONVERGE};
-use crate::retention::{keep, prune, settled_digests};
+use crate::retention::{generations, keep, prune, settled_digests};
 
 /// Prunes one append job signs (`retention::PRUNES_PER_JOB`).
 const JOB: u64 = 4096;
@@ -93,20 +93,6 @@ fn fresh_digests(data_dir: &Path, stream: &StreamId) -> Vec<(String, Bytes)> {
             )
         })
         .collect()
-}
-
-/// The live generation of each projection copy of `stream` on `node`, by name.
-async fn generations(node: &RunningNode, stream: &StreamId) -> Vec<(String, u64)> {
-    let id = bytes_of(stream);
-    let mut out: Vec<_> = node_status(node)
-        .await
-        .projections
-        .into_iter()
-        .filter(|copy| copy.stream == id)
-        .map(|copy| (copy.name, copy.generation))
-        .collect();
-    out.sort();
-    out
 }
 
 /// Starts `Log::prune` of `stream` on `node` in the background.
@@ -556,19 +542,7 @@ async fn sigkill_mid_run_with_a_redaction_in_flight_settles_to_a_clean_replay() 
     }
     settled_at(&url, &stream).await;
     let before = scribes_at(&url, &stream).await;
-    let run = {
-        let url = url.clone();
-        tokio::spawn(async move {
-            clients(&url)
-                .await
-                .streams
-                .prune(pb::PruneRequest {
-                    stream: bytes_of(&stream),
-                    dry_run: false,
-                })
-                .await
-        })
-    };
+    let run = crate::retention::prune_in_background(&url, &stream);
     wait_until(CONVERGE, "the run's first commit", || async {
         scribes_at(&url, &stream).await >= before + JOB || run.is_finished()
     })

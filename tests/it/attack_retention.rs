@@ -31,7 +31,7 @@ use crate::retention::{keep, prune, settled_digests};
 // Helpers.
 
 /// A node with no background pruner (the tests prune on demand), with a peer listener.
-async fn quiet_node(dir: &std::path::Path) -> RunningNode {
+pub(crate) async fn quiet_node(dir: &std::path::Path) -> RunningNode {
     let mut config = NodeConfig::new(dir);
     config.prune_every = None;
     start_config(config, true).await
@@ -39,7 +39,7 @@ async fn quiet_node(dir: &std::path::Path) -> RunningNode {
 
 /// A stream created by `node` whose owner is `owner` (None: the node), with `policy` and
 /// `retention`.
-async fn create(
+pub(crate) async fn create(
     node: &RunningNode,
     name: &str,
     owner: Option<AuthorKey>,
@@ -145,7 +145,7 @@ fn retain_scribe(
     )
 }
 
-async fn append_signed(
+pub(crate) async fn append_signed(
     node: &RunningNode,
     scribe: &Scribe,
 ) -> Result<pb::AppendReply, tonic::Status> {
@@ -269,7 +269,12 @@ pub(crate) async fn many_versions(
 }
 
 /// Sends each scribe alone in a peer batch from `intruder`, numbering from `*seq`.
-async fn send_each(intruder: &Intruder, stream: &StreamId, scribes: &[&Scribe], seq: &mut u64) {
+pub(crate) async fn send_each(
+    intruder: &Intruder,
+    stream: &StreamId,
+    scribes: &[&Scribe],
+    seq: &mut u64,
+) {
     for scribe in scribes {
         *seq += 1;
         intruder
@@ -1195,19 +1200,7 @@ async fn a_retain_that_keeps_more_stops_a_prune_under_way() {
     // More than two jobs' worth of superseded versions.
     many_versions(&node, &stream, "p", "in-flight", 9_000).await;
     let before = count(&node, &stream);
-    let pass = {
-        let url = node.url();
-        tokio::spawn(async move {
-            clients(&url)
-                .await
-                .streams
-                .prune(pb::PruneRequest {
-                    stream: bytes_of(&stream),
-                    dry_run: false,
-                })
-                .await
-        })
-    };
+    let pass = crate::retention::prune_in_background(&node.url(), &stream);
     // The first job committed: the owner changes its mind and keeps every version.
     wait_until(CONVERGE, "the first prune job", || async {
         count(&node, &stream) > before
@@ -1470,7 +1463,7 @@ async fn a_revoke_arriving_after_a_prune_uncovers_the_owners_version() {
 // Kv keys.
 
 /// A `kv.*` write sealed by `signer`.
-fn kv_write(
+pub(crate) fn kv_write(
     signer: &SigningKey,
     stream: &StreamId,
     key: &[u8],
@@ -1491,11 +1484,15 @@ fn kv_write(
     )
 }
 
-/// What a true `prune` of `write` (a `kv.set` of `key`, naming nothing) carries.
-fn kv_truth(write: &Scribe, key: &[u8]) -> pb::PrunedKvWrite {
+/// What a true `prune` of `write` (a `kv.set` of `key` naming `replaces`) carries.
+pub(crate) fn kv_truth(
+    write: &Scribe,
+    key: &[u8],
+    replaces: Option<&ScribeId>,
+) -> pb::PrunedKvWrite {
     pb::PrunedKvWrite {
         key: Bytes::copy_from_slice(key),
-        replaces: Bytes::new(),
+        replaces: replaces.map_or_else(Bytes::new, |id| Bytes::copy_from_slice(id.as_bytes())),
         deleted: false,
         author: Bytes::copy_from_slice(write.body.author.as_bytes()),
         hlc: write.body.hlc,
@@ -1541,7 +1538,7 @@ async fn a_kv_prune_that_misstates_the_write_is_refused_at_append_and_from_a_pee
             .await
             .expect("the owner's writes");
     }
-    let truth = kv_truth(&w1, b"k");
+    let truth = kv_truth(&w1, b"k", None);
     let lie = |change: &dyn Fn(&mut pb::PrunedKvWrite)| {
         let mut kv = truth.clone();
         change(&mut kv);

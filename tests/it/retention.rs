@@ -72,6 +72,26 @@ pub(crate) async fn prune(
     Ok(reply.streams.into_iter().next().expect("one stream"))
 }
 
+/// `Streams.Prune` of `stream` on the node at `url`, in the background (for tests that act while
+/// it runs, or kill the node under it).
+pub(crate) fn prune_in_background(
+    url: &str,
+    stream: &StreamId,
+) -> tokio::task::JoinHandle<Result<tonic::Response<pb::PruneReply>, tonic::Status>> {
+    let url = url.to_string();
+    let stream = *stream;
+    tokio::spawn(async move {
+        clients(&url)
+            .await
+            .streams
+            .prune(pb::PruneRequest {
+                stream: bytes_of(&stream),
+                dry_run: false,
+            })
+            .await
+    })
+}
+
 /// Runs the CLI against `node`; answers its standard output, asserting success.
 async fn cli(node: &RunningNode, args: &[&str]) -> String {
     let mut command = quire_cli(&node.url());
@@ -338,7 +358,7 @@ async fn kv_keys_keep_their_newest_versions_and_every_fencing_token_on_every_nod
 }
 
 /// The live generation of each projection copy of `stream` on `node`, by name.
-async fn generations(node: &RunningNode, stream: &StreamId) -> Vec<(String, u64)> {
+pub(crate) async fn generations(node: &RunningNode, stream: &StreamId) -> Vec<(String, u64)> {
     let id = bytes_of(stream);
     let mut out: Vec<_> = node_status(node)
         .await
@@ -720,19 +740,7 @@ async fn sigkill_during_a_prune_loses_nothing_referenced_and_verify_reports_prun
                 .unwrap();
         }
     }
-    let task = {
-        let url = url.clone();
-        tokio::spawn(async move {
-            clients(&url)
-                .await
-                .streams
-                .prune(pb::PruneRequest {
-                    stream: bytes_of(&stream),
-                    dry_run: false,
-                })
-                .await
-        })
-    };
+    let task = prune_in_background(&url, &stream);
     let kill_after = rand::thread_rng().gen_range(5..120);
     let _ = tokio::time::timeout(Duration::from_millis(kill_after), async {
         while !task.is_finished() {
