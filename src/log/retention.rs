@@ -186,8 +186,8 @@ pub fn plan(
             let (body, _, payload_len) = decode_stored_envelope(&entry.parts.envelope)
                 .map_err(|error| damaged(error.to_string()))?;
             if let Some(justification) = &entry.parts.redacted_by {
-                match justification_body(justification) {
-                    Some(prune) if prune.kind == Kind::Prune => plan.pruned.add(payload_len),
+                match justification_kind(justification) {
+                    Some(Kind::Prune) => plan.pruned.add(payload_len),
                     _ => plan.redacted.add(payload_len),
                 }
                 continue;
@@ -349,13 +349,11 @@ impl Plan {
     }
 }
 
-/// The body of a justification (a `redact` or `prune` scribe), if it decodes.
-fn justification_body(justification: &bytes::Bytes) -> Option<crate::scribe::Body> {
+/// The kind of a justification (`redact` or `prune`), if it decodes.
+fn justification_kind(justification: &bytes::Bytes) -> Option<Kind> {
     let sealed = pb::SealedScribe::decode(justification.clone()).ok()?;
     let (body, ..) = decode_stored_envelope(&sealed.envelope).ok()?;
-    let mut body = body;
-    body.payload = sealed.payload;
-    Some(body)
+    Some(body.kind)
 }
 
 impl Log {
